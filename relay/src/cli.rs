@@ -1,0 +1,139 @@
+//! The command line: `tlsrelay run` and `tlsrelay check`. Errors are
+//! reported here, at the edge, with their context.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError};
+use crate::relay::{Plan, Relay, SelfSignedSource};
+
+#[derive(Debug, Parser)]
+#[command(name = "tlsrelay", version, about = "A TLS relay for Linux edge hosts")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (on the embedded loopback default when no --config).
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where the generated self-signed certificate is kept.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print each session report as a JSON line on stdout as well.
+        #[arg(long)]
+        json_reports: bool,
+    },
+    /// Validate a configuration and print the effective policy.
+    ///
+    /// Exit status 0 when valid, 2 when not.
+    Check {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+}
+
+/// Exit status for an invalid configuration.
+pub const EXIT_INVALID_CONFIG: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { file } => check(&file),
+        Command::Run {
+            config,
+            state_dir,
+            json_reports,
+        } => {
+            init_logging();
+            match run(config, state_dir, json_reports) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let invalid = e.downcast_ref::<ConfigError>().is_some();
+                    eprintln!("tlsrelay: {e:#}");
+                    ExitCode::from(if invalid { EXIT_INVALID_CONFIG } else { 1 })
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    let result = Config::load(file)
+        .and_then(|config| Plan::build(&config, SelfSignedSource::Ephemeral).map(|plan| (config, plan)));
+    match result {
+        Ok((_, plan)) => {
+            println!("{}: valid", file.display());
+            for line in &plan.description {
+                println!("  {line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tlsrelay: {e}");
+            ExitCode::from(EXIT_INVALID_CONFIG)
+        }
+    }
+}
+
+fn run(config: Option<PathBuf>, state_dir: Option<PathBuf>, json_reports: bool) -> anyhow::Result<()> {
+    let config = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default(),
+    };
+    let state_dir = crate::state::state_dir(state_dir.or_else(|| config.state_dir.clone()));
+    let plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let description = plan.description.clone();
+        let mut relay = Relay::bind(plan).await?;
+        println!("tlsrelay {} running ({})", env!("CARGO_PKG_VERSION"), config.source.name);
+        for (name, addr) in relay.local_addrs() {
+            println!("  listener {name} listening on {addr}");
+        }
+        for line in &description {
+            println!("  {line}");
+        }
+        println!("  state directory {}", state_dir.display());
+        if json_reports {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            relay.send_reports_to(tx);
+            tokio::spawn(async move {
+                while let Some(report) = rx.recv().await {
+                    if let Ok(line) = serde_json::to_string(&report) {
+                        println!("{line}");
+                    }
+                }
+            });
+        }
+        relay.serve(shutdown_signal()).await;
+        tracing::info!("shutting down");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

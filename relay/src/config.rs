@@ -1,0 +1,529 @@
+//! TOML configuration: parsed with serde, then validated, with every error
+//! naming the file, the line and the field so an operator can fix it at once.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::policy::{InboundMode, MinVersion, NamePattern, OutboundPolicy, Verification};
+
+/// The configuration `tlsrelay run` uses when given no file: two loopback
+/// listeners in front of a local upstream, one opportunistic, one required.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// The name errors in [`EMBEDDED_DEFAULT`] are reported under.
+pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded default>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A problem located in the file: `file:line: field: message`.
+    #[error("{file}:{line}: {field}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// Where a config came from, so that later checks (certificate files,
+/// cross-references) can point back into it.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub name: String,
+    pub dir: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// An error at `span` for `field`.
+    pub fn error(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl fmt::Display,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.name.clone(),
+            line: self.line_of(span.start),
+            field: field.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Resolves a path from the config relative to the config's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.dir.join(path)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where generated material (the self-signed certificate) is kept.
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(skip, default = "Config::no_source")]
+    pub source: Source,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent client connections across all listeners; more are closed.
+    pub max_connections: usize,
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A session with no bytes moving either way for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+}
+keywords!(Protocol, "protocol", { Tcp => "tcp" });
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Spanned<String>,
+    #[serde(deserialize_with = "socket_addr")]
+    pub address: SocketAddr,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Name of the upstream route sessions are relayed to.
+    pub upstream: Spanned<String>,
+    #[serde(default)]
+    pub tls: InboundTls,
+}
+
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address '{text}', expected ip:port or [ipv6]:port"
+        ))
+    })
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundTls {
+    #[serde(default = "default_inbound_mode")]
+    pub mode: InboundMode,
+    #[serde(default)]
+    pub min_version: MinVersion,
+    /// Chains offered by SNI; empty means the generated self-signed one.
+    #[serde(default)]
+    pub certificates: Vec<CertificateFiles>,
+    pub client_auth: Option<ClientAuth>,
+}
+
+fn default_inbound_mode() -> InboundMode {
+    InboundMode::Opportunistic
+}
+
+impl Default for InboundTls {
+    fn default() -> Self {
+        InboundTls {
+            mode: default_inbound_mode(),
+            min_version: MinVersion::default(),
+            certificates: Vec::new(),
+            client_auth: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM: the end-entity certificate first, then intermediates.
+    pub chain: Spanned<PathBuf>,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Spanned<PathBuf>,
+    /// Served to clients whose SNI matches no certificate (default: the first).
+    #[serde(default)]
+    pub default: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    Optional,
+    Required,
+}
+keywords!(ClientAuthMode, "client certificate mode", {
+    Optional => "optional",
+    Required => "required",
+});
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    pub mode: ClientAuthMode,
+    /// PEM file of the CAs client certificates must chain to.
+    pub trust_anchors: Spanned<PathBuf>,
+    /// Accepted certificate names; empty accepts any name the CAs vouch for.
+    #[serde(default)]
+    pub names: Vec<NamePattern>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: Spanned<String>,
+    /// `host:port`; the host may be a name or an IP address (`[v6]:port`).
+    pub address: Spanned<HostPort>,
+    #[serde(default)]
+    pub tls: OutboundTls,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundTls {
+    #[serde(default = "default_outbound_policy")]
+    pub policy: OutboundPolicy,
+    /// Default: `encryption-only` when opportunistic, `name` when required.
+    pub verify: Option<Verification>,
+    /// Names accepted under `verify = "name"`; default the upstream host.
+    #[serde(default)]
+    pub names: Vec<NamePattern>,
+    /// PEM file of trusted roots; default the system store.
+    pub trust_anchors: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub min_version: MinVersion,
+    /// SNI to send; default the upstream host when it is a name.
+    pub server_name: Option<String>,
+    /// A client certificate to present to the upstream.
+    pub client_certificate: Option<CertificateFiles>,
+}
+
+impl Default for OutboundTls {
+    fn default() -> Self {
+        OutboundTls {
+            policy: default_outbound_policy(),
+            verify: None,
+            names: Vec::new(),
+            trust_anchors: None,
+            min_version: MinVersion::default(),
+            server_name: None,
+            client_certificate: None,
+        }
+    }
+}
+
+fn default_outbound_policy() -> OutboundPolicy {
+    OutboundPolicy::Opportunistic
+}
+
+impl OutboundTls {
+    /// The verification level in force, after defaults.
+    pub fn verification(&self) -> Verification {
+        self.verify.unwrap_or(match self.policy {
+            OutboundPolicy::Required => Verification::Name,
+            OutboundPolicy::Plain | OutboundPolicy::Opportunistic => Verification::EncryptionOnly,
+        })
+    }
+}
+
+/// A `host:port` pair whose host may be a DNS name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid address '{s}', expected host:port or [ipv6]:port");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let host = match host.strip_prefix('[') {
+            Some(inner) => inner.strip_suffix(']').ok_or_else(bad)?,
+            None if host.contains(':') => return Err(bad()),
+            None => host,
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Durations as `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => parse(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid duration '{t}', expected e.g. \"500ms\", \"10s\", \"5m\", \"1h\""
+                ))
+            }),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Duration> {
+        let digits = text.trim().find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = text.trim().split_at(digits);
+        let n: u64 = n.parse().ok()?;
+        Some(match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            _ => return None,
+        })
+    }
+}
+
+impl Config {
+    fn no_source() -> Source {
+        Source {
+            name: String::new(),
+            dir: PathBuf::new(),
+            text: String::new(),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, &path.display().to_string(), dir)
+    }
+
+    /// The embedded default; paths in it are relative to the working directory.
+    pub fn embedded_default() -> Config {
+        Self::parse(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT_NAME, PathBuf::from("."))
+            .expect("the embedded default config is valid")
+    }
+
+    /// Parses and validates `text`, reporting errors under the name `file`.
+    pub fn parse(text: &str, file: &str, dir: PathBuf) -> Result<Config, ConfigError> {
+        let source = Source {
+            name: file.to_string(),
+            dir,
+            text: text.to_string(),
+        };
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| source.error(e.span().unwrap_or(0..0), "(syntax)", e.message()))?;
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            source.error(inner.span().unwrap_or(0..0), field, inner.message())
+        })?;
+        config.source = source;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names unique, references resolve, settings
+    /// that only make sense together.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let src = &self.source;
+        if self.listeners.is_empty() {
+            return Err(src.error(0..0, "listeners", "no listeners configured"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(src.error(0..0, "limits.max_connections", "must be at least 1"));
+        }
+        let mut upstream_names = HashSet::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            if !upstream_names.insert(up.name.get_ref().as_str()) {
+                return Err(src.error(
+                    up.name.span(),
+                    format!("upstreams[{i}].name"),
+                    format!("duplicate upstream name '{}'", up.name.get_ref()),
+                ));
+            }
+            if up.tls.policy == OutboundPolicy::Plain && up.tls.verify.is_some() {
+                return Err(src.error(
+                    up.address.span(),
+                    format!("upstreams[{i}].tls.verify"),
+                    "a verification level needs policy opportunistic or required, not plain",
+                ));
+            }
+        }
+        let mut listener_names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !listener_names.insert(l.name.get_ref().as_str()) {
+                return Err(src.error(
+                    l.name.span(),
+                    format!("listeners[{i}].name"),
+                    format!("duplicate listener name '{}'", l.name.get_ref()),
+                ));
+            }
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                return Err(src.error(
+                    l.name.span(),
+                    format!("listeners[{i}].address"),
+                    format!("address {} is used by another listener", l.address),
+                ));
+            }
+            if !upstream_names.contains(l.upstream.get_ref().as_str()) {
+                return Err(src.error(
+                    l.upstream.span(),
+                    format!("listeners[{i}].upstream"),
+                    format!(
+                        "no upstream named '{}' (defined: {})",
+                        l.upstream.get_ref(),
+                        self.upstreams
+                            .iter()
+                            .map(|u| u.name.get_ref().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            let defaults = l.tls.certificates.iter().filter(|c| c.default).count();
+            if defaults > 1 {
+                return Err(src.error(
+                    l.name.span(),
+                    format!("listeners[{i}].tls.certificates"),
+                    "more than one certificate marked default",
+                ));
+            }
+            if l.tls.mode == InboundMode::Off && l.tls.client_auth.is_some() {
+                return Err(src.error(
+                    l.name.span(),
+                    format!("listeners[{i}].tls.client_auth"),
+                    "client certificates need TLS, but tls.mode is off",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstream a listener relays to (validated to exist).
+    pub fn upstream_of(&self, listener: &Listener) -> &Upstream {
+        self.upstreams
+            .iter()
+            .find(|u| u.name.get_ref() == listener.upstream.get_ref())
+            .expect("validated: every listener's upstream exists")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert!(!c.listeners.is_empty());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(duration::parse("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(duration::parse("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(duration::parse("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(duration::parse("s"), None);
+        assert_eq!(duration::parse("10"), None);
+        assert_eq!(duration::parse("10d"), None);
+    }
+
+    #[test]
+    fn host_port_parses_names_and_v6() {
+        assert_eq!(
+            "mx.example:25".parse::<HostPort>().unwrap(),
+            HostPort {
+                host: "mx.example".into(),
+                port: 25
+            }
+        );
+        assert_eq!("[::1]:25".parse::<HostPort>().unwrap().host, "::1");
+        assert!("::1:25".parse::<HostPort>().is_err());
+        assert!("mx.example".parse::<HostPort>().is_err());
+        assert!("mx.example:0".parse::<HostPort>().is_err());
+    }
+}

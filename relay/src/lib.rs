@@ -1,0 +1,19 @@
+//! tlsrelay: a TLS relay for Linux edge hosts.
+//!
+//! rustls performs handshakes and the opportunistic-or-forced policy in
+//! userspace; bytes then move through a data pump. Protocol and policy logic
+//! is free of I/O ([`policy`]); sockets live in [`session`], [`pump`] and
+//! [`relay`].
+
+#[macro_use]
+mod keywords;
+
+pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod pump;
+pub mod relay;
+pub mod report;
+pub mod session;
+pub mod state;
+pub mod tls;

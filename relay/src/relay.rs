@@ -1,0 +1,391 @@
+//! Turns a validated [`Config`] into listener plans (certificates loaded,
+//! rustls configs built), binds them, and runs the accept loops with a
+//! connection limit, one task per session.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::config::{CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Source, Upstream};
+use crate::policy::{InboundMode, NamePattern, OutboundPolicy, Verification};
+use crate::report::SessionReport;
+use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
+use crate::tls::{
+    self, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned, UpstreamTls,
+    UpstreamTlsSettings,
+};
+
+/// Where listeners without configured certificates get theirs.
+pub enum SelfSignedSource {
+    /// Generated once into the state directory and reused.
+    StateDir(PathBuf),
+    /// Generated in memory (for `check`, which must not write files).
+    Ephemeral,
+}
+
+/// Everything needed to serve, built and checked before binding.
+pub struct Plan {
+    pub listeners: Vec<(SocketAddr, Arc<ListenerPlan>)>,
+    pub max_connections: usize,
+    /// Human-readable effective policy, one entry per listener and route.
+    pub description: Vec<String>,
+}
+
+impl Plan {
+    pub fn build(config: &Config, self_signed: SelfSignedSource) -> Result<Plan, ConfigError> {
+        let src = &config.source;
+        let timeouts = Timeouts {
+            handshake: config.limits.handshake_timeout,
+            connect: config.limits.connect_timeout,
+            idle: config.limits.idle_timeout,
+        };
+        let mut system_roots = None;
+        let mut routes = Vec::new();
+        for (i, up) in config.upstreams.iter().enumerate() {
+            routes.push(Arc::new(route_plan(src, i, up, &mut system_roots)?));
+        }
+        let mut description = Vec::new();
+        let mut generated = None;
+        let mut listeners = Vec::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let route = routes
+                .iter()
+                .find(|r| r.name == *l.upstream.get_ref())
+                .expect("validated: every listener's upstream exists")
+                .clone();
+            let tls = match l.tls.mode {
+                InboundMode::Off => None,
+                _ => Some(listener_tls(src, i, l, &self_signed, &mut generated)?),
+            };
+            description.push(describe_listener(l, config.upstream_of(l)));
+            let plan = ListenerPlan {
+                name: l.name.get_ref().clone(),
+                mode: l.tls.mode,
+                tls,
+                route,
+                timeouts,
+            };
+            listeners.push((l.address, Arc::new(plan)));
+        }
+        description.extend(config.upstreams.iter().map(describe_route));
+        Ok(Plan {
+            listeners,
+            max_connections: config.limits.max_connections,
+            description,
+        })
+    }
+}
+
+fn load_key_pair(
+    src: &Source,
+    field: String,
+    files: &CertificateFiles,
+) -> Result<Arc<rustls::sign::CertifiedKey>, ConfigError> {
+    tls::load_certified_key(&src.resolve(files.chain.get_ref()), &src.resolve(files.key.get_ref()))
+        .map_err(|e| src.error(files.chain.span(), field, e))
+}
+
+fn listener_tls(
+    src: &Source,
+    i: usize,
+    l: &Listener,
+    self_signed: &SelfSignedSource,
+    generated: &mut Option<Arc<rustls::sign::CertifiedKey>>,
+) -> Result<ListenerTls, ConfigError> {
+    let mut certificates = Vec::new();
+    for (j, files) in l.tls.certificates.iter().enumerate() {
+        certificates.push(load_key_pair(
+            src,
+            format!("listeners[{i}].tls.certificates[{j}]"),
+            files,
+        )?);
+    }
+    if certificates.is_empty() {
+        let key = match generated {
+            Some(key) => key.clone(),
+            None => {
+                let key = match self_signed {
+                    SelfSignedSource::StateDir(dir) => SelfSigned::in_dir(dir).load_or_generate(),
+                    SelfSignedSource::Ephemeral => SelfSigned::ephemeral(),
+                }
+                .map_err(|e| src.error(l.name.span(), format!("listeners[{i}].tls"), e))?;
+                generated.insert(key).clone()
+            }
+        };
+        certificates.push(key);
+    }
+    let client_auth = match &l.tls.client_auth {
+        None => None,
+        Some(auth) => Some(ClientAuthSettings {
+            required: auth.mode == ClientAuthMode::Required,
+            roots: tls::load_roots(&src.resolve(auth.trust_anchors.get_ref())).map_err(|e| {
+                src.error(
+                    auth.trust_anchors.span(),
+                    format!("listeners[{i}].tls.client_auth.trust_anchors"),
+                    e,
+                )
+            })?,
+            names: auth.names.clone(),
+        }),
+    };
+    let settings = ListenerTlsSettings {
+        min_version: l.tls.min_version,
+        default_certificate: l.tls.certificates.iter().position(|c| c.default).unwrap_or(0),
+        certificates,
+        client_auth,
+    };
+    ListenerTls::new(settings).map_err(|e| src.error(l.name.span(), format!("listeners[{i}].tls"), e))
+}
+
+fn route_plan(
+    src: &Source,
+    i: usize,
+    up: &Upstream,
+    system_roots: &mut Option<Result<Arc<rustls::RootCertStore>, String>>,
+) -> Result<RoutePlan, ConfigError> {
+    let address = up.address.get_ref().clone();
+    let t = &up.tls;
+    let field = |f: &str| format!("upstreams[{i}].tls.{f}");
+    let tls = if t.policy == OutboundPolicy::Plain {
+        None
+    } else {
+        let verification = t.verification();
+        let roots = match &t.trust_anchors {
+            Some(path) => Some(Arc::new(
+                tls::load_roots(&src.resolve(path.get_ref()))
+                    .map_err(|e| src.error(path.span(), field("trust_anchors"), e))?,
+            )),
+            None => {
+                let system = system_roots
+                    .get_or_insert_with(|| tls::system_roots().map(Arc::new).map_err(|e| e.to_string()));
+                match (system, verification) {
+                    (Ok(roots), _) => Some(roots.clone()),
+                    // Without anchors an encryption-only route still works; its
+                    // peers are reported Untrusted.
+                    (Err(_), Verification::EncryptionOnly) => None,
+                    (Err(e), _) => {
+                        return Err(src.error(up.address.span(), field("trust_anchors"), e.clone()))
+                    }
+                }
+            }
+        };
+        let names = if t.names.is_empty() {
+            vec![default_name_pattern(&address.host)]
+        } else {
+            t.names.clone()
+        };
+        let sni = t.server_name.clone().unwrap_or_else(|| address.host.clone());
+        let server_name = ServerName::try_from(sni.clone())
+            .map_err(|e| src.error(up.address.span(), field("server_name"), format!("'{sni}': {e}")))?;
+        let client_certificate = t
+            .client_certificate
+            .as_ref()
+            .map(|files| load_key_pair(src, field("client_certificate"), files))
+            .transpose()?;
+        let settings = UpstreamTlsSettings {
+            verification,
+            enforce: t.policy == OutboundPolicy::Required,
+            names,
+            roots,
+            min_version: t.min_version,
+            server_name,
+            client_certificate,
+        };
+        Some(UpstreamTls::new(settings).map_err(|e| src.error(up.address.span(), field("policy"), e))?)
+    };
+    Ok(RoutePlan {
+        name: up.name.get_ref().clone(),
+        address,
+        policy: t.policy,
+        tls,
+    })
+}
+
+/// The name a route's certificate must carry when none is configured: the
+/// host it connects to (an IP address matches an IP SAN).
+fn default_name_pattern(host: &str) -> NamePattern {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => NamePattern::Exact(ip.to_string()),
+        Err(_) => host
+            .parse()
+            .unwrap_or_else(|_| NamePattern::Exact(host.to_ascii_lowercase())),
+    }
+}
+
+fn describe_listener(l: &Listener, up: &Upstream) -> String {
+    let mut s = format!(
+        "listener {} on {} ({}): inbound TLS {}",
+        l.name.get_ref(),
+        l.address,
+        l.protocol,
+        l.tls.mode
+    );
+    if l.tls.mode != InboundMode::Off {
+        s += &format!(", minimum {}", l.tls.min_version);
+        if l.tls.certificates.is_empty() {
+            s += ", self-signed certificate from the state directory";
+        } else {
+            let chains: Vec<String> = l
+                .tls
+                .certificates
+                .iter()
+                .map(|c| c.chain.get_ref().display().to_string())
+                .collect();
+            s += &format!(", certificates {} (by SNI)", chains.join(", "));
+        }
+        if let Some(auth) = &l.tls.client_auth {
+            let names: Vec<String> = auth.names.iter().map(ToString::to_string).collect();
+            s += &format!(
+                ", client certificate {} from {} named {}",
+                auth.mode,
+                auth.trust_anchors.get_ref().display(),
+                if names.is_empty() { "anything".to_string() } else { names.join(" | ") }
+            );
+        }
+    }
+    s + &format!(" -> upstream {} ({})", up.name.get_ref(), up.address.get_ref())
+}
+
+fn describe_route(up: &Upstream) -> String {
+    let t = &up.tls;
+    let mut s = format!(
+        "upstream {} at {}: outbound TLS {}",
+        up.name.get_ref(),
+        up.address.get_ref(),
+        t.policy
+    );
+    if t.policy != OutboundPolicy::Plain {
+        s += &format!(", verify {}", t.verification());
+        if t.verification() == Verification::Name {
+            let names: Vec<String> = if t.names.is_empty() {
+                vec![default_name_pattern(&up.address.get_ref().host).to_string()]
+            } else {
+                t.names.iter().map(ToString::to_string).collect()
+            };
+            s += &format!(" [{}]", names.join(" | "));
+        }
+        s += &format!(
+            ", minimum {}, trust anchors {}",
+            t.min_version,
+            t.trust_anchors
+                .as_ref()
+                .map_or("system".to_string(), |p| p.get_ref().display().to_string())
+        );
+        if t.policy == OutboundPolicy::Opportunistic {
+            s += ", falls back to plaintext when TLS fails";
+        }
+        if t.client_certificate.is_some() {
+            s += ", presents a client certificate";
+        }
+    }
+    s
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("listener {listener}: cannot listen on {address}: {source}")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Bound listeners, ready to serve.
+pub struct Relay {
+    listeners: Vec<(TcpListener, Arc<ListenerPlan>)>,
+    limit: Arc<Semaphore>,
+    reports: Option<mpsc::UnboundedSender<SessionReport>>,
+}
+
+impl Relay {
+    pub async fn bind(plan: Plan) -> Result<Relay, RelayError> {
+        let mut listeners = Vec::new();
+        for (address, lp) in plan.listeners {
+            let socket = TcpListener::bind(address).await.map_err(|source| RelayError::Bind {
+                listener: lp.name.clone(),
+                address,
+                source,
+            })?;
+            listeners.push((socket, lp));
+        }
+        Ok(Relay {
+            listeners,
+            limit: Arc::new(Semaphore::new(plan.max_connections)),
+            reports: None,
+        })
+    }
+
+    /// Where each listener actually listens (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(s, p)| Some((p.name.clone(), s.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// Also sends every session report to `tx` (tests, the demo).
+    pub fn send_reports_to(&mut self, tx: mpsc::UnboundedSender<SessionReport>) {
+        self.reports = Some(tx);
+    }
+
+    /// Accepts and serves until `shutdown` resolves; then stops accepting.
+    /// Sessions under way keep running on the runtime.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        let ids = Arc::new(AtomicU64::new(1));
+        let mut accept_loops = tokio::task::JoinSet::new();
+        for (socket, plan) in self.listeners {
+            accept_loops.spawn(accept_loop(
+                socket,
+                plan,
+                self.limit.clone(),
+                ids.clone(),
+                self.reports.clone(),
+            ));
+        }
+        shutdown.await;
+        accept_loops.shutdown().await;
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    plan: Arc<ListenerPlan>,
+    limit: Arc<Semaphore>,
+    ids: Arc<AtomicU64>,
+    reports: Option<mpsc::UnboundedSender<SessionReport>>,
+) {
+    loop {
+        let (client, peer) = match socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = %plan.name, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(listener = %plan.name, client = %peer, "connection limit reached; closing");
+            drop(client);
+            continue;
+        };
+        let plan = plan.clone();
+        let reports = reports.clone();
+        tokio::spawn(async move {
+            let report = session::run(id, &plan, client, peer).await;
+            drop(permit);
+            tracing::info!("{report}");
+            if let Some(tx) = reports {
+                let _ = tx.send(report);
+            }
+        });
+    }
+}

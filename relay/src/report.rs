@@ -1,0 +1,230 @@
+//! What a session did, for logs, tests and (later) the eBPF cross-check:
+//! one [`SessionReport`] per connection, and the Postfix-style TLS lines
+//! operators grep for.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use crate::policy::{PeerTrust, TlsFailure};
+use crate::pump::{DataPath, PumpEnd};
+use crate::tls::Negotiated;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        })
+    }
+}
+
+/// How one leg was secured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "security", rename_all = "kebab-case")]
+pub enum LegSecurity {
+    Plaintext,
+    Tls {
+        #[serde(flatten)]
+        negotiated: Negotiated,
+        trust: PeerTrust,
+        /// Inbound: the SNI the client asked for. Outbound: the server name.
+        server_name: Option<String>,
+        /// The peer certificate's names, when it presented one.
+        peer_names: Vec<String>,
+    },
+}
+
+impl LegSecurity {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, LegSecurity::Tls { .. })
+    }
+}
+
+impl fmt::Display for LegSecurity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LegSecurity::Plaintext => f.write_str("plaintext"),
+            LegSecurity::Tls {
+                negotiated, trust, ..
+            } => write!(f, "{} {} ({trust})", negotiated.version, negotiated.cipher),
+        }
+    }
+}
+
+/// A session that went on with less security than it could have had.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Downgrade {
+    pub leg: Direction,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Bytes were relayed; `end` says how the relaying ended.
+    Relayed { end: PumpEnd },
+    /// Policy refused the session on one leg.
+    Refused {
+        leg: Direction,
+        reason: String,
+        failure: Option<TlsFailure>,
+    },
+    /// The session could not be set up (upstream unreachable, client gone).
+    Failed { reason: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionReport {
+    pub id: u64,
+    pub listener: String,
+    pub client: SocketAddr,
+    pub upstream: String,
+    pub upstream_addr: Option<SocketAddr>,
+    pub inbound: Option<LegSecurity>,
+    pub outbound: Option<LegSecurity>,
+    pub downgrades: Vec<Downgrade>,
+    pub outcome: Outcome,
+    pub data_path: Option<DataPath>,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    /// From accept until both legs were ready to relay.
+    pub setup_ms: f64,
+    pub duration_ms: f64,
+}
+
+impl SessionReport {
+    pub fn new(id: u64, listener: &str, client: SocketAddr, upstream: &str) -> SessionReport {
+        SessionReport {
+            id,
+            listener: listener.to_string(),
+            client,
+            upstream: upstream.to_string(),
+            upstream_addr: None,
+            inbound: None,
+            outbound: None,
+            downgrades: Vec::new(),
+            outcome: Outcome::Failed {
+                reason: "session did not finish".into(),
+            },
+            data_path: None,
+            bytes_client_to_upstream: 0,
+            bytes_upstream_to_client: 0,
+            setup_ms: 0.0,
+            duration_ms: 0.0,
+        }
+    }
+
+    pub fn downgraded(&self, leg: Direction) -> Option<&Downgrade> {
+        self.downgrades.iter().find(|d| d.leg == leg)
+    }
+}
+
+impl fmt::Display for SessionReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let leg = |l: &Option<LegSecurity>| l.as_ref().map_or("-".to_string(), |s| s.to_string());
+        write!(
+            f,
+            "session {} listener={} client={} inbound={} upstream={}",
+            self.id,
+            self.listener,
+            self.client,
+            leg(&self.inbound),
+            self.upstream,
+        )?;
+        if let Some(addr) = self.upstream_addr {
+            write!(f, "[{addr}]")?;
+        }
+        write!(f, " outbound={}", leg(&self.outbound))?;
+        for d in &self.downgrades {
+            write!(f, " downgrade({})=\"{}\"", d.leg, d.reason)?;
+        }
+        match &self.outcome {
+            Outcome::Relayed { end } => {
+                let end = match end {
+                    PumpEnd::Closed => "closed".to_string(),
+                    PumpEnd::IdleTimeout => "idle timeout".to_string(),
+                    PumpEnd::Reset { side, detail } => format!("reset by {side:?}: {detail}"),
+                };
+                write!(f, " outcome=relayed ({end})")?;
+            }
+            Outcome::Refused { leg, reason, .. } => {
+                write!(f, " outcome=refused ({leg}: {reason})")?
+            }
+            Outcome::Failed { reason } => write!(f, " outcome=failed ({reason})")?,
+        }
+        if let Some(path) = self.data_path {
+            write!(f, " path={path:?}")?;
+        }
+        write!(
+            f,
+            " bytes={}/{} setup={:.1}ms duration={:.1}ms",
+            self.bytes_client_to_upstream,
+            self.bytes_upstream_to_client,
+            self.setup_ms,
+            self.duration_ms
+        )
+    }
+}
+
+/// `Trusted TLS connection established from unknown[192.0.2.7]: TLSv1.3 with
+/// cipher TLS13_AES_256_GCM_SHA384`, as Postfix's smtpd logs it.
+pub fn inbound_tls_line(client: SocketAddr, negotiated: &Negotiated, trust: PeerTrust) -> String {
+    format!(
+        "{trust} TLS connection established from unknown[{}]: {} with cipher {}",
+        client.ip(),
+        negotiated.version,
+        negotiated.cipher
+    )
+}
+
+/// `Verified TLS connection established to mx.partner.example[192.0.2.1]:25:
+/// TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384`, as Postfix's smtp logs it.
+pub fn outbound_tls_line(
+    host: &str,
+    addr: SocketAddr,
+    negotiated: &Negotiated,
+    trust: PeerTrust,
+) -> String {
+    format!(
+        "{trust} TLS connection established to {host}[{}]:{}: {} with cipher {}",
+        addr.ip(),
+        addr.port(),
+        negotiated.version,
+        negotiated.cipher
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postfix_style_lines() {
+        let n = Negotiated {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+        };
+        assert_eq!(
+            outbound_tls_line(
+                "mx.partner.example",
+                "192.0.2.1:25".parse().unwrap(),
+                &n,
+                PeerTrust::Verified
+            ),
+            "Verified TLS connection established to mx.partner.example[192.0.2.1]:25: TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384"
+        );
+        assert_eq!(
+            inbound_tls_line("[2001:db8::7]:4000".parse().unwrap(), &n, PeerTrust::Anonymous),
+            "Anonymous TLS connection established from unknown[2001:db8::7]: TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384"
+        );
+    }
+}

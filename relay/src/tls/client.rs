@@ -1,0 +1,205 @@
+//! The upstream side: verification levels (encryption only, chain, chain and
+//! name), enforced under a required policy and only assessed under an
+//! opportunistic one, so the report always says how far the peer was trusted.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, ResolvesClientCert};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_rustls::TlsConnector;
+
+use super::{cert_names, provider, signature_algorithms, versions, TlsError};
+use crate::policy::{MinVersion, NamePattern, PeerTrust, Verification};
+
+/// What an upstream's TLS is built from (files already loaded).
+pub struct UpstreamTlsSettings {
+    pub verification: Verification,
+    /// Fail the handshake when verification fails (required policy);
+    /// otherwise only record how far the peer was trusted.
+    pub enforce: bool,
+    /// Accepted names under `Verification::Name`.
+    pub names: Vec<NamePattern>,
+    /// Trust anchors; `None` only when nothing needs them.
+    pub roots: Option<Arc<RootCertStore>>,
+    pub min_version: MinVersion,
+    pub server_name: ServerName<'static>,
+    pub client_certificate: Option<Arc<CertifiedKey>>,
+}
+
+/// An upstream route's ready-to-use client configuration.
+pub struct UpstreamTls {
+    config: Arc<ClientConfig>,
+    check: Arc<PeerCheck>,
+    server_name: ServerName<'static>,
+}
+
+impl UpstreamTls {
+    pub fn new(settings: UpstreamTlsSettings) -> Result<UpstreamTls, TlsError> {
+        let check = Arc::new(PeerCheck {
+            verification: settings.verification,
+            enforce: settings.enforce,
+            names: settings.names,
+            roots: settings.roots,
+        });
+        let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(versions(settings.min_version))
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(check.clone());
+        let config = match settings.client_certificate {
+            Some(ck) => builder.with_client_cert_resolver(Arc::new(PresentCertificate(ck))),
+            None => builder.with_no_client_auth(),
+        };
+        Ok(UpstreamTls {
+            config: Arc::new(config),
+            check,
+            server_name: settings.server_name,
+        })
+    }
+
+    pub fn connector(&self) -> TlsConnector {
+        TlsConnector::from(self.config.clone())
+    }
+
+    pub fn server_name(&self) -> ServerName<'static> {
+        self.server_name.clone()
+    }
+
+    /// How far the upstream's certificate was established, whatever the
+    /// level enforced.
+    pub fn peer_trust(&self, peer_certs: Option<&[CertificateDer<'_>]>) -> PeerTrust {
+        match peer_certs {
+            Some([end_entity, intermediates @ ..]) => {
+                self.check
+                    .evaluate(end_entity, intermediates, UnixTime::now())
+                    .0
+            }
+            _ => PeerTrust::Anonymous,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PeerCheck {
+    verification: Verification,
+    enforce: bool,
+    names: Vec<NamePattern>,
+    roots: Option<Arc<RootCertStore>>,
+}
+
+impl PeerCheck {
+    /// The trust reached, and the error the configured level makes of it.
+    fn evaluate(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> (PeerTrust, Option<rustls::Error>) {
+        let chain = match (ParsedCertificate::try_from(end_entity), &self.roots) {
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+            (Ok(parsed), Some(roots)) => verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                intermediates,
+                now,
+                signature_algorithms().all,
+            ),
+        };
+        let presented = cert_names(end_entity);
+        let name_ok = NamePattern::any_matches(&self.names, presented.iter().map(String::as_str));
+        let trust = match (&chain, name_ok) {
+            (Err(_), _) => PeerTrust::Untrusted,
+            (Ok(()), false) => PeerTrust::Trusted,
+            (Ok(()), true) => PeerTrust::Verified,
+        };
+        let name_error = || {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(NameMismatch {
+                    presented: presented.join(", "),
+                    expected: self
+                        .names
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+            )))
+        };
+        let error = match self.verification {
+            Verification::EncryptionOnly => None,
+            Verification::Certificate => chain.err(),
+            Verification::Name => chain.err().or_else(|| (!name_ok).then(name_error)),
+        };
+        (trust, error)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("certificate names [{presented}] match none of [{expected}]")]
+pub(super) struct NameMismatch {
+    presented: String,
+    expected: String,
+}
+
+impl ServerCertVerifier for PeerCheck {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.evaluate(end_entity, intermediates, now) {
+            (_, Some(error)) if self.enforce => Err(error),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &signature_algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &signature_algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        signature_algorithms().supported_schemes()
+    }
+}
+
+/// Presents the relay's client certificate to every upstream that asks.
+#[derive(Debug)]
+struct PresentCertificate(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for PresentCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
