@@ -76,8 +76,9 @@ fn init_logging() {
 }
 
 fn check(file: &std::path::Path) -> ExitCode {
-    let result = Config::load(file)
-        .and_then(|config| Plan::build(&config, SelfSignedSource::Ephemeral).map(|plan| (config, plan)));
+    let result = Config::load(file).and_then(|config| {
+        Plan::build(&config, SelfSignedSource::Ephemeral).map(|plan| (config, plan))
+    });
     match result {
         Ok((_, plan)) => {
             println!("{}: valid", file.display());
@@ -93,7 +94,11 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run(config: Option<PathBuf>, state_dir: Option<PathBuf>, json_reports: bool) -> anyhow::Result<()> {
+fn run(
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    json_reports: bool,
+) -> anyhow::Result<()> {
     let config = match &config {
         Some(path) => Config::load(path)?,
         None => Config::embedded_default(),
@@ -104,7 +109,11 @@ fn run(config: Option<PathBuf>, state_dir: Option<PathBuf>, json_reports: bool) 
     runtime.block_on(async move {
         let description = plan.description.clone();
         let mut relay = Relay::bind(plan).await?;
-        println!("tlsrelay {} running ({})", env!("CARGO_PKG_VERSION"), config.source.name);
+        println!(
+            "tlsrelay {} running ({})",
+            env!("CARGO_PKG_VERSION"),
+            config.source.name
+        );
         for (name, addr) in relay.local_addrs() {
             println!("  listener {name} listening on {addr}");
         }

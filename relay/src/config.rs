@@ -233,7 +233,7 @@ pub struct OutboundTls {
     pub policy: OutboundPolicy,
     /// Default: `encryption-only` when opportunistic, `name` when required.
     pub verify: Option<Verification>,
-    /// Names accepted under `verify = "name"`; default the upstream host.
+    /// Names accepted under `verify = "name"`; default the server name.
     #[serde(default)]
     pub names: Vec<NamePattern>,
     /// PEM file of trusted roots; default the system store.
@@ -396,7 +396,12 @@ impl Config {
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|e| source.error(e.span().unwrap_or(0..0), "(syntax)", e.message()))?;
         let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = e.path().to_string();
+            // Spanned<T> wraps values in a private field; keep it out of the path.
+            let path = e.path().to_string();
+            let field = path
+                .split_once(".$__")
+                .map_or(path.as_str(), |(head, _)| head)
+                .to_string();
             let inner = e.into_inner();
             source.error(inner.span().unwrap_or(0..0), field, inner.message())
         })?;

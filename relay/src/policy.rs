@@ -327,8 +327,12 @@ mod tests {
             InboundStart::Plaintext { downgrade: true }
         );
         assert_eq!(inbound_start(Required, tls), InboundStart::Tls);
-        assert!(matches!(inbound_start(Required, text), InboundStart::Refuse(r) if r.contains("plaintext refused")));
-        assert!(matches!(inbound_start(Required, None), InboundStart::Refuse(r) if r.contains("sent nothing")));
+        assert!(
+            matches!(inbound_start(Required, text), InboundStart::Refuse(r) if r.contains("plaintext refused"))
+        );
+        assert!(
+            matches!(inbound_start(Required, None), InboundStart::Refuse(r) if r.contains("sent nothing"))
+        );
     }
 
     #[test]

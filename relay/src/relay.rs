@@ -11,7 +11,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::config::{CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Source, Upstream};
+use crate::config::{
+    CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Source, Upstream,
+};
 use crate::policy::{InboundMode, NamePattern, OutboundPolicy, Verification};
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
@@ -86,8 +88,11 @@ fn load_key_pair(
     field: String,
     files: &CertificateFiles,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, ConfigError> {
-    tls::load_certified_key(&src.resolve(files.chain.get_ref()), &src.resolve(files.key.get_ref()))
-        .map_err(|e| src.error(files.chain.span(), field, e))
+    tls::load_certified_key(
+        &src.resolve(files.chain.get_ref()),
+        &src.resolve(files.key.get_ref()),
+    )
+    .map_err(|e| src.error(files.chain.span(), field, e))
 }
 
 fn listener_tls(
@@ -135,11 +140,17 @@ fn listener_tls(
     };
     let settings = ListenerTlsSettings {
         min_version: l.tls.min_version,
-        default_certificate: l.tls.certificates.iter().position(|c| c.default).unwrap_or(0),
+        default_certificate: l
+            .tls
+            .certificates
+            .iter()
+            .position(|c| c.default)
+            .unwrap_or(0),
         certificates,
         client_auth,
     };
-    ListenerTls::new(settings).map_err(|e| src.error(l.name.span(), format!("listeners[{i}].tls"), e))
+    ListenerTls::new(settings)
+        .map_err(|e| src.error(l.name.span(), format!("listeners[{i}].tls"), e))
 }
 
 fn route_plan(
@@ -161,8 +172,9 @@ fn route_plan(
                     .map_err(|e| src.error(path.span(), field("trust_anchors"), e))?,
             )),
             None => {
-                let system = system_roots
-                    .get_or_insert_with(|| tls::system_roots().map(Arc::new).map_err(|e| e.to_string()));
+                let system = system_roots.get_or_insert_with(|| {
+                    tls::system_roots().map(Arc::new).map_err(|e| e.to_string())
+                });
                 match (system, verification) {
                     (Ok(roots), _) => Some(roots.clone()),
                     // Without anchors an encryption-only route still works; its
@@ -174,14 +186,22 @@ fn route_plan(
                 }
             }
         };
+        let sni = t
+            .server_name
+            .clone()
+            .unwrap_or_else(|| address.host.clone());
         let names = if t.names.is_empty() {
-            vec![default_name_pattern(&address.host)]
+            vec![default_name_pattern(&sni)]
         } else {
             t.names.clone()
         };
-        let sni = t.server_name.clone().unwrap_or_else(|| address.host.clone());
-        let server_name = ServerName::try_from(sni.clone())
-            .map_err(|e| src.error(up.address.span(), field("server_name"), format!("'{sni}': {e}")))?;
+        let server_name = ServerName::try_from(sni.clone()).map_err(|e| {
+            src.error(
+                up.address.span(),
+                field("server_name"),
+                format!("'{sni}': {e}"),
+            )
+        })?;
         let client_certificate = t
             .client_certificate
             .as_ref()
@@ -196,7 +216,10 @@ fn route_plan(
             server_name,
             client_certificate,
         };
-        Some(UpstreamTls::new(settings).map_err(|e| src.error(up.address.span(), field("policy"), e))?)
+        Some(
+            UpstreamTls::new(settings)
+                .map_err(|e| src.error(up.address.span(), field("policy"), e))?,
+        )
     };
     Ok(RoutePlan {
         name: up.name.get_ref().clone(),
@@ -207,7 +230,8 @@ fn route_plan(
 }
 
 /// The name a route's certificate must carry when none is configured: the
-/// host it connects to (an IP address matches an IP SAN).
+/// server name, which defaults to the host connected to (an IP address
+/// matches an IP SAN).
 fn default_name_pattern(host: &str) -> NamePattern {
     match host.parse::<std::net::IpAddr>() {
         Ok(ip) => NamePattern::Exact(ip.to_string()),
@@ -244,11 +268,19 @@ fn describe_listener(l: &Listener, up: &Upstream) -> String {
                 ", client certificate {} from {} named {}",
                 auth.mode,
                 auth.trust_anchors.get_ref().display(),
-                if names.is_empty() { "anything".to_string() } else { names.join(" | ") }
+                if names.is_empty() {
+                    "anything".to_string()
+                } else {
+                    names.join(" | ")
+                }
             );
         }
     }
-    s + &format!(" -> upstream {} ({})", up.name.get_ref(), up.address.get_ref())
+    s + &format!(
+        " -> upstream {} ({})",
+        up.name.get_ref(),
+        up.address.get_ref()
+    )
 }
 
 fn describe_route(up: &Upstream) -> String {
@@ -263,7 +295,8 @@ fn describe_route(up: &Upstream) -> String {
         s += &format!(", verify {}", t.verification());
         if t.verification() == Verification::Name {
             let names: Vec<String> = if t.names.is_empty() {
-                vec![default_name_pattern(&up.address.get_ref().host).to_string()]
+                let host = &up.address.get_ref().host;
+                vec![default_name_pattern(t.server_name.as_ref().unwrap_or(host)).to_string()]
             } else {
                 t.names.iter().map(ToString::to_string).collect()
             };
@@ -308,11 +341,13 @@ impl Relay {
     pub async fn bind(plan: Plan) -> Result<Relay, RelayError> {
         let mut listeners = Vec::new();
         for (address, lp) in plan.listeners {
-            let socket = TcpListener::bind(address).await.map_err(|source| RelayError::Bind {
-                listener: lp.name.clone(),
-                address,
-                source,
-            })?;
+            let socket = TcpListener::bind(address)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    listener: lp.name.clone(),
+                    address,
+                    source,
+                })?;
             listeners.push((socket, lp));
         }
         Ok(Relay {

@@ -16,7 +16,9 @@ use crate::policy::{
     TlsFailure,
 };
 use crate::pump::{self, Leg};
-use crate::report::{inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport};
+use crate::report::{
+    inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport,
+};
 use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, UpstreamTls};
 
 #[derive(Clone, Copy, Debug)]
@@ -64,7 +66,12 @@ async fn peek_first_byte(client: &TcpStream, limit: Duration) -> FirstByte {
 }
 
 /// Runs one session to its end and returns its report.
-pub async fn run(id: u64, plan: &ListenerPlan, client: TcpStream, peer: SocketAddr) -> SessionReport {
+pub async fn run(
+    id: u64,
+    plan: &ListenerPlan,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> SessionReport {
     let started = Instant::now();
     let route = &plan.route;
     let mut report = SessionReport::new(id, &plan.name, peer, &route.name);
@@ -153,19 +160,33 @@ async fn accept_inbound(
                 Ok(Err(e)) => {
                     let failure = classify_failure(&e);
                     tracing::info!(session = report.id, client = %peer, "inbound {failure}");
-                    refuse(report, Direction::Inbound, failure.to_string(), Some(failure));
+                    refuse(
+                        report,
+                        Direction::Inbound,
+                        failure.to_string(),
+                        Some(failure),
+                    );
                     return None;
                 }
                 Err(_) => {
                     let failure = TlsFailure::HandshakeFailed("timed out".into());
-                    refuse(report, Direction::Inbound, failure.to_string(), Some(failure));
+                    refuse(
+                        report,
+                        Direction::Inbound,
+                        failure.to_string(),
+                        Some(failure),
+                    );
                     return None;
                 }
             };
             let conn = stream.get_ref().1;
             let negotiated = Negotiated::of(conn);
             let trust = tls.client_trust(conn.peer_certificates());
-            tracing::info!(session = report.id, "{}", inbound_tls_line(peer, &negotiated, trust));
+            tracing::info!(
+                session = report.id,
+                "{}",
+                inbound_tls_line(peer, &negotiated, trust)
+            );
             report.inbound = Some(LegSecurity::Tls {
                 negotiated,
                 trust,
@@ -197,7 +218,11 @@ async fn connect_outbound(
         return Some(Leg::Plain(tcp));
     };
     let addr = tcp.peer_addr().ok()?;
-    let handshake = timeout(timeouts.handshake, tls.connector().connect(tls.server_name(), tcp)).await;
+    let handshake = timeout(
+        timeouts.handshake,
+        tls.connector().connect(tls.server_name(), tcp),
+    )
+    .await;
     let failure = match handshake {
         Ok(Ok(stream)) => {
             let conn = stream.get_ref().1;
@@ -222,7 +247,12 @@ async fn connect_outbound(
     match on_outbound_failure(route.policy) {
         OnTlsFailure::Refuse => {
             tracing::info!(session = report.id, upstream = %route.address, "outbound {failure}");
-            refuse(report, Direction::Outbound, failure.to_string(), Some(failure));
+            refuse(
+                report,
+                Direction::Outbound,
+                failure.to_string(),
+                Some(failure),
+            );
             None
         }
         OnTlsFailure::FallBackToPlaintext => {
@@ -242,7 +272,11 @@ async fn connect_outbound(
     }
 }
 
-async fn connect_tcp(route: &RoutePlan, timeouts: Timeouts, report: &mut SessionReport) -> Option<TcpStream> {
+async fn connect_tcp(
+    route: &RoutePlan,
+    timeouts: Timeouts,
+    report: &mut SessionReport,
+) -> Option<TcpStream> {
     let address = (route.address.host.as_str(), route.address.port);
     let result = timeout(timeouts.connect, TcpStream::connect(address)).await;
     let error = match result {

@@ -1,1 +1,415 @@
+//! Test support: a throwaway PKI made with rcgen, echo servers (plain and
+//! TLS) on loopback, rustls clients, and a relay started in-process from a
+//! TOML text with its session reports collected.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+pub use tlsrelay;
+use tlsrelay::config::Config;
+use tlsrelay::relay::{Plan, Relay, SelfSignedSource};
+use tlsrelay::report::SessionReport;
+
+/// How long any single wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A certificate authority and the files it issues, in a temporary directory.
+pub struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+    /// PEM of the CA certificate, for `trust_anchors`.
+    pub ca_pem: PathBuf,
+}
+
+/// What kind of end-entity certificate to issue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeafKind {
+    Valid,
+    Expired,
+    /// Not issued by the CA at all.
+    SelfSigned,
+}
+
+/// An issued certificate: PEM files plus the parsed form for test servers.
+#[derive(Clone)]
+pub struct Leaf {
+    pub chain: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Leaf {
+    pub fn certs(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(&self.chain)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_file(&self.key).unwrap()
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tlsrelay test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        Pki { dir, ca, ca_pem }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A CA-issued certificate valid now for `names`.
+    pub fn leaf(&self, stem: &str, names: &[&str]) -> Leaf {
+        self.leaf_of_kind(stem, names, LeafKind::Valid)
+    }
+
+    pub fn leaf_of_kind(&self, stem: &str, names: &[&str], kind: LeafKind) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        let now = time::OffsetDateTime::now_utc();
+        if kind == LeafKind::Expired {
+            params.not_before = now - time::Duration::days(60);
+            params.not_after = now - time::Duration::days(30);
+        } else {
+            params.not_before = now - time::Duration::days(1);
+            params.not_after = now + time::Duration::days(30);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = match kind {
+            LeafKind::SelfSigned => params.self_signed(&key).unwrap(),
+            _ => params.signed_by(&key, &self.ca).unwrap(),
+        };
+        let leaf = Leaf {
+            chain: self.dir().join(format!("{stem}.crt")),
+            key: self.dir().join(format!("{stem}.key")),
+        };
+        std::fs::write(&leaf.chain, cert.pem()).unwrap();
+        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
+        leaf
+    }
+
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        roots
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Protocol versions a test peer supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Versions {
+    Both,
+    Tls12Only,
+    Tls13Only,
+}
+
+impl Versions {
+    fn list(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static TLS12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+        static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        match self {
+            Versions::Both => rustls::ALL_VERSIONS,
+            Versions::Tls12Only => TLS12,
+            Versions::Tls13Only => TLS13,
+        }
+    }
+}
+
+/// Options for a TLS test server.
+pub struct ServerOptions<'a> {
+    pub leaf: &'a Leaf,
+    pub versions: Versions,
+    /// Require a client certificate from this PKI.
+    pub client_ca: Option<&'a Pki>,
+}
+
+pub fn server_config(opts: &ServerOptions<'_>) -> Arc<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(opts.versions.list())
+        .unwrap();
+    let builder = match opts.client_ca {
+        Some(pki) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(pki.roots()),
+                provider(),
+            )
+            .build()
+            .unwrap(),
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(
+        builder
+            .with_single_cert(opts.leaf.certs(), opts.leaf.private_key())
+            .unwrap(),
+    )
+}
+
+/// Options for a rustls test client.
+pub struct ClientOptions<'a> {
+    /// Trust this PKI's CA; `None` accepts any certificate.
+    pub trust: Option<&'a Pki>,
+    pub versions: Versions,
+    pub client_cert: Option<&'a Leaf>,
+}
+
+impl Default for ClientOptions<'_> {
+    fn default() -> Self {
+        ClientOptions {
+            trust: None,
+            versions: Versions::Both,
+            client_cert: None,
+        }
+    }
+}
+
+pub fn client_config(opts: &ClientOptions<'_>) -> Arc<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(opts.versions.list())
+        .unwrap();
+    let builder = match opts.trust {
+        Some(pki) => builder.with_root_certificates(pki.roots()),
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything)),
+    };
+    Arc::new(match opts.client_cert {
+        Some(leaf) => builder
+            .with_client_auth_cert(leaf.certs(), leaf.private_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// A verifier for test clients that only care about the relay's behaviour.
+#[derive(Debug)]
+struct AcceptAnything;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Connects with TLS to `addr`, sending `sni`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    opts: &ClientOptions<'_>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(opts));
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS connect timed out"))?
+}
+
+/// Writes `msg`, half-closes, and reads until the peer closes.
+pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let work = async {
+        stream.write_all(msg).await?;
+        stream.flush().await?;
+        stream.shutdown().await?;
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await?;
+        Ok(back)
+    };
+    tokio::time::timeout(PATIENCE, work)
+        .await
+        .map_err(|_| std::io::Error::other("exchange timed out"))?
+}
+
+/// Echoes until EOF, then closes its side too.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        };
+        stream.write_all(&buf[..n]).await?;
+        stream.flush().await?;
+    }
+    stream.shutdown().await
+}
+
+/// A plaintext echo server that, like a real plaintext service, answers a
+/// TLS ClientHello with an error line and hangs up.
+pub async fn plain_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first).await.is_ok() && first[0] == 0x16 {
+                    let _ = stream
+                        .write_all(b"-ERR this service does not speak TLS\r\n")
+                        .await;
+                    return;
+                }
+                let _ = echo(stream).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS echo server.
+pub async fn tls_echo(opts: ServerOptions<'_>) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&opts));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    let _ = echo(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A relay running in this process, with its session reports.
+pub struct TestRelay {
+    addrs: HashMap<String, SocketAddr>,
+    reports: mpsc::UnboundedReceiver<SessionReport>,
+    _state: tempfile::TempDir,
+}
+
+impl TestRelay {
+    /// Starts a relay from TOML text; relative paths resolve against `dir`.
+    pub async fn start(toml: &str, dir: &Path) -> TestRelay {
+        let config = Config::parse(toml, "test.toml", dir.to_path_buf())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let state = tempfile::tempdir().unwrap();
+        let plan = Plan::build(
+            &config,
+            SelfSignedSource::StateDir(state.path().to_path_buf()),
+        )
+        .unwrap_or_else(|e| panic!("test config unusable: {e}\n{toml}"));
+        let mut relay = Relay::bind(plan).await.unwrap();
+        let (tx, reports) = mpsc::unbounded_channel();
+        relay.send_reports_to(tx);
+        let addrs = relay.local_addrs().into_iter().collect();
+        tokio::spawn(relay.serve(std::future::pending()));
+        TestRelay {
+            addrs,
+            reports,
+            _state: state,
+        }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+
+    /// The next finished session's report.
+    pub async fn next_report(&mut self) -> SessionReport {
+        tokio::time::timeout(PATIENCE, self.reports.recv())
+            .await
+            .expect("a session report within the patience")
+            .expect("relay still running")
+    }
+}
+
+/// Deterministic pseudo-random bytes (so failures reproduce).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+/// Formats a path for a TOML string.
+pub fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}

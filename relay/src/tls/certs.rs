@@ -150,7 +150,8 @@ impl SelfSigned {
             std::fs::create_dir_all(dir).map_err(|e| TlsError::file(dir, e))?;
         }
         write_private(&self.key, generated.signing_key.serialize_pem().as_bytes())?;
-        std::fs::write(&self.chain, generated.cert.pem()).map_err(|e| TlsError::file(&self.chain, e))
+        std::fs::write(&self.chain, generated.cert.pem())
+            .map_err(|e| TlsError::file(&self.chain, e))
     }
 }
 

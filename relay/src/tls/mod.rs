@@ -48,17 +48,17 @@ pub fn provider() -> CryptoProvider {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.retain(|suite| match suite {
         rustls::SupportedCipherSuite::Tls13(_) => true,
-        rustls::SupportedCipherSuite::Tls12(s) => matches!(
-            s.kx,
-            rustls::crypto::KeyExchangeAlgorithm::ECDHE
-        ),
+        rustls::SupportedCipherSuite::Tls12(s) => {
+            matches!(s.kx, rustls::crypto::KeyExchangeAlgorithm::ECDHE)
+        }
     });
     provider
 }
 
 /// The protocol versions a leg offers, newest first.
 pub fn versions(min: MinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
-    static BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static BOTH: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
     static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
     match min {
         MinVersion::Tls12 => BOTH,

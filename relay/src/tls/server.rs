@@ -8,7 +8,9 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 use tokio_rustls::TlsAcceptor;
 
 use super::{cert_names, provider, versions, TlsError};
@@ -54,9 +56,9 @@ impl ListenerTls {
                 if !auth.required {
                     webpki = webpki.allow_unauthenticated();
                 }
-                let inner = webpki
-                    .build()
-                    .map_err(|e| TlsError::Rustls(format!("client certificate trust anchors: {e}")))?;
+                let inner = webpki.build().map_err(|e| {
+                    TlsError::Rustls(format!("client certificate trust anchors: {e}"))
+                })?;
                 builder.with_client_cert_verifier(Arc::new(AllowedClientNames {
                     inner,
                     names: auth.names,
@@ -153,7 +155,9 @@ impl ClientCertVerifier for AllowedClientNames {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let presented = cert_names(end_entity);
         if self.names.is_empty()
             || NamePattern::any_matches(&self.names, presented.iter().map(String::as_str))

@@ -1,0 +1,219 @@
+//! The `tlsrelay` binary as an operator meets it: exit codes, messages,
+//! the startup banner, relaying, and the self-signed certificate kept in
+//! the state directory across restarts.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
+
+fn tlsrelay(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_prints_the_effective_policy_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "relay.toml",
+        r#"
+[[listeners]]
+name = "partners"
+address = "127.0.0.1:0"
+upstream = "mx"
+tls.mode = "required"
+tls.min_version = "1.3"
+
+[[upstreams]]
+name = "mx"
+address = "mx.partner.example:25"
+tls.policy = "required"
+tls.verify = "name"
+tls.names = ["*.partner.example"]
+"#,
+    );
+    let out = tlsrelay(&["check", &file]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "listener partners on 127.0.0.1:0 (tcp): inbound TLS required, minimum TLSv1.3"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream mx at mx.partner.example:25: outbound TLS required, verify name [*.partner.example]"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_rejects_an_invalid_file_with_exit_2_and_the_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "bad.toml",
+        "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\ntls.mode = \"opportunstic\"\n",
+    );
+    let out = tlsrelay(&["check", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{file}:5: listeners[0].tls.mode: unknown mode 'opportunstic', expected one of off, opportunistic, required, implicit"
+        )),
+        "{stderr}"
+    );
+    let missing = tlsrelay(&["check", "/nonexistent/relay.toml"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/relay.toml: cannot read")
+    );
+    let run = tlsrelay(&["run", "--config", &file]);
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "run refuses an invalid config too"
+    );
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in [&["--help"][..], &["run", "--help"], &["check", "--help"]] {
+        let out = tlsrelay(sub);
+        assert_eq!(out.status.code(), Some(0), "{sub:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: tlsrelay"),
+            "{sub:?}"
+        );
+    }
+    let run_help = String::from_utf8_lossy(&tlsrelay(&["run", "--help"]).stdout).to_string();
+    assert!(
+        run_help.contains("--config") && run_help.contains("--state-dir"),
+        "{run_help}"
+    );
+}
+
+/// A running `tlsrelay run` and the addresses it printed.
+struct Running {
+    child: Child,
+    listeners: Vec<(String, SocketAddr)>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_relay(config: &str, state: &Path) -> Running {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", config, "--state-dir"])
+        .arg(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut listeners = Vec::new();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("tlsrelay exited during startup: {err}");
+        };
+        if let Some(rest) = line.trim().strip_prefix("listener ") {
+            if let Some((name, addr)) = rest.split_once(" listening on ") {
+                listeners.push((name.to_string(), addr.parse().unwrap()));
+            }
+        }
+        if line.trim().starts_with("state directory") {
+            break;
+        }
+    }
+    // Keep draining the log so the relay never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Running { child, listeners }
+}
+
+#[test]
+fn run_relays_and_keeps_its_self_signed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                let _ = s.write_all(&buf);
+            });
+        }
+    });
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            r#"
+[[listeners]]
+name = "plain"
+address = "127.0.0.1:0"
+upstream = "echo"
+tls.mode = "opportunistic"
+
+[[upstreams]]
+name = "echo"
+address = "{upstream}"
+tls.policy = "plain"
+"#
+        ),
+    );
+    let relay = run_relay(&config, &state);
+    assert_eq!(relay.listeners.len(), 1);
+    let mut client = TcpStream::connect(relay.listeners[0].1).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    client.write_all(b"through the binary").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"through the binary");
+
+    let cert_path = state.join("self-signed.crt");
+    let first =
+        std::fs::read(&cert_path).expect("self-signed certificate generated on first start");
+    drop(relay);
+    let _again = run_relay(&config, &state);
+    assert_eq!(
+        std::fs::read(&cert_path).unwrap(),
+        first,
+        "reused, not regenerated"
+    );
+    let key_mode = std::fs::metadata(state.join("self-signed.key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        key_mode.permissions().mode() & 0o777,
+        0o600,
+        "private key readable by owner only"
+    );
+}

@@ -1,0 +1,181 @@
+//! Invalid configurations, each with the exact error an operator sees:
+//! file, line, field and what is wrong. Also the checks that need files
+//! (certificates, keys, trust anchors).
+
+use tlsrelay::config::Config;
+use tlsrelay::relay::{Plan, SelfSignedSource};
+use tlsrelay_tests::{toml_path, Pki};
+
+const GOOD_TAIL: &str = r#"
+[[upstreams]]
+name = "up"
+address = "127.0.0.1:9"
+"#;
+
+fn listener(body: &str) -> String {
+    format!("[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\n{body}\n{GOOD_TAIL}")
+}
+
+fn error_of(text: &str) -> String {
+    match Config::parse(text, "relay.toml", std::env::temp_dir()) {
+        Ok(config) => match Plan::build(&config, SelfSignedSource::Ephemeral) {
+            Ok(_) => panic!("config unexpectedly valid:\n{text}"),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn invalid_configs_name_file_line_and_field() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            listener("tls.mode = \"opportunstic\""),
+            "relay.toml:5: listeners[0].tls.mode: unknown mode 'opportunstic', expected one of off, opportunistic, required, implicit",
+        ),
+        (
+            listener("protocol = \"smtp\""),
+            "relay.toml:5: listeners[0].protocol: unknown protocol 'smtp', expected one of tcp",
+        ),
+        (
+            listener("tls.min_version = \"1.1\""),
+            "relay.toml:5: listeners[0].tls.min_version: unsupported minimum version '1.1', expected \"1.2\" or \"1.3\" (TLS 1.0 and 1.1 are never allowed)",
+        ),
+        (
+            listener("colour = \"blue\""),
+            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`",
+        ),
+        (
+            "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:99999\"\nupstream = \"up\"\n".to_string() + GOOD_TAIL,
+            "relay.toml:3: listeners[0].address: invalid address '127.0.0.1:99999', expected ip:port or [ipv6]:port",
+        ),
+        (
+            "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\n".to_string() + GOOD_TAIL,
+            "relay.toml:1: listeners[0]: missing field `upstream`",
+        ),
+        (
+            "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"nowhere\"\n".to_string() + GOOD_TAIL,
+            "relay.toml:4: listeners[0].upstream: no upstream named 'nowhere' (defined: up)",
+        ),
+        (
+            listener("").replace("127.0.0.1:9", "mx.example"),
+            "relay.toml:9: upstreams[0].address: invalid address 'mx.example', expected host:port or [ipv6]:port",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.policy = \"forced\""),
+            "relay.toml:10: upstreams[0].tls.policy: unknown policy 'forced', expected one of plain, opportunistic, required",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.verify = \"chain\""),
+            "relay.toml:10: upstreams[0].tls.verify: unknown verification level 'chain', expected one of encryption-only, certificate, name",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.policy = \"plain\"\ntls.verify = \"name\""),
+            "relay.toml:9: upstreams[0].tls.verify: a verification level needs policy opportunistic or required, not plain",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.names = [\"bad name\"]"),
+            "relay.toml:10: upstreams[0].tls.names[0]: invalid certificate name pattern 'bad name', expected a host name or *.domain",
+        ),
+        (
+            listener("") + "[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:10\"\n",
+            "relay.toml:11: upstreams[1].name: duplicate upstream name 'up'",
+        ),
+        (
+            listener("tls.mode = \"off\"\ntls.client_auth = { mode = \"required\", trust_anchors = \"ca.pem\" }"),
+            "relay.toml:2: listeners[0].tls.client_auth: client certificates need TLS, but tls.mode is off",
+        ),
+        (
+            listener("tls.client_auth = { mode = \"sometimes\", trust_anchors = \"ca.pem\" }"),
+            "relay.toml:5: listeners[0].tls.client_auth.mode: unknown client certificate mode 'sometimes', expected one of optional, required",
+        ),
+        (
+            format!("[limits]\nidle_timeout = \"5 fortnights\"\n{}", listener("")),
+            "relay.toml:2: limits.idle_timeout: invalid duration '5 fortnights', expected e.g. \"500ms\", \"10s\", \"5m\", \"1h\"",
+        ),
+        (
+            format!("[limits]\nmax_connections = 0\n{}", listener("")),
+            "relay.toml:1: limits.max_connections: must be at least 1",
+        ),
+        (GOOD_TAIL.to_string(), "relay.toml:1: listeners: no listeners configured"),
+        (
+            "[[listeners]\nname = \"a\"\n".to_string(),
+            "relay.toml:1: (syntax): unclosed array table, expected `]`",
+        ),
+        (
+            listener("tls.mode = 3"),
+            "relay.toml:5: listeners[0].tls.mode: invalid type: integer `3`, expected a string",
+        ),
+    ];
+    let mismatches: Vec<String> = cases
+        .iter()
+        .filter_map(|(text, want)| {
+            let got = error_of(text);
+            (got != *want).then(|| format!("config:\n{text}\n  want: {want}\n  got:  {got}"))
+        })
+        .collect();
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n\n"));
+}
+
+#[test]
+fn file_problems_name_the_field_and_the_file() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &["relay.test"]);
+    let other = pki.leaf("other", &["other.test"]);
+    let missing = pki.dir().join("missing.pem");
+    let cases = [
+        (
+            format!(
+                "tls.certificates = [{{ chain = {}, key = {} }}]",
+                toml_path(&missing),
+                toml_path(&leaf.key)
+            ),
+            "listeners[0].tls.certificates[0]",
+            "missing.pem",
+        ),
+        (
+            format!(
+                "tls.certificates = [{{ chain = {}, key = {} }}]",
+                toml_path(&leaf.chain),
+                toml_path(&other.key)
+            ),
+            "listeners[0].tls.certificates[0]",
+            "does not match the certificate",
+        ),
+        (
+            format!(
+                "tls.certificates = [{{ chain = {}, key = {} }}]",
+                toml_path(&leaf.key),
+                toml_path(&leaf.key)
+            ),
+            "listeners[0].tls.certificates[0]",
+            "no certificate found",
+        ),
+        (
+            format!(
+                "tls.client_auth = {{ mode = \"required\", trust_anchors = {} }}",
+                toml_path(&missing)
+            ),
+            "listeners[0].tls.client_auth.trust_anchors",
+            "missing.pem",
+        ),
+    ];
+    for (body, field, detail) in cases {
+        let err = error_of(&listener(&body));
+        assert!(
+            err.starts_with(&format!("relay.toml:5: {field}: ")) && err.contains(detail),
+            "got: {err}"
+        );
+    }
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let pki = Pki::new();
+    pki.leaf("relay", &["relay.test"]);
+    let text = listener("tls.certificates = [{ chain = \"relay.crt\", key = \"relay.key\" }]");
+    let path = pki.dir().join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert!(Plan::build(&config, SelfSignedSource::Ephemeral).is_ok());
+}

@@ -1,0 +1,440 @@
+//! The data path on loopback: bulk byte-exact relaying both ways at once,
+//! half-close and reset propagation, bad clients, limits and timeouts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tlsrelay::pump::{PumpEnd, Side};
+use tlsrelay::report::{Direction, LegSecurity, Outcome};
+use tlsrelay_tests::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BULK: usize = 64 * 1024 * 1024;
+
+/// A relay from `listener_tls` to an upstream, TLS on both legs when `tls`.
+async fn relay_to(upstream: SocketAddr, tls: bool, pki: &Pki, extra: &str) -> TestRelay {
+    let (mode, route) = if tls {
+        (
+            "implicit",
+            format!(
+                "tls.policy = \"required\"\ntls.server_name = \"upstream.test\"\ntls.trust_anchors = {}",
+                toml_path(&pki.ca_pem)
+            ),
+        )
+    } else {
+        ("off", "tls.policy = \"plain\"".to_string())
+    };
+    let toml = format!(
+        r#"
+{extra}
+[[listeners]]
+name = "in"
+address = "127.0.0.1:0"
+upstream = "up"
+tls.mode = "{mode}"
+
+[[upstreams]]
+name = "up"
+address = "{upstream}"
+{route}
+"#
+    );
+    TestRelay::start(&toml, pki.dir()).await
+}
+
+/// Sends `data` and reads the echo at the same time; returns what came back.
+async fn echo_both_ways_at_once<S>(stream: S, data: Vec<u8>) -> Vec<u8>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let sender = tokio::spawn(async move {
+        for chunk in data.chunks(256 * 1024) {
+            writer.write_all(chunk).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        writer.shutdown().await.unwrap(); // half-close: the echo ends after draining
+    });
+    let mut back = Vec::with_capacity(BULK);
+    tokio::time::timeout(Duration::from_secs(120), reader.read_to_end(&mut back))
+        .await
+        .expect("bulk echo within two minutes")
+        .unwrap();
+    sender.await.unwrap();
+    back
+}
+
+async fn bulk_case(tls: bool) {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let upstream = if tls {
+        tls_echo(ServerOptions {
+            leaf: &leaf,
+            versions: Versions::Both,
+            client_ca: None,
+        })
+        .await
+    } else {
+        plain_echo().await
+    };
+    let mut relay = relay_to(upstream, tls, &pki, "").await;
+    let data = random_bytes(BULK, 7);
+    let back = if tls {
+        let stream = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
+            .await
+            .unwrap();
+        echo_both_ways_at_once(stream, data.clone()).await
+    } else {
+        let stream = TcpStream::connect(relay.addr("in")).await.unwrap();
+        echo_both_ways_at_once(stream, data.clone()).await
+    };
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "echoed bytes differ from those sent");
+    let report = relay.next_report().await;
+    assert_eq!(report.bytes_client_to_upstream, BULK as u64, "{report}");
+    assert_eq!(report.bytes_upstream_to_client, BULK as u64, "{report}");
+    assert_eq!(
+        report.outcome,
+        Outcome::Relayed {
+            end: PumpEnd::Closed
+        },
+        "{report}"
+    );
+    assert_eq!(report.inbound.as_ref().unwrap().is_tls(), tls);
+    assert_eq!(report.outbound.as_ref().unwrap().is_tls(), tls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_64mib_each_way_tls_to_tls() {
+    bulk_case(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_64mib_each_way_plaintext() {
+    bulk_case(false).await;
+}
+
+/// An upstream that reads until the client's half-close, then answers with
+/// the byte count and closes: it only answers if the FIN got through, and
+/// the client only hears it if the relay kept the other direction open.
+async fn answer_after_eof<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.unwrap();
+    let reply = format!("got {} bytes", got.len());
+    stream.write_all(reply.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_propagates_through_tls_legs() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        answer_after_eof(acceptor.accept(tcp).await.unwrap()).await;
+    });
+    let mut relay = relay_to(upstream, true, &pki, "").await;
+    let mut client = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
+        .await
+        .unwrap();
+    let back = exchange(&mut client, b"twelve bytes").await.unwrap();
+    assert_eq!(back, b"got 12 bytes");
+    let report = relay.next_report().await;
+    assert_eq!(
+        report.outcome,
+        Outcome::Relayed {
+            end: PumpEnd::Closed
+        },
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_resets_the_client() {
+    let pki = Pki::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        tcp.read_exact(&mut buf).await.unwrap();
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(tcp); // RST
+    });
+    let mut relay = relay_to(upstream, false, &pki, "").await;
+    let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
+    client.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(PATIENCE, client.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client must see a reset, not a clean end"
+    );
+    let report = relay.next_report().await;
+    assert!(
+        matches!(
+            report.outcome,
+            Outcome::Relayed {
+                end: PumpEnd::Reset {
+                    side: Side::Upstream,
+                    ..
+                }
+            }
+        ),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_resets_the_upstream() {
+    let pki = Pki::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64];
+        let mut first = [0u8; 5];
+        tcp.read_exact(&mut first).await.unwrap();
+        let _ = tx.send(tcp.read(&mut buf).await.map_err(|e| e.kind()));
+    });
+    let mut relay = relay_to(upstream, false, &pki, "").await;
+    let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
+    client.write_all(b"hello").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let seen = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    assert_eq!(seen, Err(std::io::ErrorKind::ConnectionReset));
+    let report = relay.next_report().await;
+    assert!(
+        matches!(
+            report.outcome,
+            Outcome::Relayed {
+                end: PumpEnd::Reset {
+                    side: Side::Client,
+                    ..
+                }
+            }
+        ),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_implicit_listener_is_refused_and_other_sessions_go_on() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let upstream = tls_echo(ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    })
+    .await;
+    let mut relay = relay_to(upstream, true, &pki, "").await;
+    // A good session, open across the garbage.
+    let mut good = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
+        .await
+        .unwrap();
+    good.write_all(b"before ").await.unwrap();
+    let garbage_variants: [Vec<u8>; 4] = [
+        random_bytes(4096, 1),
+        b"EHLO attacker.example\r\n".to_vec(),
+        // A handshake record header announcing more than it carries.
+        vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00],
+        // A well-formed record of an unknown content type.
+        vec![0x42, 0x03, 0x03, 0x00, 0x02, 0x00, 0x00],
+    ];
+    for garbage in &garbage_variants {
+        let mut bad = TcpStream::connect(relay.addr("in")).await.unwrap();
+        let _ = bad.write_all(garbage).await;
+        let _ = bad.shutdown().await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, bad.read_to_end(&mut back))
+            .await
+            .expect("relay closes a garbage connection");
+        assert!(
+            back.is_empty() || back[0] == 0x15,
+            "only a TLS alert, got {back:?}"
+        );
+        let report = relay.next_report().await;
+        assert!(
+            matches!(
+                report.outcome,
+                Outcome::Refused {
+                    leg: Direction::Inbound,
+                    ..
+                }
+            ),
+            "{report}"
+        );
+    }
+    let back = exchange(&mut good, b"and after").await.unwrap();
+    assert_eq!(back, b"before and after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_client_on_required_listener_is_refused() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let toml = format!(
+        r#"
+[[listeners]]
+name = "in"
+address = "127.0.0.1:0"
+upstream = "up"
+tls.mode = "required"
+
+[[upstreams]]
+name = "up"
+address = "{upstream}"
+tls.policy = "plain"
+"#
+    );
+    let mut relay = TestRelay::start(&toml, pki.dir()).await;
+    let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
+    let back = exchange(&mut client, b"MAIL FROM:<a@b.example>\r\n").await;
+    assert!(back.map_or(true, |b| b.is_empty()));
+    let report = relay.next_report().await;
+    match &report.outcome {
+        Outcome::Refused {
+            leg: Direction::Inbound,
+            reason,
+            failure: None,
+        } => {
+            assert!(reason.contains("requires TLS"), "{report}")
+        }
+        other => panic!("expected an inbound refusal, got {other:?}"),
+    }
+    assert!(
+        report.upstream_addr.is_none(),
+        "no upstream connection for a refused client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_closes_extra_clients() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let relay = relay_to(upstream, false, &pki, "[limits]\nmax_connections = 2").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(relay.addr("in")).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap(); // session established end to end
+        held.push(c);
+    }
+    let mut extra = TcpStream::connect(relay.addr("in")).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(PATIENCE, extra.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "the third client is closed");
+    drop(held);
+    // Capacity returns once sessions end.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = TcpStream::connect(relay.addr("in")).await.unwrap();
+    assert_eq!(
+        exchange(&mut again, b"room again").await.unwrap(),
+        b"room again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_time_out() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let mut relay = relay_to(upstream, false, &pki, "[limits]\nidle_timeout = \"300ms\"").await;
+    let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the relay closes an idle session");
+    let report = relay.next_report().await;
+    assert_eq!(
+        report.outcome,
+        Outcome::Relayed {
+            end: PumpEnd::IdleTimeout
+        },
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_fails_the_session_cleanly() {
+    let pki = Pki::new();
+    // A port nobody listens on: bind, note it, close.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut relay = relay_to(dead, false, &pki, "").await;
+    let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
+    let back = exchange(&mut client, b"anyone?").await;
+    assert!(back.map_or(true, |b| b.is_empty()));
+    let report = relay.next_report().await;
+    match &report.outcome {
+        Outcome::Failed { reason } => assert!(reason.contains("unreachable"), "{report}"),
+        other => panic!("expected a failed session, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_relays() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "IPv6 loopback missing in CI"
+        );
+        eprintln!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let toml = format!(
+        r#"
+[[listeners]]
+name = "v6"
+address = "[::1]:0"
+upstream = "up"
+tls.mode = "opportunistic"
+
+[[upstreams]]
+name = "up"
+address = "{upstream}"
+tls.policy = "plain"
+"#
+    );
+    let mut relay = TestRelay::start(&toml, pki.dir()).await;
+    let addr = relay.addr("v6");
+    assert!(addr.is_ipv6());
+    let mut tls = tls_connect(addr, "relay.test", &ClientOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut tls, b"over v6").await.unwrap(), b"over v6");
+    let report = relay.next_report().await;
+    assert!(report.client.is_ipv6());
+    assert!(
+        matches!(report.inbound, Some(LegSecurity::Tls { .. })),
+        "{report}"
+    );
+}
