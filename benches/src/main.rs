@@ -1,1 +1,205 @@
-fn main() {}
+//! `tlsrelay-load`: the peers tlsrelay is demonstrated and measured with.
+//!
+//! - `echo`: a plaintext echo server (the demo's upstream);
+//! - `send`: one client session, plaintext or TLS, that sends bytes, reads
+//!   the echo and says what happened.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(name = "tlsrelay-load", about = "Load generator and sink for tlsrelay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Echo every byte back until the client closes.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:4432")]
+        listen: SocketAddr,
+    },
+    /// Send bytes through one session and check the echo.
+    Send {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Start TLS (any certificate is accepted: this checks the relay's
+        /// policy, not its identity).
+        #[arg(long)]
+        tls: bool,
+        #[arg(long, default_value = "localhost")]
+        sni: String,
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Echo { listen } => echo_server(listen).await,
+        Command::Send {
+            to,
+            tls,
+            sni,
+            bytes,
+        } => {
+            let outcome = send(to, tls, &sni, bytes).await;
+            match &outcome {
+                Ok(line) => println!("{line}"),
+                Err(e) => println!("{e:#}"),
+            }
+            // A refusal is an outcome, not a failure of this tool; the exit
+            // status says whether the echo came back intact.
+            std::process::exit(if outcome.is_ok() { 0 } else { 3 });
+        }
+    }
+}
+
+async fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("echo server cannot listen on {listen}"))?;
+    println!("echo server listening on {listen}");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+async fn send(to: SocketAddr, tls: bool, sni: &str, bytes: usize) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let tcp = TcpStream::connect(to)
+        .await
+        .with_context(|| format!("cannot connect to {to}"))?;
+    tcp.set_nodelay(true)?;
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    if !tls {
+        let back = roundtrip(tcp, &data).await?;
+        return report(&data, &back, "plaintext", started);
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(danger::AnyCertificate))
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .context("TLS handshake with the relay failed")?;
+    let conn = stream.get_ref().1;
+    let how = format!(
+        "{:?} {}",
+        conn.protocol_version().context("no version")?,
+        conn.negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("?")
+    );
+    let back = roundtrip(stream, &data).await?;
+    report(&data, &back, &how, started)
+}
+
+async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    data: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let write = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let read = r.read_to_end(&mut back);
+    let (written, read) =
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(write, read) })
+            .await
+            .context("no answer within 30 s")?;
+    if let Err(e) = written.and(read) {
+        if back.is_empty() {
+            bail!("closed by the relay without a reply ({e})");
+        }
+    }
+    Ok(back)
+}
+
+fn report(sent: &[u8], back: &[u8], how: &str, started: Instant) -> anyhow::Result<String> {
+    if back.is_empty() {
+        bail!("closed by the relay without a reply");
+    }
+    if back != sent {
+        bail!(
+            "echo differs: sent {} bytes, got {} back",
+            sent.len(),
+            back.len()
+        );
+    }
+    Ok(format!(
+        "{} bytes echoed intact over {how} in {:.1} ms",
+        back.len(),
+        started.elapsed().as_secs_f64() * 1000.0
+    ))
+}
+
+mod danger {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    /// The demo's relay serves a self-signed certificate: accept it.
+    #[derive(Debug)]
+    pub struct AnyCertificate;
+
+    fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    }
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &algorithms())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &algorithms())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            algorithms().supported_schemes()
+        }
+    }
+}

@@ -162,7 +162,7 @@ impl fmt::Display for SessionReport {
             Outcome::Failed { reason } => write!(f, " outcome=failed ({reason})")?,
         }
         if let Some(path) = self.data_path {
-            write!(f, " path={path:?}")?;
+            write!(f, " path={path}")?;
         }
         write!(
             f,

@@ -1,1 +1,221 @@
-fn main() {}
+//! `cargo xtask …`: the project's workflows as one command each.
+//!
+//! - `demo`: build, start the relay on its embedded default with a local
+//!   echo upstream, push traffic through each policy, leave it running;
+//! - `ci`: everything CI runs, in CI's order.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the relay on its embedded default with a local upstream and show
+    /// each policy at work; then leave it running until Ctrl-C.
+    Demo {
+        /// Exit after the scripted clients instead of waiting for Ctrl-C
+        /// (status 0 only if every policy behaved as expected).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Everything CI runs: formatting, lints, the whole test suite, the demo.
+    Ci,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Demo { once } => demo(once),
+        Task::Ci => ci(),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    println!("\n=== {step}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start: {step}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ci() -> anyhow::Result<()> {
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run("cargo test", cargo().args(["test", "--workspace"]))?;
+    run(
+        "demo (scripted clients, then exit)",
+        cargo().args(["xtask", "demo", "--once"]),
+    )?;
+    println!("\nci: all steps passed");
+    Ok(())
+}
+
+/// A child process killed when the demo ends, however it ends.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited ({status}) before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{what} did not listen on {addr} within 30 s")
+}
+
+/// The embedded default's addresses (relay/src/default.toml).
+const OPPORTUNISTIC: &str = "127.0.0.1:4430";
+const REQUIRED: &str = "127.0.0.1:4431";
+const UPSTREAM: &str = "127.0.0.1:4432";
+
+fn demo(once: bool) -> anyhow::Result<()> {
+    run(
+        "build the relay and the demo peers",
+        cargo().args(["build", "-p", "tlsrelay", "-p", "tlsrelay-bench"]),
+    )?;
+    let bin = root().join("target/debug");
+    let state = root().join("target/demo-state");
+
+    println!("\n=== start a local echo upstream on {UPSTREAM}");
+    let mut echo = Guard(
+        Command::new(bin.join("tlsrelay-load"))
+            .args(["echo", "--listen", UPSTREAM])
+            .spawn()
+            .context("starting the echo upstream")?,
+    );
+    wait_for_port(UPSTREAM.parse()?, &mut echo.0, "echo upstream")?;
+
+    println!("\n=== start tlsrelay on its embedded default (no config file)");
+    let mut relay = Guard(
+        Command::new(bin.join("tlsrelay"))
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&state)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting tlsrelay")?,
+    );
+    wait_for_port(OPPORTUNISTIC.parse()?, &mut relay.0, "tlsrelay")?;
+    wait_for_port(REQUIRED.parse()?, &mut relay.0, "tlsrelay")?;
+    // The readiness probes above were sessions too; let their reports print
+    // before the scripted clients start.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let cases = [
+        (
+            "TLS client -> opportunistic listener: relayed encrypted",
+            OPPORTUNISTIC,
+            true,
+            true,
+        ),
+        (
+            "plaintext client -> opportunistic listener: relayed in plaintext, downgrade recorded",
+            OPPORTUNISTIC,
+            false,
+            true,
+        ),
+        (
+            "TLS client -> required listener: relayed encrypted",
+            REQUIRED,
+            true,
+            true,
+        ),
+        (
+            "plaintext client -> required listener: refused",
+            REQUIRED,
+            false,
+            false,
+        ),
+    ];
+    let mut surprises = 0;
+    for (title, addr, tls, should_relay) in cases {
+        println!("\n=== {title}");
+        let mut send = Command::new(bin.join("tlsrelay-load"));
+        send.args(["send", "--to", addr, "--bytes", "65536"]);
+        if tls {
+            send.arg("--tls");
+        }
+        let status = send.status().context("running the demo client")?;
+        // Give the relay a moment to print the session report.
+        std::thread::sleep(Duration::from_millis(300));
+        if status.success() != should_relay {
+            surprises += 1;
+            println!(
+                "!!! unexpected: the client {} an echo",
+                if status.success() {
+                    "got"
+                } else {
+                    "did not get"
+                }
+            );
+        }
+    }
+    if surprises > 0 {
+        bail!("{surprises} demo case(s) did not behave as the policy says");
+    }
+    if once {
+        println!("\ndemo: every policy behaved as configured");
+        return Ok(());
+    }
+    println!(
+        "\n=== tlsrelay is still running; try your own client, e.g.\n\
+         \x20   openssl s_client -connect {OPPORTUNISTIC} -quiet     (TLS, echoed)\n\
+         \x20   nc 127.0.0.1 4430                                   (plaintext, echoed, downgrade logged)\n\
+         \x20   nc 127.0.0.1 4431                                   (plaintext, refused)\n\
+         Its self-signed certificate is in {}.\nPress Ctrl-C to stop.",
+        state.display()
+    );
+    let status = relay.0.wait()?;
+    println!("tlsrelay exited ({status})");
+    Ok(())
+}
