@@ -90,6 +90,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub dataplane: Dataplane,
+    #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
@@ -119,6 +121,20 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
         }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dataplane {
+    /// Hand TLS legs to kernel TLS when the kernel supports them (the
+    /// benchmark turns it off to compare with userspace rustls).
+    pub ktls: bool,
+}
+
+impl Default for Dataplane {
+    fn default() -> Self {
+        Dataplane { ktls: true }
     }
 }
 

@@ -10,6 +10,7 @@ mod keywords;
 
 pub mod cli;
 pub mod config;
+pub mod ktls;
 pub mod policy;
 pub mod pump;
 pub mod relay;

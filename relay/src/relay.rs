@@ -71,6 +71,7 @@ impl Plan {
                 tls,
                 route,
                 timeouts,
+                ktls: config.dataplane.ktls,
             };
             listeners.push((l.address, Arc::new(plan)));
         }

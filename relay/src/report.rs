@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use crate::policy::{PeerTrust, TlsFailure};
-use crate::pump::{DataPath, PumpEnd};
+use crate::pump::{DataPath, PumpEnd, Side};
 use crate::tls::Negotiated;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -94,6 +94,10 @@ pub struct SessionReport {
     pub downgrades: Vec<Downgrade>,
     pub outcome: Outcome,
     pub data_path: Option<DataPath>,
+    /// Legs whose TLS the kernel handled.
+    pub ktls: Vec<Side>,
+    /// Why TLS legs stayed in userspace rustls, when they did.
+    pub userspace_reason: Option<String>,
     pub bytes_client_to_upstream: u64,
     pub bytes_upstream_to_client: u64,
     /// From accept until both legs were ready to relay.
@@ -116,6 +120,8 @@ impl SessionReport {
                 reason: "session did not finish".into(),
             },
             data_path: None,
+            ktls: Vec::new(),
+            userspace_reason: None,
             bytes_client_to_upstream: 0,
             bytes_upstream_to_client: 0,
             setup_ms: 0.0,
@@ -153,6 +159,7 @@ impl fmt::Display for SessionReport {
                     PumpEnd::Closed => "closed".to_string(),
                     PumpEnd::IdleTimeout => "idle timeout".to_string(),
                     PumpEnd::Reset { side, detail } => format!("reset by {side:?}: {detail}"),
+                    PumpEnd::SetupFailed { detail } => format!("data plane setup failed: {detail}"),
                 };
                 write!(f, " outcome=relayed ({end})")?;
             }
@@ -163,6 +170,14 @@ impl fmt::Display for SessionReport {
         }
         if let Some(path) = self.data_path {
             write!(f, " path={path}")?;
+            match self.ktls.as_slice() {
+                [] => {}
+                [one] => write!(f, " ktls={one:?}")?,
+                _ => write!(f, " ktls=both")?,
+            }
+            if let Some(reason) = &self.userspace_reason {
+                write!(f, " (userspace: {reason})")?;
+            }
         }
         write!(
             f,

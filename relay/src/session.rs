@@ -15,11 +15,11 @@ use crate::policy::{
     inbound_start, on_outbound_failure, InboundMode, InboundStart, OnTlsFailure, OutboundPolicy,
     TlsFailure,
 };
-use crate::pump::{self, Leg};
+use crate::pump::{self, Leg, PumpOptions};
 use crate::report::{
     inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport,
 };
-use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, UpstreamTls};
+use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, RecordIo, UpstreamTls};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -36,6 +36,8 @@ pub struct ListenerPlan {
     pub tls: Option<ListenerTls>,
     pub route: Arc<RoutePlan>,
     pub timeouts: Timeouts,
+    /// Offer TLS legs to kernel TLS when the kernel supports them.
+    pub ktls: bool,
 }
 
 /// An upstream route: where to connect and how to secure it.
@@ -89,8 +91,14 @@ pub async fn run(
         }
     };
     report.setup_ms = ms(started.elapsed());
-    let pumped = pump::relay(client_leg, upstream_leg, plan.timeouts.idle).await;
+    let options = PumpOptions {
+        idle_timeout: plan.timeouts.idle,
+        ktls: plan.ktls,
+    };
+    let pumped = pump::relay(client_leg, upstream_leg, options).await;
     report.data_path = Some(pumped.path);
+    report.ktls = pumped.ktls;
+    report.userspace_reason = pumped.userspace_reason;
     report.bytes_client_to_upstream = pumped.client_to_upstream;
     report.bytes_upstream_to_client = pumped.upstream_to_client;
     report.outcome = Outcome::Relayed { end: pumped.end };
@@ -154,7 +162,11 @@ async fn accept_inbound(
         }
         InboundStart::Tls => {
             let tls = plan.tls.as_ref().expect("TLS modes have a server config");
-            let accepted = timeout(plan.timeouts.handshake, tls.acceptor().accept(client)).await;
+            let accepted = timeout(
+                plan.timeouts.handshake,
+                tls.acceptor().accept(RecordIo::new(client)),
+            )
+            .await;
             let stream = match accepted {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -220,7 +232,8 @@ async fn connect_outbound(
     let addr = tcp.peer_addr().ok()?;
     let handshake = timeout(
         timeouts.handshake,
-        tls.connector().connect(tls.server_name(), tcp),
+        tls.connector()
+            .connect(tls.server_name(), RecordIo::new(tcp)),
     )
     .await;
     let failure = match handshake {

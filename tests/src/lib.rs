@@ -160,8 +160,25 @@ pub struct ServerOptions<'a> {
     pub client_ca: Option<&'a Pki>,
 }
 
+/// A provider offering only `suite` (all suites when `None`).
+fn provider_with(suite: Option<rustls::CipherSuite>) -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(suite) = suite {
+        p.cipher_suites.retain(|s| s.suite() == suite);
+    }
+    Arc::new(p)
+}
+
 pub fn server_config(opts: &ServerOptions<'_>) -> Arc<rustls::ServerConfig> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    server_config_with_suite(opts, None)
+}
+
+/// A server config that negotiates only `suite` (any when `None`).
+pub fn server_config_with_suite(
+    opts: &ServerOptions<'_>,
+    suite: Option<rustls::CipherSuite>,
+) -> Arc<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider_with(suite))
         .with_protocol_versions(opts.versions.list())
         .unwrap();
     let builder = match opts.client_ca {
@@ -188,6 +205,8 @@ pub struct ClientOptions<'a> {
     pub trust: Option<&'a Pki>,
     pub versions: Versions,
     pub client_cert: Option<&'a Leaf>,
+    /// Offer only this cipher suite.
+    pub suite: Option<rustls::CipherSuite>,
 }
 
 impl Default for ClientOptions<'_> {
@@ -196,12 +215,13 @@ impl Default for ClientOptions<'_> {
             trust: None,
             versions: Versions::Both,
             client_cert: None,
+            suite: None,
         }
     }
 }
 
 pub fn client_config(opts: &ClientOptions<'_>) -> Arc<rustls::ClientConfig> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider_with(opts.suite))
         .with_protocol_versions(opts.versions.list())
         .unwrap();
     let builder = match opts.trust {
@@ -341,7 +361,15 @@ pub async fn plain_echo() -> SocketAddr {
 
 /// A TLS echo server.
 pub async fn tls_echo(opts: ServerOptions<'_>) -> SocketAddr {
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&opts));
+    tls_echo_with_suite(opts, None).await
+}
+
+/// A TLS echo server that negotiates only `suite`.
+pub async fn tls_echo_with_suite(
+    opts: ServerOptions<'_>,
+    suite: Option<rustls::CipherSuite>,
+) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config_with_suite(&opts, suite));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -412,4 +440,23 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// Formats a path for a TOML string.
 pub fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
+}
+
+/// Whether this run must exercise kernel TLS (set by the VM's init); when
+/// set, a kernel without kTLS is a failure, not a reason to take the
+/// fallback.
+pub fn ktls_expected() -> bool {
+    std::env::var("TLSRELAY_EXPECT_KTLS").as_deref() == Ok("1")
+}
+
+/// `/proc/net/tls_stat` as name -> value (empty without the tls module).
+pub fn tls_stat() -> HashMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
 }

@@ -50,10 +50,12 @@ impl UpstreamTls {
             .map_err(|e| TlsError::Rustls(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(check.clone());
-        let config = match settings.client_certificate {
+        let mut config = match settings.client_certificate {
             Some(ck) => builder.with_client_cert_resolver(Arc::new(PresentCertificate(ck))),
             None => builder.with_no_client_auth(),
         };
+        // Lets the data plane hand the session keys to kernel TLS.
+        config.enable_secret_extraction = true;
         Ok(UpstreamTls {
             config: Arc::new(config),
             check,

@@ -4,6 +4,7 @@
 
 mod certs;
 mod client;
+mod record_io;
 mod server;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 pub use certs::{cert_names, load_certified_key, load_chain, load_roots, system_roots, SelfSigned};
 pub use client::{UpstreamTls, UpstreamTlsSettings};
+pub use record_io::RecordIo;
 pub use server::{ClientAuthSettings, ListenerTls, ListenerTlsSettings};
 
 use crate::policy::{MinVersion, TlsFailure};

@@ -68,6 +68,8 @@ impl ListenerTls {
         let resolver = SniResolver::new(settings.certificates, settings.default_certificate);
         let mut config = builder.with_cert_resolver(Arc::new(resolver));
         config.ignore_client_order = true;
+        // Lets the data plane hand the session keys to kernel TLS.
+        config.enable_secret_extraction = true;
         Ok(ListenerTls {
             config: Arc::new(config),
             client_names_checked,

@@ -1,0 +1,302 @@
+//! The data plane: moves bytes between a session's two legs until both sides
+//! have closed, propagating half-close (FIN / close_notify) and resets.
+//!
+//! [`relay`] is the one entry point sessions use. It hands every TLS leg to
+//! kernel TLS when the kernel supports the negotiated version and cipher,
+//! and then splices socket -> pipe -> socket without the bytes entering
+//! userspace ([`splice`]); otherwise rustls encrypts and decrypts in this
+//! process ([`userspace`]). The choice and its reason go into the report.
+
+mod offload;
+mod splice;
+mod userspace;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::tls::RecordIo;
+
+/// One side of a session after its handshake (if any).
+pub enum Leg {
+    Plain(TcpStream),
+    /// The relay is the TLS server (client-facing leg).
+    TlsServer(Box<tokio_rustls::server::TlsStream<RecordIo>>),
+    /// The relay is the TLS client (upstream-facing leg).
+    TlsClient(Box<tokio_rustls::client::TlsStream<RecordIo>>),
+}
+
+impl Leg {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Leg::Plain(s) => s,
+            Leg::TlsServer(s) => s.get_ref().0.tcp(),
+            Leg::TlsClient(s) => s.get_ref().0.tcp(),
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        !matches!(self, Leg::Plain(_))
+    }
+
+    /// Keeps the leg in userspace: reads stop respecting record boundaries.
+    fn stay_in_userspace(&mut self) {
+        match self {
+            Leg::Plain(_) => {}
+            Leg::TlsServer(s) => s.get_mut().0.pass_through(),
+            Leg::TlsClient(s) => s.get_mut().0.pass_through(),
+        }
+    }
+}
+
+/// Aborts a TCP connection with a RST instead of a FIN when it is closed.
+fn reset_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Leg::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Leg::TlsServer($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Leg::TlsClient($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Leg {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Leg {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Leg::Plain(s) => s.is_write_vectored(),
+            Leg::TlsServer(s) => s.is_write_vectored(),
+            Leg::TlsClient(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// How the bytes went through the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    /// rustls in this process encrypts and decrypts; tokio moves the bytes.
+    Userspace,
+    /// socket -> pipe -> socket with splice(2); TLS legs are kernel TLS.
+    Splice,
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataPath::Userspace => "userspace",
+            DataPath::Splice => "splice",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+/// How the relaying ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "end", rename_all = "kebab-case")]
+pub enum PumpEnd {
+    /// Both sides closed (FIN or close_notify) and everything was delivered.
+    Closed,
+    /// One side reset (or failed); the other was reset in turn.
+    Reset { side: Side, detail: String },
+    /// No byte moved either way for the idle timeout.
+    IdleTimeout,
+    /// The legs could not be handed to the data plane (kTLS setup failed
+    /// after the keys left rustls); both were reset.
+    SetupFailed { detail: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PumpReport {
+    pub path: DataPath,
+    /// Legs whose TLS the kernel handled.
+    pub ktls: Vec<Side>,
+    /// Why TLS legs stayed in userspace, when they did.
+    pub userspace_reason: Option<String>,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    pub end: PumpEnd,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PumpOptions {
+    pub idle_timeout: Duration,
+    /// Offer TLS legs to kernel TLS (when the kernel supports them).
+    pub ktls: bool,
+}
+
+/// Relays between `client` and `upstream` until both directions have ended.
+pub async fn relay(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport {
+    match offload::prepare(client, upstream, opts.ktls).await {
+        offload::Prepared::Splice { client, upstream } => {
+            let ktls = [(Side::Client, &client), (Side::Upstream, &upstream)]
+                .into_iter()
+                .filter(|(_, l)| l.ktls)
+                .map(|(s, _)| s)
+                .collect();
+            let (counts, end) = splice::relay(client, upstream, opts.idle_timeout).await;
+            PumpReport {
+                path: DataPath::Splice,
+                ktls,
+                userspace_reason: None,
+                client_to_upstream: counts[0],
+                upstream_to_client: counts[1],
+                end,
+            }
+        }
+        offload::Prepared::Userspace {
+            mut client,
+            mut upstream,
+            reason,
+        } => {
+            client.stay_in_userspace();
+            upstream.stay_in_userspace();
+            let (counts, end) = userspace::relay(client, upstream, opts.idle_timeout).await;
+            PumpReport {
+                path: DataPath::Userspace,
+                ktls: Vec::new(),
+                userspace_reason: reason,
+                client_to_upstream: counts[0],
+                upstream_to_client: counts[1],
+                end,
+            }
+        }
+        offload::Prepared::Failed { detail } => PumpReport {
+            path: DataPath::Splice,
+            ktls: Vec::new(),
+            userspace_reason: None,
+            client_to_upstream: 0,
+            upstream_to_client: 0,
+            end: PumpEnd::SetupFailed { detail },
+        },
+    }
+}
+
+/// Byte counters for the two directions: `[client->upstream, upstream->client]`.
+type Counts = [AtomicU64; 2];
+
+/// Runs both directions of a session to their end, or until one fails or the
+/// session is idle too long. A direction's error names the side whose
+/// socket failed.
+async fn drive<U, D>(up: U, down: D, activity: &Activity, idle: Duration) -> PumpEnd
+where
+    U: Future<Output = Result<(), (Side, io::Error)>>,
+    D: Future<Output = Result<(), (Side, io::Error)>>,
+{
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let result = tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; r }
+            r = &mut down, if !down_done => { down_done = true; r }
+            () = activity.idle_for(idle) => return PumpEnd::IdleTimeout,
+        };
+        if let Err((side, err)) = result {
+            return PumpEnd::Reset {
+                side,
+                detail: err.to_string(),
+            };
+        }
+        if up_done && down_done {
+            return PumpEnd::Closed;
+        }
+    }
+}
+
+fn load(counts: &Counts) -> [u64; 2] {
+    [
+        counts[0].load(Ordering::Relaxed),
+        counts[1].load(Ordering::Relaxed),
+    ]
+}
+
+/// When bytes last moved, shared by both directions of a session.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}

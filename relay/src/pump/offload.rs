@@ -1,0 +1,176 @@
+//! Deciding, per session, whether both legs can go to the splice data plane,
+//! and handing TLS legs' keys to the kernel when they can.
+
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Leg;
+use crate::ktls::{self, KtlsCipher, KtlsVersion};
+use crate::tls::RecordIo;
+
+/// A leg ready for the splice pump.
+pub(super) struct SpliceLeg {
+    pub tcp: TcpStream,
+    /// The kernel handles this leg's TLS.
+    pub ktls: bool,
+    /// Plaintext rustls had already decrypted: delivered before splicing.
+    pub leftover: Vec<u8>,
+    /// The peer had already sent close_notify.
+    pub peer_closed: bool,
+}
+
+pub(super) enum Prepared {
+    Splice {
+        client: SpliceLeg,
+        upstream: SpliceLeg,
+    },
+    /// TLS legs the kernel can't take stay in rustls; `reason` says why.
+    Userspace {
+        client: Leg,
+        upstream: Leg,
+        reason: Option<String>,
+    },
+    /// Keys left rustls but the kernel refused them: the session is lost.
+    Failed { detail: String },
+}
+
+/// The kTLS view of what a TLS leg negotiated.
+fn negotiated(leg: &Leg) -> Option<(Option<KtlsVersion>, Option<KtlsCipher>)> {
+    let common: &rustls::CommonState = match leg {
+        Leg::Plain(_) => return None,
+        Leg::TlsServer(s) => s.get_ref().1,
+        Leg::TlsClient(s) => s.get_ref().1,
+    };
+    Some((
+        common.protocol_version().and_then(KtlsVersion::of),
+        common
+            .negotiated_cipher_suite()
+            .and_then(|s| KtlsCipher::of(s.suite())),
+    ))
+}
+
+/// Why a TLS leg can't go to the kernel, if it can't.
+fn kernel_refuses(leg: &Leg) -> Option<String> {
+    let (version, cipher) = negotiated(leg)?;
+    let support = ktls::probe();
+    if let Some(why) = &support.unavailable {
+        return Some(why.clone());
+    }
+    match (version, cipher) {
+        (Some(v), Some(c)) if support.supports(v, c) => None,
+        (Some(v), Some(c)) => Some(format!("kernel TLS does not support {v:?} with {c:?}")),
+        _ => Some("negotiated suite has no kernel TLS equivalent".into()),
+    }
+}
+
+pub(super) async fn prepare(client: Leg, upstream: Leg, ktls_enabled: bool) -> Prepared {
+    if client.is_tls() || upstream.is_tls() {
+        let refusal = if !ktls_enabled {
+            Some("kernel TLS disabled by configuration (dataplane.ktls = false)".to_string())
+        } else {
+            kernel_refuses(&client).or_else(|| kernel_refuses(&upstream))
+        };
+        if refusal.is_some() {
+            return Prepared::Userspace {
+                client,
+                upstream,
+                reason: refusal,
+            };
+        }
+    }
+    let client = match to_splice_leg(client).await {
+        Ok(leg) => leg,
+        Err(detail) => {
+            super::reset_on_close(upstream.tcp());
+            return Prepared::Failed { detail };
+        }
+    };
+    match to_splice_leg(upstream).await {
+        Ok(upstream) => Prepared::Splice { client, upstream },
+        Err(detail) => {
+            super::reset_on_close(&client.tcp);
+            Prepared::Failed { detail }
+        }
+    }
+}
+
+async fn to_splice_leg(leg: Leg) -> Result<SpliceLeg, String> {
+    match leg {
+        Leg::Plain(tcp) => Ok(SpliceLeg {
+            tcp,
+            ktls: false,
+            leftover: Vec::new(),
+            peer_closed: false,
+        }),
+        Leg::TlsServer(s) => {
+            let (io, conn) = s.into_inner();
+            hand_to_kernel(io, conn.into()).await
+        }
+        Leg::TlsClient(s) => {
+            let (io, conn) = s.into_inner();
+            hand_to_kernel(io, conn.into()).await
+        }
+    }
+}
+
+/// Completes whatever rustls has half-seen or still has to send, keeps the
+/// plaintext it already decrypted, then installs its keys in the kernel.
+async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<SpliceLeg, String> {
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| format!("handing TLS to the kernel: {what}: {e}");
+    let (mut tcp, partial) = io.into_parts().await.map_err(|e| fail("reading", &e))?;
+    if let Some(rest) = partial {
+        let mut rest = &rest[..];
+        while !rest.is_empty() {
+            conn.read_tls(&mut rest)
+                .map_err(|e| fail("buffering", &e))?;
+            conn.process_new_packets()
+                .map_err(|e| fail("processing", &e))?;
+        }
+    }
+    // TLS 1.3 session tickets, or the last handshake flight: out before the
+    // kernel takes over the record sequence.
+    let mut pending = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut pending)
+            .map_err(|e| fail("flushing", &e))?;
+    }
+    tcp.write_all(&pending)
+        .await
+        .map_err(|e| fail("flushing", &e))?;
+    let mut leftover = Vec::new();
+    let mut peer_closed = false;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut chunk) {
+            Ok(0) => {
+                peer_closed = true;
+                break;
+            }
+            Ok(n) => leftover.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                peer_closed = true;
+                break;
+            }
+            Err(e) => return Err(fail("draining", &e)),
+        }
+    }
+    let version = conn
+        .protocol_version()
+        .and_then(KtlsVersion::of)
+        .ok_or_else(|| fail("version", &"not TLS 1.2 or 1.3"))?;
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| fail("extracting keys", &e))?;
+    ktls::install(tcp.as_raw_fd(), version, secrets).map_err(|e| fail("installing", &e))?;
+    Ok(SpliceLeg {
+        tcp,
+        ktls: true,
+        leftover,
+        peer_closed,
+    })
+}

@@ -1,0 +1,205 @@
+//! The splice pump: socket -> pipe -> socket with non-blocking splice(2),
+//! driven by the runtime's readiness (epoll). Bytes never enter userspace;
+//! on kernel-TLS legs the kernel decrypts on the way into the pipe and
+//! encrypts on the way out.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::offload::SpliceLeg;
+use super::{drive, load, reset_on_close, Activity, Counts, PumpEnd, Side};
+use crate::ktls;
+
+/// Bytes moved per splice call (the default pipe capacity).
+const CHUNK: usize = 64 * 1024;
+
+pub(super) async fn relay(
+    client: SpliceLeg,
+    upstream: SpliceLeg,
+    idle: Duration,
+) -> ([u64; 2], PumpEnd) {
+    let activity = Activity::new();
+    let counts: Counts = [AtomicU64::new(0), AtomicU64::new(0)];
+    let up = splice_half(
+        &client,
+        &upstream,
+        [Side::Client, Side::Upstream],
+        &counts[0],
+        &activity,
+    );
+    let down = splice_half(
+        &upstream,
+        &client,
+        [Side::Upstream, Side::Client],
+        &counts[1],
+        &activity,
+    );
+    let end = drive(up, down, &activity, idle).await;
+    if let PumpEnd::Reset { side, .. } = &end {
+        match side {
+            Side::Client => reset_on_close(&upstream.tcp),
+            Side::Upstream => reset_on_close(&client.tcp),
+        }
+    }
+    (load(&counts), end)
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned by nobody else.
+        Ok(unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on fds owned by the caller.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// What a non-data record on a kTLS RX socket means for the relay.
+enum Control {
+    /// close_notify: the peer is done sending.
+    Closed,
+    /// A record to skip (a TLS 1.3 NewSessionTicket).
+    Skip,
+}
+
+/// Reads the control record splice refused (EINVAL) and decides.
+fn read_control(src: &TcpStream) -> io::Result<Control> {
+    let mut record = vec![0u8; 16 * 1024 + 256];
+    let (kind, n) = src.try_io(Interest::READABLE, || {
+        ktls::recv_record(src.as_raw_fd(), &mut record)
+    })?;
+    match (kind, &record[..n]) {
+        (ktls::RECORD_ALERT, [_, 0]) => Ok(Control::Closed),
+        (ktls::RECORD_ALERT, [level, desc]) => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("peer sent TLS alert {desc} (level {level})"),
+        )),
+        // NewSessionTicket: only useful for resuming as a client later.
+        (ktls::RECORD_HANDSHAKE, [4, ..]) => Ok(Control::Skip),
+        (ktls::RECORD_HANDSHAKE, [24, ..]) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "peer sent a TLS 1.3 KeyUpdate; this kernel TLS cannot rekey, closing rather than corrupting data",
+        )),
+        (kind, body) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected TLS record type {kind} ({} bytes) after the handshake", body.len()),
+        )),
+    }
+}
+
+/// Writes all of `data` to a non-blocking socket (kTLS encrypts it).
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One direction: splice src -> pipe -> dst until src ends, then half-close
+/// dst (close_notify first when the kernel speaks TLS on it).
+async fn splice_half(
+    src: &SpliceLeg,
+    dst: &SpliceLeg,
+    sides: [Side; 2],
+    count: &AtomicU64,
+    activity: &Activity,
+) -> Result<(), (Side, io::Error)> {
+    let [src_side, dst_side] = sides;
+    if !src.leftover.is_empty() {
+        write_all(&dst.tcp, &src.leftover)
+            .await
+            .map_err(|e| (dst_side, e))?;
+        count.fetch_add(src.leftover.len() as u64, Ordering::Relaxed);
+    }
+    if !src.peer_closed {
+        let pipe = Pipe::new().map_err(|e| (src_side, e))?;
+        let (src_fd, dst_fd) = (src.tcp.as_raw_fd(), dst.tcp.as_raw_fd());
+        loop {
+            src.tcp.readable().await.map_err(|e| (src_side, e))?;
+            let n = match src.tcp.try_io(Interest::READABLE, || {
+                splice(src_fd, pipe.write.as_raw_fd(), CHUNK)
+            }) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if src.ktls && e.raw_os_error() == Some(libc::EINVAL) => {
+                    match read_control(&src.tcp) {
+                        Ok(Control::Closed) => break,
+                        Ok(Control::Skip) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err((src_side, e)),
+                    }
+                }
+                Err(e) => return Err((src_side, e)),
+            };
+            activity.touch();
+            let mut left = n;
+            while left > 0 {
+                dst.tcp.writable().await.map_err(|e| (dst_side, e))?;
+                match dst.tcp.try_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_raw_fd(), dst_fd, left)
+                }) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err((dst_side, e)),
+                }
+            }
+            count.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    if dst.ktls {
+        loop {
+            dst.tcp.writable().await.map_err(|e| (dst_side, e))?;
+            match dst.tcp.try_io(Interest::WRITABLE, || {
+                ktls::send_close_notify(dst.tcp.as_raw_fd())
+            }) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err((dst_side, e)),
+            }
+        }
+    }
+    socket2::SockRef::from(&dst.tcp)
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| (dst_side, e))
+}

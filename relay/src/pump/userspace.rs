@@ -1,0 +1,81 @@
+//! The userspace pump: rustls (via tokio-rustls) encrypts and decrypts in
+//! this process. The fallback when the kernel cannot take a TLS leg.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{drive, load, reset_on_close, Activity, Counts, Leg, PumpEnd, Side};
+
+/// Per-direction buffer: one TLS record's worth of plaintext, allocated once
+/// per session and reused for every chunk.
+const BUFFER_SIZE: usize = 16 * 1024;
+
+pub(super) async fn relay(client: Leg, upstream: Leg, idle: Duration) -> ([u64; 2], PumpEnd) {
+    let activity = Activity::new();
+    let counts: Counts = [AtomicU64::new(0), AtomicU64::new(0)];
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let up = copy_half(
+        &mut client_read,
+        &mut upstream_write,
+        [Side::Client, Side::Upstream],
+        &counts[0],
+        &activity,
+    );
+    let down = copy_half(
+        &mut upstream_read,
+        &mut client_write,
+        [Side::Upstream, Side::Client],
+        &counts[1],
+        &activity,
+    );
+    let end = drive(up, down, &activity, idle).await;
+    let client = client_read.unsplit(client_write);
+    let upstream = upstream_read.unsplit(upstream_write);
+    // Propagate a reset: the side that did not fail is aborted too, so its
+    // peer learns the stream is incomplete instead of seeing a clean end.
+    if let PumpEnd::Reset { side, .. } = &end {
+        match side {
+            Side::Client => reset_on_close(upstream.tcp()),
+            Side::Upstream => reset_on_close(client.tcp()),
+        }
+    }
+    (load(&counts), end)
+}
+
+/// Copies one direction; at EOF shuts the writer down (half-close). An error
+/// names the side whose socket failed: `sides` is `[reader, writer]`.
+async fn copy_half<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    sides: [Side; 2],
+    count: &AtomicU64,
+    activity: &Activity,
+) -> Result<(), (Side, io::Error)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            // TCP FIN without close_notify: the peer is done, but did not say
+            // so in TLS. Treat as end of stream, as HTTP and SMTP peers do.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err((sides[0], e)),
+        };
+        activity.touch();
+        writer
+            .write_all(&buf[..n])
+            .await
+            .map_err(|e| (sides[1], e))?;
+        writer.flush().await.map_err(|e| (sides[1], e))?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    writer.shutdown().await.map_err(|e| (sides[1], e))
+}

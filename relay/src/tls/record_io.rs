@@ -1,0 +1,160 @@
+//! A TCP stream that, during the handshake, hands rustls whole TLS records
+//! only, one at a time.
+//!
+//! rustls reads greedily; bytes it has read past the handshake would be lost
+//! when its secrets are extracted for kernel TLS. Feeding it whole records
+//! means that after the handshake nothing is left half-read: every record
+//! rustls saw is fully processed (application data among them is drained as
+//! plaintext), and everything else is still in the kernel's socket buffer
+//! for kTLS to decrypt. Once a leg stays in userspace the stream switches to
+//! plain pass-through reads.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+const HEADER: usize = 5;
+/// Largest record a conforming peer sends: 2^14 plaintext plus expansion.
+const MAX_RECORD: usize = HEADER + 16384 + 2048;
+
+pub struct RecordIo {
+    tcp: TcpStream,
+    bounded: bool,
+    /// The record being assembled: `buf[..filled]`, `buf.len()` once the
+    /// header is known.
+    buf: Vec<u8>,
+    filled: usize,
+    header_parsed: bool,
+    /// How much of a complete record has been handed to rustls.
+    delivered: usize,
+}
+
+impl RecordIo {
+    pub fn new(tcp: TcpStream) -> RecordIo {
+        RecordIo {
+            tcp,
+            bounded: true,
+            buf: vec![0; HEADER],
+            filled: 0,
+            header_parsed: false,
+            delivered: 0,
+        }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// From now on reads go straight to the socket (userspace TLS).
+    pub fn pass_through(&mut self) {
+        self.bounded = false;
+    }
+
+    fn complete(&self) -> bool {
+        self.header_parsed && self.filled == self.buf.len()
+    }
+
+    /// Accounts for `n` more bytes read into the record.
+    fn advance(&mut self, n: usize) {
+        self.filled += n;
+        if !self.header_parsed && self.filled == HEADER {
+            let len = u16::from_be_bytes([self.buf[3], self.buf[4]]) as usize;
+            self.buf.resize((HEADER + len).min(MAX_RECORD), 0);
+            self.header_parsed = true;
+        }
+    }
+
+    fn reset(&mut self) {
+        self.buf.truncate(HEADER);
+        self.filled = 0;
+        self.delivered = 0;
+        self.header_parsed = false;
+    }
+
+    /// Ends record-bounded reading for kTLS: returns the socket and the rest
+    /// of any record rustls has not yet seen in full, which must be given to
+    /// rustls before its secrets are extracted.
+    pub async fn into_parts(mut self) -> io::Result<(TcpStream, Option<Vec<u8>>)> {
+        if self.filled == 0 {
+            return Ok((self.tcp, None));
+        }
+        // A record partly read from the socket: finish it.
+        while !self.complete() {
+            let end = self.buf.len();
+            let n = self.tcp.read(&mut self.buf[self.filled..end]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.advance(n);
+        }
+        Ok((self.tcp, Some(self.buf[self.delivered..].to_vec())))
+    }
+}
+
+impl AsyncRead for RecordIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.bounded && this.filled == 0 {
+            return Pin::new(&mut this.tcp).poll_read(cx, out);
+        }
+        loop {
+            if this.complete() {
+                let n = out.remaining().min(this.filled - this.delivered);
+                out.put_slice(&this.buf[this.delivered..this.delivered + n]);
+                this.delivered += n;
+                if this.delivered == this.filled {
+                    this.reset();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let end = this.buf.len();
+            let mut chunk = ReadBuf::new(&mut this.buf[this.filled..end]);
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut chunk))?;
+            let n = chunk.filled().len();
+            if n == 0 {
+                return match this.filled {
+                    0 => Poll::Ready(Ok(())), // clean EOF between records
+                    _ => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                };
+            }
+            this.advance(n);
+        }
+    }
+}
+
+impl AsyncWrite for RecordIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,352 @@
+//! Kernel TLS and the splice data plane.
+//!
+//! These tests run twice in CI: on the host, whose kernel has no TLS ULP, so
+//! they assert the userspace fallback and its reason; and inside the kTLS VM
+//! (`cargo xtask vmtest`, which sets TLSRELAY_EXPECT_KTLS=1), where they
+//! assert that the kernel did the TLS — from the session reports and from
+//! /proc/net/tls_stat, so a silent fallback fails them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::CipherSuite;
+use tlsrelay::ktls;
+use tlsrelay::pump::{DataPath, PumpEnd, Side};
+use tlsrelay::report::{LegSecurity, Outcome, SessionReport};
+use tlsrelay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// MiB relayed each way per version × cipher (at least 64 in CI).
+fn bulk_bytes() -> usize {
+    std::env::var("TLSRELAY_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+        * 1024
+        * 1024
+}
+
+/// Whether kTLS is usable here; fails when it must be and is not.
+fn ktls_here() -> bool {
+    let support = ktls::probe();
+    if ktls_expected() {
+        assert!(
+            support.unavailable.is_none(),
+            "kTLS expected (TLSRELAY_EXPECT_KTLS=1) but: {}",
+            support.summary()
+        );
+    }
+    support.unavailable.is_none()
+}
+
+fn relay_toml(mode: &str, upstream: SocketAddr, route: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "in"
+address = "127.0.0.1:0"
+upstream = "up"
+tls.mode = "{mode}"
+
+[[upstreams]]
+name = "up"
+address = "{upstream}"
+{route}
+"#
+    )
+}
+
+fn required_route(pki: &Pki) -> String {
+    format!(
+        "tls.policy = \"required\"\ntls.server_name = \"upstream.test\"\ntls.trust_anchors = {}",
+        toml_path(&pki.ca_pem)
+    )
+}
+
+/// Asserts which data path a session took, given what the kernel can do.
+fn assert_path(report: &SessionReport, ktls_legs: &[Side]) {
+    if ktls_here() {
+        assert_eq!(report.data_path, Some(DataPath::Splice), "{report}");
+        assert_eq!(report.ktls, ktls_legs, "{report}");
+    } else if ktls_legs.is_empty() {
+        assert_eq!(report.data_path, Some(DataPath::Splice), "{report}");
+    } else {
+        assert_eq!(report.data_path, Some(DataPath::Userspace), "{report}");
+        let reason = report.userspace_reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("kernel lacks TLS ULP"), "{report}");
+    }
+}
+
+#[test]
+fn probe_reports_what_the_kernel_can_do() {
+    let support = ktls::probe();
+    println!("{}", support.summary());
+    if ktls_here() {
+        for version in [ktls::KtlsVersion::Tls12, ktls::KtlsVersion::Tls13] {
+            for cipher in ktls::KtlsCipher::ALL {
+                assert!(
+                    support.supports(version, cipher),
+                    "{version:?} {cipher:?}: {}",
+                    support.summary()
+                );
+            }
+        }
+    } else {
+        let why = support.unavailable.as_deref().unwrap();
+        assert!(why.contains("kernel lacks TLS ULP"), "{why}");
+    }
+}
+
+const CASES: [(Versions, CipherSuite); 6] = [
+    (Versions::Tls13Only, CipherSuite::TLS13_AES_128_GCM_SHA256),
+    (Versions::Tls13Only, CipherSuite::TLS13_AES_256_GCM_SHA384),
+    (
+        Versions::Tls13Only,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    ),
+    (
+        Versions::Tls12Only,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ),
+    (
+        Versions::Tls12Only,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    ),
+    (
+        Versions::Tls12Only,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ),
+];
+
+/// Sends `data` and reads the echo at the same time, then checks both the
+/// bytes and the clean TLS end (read_to_end fails without close_notify).
+async fn bulk_echo<S>(stream: S, data: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let to_send = data.to_vec();
+    let sender = tokio::spawn(async move {
+        for chunk in to_send.chunks(256 * 1024) {
+            writer.write_all(chunk).await.unwrap();
+        }
+        writer.shutdown().await.unwrap(); // close_notify + FIN
+    });
+    let mut back = Vec::with_capacity(data.len());
+    tokio::time::timeout(Duration::from_secs(600), reader.read_to_end(&mut back))
+        .await
+        .expect("bulk echo finished in time")
+        .expect("clean end of stream (close_notify) from the relay");
+    sender.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "relayed bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_tls_every_version_and_cipher_byte_exact() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let data = random_bytes(bulk_bytes(), 11);
+    for (versions, suite) in CASES {
+        let upstream = tls_echo_with_suite(
+            ServerOptions {
+                leaf: &leaf,
+                versions,
+                client_ca: None,
+            },
+            Some(suite),
+        )
+        .await;
+        let mut relay = TestRelay::start(
+            &relay_toml("implicit", upstream, &required_route(&pki)),
+            pki.dir(),
+        )
+        .await;
+        let before = tls_stat();
+        let opts = ClientOptions {
+            versions,
+            suite: Some(suite),
+            ..Default::default()
+        };
+        let stream = tls_connect(relay.addr("in"), "relay.test", &opts)
+            .await
+            .unwrap();
+        bulk_echo(stream, &data).await;
+        let report = relay.next_report().await;
+        let case = format!("{versions:?} {suite:?}: {report}");
+        for leg in [&report.inbound, &report.outbound] {
+            match leg {
+                Some(LegSecurity::Tls { negotiated, .. }) => {
+                    assert_eq!(negotiated.cipher, suite.as_str().unwrap(), "{case}")
+                }
+                other => panic!("{case}: leg not TLS: {other:?}"),
+            }
+        }
+        assert_eq!(
+            report.outcome,
+            Outcome::Relayed {
+                end: PumpEnd::Closed
+            },
+            "{case}"
+        );
+        assert_eq!(report.bytes_client_to_upstream, data.len() as u64, "{case}");
+        assert_eq!(report.bytes_upstream_to_client, data.len() as u64, "{case}");
+        assert_path(&report, &[Side::Client, Side::Upstream]);
+        if ktls_here() {
+            let after = tls_stat();
+            for counter in ["TlsTxSw", "TlsRxSw"] {
+                let rose = after[counter] - before.get(counter).copied().unwrap_or(0);
+                assert!(
+                    rose >= 2,
+                    "{case}: {counter} rose by {rose}, expected both legs"
+                );
+            }
+            assert_eq!(
+                after.get("TlsDecryptError").copied().unwrap_or(0),
+                0,
+                "{case}"
+            );
+        }
+        println!("ok: {case}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_puts_one_leg_in_the_kernel() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let mut relay = TestRelay::start(
+        &relay_toml("implicit", upstream, "tls.policy = \"plain\""),
+        pki.dir(),
+    )
+    .await;
+    let stream = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
+        .await
+        .unwrap();
+    bulk_echo(stream, &random_bytes(4 << 20, 3)).await;
+    let report = relay.next_report().await;
+    assert_path(&report, &[Side::Client]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_both_legs_splice_on_any_kernel() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let mut relay = TestRelay::start(
+        &relay_toml("off", upstream, "tls.policy = \"plain\""),
+        pki.dir(),
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(relay.addr("in"))
+        .await
+        .unwrap();
+    bulk_echo(stream, &random_bytes(8 << 20, 5)).await;
+    let report = relay.next_report().await;
+    assert_eq!(report.data_path, Some(DataPath::Splice), "{report}");
+    assert!(report.ktls.is_empty(), "{report}");
+}
+
+/// An upstream that reads slowly and checks every byte: the relay's kTLS TX
+/// socket fills, splices into it come up short, and any record the kernel
+/// got wrong fails rustls's decryption here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_behind_ktls_gets_exact_bytes() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let data = random_bytes(16 << 20, 9);
+    let expected = data.clone();
+    let receiver = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut got = Vec::with_capacity(expected.len());
+        let mut buf = vec![0u8; 7919]; // odd sizes, slowly
+        loop {
+            let n = tls.read(&mut buf).await.expect("every record decrypts");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() % (1 << 20) < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert!(got == expected, "upstream received different bytes");
+        tls.shutdown().await.unwrap();
+    });
+    let mut relay = TestRelay::start(
+        &relay_toml("off", upstream, &required_route(&pki)),
+        pki.dir(),
+    )
+    .await;
+    let mut client = tokio::net::TcpStream::connect(relay.addr("in"))
+        .await
+        .unwrap();
+    client.write_all(&data).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    receiver.await.unwrap();
+    let report = relay.next_report().await;
+    assert_path(&report, &[Side::Upstream]);
+    assert_eq!(
+        report.outcome,
+        Outcome::Relayed {
+            end: PumpEnd::Closed
+        },
+        "{report}"
+    );
+}
+
+/// A TLS 1.3 peer that updates its keys mid-stream. Userspace rustls follows
+/// the update; kernel TLS without rekey support must end the session
+/// cleanly (never pass on garbage), with everything before it intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_update_from_the_client() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let mut relay = TestRelay::start(
+        &relay_toml("implicit", upstream, "tls.policy = \"plain\""),
+        pki.dir(),
+    )
+    .await;
+    let opts = ClientOptions {
+        versions: Versions::Tls13Only,
+        ..Default::default()
+    };
+    let mut tls = tls_connect(relay.addr("in"), "relay.test", &opts)
+        .await
+        .unwrap();
+    tls.write_all(b"before the update").await.unwrap();
+    let mut buf = [0u8; 17];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before the update");
+    tls.get_mut().1.refresh_traffic_keys().unwrap();
+    let after = exchange(&mut tls, b"after").await;
+    let report = relay.next_report().await;
+    if ktls_here() {
+        assert!(after.map_or(true, |b| b.is_empty()), "{report}");
+        match &report.outcome {
+            Outcome::Relayed {
+                end:
+                    PumpEnd::Reset {
+                        side: Side::Client,
+                        detail,
+                    },
+            } => {
+                assert!(detail.contains("KeyUpdate"), "{report}")
+            }
+            other => panic!("expected a clean end on KeyUpdate, got {other:?}"),
+        }
+        assert_eq!(report.bytes_client_to_upstream, 17, "{report}");
+    } else {
+        assert_eq!(after.unwrap(), b"after");
+    }
+}
