@@ -2,7 +2,10 @@
 //!
 //! - `demo`: build, start the relay on its embedded default with a local
 //!   echo upstream, push traffic through each policy, leave it running;
+//! - `vmtest`: the kernel-TLS tests inside a VM with a kTLS kernel;
 //! - `ci`: everything CI runs, in CI's order.
+
+mod vm;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -29,13 +32,18 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
-    /// Everything CI runs: formatting, lints, the whole test suite, the demo.
+    /// Run the kernel-TLS tests in a VM booted from Debian's 6.12 cloud
+    /// kernel (CONFIG_TLS=m); fetches the kernel and qemu with apt.
+    Vmtest,
+    /// Everything CI runs: formatting, lints, the whole test suite, the
+    /// kTLS VM tests, the demo.
     Ci,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Demo { once } => demo(once),
+        Task::Vmtest => vm::vmtest(),
         Task::Ci => ci(),
     }
 }
@@ -81,6 +89,7 @@ fn ci() -> anyhow::Result<()> {
         ]),
     )?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
+    run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
     run(
         "demo (scripted clients, then exit)",
         cargo().args(["xtask", "demo", "--once"]),

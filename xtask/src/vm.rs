@@ -1,0 +1,549 @@
+//! `cargo xtask vmtest`: runs test binaries inside a VM whose kernel has
+//! kernel TLS (this host's kernel is built without CONFIG_TLS).
+//!
+//! The kernel is Debian's 6.12 cloud image (CONFIG_TLS=m), fetched with apt
+//! into `target/vm/cache`. The initramfs holds busybox, the TLS and crypto
+//! modules, the test binaries with their shared libraries, and an init that
+//! mounts the usual filesystems, loads the modules, runs the tests and
+//! powers off. qemu runs it under TCG (this machine's nested KVM fails on
+//! the kernel's decompressor); the guest's console is streamed here and the
+//! tests' status becomes ours.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{cargo, root, run};
+
+/// The kernel package family: Debian's cloud kernel has CONFIG_TLS=m.
+const KERNEL_PREFIX: &str = "linux-image-6.12.";
+const KERNEL_SUFFIX: &str = "-cloud-amd64-unsigned";
+
+/// Modules kTLS needs for AES-GCM and ChaCha20-Poly1305, in load order
+/// (dependencies found in each module's `depends=` are loaded first).
+/// aesni-intel and crypto_simd refuse to load under TCG; the built-in
+/// generic AES serves then.
+const MODULES: &[&str] = &[
+    "gf128mul",
+    "cryptd",
+    "crypto_simd",
+    "crypto_null",
+    "geniv",
+    "seqiv",
+    "ghash-generic",
+    "gcm",
+    "aesni-intel",
+    "libchacha",
+    "chacha_generic",
+    "chacha-x86_64",
+    "poly1305-x86_64",
+    "chacha20poly1305",
+    "tls",
+];
+
+/// Test binaries (in the tlsrelay-tests package) that run in the guest.
+const VM_TESTS: &[&str] = &["ktls"];
+
+/// The guest gets this long before it is declared hung.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+
+pub fn vmtest() -> anyhow::Result<()> {
+    ensure_host_tools()?;
+    let vm = root().join("target/vm");
+    let kernel = fetch_kernel(&vm.join("cache"))?;
+    let tests = build_tests()?;
+    let initramfs = vm.join("initramfs.cpio");
+    build_initramfs(&kernel, &tests, &initramfs)?;
+    let status = boot(&kernel.vmlinuz, &initramfs)?;
+    if status != 0 {
+        bail!("tests in the VM failed (status {status})");
+    }
+    println!("vmtest: all tests passed in the kTLS VM");
+    Ok(())
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// qemu, a static busybox and dpkg-deb; installed with apt when missing.
+fn ensure_host_tools() -> anyhow::Result<()> {
+    let wanted = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("/bin/busybox", "busybox-static"),
+        ("objcopy", "binutils"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !(have(cmd) || Path::new(cmd).exists()))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("vmtest: installing {}", missing.join(" "));
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run(
+        "apt-get install",
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+struct Kernel {
+    vmlinuz: PathBuf,
+    /// `lib/modules/<version>` of the extracted package.
+    modules: PathBuf,
+}
+
+/// Finds the newest 6.12 cloud kernel package, downloads and extracts it
+/// (both cached).
+fn fetch_kernel(cache: &Path) -> anyhow::Result<Kernel> {
+    std::fs::create_dir_all(cache)?;
+    let cached_deb = || -> anyhow::Result<Option<PathBuf>> {
+        let mut debs: Vec<PathBuf> = std::fs::read_dir(cache)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        debs.sort();
+        Ok(debs.pop())
+    };
+    let deb = match cached_deb()? {
+        Some(deb) => deb,
+        None => {
+            let out = Command::new("apt-cache")
+                .args(["pkgnames", KERNEL_PREFIX])
+                .output()?;
+            let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|n| n.ends_with(KERNEL_SUFFIX))
+                .map(str::to_string)
+                .collect();
+            if names.is_empty() {
+                run(
+                    "apt-get update",
+                    Command::new("apt-get").args(["update", "-qq"]),
+                )?;
+                let out = Command::new("apt-cache")
+                    .args(["pkgnames", KERNEL_PREFIX])
+                    .output()?;
+                names = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|n| n.ends_with(KERNEL_SUFFIX))
+                    .map(str::to_string)
+                    .collect();
+            }
+            names.sort_by_key(|n| version_key(n));
+            let newest = names
+                .pop()
+                .context("no linux-image-6.12.*-cloud-amd64-unsigned package in apt")?;
+            run(
+                &format!("apt-get download {newest}"),
+                Command::new("apt-get")
+                    .arg("download")
+                    .arg(&newest)
+                    .current_dir(cache),
+            )?;
+            cached_deb()?.context("apt-get download left no .deb")?
+        }
+    };
+    let extracted = cache.join("kernel");
+    if !extracted.join("boot").exists() {
+        let _ = std::fs::remove_dir_all(&extracted);
+        run(
+            "dpkg-deb -x",
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extracted),
+        )?;
+    }
+    let vmlinuz = std::fs::read_dir(extracted.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("no vmlinuz in the kernel package")?;
+    let modules = std::fs::read_dir(extracted.join("lib/modules"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .context("no lib/modules in the kernel package")?;
+    println!("vmtest: kernel {}", vmlinuz.display());
+    Ok(Kernel { vmlinuz, modules })
+}
+
+/// Sort key for `linux-image-6.12.N+…`: the numeric parts.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Builds the VM test binaries and returns their paths.
+fn build_tests() -> anyhow::Result<Vec<PathBuf>> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "tlsrelay-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    for t in VM_TESTS {
+        cmd.args(["--test", t]);
+    }
+    println!("\n=== build the VM test binaries");
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the VM tests failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+            if let Some(exe) = msg["executable"].as_str() {
+                found.push(PathBuf::from(exe));
+            }
+        }
+    }
+    if found.len() != VM_TESTS.len() {
+        bail!(
+            "expected {} test binaries, cargo reported {found:?}",
+            VM_TESTS.len()
+        );
+    }
+    Ok(found)
+}
+
+/// A newc-format cpio archive, written as the kernel's initramfs unpacker
+/// reads it.
+struct Cpio<W: Write> {
+    out: W,
+    ino: u32,
+    dirs: BTreeSet<String>,
+}
+
+impl<W: Write> Cpio<W> {
+    fn new(out: W) -> Self {
+        Cpio {
+            out,
+            ino: 1,
+            dirs: BTreeSet::new(),
+        }
+    }
+
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        data: &[u8],
+        rdev: (u32, u32),
+    ) -> std::io::Result<()> {
+        let name = name.trim_start_matches('/');
+        self.ino += 1;
+        let header = format!(
+            "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0
+        );
+        self.out.write_all(header.as_bytes())?;
+        self.out.write_all(name.as_bytes())?;
+        self.out.write_all(&[0])?;
+        self.pad(110 + name.len() + 1)?;
+        self.out.write_all(data)?;
+        self.pad(data.len())
+    }
+
+    fn pad(&mut self, len: usize) -> std::io::Result<()> {
+        let pad = (4 - len % 4) % 4;
+        self.out.write_all(&[0u8; 3][..pad])
+    }
+
+    /// A directory and its parents, once each.
+    fn dir(&mut self, path: &str) -> std::io::Result<()> {
+        let path = path.trim_matches('/');
+        let mut so_far = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if !so_far.is_empty() {
+                so_far.push('/');
+            }
+            so_far.push_str(part);
+            if self.dirs.insert(so_far.clone()) {
+                let name = so_far.clone();
+                self.entry(&name, 0o040755, &[], (0, 0))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+        if let Some((parent, _)) = path.trim_start_matches('/').rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.entry(path, 0o100000 | mode, data, (0, 0))
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) -> std::io::Result<()> {
+        if let Some((parent, _)) = path.trim_start_matches('/').rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.entry(path, 0o120777, target.as_bytes(), (0, 0))
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0))?;
+        Ok(self.out)
+    }
+}
+
+/// Decompressed module bytes, by name, with their `depends=` lists.
+fn load_modules(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut index: HashMap<String, PathBuf> = HashMap::new();
+    let mut stack = vec![dir.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko.xz"))
+            {
+                index.insert(name.replace('_', "-"), p);
+            }
+        }
+    }
+    let read = |name: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = index.get(&name.replace('_', "-")) else {
+            return Ok(None); // built into the kernel
+        };
+        let out = Command::new("xz").arg("-dc").arg(path).output()?;
+        if !out.status.success() {
+            bail!("xz -dc {}", path.display());
+        }
+        Ok(Some(out.stdout))
+    };
+    let mut ordered: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(
+        name: &str,
+        read: &dyn Fn(&str) -> anyhow::Result<Option<Vec<u8>>>,
+        ordered: &mut Vec<(String, Vec<u8>)>,
+    ) -> anyhow::Result<()> {
+        if ordered.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        let Some(bytes) = read(name)? else {
+            return Ok(());
+        };
+        for dep in depends(&bytes) {
+            visit(&dep, read, ordered)?;
+        }
+        ordered.push((name.to_string(), bytes));
+        Ok(())
+    }
+    for m in MODULES {
+        visit(m, &read, &mut ordered)?;
+    }
+    Ok(ordered)
+}
+
+/// The `depends=` entry of a module's .modinfo section.
+fn depends(module: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    module
+        .split(|&b| b == 0)
+        .find(|s| s.starts_with(key))
+        .map(|s| {
+            String::from_utf8_lossy(&s[key.len()..])
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Shared libraries a binary needs, from ldd.
+fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output()?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mkdir -p /sys/fs/bpf /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+hostname tlsrelay-vm
+ip link set lo up
+for m in $(cat /modules/order); do
+    insmod /modules/$m.ko 2>/dev/null || echo "vmtest: module $m not loaded"
+done
+echo "vmtest: kernel $(uname -r), $(nproc) CPUs"
+export TLSRELAY_EXPECT_KTLS=1 HOME=/tmp TMPDIR=/tmp RUST_BACKTRACE=1
+status=0
+for t in /tests/*; do
+    echo "vmtest: running $t"
+    $t --test-threads=1 || status=1
+done
+cat /proc/net/tls_stat
+echo "VMTEST-STATUS=$status"
+poweroff -f
+"#;
+
+fn build_initramfs(kernel: &Kernel, tests: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    println!("\n=== build the initramfs");
+    let file = std::fs::File::create(out)?;
+    let mut cpio = Cpio::new(std::io::BufWriter::new(file));
+    for d in [
+        "dev", "proc", "sys", "tmp", "bin", "sbin", "etc", "modules", "tests",
+    ] {
+        cpio.dir(d)?;
+    }
+    cpio.entry("dev/console", 0o020600, &[], (5, 1))?;
+    cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
+    cpio.symlink("bin/sh", "busybox")?;
+    cpio.file("init", 0o755, INIT.as_bytes())?;
+    cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
+    let modules = load_modules(&kernel.modules)?;
+    let order: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
+    cpio.file("modules/order", 0o644, order.join("\n").as_bytes())?;
+    for (name, bytes) in &modules {
+        cpio.file(&format!("modules/{name}.ko"), 0o644, bytes)?;
+    }
+    let mut libs = BTreeSet::new();
+    for test in tests {
+        libs.extend(shared_libraries(test)?);
+        let stripped = out.with_extension("stripped");
+        let status = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(test)
+            .arg(&stripped)
+            .status()?;
+        if !status.success() {
+            bail!("objcopy --strip-debug {}", test.display());
+        }
+        let name = test.file_name().unwrap().to_string_lossy();
+        let base = name.rsplit_once('-').map_or(name.as_ref(), |(b, _)| b);
+        cpio.file(&format!("tests/{base}"), 0o755, &std::fs::read(&stripped)?)?;
+    }
+    for lib in libs {
+        let real = std::fs::canonicalize(&lib)?;
+        cpio.file(&lib.to_string_lossy(), 0o755, &std::fs::read(real)?)?;
+    }
+    cpio.finish()?.flush()?;
+    println!(
+        "vmtest: initramfs {} ({} MiB, modules: {})",
+        out.display(),
+        std::fs::metadata(out)?.len() >> 20,
+        order.join(" ")
+    );
+    Ok(())
+}
+
+/// Boots the kernel under TCG, streams the console, returns the guest's
+/// test status.
+fn boot(vmlinuz: &Path, initramfs: &Path) -> anyhow::Result<i32> {
+    println!("\n=== boot the kTLS kernel (qemu, TCG)");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "3072",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut status = None;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(line) => {
+                println!("  vm| {line}");
+                if let Some(s) = line.trim().strip_prefix("VMTEST-STATUS=") {
+                    status = s.parse().ok();
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if started.elapsed() > GUEST_TIMEOUT {
+            let _ = child.kill();
+            bail!("the VM did not finish within {GUEST_TIMEOUT:?}");
+        }
+    }
+    let _ = child.wait();
+    println!("vmtest: guest ran {:.0} s", started.elapsed().as_secs_f64());
+    status.context("the guest ended without reporting a test status (see its console above)")
+}
