@@ -147,6 +147,7 @@ async fn inbound_modes_against_plaintext_and_tls_clients() {
             dir.path(),
         )
         .await;
+        eprintln!("case: mode {mode}, {client:?} client");
         let result = run_client(client, relay.addr("in")).await;
         let report = relay.next_report().await;
         let case = format!("mode {mode}, {client:?} client: {result:?}\n{report}");

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::policy::{InboundMode, MinVersion, NamePattern, OutboundPolicy, Verification};
+use crate::pump::SpliceEngine;
 
 /// The configuration `tlsrelay run` uses when given no file: two loopback
 /// listeners in front of a local upstream, one opportunistic, one required.
@@ -130,11 +131,17 @@ pub struct Dataplane {
     /// Hand TLS legs to kernel TLS when the kernel supports them (the
     /// benchmark turns it off to compare with userspace rustls).
     pub ktls: bool,
+    /// What drives splicing: `io-uring` (falls back to epoll, saying why,
+    /// where io_uring is unavailable) or `epoll`.
+    pub pump: SpliceEngine,
 }
 
 impl Default for Dataplane {
     fn default() -> Self {
-        Dataplane { ktls: true }
+        Dataplane {
+            ktls: true,
+            pump: SpliceEngine::IoUring,
+        }
     }
 }
 

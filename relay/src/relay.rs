@@ -72,6 +72,7 @@ impl Plan {
                 route,
                 timeouts,
                 ktls: config.dataplane.ktls,
+                engine: config.dataplane.pump,
             };
             listeners.push((l.address, Arc::new(plan)));
         }

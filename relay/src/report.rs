@@ -97,7 +97,7 @@ pub struct SessionReport {
     /// Legs whose TLS the kernel handled.
     pub ktls: Vec<Side>,
     /// Why TLS legs stayed in userspace rustls, when they did.
-    pub userspace_reason: Option<String>,
+    pub path_reason: Option<String>,
     pub bytes_client_to_upstream: u64,
     pub bytes_upstream_to_client: u64,
     /// From accept until both legs were ready to relay.
@@ -121,7 +121,7 @@ impl SessionReport {
             },
             data_path: None,
             ktls: Vec::new(),
-            userspace_reason: None,
+            path_reason: None,
             bytes_client_to_upstream: 0,
             bytes_upstream_to_client: 0,
             setup_ms: 0.0,
@@ -175,7 +175,7 @@ impl fmt::Display for SessionReport {
                 [one] => write!(f, " ktls={one:?}")?,
                 _ => write!(f, " ktls=both")?,
             }
-            if let Some(reason) = &self.userspace_reason {
+            if let Some(reason) = &self.path_reason {
                 write!(f, " (userspace: {reason})")?;
             }
         }

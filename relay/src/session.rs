@@ -15,7 +15,7 @@ use crate::policy::{
     inbound_start, on_outbound_failure, InboundMode, InboundStart, OnTlsFailure, OutboundPolicy,
     TlsFailure,
 };
-use crate::pump::{self, Leg, PumpOptions};
+use crate::pump::{self, Leg, PumpOptions, SpliceEngine};
 use crate::report::{
     inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport,
 };
@@ -38,6 +38,7 @@ pub struct ListenerPlan {
     pub timeouts: Timeouts,
     /// Offer TLS legs to kernel TLS when the kernel supports them.
     pub ktls: bool,
+    pub engine: SpliceEngine,
 }
 
 /// An upstream route: where to connect and how to secure it.
@@ -94,11 +95,12 @@ pub async fn run(
     let options = PumpOptions {
         idle_timeout: plan.timeouts.idle,
         ktls: plan.ktls,
+        engine: plan.engine,
     };
     let pumped = pump::relay(client_leg, upstream_leg, options).await;
     report.data_path = Some(pumped.path);
     report.ktls = pumped.ktls;
-    report.userspace_reason = pumped.userspace_reason;
+    report.path_reason = pumped.path_reason;
     report.bytes_client_to_upstream = pumped.client_to_upstream;
     report.bytes_upstream_to_client = pumped.upstream_to_client;
     report.outcome = Outcome::Relayed { end: pumped.end };

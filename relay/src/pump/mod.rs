@@ -9,7 +9,10 @@
 
 mod offload;
 mod splice;
+mod uring;
 mod userspace;
+
+pub use uring::available as io_uring_available;
 
 use std::future::Future;
 use std::io;
@@ -130,18 +133,39 @@ impl AsyncWrite for Leg {
 pub enum DataPath {
     /// rustls in this process encrypts and decrypts; tokio moves the bytes.
     Userspace,
-    /// socket -> pipe -> socket with splice(2); TLS legs are kernel TLS.
-    Splice,
+    /// socket -> pipe -> socket with IORING_OP_SPLICE on an io_uring worker;
+    /// TLS legs are kernel TLS.
+    SpliceIoUring,
+    /// socket -> pipe -> socket with splice(2) on the runtime's epoll.
+    SpliceEpoll,
+}
+
+impl DataPath {
+    pub fn is_splice(self) -> bool {
+        self != DataPath::Userspace
+    }
 }
 
 impl std::fmt::Display for DataPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             DataPath::Userspace => "userspace",
-            DataPath::Splice => "splice",
+            DataPath::SpliceIoUring => "splice/io_uring",
+            DataPath::SpliceEpoll => "splice/epoll",
         })
     }
 }
+
+/// What drives the splice data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceEngine {
+    IoUring,
+    Epoll,
+}
+keywords!(SpliceEngine, "pump", {
+    IoUring => "io-uring",
+    Epoll => "epoll",
+});
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -170,8 +194,9 @@ pub struct PumpReport {
     pub path: DataPath,
     /// Legs whose TLS the kernel handled.
     pub ktls: Vec<Side>,
-    /// Why TLS legs stayed in userspace, when they did.
-    pub userspace_reason: Option<String>,
+    /// Why the path is not the preferred one (TLS legs in userspace, or
+    /// epoll where io_uring was configured).
+    pub path_reason: Option<String>,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
     pub end: PumpEnd,
@@ -182,6 +207,7 @@ pub struct PumpOptions {
     pub idle_timeout: Duration,
     /// Offer TLS legs to kernel TLS (when the kernel supports them).
     pub ktls: bool,
+    pub engine: SpliceEngine,
 }
 
 /// Relays between `client` and `upstream` until both directions have ended.
@@ -193,11 +219,28 @@ pub async fn relay(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport 
                 .filter(|(_, l)| l.ktls)
                 .map(|(s, _)| s)
                 .collect();
-            let (counts, end) = splice::relay(client, upstream, opts.idle_timeout).await;
+            let uring = match opts.engine {
+                SpliceEngine::IoUring => {
+                    uring::available().map_err(|e| format!("io_uring unavailable: {e}"))
+                }
+                SpliceEngine::Epoll => Err(String::new()),
+            };
+            let (path, (counts, end), path_reason) = match uring {
+                Ok(()) => (
+                    DataPath::SpliceIoUring,
+                    uring::relay(client, upstream, opts.idle_timeout).await,
+                    None,
+                ),
+                Err(why) => (
+                    DataPath::SpliceEpoll,
+                    splice::relay(client, upstream, opts.idle_timeout).await,
+                    Some(why).filter(|w| !w.is_empty()),
+                ),
+            };
             PumpReport {
-                path: DataPath::Splice,
+                path,
                 ktls,
-                userspace_reason: None,
+                path_reason,
                 client_to_upstream: counts[0],
                 upstream_to_client: counts[1],
                 end,
@@ -214,16 +257,16 @@ pub async fn relay(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport 
             PumpReport {
                 path: DataPath::Userspace,
                 ktls: Vec::new(),
-                userspace_reason: reason,
+                path_reason: reason,
                 client_to_upstream: counts[0],
                 upstream_to_client: counts[1],
                 end,
             }
         }
         offload::Prepared::Failed { detail } => PumpReport {
-            path: DataPath::Splice,
+            path: DataPath::SpliceEpoll,
             ktls: Vec::new(),
-            userspace_reason: None,
+            path_reason: None,
             client_to_upstream: 0,
             upstream_to_client: 0,
             end: PumpEnd::SetupFailed { detail },

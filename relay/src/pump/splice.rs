@@ -90,20 +90,16 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// What a non-data record on a kTLS RX socket means for the relay.
-enum Control {
+pub(super) enum Control {
     /// close_notify: the peer is done sending.
     Closed,
     /// A record to skip (a TLS 1.3 NewSessionTicket).
     Skip,
 }
 
-/// Reads the control record splice refused (EINVAL) and decides.
-fn read_control(src: &TcpStream) -> io::Result<Control> {
-    let mut record = vec![0u8; 16 * 1024 + 256];
-    let (kind, n) = src.try_io(Interest::READABLE, || {
-        ktls::recv_record(src.as_raw_fd(), &mut record)
-    })?;
-    match (kind, &record[..n]) {
+/// Decides on a control record read from a kTLS RX socket.
+pub(super) fn control(kind: u8, body: &[u8]) -> io::Result<Control> {
+    match (kind, body) {
         (ktls::RECORD_ALERT, [_, 0]) => Ok(Control::Closed),
         (ktls::RECORD_ALERT, [level, desc]) => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -122,8 +118,17 @@ fn read_control(src: &TcpStream) -> io::Result<Control> {
     }
 }
 
+/// Reads the control record splice refused (EINVAL) and decides.
+fn read_control(src: &TcpStream) -> io::Result<Control> {
+    let mut record = vec![0u8; 16 * 1024 + 256];
+    let (kind, n) = src.try_io(Interest::READABLE, || {
+        ktls::recv_record(src.as_raw_fd(), &mut record)
+    })?;
+    control(kind, &record[..n])
+}
+
 /// Writes all of `data` to a non-blocking socket (kTLS encrypts it).
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub(super) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         dst.writable().await?;
         match dst.try_write(data) {

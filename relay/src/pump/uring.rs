@@ -1,0 +1,606 @@
+//! The io_uring splice pump: worker threads, one io_uring each, move every
+//! session's bytes socket -> pipe -> socket with IORING_OP_SPLICE.
+//!
+//! Each fill is a POLL_ADD linked to a non-blocking SPLICE, so the kernel
+//! runs the splice inline when data is there instead of parking an io-wq
+//! thread per connection on a blocking splice. A drain tries the splice
+//! first and only polls for POLLOUT when the destination is full. Memory per
+//! session is two pipes, whatever the transfer size: a slow reader stalls
+//! its direction (the pipe stays full), it does not grow a buffer.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::sync::oneshot;
+
+use super::offload::SpliceLeg;
+use super::{PumpEnd, Side};
+use crate::ktls;
+
+/// Bytes per splice (the default pipe capacity).
+const CHUNK: u32 = 64 * 1024;
+const RING_ENTRIES: u32 = 1024;
+const WAKE: u64 = u64::MAX;
+const TICK: u64 = u64::MAX - 1;
+
+/// What a completion belongs to: slot, generation, direction, operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// The POLL_ADD before a splice; its CQE only arrives on failure.
+    Poll = 1,
+    Fill = 2,
+    Drain = 3,
+    /// POLLOUT before a close_notify that found the socket full.
+    CloseNotify = 4,
+    Cancel = 5,
+}
+
+fn user_data(slot: usize, generation: u16, dir: usize, op: Op) -> u64 {
+    ((slot as u64) << 32) | ((generation as u64) << 16) | ((dir as u64) << 8) | op as u64
+}
+
+fn decode(ud: u64) -> (usize, u16, usize, u8) {
+    (
+        (ud >> 32) as usize,
+        (ud >> 16) as u16,
+        ((ud >> 8) & 0xff) as usize,
+        (ud & 0xff) as u8,
+    )
+}
+
+struct Job {
+    socks: [TcpStream; 2],
+    ktls: [bool; 2],
+    peer_closed: [bool; 2],
+    idle: Duration,
+    done: oneshot::Sender<([u64; 2], PumpEnd)>,
+}
+
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    wake: OwnedFd,
+}
+
+struct Pool {
+    workers: Vec<Worker>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// The worker pool, started on first use: one worker per core. `Err` says
+/// why io_uring is not usable here (the caller falls back to epoll).
+fn pool() -> Result<&'static Pool, &'static str> {
+    static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let ring = IoUring::new(RING_ENTRIES).map_err(|e| format!("io_uring_setup: {e}"))?;
+            // SAFETY: eventfd returns a fresh fd or -1.
+            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            if efd < 0 {
+                return Err(format!("eventfd: {}", io::Error::last_os_error()));
+            }
+            // SAFETY: efd is fresh and owned here.
+            let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+            let worker_wake = wake.try_clone().map_err(|e| e.to_string())?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("tlsrelay-uring-{i}"))
+                .spawn(move || WorkerLoop::new(ring, rx, worker_wake).run())
+                .map_err(|e| e.to_string())?;
+            workers.push(Worker { jobs: tx, wake });
+        }
+        Ok(Pool {
+            workers,
+            next: Default::default(),
+        })
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
+
+/// Whether the io_uring pump can run here, and why not.
+pub fn available() -> Result<(), String> {
+    pool().map(|_| ()).map_err(str::to_string)
+}
+
+/// Relays until both directions end, on an io_uring worker.
+pub(super) async fn relay(
+    client: SpliceLeg,
+    upstream: SpliceLeg,
+    idle: Duration,
+) -> ([u64; 2], PumpEnd) {
+    let pool = pool().expect("checked by the caller with available()");
+    let mut sent = [0u64; 2];
+    // Plaintext rustls decrypted before the handover goes first.
+    for (i, (src, dst)) in [(&client, &upstream), (&upstream, &client)]
+        .into_iter()
+        .enumerate()
+    {
+        if !src.leftover.is_empty() {
+            if let Err(e) = super::splice::write_all(&dst.tcp, &src.leftover).await {
+                let side = if i == 0 { Side::Upstream } else { Side::Client };
+                return (
+                    sent,
+                    PumpEnd::Reset {
+                        side,
+                        detail: e.to_string(),
+                    },
+                );
+            }
+            sent[i] += src.leftover.len() as u64;
+        }
+    }
+    let to_std = |leg: SpliceLeg| leg.tcp.into_std();
+    let (ktls, peer_closed) = (
+        [client.ktls, upstream.ktls],
+        [client.peer_closed, upstream.peer_closed],
+    );
+    let socks = match (to_std(client), to_std(upstream)) {
+        (Ok(c), Ok(u)) => [c, u],
+        (Err(e), _) | (_, Err(e)) => {
+            return (
+                sent,
+                PumpEnd::SetupFailed {
+                    detail: e.to_string(),
+                },
+            )
+        }
+    };
+    let (done, result) = oneshot::channel();
+    let job = Job {
+        socks,
+        ktls,
+        peer_closed,
+        idle,
+        done,
+    };
+    let i = pool.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.workers.len();
+    let worker = &pool.workers[i];
+    if worker.jobs.send(job).is_err() {
+        return (
+            sent,
+            PumpEnd::SetupFailed {
+                detail: "io_uring worker gone".into(),
+            },
+        );
+    }
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a live u64 to our eventfd.
+    unsafe { libc::write(worker.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    match result.await {
+        Ok((counts, end)) => ([counts[0] + sent[0], counts[1] + sent[1]], end),
+        Err(_) => (
+            sent,
+            PumpEnd::SetupFailed {
+                detail: "io_uring worker dropped the session".into(),
+            },
+        ),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirState {
+    /// Waiting for the source (poll + splice into the pipe in flight).
+    Filling,
+    /// Pipe holds bytes; splice out to the destination in flight.
+    Draining,
+    /// Source ended and the destination was half-closed.
+    Done,
+}
+
+struct Direction {
+    src: usize,
+    dst: usize,
+    pipe_r: OwnedFd,
+    pipe_w: OwnedFd,
+    in_pipe: u32,
+    state: DirState,
+    /// An operation of this direction is in flight.
+    pending: bool,
+}
+
+struct Session {
+    generation: u16,
+    socks: [TcpStream; 2],
+    ktls: [bool; 2],
+    dirs: [Direction; 2],
+    counts: [u64; 2],
+    idle: Duration,
+    last_activity: Instant,
+    /// Set once the session is ending; freed when nothing is in flight.
+    end: Option<PumpEnd>,
+    done: Option<oneshot::Sender<([u64; 2], PumpEnd)>>,
+}
+
+const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+struct WorkerLoop {
+    ring: IoUring,
+    jobs: mpsc::Receiver<Job>,
+    wake: OwnedFd,
+    wake_buf: Box<u64>,
+    tick: Box<types::Timespec>,
+    sessions: Vec<Option<Session>>,
+    free: Vec<usize>,
+    generation: u16,
+}
+
+impl WorkerLoop {
+    fn new(ring: IoUring, jobs: mpsc::Receiver<Job>, wake: OwnedFd) -> WorkerLoop {
+        WorkerLoop {
+            ring,
+            jobs,
+            wake,
+            wake_buf: Box::new(0),
+            tick: Box::new(types::Timespec::new().sec(1)),
+            sessions: Vec::new(),
+            free: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        // SAFETY: every entry's buffers (pipes, sockets, wake_buf, tick)
+        // outlive the operation: sessions are freed only once nothing of
+        // theirs is in flight, and the worker's own buffers live forever.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let read = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(WAKE);
+        self.push(read);
+    }
+
+    fn arm_tick(&mut self) {
+        let ts: *const types::Timespec = &*self.tick;
+        self.push(opcode::Timeout::new(ts).build().user_data(TICK));
+    }
+
+    fn run(mut self) {
+        self.arm_wake();
+        self.arm_tick();
+        let mut completions = Vec::with_capacity(RING_ENTRIES as usize);
+        loop {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                tracing::error!("io_uring worker stopping: {e}");
+                return;
+            }
+            completions.clear();
+            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &completions {
+                match ud {
+                    WAKE => {
+                        while let Ok(job) = self.jobs.try_recv() {
+                            self.start(job);
+                        }
+                        self.arm_wake();
+                    }
+                    TICK => {
+                        self.check_idle();
+                        self.arm_tick();
+                    }
+                    _ => self.complete(ud, res),
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, job: Job) {
+        let pipes = match (pipe(), pipe()) {
+            (Ok(a), Ok(b)) => [a, b],
+            (Err(e), _) | (_, Err(e)) => {
+                let end = PumpEnd::SetupFailed {
+                    detail: format!("pipe: {e}"),
+                };
+                let _ = job.done.send(([0, 0], end));
+                return;
+            }
+        };
+        let [(r0, w0), (r1, w1)] = pipes;
+        let dir = |src, dst, pipe_r, pipe_w| Direction {
+            src,
+            dst,
+            pipe_r,
+            pipe_w,
+            in_pipe: 0,
+            state: DirState::Filling,
+            pending: false,
+        };
+        self.generation = self.generation.wrapping_add(1);
+        let session = Session {
+            generation: self.generation,
+            socks: job.socks,
+            ktls: job.ktls,
+            dirs: [dir(0, 1, r0, w0), dir(1, 0, r1, w1)],
+            counts: [0, 0],
+            idle: job.idle,
+            last_activity: Instant::now(),
+            end: None,
+            done: Some(job.done),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.sessions[slot] = Some(session);
+                slot
+            }
+            None => {
+                self.sessions.push(Some(session));
+                self.sessions.len() - 1
+            }
+        };
+        for d in 0..2 {
+            if job.peer_closed[d] {
+                self.finish_direction(slot, d);
+            } else {
+                self.arm_fill(slot, d);
+            }
+        }
+    }
+
+    fn fds(&self, slot: usize, d: usize) -> (RawFd, RawFd, RawFd, RawFd, u16) {
+        let s = self.sessions[slot].as_ref().expect("live session");
+        let dir = &s.dirs[d];
+        (
+            s.socks[dir.src].as_raw_fd(),
+            s.socks[dir.dst].as_raw_fd(),
+            dir.pipe_r.as_raw_fd(),
+            dir.pipe_w.as_raw_fd(),
+            s.generation,
+        )
+    }
+
+    fn set_pending(&mut self, slot: usize, d: usize, state: DirState) {
+        let dir = &mut self.sessions[slot].as_mut().expect("live session").dirs[d];
+        dir.pending = true;
+        dir.state = state;
+    }
+
+    /// POLLIN on the source, linked to a non-blocking splice into the pipe.
+    fn arm_fill(&mut self, slot: usize, d: usize) {
+        let (src, _, _, pipe_w, generation) = self.fds(slot, d);
+        let poll = opcode::PollAdd::new(types::Fd(src), libc::POLLIN as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
+            .user_data(user_data(slot, generation, d, Op::Poll));
+        let splice = opcode::Splice::new(types::Fd(src), -1, types::Fd(pipe_w), -1, CHUNK)
+            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+            .build()
+            .user_data(user_data(slot, generation, d, Op::Fill));
+        self.set_pending(slot, d, DirState::Filling);
+        self.push(poll);
+        self.push(splice);
+    }
+
+    /// Splices the pipe out; `poll_first` when the destination was full.
+    fn arm_drain(&mut self, slot: usize, d: usize, poll_first: bool) {
+        let (_, dst, pipe_r, _, generation) = self.fds(slot, d);
+        let in_pipe = self.sessions[slot].as_ref().unwrap().dirs[d].in_pipe;
+        self.set_pending(slot, d, DirState::Draining);
+        if poll_first {
+            let poll = opcode::PollAdd::new(types::Fd(dst), libc::POLLOUT as u32)
+                .build()
+                .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
+                .user_data(user_data(slot, generation, d, Op::Poll));
+            self.push(poll);
+        }
+        let splice = opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(dst), -1, in_pipe)
+            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+            .build()
+            .user_data(user_data(slot, generation, d, Op::Drain));
+        self.push(splice);
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) {
+        let (slot, generation, d, op) = decode(ud);
+        let live = self
+            .sessions
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.generation == generation);
+        if !live || d > 1 {
+            return; // a straggler of a session already freed
+        }
+        let closing = self.sessions[slot].as_ref().unwrap().end.is_some();
+        if op == Op::Cancel as u8 {
+            return;
+        }
+        if op == Op::Poll as u8 {
+            // Only failures are reported (SKIP_SUCCESS), and then the kernel
+            // skips the linked splice's CQE too (REQ_F_SKIP_LINK_CQES): this
+            // CQE ends the direction's operation.
+            self.sessions[slot].as_mut().unwrap().dirs[d].pending = false;
+            if closing {
+                self.free_if_idle(slot);
+            } else {
+                let dir = &self.sessions[slot].as_ref().unwrap().dirs[d];
+                let side = match dir.state {
+                    DirState::Filling => SIDES[dir.src],
+                    _ => SIDES[dir.dst],
+                };
+                self.fail(slot, side, io::Error::from_raw_os_error(-res));
+            }
+            return;
+        }
+        self.sessions[slot].as_mut().unwrap().dirs[d].pending = false;
+        if closing {
+            self.free_if_idle(slot);
+            return;
+        }
+        let (src_side, dst_side) = {
+            let dir = &self.sessions[slot].as_ref().unwrap().dirs[d];
+            (SIDES[dir.src], SIDES[dir.dst])
+        };
+        match op {
+            x if x == Op::Fill as u8 => match res {
+                n if n > 0 => {
+                    let s = self.sessions[slot].as_mut().unwrap();
+                    s.dirs[d].in_pipe = n as u32;
+                    s.last_activity = Instant::now();
+                    self.arm_drain(slot, d, false);
+                }
+                0 => self.finish_direction(slot, d),
+                e if -e == libc::EAGAIN || -e == libc::ECANCELED => self.arm_fill(slot, d),
+                e if -e == libc::EINVAL && self.src_is_ktls(slot, d) => {
+                    self.control_record(slot, d)
+                }
+                e => self.fail(slot, src_side, io::Error::from_raw_os_error(-e)),
+            },
+            x if x == Op::Drain as u8 => match res {
+                n if n > 0 => {
+                    let s = self.sessions[slot].as_mut().unwrap();
+                    s.counts[d] += n as u64;
+                    s.dirs[d].in_pipe -= n as u32;
+                    if s.dirs[d].in_pipe > 0 {
+                        self.arm_drain(slot, d, false);
+                    } else {
+                        self.arm_fill(slot, d);
+                    }
+                }
+                e if -e == libc::EAGAIN || -e == libc::ECANCELED => self.arm_drain(slot, d, true),
+                0 => self.fail(slot, dst_side, io::ErrorKind::WriteZero.into()),
+                e => self.fail(slot, dst_side, io::Error::from_raw_os_error(-e)),
+            },
+            x if x == Op::CloseNotify as u8 => self.finish_direction(slot, d),
+            _ => {}
+        }
+    }
+
+    fn src_is_ktls(&self, slot: usize, d: usize) -> bool {
+        let s = self.sessions[slot].as_ref().unwrap();
+        s.ktls[s.dirs[d].src]
+    }
+
+    /// Splice refused a non-data record on a kTLS source: read it and act.
+    fn control_record(&mut self, slot: usize, d: usize) {
+        let (src, ..) = self.fds(slot, d);
+        let side = SIDES[self.sessions[slot].as_ref().unwrap().dirs[d].src];
+        let mut record = vec![0u8; 16 * 1024 + 256];
+        match ktls::recv_record(src, &mut record)
+            .and_then(|(kind, n)| super::splice::control(kind, &record[..n]))
+        {
+            Ok(super::splice::Control::Closed) => self.finish_direction(slot, d),
+            Ok(super::splice::Control::Skip) => self.arm_fill(slot, d),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.arm_fill(slot, d),
+            Err(e) => self.fail(slot, side, e),
+        }
+    }
+
+    /// The source ended: close_notify (kTLS) and FIN to the destination.
+    fn finish_direction(&mut self, slot: usize, d: usize) {
+        let (_, dst, _, _, generation) = self.fds(slot, d);
+        let s = self.sessions[slot].as_ref().unwrap();
+        let dst_idx = s.dirs[d].dst;
+        if s.ktls[dst_idx] {
+            match ktls::send_close_notify(dst) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let poll = opcode::PollAdd::new(types::Fd(dst), libc::POLLOUT as u32)
+                        .build()
+                        .user_data(user_data(slot, generation, d, Op::CloseNotify));
+                    self.set_pending(slot, d, DirState::Draining);
+                    self.push(poll);
+                    return;
+                }
+                Err(e) => return self.fail(slot, SIDES[dst_idx], e),
+            }
+        }
+        let s = self.sessions[slot].as_mut().unwrap();
+        // SAFETY: shutdown on a socket this session owns.
+        unsafe { libc::shutdown(dst, libc::SHUT_WR) };
+        s.dirs[d].state = DirState::Done;
+        if s.dirs.iter().all(|dir| dir.state == DirState::Done) {
+            self.end(slot, PumpEnd::Closed);
+        }
+    }
+
+    fn fail(&mut self, slot: usize, side: Side, err: io::Error) {
+        let s = self.sessions[slot].as_ref().unwrap();
+        // Propagate a reset to the side that did not fail.
+        let other = &s.socks[match side {
+            Side::Client => 1,
+            Side::Upstream => 0,
+        }];
+        let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
+        self.end(
+            slot,
+            PumpEnd::Reset {
+                side,
+                detail: err.to_string(),
+            },
+        );
+    }
+
+    /// Ends a session: cancels what is in flight and frees it once that
+    /// has completed.
+    fn end(&mut self, slot: usize, end: PumpEnd) {
+        let s = self.sessions[slot].as_mut().unwrap();
+        if s.end.is_some() {
+            return;
+        }
+        s.end = Some(end);
+        let generation = s.generation;
+        let pending: Vec<usize> = (0..2).filter(|&d| s.dirs[d].pending).collect();
+        for d in pending {
+            for op in [Op::Poll, Op::Fill, Op::Drain, Op::CloseNotify] {
+                let cancel = opcode::AsyncCancel::new(user_data(slot, generation, d, op))
+                    .build()
+                    .user_data(user_data(slot, generation, d, Op::Cancel));
+                self.push(cancel);
+            }
+        }
+        self.free_if_idle(slot);
+    }
+
+    fn free_if_idle(&mut self, slot: usize) {
+        let s = self.sessions[slot].as_ref().unwrap();
+        if s.end.is_none() || s.dirs.iter().any(|d| d.pending) {
+            return;
+        }
+        let mut s = self.sessions[slot].take().unwrap();
+        self.free.push(slot);
+        if let (Some(done), Some(end)) = (s.done.take(), s.end.take()) {
+            let _ = done.send((s.counts, end));
+        }
+        // Sockets and pipes close here, after their last operation.
+    }
+
+    fn check_idle(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<usize> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                (s.end.is_none() && now.duration_since(s.last_activity) >= s.idle).then_some(i)
+            })
+            .collect();
+        for slot in idle {
+            self.end(slot, PumpEnd::IdleTimeout);
+        }
+    }
+}
