@@ -15,6 +15,7 @@ use crate::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Source, Upstream,
 };
 use crate::policy::{InboundMode, NamePattern, OutboundPolicy, Verification};
+use crate::pump::SpliceEngine;
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
 use crate::tls::{
@@ -77,6 +78,7 @@ impl Plan {
             listeners.push((l.address, Arc::new(plan)));
         }
         description.extend(config.upstreams.iter().map(describe_route));
+        description.push(describe_dataplane(config));
         Ok(Plan {
             listeners,
             max_connections: config.limits.max_connections,
@@ -283,6 +285,22 @@ fn describe_listener(l: &Listener, up: &Upstream) -> String {
         up.name.get_ref(),
         up.address.get_ref()
     )
+}
+
+/// What the data plane will do on this machine: the kTLS probe's result and
+/// the splice engine.
+fn describe_dataplane(config: &Config) -> String {
+    let ktls = if config.dataplane.ktls {
+        crate::ktls::probe().summary()
+    } else {
+        "kernel TLS disabled (dataplane.ktls = false); TLS legs use userspace rustls".to_string()
+    };
+    let engine = match (config.dataplane.pump, crate::pump::io_uring_available()) {
+        (SpliceEngine::IoUring, Ok(())) => "splice via io_uring".to_string(),
+        (SpliceEngine::IoUring, Err(e)) => format!("splice via epoll (io_uring unavailable: {e})"),
+        (SpliceEngine::Epoll, _) => "splice via epoll (dataplane.pump = \"epoll\")".to_string(),
+    };
+    format!("data plane: {ktls}; {engine}")
 }
 
 fn describe_route(up: &Upstream) -> String {

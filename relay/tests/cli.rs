@@ -51,6 +51,7 @@ tls.names = ["*.partner.example"]
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("valid"), "{stdout}");
+    assert!(stdout.contains("data plane: "), "{stdout}");
     assert!(
         stdout.contains(
             "listener partners on 127.0.0.1:0 (tcp): inbound TLS required, minimum TLSv1.3"
@@ -215,5 +216,73 @@ tls.policy = "plain"
         key_mode.permissions().mode() & 0o777,
         0o600,
         "private key readable by owner only"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A reader that stops reading must stall the sender, not grow the relay:
+/// memory per connection is bounded whatever the transfer size.
+#[test]
+fn slow_reader_applies_backpressure_not_buffering() {
+    const TOTAL: usize = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = sink.local_addr().unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = sink.accept().unwrap();
+        release_rx.recv().unwrap(); // hold off reading until told
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        loop {
+            match s.read(&mut buf).unwrap() {
+                0 => break total,
+                n => total += n,
+            }
+        }
+    });
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"sink\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    );
+    let relay = run_relay(&config, &dir.path().join("state"));
+    let pid = relay.child.id();
+    let baseline = rss_kib(pid);
+    let addr = relay.listeners[0].1;
+    let writer = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        let chunk = vec![0x5Au8; 1 << 20];
+        for _ in 0..TOTAL / chunk.len() {
+            c.write_all(&chunk).unwrap();
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(2)); // the writer is blocked by now
+    let stalled = rss_kib(pid);
+    assert!(
+        !writer.is_finished(),
+        "the sender should be stalled while nobody reads"
+    );
+    assert!(
+        stalled < baseline + 16 * 1024,
+        "relay RSS grew from {baseline} KiB to {stalled} KiB with a stalled reader"
+    );
+    release_tx.send(()).unwrap();
+    writer.join().unwrap();
+    assert_eq!(
+        reader.join().unwrap(),
+        TOTAL,
+        "every byte arrives once the reader reads"
     );
 }

@@ -46,7 +46,7 @@ const MODULES: &[&str] = &[
 ];
 
 /// Test binaries (in the tlsrelay-tests package) that run in the guest.
-const VM_TESTS: &[&str] = &["ktls"];
+const VM_TESTS: &[&str] = &["ktls", "relay_data"];
 
 /// The guest gets this long before it is declared hung.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
