@@ -98,6 +98,8 @@ pub enum KtlsError {
         version: KtlsVersion,
         cipher: KtlsCipher,
     },
+    #[error("setsockopt(TCP_ULP, \"tls\"): {0}")]
+    Attach(io::Error),
     #[error("no kernel TLS equivalent for {0}")]
     UnknownSuite(String),
     #[error("extracting the session keys from rustls: {0}")]
@@ -176,7 +178,7 @@ fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
 
 fn probe_now() -> Result<KtlsSupport, KtlsError> {
     let (client, _server) = loopback_pair().map_err(KtlsError::NoUlp)?;
-    set_ulp(client.as_raw_fd())?;
+    set_ulp(client.as_raw_fd()).map_err(KtlsError::NoUlp)?;
     let mut combinations = Vec::new();
     for version in [KtlsVersion::Tls12, KtlsVersion::Tls13] {
         for cipher in KtlsCipher::ALL {
@@ -195,7 +197,7 @@ fn probe_now() -> Result<KtlsSupport, KtlsError> {
     })
 }
 
-fn set_ulp(fd: RawFd) -> Result<(), KtlsError> {
+fn set_ulp(fd: RawFd) -> io::Result<()> {
     let name = b"tls";
     // SAFETY: fd is a live socket; the option value is a valid buffer.
     let rc = unsafe {
@@ -208,7 +210,7 @@ fn set_ulp(fd: RawFd) -> Result<(), KtlsError> {
         )
     };
     if rc != 0 {
-        return Err(KtlsError::NoUlp(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -324,8 +326,18 @@ fn set_crypto(fd: RawFd, direction: libc::c_int, info: &CryptoInfo) -> io::Resul
     Ok(())
 }
 
-/// Hands a finished rustls session to the kernel: TCP_ULP "tls", then the
-/// transmit and receive keys with their record sequence numbers.
+/// Attaches the TLS ULP, the step that can fail for reasons of the moment
+/// (the kernel only takes established sockets: a peer that already sent its
+/// FIN makes it ENOTCONN). Done before the keys leave rustls, so a refusal
+/// still leaves the session to userspace rustls; until keys are installed
+/// the socket behaves as plain TCP.
+pub fn attach_ulp(fd: RawFd) -> Result<(), KtlsError> {
+    set_ulp(fd).map_err(KtlsError::Attach)
+}
+
+/// Hands a finished rustls session's keys to the kernel (after
+/// [`attach_ulp`]): the transmit and receive keys with their record
+/// sequence numbers.
 pub fn install(
     fd: RawFd,
     version: KtlsVersion,
@@ -336,7 +348,6 @@ pub fn install(
     let unknown = || KtlsError::UnknownSuite("extracted secrets".into());
     let tx = CryptoInfo::from_secrets(version, tx_seq, &tx).ok_or_else(unknown)?;
     let rx = CryptoInfo::from_secrets(version, rx_seq, &rx).ok_or_else(unknown)?;
-    set_ulp(fd)?;
     set_crypto(fd, TLS_TX, &tx).map_err(|source| KtlsError::Install {
         direction: "TLS_TX",
         source,

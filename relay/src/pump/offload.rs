@@ -73,6 +73,13 @@ pub(super) async fn prepare(client: Leg, upstream: Leg, ktls_enabled: bool) -> P
         } else {
             kernel_refuses(&client).or_else(|| kernel_refuses(&upstream))
         };
+        let refusal = refusal.or_else(|| {
+            [&client, &upstream]
+                .into_iter()
+                .filter(|leg| leg.is_tls())
+                .find_map(|leg| ktls::attach_ulp(leg.tcp().as_raw_fd()).err())
+                .map(|e| format!("{e} (the peer may have closed already)"))
+        });
         if refusal.is_some() {
             return Prepared::Userspace {
                 client,
