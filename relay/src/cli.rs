@@ -32,6 +32,17 @@ pub enum Command {
         #[arg(long)]
         json_reports: bool,
     },
+    /// Print the eBPF wire counters from their pinned maps (no running relay
+    /// needed) beside the relay's own view of each socket, flagging every
+    /// disagreement. Exit status 0, or 3 when they disagree.
+    Stats {
+        /// Where the maps are pinned.
+        #[arg(long, default_value = crate::bpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration and print the effective policy.
     ///
     /// Exit status 0 when valid, 2 when not.
@@ -48,6 +59,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file } => check(&file),
+        Command::Stats { pin_dir, json } => stats(&pin_dir, json),
         Command::Run {
             config,
             state_dir,
@@ -94,6 +106,63 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
+fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
+    let snapshot = match crate::bpf::snapshot(pin_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tlsrelay: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&snapshot).expect("serializable")
+        );
+    } else {
+        let line = |title: &str, counts: &std::collections::BTreeMap<&str, u64>| {
+            let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("{title}: {}", parts.join(", "));
+        };
+        println!("eBPF wire counters pinned in {}", pin_dir.display());
+        line("connections by negotiated version", &snapshot.negotiated.0);
+        line("downgrades", &snapshot.downgrades.0);
+        line("parser", &snapshot.parser.0);
+        println!("connections (wire | relay):");
+        for c in &snapshot.connections {
+            let wire = match (c.wire.negotiated_version, c.wire.plaintext) {
+                (Some(v), _) => format!("{v} suite {:#06x}", c.wire.cipher_suite),
+                (None, true) => "plaintext".to_string(),
+                (None, false) => "no hello".to_string(),
+            };
+            let relay = match &c.relay {
+                Some(r) => format!(
+                    "{} {}{}",
+                    r.leg,
+                    r.negotiated_version.unwrap_or("plaintext"),
+                    if r.downgraded { " (downgraded)" } else { "" }
+                ),
+                None => "-".to_string(),
+            };
+            let flag = if c.disagreements.is_empty() {
+                String::new()
+            } else {
+                format!("   DISAGREE: {}", c.disagreements.join("; "))
+            };
+            println!(
+                "  {:>20} :{:<5} <-> :{:<5} {wire:<32} | {relay}{flag}",
+                c.cookie, c.local_port, c.remote_port
+            );
+        }
+        println!("disagreements: {}", snapshot.disagreements);
+    }
+    if snapshot.disagreements > 0 {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn run(
     config: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -105,10 +174,30 @@ fn run(
     };
     let state_dir = crate::state::state_dir(state_dir.or_else(|| config.state_dir.clone()));
     let plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
+    // Before any socket exists: sockets belong to their creator's cgroup.
+    let wire = if config.ebpf.enabled {
+        match crate::bpf::WireCounters::start(&config.ebpf.settings()) {
+            Ok(w) => Ok(std::sync::Arc::new(w)),
+            Err(e) => Err(format!("eBPF wire counters off: {e}")),
+        }
+    } else {
+        Err("eBPF wire counters off (ebpf.enabled = false)".to_string())
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let description = plan.description.clone();
         let mut relay = Relay::bind(plan).await?;
+        let wire_line = match &wire {
+            Ok(w) => {
+                relay.record_wire_views(w.clone());
+                format!(
+                    "eBPF wire counters on the sockets of cgroup {}, maps pinned in {}",
+                    w.cgroup.display(),
+                    w.pin_dir.display()
+                )
+            }
+            Err(why) => why.clone(),
+        };
         println!(
             "tlsrelay {} running ({})",
             env!("CARGO_PKG_VERSION"),
@@ -120,6 +209,7 @@ fn run(
         for line in &description {
             println!("  {line}");
         }
+        println!("  {wire_line}");
         println!("  state directory {}", state_dir.display());
         if json_reports {
             let (tx, mut rx) = mpsc::unbounded_channel();

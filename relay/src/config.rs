@@ -93,6 +93,8 @@ pub struct Config {
     #[serde(default)]
     pub dataplane: Dataplane,
     #[serde(default)]
+    pub ebpf: Ebpf,
+    #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
@@ -141,6 +143,44 @@ impl Default for Dataplane {
         Dataplane {
             ktls: true,
             pump: SpliceEngine::IoUring,
+        }
+    }
+}
+
+/// The eBPF wire counters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ebpf {
+    /// Load them when privileges allow (root, or CAP_BPF + CAP_NET_ADMIN).
+    pub enabled: bool,
+    /// Where the maps are pinned (bpffs is mounted on /sys/fs/bpf if absent).
+    pub pin_dir: PathBuf,
+    /// `child` (a child of the relay's cgroup, which it moves into), `own`
+    /// (the relay's cgroup as it is, e.g. a systemd service's), or a path.
+    pub cgroup: String,
+}
+
+impl Default for Ebpf {
+    fn default() -> Self {
+        Ebpf {
+            enabled: true,
+            pin_dir: PathBuf::from(crate::bpf::DEFAULT_PIN_DIR),
+            cgroup: "child".into(),
+        }
+    }
+}
+
+impl Ebpf {
+    pub fn settings(&self) -> crate::bpf::WireSettings {
+        use crate::bpf::CgroupChoice;
+        crate::bpf::WireSettings {
+            pin_dir: self.pin_dir.clone(),
+            cgroup: match self.cgroup.as_str() {
+                "child" => CgroupChoice::Child,
+                "own" => CgroupChoice::Own,
+                path => CgroupChoice::Path(PathBuf::from(path)),
+            },
+            smtp_ports: Vec::new(),
         }
     }
 }

@@ -8,6 +8,7 @@
 #[macro_use]
 mod keywords;
 
+pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod ktls;

@@ -11,6 +11,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::bpf::WireCounters;
 use crate::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Source, Upstream,
 };
@@ -355,6 +356,7 @@ pub struct Relay {
     listeners: Vec<(TcpListener, Arc<ListenerPlan>)>,
     limit: Arc<Semaphore>,
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
+    wire: Option<Arc<WireCounters>>,
 }
 
 impl Relay {
@@ -374,6 +376,7 @@ impl Relay {
             listeners,
             limit: Arc::new(Semaphore::new(plan.max_connections)),
             reports: None,
+            wire: None,
         })
     }
 
@@ -383,6 +386,11 @@ impl Relay {
             .iter()
             .filter_map(|(s, p)| Some((p.name.clone(), s.local_addr().ok()?)))
             .collect()
+    }
+
+    /// Records each session's view of its sockets in the eBPF maps.
+    pub fn record_wire_views(&mut self, wire: Arc<WireCounters>) {
+        self.wire = Some(wire);
     }
 
     /// Also sends every session report to `tx` (tests, the demo).
@@ -401,7 +409,10 @@ impl Relay {
                 plan,
                 self.limit.clone(),
                 ids.clone(),
-                self.reports.clone(),
+                Sinks {
+                    reports: self.reports.clone(),
+                    wire: self.wire.clone(),
+                },
             ));
         }
         shutdown.await;
@@ -409,12 +420,19 @@ impl Relay {
     }
 }
 
+/// Where finished sessions' reports go besides the log.
+#[derive(Clone)]
+struct Sinks {
+    reports: Option<mpsc::UnboundedSender<SessionReport>>,
+    wire: Option<Arc<WireCounters>>,
+}
+
 async fn accept_loop(
     socket: TcpListener,
     plan: Arc<ListenerPlan>,
     limit: Arc<Semaphore>,
     ids: Arc<AtomicU64>,
-    reports: Option<mpsc::UnboundedSender<SessionReport>>,
+    sinks: Sinks,
 ) {
     loop {
         let (client, peer) = match socket.accept().await {
@@ -433,12 +451,15 @@ async fn accept_loop(
             continue;
         };
         let plan = plan.clone();
-        let reports = reports.clone();
+        let sinks = sinks.clone();
         tokio::spawn(async move {
             let report = session::run(id, &plan, client, peer).await;
             drop(permit);
             tracing::info!("{report}");
-            if let Some(tx) = reports {
+            if let Some(wire) = &sinks.wire {
+                wire.record_session(&report);
+            }
+            if let Some(tx) = sinks.reports {
                 let _ = tx.send(report);
             }
         });

@@ -89,6 +89,11 @@ pub struct SessionReport {
     pub client: SocketAddr,
     pub upstream: String,
     pub upstream_addr: Option<SocketAddr>,
+    /// Socket cookies (SO_COOKIE), the key the eBPF records use.
+    pub client_cookie: Option<u64>,
+    pub upstream_cookie: Option<u64>,
+    /// The upstream connection whose TLS failed before a plaintext retry.
+    pub failed_attempt_cookie: Option<u64>,
     pub inbound: Option<LegSecurity>,
     pub outbound: Option<LegSecurity>,
     pub downgrades: Vec<Downgrade>,
@@ -113,6 +118,9 @@ impl SessionReport {
             client,
             upstream: upstream.to_string(),
             upstream_addr: None,
+            client_cookie: None,
+            upstream_cookie: None,
+            failed_attempt_cookie: None,
             inbound: None,
             outbound: None,
             downgrades: Vec::new(),
@@ -131,6 +139,18 @@ impl SessionReport {
 
     pub fn downgraded(&self, leg: Direction) -> Option<&Downgrade> {
         self.downgrades.iter().find(|d| d.leg == leg)
+    }
+
+    /// The TLS failure that refused the session on `leg`, if any.
+    pub fn tls_failure(&self, leg: Direction) -> Option<&TlsFailure> {
+        match &self.outcome {
+            Outcome::Refused {
+                leg: l,
+                failure: Some(f),
+                ..
+            } if *l == leg => Some(f),
+            _ => None,
+        }
     }
 }
 
@@ -227,6 +247,8 @@ mod tests {
         let n = Negotiated {
             version: "TLSv1.3".into(),
             cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            version_code: 0x0304,
+            cipher_code: 0x1302,
         };
         assert_eq!(
             outbound_tls_line(

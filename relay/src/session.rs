@@ -79,6 +79,7 @@ pub async fn run(
     let route = &plan.route;
     let mut report = SessionReport::new(id, &plan.name, peer, &route.name);
     let _ = client.set_nodelay(true);
+    report.client_cookie = crate::bpf::socket_cookie(&client);
 
     let client_leg = match accept_inbound(plan, client, peer, &mut report).await {
         Some(leg) => leg,
@@ -243,6 +244,13 @@ async fn connect_outbound(
             let conn = stream.get_ref().1;
             let negotiated = Negotiated::of(conn);
             let trust = tls.peer_trust(conn.peer_certificates());
+            // The relay always offers TLS 1.3; settling lower is a downgrade.
+            if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2) {
+                report.downgrades.push(Downgrade {
+                    leg: Direction::Outbound,
+                    reason: "version: upstream negotiated TLSv1.2, TLSv1.3 was offered".into(),
+                });
+            }
             tracing::info!(
                 session = report.id,
                 "{}",
@@ -298,6 +306,8 @@ async fn connect_tcp(
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
             report.upstream_addr = tcp.peer_addr().ok();
+            report.failed_attempt_cookie = report.upstream_cookie.take();
+            report.upstream_cookie = crate::bpf::socket_cookie(&tcp);
             return Some(tcp);
         }
         Ok(Err(e)) => e.to_string(),

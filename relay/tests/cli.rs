@@ -115,6 +115,7 @@ fn every_subcommand_has_help() {
 struct Running {
     child: Child,
     listeners: Vec<(String, SocketAddr)>,
+    banner: String,
 }
 
 impl Drop for Running {
@@ -125,7 +126,11 @@ impl Drop for Running {
 }
 
 fn run_relay(config: &str, state: &Path) -> Running {
-    let mut child = Command::new(BIN)
+    run_relay_with(Command::new(BIN), config, state)
+}
+
+fn run_relay_with(mut command: Command, config: &str, state: &Path) -> Running {
+    let mut child = command
         .args(["run", "--config", config, "--state-dir"])
         .arg(state)
         .stdout(Stdio::piped())
@@ -134,12 +139,15 @@ fn run_relay(config: &str, state: &Path) -> Running {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut listeners = Vec::new();
+    let mut banner = String::new();
     loop {
         let Some(Ok(line)) = lines.next() else {
             let mut err = String::new();
             let _ = child.stderr.take().unwrap().read_to_string(&mut err);
             panic!("tlsrelay exited during startup: {err}");
         };
+        banner += &line;
+        banner.push('\n');
         if let Some(rest) = line.trim().strip_prefix("listener ") {
             if let Some((name, addr)) = rest.split_once(" listening on ") {
                 listeners.push((name.to_string(), addr.parse().unwrap()));
@@ -151,7 +159,11 @@ fn run_relay(config: &str, state: &Path) -> Running {
     }
     // Keep draining the log so the relay never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    Running { child, listeners }
+    Running {
+        child,
+        listeners,
+        banner,
+    }
 }
 
 #[test]
@@ -175,6 +187,8 @@ fn run_relays_and_keeps_its_self_signed_certificate() {
         "relay.toml",
         &format!(
             r#"
+ebpf.enabled = false
+
 [[listeners]]
 name = "plain"
 address = "127.0.0.1:0"
@@ -253,7 +267,7 @@ fn slow_reader_applies_backpressure_not_buffering() {
         dir.path(),
         "relay.toml",
         &format!(
-            "[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"sink\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+            "ebpf.enabled = false\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"sink\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
         ),
     );
     let relay = run_relay(&config, &dir.path().join("state"));
@@ -285,4 +299,57 @@ fn slow_reader_applies_backpressure_not_buffering() {
         TOTAL,
         "every byte arrives once the reader reads"
     );
+}
+
+/// Without privileges the relay runs on and says once that the eBPF
+/// counters are off.
+#[test]
+fn unprivileged_relay_runs_without_wire_counters() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to drop to nobody");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in echo.incoming().flatten() {
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let _ = s.write_all(&buf);
+        }
+    });
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut as_nobody = Command::new("setpriv");
+    as_nobody.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        BIN,
+    ]);
+    let relay = run_relay_with(as_nobody, &config, &state);
+    assert!(
+        relay.banner.contains("eBPF wire counters off:"),
+        "{}",
+        relay.banner
+    );
+    let mut c = TcpStream::connect(relay.listeners[0].1).unwrap();
+    c.write_all(b"still relayed").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"still relayed");
 }

@@ -2,9 +2,11 @@
 //!
 //! - `demo`: build, start the relay on its embedded default with a local
 //!   echo upstream, push traffic through each policy, leave it running;
+//! - `build-ebpf`: install the eBPF toolchain if missing, build the program;
 //! - `vmtest`: the kernel-TLS tests inside a VM with a kTLS kernel;
 //! - `ci`: everything CI runs, in CI's order.
 
+mod ebpf;
 mod vm;
 
 use std::net::{SocketAddr, TcpStream};
@@ -32,6 +34,9 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Install what building the eBPF program needs (nightly rust-src,
+    /// LLVM 22, bpf-linker, bpftool) where missing, then build it.
+    BuildEbpf,
     /// Run the kernel-TLS tests in a VM booted from Debian's 6.12 cloud
     /// kernel (CONFIG_TLS=m); fetches the kernel and qemu with apt.
     Vmtest,
@@ -43,6 +48,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Demo { once } => demo(once),
+        Task::BuildEbpf => ebpf::build(),
         Task::Vmtest => vm::vmtest(),
         Task::Ci => ci(),
     }
@@ -128,6 +134,11 @@ const REQUIRED: &str = "127.0.0.1:4431";
 const UPSTREAM: &str = "127.0.0.1:4432";
 
 fn demo(once: bool) -> anyhow::Result<()> {
+    // The wire counters need the eBPF toolchain and root; without either
+    // the demo runs on and the relay says the counters are off.
+    if let Err(e) = ebpf::ensure_toolchain() {
+        println!("demo: building without the eBPF program ({e:#})");
+    }
     run(
         "build the relay and the demo peers",
         cargo().args(["build", "-p", "tlsrelay", "-p", "tlsrelay-bench"]),
@@ -211,6 +222,10 @@ fn demo(once: bool) -> anyhow::Result<()> {
     }
     if surprises > 0 {
         bail!("{surprises} demo case(s) did not behave as the policy says");
+    }
+    if Path::new("/sys/fs/bpf/tlsrelay/negotiated").exists() {
+        println!("\n=== what the eBPF program saw on the wire (tlsrelay stats)");
+        let _ = Command::new(bin.join("tlsrelay")).arg("stats").status();
     }
     if once {
         println!("\ndemo: every policy behaved as configured");

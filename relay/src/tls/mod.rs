@@ -75,6 +75,9 @@ pub struct Negotiated {
     pub version: String,
     /// The rustls suite name, e.g. `TLS13_AES_256_GCM_SHA384`.
     pub cipher: String,
+    /// The same two as on the wire (0x0304, 0x1302), for the eBPF join.
+    pub version_code: u16,
+    pub cipher_code: u16,
 }
 
 impl Negotiated {
@@ -85,12 +88,17 @@ impl Negotiated {
             Some(other) => format!("{other:?}"),
             None => "unknown".to_string(),
         };
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
+        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
+        let cipher = suite
+            .and_then(|s| s.as_str())
             .unwrap_or("unknown")
             .to_string();
-        Negotiated { version, cipher }
+        Negotiated {
+            version,
+            cipher,
+            version_code: conn.protocol_version().map_or(0, u16::from),
+            cipher_code: suite.map_or(0, u16::from),
+        }
     }
 }
 

@@ -1,0 +1,487 @@
+//! The program proper. Every read goes through `bpf_skb_load_bytes` with a
+//! constant length, so the kernel checks bounds at run time and the verifier
+//! has nothing to prove about packet pointers; loops have constant bounds.
+//! What cannot be read whole (a hello split across segments) is counted as
+//! unparsed, never guessed.
+
+// Map statics are named as bpftool shows and the loader pins them.
+#![allow(non_upper_case_globals)]
+
+use aya_ebpf::{
+    btf_maps::{Array, LruHashMap, PerCpuArray},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::{btf_map, cgroup_skb},
+    programs::SkBuffContext,
+    EbpfContext,
+};
+use tlsrelay_ebpf_common::*;
+
+#[btf_map]
+static connections: LruHashMap<u64, Connection, { MAX_CONNECTIONS as usize }> = LruHashMap::new();
+#[btf_map]
+static negotiated: PerCpuArray<Negotiated, 1> = PerCpuArray::new();
+#[btf_map]
+static downgrades: PerCpuArray<Downgrades, 1> = PerCpuArray::new();
+#[btf_map]
+static parser: PerCpuArray<Parser, 1> = PerCpuArray::new();
+/// Written by the relay itself (see `RelayView`).
+#[btf_map]
+static relay_view: LruHashMap<u64, RelayView, { MAX_CONNECTIONS as usize }> = LruHashMap::new();
+/// Ports read as SMTP, set by the loader; 0 entries are unused.
+#[btf_map]
+static smtp_ports: Array<u16, { MAX_SMTP_PORTS as usize }> = Array::new();
+/// Per-CPU room for the start of a plaintext payload.
+#[btf_map]
+static scratch: PerCpuArray<[u8; WINDOW], 1> = PerCpuArray::new();
+
+const WINDOW: usize = 512;
+const TCP: u8 = 6;
+const RECORD_CCS: u8 = 0x14;
+const RECORD_ALERT: u8 = 0x15;
+const RECORD_HANDSHAKE: u8 = 0x16;
+const RECORD_APPLICATION_DATA: u8 = 0x17;
+const CLIENT_HELLO: u8 = 1;
+const SERVER_HELLO: u8 = 2;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
+/// The first 8 bytes of the random that marks a ServerHello as a
+/// HelloRetryRequest (RFC 8446 4.1.3).
+const HRR_RANDOM: [u8; 8] = [0xCF, 0x21, 0xAD, 0x74, 0xE5, 0x9A, 0x61, 0x11];
+
+#[cgroup_skb]
+pub fn wire_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = observe(&ctx, false);
+    1 // always let the packet through
+}
+
+#[cgroup_skb]
+pub fn wire_egress(ctx: SkBuffContext) -> i32 {
+    let _ = observe(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn load<const N: usize>(ctx: &SkBuffContext, offset: u32) -> Result<[u8; N], ()> {
+    let mut buf = [0u8; N];
+    // SAFETY: the helper writes at most N bytes into buf and checks the
+    // packet bounds itself.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.as_ptr(), offset, buf.as_mut_ptr().cast(), N as u32) };
+    if rc == 0 {
+        Ok(buf)
+    } else {
+        Err(())
+    }
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn per_cpu<T>(map: &PerCpuArray<T, 1>) -> Option<&mut T> {
+    // SAFETY: a per-CPU slot is only touched by this CPU while we run.
+    map.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+// One function per field: inlined, LLVM folds a match over fields into a
+// computed address whose bounds the verifier cannot follow.
+#[inline(never)]
+fn count_tls1_0(n: &mut Negotiated) {
+    n.tls1_0 += 1;
+}
+#[inline(never)]
+fn count_tls1_1(n: &mut Negotiated) {
+    n.tls1_1 += 1;
+}
+#[inline(never)]
+fn count_tls1_2(n: &mut Negotiated) {
+    n.tls1_2 += 1;
+}
+#[inline(never)]
+fn count_tls1_3(n: &mut Negotiated) {
+    n.tls1_3 += 1;
+}
+
+/// Adds to a global counter once per connection.
+#[inline(always)]
+fn once<T>(conn: &mut Connection, bit: u8, map: &PerCpuArray<T, 1>, add: impl FnOnce(&mut T)) {
+    if conn.counted & bit == 0 {
+        conn.counted |= bit;
+        if let Some(counters) = per_cpu(map) {
+            add(counters);
+        }
+    }
+}
+
+fn observe(ctx: &SkBuffContext, egress: bool) -> Result<(), ()> {
+    let first: [u8; 1] = load(ctx, 0)?;
+    let (l4, proto) = match first[0] >> 4 {
+        4 => {
+            let p: [u8; 1] = load(ctx, 9)?;
+            (((first[0] & 0x0f) as u32) * 4, p[0])
+        }
+        6 => {
+            let nh: [u8; 1] = load(ctx, 6)?;
+            (40, nh[0]) // extension headers are not followed
+        }
+        _ => return Ok(()),
+    };
+    if proto != TCP {
+        return Ok(());
+    }
+    let tcp: [u8; 13] = load(ctx, l4)?;
+    let payload = l4 + ((tcp[12] >> 4) as u32) * 4;
+    let len = ctx.len();
+    if payload >= len {
+        return Ok(()); // no payload: SYN, ACK, FIN
+    }
+    let payload_len = len - payload;
+    let (sport, dport) = (be16([tcp[0], tcp[1]]), be16([tcp[2], tcp[3]]));
+    let (local, remote) = if egress {
+        (sport, dport)
+    } else {
+        (dport, sport)
+    };
+
+    // SAFETY: plain helper calls on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if connections.get_ptr_mut(&cookie).is_none() {
+        let fresh = Connection {
+            first_seen_ns: now,
+            local_port: local,
+            remote_port: remote,
+            ..Default::default()
+        };
+        let _ = connections.insert(&cookie, &fresh, 0);
+    }
+    let conn = match connections.get_ptr_mut(&cookie) {
+        // SAFETY: the LRU value stays valid while this program runs.
+        Some(p) => unsafe { &mut *p },
+        None => return Err(()),
+    };
+    conn.last_seen_ns = now;
+    if let Some(p) = per_cpu(&parser) {
+        p.segments += 1;
+    }
+
+    let head: [u8; 1] = load(ctx, payload)?;
+    let is_record = matches!(
+        head[0],
+        RECORD_CCS | RECORD_ALERT | RECORD_HANDSHAKE | RECORD_APPLICATION_DATA
+    );
+    if is_record && payload_len >= 5 {
+        let h: [u8; 5] = load(ctx, payload)?;
+        if h[1] == 3 {
+            return tls_record(ctx, conn, payload, payload_len, h);
+        }
+    }
+    plaintext(ctx, conn, payload, payload_len, local, remote)
+}
+
+fn tls_record(
+    ctx: &SkBuffContext,
+    conn: &mut Connection,
+    payload: u32,
+    payload_len: u32,
+    h: [u8; 5],
+) -> Result<(), ()> {
+    let record_len = be16([h[3], h[4]]) as u32;
+    match h[0] {
+        RECORD_APPLICATION_DATA => conn.app_data_seen = 1,
+        RECORD_ALERT if conn.app_data_seen == 0 => {
+            conn.handshake_alert = 1;
+            if let Ok(a) = load::<2>(ctx, payload + 5) {
+                conn.alert_description = a[1];
+            }
+            once(conn, COUNTED_HANDSHAKE_FAILED, &downgrades, |d| {
+                d.handshake_failed += 1
+            });
+        }
+        RECORD_HANDSHAKE => {
+            let Ok(t) = load::<1>(ctx, payload + 5) else {
+                return unparsed(conn);
+            };
+            if t[0] != CLIENT_HELLO && t[0] != SERVER_HELLO {
+                return Ok(());
+            }
+            if payload_len < 5 + record_len {
+                return unparsed(conn); // the rest is in a later segment
+            }
+            let parsed = if t[0] == CLIENT_HELLO {
+                client_hello(ctx, conn, payload + 5)
+            } else {
+                server_hello(ctx, conn, payload + 5)
+            };
+            if parsed.is_err() {
+                return unparsed(conn);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn unparsed(conn: &mut Connection) -> Result<(), ()> {
+    conn.unparsed = 1;
+    if let Some(p) = per_cpu(&parser) {
+        p.unparsed += 1;
+    }
+    Ok(())
+}
+
+/// Skips legacy_version, random, session_id; returns the offset after it.
+#[inline(always)]
+fn after_session_id(ctx: &SkBuffContext, hs: u32) -> Result<u32, ()> {
+    let sid: [u8; 1] = load(ctx, hs + 4 + 2 + 32)?;
+    Ok(hs + 4 + 2 + 32 + 1 + sid[0] as u32)
+}
+
+/// Finds the supported_versions extension in `[off, end)`; returns the
+/// offset of its body and its length.
+#[inline(always)]
+fn find_supported_versions(
+    ctx: &SkBuffContext,
+    mut off: u32,
+    end: u32,
+) -> Result<Option<(u32, u32)>, ()> {
+    for _ in 0..32 {
+        if off + 4 > end {
+            break;
+        }
+        let e: [u8; 4] = load(ctx, off)?;
+        let len = be16([e[2], e[3]]) as u32;
+        if be16([e[0], e[1]]) == EXT_SUPPORTED_VERSIONS {
+            return Ok(Some((off + 4, len)));
+        }
+        off += 4 + len;
+    }
+    Ok(None)
+}
+
+fn client_hello(ctx: &SkBuffContext, conn: &mut Connection, hs: u32) -> Result<(), ()> {
+    let legacy = be16(load(ctx, hs + 4)?);
+    let mut off = after_session_id(ctx, hs)?;
+    let suites: [u8; 2] = load(ctx, off)?;
+    off += 2 + be16(suites) as u32;
+    let compression: [u8; 1] = load(ctx, off)?;
+    off += 1 + compression[0] as u32;
+    let mut best = legacy;
+    if let Ok(ext) = load::<2>(ctx, off) {
+        let end = off + 2 + be16(ext) as u32;
+        if let Some((body, _)) = find_supported_versions(ctx, off + 2, end)? {
+            let n: [u8; 1] = load(ctx, body)?;
+            let count = (n[0] / 2) as u32;
+            let mut max = 0u16;
+            for i in 0..16u32 {
+                if i >= count {
+                    break;
+                }
+                let v = be16(load(ctx, body + 1 + 2 * i)?);
+                let grease = v & 0x0f0f == 0x0a0a;
+                if !grease && v > max {
+                    max = v;
+                }
+            }
+            if max != 0 {
+                best = max;
+            }
+        }
+    }
+    if best > conn.offered_version {
+        conn.offered_version = best;
+    }
+    if let Some(p) = per_cpu(&parser) {
+        p.client_hellos += 1;
+    }
+    Ok(())
+}
+
+fn server_hello(ctx: &SkBuffContext, conn: &mut Connection, hs: u32) -> Result<(), ()> {
+    let legacy = be16(load(ctx, hs + 4)?);
+    let random: [u8; 8] = load(ctx, hs + 6)?;
+    if random == HRR_RANDOM {
+        if let Some(p) = per_cpu(&parser) {
+            p.hello_retry_requests += 1;
+        }
+        return Ok(()); // not the ServerHello that settles the version
+    }
+    let mut off = after_session_id(ctx, hs)?;
+    let suite = be16(load(ctx, off)?);
+    off += 2 + 1; // cipher suite, compression method
+    let mut version = legacy;
+    if let Ok(ext) = load::<2>(ctx, off) {
+        let end = off + 2 + be16(ext) as u32;
+        if let Some((body, 2)) = find_supported_versions(ctx, off + 2, end)? {
+            version = be16(load(ctx, body)?);
+        }
+    }
+    conn.negotiated_version = version;
+    conn.cipher_suite = suite;
+    if let Some(p) = per_cpu(&parser) {
+        p.server_hellos += 1;
+    }
+    once(conn, COUNTED_NEGOTIATED, &negotiated, |n| match version {
+        TLS1_0 => count_tls1_0(n),
+        TLS1_1 => count_tls1_1(n),
+        TLS1_2 => count_tls1_2(n),
+        TLS1_3 => count_tls1_3(n),
+        _ => {}
+    });
+    if conn.offered_version > version {
+        once(conn, COUNTED_VERSION_DOWNGRADE, &downgrades, |d| {
+            d.version += 1
+        });
+    }
+    Ok(())
+}
+
+fn is_smtp_port(port: u16) -> bool {
+    for i in 0..MAX_SMTP_PORTS {
+        match smtp_ports.get(i) {
+            Some(&p) if p != 0 && p == port => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn upper(b: u8) -> u8 {
+    if b.is_ascii_lowercase() {
+        b - 32
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn starts_with_ci(buf: &[u8; WINDOW], at: usize, word: &[u8]) -> bool {
+    let mut i = 0;
+    while i < word.len() {
+        if at + i >= WINDOW || upper(buf[at + i]) != word[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Copies the start of the payload into the per-CPU window; returns how
+/// many bytes it holds (0 when the payload is shorter than the smallest
+/// window).
+#[inline(always)]
+fn fill_window(
+    ctx: &SkBuffContext,
+    payload: u32,
+    payload_len: u32,
+    buf: &mut [u8; WINDOW],
+) -> usize {
+    let ptr = buf.as_mut_ptr().cast();
+    macro_rules! try_len {
+        ($n:literal) => {
+            // SAFETY: writes at most $n <= WINDOW bytes into buf.
+            if payload_len >= $n
+                && unsafe { bpf_skb_load_bytes(ctx.as_ptr(), payload, ptr, $n) } == 0
+            {
+                return $n;
+            }
+        };
+    }
+    try_len!(512);
+    try_len!(256);
+    try_len!(128);
+    try_len!(64);
+    try_len!(32);
+    try_len!(16);
+    try_len!(8);
+    try_len!(4);
+    0
+}
+
+fn plaintext(
+    ctx: &SkBuffContext,
+    conn: &mut Connection,
+    payload: u32,
+    payload_len: u32,
+    local: u16,
+    remote: u16,
+) -> Result<(), ()> {
+    if conn.offered_version != 0 || conn.negotiated_version != 0 {
+        return Ok(()); // after TLS started, the wire carries records only
+    }
+    if !is_smtp_port(local) && !is_smtp_port(remote) {
+        conn.plaintext = 1;
+        once(conn, COUNTED_NEGOTIATED, &negotiated, |n| n.plaintext += 1);
+        return Ok(());
+    }
+    let buf = match scratch.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch slot, used only while we run.
+        Some(p) => unsafe { &mut *p },
+        None => return Err(()),
+    };
+    let n = fill_window(ctx, payload, payload_len, buf);
+    if n == 0 {
+        return Ok(());
+    }
+    if starts_with_ci(buf, 0, b"STARTTLS") {
+        conn.starttls_issued = 1;
+    } else if starts_with_ci(buf, 0, b"220") && conn.starttls_issued != 0 {
+        conn.starttls_accepted = 1;
+    } else if starts_with_ci(buf, 0, b"MAIL FROM") {
+        conn.plaintext_mail = 1;
+        conn.plaintext = 1;
+        once(conn, COUNTED_PLAINTEXT_MAIL, &downgrades, |d| {
+            d.plaintext += 1
+        });
+        once(conn, COUNTED_NEGOTIATED, &negotiated, |c| c.plaintext += 1);
+        if conn.starttls_offered != 0 {
+            once(conn, COUNTED_STRIPPED, &downgrades, |d| d.stripped += 1);
+        }
+    } else if starts_with_ci(buf, 0, b"250") {
+        // EHLO reply: look for the STARTTLS capability on any line, with
+        // one or two branches per position so the verifier's jump history
+        // stays short (letters compare case-insensitively under & 0xDF).
+        const CONTINUED: u32 = u32::from_le_bytes(*b"250-");
+        const STARTTLS: u64 = u64::from_le_bytes(*b"STARTTLS");
+        const CASE: u64 = 0xDFDF_DFDF_DFDF_DFDF;
+        let mut i = 0usize;
+        while i < WINDOW - 12 {
+            if i + 12 > n {
+                break;
+            }
+            let w = u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+            let word = u64::from_le_bytes([
+                buf[i + 4],
+                buf[i + 5],
+                buf[i + 6],
+                buf[i + 7],
+                buf[i + 8],
+                buf[i + 9],
+                buf[i + 10],
+                buf[i + 11],
+            ]);
+            // "250-" and "250 " differ only in bits 0x0D of the fourth byte.
+            if (w | 0x0D00_0000) == (CONTINUED | 0x0D00_0000) && (word & CASE) == STARTTLS {
+                let sep = buf[i + 3];
+                if sep == b'-' || sep == b' ' {
+                    conn.starttls_offered = 1;
+                    break;
+                }
+            }
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// Only GPL-compatible programs may call GPL-only helpers; this one calls
+/// none, but declares GPL as kernel-side BPF code customarily does.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,575 @@
+//! The eBPF wire counters from userspace: load the program embedded at build
+//! time, attach it to a cgroup that holds the relay alone, pin its maps for
+//! bpftool and `tlsrelay stats`, record the relay's own view of each socket
+//! beside the wire's, and read everything back.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::Ebpf;
+use serde::Serialize;
+use tlsrelay_ebpf_common as wire;
+
+use crate::report::{Direction, LegSecurity, SessionReport};
+
+/// The program, built for bpfel-unknown-none by build.rs (empty when the
+/// eBPF toolchain was missing).
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsrelay-ebpf"));
+
+/// Where maps are pinned unless configured otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tlsrelay";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("wire_ingress", CgroupSkbAttachType::Ingress),
+    ("wire_egress", CgroupSkbAttachType::Egress),
+];
+const PINNED: [&str; 5] = [
+    wire::MAP_CONNECTIONS,
+    wire::MAP_NEGOTIATED,
+    wire::MAP_DOWNGRADES,
+    wire::MAP_PARSER,
+    wire::MAP_RELAY_VIEW,
+];
+/// Ports read as SMTP besides those of SMTP listeners.
+const SMTP_PORTS: [u16; 3] = [25, 587, 2525];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("this tlsrelay was built without its eBPF program (the build lacked nightly rust-src or bpf-linker; `cargo xtask build-ebpf` installs them)")]
+    NotBuilt,
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {detail}")]
+    Aya { what: String, detail: String },
+    #[error("no cgroup v2 mount in /proc/self/mountinfo")]
+    NoCgroup2,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BpfError {
+    let what = what.into();
+    move |source| BpfError::Io { what, source }
+}
+
+/// An aya error with its whole source chain (aya's own messages often
+/// leave the errno to the source).
+fn aya_err<E: std::error::Error>(what: impl Into<String>) -> impl FnOnce(E) -> BpfError {
+    let what = what.into();
+    move |e| {
+        let mut detail = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            detail = format!("{detail}: {s}");
+            source = s.source();
+        }
+        BpfError::Aya { what, detail }
+    }
+}
+
+/// A missing piece of the object, which the build guarantees.
+fn missing(what: &str) -> BpfError {
+    BpfError::Aya {
+        what: what.to_string(),
+        detail: "missing from the eBPF object".into(),
+    }
+}
+
+/// Which cgroup the program watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupChoice {
+    /// A child of the relay's own cgroup, which the relay moves into: only
+    /// the relay's sockets are seen, not those of neighbours.
+    Child,
+    /// The relay's own cgroup as it is (under systemd, the service's).
+    Own,
+    /// A given cgroup v2 directory.
+    Path(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct WireSettings {
+    pub pin_dir: PathBuf,
+    pub cgroup: CgroupChoice,
+    pub smtp_ports: Vec<u16>,
+}
+
+/// The loaded, attached program; detached when dropped (or at exit).
+pub struct WireCounters {
+    _ebpf: Ebpf,
+    relay_view: Mutex<HashMap<MapData, u64, wire::RelayView>>,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl WireCounters {
+    /// Loads, attaches and pins. Must run before the relay opens its
+    /// sockets: a socket belongs to the cgroup of the task that created it.
+    pub fn start(settings: &WireSettings) -> Result<WireCounters, BpfError> {
+        let mut ebpf = load()?;
+        let cgroup = match &settings.cgroup {
+            CgroupChoice::Path(p) => p.clone(),
+            CgroupChoice::Own => own_cgroup()?,
+            CgroupChoice::Child => {
+                let child = own_cgroup()?.join("tlsrelay");
+                fs::create_dir_all(&child)
+                    .map_err(io_err(format!("creating {}", child.display())))?;
+                fs::write(child.join("cgroup.procs"), std::process::id().to_string())
+                    .map_err(io_err(format!("moving into {}", child.display())))?;
+                child
+            }
+        };
+        let cgroup_dir =
+            fs::File::open(&cgroup).map_err(io_err(format!("opening {}", cgroup.display())))?;
+        for (name, attach_type) in PROGRAMS {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| missing(name))?
+                .try_into()
+                .map_err(aya_err(name))?;
+            program.load().map_err(aya_err(format!("loading {name}")))?;
+            program
+                .attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
+                .map_err(aya_err(format!("attaching {name} to {}", cgroup.display())))?;
+        }
+        let mut ports: Array<_, u16> = Array::try_from(
+            ebpf.map_mut(wire::MAP_SMTP_PORTS)
+                .ok_or_else(|| missing(wire::MAP_SMTP_PORTS))?,
+        )
+        .map_err(aya_err("smtp_ports"))?;
+        let mut all: Vec<u16> = SMTP_PORTS
+            .iter()
+            .chain(&settings.smtp_ports)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        for (i, port) in all.iter().take(wire::MAX_SMTP_PORTS as usize).enumerate() {
+            ports
+                .set(i as u32, port, 0)
+                .map_err(aya_err("smtp_ports"))?;
+        }
+        pin_maps(&ebpf, &settings.pin_dir)?;
+        let view = ebpf
+            .take_map(wire::MAP_RELAY_VIEW)
+            .ok_or_else(|| missing(wire::MAP_RELAY_VIEW))?;
+        let relay_view = HashMap::try_from(view).map_err(aya_err("relay_view"))?;
+        Ok(WireCounters {
+            _ebpf: ebpf,
+            relay_view: Mutex::new(relay_view),
+            cgroup,
+            pin_dir: settings.pin_dir.clone(),
+        })
+    }
+
+    /// Records the relay's view of a finished session's sockets, for
+    /// `tlsrelay stats` to set beside the wire's.
+    pub fn record_session(&self, report: &SessionReport) {
+        let Ok(mut map) = self.relay_view.lock() else {
+            return;
+        };
+        for (cookie, view) in views_of(report) {
+            let _ = map.insert(cookie, view, 0);
+        }
+    }
+}
+
+/// The relay's view of each socket a session used.
+pub fn views_of(report: &SessionReport) -> Vec<(u64, wire::RelayView)> {
+    let leg_view = |leg: u8, security: &Option<LegSecurity>, direction: Direction| {
+        let (version, cipher) = match security {
+            Some(LegSecurity::Tls { negotiated, .. }) => {
+                (negotiated.version_code, negotiated.cipher_code)
+            }
+            _ => (0, 0),
+        };
+        wire::RelayView {
+            negotiated_version: version,
+            cipher_suite: cipher,
+            leg,
+            downgraded: report.downgraded(direction).is_some() as u8,
+            handshake_failed: report.tls_failure(direction).is_some() as u8,
+            _reserved: 0,
+        }
+    };
+    let mut views = Vec::new();
+    if let Some(c) = report.client_cookie {
+        views.push((
+            c,
+            leg_view(wire::LEG_CLIENT, &report.inbound, Direction::Inbound),
+        ));
+    }
+    if let Some(c) = report.upstream_cookie {
+        views.push((
+            c,
+            leg_view(wire::LEG_UPSTREAM, &report.outbound, Direction::Outbound),
+        ));
+    }
+    if let Some(c) = report.failed_attempt_cookie {
+        let mut failed = leg_view(wire::LEG_UPSTREAM, &None, Direction::Outbound);
+        failed.handshake_failed = 1;
+        views.push((c, failed));
+    }
+    views
+}
+
+fn load() -> Result<Ebpf, BpfError> {
+    if PROGRAM.is_empty() {
+        return Err(BpfError::NotBuilt);
+    }
+    Ebpf::load(PROGRAM).map_err(aya_err("loading the eBPF object"))
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let base = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(base) {
+        return Ok(());
+    }
+    // SAFETY: statfs into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let path = std::ffi::CString::new("/sys/fs/bpf").unwrap();
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = std::ffi::CString::new("bpf").unwrap();
+    // SAFETY: mount(2) with valid C strings.
+    if unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io_err("mounting bpffs on /sys/fs/bpf")(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), BpfError> {
+    ensure_bpffs(dir)?;
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    for name in PINNED {
+        let path = dir.join(name);
+        // A previous run's pin: replace it, counters start afresh.
+        let _ = fs::remove_file(&path);
+        let map = ebpf.map(name).ok_or_else(|| missing(name))?;
+        map.pin(&path)
+            .map_err(aya_err(format!("pinning {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// The cgroup v2 directory this process is in.
+fn own_cgroup() -> Result<PathBuf, BpfError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err("reading /proc/self/mountinfo"))?;
+    let mount = mountinfo
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next() == Some("cgroup2"))
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .ok_or(BpfError::NoCgroup2)?;
+    let own =
+        fs::read_to_string("/proc/self/cgroup").map_err(io_err("reading /proc/self/cgroup"))?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or(BpfError::NoCgroup2)?
+        .trim()
+        .trim_start_matches('/');
+    Ok(mount.join(rel))
+}
+
+/// The kernel's cookie for a socket (what `bpf_get_socket_cookie` returns).
+pub fn socket_cookie(socket: &impl AsRawFd) -> Option<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+/// Everything the pinned maps hold, joined by socket cookie.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub negotiated: Counts<5>,
+    pub downgrades: Counts<4>,
+    pub parser: Counts<5>,
+    pub connections: Vec<ConnectionView>,
+    pub disagreements: usize,
+}
+
+/// Named counters summed over CPUs.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct Counts<const N: usize>(pub std::collections::BTreeMap<&'static str, u64>);
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionView {
+    pub cookie: u64,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub wire: WireSide,
+    pub relay: Option<RelaySide>,
+    pub disagreements: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WireSide {
+    pub offered_version: Option<&'static str>,
+    pub negotiated_version: Option<&'static str>,
+    pub cipher_suite: u16,
+    pub plaintext: bool,
+    pub plaintext_mail: bool,
+    pub starttls: [bool; 3],
+    pub handshake_alert: Option<u8>,
+    pub unparsed: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelaySide {
+    pub leg: &'static str,
+    pub negotiated_version: Option<&'static str>,
+    pub cipher_suite: u16,
+    pub downgraded: bool,
+    pub handshake_failed: bool,
+}
+
+pub fn version_name(v: u16) -> Option<&'static str> {
+    match v {
+        0 => None,
+        wire::TLS1_0 => Some("TLSv1.0"),
+        wire::TLS1_1 => Some("TLSv1.1"),
+        wire::TLS1_2 => Some("TLSv1.2"),
+        wire::TLS1_3 => Some("TLSv1.3"),
+        _ => Some("unknown"),
+    }
+}
+
+fn open_pinned(dir: &Path, name: &str) -> Result<Map, BpfError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(aya_err(format!("opening {}", path.display())))?;
+    Map::from_map_data(data).map_err(aya_err(format!("reading {}", path.display())))
+}
+
+/// Sums the per-CPU copies of a counter record.
+fn sum<T: aya::Pod + Default + wire::Accumulate>(values: &aya::maps::PerCpuValues<T>) -> T {
+    let mut total = T::default();
+    for v in values.iter() {
+        total.accumulate(v);
+    }
+    total
+}
+
+fn pinned_counters<T: aya::Pod + Default + wire::Accumulate>(
+    dir: &Path,
+    name: &str,
+) -> Result<T, BpfError> {
+    let array: PerCpuArray<MapData, T> =
+        PerCpuArray::try_from(open_pinned(dir, name)?).map_err(aya_err(name.to_string()))?;
+    Ok(sum(&array.get(&0, 0).map_err(aya_err(name.to_string()))?))
+}
+
+/// Reads the pinned maps (no running relay needed) and joins the wire's
+/// records with the relay's, flagging each disagreement.
+pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
+    let n: wire::Negotiated = pinned_counters(dir, wire::MAP_NEGOTIATED)?;
+    let d: wire::Downgrades = pinned_counters(dir, wire::MAP_DOWNGRADES)?;
+    let p: wire::Parser = pinned_counters(dir, wire::MAP_PARSER)?;
+    let conns: HashMap<MapData, u64, wire::Connection> =
+        HashMap::try_from(open_pinned(dir, wire::MAP_CONNECTIONS)?)
+            .map_err(aya_err("connections"))?;
+    let views: HashMap<MapData, u64, wire::RelayView> =
+        HashMap::try_from(open_pinned(dir, wire::MAP_RELAY_VIEW)?)
+            .map_err(aya_err("relay_view"))?;
+    let mut connections = Vec::new();
+    for entry in conns.iter() {
+        let (cookie, c) = entry.map_err(aya_err("connections"))?;
+        let relay = views.get(&cookie, 0).ok();
+        let mut disagreements = Vec::new();
+        if let Some(r) = &relay {
+            // A handshake that failed may have shown a ServerHello first.
+            let settled = c.unparsed == 0 && r.handshake_failed == 0;
+            if settled && c.negotiated_version != r.negotiated_version {
+                disagreements.push(format!(
+                    "version: wire {}, relay {}",
+                    version_name(c.negotiated_version).unwrap_or("plaintext/none"),
+                    version_name(r.negotiated_version).unwrap_or("plaintext/none")
+                ));
+            }
+            if settled && r.negotiated_version != 0 && c.cipher_suite != r.cipher_suite {
+                disagreements.push(format!(
+                    "cipher: wire {:#06x}, relay {:#06x}",
+                    c.cipher_suite, r.cipher_suite
+                ));
+            }
+            let wire_failed = c.handshake_alert != 0;
+            if wire_failed != (r.handshake_failed != 0) && r.negotiated_version == 0 {
+                disagreements.push(format!(
+                    "handshake failure: wire {wire_failed}, relay {}",
+                    r.handshake_failed != 0
+                ));
+            }
+        }
+        connections.push(ConnectionView {
+            cookie,
+            local_port: c.local_port,
+            remote_port: c.remote_port,
+            wire: WireSide {
+                offered_version: version_name(c.offered_version),
+                negotiated_version: version_name(c.negotiated_version),
+                cipher_suite: c.cipher_suite,
+                plaintext: c.plaintext != 0,
+                plaintext_mail: c.plaintext_mail != 0,
+                starttls: [
+                    c.starttls_offered != 0,
+                    c.starttls_issued != 0,
+                    c.starttls_accepted != 0,
+                ],
+                handshake_alert: (c.handshake_alert != 0).then_some(c.alert_description),
+                unparsed: c.unparsed != 0,
+            },
+            relay: relay.map(|r| RelaySide {
+                leg: if r.leg == wire::LEG_CLIENT {
+                    "client"
+                } else {
+                    "upstream"
+                },
+                negotiated_version: version_name(r.negotiated_version),
+                cipher_suite: r.cipher_suite,
+                downgraded: r.downgraded != 0,
+                handshake_failed: r.handshake_failed != 0,
+            }),
+            disagreements,
+        });
+    }
+    connections.sort_by_key(|c| c.cookie);
+    let disagreements = connections.iter().map(|c| c.disagreements.len()).sum();
+    let counts = |pairs: &[(&'static str, u64)]| pairs.iter().copied().collect();
+    Ok(Snapshot {
+        negotiated: Counts(counts(&[
+            ("plaintext", n.plaintext),
+            ("tls1_0", n.tls1_0),
+            ("tls1_1", n.tls1_1),
+            ("tls1_2", n.tls1_2),
+            ("tls1_3", n.tls1_3),
+        ])),
+        downgrades: Counts(counts(&[
+            ("version", d.version),
+            ("plaintext", d.plaintext),
+            ("stripped", d.stripped),
+            ("handshake_failed", d.handshake_failed),
+        ])),
+        parser: Counts(counts(&[
+            ("segments", p.segments),
+            ("client_hellos", p.client_hellos),
+            ("server_hellos", p.server_hellos),
+            ("hello_retry_requests", p.hello_retry_requests),
+            ("unparsed", p.unparsed),
+        ])),
+        connections,
+        disagreements,
+    })
+}
+
+/// The program loaded but not attached, for running crafted packets
+/// through it with BPF_PROG_TEST_RUN (the parser tests).
+pub struct Detached {
+    ebpf: Ebpf,
+}
+
+impl Detached {
+    pub fn load() -> Result<Detached, BpfError> {
+        let mut ebpf = load()?;
+        for (name, _) in PROGRAMS {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .unwrap()
+                .try_into()
+                .map_err(aya_err(name))?;
+            program.load().map_err(aya_err(format!("loading {name}")))?;
+        }
+        let mut ports: Array<_, u16> = Array::try_from(ebpf.map_mut(wire::MAP_SMTP_PORTS).unwrap())
+            .map_err(aya_err("smtp_ports"))?;
+        for (i, port) in SMTP_PORTS.iter().enumerate() {
+            ports
+                .set(i as u32, port, 0)
+                .map_err(aya_err("smtp_ports"))?;
+        }
+        Ok(Detached { ebpf })
+    }
+
+    /// Runs one IP packet (as an L2 frame, as the kernel's test runner
+    /// wants) through the ingress or egress program.
+    pub fn run(&mut self, egress: bool, ip_packet: &[u8]) -> Result<u32, BpfError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = if egress {
+            "wire_egress"
+        } else {
+            "wire_ingress"
+        };
+        let program: &CgroupSkb = self
+            .ebpf
+            .program(name)
+            .unwrap()
+            .try_into()
+            .map_err(aya_err(name))?;
+        let ethertype: [u8; 2] = if ip_packet.first().is_some_and(|b| b >> 4 == 6) {
+            [0x86, 0xdd]
+        } else {
+            [0x08, 0x00]
+        };
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&ethertype);
+        frame.extend_from_slice(ip_packet);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        let result = program
+            .test_run(opts)
+            .map_err(aya_err("BPF_PROG_TEST_RUN"))?;
+        Ok(result.return_value)
+    }
+
+    /// The per-connection records (each test run is its own socket).
+    pub fn connections(&self) -> Result<Vec<(u64, wire::Connection)>, BpfError> {
+        let map: HashMap<&MapData, u64, wire::Connection> =
+            HashMap::try_from(self.ebpf.map(wire::MAP_CONNECTIONS).unwrap())
+                .map_err(aya_err("connections"))?;
+        map.iter()
+            .map(|e| e.map_err(aya_err("connections")))
+            .collect()
+    }
+
+    /// One of the counter records, summed over CPUs.
+    pub fn counters<T: aya::Pod + Default + wire::Accumulate>(
+        &self,
+        name: &str,
+    ) -> Result<T, BpfError> {
+        let array: PerCpuArray<&MapData, T> = PerCpuArray::try_from(self.ebpf.map(name).unwrap())
+            .map_err(aya_err(name.to_string()))?;
+        Ok(sum(&array.get(&0, 0).map_err(aya_err(name.to_string()))?))
+    }
+}

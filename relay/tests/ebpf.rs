@@ -1,0 +1,535 @@
+//! The eBPF wire counters on the host kernel (root needed; CI runs as
+//! root). Parser cases go through BPF_PROG_TEST_RUN with crafted packets;
+//! a scripted mix goes through the real relay binary, and the pinned
+//! counters must match the mix and the relay's own reports exactly.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use tlsrelay::bpf::Detached;
+use tlsrelay_ebpf_common as wire;
+use tlsrelay_tests::*;
+
+/// Whether eBPF can be tested here; in CI a missing prerequisite fails.
+fn ebpf_here() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let why = if !root {
+        Some("not root".to_string())
+    } else {
+        Detached::load().err().map(|e| e.to_string())
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("eBPF tests need root and a loadable program in CI: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: eBPF unavailable here ({why})");
+            false
+        }
+    }
+}
+
+fn tcp_header(sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes()); // seq
+    h.extend_from_slice(&1u32.to_be_bytes()); // ack
+    h.extend_from_slice(&[5 << 4, 0x18]); // data offset 5 words; PSH|ACK
+    h.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent
+    h
+}
+
+fn ipv4(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + 20 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1]);
+    p.extend(tcp_header(sport, dport));
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = (20 + payload.len()) as u16;
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[6, 64]);
+    p.extend_from_slice(&[0; 15]);
+    p.push(1); // ::1
+    p.extend_from_slice(&[0; 15]);
+    p.push(1);
+    p.extend(tcp_header(sport, dport));
+    p.extend_from_slice(payload);
+    p
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A real ClientHello record from rustls offering `versions`.
+fn client_hello(versions: Versions) -> Vec<u8> {
+    let config = client_config(&ClientOptions {
+        versions,
+        ..Default::default()
+    });
+    let mut conn = rustls::ClientConnection::new(config, "relay.test".try_into().unwrap()).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// The server's first flight answering `hello` (its first record is the
+/// ServerHello, or a HelloRetryRequest when `secp256r1_only`).
+fn server_flight(pki: &Pki, hello: &[u8], versions: Versions, secp256r1_only: bool) -> Vec<u8> {
+    let leaf = pki.leaf("server", &["relay.test"]);
+    let mut provider = (*provider()).clone();
+    if secp256r1_only {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::SECP256R1];
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match versions {
+        Versions::Tls12Only => &[&rustls::version::TLS12],
+        Versions::Tls13Only => &[&rustls::version::TLS13],
+        Versions::Both => rustls::ALL_VERSIONS,
+    };
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(leaf.certs(), leaf.private_key())
+        .unwrap();
+    let mut conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+    conn.read_tls(&mut &hello[..]).unwrap();
+    conn.process_new_packets().unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// Runs one packet; returns the record it made (each test run is its own
+/// socket, so its own cookie).
+fn run_one(prog: &mut Detached, egress: bool, packet: &[u8]) -> Option<wire::Connection> {
+    let before: Vec<u64> = prog
+        .connections()
+        .unwrap()
+        .iter()
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(
+        prog.run(egress, packet).unwrap(),
+        1,
+        "the program always passes packets"
+    );
+    prog.connections()
+        .unwrap()
+        .into_iter()
+        .find(|(c, _)| !before.contains(c))
+        .map(|(_, conn)| conn)
+}
+
+#[test]
+fn parser_cases_with_prog_test_run() {
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let mut prog = Detached::load().unwrap();
+    let counters = |p: &Detached| {
+        (
+            p.counters::<wire::Negotiated>(wire::MAP_NEGOTIATED)
+                .unwrap(),
+            p.counters::<wire::Downgrades>(wire::MAP_DOWNGRADES)
+                .unwrap(),
+            p.counters::<wire::Parser>(wire::MAP_PARSER).unwrap(),
+        )
+    };
+
+    // ClientHello with supported_versions (1.3 and 1.2): the highest counts.
+    let ch13 = client_hello(Versions::Both);
+    let c = run_one(&mut prog, false, &ipv4(40000, 4430, &ch13)).unwrap();
+    assert_eq!(c.offered_version, wire::TLS1_3);
+    assert_eq!(
+        (c.local_port, c.remote_port),
+        (4430, 40000),
+        "ingress: local is the destination"
+    );
+    // Without supported_versions (a TLS 1.2-only client): legacy_version.
+    let ch12 = client_hello(Versions::Tls12Only);
+    let c = run_one(&mut prog, true, &ipv4(40001, 443, &ch12)).unwrap();
+    assert_eq!(c.offered_version, wire::TLS1_2);
+    assert_eq!(
+        (c.local_port, c.remote_port),
+        (40001, 443),
+        "egress: local is the source"
+    );
+    // The same over IPv6.
+    let c = run_one(&mut prog, false, &ipv6(40002, 4430, &ch13)).unwrap();
+    assert_eq!(c.offered_version, wire::TLS1_3);
+
+    // ServerHello for 1.3 (supported_versions) and for 1.2 (legacy only).
+    let sh13 = server_flight(&pki, &ch13, Versions::Both, false);
+    let c = run_one(&mut prog, true, &ipv4(4430, 40000, &sh13)).unwrap();
+    assert_eq!(c.negotiated_version, wire::TLS1_3);
+    assert_eq!(c.cipher_suite, 0x1302, "TLS13_AES_256_GCM_SHA384");
+    let sh12 = server_flight(&pki, &ch12, Versions::Both, false);
+    let c = run_one(&mut prog, true, &ipv4(4430, 40001, &sh12)).unwrap();
+    assert_eq!(c.negotiated_version, wire::TLS1_2);
+    let (n, _, p) = counters(&prog);
+    assert_eq!((n.tls1_3, n.tls1_2, p.server_hellos), (1, 1, 2));
+
+    // A HelloRetryRequest is not the ServerHello that settles the version.
+    let hrr = server_flight(&pki, &ch13, Versions::Tls13Only, true);
+    let c = run_one(&mut prog, true, &ipv4(4430, 40003, &hrr)).unwrap();
+    assert_eq!(c.negotiated_version, 0);
+    let (n, _, p) = counters(&prog);
+    assert_eq!(
+        (n.tls1_3, p.hello_retry_requests, p.server_hellos),
+        (1, 1, 2)
+    );
+
+    // A hello split across segments is unparsed, not guessed.
+    let c = run_one(
+        &mut prog,
+        false,
+        &ipv4(40004, 4430, &ch13[..ch13.len() / 2]),
+    )
+    .unwrap();
+    assert_eq!((c.offered_version, c.unparsed), (0, 1));
+    // Malformed: a record header announcing a hello, with junk inside.
+    let mut junk = vec![0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x04];
+    junk.extend_from_slice(&[0xff; 4]);
+    let c = run_one(&mut prog, false, &ipv4(40005, 4430, &junk)).unwrap();
+    assert_eq!((c.offered_version, c.unparsed), (0, 1));
+    let (_, _, p) = counters(&prog);
+    assert_eq!(p.unparsed, 2);
+
+    // An alert before any application data: the handshake failed.
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 48];
+    let c = run_one(&mut prog, false, &ipv4(40006, 4430, &alert)).unwrap();
+    assert_eq!((c.handshake_alert, c.alert_description), (1, 48));
+    let (_, d, _) = counters(&prog);
+    assert_eq!(d.handshake_failed, 1);
+
+    // Plaintext on a TCP port: a plaintext connection.
+    let c = run_one(
+        &mut prog,
+        false,
+        &ipv4(40007, 4430, b"hello in the clear\n"),
+    )
+    .unwrap();
+    assert_eq!(c.plaintext, 1);
+    let (n, _, _) = counters(&prog);
+    assert_eq!(n.plaintext, 1);
+
+    // SMTP verbs on port 25.
+    let ehlo = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-starttls\r\n250 8BITMIME\r\n";
+    let c = run_one(&mut prog, true, &ipv4(25, 40008, ehlo)).unwrap();
+    assert_eq!((c.starttls_offered, c.plaintext), (1, 0));
+    let c = run_one(&mut prog, false, &ipv4(40009, 25, b"STARTTLS\r\n")).unwrap();
+    assert_eq!(c.starttls_issued, 1);
+    let c = run_one(
+        &mut prog,
+        false,
+        &ipv4(40010, 25, b"MAIL FROM:<a@partner.example>\r\n"),
+    )
+    .unwrap();
+    assert_eq!((c.plaintext_mail, c.plaintext), (1, 1));
+    let (n, d, _) = counters(&prog);
+    assert_eq!((d.plaintext, n.plaintext), (1, 2));
+    // The same MAIL FROM on a non-SMTP port is just plaintext.
+    let c = run_one(
+        &mut prog,
+        false,
+        &ipv4(40011, 8080, b"MAIL FROM:<a@partner.example>\r\n"),
+    )
+    .unwrap();
+    assert_eq!((c.plaintext_mail, c.plaintext), (0, 1));
+
+    // Not TCP: ignored, no record.
+    let mut udp = ipv4(53, 53, b"dns");
+    udp[9] = 17;
+    assert!(run_one(&mut prog, false, &udp).is_none());
+}
+
+struct RelayProcess {
+    child: std::process::Child,
+    listeners: std::collections::HashMap<String, SocketAddr>,
+    reports: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_relay(config: &Path, state: &Path) -> RelayProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+        .args(["run", "--json-reports", "--config"])
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut listeners = std::collections::HashMap::new();
+    let mut banner = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner += &line;
+        banner.push('\n');
+        if let Some((name, addr)) = line
+            .trim()
+            .strip_prefix("listener ")
+            .and_then(|r| r.split_once(" listening on "))
+        {
+            listeners.insert(name.to_string(), addr.parse().unwrap());
+        }
+        if line.trim().starts_with("state directory") {
+            break;
+        }
+    }
+    assert!(
+        banner.contains("eBPF wire counters on the sockets of cgroup"),
+        "{banner}"
+    );
+    let (tx, reports) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.starts_with('{') {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    RelayProcess {
+        child,
+        listeners,
+        reports,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_match_a_scripted_mix_and_the_relay() {
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let plain_upstream = plain_echo().await;
+    let old_leaf = pki.leaf("old", &["old.test"]);
+    let old_upstream = tls_echo(ServerOptions {
+        leaf: &old_leaf,
+        versions: Versions::Tls12Only,
+        client_ca: None,
+    })
+    .await;
+    let pin_dir = format!("/sys/fs/bpf/tlsrelay-test-{}", std::process::id());
+    let config = pki.dir().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+ebpf.pin_dir = "{pin_dir}"
+
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+upstream = "plain"
+tls.mode = "implicit"
+
+[[listeners]]
+name = "opp"
+address = "127.0.0.1:0"
+upstream = "plain"
+tls.mode = "opportunistic"
+
+[[listeners]]
+name = "to-old"
+address = "127.0.0.1:0"
+upstream = "old"
+tls.mode = "implicit"
+
+[[upstreams]]
+name = "plain"
+address = "{plain_upstream}"
+tls.policy = "plain"
+
+[[upstreams]]
+name = "old"
+address = "{old_upstream}"
+tls.policy = "required"
+tls.server_name = "old.test"
+tls.trust_anchors = {}
+"#,
+            toml_path(&pki.ca_pem)
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config, &pki.dir().join("state"));
+    let msg = b"counted on the wire";
+    let tls = |versions| ClientOptions {
+        versions,
+        ..Default::default()
+    };
+    let mut sessions = 0;
+    for _ in 0..3 {
+        let mut s = tls_connect(
+            relay.listeners["tls"],
+            "relay.test",
+            &tls(Versions::Tls13Only),
+        )
+        .await
+        .unwrap();
+        assert_eq!(exchange(&mut s, msg).await.unwrap(), msg);
+        sessions += 1;
+    }
+    for _ in 0..2 {
+        let mut s = tls_connect(
+            relay.listeners["tls"],
+            "relay.test",
+            &tls(Versions::Tls12Only),
+        )
+        .await
+        .unwrap();
+        assert_eq!(exchange(&mut s, msg).await.unwrap(), msg);
+        sessions += 1;
+    }
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(relay.listeners["opp"])
+            .await
+            .unwrap();
+        assert_eq!(exchange(&mut s, msg).await.unwrap(), msg);
+        sessions += 1;
+    }
+    // A TLS 1.2 client that does not trust the relay's certificate aborts
+    // the handshake with an alert.
+    let strict = Pki::new();
+    let aborted = tls_connect(
+        relay.listeners["tls"],
+        "relay.test",
+        &ClientOptions {
+            versions: Versions::Tls12Only,
+            trust: Some(&strict),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(aborted.is_err());
+    sessions += 1;
+    // The relay offers TLS 1.3 to an upstream that only speaks 1.2.
+    let mut s = tls_connect(
+        relay.listeners["to-old"],
+        "relay.test",
+        &tls(Versions::Tls13Only),
+    )
+    .await
+    .unwrap();
+    assert_eq!(exchange(&mut s, msg).await.unwrap(), msg);
+    sessions += 1;
+
+    // The relay's own view of the same sessions, from its JSON reports.
+    let mut reports = Vec::new();
+    for _ in 0..sessions {
+        let line = relay
+            .reports
+            .recv_timeout(PATIENCE)
+            .expect("a report per session");
+        reports.push(line);
+    }
+    let mut relay_view = std::collections::BTreeMap::<&str, u64>::new();
+    for r in &reports {
+        for leg in ["inbound", "outbound"] {
+            let security = extract(r, leg);
+            *relay_view.entry(security).or_default() += 1;
+        }
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+        .args(["stats", "--json", "--pin-dir", &pin_dir])
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stats flagged disagreements:\n{stats}"
+    );
+    let count = |section: &str, name: &str| -> u64 {
+        let section = &stats[stats.find(&format!("\"{section}\"")).unwrap()..];
+        let at = section.find(&format!("\"{name}\": ")).unwrap() + name.len() + 4;
+        section[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // The mix, leg by leg: 3 x (1.3 in, plain out), 2 x (1.2 in, plain out),
+    // 2 x (plain in, plain out), 1 x 1.2 handshake that the client aborted
+    // after the relay's ServerHello, 1 x (1.3 in, 1.2 out: a downgrade).
+    assert_eq!(count("negotiated", "tls1_3"), 4, "{stats}");
+    assert_eq!(count("negotiated", "tls1_2"), 4, "{stats}");
+    assert_eq!(count("negotiated", "plaintext"), 9, "{stats}");
+    assert_eq!(count("downgrades", "version"), 1, "{stats}");
+    assert_eq!(count("downgrades", "handshake_failed"), 1, "{stats}");
+    assert_eq!(count("downgrades", "plaintext"), 0, "{stats}");
+    assert_eq!(count("downgrades", "stripped"), 0, "{stats}");
+    assert_eq!(count("parser", "unparsed"), 0, "{stats}");
+    assert!(stats.contains("\"disagreements\": 0"), "{stats}");
+    // And the relay's reports say the same, leg by leg.
+    assert_eq!(relay_view.get("TLSv1.3"), Some(&4), "{relay_view:?}");
+    assert_eq!(
+        relay_view.get("TLSv1.2"),
+        Some(&3),
+        "{relay_view:?} (the aborted leg has no report version)"
+    );
+    assert_eq!(relay_view.get("plaintext"), Some(&9), "{relay_view:?}");
+
+    // bpftool prints the records with their field names.
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned", &format!("{pin_dir}/connections")])
+        .output()
+        .expect("bpftool installed (CI installs it)");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for field in [
+        "offered_version",
+        "negotiated_version",
+        "cipher_suite",
+        "starttls_offered",
+        "handshake_alert",
+    ] {
+        assert!(
+            dump.contains(field),
+            "bpftool output lacks {field}:\n{dump}"
+        );
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}
+
+/// The `security` (or version) of a leg in a JSON report line.
+fn extract<'a>(report: &'a str, leg: &str) -> &'a str {
+    let Some(at) = report.find(&format!("\"{leg}\":")) else {
+        return "none";
+    };
+    let rest = &report[at..];
+    if rest.starts_with(&format!("\"{leg}\":null")) {
+        return "none";
+    }
+    if rest.starts_with(&format!("\"{leg}\":{{\"security\":\"plaintext\"")) {
+        return "plaintext";
+    }
+    let v = rest
+        .find("\"version\":\"")
+        .map(|i| &rest[i + 11..])
+        .unwrap_or("");
+    &v[..v.find('"').unwrap_or(0)]
+}
