@@ -17,5 +17,6 @@ pub mod pump;
 pub mod relay;
 pub mod report;
 pub mod session;
+pub mod smtp;
 pub mod state;
 pub mod tls;

@@ -1,0 +1,418 @@
+//! SMTP commands and replies as bytes (RFC 5321): parsing client command
+//! lines, parsing (possibly multi-line) replies, formatting both. No I/O.
+
+use std::fmt;
+
+/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets with CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+/// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
+pub const MAX_TEXT_LINE: usize = 1000;
+/// Replies: 512 per line; a generous cap on lines per reply.
+pub const MAX_REPLY_LINES: usize = 100;
+
+/// A client command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Helo(String),
+    Ehlo(String),
+    /// Reverse path (without brackets; empty for the null sender) and
+    /// the parameters as given.
+    Mail {
+        from: String,
+        params: String,
+    },
+    Rcpt {
+        to: String,
+        params: String,
+    },
+    Data,
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    Rset,
+    Noop,
+    Quit,
+    StartTls,
+    Vrfy,
+    Help,
+    /// A verb this relay does not implement (502).
+    Unknown(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SyntaxError {
+    #[error("line too long")]
+    LineTooLong,
+    #[error("syntax error in parameters: {0}")]
+    Parameters(&'static str),
+    #[error("not a command")]
+    Empty,
+}
+
+/// Parses one command line (without CRLF).
+pub fn parse_command(line: &[u8]) -> Result<Command, SyntaxError> {
+    if line.len() + 2 > MAX_COMMAND_LINE {
+        return Err(SyntaxError::LineTooLong);
+    }
+    let text = std::str::from_utf8(line).map_err(|_| SyntaxError::Parameters("not UTF-8"))?;
+    let text = text.trim_end();
+    let (verb, rest) = match text.find(' ') {
+        Some(i) => (&text[..i], text[i + 1..].trim_start()),
+        None => (text, ""),
+    };
+    if verb.is_empty() {
+        return Err(SyntaxError::Empty);
+    }
+    let upper = verb.to_ascii_uppercase();
+    let no_args = |c: Command| {
+        if rest.is_empty() {
+            Ok(c)
+        } else {
+            Err(SyntaxError::Parameters("no parameters allowed"))
+        }
+    };
+    match upper.as_str() {
+        "HELO" | "EHLO" => {
+            if rest.is_empty() || rest.contains(' ') {
+                return Err(SyntaxError::Parameters(
+                    "expected a domain or address literal",
+                ));
+            }
+            Ok(if upper == "HELO" {
+                Command::Helo(rest.to_string())
+            } else {
+                Command::Ehlo(rest.to_string())
+            })
+        }
+        "MAIL" => {
+            let (from, params) = path_argument(rest, "FROM:")?;
+            Ok(Command::Mail { from, params })
+        }
+        "RCPT" => {
+            let (to, params) = path_argument(rest, "TO:")?;
+            if to.is_empty() {
+                return Err(SyntaxError::Parameters("empty recipient"));
+            }
+            Ok(Command::Rcpt { to, params })
+        }
+        "DATA" => no_args(Command::Data),
+        "BDAT" => {
+            let mut words = rest.split_ascii_whitespace();
+            let size = words
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(SyntaxError::Parameters("BDAT needs a chunk size"))?;
+            let last = match words.next() {
+                None => false,
+                Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+                Some(_) => return Err(SyntaxError::Parameters("expected LAST")),
+            };
+            if words.next().is_some() {
+                return Err(SyntaxError::Parameters("too many parameters"));
+            }
+            Ok(Command::Bdat { size, last })
+        }
+        "RSET" => no_args(Command::Rset),
+        "NOOP" => Ok(Command::Noop),
+        "QUIT" => no_args(Command::Quit),
+        "STARTTLS" => no_args(Command::StartTls),
+        "VRFY" => Ok(Command::Vrfy),
+        "HELP" => Ok(Command::Help),
+        _ => Ok(Command::Unknown(upper)),
+    }
+}
+
+/// `FROM:<path> params` / `TO:<path> params`.
+fn path_argument(rest: &str, keyword: &str) -> Result<(String, String), SyntaxError> {
+    let Some(head) = rest.get(..keyword.len()) else {
+        return Err(SyntaxError::Parameters("missing FROM:/TO:"));
+    };
+    if !head.eq_ignore_ascii_case(keyword) {
+        return Err(SyntaxError::Parameters("missing FROM:/TO:"));
+    }
+    let arg = rest[keyword.len()..].trim_start();
+    let Some(inner) = arg.strip_prefix('<') else {
+        return Err(SyntaxError::Parameters("path must be in angle brackets"));
+    };
+    let end = inner
+        .find('>')
+        .ok_or(SyntaxError::Parameters("unterminated path"))?;
+    let path = &inner[..end];
+    if path.contains(char::is_whitespace) {
+        return Err(SyntaxError::Parameters("whitespace in path"));
+    }
+    // A source route (<@a,@b:user@c>) is accepted and ignored (RFC 5321 C).
+    let path = path.rsplit_once(':').map_or(path, |(_, p)| p);
+    Ok((path.to_string(), inner[end + 1..].trim().to_string()))
+}
+
+/// The domain of a mailbox (`user@Domain.Example` -> `domain.example`).
+pub fn domain_of(mailbox: &str) -> Option<String> {
+    mailbox
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+}
+
+/// A reply: code, optional enhanced status, text lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn new(code: u16, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            lines: vec![text.into()],
+        }
+    }
+
+    pub fn multi(code: u16, lines: Vec<String>) -> Reply {
+        Reply { code, lines }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// The reply on the wire, CRLF-terminated lines.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let n = self.lines.len().max(1);
+        for i in 0..n {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            let text = self.lines.get(i).map_or("", String::as_str);
+            out.extend_from_slice(format!("{}{sep}{text}\r\n", self.code).as_bytes());
+        }
+        out
+    }
+
+    /// The first line's text (for logs and reasons).
+    pub fn text(&self) -> &str {
+        self.lines.first().map_or("", String::as_str)
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.lines.join(" / "))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("malformed reply line {0:?}")]
+    Malformed(String),
+    #[error("reply line too long")]
+    TooLong,
+    #[error("reply has too many lines")]
+    TooManyLines,
+}
+
+/// Assembles replies from bytes as they arrive.
+#[derive(Default, Debug)]
+pub struct ReplyParser {
+    buf: Vec<u8>,
+    lines: Vec<String>,
+    code: Option<u16>,
+}
+
+impl ReplyParser {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet part of a complete reply.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete reply, if the bytes hold one.
+    pub fn next_reply(&mut self) -> Result<Option<Reply>, ReplyError> {
+        loop {
+            let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") else {
+                if self.buf.len() > MAX_COMMAND_LINE {
+                    return Err(ReplyError::TooLong);
+                }
+                return Ok(None);
+            };
+            let line: Vec<u8> = self.buf.drain(..end + 2).take(end).collect();
+            let line = String::from_utf8_lossy(&line).to_string();
+            let bytes = line.as_bytes();
+            if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
+                return Err(ReplyError::Malformed(line));
+            }
+            let code: u16 = line[..3].parse().expect("three digits");
+            if self.code.is_some_and(|c| c != code) {
+                return Err(ReplyError::Malformed(line));
+            }
+            self.code = Some(code);
+            let (sep, text) = match bytes.get(3) {
+                None => (b' ', ""),
+                Some(&s) => (s, &line[4.min(line.len())..]),
+            };
+            self.lines.push(text.to_string());
+            if self.lines.len() > MAX_REPLY_LINES {
+                return Err(ReplyError::TooManyLines);
+            }
+            match sep {
+                b'-' => continue,
+                b' ' => {
+                    self.code = None;
+                    return Ok(Some(Reply {
+                        code,
+                        lines: std::mem::take(&mut self.lines),
+                    }));
+                }
+                _ => return Err(ReplyError::Malformed(line)),
+            }
+        }
+    }
+}
+
+/// An EHLO reply's capabilities (keywords upper-cased, with parameters).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub keywords: Vec<(String, String)>,
+}
+
+impl Capabilities {
+    pub fn from_ehlo(reply: &Reply) -> Capabilities {
+        Capabilities {
+            keywords: reply
+                .lines
+                .iter()
+                .skip(1)
+                .map(|l| match l.split_once(' ') {
+                    Some((k, v)) => (k.to_ascii_uppercase(), v.to_string()),
+                    None => (l.to_ascii_uppercase(), String::new()),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn has(&self, keyword: &str) -> bool {
+        self.keywords.iter().any(|(k, _)| k == keyword)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_case_insensitively_with_paths_and_params() {
+        assert_eq!(
+            parse_command(b"mail from:<Alice@Example.org> SIZE=100 BODY=8BITMIME"),
+            Ok(Command::Mail {
+                from: "Alice@Example.org".into(),
+                params: "SIZE=100 BODY=8BITMIME".into()
+            })
+        );
+        assert_eq!(
+            parse_command(b"MAIL FROM:<>"),
+            Ok(Command::Mail {
+                from: String::new(),
+                params: String::new()
+            })
+        );
+        assert_eq!(
+            parse_command(b"RCPT TO:<@relay.example:bob@partner.example>"),
+            Ok(Command::Rcpt {
+                to: "bob@partner.example".into(),
+                params: String::new()
+            })
+        );
+        assert_eq!(
+            parse_command(b"BDAT 1000 LAST"),
+            Ok(Command::Bdat {
+                size: 1000,
+                last: true
+            })
+        );
+        assert_eq!(
+            parse_command(b"bdat 0"),
+            Ok(Command::Bdat {
+                size: 0,
+                last: false
+            })
+        );
+        assert_eq!(parse_command(b"StartTLS"), Ok(Command::StartTls));
+        assert_eq!(
+            parse_command(b"EHLO client.example"),
+            Ok(Command::Ehlo("client.example".into()))
+        );
+        assert_eq!(
+            parse_command(b"AUTH PLAIN x"),
+            Ok(Command::Unknown("AUTH".into()))
+        );
+    }
+
+    #[test]
+    fn bad_commands_are_syntax_errors() {
+        assert!(matches!(
+            parse_command(b"MAIL FROM:alice@example.org"),
+            Err(SyntaxError::Parameters(_))
+        ));
+        assert!(matches!(
+            parse_command(b"RCPT TO:<>"),
+            Err(SyntaxError::Parameters(_))
+        ));
+        assert!(matches!(
+            parse_command(b"BDAT lots"),
+            Err(SyntaxError::Parameters(_))
+        ));
+        assert!(matches!(
+            parse_command(b"DATA now"),
+            Err(SyntaxError::Parameters(_))
+        ));
+        assert!(matches!(
+            parse_command(b"EHLO"),
+            Err(SyntaxError::Parameters(_))
+        ));
+        assert_eq!(parse_command(&[b'A'; 511]), Err(SyntaxError::LineTooLong));
+        assert_eq!(parse_command(b""), Err(SyntaxError::Empty));
+    }
+
+    #[test]
+    fn replies_round_trip_including_multiline() {
+        let ehlo = Reply::multi(
+            250,
+            vec!["mx.example".into(), "PIPELINING".into(), "STARTTLS".into()],
+        );
+        let bytes = ehlo.to_bytes();
+        assert_eq!(
+            bytes,
+            b"250-mx.example\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+        );
+        let mut p = ReplyParser::default();
+        p.feed(&bytes[..10]);
+        assert_eq!(p.next_reply(), Ok(None));
+        p.feed(&bytes[10..]);
+        assert_eq!(p.next_reply(), Ok(Some(ehlo.clone())));
+        assert!(Capabilities::from_ehlo(&ehlo).has("STARTTLS"));
+        assert!(!Capabilities::from_ehlo(&ehlo).has("CHUNKING"));
+        let mut p = ReplyParser::default();
+        p.feed(b"250-a\r\n251 b\r\n");
+        assert!(p.next_reply().is_err(), "codes must agree across lines");
+        let mut p = ReplyParser::default();
+        p.feed(b"hello\r\n");
+        assert!(p.next_reply().is_err());
+    }
+
+    #[test]
+    fn domains_are_lowercased() {
+        assert_eq!(
+            domain_of("Bob@Partner.Example."),
+            Some("partner.example".into())
+        );
+        assert_eq!(domain_of("postmaster"), None);
+    }
+}

@@ -1,0 +1,735 @@
+//! The client-facing SMTP dialogue as a state machine: bytes from the
+//! sending server go in ([`Server::feed`]), events come out
+//! ([`Server::poll`]) — replies to write, and the commands the relay must
+//! take to the next hop, whose replies come back in through
+//! [`Server::respond`]. Pipelined commands wait in the buffer until the
+//! reply before them is known, so every MAIL/RCPT/end-of-data reply can be
+//! the next hop's.
+
+use std::collections::VecDeque;
+
+use super::codec::{parse_command, Command, Reply, SyntaxError, MAX_COMMAND_LINE, MAX_TEXT_LINE};
+
+/// Whether and how this session may use STARTTLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartTls {
+    /// Offered; plaintext transactions are allowed.
+    Offered,
+    /// Offered, and required before any transaction (530 otherwise).
+    Required,
+    /// Not offered (no TLS on this listener).
+    Unavailable,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// The name in the greeting and the EHLO reply.
+    pub hostname: String,
+    pub starttls: StartTls,
+    /// Advertised in SIZE and enforced on MAIL's SIZE parameter.
+    pub max_message_size: u64,
+}
+
+/// What the relay must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Write this to the client.
+    Reply(Reply),
+    /// The 220 to STARTTLS has been queued before this: write it, then run
+    /// the TLS handshake and call [`Server::tls_established`].
+    StartTls,
+    /// Answer with [`Server::respond`].
+    Mail {
+        from: String,
+        params: String,
+    },
+    /// Answer with [`Server::respond`] (the next hop's reply, or a 4xx).
+    Rcpt {
+        to: String,
+        params: String,
+    },
+    /// Answer with [`Server::respond`]: 354 starts the body.
+    Data,
+    /// Body bytes as received (still dot-stuffed, terminator included).
+    Body(Vec<u8>),
+    /// The DATA body ended; answer with [`Server::respond`] (the final reply).
+    EndOfData,
+    /// The body broke a limit; the next hop must not get the message:
+    /// drop its transaction, write this reply.
+    AbortData(Reply),
+    /// A BDAT chunk follows as `Body` events; answer with
+    /// [`Server::respond`] after `ChunkEnd`.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    ChunkEnd {
+        last: bool,
+    },
+    /// Reset the next hop's transaction (the reply is the relay's own).
+    Rset,
+    /// The client is done (221 queued); close after writing.
+    Quit,
+    /// Close after writing (protocol violation or too many errors).
+    Close,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Before HELO/EHLO.
+    Greeted,
+    /// Ready for MAIL.
+    Ready,
+    /// MAIL accepted; RCPT next.
+    Mail,
+    /// At least one RCPT accepted.
+    Rcpt,
+    /// Reading a DATA body.
+    Body,
+    /// Reading a BDAT chunk with this many bytes left.
+    Chunk,
+    Closed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Mail,
+    Rcpt,
+    Data,
+    EndOfData,
+    Chunk { last: bool },
+}
+
+/// Where the DATA end-marker scan is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scan {
+    LineStart,
+    Dot,
+    DotCr,
+    InLine,
+    Cr,
+}
+
+pub struct Server {
+    settings: ServerSettings,
+    phase: Phase,
+    tls: bool,
+    esmtp: bool,
+    input: Vec<u8>,
+    events: VecDeque<Event>,
+    /// A command whose reply is awaited; input waits meanwhile.
+    pending: Option<Pending>,
+    scan: Scan,
+    line_len: usize,
+    body_error: Option<Reply>,
+    chunk_left: u64,
+    chunk_last: bool,
+    /// BDAT chunks seen in this transaction (DATA is then out of sequence).
+    chunking: bool,
+    /// Discarding the rest of an overlong command line.
+    skipping_line: bool,
+    errors: u32,
+}
+
+const MAX_ERRORS: u32 = 20;
+
+impl Server {
+    pub fn new(settings: ServerSettings) -> Server {
+        Server {
+            settings,
+            phase: Phase::Greeted,
+            tls: false,
+            esmtp: false,
+            input: Vec::new(),
+            events: VecDeque::new(),
+            pending: None,
+            scan: Scan::LineStart,
+            line_len: 0,
+            body_error: None,
+            chunk_left: 0,
+            chunk_last: false,
+            chunking: false,
+            skipping_line: false,
+            errors: 0,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::new(220, format!("{} ESMTP tlsrelay", self.settings.hostname))
+    }
+
+    pub fn tls_active(&self) -> bool {
+        self.tls
+    }
+
+    /// Bytes from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.phase != Phase::Closed {
+            self.input.extend_from_slice(bytes);
+        }
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll(&mut self) -> Option<Event> {
+        if self.events.is_empty() {
+            self.advance();
+        }
+        self.events.pop_front()
+    }
+
+    /// The reply to the event that awaited one.
+    pub fn respond(&mut self, reply: Reply) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let ok = reply.is_positive();
+        match pending {
+            Pending::Mail if ok => self.phase = Phase::Mail,
+            Pending::Rcpt if ok => self.phase = Phase::Rcpt,
+            Pending::Data if reply.code == 354 => {
+                self.phase = Phase::Body;
+                self.scan = Scan::LineStart;
+                self.line_len = 0;
+                self.body_error = None;
+            }
+            Pending::EndOfData | Pending::Chunk { last: true } => self.end_transaction(),
+            Pending::Chunk { last: false } if !ok => self.end_transaction(),
+            _ => {}
+        }
+        self.events.push_back(Event::Reply(reply));
+    }
+
+    /// TLS is up: RFC 3207 says forget everything learnt before it.
+    pub fn tls_established(&mut self) {
+        self.tls = true;
+        self.phase = Phase::Greeted;
+        self.esmtp = false;
+        self.input.clear();
+    }
+
+    fn end_transaction(&mut self) {
+        self.phase = Phase::Ready;
+        self.chunking = false;
+    }
+
+    fn reply(&mut self, code: u16, text: &str) {
+        self.events.push_back(Event::Reply(Reply::new(code, text)));
+    }
+
+    fn error(&mut self, code: u16, text: &str) {
+        self.reply(code, text);
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            self.reply(421, "4.7.0 Too many errors, closing");
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        self.phase = Phase::Closed;
+        self.input.clear();
+        self.events.push_back(Event::Close);
+    }
+
+    /// Consumes input until an event is produced or more input is needed.
+    fn advance(&mut self) {
+        while self.events.is_empty() && self.pending.is_none() && self.phase != Phase::Closed {
+            let progressed = match self.phase {
+                Phase::Body => self.body(),
+                Phase::Chunk => self.chunk(),
+                _ => self.command(),
+            };
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn command(&mut self) -> bool {
+        let Some(end) = self.input.windows(2).position(|w| w == b"\r\n") else {
+            if self.input.len() >= MAX_COMMAND_LINE {
+                // No CRLF within the limit: refuse the line, drop what came.
+                self.input.clear();
+                if !self.skipping_line {
+                    self.skipping_line = true;
+                    self.error(500, "5.5.6 Line too long");
+                }
+                return !self.events.is_empty();
+            }
+            return false;
+        };
+        let line: Vec<u8> = self.input.drain(..end + 2).take(end).collect();
+        if std::mem::take(&mut self.skipping_line) {
+            return true; // the tail of the overlong line
+        }
+        match parse_command(&line) {
+            Ok(cmd) => self.handle(cmd),
+            Err(SyntaxError::LineTooLong) => self.error(500, "5.5.6 Line too long"),
+            Err(SyntaxError::Empty) => self.error(500, "5.5.2 Syntax error, command unrecognized"),
+            Err(SyntaxError::Parameters(why)) => {
+                self.error(501, &format!("5.5.4 Syntax error in parameters: {why}"))
+            }
+        }
+        true
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let needs_tls = self.settings.starttls == StartTls::Required && !self.tls;
+        match cmd {
+            Command::Ehlo(_) => {
+                self.esmtp = true;
+                self.phase = Phase::Ready;
+                let mut lines = vec![
+                    self.settings.hostname.clone(),
+                    "PIPELINING".into(),
+                    format!("SIZE {}", self.settings.max_message_size),
+                    "8BITMIME".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                    "SMTPUTF8".into(),
+                    "CHUNKING".into(),
+                ];
+                if !self.tls && self.settings.starttls != StartTls::Unavailable {
+                    lines.push("STARTTLS".into());
+                }
+                self.events
+                    .push_back(Event::Reply(Reply::multi(250, lines)));
+            }
+            Command::Helo(_) => {
+                self.esmtp = false;
+                self.phase = Phase::Ready;
+                let name = self.settings.hostname.clone();
+                self.reply(250, &name);
+            }
+            Command::StartTls => self.starttls(),
+            Command::Noop => self.reply(250, "2.0.0 OK"),
+            Command::Vrfy => self.reply(252, "2.5.2 Cannot VRFY user, but will accept message"),
+            Command::Help => self.reply(214, "2.0.0 See RFC 5321"),
+            Command::Quit => {
+                self.reply(221, "2.0.0 Bye");
+                self.phase = Phase::Closed;
+                self.input.clear();
+                self.events.push_back(Event::Quit);
+            }
+            Command::Rset => {
+                if matches!(self.phase, Phase::Mail | Phase::Rcpt) {
+                    self.events.push_back(Event::Rset);
+                }
+                if self.phase != Phase::Greeted {
+                    self.phase = Phase::Ready;
+                }
+                self.chunking = false;
+                self.reply(250, "2.0.0 OK");
+            }
+            Command::Unknown(verb) => self.error(502, &format!("5.5.1 {verb} not implemented")),
+            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data | Command::Bdat { .. }
+                if needs_tls =>
+            {
+                self.error(530, "5.7.0 Must issue a STARTTLS command first")
+            }
+            Command::Mail { from, params } => {
+                if self.phase == Phase::Greeted {
+                    return self.error(503, "5.5.1 Send HELO/EHLO first");
+                }
+                if self.phase != Phase::Ready {
+                    return self.error(503, "5.5.1 Nested MAIL command");
+                }
+                if let Some(size) = size_param(&params) {
+                    if size > self.settings.max_message_size {
+                        return self.error(552, "5.3.4 Message size exceeds fixed limit");
+                    }
+                }
+                self.pending = Some(Pending::Mail);
+                self.events.push_back(Event::Mail { from, params });
+            }
+            Command::Rcpt { to, params } => {
+                if !matches!(self.phase, Phase::Mail | Phase::Rcpt) {
+                    return self.error(503, "5.5.1 Need MAIL before RCPT");
+                }
+                self.pending = Some(Pending::Rcpt);
+                self.events.push_back(Event::Rcpt { to, params });
+            }
+            Command::Data => {
+                if self.phase != Phase::Rcpt || self.chunking {
+                    return self.error(503, "5.5.1 Need RCPT before DATA");
+                }
+                self.pending = Some(Pending::Data);
+                self.events.push_back(Event::Data);
+            }
+            Command::Bdat { size, last } => {
+                if self.phase != Phase::Rcpt || !self.esmtp {
+                    // The chunk still has to be read past (RFC 3030 2).
+                    self.chunk_left = size;
+                    self.chunk_last = last;
+                    self.body_error = Some(Reply::new(503, "5.5.1 Need RCPT before BDAT"));
+                    self.phase = Phase::Chunk;
+                    return;
+                }
+                self.chunking = true;
+                self.chunk_left = size;
+                self.chunk_last = last;
+                self.body_error = None;
+                self.phase = Phase::Chunk;
+                self.events.push_back(Event::Bdat { size, last });
+            }
+        }
+    }
+
+    fn starttls(&mut self) {
+        if self.tls {
+            return self.error(503, "5.5.1 TLS already active");
+        }
+        if self.settings.starttls == StartTls::Unavailable {
+            return self.error(454, "4.7.0 TLS not available due to local problem");
+        }
+        if !self.input.is_empty() {
+            // Anything pipelined after STARTTLS would be read as if it
+            // came over TLS (CVE-2011-0411): drop it and refuse.
+            self.input.clear();
+            return self.error(503, "5.5.1 STARTTLS must be the last command in a group");
+        }
+        self.reply(220, "2.0.0 Ready to start TLS");
+        self.events.push_back(Event::StartTls);
+    }
+
+    /// Forwards DATA body bytes until the end marker, checking line length.
+    fn body(&mut self) -> bool {
+        if self.input.is_empty() {
+            return false;
+        }
+        let mut end = None;
+        for (i, &b) in self.input.iter().enumerate() {
+            self.line_len += 1;
+            if self.line_len > MAX_TEXT_LINE && self.body_error.is_none() {
+                self.body_error = Some(Reply::new(500, "5.5.6 Line too long in message body"));
+            }
+            self.scan = match (self.scan, b) {
+                (Scan::LineStart, b'.') => Scan::Dot,
+                (Scan::Dot, b'\r') => Scan::DotCr,
+                (Scan::DotCr, b'\n') => {
+                    end = Some(i + 1);
+                    break;
+                }
+                (_, b'\r') => Scan::Cr,
+                (Scan::Cr, b'\n') => {
+                    self.line_len = 0;
+                    Scan::LineStart
+                }
+                _ => Scan::InLine,
+            };
+        }
+        let take = end.unwrap_or(self.input.len());
+        let chunk: Vec<u8> = self.input.drain(..take).collect();
+        if self.body_error.is_none() {
+            self.events.push_back(Event::Body(chunk));
+        }
+        if end.is_some() {
+            self.line_len = 0;
+            self.scan = Scan::LineStart;
+            match self.body_error.take() {
+                None => {
+                    self.pending = Some(Pending::EndOfData);
+                    self.phase = Phase::Rcpt; // until the final reply
+                    self.events.push_back(Event::EndOfData);
+                }
+                Some(reply) => {
+                    self.end_transaction();
+                    self.events.push_back(Event::AbortData(reply));
+                }
+            }
+        }
+        true
+    }
+
+    /// Forwards exactly the announced BDAT bytes.
+    fn chunk(&mut self) -> bool {
+        if self.chunk_left > 0 {
+            if self.input.is_empty() {
+                return false;
+            }
+            let take = (self.chunk_left as usize).min(self.input.len());
+            let chunk: Vec<u8> = self.input.drain(..take).collect();
+            self.chunk_left -= take as u64;
+            if self.body_error.is_none() {
+                self.events.push_back(Event::Body(chunk));
+            }
+            if self.chunk_left > 0 {
+                return true;
+            }
+        }
+        let last = self.chunk_last;
+        match self.body_error.take() {
+            Some(reply) => {
+                // An out-of-sequence BDAT: its bytes are gone, say why.
+                self.phase = if self.phase == Phase::Chunk && self.esmtp {
+                    Phase::Ready
+                } else {
+                    Phase::Greeted
+                };
+                self.errors += 1;
+                self.events.push_back(Event::Reply(reply));
+            }
+            None => {
+                self.phase = Phase::Rcpt;
+                self.pending = Some(Pending::Chunk { last });
+                self.events.push_back(Event::ChunkEnd { last });
+            }
+        }
+        true
+    }
+}
+
+/// The `SIZE=` value among MAIL parameters.
+fn size_param(params: &str) -> Option<u64> {
+    params.split_ascii_whitespace().find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.eq_ignore_ascii_case("SIZE").then(|| v.parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(starttls: StartTls) -> Server {
+        Server::new(ServerSettings {
+            hostname: "relay.test".into(),
+            starttls,
+            max_message_size: 1000,
+        })
+    }
+
+    fn drain(s: &mut Server) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll()).collect()
+    }
+
+    fn codes(events: &[Event]) -> Vec<u16> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Reply(r) => Some(r.code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ehlo_advertises_capabilities_and_starttls_only_before_tls() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO client.test\r\n");
+        let ev = drain(&mut s);
+        let Event::Reply(r) = &ev[0] else { panic!() };
+        for cap in [
+            "PIPELINING",
+            "SIZE 1000",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "STARTTLS",
+        ] {
+            assert!(r.lines.iter().any(|l| l == cap), "{cap} in {r:?}");
+        }
+        s.feed(b"STARTTLS\r\n");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Event::Reply(Reply::new(220, "2.0.0 Ready to start TLS")),
+                Event::StartTls
+            ]
+        );
+        s.tls_established();
+        s.feed(b"EHLO client.test\r\n");
+        let ev = drain(&mut s);
+        let Event::Reply(r) = &ev[0] else { panic!() };
+        assert!(
+            !r.lines.iter().any(|l| l == "STARTTLS"),
+            "never offered twice"
+        );
+        s.feed(b"STARTTLS\r\n");
+        assert_eq!(codes(&drain(&mut s)), vec![503]);
+    }
+
+    #[test]
+    fn plaintext_pipelined_after_starttls_is_discarded() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@x>\r\n");
+        let ev = drain(&mut s);
+        assert_eq!(codes(&ev), vec![250, 503]);
+        assert!(
+            !ev.iter()
+                .any(|e| matches!(e, Event::Mail { .. } | Event::StartTls)),
+            "{ev:?}"
+        );
+        // After a clean STARTTLS, bytes that arrive before the handshake
+        // belong to no one: establishing TLS forgets them.
+        s.feed(b"STARTTLS\r\n");
+        assert_eq!(codes(&drain(&mut s)), vec![220]);
+        s.feed(b"MAIL FROM:<injected@x>\r\n");
+        s.tls_established();
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn required_tls_refuses_transactions_before_starttls() {
+        let mut s = server(StartTls::Required);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nNOOP\r\n");
+        let ev = drain(&mut s);
+        assert_eq!(codes(&ev), vec![250, 530, 530, 530, 250]);
+        let Event::Reply(r) = &ev[1] else { panic!() };
+        assert_eq!(r.text(), "5.7.0 Must issue a STARTTLS command first");
+    }
+
+    #[test]
+    fn pipelined_transaction_waits_for_each_next_hop_reply() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p.example>\r\nRCPT TO:<y@p.example>\r\nDATA\r\n");
+        let ev = drain(&mut s);
+        assert_eq!(codes(&ev), vec![250]);
+        assert!(matches!(ev.last(), Some(Event::Mail { .. })));
+        // Nothing after MAIL is read until MAIL's reply is known.
+        assert_eq!(s.poll(), None);
+        s.respond(Reply::new(250, "2.1.0 Ok"));
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.as_slice(), [Event::Reply(_), Event::Rcpt { to, .. }] if to == "x@p.example")
+        );
+        s.respond(Reply::new(250, "2.1.5 Ok"));
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.as_slice(), [Event::Reply(_), Event::Rcpt { to, .. }] if to == "y@p.example")
+        );
+        s.respond(Reply::new(452, "4.5.3 other transaction"));
+        // One recipient accepted: DATA goes ahead.
+        assert!(
+            matches!(drain(&mut s).as_slice(), [Event::Reply(r), Event::Data] if r.code == 452)
+        );
+    }
+
+    #[test]
+    fn mail_rcpt_data_body_end_marker_and_final_reply() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p.example>\r\nDATA\r\n");
+        let mut ev = drain(&mut s);
+        assert!(matches!(ev.pop(), Some(Event::Mail { .. })));
+        s.respond(Reply::new(250, "2.1.0 Ok"));
+        assert!(matches!(
+            drain(&mut s).as_slice(),
+            [Event::Reply(_), Event::Rcpt { .. }]
+        ));
+        s.respond(Reply::new(250, "2.1.5 Ok"));
+        assert!(matches!(
+            drain(&mut s).as_slice(),
+            [Event::Reply(_), Event::Data]
+        ));
+        s.respond(Reply::new(354, "End data with <CR><LF>.<CR><LF>"));
+        assert_eq!(codes(&drain(&mut s)), vec![354]);
+        // Split across feeds, with a stuffed dot line kept as is.
+        s.feed(b"Subject: t\r\n\r\n..leading dot\r\n.");
+        s.feed(b"\r\nQUIT\r\n");
+        let ev = drain(&mut s);
+        let body: Vec<u8> = ev
+            .iter()
+            .filter_map(|e| match e {
+                Event::Body(b) => Some(b.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(body, b"Subject: t\r\n\r\n..leading dot\r\n.\r\n");
+        assert_eq!(ev.last(), Some(&Event::EndOfData));
+        s.respond(Reply::new(250, "2.0.0 Ok: queued as ABC"));
+        let ev = drain(&mut s);
+        assert_eq!(codes(&ev), vec![250, 221]);
+        assert_eq!(ev.last(), Some(&Event::Quit));
+    }
+
+    #[test]
+    fn a_rejected_rcpt_keeps_the_transaction_open_for_others() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@elsewhere>\r\nDATA\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(
+            452,
+            "4.5.3 Send this recipient in another transaction",
+        ));
+        // With no accepted recipient, DATA is out of sequence.
+        assert_eq!(codes(&drain(&mut s)), vec![452, 503]);
+    }
+
+    #[test]
+    fn bdat_chunks_are_counted_bytes() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.feed(b"BDAT 5\r\nab\r\n.BDAT 3 LAST\r\nxyz");
+        let ev = drain(&mut s);
+        assert_eq!(
+            ev[0],
+            Event::Bdat {
+                size: 5,
+                last: false
+            }
+        );
+        assert_eq!(ev[1], Event::Body(b"ab\r\n.".to_vec()));
+        assert_eq!(ev[2], Event::ChunkEnd { last: false });
+        s.respond(Reply::new(250, "2.0.0 chunk"));
+        let ev = drain(&mut s);
+        assert_eq!(
+            ev[1],
+            Event::Bdat {
+                size: 3,
+                last: true
+            }
+        );
+        assert_eq!(ev[2], Event::Body(b"xyz".to_vec()));
+        assert_eq!(ev[3], Event::ChunkEnd { last: true });
+        s.respond(Reply::new(250, "2.0.0 queued"));
+        s.feed(b"DATA\r\n");
+        assert_eq!(
+            codes(&drain(&mut s)),
+            vec![250, 503],
+            "a new transaction needs MAIL"
+        );
+    }
+
+    #[test]
+    fn line_limits() {
+        let mut s = server(StartTls::Offered);
+        let mut long = vec![b'N'; 600];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        s.feed(&long);
+        assert_eq!(codes(&drain(&mut s)), vec![500, 250]);
+        // A body line over 1000 octets: the message is not passed on.
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\nDATA\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(354, "go"));
+        drain(&mut s);
+        let mut body = vec![b'x'; 1200];
+        body.extend_from_slice(b"\r\n.\r\n");
+        s.feed(&body);
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.last(), Some(Event::AbortData(r)) if r.code == 500),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn size_and_sequence_errors() {
+        let mut s = server(StartTls::Offered);
+        s.feed(
+            b"MAIL FROM:<a@b>\r\nEHLO c\r\nMAIL FROM:<a@b> SIZE=5000\r\nRCPT TO:<x@p>\r\nBOGUS\r\n",
+        );
+        assert_eq!(codes(&drain(&mut s)), vec![503, 250, 552, 503, 502]);
+    }
+}
