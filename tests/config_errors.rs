@@ -34,8 +34,24 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:5: listeners[0].tls.mode: unknown mode 'opportunstic', expected one of off, opportunistic, required, implicit",
         ),
         (
+            listener("protocol = \"pop3\""),
+            "relay.toml:5: listeners[0].protocol: unknown protocol 'pop3', expected one of tcp, smtp",
+        ),
+        (
             listener("protocol = \"smtp\""),
-            "relay.toml:5: listeners[0].protocol: unknown protocol 'smtp', expected one of tcp",
+            "relay.toml:4: listeners[0].upstream: smtp listeners route by recipient through outbound_connectors, not an upstream",
+        ),
+        (
+            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n".to_string(),
+            "relay.toml:2: listeners[0]: an smtp listener needs at least one [[outbound_connectors]]",
+        ),
+        (
+            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"bad domain\"]\nnext_hops = [\"127.0.0.1:25\"]\n".to_string(),
+            "relay.toml:8: outbound_connectors[0].recipient_domains[0]: invalid recipient domain 'bad domain', expected example.org, .example.org (subdomains) or *",
+        ),
+        (
+            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n\n[[inbound_connectors]]\nname = \"partner\"\nclient_addresses = [\"10.0.0.0/33\"]\n".to_string(),
+            "relay.toml:13: inbound_connectors[0].client_addresses[0]: invalid address range '10.0.0.0/33', expected e.g. 192.0.2.0/24",
         ),
         (
             listener("tls.min_version = \"1.1\""),
@@ -43,7 +59,7 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             listener("colour = \"blue\""),
-            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`",
+            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`",
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:99999\"\nupstream = \"up\"\n".to_string() + GOOD_TAIL,
@@ -51,7 +67,7 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\n".to_string() + GOOD_TAIL,
-            "relay.toml:1: listeners[0]: missing field `upstream`",
+            "relay.toml:2: listeners[0]: missing field `upstream`",
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"nowhere\"\n".to_string() + GOOD_TAIL,

@@ -98,6 +98,10 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub inbound_connectors: Vec<InboundConnector>,
+    #[serde(default)]
+    pub outbound_connectors: Vec<OutboundConnector>,
     #[serde(skip, default = "Config::no_source")]
     pub source: Source,
 }
@@ -114,6 +118,9 @@ pub struct Limits {
     /// A session with no bytes moving either way for this long is closed.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// SMTP timeouts are RFC 5321 4.5.3.2's (5 min per command, 10 min for
+    /// the end of data, ...) times this.
+    pub smtp_timeout_scale: f64,
 }
 
 impl Default for Limits {
@@ -123,6 +130,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            smtp_timeout_scale: 1.0,
         }
     }
 }
@@ -188,8 +196,9 @@ impl Ebpf {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Tcp,
+    Smtp,
 }
-keywords!(Protocol, "protocol", { Tcp => "tcp" });
+keywords!(Protocol, "protocol", { Tcp => "tcp", Smtp => "smtp" });
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,10 +208,20 @@ pub struct Listener {
     pub address: SocketAddr,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
-    /// Name of the upstream route sessions are relayed to.
-    pub upstream: Spanned<String>,
+    /// Name of the upstream route sessions are relayed to (tcp; smtp
+    /// listeners route by recipient through the outbound connectors).
+    pub upstream: Option<Spanned<String>>,
     #[serde(default)]
     pub tls: InboundTls,
+    /// smtp: the name in the greeting and EHLO (default: the host name).
+    pub hostname: Option<String>,
+    /// smtp: the SIZE limit advertised and enforced.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+}
+
+fn default_max_message_size() -> u64 {
+    50 * 1024 * 1024
 }
 
 fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -256,6 +275,59 @@ pub struct CertificateFiles {
     /// Served to clients whose SNI matches no certificate (default: the first).
     #[serde(default)]
     pub default: bool,
+}
+
+/// An inbound SMTP connector: rules for sessions from a partner or an
+/// on-premises server, matched by client address and/or certificate name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConnector {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub client_addresses: Vec<crate::smtp::session::Cidr>,
+    #[serde(default)]
+    pub certificate_names: Vec<NamePattern>,
+    /// Mail claiming these sender domains must come through this connector
+    /// (over TLS, with a certificate named as above).
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
+    #[serde(default = "default_connector_tls")]
+    pub tls: ConnectorTls,
+    #[serde(default = "default_client_certificate")]
+    pub client_certificate: crate::smtp::session::ClientCertificate,
+    /// PEM file of the CAs client certificates must chain to.
+    pub trust_anchors: Option<Spanned<PathBuf>>,
+}
+
+fn default_connector_tls() -> ConnectorTls {
+    ConnectorTls::Opportunistic
+}
+
+fn default_client_certificate() -> crate::smtp::session::ClientCertificate {
+    crate::smtp::session::ClientCertificate::None
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectorTls {
+    Opportunistic,
+    Required,
+}
+keywords!(ConnectorTls, "connector TLS", {
+    Opportunistic => "opportunistic",
+    Required => "required",
+});
+
+/// An outbound SMTP connector: recipient domains, next hops, TLS policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConnector {
+    pub name: Spanned<String>,
+    /// `partner.example`, `.partner.example` (subdomains) or `*` (default).
+    pub recipient_domains: Vec<crate::smtp::session::DomainPattern>,
+    /// Tried in order.
+    pub next_hops: Vec<Spanned<HostPort>>,
+    #[serde(default)]
+    pub tls: OutboundTls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -384,6 +456,20 @@ impl<'de> Deserialize<'de> for HostPort {
     }
 }
 
+macro_rules! deserialize_from_str {
+    ($($ty:ty),+) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )+};
+}
+deserialize_from_str!(
+    crate::smtp::session::Cidr,
+    crate::smtp::session::DomainPattern
+);
+
 /// Durations as `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
 mod duration {
     use std::time::Duration;
@@ -500,6 +586,33 @@ impl Config {
                 ));
             }
         }
+        let mut connector_names = HashSet::new();
+        for (i, c) in self.outbound_connectors.iter().enumerate() {
+            if !connector_names.insert(c.name.get_ref().as_str()) {
+                return Err(src.error(
+                    c.name.span(),
+                    format!("outbound_connectors[{i}].name"),
+                    format!("duplicate connector name '{}'", c.name.get_ref()),
+                ));
+            }
+            if c.next_hops.is_empty() || c.recipient_domains.is_empty() {
+                return Err(src.error(
+                    c.name.span(),
+                    format!("outbound_connectors[{i}]"),
+                    "needs recipient_domains and at least one next hop",
+                ));
+            }
+        }
+        for (i, c) in self.inbound_connectors.iter().enumerate() {
+            let wants_cert = c.client_certificate != crate::smtp::session::ClientCertificate::None;
+            if wants_cert && c.trust_anchors.is_none() {
+                return Err(src.error(
+                    c.name.span(),
+                    format!("inbound_connectors[{i}].trust_anchors"),
+                    "client certificates need trust_anchors",
+                ));
+            }
+        }
         let mut listener_names = HashSet::new();
         let mut addresses = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -517,20 +630,44 @@ impl Config {
                     format!("address {} is used by another listener", l.address),
                 ));
             }
-            if !upstream_names.contains(l.upstream.get_ref().as_str()) {
-                return Err(src.error(
-                    l.upstream.span(),
-                    format!("listeners[{i}].upstream"),
-                    format!(
-                        "no upstream named '{}' (defined: {})",
-                        l.upstream.get_ref(),
-                        self.upstreams
-                            .iter()
-                            .map(|u| u.name.get_ref().as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
+            match (l.protocol, &l.upstream) {
+                (Protocol::Tcp, None) => {
+                    return Err(src.error(
+                        l.name.span(),
+                        format!("listeners[{i}]"),
+                        "missing field `upstream`",
+                    ))
+                }
+                (Protocol::Tcp, Some(up)) if !upstream_names.contains(up.get_ref().as_str()) => {
+                    return Err(src.error(
+                        up.span(),
+                        format!("listeners[{i}].upstream"),
+                        format!(
+                            "no upstream named '{}' (defined: {})",
+                            up.get_ref(),
+                            self.upstreams
+                                .iter()
+                                .map(|u| u.name.get_ref().as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ))
+                }
+                (Protocol::Smtp, Some(up)) => {
+                    return Err(src.error(
+                        up.span(),
+                        format!("listeners[{i}].upstream"),
+                        "smtp listeners route by recipient through outbound_connectors, not an upstream",
+                    ))
+                }
+                (Protocol::Smtp, None) if self.outbound_connectors.is_empty() => {
+                    return Err(src.error(
+                        l.name.span(),
+                        format!("listeners[{i}]"),
+                        "an smtp listener needs at least one [[outbound_connectors]]",
+                    ))
+                }
+                _ => {}
             }
             let defaults = l.tls.certificates.iter().filter(|c| c.default).count();
             if defaults > 1 {
@@ -551,12 +688,12 @@ impl Config {
         Ok(())
     }
 
-    /// The upstream a listener relays to (validated to exist).
-    pub fn upstream_of(&self, listener: &Listener) -> &Upstream {
+    /// The upstream a tcp listener relays to (validated to exist).
+    pub fn upstream_of(&self, listener: &Listener) -> Option<&Upstream> {
+        let name = listener.upstream.as_ref()?;
         self.upstreams
             .iter()
-            .find(|u| u.name.get_ref() == listener.upstream.get_ref())
-            .expect("validated: every listener's upstream exists")
+            .find(|u| u.name.get_ref() == name.get_ref())
     }
 }
 

@@ -13,12 +13,16 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::bpf::WireCounters;
 use crate::config::{
-    CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Source, Upstream,
+    CertificateFiles, ClientAuthMode, Config, ConfigError, ConnectorTls, Listener, Protocol,
+    Source, Upstream,
 };
 use crate::policy::{InboundMode, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
+use crate::smtp::client::{NextHopPlan, OutboundConnector, SmtpTimeouts};
+use crate::smtp::server::StartTls;
+use crate::smtp::session::{DomainPattern, InboundConnector, SmtpListenerPlan};
 use crate::tls::{
     self, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned, UpstreamTls,
     UpstreamTlsSettings,
@@ -33,8 +37,129 @@ pub enum SelfSignedSource {
 }
 
 /// Everything needed to serve, built and checked before binding.
+/// What a listener's sessions are.
+#[derive(Clone)]
+pub enum Listening {
+    Tcp(Arc<ListenerPlan>),
+    Smtp(Arc<SmtpListenerPlan>),
+}
+
+impl Listening {
+    fn name(&self) -> &str {
+        match self {
+            Listening::Tcp(p) => &p.name,
+            Listening::Smtp(p) => &p.name,
+        }
+    }
+}
+
+/// The SMTP connectors, built once and shared by the SMTP listeners.
+struct SmtpShared {
+    outbound: Vec<Arc<OutboundConnector>>,
+    routes: Vec<(Vec<DomainPattern>, usize)>,
+}
+
+impl SmtpShared {
+    fn build(config: &Config, system_roots: &mut SystemRoots) -> Result<SmtpShared, ConfigError> {
+        let src = &config.source;
+        let mut outbound = Vec::new();
+        let mut routes = Vec::new();
+        for (i, c) in config.outbound_connectors.iter().enumerate() {
+            let mut next_hops = Vec::new();
+            for hop in &c.next_hops {
+                let address = hop.get_ref().clone();
+                let tls = outbound_tls(
+                    src,
+                    &format!("outbound_connectors[{i}].tls"),
+                    &c.tls,
+                    &address.host,
+                    hop.span(),
+                    system_roots,
+                )?;
+                next_hops.push(NextHopPlan { address, tls });
+            }
+            outbound.push(Arc::new(OutboundConnector {
+                name: c.name.get_ref().clone(),
+                next_hops,
+                policy: c.tls.policy,
+            }));
+            routes.push((c.recipient_domains.clone(), i));
+        }
+        Ok(SmtpShared { outbound, routes })
+    }
+
+    /// Client certificates are requested (never demanded at the TLS layer)
+    /// when an inbound connector wants them; the connector's rules decide
+    /// after the handshake. Anchors are the union of the connectors'.
+    fn client_auth(&self, config: &Config) -> Result<Option<ClientAuthSettings>, ConfigError> {
+        let src = &config.source;
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, c) in config.inbound_connectors.iter().enumerate() {
+            if let Some(path) = &c.trust_anchors {
+                let loaded = tls::load_roots(&src.resolve(path.get_ref())).map_err(|e| {
+                    src.error(
+                        path.span(),
+                        format!("inbound_connectors[{i}].trust_anchors"),
+                        e,
+                    )
+                })?;
+                roots.roots.extend(loaded.roots);
+            }
+        }
+        Ok((!roots.is_empty()).then_some(ClientAuthSettings {
+            required: false,
+            roots,
+            names: Vec::new(),
+        }))
+    }
+
+    fn listener(
+        &self,
+        config: &Config,
+        l: &Listener,
+        tls: Option<ListenerTls>,
+    ) -> SmtpListenerPlan {
+        let limits = &config.limits;
+        SmtpListenerPlan {
+            name: l.name.get_ref().clone(),
+            hostname: l.hostname.clone().unwrap_or_else(crate::tls::hostname),
+            starttls: match l.tls.mode {
+                InboundMode::Off | InboundMode::Implicit => StartTls::Unavailable,
+                InboundMode::Opportunistic => StartTls::Offered,
+                InboundMode::Required => StartTls::Required,
+            },
+            implicit_tls: l.tls.mode == InboundMode::Implicit,
+            tls,
+            inbound: config
+                .inbound_connectors
+                .iter()
+                .map(|c| InboundConnector {
+                    name: c.name.get_ref().clone(),
+                    client_addresses: c.client_addresses.clone(),
+                    certificate_names: c.certificate_names.clone(),
+                    sender_domains: c
+                        .sender_domains
+                        .iter()
+                        .map(|d| d.to_ascii_lowercase())
+                        .collect(),
+                    tls_required: c.tls == ConnectorTls::Required,
+                    client_certificate: c.client_certificate,
+                })
+                .collect(),
+            outbound: self.outbound.clone(),
+            routes: self.routes.clone(),
+            timeouts: SmtpTimeouts::rfc5321(
+                limits.smtp_timeout_scale,
+                limits.connect_timeout,
+                limits.handshake_timeout,
+            ),
+            max_message_size: l.max_message_size,
+        }
+    }
+}
+
 pub struct Plan {
-    pub listeners: Vec<(SocketAddr, Arc<ListenerPlan>)>,
+    pub listeners: Vec<(SocketAddr, Listening)>,
     pub max_connections: usize,
     /// Human-readable effective policy, one entry per listener and route.
     pub description: Vec<String>,
@@ -56,28 +181,61 @@ impl Plan {
         let mut description = Vec::new();
         let mut generated = None;
         let mut listeners = Vec::new();
+        let smtp = SmtpShared::build(config, &mut system_roots)?;
         for (i, l) in config.listeners.iter().enumerate() {
-            let route = routes
-                .iter()
-                .find(|r| r.name == *l.upstream.get_ref())
-                .expect("validated: every listener's upstream exists")
-                .clone();
+            let client_auth = match l.protocol {
+                Protocol::Tcp => None,
+                Protocol::Smtp => smtp.client_auth(config)?,
+            };
             let tls = match l.tls.mode {
                 InboundMode::Off => None,
-                _ => Some(listener_tls(src, i, l, &self_signed, &mut generated)?),
+                _ => Some(listener_tls(
+                    src,
+                    i,
+                    l,
+                    &self_signed,
+                    &mut generated,
+                    client_auth,
+                )?),
             };
             description.push(describe_listener(l, config.upstream_of(l)));
-            let plan = ListenerPlan {
-                name: l.name.get_ref().clone(),
-                mode: l.tls.mode,
-                tls,
-                route,
-                timeouts,
-                ktls: config.dataplane.ktls,
-                engine: config.dataplane.pump,
+            let listening = match l.protocol {
+                Protocol::Tcp => {
+                    let upstream = l
+                        .upstream
+                        .as_ref()
+                        .expect("validated: tcp listeners have an upstream");
+                    let route = routes
+                        .iter()
+                        .find(|r| r.name == *upstream.get_ref())
+                        .expect("validated: every listener's upstream exists")
+                        .clone();
+                    Listening::Tcp(Arc::new(ListenerPlan {
+                        name: l.name.get_ref().clone(),
+                        mode: l.tls.mode,
+                        tls,
+                        route,
+                        timeouts,
+                        ktls: config.dataplane.ktls,
+                        engine: config.dataplane.pump,
+                    }))
+                }
+                Protocol::Smtp => Listening::Smtp(Arc::new(smtp.listener(config, l, tls))),
             };
-            listeners.push((l.address, Arc::new(plan)));
+            listeners.push((l.address, listening));
         }
+        description.extend(
+            config
+                .inbound_connectors
+                .iter()
+                .map(describe_inbound_connector),
+        );
+        description.extend(
+            config
+                .outbound_connectors
+                .iter()
+                .map(describe_outbound_connector),
+        );
         description.extend(config.upstreams.iter().map(describe_route));
         description.push(describe_dataplane(config));
         Ok(Plan {
@@ -106,6 +264,7 @@ fn listener_tls(
     l: &Listener,
     self_signed: &SelfSignedSource,
     generated: &mut Option<Arc<rustls::sign::CertifiedKey>>,
+    connector_auth: Option<ClientAuthSettings>,
 ) -> Result<ListenerTls, ConfigError> {
     let mut certificates = Vec::new();
     for (j, files) in l.tls.certificates.iter().enumerate() {
@@ -130,7 +289,7 @@ fn listener_tls(
         certificates.push(key);
     }
     let client_auth = match &l.tls.client_auth {
-        None => None,
+        None => connector_auth,
         Some(auth) => Some(ClientAuthSettings {
             required: auth.mode == ClientAuthMode::Required,
             roots: tls::load_roots(&src.resolve(auth.trust_anchors.get_ref())).map_err(|e| {
@@ -162,76 +321,86 @@ fn route_plan(
     src: &Source,
     i: usize,
     up: &Upstream,
-    system_roots: &mut Option<Result<Arc<rustls::RootCertStore>, String>>,
+    system_roots: &mut SystemRoots,
 ) -> Result<RoutePlan, ConfigError> {
     let address = up.address.get_ref().clone();
-    let t = &up.tls;
-    let field = |f: &str| format!("upstreams[{i}].tls.{f}");
-    let tls = if t.policy == OutboundPolicy::Plain {
-        None
-    } else {
-        let verification = t.verification();
-        let roots = match &t.trust_anchors {
-            Some(path) => Some(Arc::new(
-                tls::load_roots(&src.resolve(path.get_ref()))
-                    .map_err(|e| src.error(path.span(), field("trust_anchors"), e))?,
-            )),
-            None => {
-                let system = system_roots.get_or_insert_with(|| {
-                    tls::system_roots().map(Arc::new).map_err(|e| e.to_string())
-                });
-                match (system, verification) {
-                    (Ok(roots), _) => Some(roots.clone()),
-                    // Without anchors an encryption-only route still works; its
-                    // peers are reported Untrusted.
-                    (Err(_), Verification::EncryptionOnly) => None,
-                    (Err(e), _) => {
-                        return Err(src.error(up.address.span(), field("trust_anchors"), e.clone()))
-                    }
-                }
-            }
-        };
-        let sni = t
-            .server_name
-            .clone()
-            .unwrap_or_else(|| address.host.clone());
-        let names = if t.names.is_empty() {
-            vec![default_name_pattern(&sni)]
-        } else {
-            t.names.clone()
-        };
-        let server_name = ServerName::try_from(sni.clone()).map_err(|e| {
-            src.error(
-                up.address.span(),
-                field("server_name"),
-                format!("'{sni}': {e}"),
-            )
-        })?;
-        let client_certificate = t
-            .client_certificate
-            .as_ref()
-            .map(|files| load_key_pair(src, field("client_certificate"), files))
-            .transpose()?;
-        let settings = UpstreamTlsSettings {
-            verification,
-            enforce: t.policy == OutboundPolicy::Required,
-            names,
-            roots,
-            min_version: t.min_version,
-            server_name,
-            client_certificate,
-        };
-        Some(
-            UpstreamTls::new(settings)
-                .map_err(|e| src.error(up.address.span(), field("policy"), e))?,
-        )
-    };
+    let tls = outbound_tls(
+        src,
+        &format!("upstreams[{i}].tls"),
+        &up.tls,
+        &address.host,
+        up.address.span(),
+        system_roots,
+    )?;
     Ok(RoutePlan {
         name: up.name.get_ref().clone(),
         address,
-        policy: t.policy,
+        policy: up.tls.policy,
         tls,
     })
+}
+
+/// The system trust store, loaded once when first needed.
+type SystemRoots = Option<Result<Arc<rustls::RootCertStore>, String>>;
+
+/// The client TLS for one upstream host under an outbound policy (`None`
+/// for `plain`).
+fn outbound_tls(
+    src: &Source,
+    prefix: &str,
+    t: &crate::config::OutboundTls,
+    host: &str,
+    span: std::ops::Range<usize>,
+    system_roots: &mut SystemRoots,
+) -> Result<Option<UpstreamTls>, ConfigError> {
+    if t.policy == OutboundPolicy::Plain {
+        return Ok(None);
+    }
+    let field = |f: &str| format!("{prefix}.{f}");
+    let verification = t.verification();
+    let roots = match &t.trust_anchors {
+        Some(path) => Some(Arc::new(
+            tls::load_roots(&src.resolve(path.get_ref()))
+                .map_err(|e| src.error(path.span(), field("trust_anchors"), e))?,
+        )),
+        None => {
+            let system = system_roots.get_or_insert_with(|| {
+                tls::system_roots().map(Arc::new).map_err(|e| e.to_string())
+            });
+            match (system, verification) {
+                (Ok(roots), _) => Some(roots.clone()),
+                // Without anchors an encryption-only route still works; its
+                // peers are reported Untrusted.
+                (Err(_), Verification::EncryptionOnly) => None,
+                (Err(e), _) => return Err(src.error(span, field("trust_anchors"), e.clone())),
+            }
+        }
+    };
+    let sni = t.server_name.clone().unwrap_or_else(|| host.to_string());
+    let names = if t.names.is_empty() {
+        vec![default_name_pattern(&sni)]
+    } else {
+        t.names.clone()
+    };
+    let server_name = ServerName::try_from(sni.clone())
+        .map_err(|e| src.error(span.clone(), field("server_name"), format!("'{sni}': {e}")))?;
+    let client_certificate = t
+        .client_certificate
+        .as_ref()
+        .map(|files| load_key_pair(src, field("client_certificate"), files))
+        .transpose()?;
+    let settings = UpstreamTlsSettings {
+        verification,
+        enforce: t.policy == OutboundPolicy::Required,
+        names,
+        roots,
+        min_version: t.min_version,
+        server_name,
+        client_certificate,
+    };
+    UpstreamTls::new(settings)
+        .map(Some)
+        .map_err(|e| src.error(span, field("policy"), e))
 }
 
 /// The name a route's certificate must carry when none is configured: the
@@ -246,7 +415,7 @@ fn default_name_pattern(host: &str) -> NamePattern {
     }
 }
 
-fn describe_listener(l: &Listener, up: &Upstream) -> String {
+fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
     let mut s = format!(
         "listener {} on {} ({}): inbound TLS {}",
         l.name.get_ref(),
@@ -281,11 +450,67 @@ fn describe_listener(l: &Listener, up: &Upstream) -> String {
             );
         }
     }
-    s + &format!(
-        " -> upstream {} ({})",
-        up.name.get_ref(),
-        up.address.get_ref()
+    match up {
+        Some(up) => {
+            s + &format!(
+                " -> upstream {} ({})",
+                up.name.get_ref(),
+                up.address.get_ref()
+            )
+        }
+        None => s + " -> outbound connectors by recipient domain",
+    }
+}
+
+fn describe_inbound_connector(c: &crate::config::InboundConnector) -> String {
+    let list = |v: Vec<String>| {
+        if v.is_empty() {
+            "any".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "inbound connector {}: clients {}, certificate names {}, TLS {}, client certificate {}, sender domains {}",
+        c.name.get_ref(),
+        list(c.client_addresses.iter().map(|a| format!("{}/{}", a.network, a.prefix)).collect()),
+        list(c.certificate_names.iter().map(ToString::to_string).collect()),
+        c.tls,
+        c.client_certificate,
+        list(c.sender_domains.clone()),
     )
+}
+
+fn describe_outbound_connector(c: &crate::config::OutboundConnector) -> String {
+    let domains: Vec<String> = c
+        .recipient_domains
+        .iter()
+        .map(|d| match d {
+            DomainPattern::Exact(n) => n.clone(),
+            DomainPattern::Subdomains(n) => format!(".{n}"),
+            DomainPattern::Any => "*".into(),
+        })
+        .collect();
+    let hops: Vec<String> = c
+        .next_hops
+        .iter()
+        .map(|h| h.get_ref().to_string())
+        .collect();
+    let t = &c.tls;
+    let mut s = format!(
+        "outbound connector {}: recipients {} via {}: TLS {}",
+        c.name.get_ref(),
+        domains.join(", "),
+        hops.join(", then "),
+        t.policy
+    );
+    if t.policy != OutboundPolicy::Plain {
+        s += &format!(", verify {}, minimum {}", t.verification(), t.min_version);
+        if t.policy == OutboundPolicy::Required {
+            s += ", 451 4.7.5 when TLS cannot be had";
+        }
+    }
+    s
 }
 
 /// What the data plane will do on this machine: the kTLS probe's result and
@@ -353,7 +578,7 @@ pub enum RelayError {
 
 /// Bound listeners, ready to serve.
 pub struct Relay {
-    listeners: Vec<(TcpListener, Arc<ListenerPlan>)>,
+    listeners: Vec<(TcpListener, Listening)>,
     limit: Arc<Semaphore>,
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
     wire: Option<Arc<WireCounters>>,
@@ -366,7 +591,7 @@ impl Relay {
             let socket = TcpListener::bind(address)
                 .await
                 .map_err(|source| RelayError::Bind {
-                    listener: lp.name.clone(),
+                    listener: lp.name().to_string(),
                     address,
                     source,
                 })?;
@@ -384,7 +609,7 @@ impl Relay {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(s, p)| Some((p.name.clone(), s.local_addr().ok()?)))
+            .filter_map(|(s, p)| Some((p.name().to_string(), s.local_addr().ok()?)))
             .collect()
     }
 
@@ -429,7 +654,7 @@ struct Sinks {
 
 async fn accept_loop(
     socket: TcpListener,
-    plan: Arc<ListenerPlan>,
+    plan: Listening,
     limit: Arc<Semaphore>,
     ids: Arc<AtomicU64>,
     sinks: Sinks,
@@ -439,21 +664,24 @@ async fn accept_loop(
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %plan.name, "accept failed: {e}");
+                tracing::warn!(listener = %plan.name(), "accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(listener = %plan.name, client = %peer, "connection limit reached; closing");
+            tracing::warn!(listener = %plan.name(), client = %peer, "connection limit reached; closing");
             drop(client);
             continue;
         };
         let plan = plan.clone();
         let sinks = sinks.clone();
         tokio::spawn(async move {
-            let report = session::run(id, &plan, client, peer).await;
+            let report = match &plan {
+                Listening::Tcp(p) => session::run(id, p, client, peer).await,
+                Listening::Smtp(p) => crate::smtp::session::run(id, p, client, peer).await,
+            };
             drop(permit);
             tracing::info!("{report}");
             if let Some(wire) = &sinks.wire {

@@ -105,6 +105,9 @@ pub struct SessionReport {
     pub path_reason: Option<String>,
     pub bytes_client_to_upstream: u64,
     pub bytes_upstream_to_client: u64,
+    /// SMTP: each mail transaction, where it went and how it ended.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transactions: Vec<crate::smtp::session::Transaction>,
     /// From accept until both legs were ready to relay.
     pub setup_ms: f64,
     pub duration_ms: f64,
@@ -132,6 +135,7 @@ impl SessionReport {
             path_reason: None,
             bytes_client_to_upstream: 0,
             bytes_upstream_to_client: 0,
+            transactions: Vec::new(),
             setup_ms: 0.0,
             duration_ms: 0.0,
         }
@@ -198,6 +202,16 @@ impl fmt::Display for SessionReport {
             if let Some(reason) = &self.path_reason {
                 write!(f, " (userspace: {reason})")?;
             }
+        }
+        for t in &self.transactions {
+            write!(
+                f,
+                " mail(from=<{}> to={} via={} result=\"{}\")",
+                t.from,
+                t.recipients.len(),
+                t.next_hop.as_deref().unwrap_or("-"),
+                t.result.as_deref().unwrap_or("-")
+            )?;
         }
         write!(
             f,

@@ -168,7 +168,8 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
         .map_err(|e| TlsError::file(path, e))
 }
 
-fn hostname() -> Option<String> {
+/// This machine's host name (for greetings and the generated certificate).
+pub fn hostname() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = name.trim();
     (!name.is_empty()).then(|| name.to_ascii_lowercase())

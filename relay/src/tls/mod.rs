@@ -15,6 +15,11 @@ use rustls::crypto::CryptoProvider;
 use rustls::{AlertDescription, CertificateError, CommonState, PeerIncompatible};
 use serde::Serialize;
 
+/// This machine's host name, or `localhost`.
+pub fn hostname() -> String {
+    certs::hostname().unwrap_or_else(|| "localhost".into())
+}
+
 pub use certs::{cert_names, load_certified_key, load_chain, load_roots, system_roots, SelfSigned};
 pub use client::{UpstreamTls, UpstreamTlsSettings};
 pub use record_io::RecordIo;
