@@ -460,3 +460,37 @@ pub fn tls_stat() -> HashMap<String, u64> {
         })
         .collect()
 }
+
+pub mod smtp_sink;
+
+/// Runs swaks (the real SMTP test client) and returns its exit status and
+/// transcript.
+pub fn swaks(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("swaks")
+        .args(["--timeout", "20", "--hide-informational"])
+        .args(args)
+        .output()
+        .expect("swaks installed (.ci/run installs it)");
+    let transcript = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), transcript)
+}
+
+/// Whether swaks is installed; in CI its absence is a failure.
+pub fn have_swaks() -> bool {
+    let ok = std::process::Command::new("swaks")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "swaks missing in CI"
+        );
+        eprintln!("skipped: swaks not installed (apt-get install swaks)");
+    }
+    ok
+}

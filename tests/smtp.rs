@@ -1,0 +1,541 @@
+//! SMTP through the relay on loopback: swaks (the real client) or a raw
+//! client in front, a recording SMTP next hop behind, certificates from a
+//! test PKI. Each forced-TLS failure must reach the sender as a 4.7.x
+//! temporary failure; mail must arrive byte for byte, once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tlsrelay::report::{Direction, LegSecurity};
+use tlsrelay_tests::smtp_sink::{smtp_sink, Sink, SinkOptions};
+use tlsrelay_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const MESSAGE: &str = "From: a@sender.test\nTo: x@partner.test\nSubject: through the relay\n\nline one\n.a line that starts with a dot\n..two dots\nlast line\n";
+
+fn sink_tls(pki: &Pki, name: &str, versions: Versions) -> Arc<rustls::ServerConfig> {
+    let leaf = pki.leaf(&format!("sink-{name}"), &[name]);
+    server_config(&ServerOptions {
+        leaf: &leaf,
+        versions,
+        client_ca: None,
+    })
+}
+
+async fn sink(tls: Option<Arc<rustls::ServerConfig>>, chunking: bool) -> Sink {
+    smtp_sink(SinkOptions {
+        tls,
+        chunking,
+        refuse_marker: "nobody",
+    })
+    .await
+}
+
+/// An SMTP relay config: one smtp listener, `connectors` appended.
+fn smtp_config(listener_tls: &str, connectors: &str) -> String {
+    format!(
+        r#"
+ebpf.enabled = false
+[limits]
+smtp_timeout_scale = 0.05
+handshake_timeout = "5s"
+
+[[listeners]]
+name = "mx"
+address = "127.0.0.1:0"
+protocol = "smtp"
+hostname = "relay.test"
+{listener_tls}
+
+{connectors}
+"#
+    )
+}
+
+fn outbound(name: &str, domains: &str, hop: SocketAddr, tls: &str) -> String {
+    format!(
+        "[[outbound_connectors]]\nname = \"{name}\"\nrecipient_domains = [{domains}]\nnext_hops = [\"{hop}\"]\n{tls}\n"
+    )
+}
+
+fn required(pki: &Pki, names: &str, extra: &str) -> String {
+    format!(
+        "tls.policy = \"required\"\ntls.verify = \"name\"\ntls.names = [{names}]\ntls.trust_anchors = {}\n{extra}",
+        toml_path(&pki.ca_pem)
+    )
+}
+
+fn port(addr: SocketAddr) -> String {
+    addr.port().to_string()
+}
+
+/// The body as the sink stores it: CRLF line endings.
+fn crlf(text: &str) -> Vec<u8> {
+    text.replace('\n', "\r\n").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_on_both_legs_delivers_the_message_byte_identical() {
+    if !have_swaks() {
+        return;
+    }
+    let pki = Pki::new();
+    let next = sink(
+        Some(sink_tls(&pki, "mx.partner.test", Versions::Both)),
+        true,
+    )
+    .await;
+    let conf = smtp_config(
+        "tls.mode = \"opportunistic\"",
+        &outbound(
+            "partner",
+            "\"partner.test\"",
+            next.addr,
+            &required(&pki, "\"mx.partner.test\"", ""),
+        ),
+    );
+    let mut relay = TestRelay::start(&conf, pki.dir()).await;
+    let addr = relay.addr("mx");
+    let (ok, transcript) = tokio::task::spawn_blocking(move || {
+        // swaks ends the data with CRLF . CRLF itself.
+        swaks(&[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port(addr),
+            "--tls",
+            "--from",
+            "a@sender.test",
+            "--to",
+            "x@partner.test",
+            "--data",
+            MESSAGE.trim_end(),
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{transcript}");
+    assert!(
+        transcript.contains("250 2.0.0 Ok: queued as SINK"),
+        "the next hop's reply reaches the sender:\n{transcript}"
+    );
+    let got = next.received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "delivered exactly once");
+    assert!(got[0].over_tls);
+    assert_eq!(got[0].recipients, vec!["x@partner.test"]);
+    assert_eq!(
+        got[0].body,
+        crlf(MESSAGE),
+        "byte-identical after dot-stuffing both ways"
+    );
+    let report = relay.next_report().await;
+    assert!(
+        matches!(report.inbound, Some(LegSecurity::Tls { .. })),
+        "{report}"
+    );
+    assert!(
+        matches!(
+            report.outbound,
+            Some(LegSecurity::Tls {
+                trust: tlsrelay::policy::PeerTrust::Verified,
+                ..
+            })
+        ),
+        "{report}"
+    );
+    assert_eq!(report.transactions.len(), 1, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tls_failures_reach_the_sender_as_4_7_x() {
+    if !have_swaks() {
+        return;
+    }
+    let pki = Pki::new();
+    let other_ca = Pki::new();
+    // (next hop, expected reason in the reply)
+    let cases = vec![
+        (sink(None, true).await, "not offered"),
+        (
+            sink(
+                Some(sink_tls(&pki, "wrong.partner.test", Versions::Both)),
+                true,
+            )
+            .await,
+            "name mismatch",
+        ),
+        (
+            sink(
+                Some(sink_tls(&other_ca, "mx.partner.test", Versions::Both)),
+                true,
+            )
+            .await,
+            "certificate untrusted",
+        ),
+        (
+            sink(
+                Some(sink_tls(&pki, "mx.partner.test", Versions::Tls12Only)),
+                true,
+            )
+            .await,
+            "version too low",
+        ),
+    ];
+    for (next, reason) in cases {
+        let conf = smtp_config(
+            "tls.mode = \"opportunistic\"",
+            &outbound(
+                "partner",
+                "\"partner.test\"",
+                next.addr,
+                &required(&pki, "\"mx.partner.test\"", "tls.min_version = \"1.3\""),
+            ),
+        );
+        let mut relay = TestRelay::start(&conf, pki.dir()).await;
+        let addr = relay.addr("mx");
+        let (ok, transcript) = tokio::task::spawn_blocking(move || {
+            swaks(&[
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &port(addr),
+                "--from",
+                "a@sender.test",
+                "--to",
+                "x@partner.test",
+                "--data",
+                MESSAGE,
+            ])
+        })
+        .await
+        .unwrap();
+        assert!(!ok, "{reason}: {transcript}");
+        let refusal = transcript
+            .lines()
+            .find(|l| l.contains("451 4.7.5"))
+            .unwrap_or_else(|| panic!("{reason}: no 451 4.7.5 in\n{transcript}"));
+        assert!(refusal.contains(reason), "{reason}: {refusal}");
+        assert!(
+            next.received.lock().unwrap().is_empty(),
+            "nothing delivered"
+        );
+        let report = relay.next_report().await;
+        assert!(
+            report.transactions.is_empty() || report.transactions[0].result.is_none(),
+            "{report}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_connector_falls_back_to_plaintext_and_records_it() {
+    if !have_swaks() {
+        return;
+    }
+    let pki = Pki::new();
+    let next = sink(None, true).await;
+    let conf = smtp_config(
+        "tls.mode = \"opportunistic\"",
+        &outbound("any", "\"*\"", next.addr, "tls.policy = \"opportunistic\""),
+    );
+    let mut relay = TestRelay::start(&conf, pki.dir()).await;
+    let addr = relay.addr("mx");
+    let (ok, transcript) = tokio::task::spawn_blocking(move || {
+        swaks(&[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port(addr),
+            "--from",
+            "a@sender.test",
+            "--to",
+            "x@elsewhere.test",
+            "--data",
+            MESSAGE,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{transcript}");
+    assert_eq!(next.received.lock().unwrap().len(), 1);
+    assert!(!next.received.lock().unwrap()[0].over_tls);
+    let report = relay.next_report().await;
+    let d = report
+        .downgraded(Direction::Outbound)
+        .expect("downgrade recorded");
+    assert!(d.reason.contains("not offered"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_tls_listener_says_530_before_starttls() {
+    if !have_swaks() {
+        return;
+    }
+    let pki = Pki::new();
+    let next = sink(None, true).await;
+    let conf = smtp_config(
+        "tls.mode = \"required\"",
+        &outbound("any", "\"*\"", next.addr, "tls.policy = \"plain\""),
+    );
+    let relay = TestRelay::start(&conf, pki.dir()).await;
+    let addr = relay.addr("mx");
+    let (ok, transcript) = tokio::task::spawn_blocking(move || {
+        swaks(&[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port(addr),
+            "--from",
+            "a@sender.test",
+            "--to",
+            "x@elsewhere.test",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(
+        transcript.contains("530 5.7.0 Must issue a STARTTLS command first"),
+        "{transcript}"
+    );
+    // With STARTTLS it goes through, pipelined.
+    let (ok, transcript) = tokio::task::spawn_blocking(move || {
+        swaks(&[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port(addr),
+            "--tls",
+            "--pipeline",
+            "--from",
+            "a@sender.test",
+            "--to",
+            "x@elsewhere.test",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{transcript}");
+    assert_eq!(next.received.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_connector_checks_client_certificates_and_sender_domains() {
+    if !have_swaks() {
+        return;
+    }
+    let pki = Pki::new();
+    let next = sink(None, true).await;
+    let right = pki.leaf("partner-right", &["mail.partner.test"]);
+    let wrong = pki.leaf("partner-wrong", &["mail.intruder.test"]);
+    let conf = smtp_config(
+        "tls.mode = \"opportunistic\"",
+        &format!(
+            "{}\n[[inbound_connectors]]\nname = \"partner\"\ncertificate_names = [\"mail.partner.test\"]\nsender_domains = [\"partner.test\"]\ntls = \"required\"\nclient_certificate = \"requested\"\ntrust_anchors = {}\n",
+            outbound("any", "\"*\"", next.addr, "tls.policy = \"plain\""),
+            toml_path(&pki.ca_pem)
+        ),
+    );
+    let relay = TestRelay::start(&conf, pki.dir()).await;
+    let addr = relay.addr("mx");
+    let send = move |cert: Option<Leaf>| {
+        let mut args: Vec<String> = [
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port(addr),
+            "--tls",
+            "--from",
+            "boss@partner.test",
+            "--to",
+            "x@elsewhere.test",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(c) = cert {
+            args.extend([
+                "--tls-cert".into(),
+                c.chain.display().to_string(),
+                "--tls-key".into(),
+                c.key.display().to_string(),
+            ]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        swaks(&refs)
+    };
+    for (cert, accept) in [
+        (None, false),
+        (Some(wrong.clone()), false),
+        (Some(right.clone()), true),
+    ] {
+        let label = cert.as_ref().map(|c| c.chain.display().to_string());
+        let (ok, transcript) = tokio::task::spawn_blocking(move || send(cert))
+            .await
+            .unwrap();
+        assert_eq!(ok, accept, "{label:?}: {transcript}");
+        if !accept {
+            assert!(transcript.contains("451 4.7.1"), "{label:?}: {transcript}");
+        }
+    }
+    assert_eq!(
+        next.received.lock().unwrap().len(),
+        1,
+        "only the partner with the right certificate got through"
+    );
+}
+
+/// A raw SMTP client: write lines, read replies.
+struct Raw {
+    io: BufReader<TcpStream>,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        let mut raw = Raw {
+            io: BufReader::new(TcpStream::connect(addr).await.unwrap()),
+        };
+        assert!(raw.reply().await.starts_with("220"));
+        raw
+    }
+
+    async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(PATIENCE, self.io.read_line(&mut line))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "connection closed; so far: {all}");
+            all += &line;
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_of_another_connector_get_452_and_go_in_a_second_transaction() {
+    let pki = Pki::new();
+    let a = sink(None, true).await;
+    let b = sink(None, true).await;
+    let conf = smtp_config(
+        "tls.mode = \"off\"",
+        &format!(
+            "{}{}",
+            outbound("a", "\"a.test\"", a.addr, "tls.policy = \"plain\""),
+            outbound(
+                "b",
+                "\"b.test\", \".b.test\"",
+                b.addr,
+                "tls.policy = \"plain\""
+            )
+        ),
+    );
+    let relay = TestRelay::start(&conf, pki.dir()).await;
+    let mut c = Raw::connect(relay.addr("mx")).await;
+    assert!(c.cmd("EHLO client.test").await.contains("CHUNKING"));
+    assert!(c.cmd("MAIL FROM:<s@sender.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<one@a.test>").await.starts_with("250 2.1.5"));
+    assert!(c
+        .cmd("RCPT TO:<two@x.b.test>")
+        .await
+        .starts_with("452 4.5.3"));
+    assert!(
+        c.cmd("RCPT TO:<nobody@a.test>")
+            .await
+            .starts_with("550 5.1.1"),
+        "the next hop's refusal"
+    );
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c
+        .cmd("Subject: first\r\n\r\nfor a\r\n.")
+        .await
+        .contains("queued as SINK"));
+    // The second transaction goes to the other next hop.
+    assert!(c.cmd("MAIL FROM:<s@sender.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<two@x.b.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c
+        .cmd("Subject: second\r\n\r\nfor b\r\n.")
+        .await
+        .contains("queued as SINK"));
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let (ra, rb) = (
+        a.received.lock().unwrap().clone(),
+        b.received.lock().unwrap().clone(),
+    );
+    assert_eq!((ra.len(), rb.len()), (1, 1));
+    assert_eq!(ra[0].recipients, vec!["one@a.test"]);
+    assert_eq!(rb[0].recipients, vec!["two@x.b.test"]);
+    assert_eq!(rb[0].body, b"Subject: second\r\n\r\nfor b\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_is_relayed_as_bdat_or_converted_to_data() {
+    let pki = Pki::new();
+    for chunking in [true, false] {
+        let next = sink(None, chunking).await;
+        let conf = smtp_config(
+            "tls.mode = \"off\"",
+            &outbound("any", "\"*\"", next.addr, "tls.policy = \"plain\""),
+        );
+        let relay = TestRelay::start(&conf, pki.dir()).await;
+        let mut c = Raw::connect(relay.addr("mx")).await;
+        c.cmd("EHLO client.test").await;
+        c.cmd("MAIL FROM:<s@sender.test>").await;
+        assert!(c.cmd("RCPT TO:<r@x.test>").await.starts_with("250"));
+        let part1 = b"Subject: chunks\r\n\r\n.dot first\r\n";
+        let part2 = b"..two\r\nno final newline";
+        c.send(format!("BDAT {}\r\n", part1.len()).as_bytes()).await;
+        c.send(part1).await;
+        assert!(c.reply().await.starts_with("250"));
+        c.send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes())
+            .await;
+        c.send(part2).await;
+        assert!(
+            c.reply().await.contains("queued as SINK"),
+            "chunking={chunking}"
+        );
+        c.cmd("QUIT").await;
+        let got = next.received.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].via_bdat, chunking);
+        let mut want = [&part1[..], &part2[..]].concat();
+        if !chunking {
+            want.extend_from_slice(b"\r\n"); // DATA needs the last line ended
+        }
+        assert_eq!(got[0].body, want, "chunking={chunking}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_pipelined_after_starttls_is_not_executed() {
+    let pki = Pki::new();
+    let next = sink(None, true).await;
+    let conf = smtp_config(
+        "tls.mode = \"opportunistic\"",
+        &outbound("any", "\"*\"", next.addr, "tls.policy = \"plain\""),
+    );
+    let relay = TestRelay::start(&conf, pki.dir()).await;
+    let mut c = Raw::connect(relay.addr("mx")).await;
+    c.cmd("EHLO client.test").await;
+    c.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("503 5.5.1"));
+    // The injected MAIL was discarded: RCPT now is out of sequence.
+    assert!(c.cmd("RCPT TO:<r@x.test>").await.starts_with("503"));
+    assert!(next.received.lock().unwrap().is_empty());
+}

@@ -1,0 +1,179 @@
+//! A small SMTP next hop for tests: greets, offers STARTTLS (with a
+//! certificate from the test PKI) and CHUNKING as told, accepts DATA and
+//! BDAT, and records every message it accepted. Written independently of
+//! the relay's own codec so the two check each other.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the sink received in one accepted transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub from: String,
+    pub recipients: Vec<String>,
+    /// The message as delivered (dot-unstuffed, without the terminator).
+    pub body: Vec<u8>,
+    pub over_tls: bool,
+    pub via_bdat: bool,
+}
+
+#[derive(Clone)]
+pub struct SinkOptions {
+    /// Offer STARTTLS with this server config.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub chunking: bool,
+    /// Recipients containing this are refused with 550.
+    pub refuse_marker: &'static str,
+}
+
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+pub async fn smtp_sink(opts: SinkOptions) -> Sink {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = received.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let opts = opts.clone();
+            let store = store.clone();
+            tokio::spawn(async move {
+                let _ = serve(tcp, opts, store).await;
+            });
+        }
+    });
+    Sink { addr, received }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+async fn serve(
+    tcp: TcpStream,
+    opts: SinkOptions,
+    store: Arc<Mutex<Vec<Received>>>,
+) -> std::io::Result<()> {
+    let mut stream: BufReader<Box<dyn Io>> = BufReader::new(Box::new(tcp));
+    let mut tls = false;
+    stream
+        .get_mut()
+        .write_all(b"220 sink.test ESMTP test sink\r\n")
+        .await?;
+    let mut current: Option<Received> = None;
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let upper = line.trim_end().to_ascii_uppercase();
+        let reply: String = if upper.starts_with("EHLO") {
+            let mut caps = vec!["sink.test", "PIPELINING", "8BITMIME"];
+            if opts.chunking {
+                caps.push("CHUNKING");
+            }
+            if opts.tls.is_some() && !tls {
+                caps.push("STARTTLS");
+            }
+            let n = caps.len();
+            caps.iter()
+                .enumerate()
+                .map(|(i, c)| format!("250{}{c}\r\n", if i + 1 == n { ' ' } else { '-' }))
+                .collect()
+        } else if upper == "STARTTLS" && opts.tls.is_some() && !tls {
+            stream
+                .get_mut()
+                .write_all(b"220 2.0.0 go ahead\r\n")
+                .await?;
+            let inner = stream.into_inner();
+            let acceptor = tokio_rustls::TlsAcceptor::from(opts.tls.clone().unwrap());
+            let tls_stream = acceptor.accept(inner).await?;
+            stream = BufReader::new(Box::new(tls_stream));
+            tls = true;
+            current = None;
+            continue;
+        } else if upper.starts_with("MAIL FROM:") {
+            current = Some(Received {
+                from: path(&line),
+                recipients: Vec::new(),
+                body: Vec::new(),
+                over_tls: tls,
+                via_bdat: false,
+            });
+            "250 2.1.0 ok\r\n".into()
+        } else if upper.starts_with("RCPT TO:") {
+            let to = path(&line);
+            match current.as_mut() {
+                Some(_) if to.contains(opts.refuse_marker) => "550 5.1.1 no such user\r\n".into(),
+                Some(t) => {
+                    t.recipients.push(to);
+                    "250 2.1.5 ok\r\n".into()
+                }
+                None => "503 5.5.1 need MAIL\r\n".into(),
+            }
+        } else if upper == "DATA" {
+            stream.get_mut().write_all(b"354 go ahead\r\n").await?;
+            let mut body = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if stream.read_until(b'\n', &mut l).await? == 0 {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                if l.starts_with(b".") {
+                    l.remove(0);
+                }
+                body.extend_from_slice(&l);
+            }
+            match current.take() {
+                Some(mut t) => {
+                    t.body = body;
+                    store.lock().unwrap().push(t);
+                    "250 2.0.0 Ok: queued as SINK\r\n".into()
+                }
+                None => "503 5.5.1 need MAIL\r\n".into(),
+            }
+        } else if upper.starts_with("BDAT ") {
+            let mut words = upper.split_whitespace().skip(1);
+            let size: usize = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let last = words.next() == Some("LAST");
+            let mut chunk = vec![0u8; size];
+            stream.read_exact(&mut chunk).await?;
+            match current.as_mut() {
+                Some(t) => {
+                    t.body.extend_from_slice(&chunk);
+                    t.via_bdat = true;
+                    if last {
+                        store.lock().unwrap().push(current.take().unwrap());
+                        "250 2.0.0 Ok: queued as SINK\r\n".into()
+                    } else {
+                        "250 2.0.0 chunk ok\r\n".into()
+                    }
+                }
+                None => "503 5.5.1 need MAIL\r\n".into(),
+            }
+        } else if upper == "RSET" {
+            current = None;
+            "250 2.0.0 ok\r\n".into()
+        } else if upper == "QUIT" {
+            stream.get_mut().write_all(b"221 2.0.0 bye\r\n").await?;
+            return Ok(());
+        } else {
+            "502 5.5.1 not here\r\n".into()
+        };
+        stream.get_mut().write_all(reply.as_bytes()).await?;
+    }
+}
+
+fn path(line: &str) -> String {
+    let start = line.find('<').map_or(0, |i| i + 1);
+    let end = line[start..].find('>').map_or(line.len(), |i| start + i);
+    line[start..end].to_string()
+}
