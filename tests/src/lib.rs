@@ -494,3 +494,5 @@ pub fn have_swaks() -> bool {
     }
     ok
 }
+
+pub mod postfix;

@@ -96,6 +96,22 @@ fn ci() -> anyhow::Result<()> {
     )?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
+    for (target, seconds) in [("smtp_server", "20"), ("smtp_replies", "10")] {
+        let mut fuzz = Command::new("cargo");
+        fuzz.current_dir(root())
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "fuzz",
+                target,
+                "--",
+            ])
+            .arg(format!("-max_total_time={seconds}"))
+            .env("AYA_BUILD_SKIP", "1");
+        run(&format!("fuzz {target} for {seconds} s"), &mut fuzz)?;
+    }
     run(
         "demo (scripted clients, then exit)",
         cargo().args(["xtask", "demo", "--once"]),

@@ -189,7 +189,7 @@ impl Reply {
         for i in 0..n {
             let sep = if i + 1 == n { ' ' } else { '-' };
             let text = self.lines.get(i).map_or("", String::as_str);
-            out.extend_from_slice(format!("{}{sep}{text}\r\n", self.code).as_bytes());
+            out.extend_from_slice(format!("{:03}{sep}{text}\r\n", self.code).as_bytes());
         }
         out
     }
@@ -243,21 +243,22 @@ impl ReplyParser {
                 }
                 return Ok(None);
             };
-            let line: Vec<u8> = self.buf.drain(..end + 2).take(end).collect();
-            let line = String::from_utf8_lossy(&line).to_string();
-            let bytes = line.as_bytes();
-            if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
-                return Err(ReplyError::Malformed(line));
+            let raw: Vec<u8> = self.buf.drain(..end + 2).take(end).collect();
+            let malformed = || ReplyError::Malformed(String::from_utf8_lossy(&raw).into_owned());
+            if raw.len() < 3 || !raw[..3].iter().all(u8::is_ascii_digit) {
+                return Err(malformed());
             }
-            let code: u16 = line[..3].parse().expect("three digits");
-            if self.code.is_some_and(|c| c != code) {
-                return Err(ReplyError::Malformed(line));
+            let code = raw[..3]
+                .iter()
+                .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+            // RFC 5321 4.2: replies are 2yz to 5yz.
+            if !(200..600).contains(&code) || self.code.is_some_and(|c| c != code) {
+                return Err(malformed());
             }
             self.code = Some(code);
-            let (sep, text) = match bytes.get(3) {
-                None => (b' ', ""),
-                Some(&s) => (s, &line[4.min(line.len())..]),
-            };
+            // Slice bytes, not text: byte 4 may fall inside a character.
+            let sep = raw.get(3).copied().unwrap_or(b' ');
+            let text = String::from_utf8_lossy(raw.get(4..).unwrap_or_default());
             self.lines.push(text.to_string());
             if self.lines.len() > MAX_REPLY_LINES {
                 return Err(ReplyError::TooManyLines);
@@ -271,7 +272,7 @@ impl ReplyParser {
                         lines: std::mem::take(&mut self.lines),
                     }));
                 }
-                _ => return Err(ReplyError::Malformed(line)),
+                _ => return Err(malformed()),
             }
         }
     }
@@ -405,6 +406,13 @@ mod tests {
         let mut p = ReplyParser::default();
         p.feed(b"hello\r\n");
         assert!(p.next_reply().is_err());
+        // Found by the fuzzer: a multi-byte character across byte 4.
+        let mut p = ReplyParser::default();
+        p.feed(b"888\xc3\xc7\xc7 x\r\n");
+        assert!(p.next_reply().is_err());
+        let mut p = ReplyParser::default();
+        p.feed("250 caf\u{e9}\r\n".as_bytes());
+        assert_eq!(p.next_reply().unwrap().unwrap().text(), "caf\u{e9}");
     }
 
     #[test]
