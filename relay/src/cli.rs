@@ -176,7 +176,15 @@ fn run(
     let plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
     // Before any socket exists: sockets belong to their creator's cgroup.
     let wire = if config.ebpf.enabled {
-        match crate::bpf::WireCounters::start(&config.ebpf.settings()) {
+        let mut settings = config.ebpf.settings();
+        settings.smtp_ports.extend(
+            config
+                .listeners
+                .iter()
+                .filter(|l| l.protocol == crate::config::Protocol::Smtp)
+                .map(|l| l.address.port()),
+        );
+        match crate::bpf::WireCounters::start(&settings) {
             Ok(w) => Ok(std::sync::Arc::new(w)),
             Err(e) => Err(format!("eBPF wire counters off: {e}")),
         }
