@@ -117,6 +117,14 @@ async fn postfix_sender_keeps_the_message_queued_until_forced_tls_works() {
     if !have_swaks() || !have_postfix() {
         return;
     }
+    // The sender's own TLS level towards the relay: the relay offers
+    // STARTTLS with a certificate from the test CA named relay.test.
+    for level in ["may", "encrypt", "verify"] {
+        sender_round(level).await;
+    }
+}
+
+async fn sender_round(level: &str) {
     let pki = Pki::new();
     let relay_cert = pki.leaf("relay", &["relay.test"]);
     let sink_cert = pki.leaf("sink", &["sink.partner.test"]);
@@ -142,7 +150,7 @@ async fn postfix_sender_keeps_the_message_queued_until_forced_tls_works() {
         hostname: "out.sender.test",
         mailbox_domains: "",
         smtpd_tls: ("none", None),
-        relayhost: Some((relayhost, "verify", &pki.ca_pem)),
+        relayhost: Some((relayhost, level, &pki.ca_pem)),
     });
     let port = sender.port.to_string();
     let (ok, transcript) = tokio::task::spawn_blocking(move || {
@@ -161,7 +169,7 @@ async fn postfix_sender_keeps_the_message_queued_until_forced_tls_works() {
     })
     .await
     .unwrap();
-    assert!(ok, "the sending Postfix queued it: {transcript}");
+    assert!(ok, "{level}: the sending Postfix queued it: {transcript}");
     // The relay refuses with 4.7.5; Postfix keeps the message.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while sender.deferred() == 0 {
@@ -196,6 +204,15 @@ async fn postfix_sender_keeps_the_message_queued_until_forced_tls_works() {
         receiver.log()
     );
     assert!(got[0].contains("with ESMTPS"), "{}", got[0]);
+    // And the sender's leg to the relay was TLS at its level.
+    let log = sender.log();
+    assert!(
+        log.contains("TLS connection established to 127.0.0.1"),
+        "{level}:\n{log}"
+    );
+    if level == "verify" {
+        assert!(log.contains("Verified TLS connection established"), "{log}");
+    }
     assert!(got[0].ends_with(&format!("{BODY}\n")), "{}", got[0]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(sender.deferred(), 0, "left the queue");

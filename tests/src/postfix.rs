@@ -142,7 +142,7 @@ impl Postfix {
         }
         if let Some((relayhost, level, ca)) = &setup.relayhost {
             main += &format!(
-                "relayhost = {relayhost}\nsmtp_tls_security_level = {level}\nsmtp_tls_CAfile = {}\nsmtp_tls_verify_cert_match = relay.test\n",
+                "relayhost = {relayhost}\nsmtp_tls_security_level = {level}\nsmtp_tls_CAfile = {}\nsmtp_tls_verify_cert_match = relay.test\nsmtp_tls_loglevel = 1\n",
                 ca.display()
             );
         }
