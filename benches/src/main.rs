@@ -2,7 +2,10 @@
 //!
 //! - `echo`: a plaintext echo server (the demo's upstream);
 //! - `send`: one client session, plaintext or TLS, that sends bytes, reads
-//!   the echo and says what happened.
+//!   the echo and says what happened;
+//! - `sink`, `blast`, `certs`: the throughput load `cargo xtask bench` runs.
+
+mod load;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +30,32 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:4432")]
         listen: SocketAddr,
     },
+    /// Read and discard every connection's bytes (plain, or TLS with --cert/--key).
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
+    },
+    /// Push bytes over many connections at once; print one JSON line.
+    Blast {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        tls: bool,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Bytes per connection.
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: u64,
+    },
+    /// Write the benchmark certificate (bench.crt, bench.key, bench.pem).
+    Certs {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Send bytes through one session and check the echo.
     Send {
         #[arg(long)]
@@ -46,6 +75,20 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { listen } => echo_server(listen).await,
+        Command::Sink { listen, cert, key } => {
+            let tls = cert.as_deref().zip(key.as_deref());
+            load::sink(listen, tls).await
+        }
+        Command::Blast {
+            to,
+            tls,
+            connections,
+            bytes,
+        } => {
+            println!("{}", load::blast(to, tls, connections, bytes).await?);
+            Ok(())
+        }
+        Command::Certs { out } => load::certs(&out),
         Command::Send {
             to,
             tls,

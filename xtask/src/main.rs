@@ -2,10 +2,12 @@
 //!
 //! - `demo`: build, start the relay on its embedded default with a local
 //!   echo upstream, push traffic through each policy, leave it running;
+//! - `bench`: throughput and CPU per GB against a direct connection;
 //! - `build-ebpf`: install the eBPF toolchain if missing, build the program;
 //! - `vmtest`: the kernel-TLS tests inside a VM with a kTLS kernel;
 //! - `ci`: everything CI runs, in CI's order.
 
+mod bench;
 mod ebpf;
 mod vm;
 
@@ -34,6 +36,13 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Throughput and CPU per GB of the relay scenarios against a direct
+    /// connection, in alternating rounds (peers still to come).
+    Bench {
+        /// A short run (256 MiB per case, one round).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Install what building the eBPF program needs (nightly rust-src,
     /// LLVM 22, bpf-linker, bpftool) where missing, then build it.
     BuildEbpf,
@@ -49,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Demo { once } => demo(once),
         Task::BuildEbpf => ebpf::build(),
+        Task::Bench { quick } => bench::bench(quick),
         Task::Vmtest => vm::vmtest(),
         Task::Ci => ci(),
     }
