@@ -91,10 +91,17 @@ async fn push<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> std::i
         left -= n as u64;
     }
     s.shutdown().await?;
-    // The sink closes once it has everything: the bytes arrived.
+    // The sink closes once it has everything: the bytes arrived. Some
+    // relays close without close_notify; that is an end too.
     let mut rest = [0u8; 16];
-    while s.read(&mut rest).await? > 0 {}
-    Ok(())
+    loop {
+        match s.read(&mut rest).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// `connections` at once, each sending `bytes`; one JSON line of results.

@@ -2,9 +2,10 @@
 //! scenarios, each run alternately with a direct connection to the same
 //! sink (A B A B …) so the ratios hold on a noisy machine.
 //!
-//! So far tlsrelay against the direct baseline only; the peers (stunnel,
-//! haproxy, nginx, socat), latency-bound and handshake scenarios, RSS per
-//! idle connection and the charts are issue #6's remaining work.
+//! Peers (stunnel, haproxy, nginx, socat) run the same scenarios with the
+//! same certificate, client and sink when installed. Still to come (issue
+//! #6): SMTP and handshake-rate scenarios, latency-bound runs, RSS per
+//! idle connection, peer installation, the charts and the VM run.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -50,6 +51,214 @@ const SCENARIOS: [Scenario; 4] = [
         upstream_tls: true,
     },
 ];
+
+/// What relays in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Tlsrelay,
+    Stunnel,
+    Haproxy,
+    Nginx,
+    Socat,
+}
+
+impl Peer {
+    const ALL: [Peer; 5] = [
+        Peer::Tlsrelay,
+        Peer::Stunnel,
+        Peer::Haproxy,
+        Peer::Nginx,
+        Peer::Socat,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Tlsrelay => "tlsrelay",
+            Peer::Stunnel => "stunnel",
+            Peer::Haproxy => "haproxy",
+            Peer::Nginx => "nginx",
+            Peer::Socat => "socat",
+        }
+    }
+
+    fn installed(self) -> bool {
+        let bin = match self {
+            Peer::Tlsrelay => return true,
+            Peer::Stunnel => "stunnel4",
+            Peer::Haproxy => "haproxy",
+            Peer::Nginx => "nginx",
+            Peer::Socat => "socat",
+        };
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+/// Files every peer is configured with.
+struct Files {
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate and key in one file (haproxy, socat).
+    pem: PathBuf,
+}
+
+/// The command that runs `peer` for `s` listening on `listen`, relaying to
+/// `upstream`; `None` when the peer cannot do the scenario.
+fn peer_command(
+    peer: Peer,
+    s: &Scenario,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    f: &Files,
+) -> anyhow::Result<Option<Command>> {
+    let (tls_in, tls_out) = (s.client_tls, s.upstream_tls);
+    let config = f.dir.join(format!("{}.conf", peer.name()));
+    let cmd = match peer {
+        Peer::Tlsrelay => unreachable!("run by relay_run"),
+        Peer::Socat => {
+            let l = if tls_in {
+                format!(
+                    "OPENSSL-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=4096,cert={},verify=0",
+                    listen.port(),
+                    f.pem.display()
+                )
+            } else {
+                format!(
+                    "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                    listen.port()
+                )
+            };
+            let c = if tls_out {
+                format!("OPENSSL:{upstream},verify=0")
+            } else {
+                format!("TCP:{upstream}")
+            };
+            let mut cmd = Command::new("socat");
+            cmd.args([l, c]);
+            cmd
+        }
+        Peer::Stunnel => {
+            if tls_in == tls_out {
+                return Ok(None); // one TLS side per service
+            }
+            std::fs::write(
+                &config,
+                format!(
+                    "foreground = yes\npid =\n[bench]\naccept = {listen}\nconnect = {upstream}\ncert = {}\nkey = {}\n{}",
+                    f.cert.display(),
+                    f.key.display(),
+                    if tls_out { "client = yes\n" } else { "" }
+                ),
+            )?;
+            let mut cmd = Command::new("stunnel4");
+            cmd.arg(&config);
+            cmd
+        }
+        Peer::Haproxy => {
+            std::fs::write(
+                &config,
+                format!(
+                    "global\n  maxconn 5000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend f\n  bind {listen}{}\n  default_backend b\nbackend b\n  server s {upstream}{}\n",
+                    if tls_in { format!(" ssl crt {}", f.pem.display()) } else { String::new() },
+                    if tls_out { " ssl verify none" } else { "" }
+                ),
+            )?;
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-db").arg("-f").arg(&config);
+            cmd
+        }
+        Peer::Nginx => {
+            std::fs::write(
+                &config,
+                format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nworker_processes 2;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err;\nevents {{ worker_connections 10000; }}\nstream {{ server {{ listen {listen}{ssl}; {certs} proxy_pass {upstream}; {proxy_ssl} }} }}\n",
+                    dir = f.dir.display(),
+                    ssl = if tls_in { " ssl" } else { "" },
+                    certs = if tls_in {
+                        format!("ssl_certificate {}; ssl_certificate_key {};", f.cert.display(), f.key.display())
+                    } else {
+                        String::new()
+                    },
+                    proxy_ssl = if tls_out { "proxy_ssl on;" } else { "" },
+                ),
+            )?;
+            let mut cmd = Command::new("nginx");
+            cmd.arg("-c")
+                .arg(&config)
+                .arg("-p")
+                .arg(&f.dir)
+                .arg("-e")
+                .arg(f.dir.join("nginx.err"));
+            cmd
+        }
+    };
+    Ok(Some(cmd))
+}
+
+/// CPU seconds of a process and its descendants, reaped ones included.
+fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[stat.rfind(')').context("stat format")? + 2..]
+            .split_whitespace()
+            .collect();
+        // utime, stime, and (children) cutime, cstime: clock ticks.
+        total += fields[11..15]
+            .iter()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0))
+            .sum::<f64>()
+            / 100.0;
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        frontier.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    Ok(total)
+}
+
+/// One run through a peer: Gbit/s and its CPU seconds per GB.
+fn peer_run(
+    peer: Peer,
+    load: &Path,
+    s: &Scenario,
+    sinks: (SocketAddr, SocketAddr),
+    conns: usize,
+    bytes: u64,
+    f: &Files,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let listen = free_addr()?;
+    let upstream = if s.upstream_tls { sinks.1 } else { sinks.0 };
+    let Some(mut cmd) = peer_command(peer, s, listen, upstream, f)? else {
+        return Ok(None);
+    };
+    let mut child = Guard(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", peer.name()))?,
+    );
+    wait_port(listen, &mut child.0).with_context(|| peer.name())?;
+    let before = tree_cpu_seconds(child.0.id())?;
+    let result = blast(load, listen, s.client_tls, conns, bytes)
+        .with_context(|| format!("{} {} x{conns}", peer.name(), s.name))?;
+    let cpu = tree_cpu_seconds(child.0.id())? - before;
+    let gb = result["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+    Ok(Some((
+        result["gbit_per_s"].as_f64().unwrap_or(0.0),
+        cpu / gb,
+    )))
+}
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
@@ -152,60 +361,110 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         wait_port(addr, &mut child.0)?;
         sinks.push(child);
     }
+    let files = Files {
+        dir: dir.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+        pem: dir.join("bench.pem"),
+    };
+    let peers: Vec<Peer> = Peer::ALL.into_iter().filter(|p| p.installed()).collect();
     let total: u64 = if quick { 256 << 20 } else { 2 << 30 };
     let concurrencies: &[usize] = if quick { &[1, 16] } else { &[1, 16, 256] };
     let rounds = if quick { 1 } else { 3 };
-    let mut rows = Vec::new();
     let mut samples = Vec::new();
     println!(
-        "\n{:<16} {:>5} {:>10} {:>10} {:>22} {:>10}  path",
-        "scenario", "conns", "relay", "direct", "ratio min/med/max", "CPU s/GB"
+        "\n{:<16} {:>5} {:<9} {:>9} {:>9} {:>9} {:>20}  path",
+        "scenario",
+        "conns",
+        "relay",
+        "Gbit/s",
+        "vs direct",
+        "CPU s/GB",
+        "tlsrelay/this min/med/max"
     );
     for s in &SCENARIOS {
         for &conns in concurrencies {
             let bytes = total / conns as u64;
-            let (mut relay_g, mut direct_g, mut ratios, mut cpu) = (vec![], vec![], vec![], vec![]);
+            // Per peer: (Gbit/s, CPU s/GB) per round; direct Gbit/s per round.
+            let mut results: Vec<Vec<Option<(f64, f64)>>> = vec![Vec::new(); peers.len()];
+            let mut direct = Vec::new();
             let mut path = String::new();
             for _ in 0..rounds {
-                let (gbit, cpu_per_gb, p) = relay_run(
-                    &relay_bin, &load, &dir, s, plain_sink, tls_sink, conns, bytes, &cert, &key,
-                )?;
-                let direct = blast(
+                for (i, &peer) in peers.iter().enumerate() {
+                    let r = if peer == Peer::Tlsrelay {
+                        let (g, c, p) = relay_run(
+                            &relay_bin, &load, &dir, s, plain_sink, tls_sink, conns, bytes, &cert,
+                            &key,
+                        )?;
+                        path = p;
+                        Some((g, c))
+                    } else {
+                        peer_run(peer, &load, s, (plain_sink, tls_sink), conns, bytes, &files)?
+                    };
+                    results[i].push(r);
+                }
+                let d = blast(
                     &load,
                     if s.client_tls { tls_sink } else { plain_sink },
                     s.client_tls,
                     conns,
                     bytes,
                 )?;
-                let direct_gbit = direct["gbit_per_s"].as_f64().unwrap_or(0.0);
-                relay_g.push(gbit);
-                direct_g.push(direct_gbit);
-                ratios.push(gbit / direct_gbit);
-                cpu.push(cpu_per_gb);
-                path = p;
+                direct.push(d["gbit_per_s"].as_f64().unwrap_or(0.0));
+            }
+            let direct_median = median(direct.clone());
+            for (i, &peer) in peers.iter().enumerate() {
+                let runs: Vec<(f64, f64)> = results[i].iter().flatten().copied().collect();
+                if runs.is_empty() {
+                    println!(
+                        "{:<16} {:>5} {:<9} {:>9}",
+                        s.name,
+                        conns,
+                        peer.name(),
+                        "n/a"
+                    );
+                    continue;
+                }
+                let gbit = median(runs.iter().map(|r| r.0).collect());
+                let cpu = median(runs.iter().map(|r| r.1).collect());
+                let ratios: Vec<f64> = results[0]
+                    .iter()
+                    .zip(&results[i])
+                    .filter_map(|(a, b)| Some(a.as_ref()?.0 / b.as_ref()?.0))
+                    .collect();
+                let ratio = if peer == Peer::Tlsrelay || ratios.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "{:.2}/{:.2}/{:.2}",
+                        ratios.iter().copied().fold(f64::MAX, f64::min),
+                        median(ratios.clone()),
+                        ratios.iter().copied().fold(0.0, f64::max)
+                    )
+                };
+                println!(
+                    "{:<16} {:>5} {:<9} {:>9.2} {:>9.2} {:>9.2} {:>20}  {}",
+                    s.name,
+                    conns,
+                    peer.name(),
+                    gbit,
+                    gbit / direct_median,
+                    cpu,
+                    ratio,
+                    if peer == Peer::Tlsrelay {
+                        path.as_str()
+                    } else {
+                        ""
+                    }
+                );
                 samples.push(serde_json::json!({
-                    "scenario": s.name, "connections": conns, "relay_gbit_per_s": gbit,
-                    "direct_gbit_per_s": direct_gbit, "relay_cpu_s_per_gb": cpu_per_gb, "path": path,
+                    "scenario": s.name, "connections": conns, "peer": peer.name(),
+                    "gbit_per_s": runs.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    "cpu_s_per_gb": runs.iter().map(|r| r.1).collect::<Vec<_>>(),
+                    "direct_gbit_per_s": direct, "tlsrelay_over_peer": ratios,
+                    "path": if peer == Peer::Tlsrelay { path.clone() } else { String::new() },
                 }));
             }
-            let (lo, hi) = (
-                ratios.iter().copied().fold(f64::MAX, f64::min),
-                ratios.iter().copied().fold(0.0, f64::max),
-            );
-            let row = format!(
-                "{:<16} {:>5} {:>8.2}Gb {:>8.2}Gb {:>6.2}/{:>6.2}/{:>6.2} {:>10.2}  {}",
-                s.name,
-                conns,
-                median(relay_g),
-                median(direct_g),
-                lo,
-                median(ratios),
-                hi,
-                median(cpu),
-                path
-            );
-            println!("{row}");
-            rows.push(row);
         }
     }
     let report = serde_json::json!({ "quick": quick, "samples": samples });
@@ -213,9 +472,17 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         dir.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
+    let missing: Vec<&str> = Peer::ALL
+        .iter()
+        .filter(|p| !p.installed())
+        .map(|p| p.name())
+        .collect();
     println!(
-        "\nratio = relay / direct connection to the same sink (same client, same bytes), {rounds} alternating round(s).\n\
-         Peers (stunnel, haproxy, nginx, socat) are not in this harness yet.\nreport: {}",
+        "\nvs direct = Gbit/s over a direct connection to the same sink; tlsrelay/this = ratio of tlsrelay's\n\
+         Gbit/s to this peer's in the same round; {rounds} round(s), peers run in turn (A B C … A B C …).\n\
+         CPU s/GB counts the relay process (and its children). n/a: the peer cannot do that scenario.{}\n\
+         report: {}",
+        if missing.is_empty() { String::new() } else { format!("\nNot installed (apt-get install): {}", missing.join(", ")) },
         dir.join("report.json").display()
     );
     Ok(())
@@ -283,7 +550,8 @@ fn relay_run(
     });
     let pid = child.0.id();
     let before = cpu_seconds(pid)?;
-    let result = blast(load, listen, s.client_tls, conns, bytes)?;
+    let result = blast(load, listen, s.client_tls, conns, bytes)
+        .with_context(|| format!("tlsrelay {} x{conns}", s.name))?;
     let cpu = cpu_seconds(pid)? - before;
     let gb = result["bytes"].as_f64().unwrap_or(0.0) / 1e9;
     let path = rx
