@@ -72,13 +72,9 @@ async fn postfix_next_hop_at_each_tls_level() {
             pki.dir(),
         )
         .await;
-        let port = relay.addr("mx").port().to_string();
-        let (ok, transcript) = tokio::task::spawn_blocking(move || {
-            swaks(&[
-                "--server",
-                "127.0.0.1",
-                "--port",
-                &port,
+        let (ok, transcript) = swaks_to(
+            relay.addr("mx"),
+            &[
                 "--tls",
                 "--from",
                 "a@sender.test",
@@ -86,10 +82,9 @@ async fn postfix_next_hop_at_each_tls_level() {
                 "x@partner.test",
                 "--data",
                 BODY,
-            ])
-        })
-        .await
-        .unwrap();
+            ],
+        )
+        .await;
         assert!(ok, "{level}: {transcript}");
         assert!(
             transcript.contains("queued as"),
@@ -152,23 +147,19 @@ async fn sender_round(level: &str) {
         smtpd_tls: ("none", None),
         relayhost: Some((relayhost, level, &pki.ca_pem)),
     });
-    let port = sender.port.to_string();
-    let (ok, transcript) = tokio::task::spawn_blocking(move || {
-        swaks(&[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port,
+    let sender_addr: std::net::SocketAddr = ([127, 0, 0, 1], sender.port).into();
+    let (ok, transcript) = swaks_to(
+        sender_addr,
+        &[
             "--from",
             "a@sender.test",
             "--to",
             "x@partner.test",
             "--data",
             BODY,
-        ])
-    })
-    .await
-    .unwrap();
+        ],
+    )
+    .await;
     assert!(ok, "{level}: the sending Postfix queued it: {transcript}");
     // The relay refuses with 4.7.5; Postfix keeps the message.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -66,10 +66,6 @@ fn required(pki: &Pki, names: &str, extra: &str) -> String {
     )
 }
 
-fn port(addr: SocketAddr) -> String {
-    addr.port().to_string()
-}
-
 /// The body as the sink stores it: CRLF line endings.
 fn crlf(text: &str) -> Vec<u8> {
     text.replace('\n', "\r\n").into_bytes()
@@ -97,13 +93,8 @@ async fn starttls_on_both_legs_delivers_the_message_byte_identical() {
     );
     let mut relay = TestRelay::start(&conf, pki.dir()).await;
     let addr = relay.addr("mx");
-    let (ok, transcript) = tokio::task::spawn_blocking(move || {
-        // swaks ends the data with CRLF . CRLF itself.
-        swaks(&[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port(addr),
+    let (ok, transcript) = // swaks ends the data with CRLF . CRLF itself.
+        swaks_to(addr, &[
             "--tls",
             "--from",
             "a@sender.test",
@@ -111,10 +102,7 @@ async fn starttls_on_both_legs_delivers_the_message_byte_identical() {
             "x@partner.test",
             "--data",
             MESSAGE.trim_end(),
-        ])
-    })
-    .await
-    .unwrap();
+        ]).await;
     assert!(ok, "{transcript}");
     assert!(
         transcript.contains("250 2.0.0 Ok: queued as SINK"),
@@ -194,22 +182,18 @@ async fn forced_tls_failures_reach_the_sender_as_4_7_x() {
         );
         let mut relay = TestRelay::start(&conf, pki.dir()).await;
         let addr = relay.addr("mx");
-        let (ok, transcript) = tokio::task::spawn_blocking(move || {
-            swaks(&[
-                "--server",
-                "127.0.0.1",
-                "--port",
-                &port(addr),
+        let (ok, transcript) = swaks_to(
+            addr,
+            &[
                 "--from",
                 "a@sender.test",
                 "--to",
                 "x@partner.test",
                 "--data",
                 MESSAGE,
-            ])
-        })
-        .await
-        .unwrap();
+            ],
+        )
+        .await;
         assert!(!ok, "{reason}: {transcript}");
         let refusal = transcript
             .lines()
@@ -241,22 +225,18 @@ async fn opportunistic_connector_falls_back_to_plaintext_and_records_it() {
     );
     let mut relay = TestRelay::start(&conf, pki.dir()).await;
     let addr = relay.addr("mx");
-    let (ok, transcript) = tokio::task::spawn_blocking(move || {
-        swaks(&[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port(addr),
+    let (ok, transcript) = swaks_to(
+        addr,
+        &[
             "--from",
             "a@sender.test",
             "--to",
             "x@elsewhere.test",
             "--data",
             MESSAGE,
-        ])
-    })
-    .await
-    .unwrap();
+        ],
+    )
+    .await;
     assert!(ok, "{transcript}");
     assert_eq!(next.received.lock().unwrap().len(), 1);
     assert!(!next.received.lock().unwrap()[0].over_tls);
@@ -280,42 +260,29 @@ async fn required_tls_listener_says_530_before_starttls() {
     );
     let relay = TestRelay::start(&conf, pki.dir()).await;
     let addr = relay.addr("mx");
-    let (ok, transcript) = tokio::task::spawn_blocking(move || {
-        swaks(&[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port(addr),
-            "--from",
-            "a@sender.test",
-            "--to",
-            "x@elsewhere.test",
-        ])
-    })
-    .await
-    .unwrap();
+    let (ok, transcript) = swaks_to(
+        addr,
+        &["--from", "a@sender.test", "--to", "x@elsewhere.test"],
+    )
+    .await;
     assert!(!ok);
     assert!(
         transcript.contains("530 5.7.0 Must issue a STARTTLS command first"),
         "{transcript}"
     );
     // With STARTTLS it goes through, pipelined.
-    let (ok, transcript) = tokio::task::spawn_blocking(move || {
-        swaks(&[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port(addr),
+    let (ok, transcript) = swaks_to(
+        addr,
+        &[
             "--tls",
             "--pipeline",
             "--from",
             "a@sender.test",
             "--to",
             "x@elsewhere.test",
-        ])
-    })
-    .await
-    .unwrap();
+        ],
+    )
+    .await;
     assert!(ok, "{transcript}");
     assert_eq!(next.received.lock().unwrap().len(), 1);
 }
@@ -339,41 +306,20 @@ async fn partner_connector_checks_client_certificates_and_sender_domains() {
     );
     let relay = TestRelay::start(&conf, pki.dir()).await;
     let addr = relay.addr("mx");
-    let send = move |cert: Option<Leaf>| {
-        let mut args: Vec<String> = [
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port(addr),
+    for (cert, accept) in [(None, false), (Some(&wrong), false), (Some(&right), true)] {
+        let label = cert.map(|c| c.chain.display().to_string());
+        let mut args = vec![
             "--tls",
             "--from",
             "boss@partner.test",
             "--to",
             "x@elsewhere.test",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(c) = cert {
-            args.extend([
-                "--tls-cert".into(),
-                c.chain.display().to_string(),
-                "--tls-key".into(),
-                c.key.display().to_string(),
-            ]);
+        ];
+        let files = cert.map(|c| (c.chain.display().to_string(), c.key.display().to_string()));
+        if let Some((chain, key)) = &files {
+            args.extend(["--tls-cert", chain.as_str(), "--tls-key", key.as_str()]);
         }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        swaks(&refs)
-    };
-    for (cert, accept) in [
-        (None, false),
-        (Some(wrong.clone()), false),
-        (Some(right.clone()), true),
-    ] {
-        let label = cert.as_ref().map(|c| c.chain.display().to_string());
-        let (ok, transcript) = tokio::task::spawn_blocking(move || send(cert))
-            .await
-            .unwrap();
+        let (ok, transcript) = swaks_to(addr, &args).await;
         assert_eq!(ok, accept, "{label:?}: {transcript}");
         if !accept {
             assert!(transcript.contains("451 4.7.1"), "{label:?}: {transcript}");

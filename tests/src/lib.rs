@@ -479,6 +479,24 @@ pub fn swaks(args: &[&str]) -> (bool, String) {
     (out.status.success(), transcript)
 }
 
+/// swaks against the SMTP server at `addr`, with more arguments, on a
+/// blocking thread (it is a separate process that waits for replies).
+pub async fn swaks_to(addr: SocketAddr, args: &[&str]) -> (bool, String) {
+    let mut all = vec![
+        "--server".to_string(),
+        addr.ip().to_string(),
+        "--port".to_string(),
+        addr.port().to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        swaks(&refs)
+    })
+    .await
+    .expect("swaks thread")
+}
+
 /// Whether swaks is installed; in CI its absence is a failure.
 pub fn have_swaks() -> bool {
     let ok = std::process::Command::new("swaks")
