@@ -49,13 +49,14 @@ pub(super) async fn relay(
     (load(&counts), end)
 }
 
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+/// A non-blocking pipe: the only buffer a spliced direction has.
+pub(super) struct Pipe {
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    pub(super) fn new() -> io::Result<Pipe> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills two fds on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {

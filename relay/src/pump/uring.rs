@@ -19,6 +19,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
 use super::offload::SpliceLeg;
+use super::splice::Pipe;
 use super::{PumpEnd, Side};
 use crate::ktls;
 
@@ -220,16 +221,6 @@ struct Session {
 
 const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds are fresh and owned here.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 struct WorkerLoop {
     ring: IoUring,
     jobs: mpsc::Receiver<Job>,
@@ -310,7 +301,7 @@ impl WorkerLoop {
     }
 
     fn start(&mut self, job: Job) {
-        let pipes = match (pipe(), pipe()) {
+        let pipes = match (Pipe::new(), Pipe::new()) {
             (Ok(a), Ok(b)) => [a, b],
             (Err(e), _) | (_, Err(e)) => {
                 let end = PumpEnd::SetupFailed {
@@ -320,12 +311,12 @@ impl WorkerLoop {
                 return;
             }
         };
-        let [(r0, w0), (r1, w1)] = pipes;
-        let dir = |src, dst, pipe_r, pipe_w| Direction {
+        let [p0, p1] = pipes;
+        let dir = |src, dst, pipe: Pipe| Direction {
             src,
             dst,
-            pipe_r,
-            pipe_w,
+            pipe_r: pipe.read,
+            pipe_w: pipe.write,
             in_pipe: 0,
             state: DirState::Filling,
             pending: false,
@@ -335,7 +326,7 @@ impl WorkerLoop {
             generation: self.generation,
             socks: job.socks,
             ktls: job.ktls,
-            dirs: [dir(0, 1, r0, w0), dir(1, 0, r1, w1)],
+            dirs: [dir(0, 1, p0), dir(1, 0, p1)],
             counts: [0, 0],
             idle: job.idle,
             last_activity: Instant::now(),
