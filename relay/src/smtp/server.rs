@@ -391,6 +391,16 @@ impl Server {
         self.events.push_back(Event::StartTls);
     }
 
+    /// The first `n` input bytes. Most reads are body through and through:
+    /// then the buffer itself moves on, uncopied.
+    fn take_input(&mut self, n: usize) -> Vec<u8> {
+        if n == self.input.len() {
+            std::mem::take(&mut self.input)
+        } else {
+            self.input.drain(..n).collect()
+        }
+    }
+
     /// Forwards DATA body bytes until the end marker, checking line length.
     fn body(&mut self) -> bool {
         if self.input.is_empty() {
@@ -418,7 +428,7 @@ impl Server {
             };
         }
         let take = end.unwrap_or(self.input.len());
-        let chunk: Vec<u8> = self.input.drain(..take).collect();
+        let chunk = self.take_input(take);
         if self.body_error.is_none() {
             self.events.push_back(Event::Body(chunk));
         }
@@ -447,7 +457,7 @@ impl Server {
                 return false;
             }
             let take = (self.chunk_left as usize).min(self.input.len());
-            let chunk: Vec<u8> = self.input.drain(..take).collect();
+            let chunk = self.take_input(take);
             self.chunk_left -= take as u64;
             if self.body_error.is_none() {
                 self.events.push_back(Event::Body(chunk));
