@@ -1,11 +1,12 @@
-//! Throughput load: a sink that discards, a generator that pushes bytes
-//! over many connections at once and times each, and the certificates both
-//! use, so every peer is measured with the same work.
+//! Stream load: a sink that discards or echoes, generators that push bytes
+//! over many connections at once, time request/response round trips, count
+//! new TLS handshakes per second or hold idle connections open, and the
+//! certificates all of them use, so every peer is measured with the same work.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
@@ -14,20 +15,69 @@ use tokio::net::{TcpListener, TcpStream};
 
 const CHUNK: usize = 64 * 1024;
 
-/// Writes `bench.crt`/`bench.key` (self-signed, names bench.test and
-/// 127.0.0.1) and `bench.pem` (both, for peers that want one file).
+/// Writes, per key type, `<stem>.crt`/`<stem>.key` (self-signed, names
+/// bench.test and 127.0.0.1) and `<stem>.pem` (both, for peers that want one
+/// file): `bench` is ECDSA P-256, `bench-rsa` is RSA 2048.
 pub fn certs(out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
-    let generated =
-        rcgen::generate_simple_self_signed(vec!["bench.test".into(), "127.0.0.1".into()])?;
-    let (cert, key) = (generated.cert.pem(), generated.signing_key.serialize_pem());
-    std::fs::write(out.join("bench.crt"), &cert)?;
-    std::fs::write(out.join("bench.key"), &key)?;
-    std::fs::write(out.join("bench.pem"), format!("{cert}{key}"))?;
+    for (stem, alg) in [
+        ("bench", &rcgen::PKCS_ECDSA_P256_SHA256),
+        ("bench-rsa", &rcgen::PKCS_RSA_SHA256),
+    ] {
+        let key = rcgen::KeyPair::generate_for(alg)?;
+        let params = rcgen::CertificateParams::new(vec!["bench.test".into(), "127.0.0.1".into()])?;
+        let cert = params.self_signed(&key)?.pem();
+        let key = key.serialize_pem();
+        std::fs::write(out.join(format!("{stem}.crt")), &cert)?;
+        std::fs::write(out.join(format!("{stem}.key")), &key)?;
+        std::fs::write(out.join(format!("{stem}.pem")), format!("{cert}{key}"))?;
+    }
     Ok(())
 }
 
-fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// The generators' TLS client: TLS 1.3 and 1.2, any certificate (the bench
+/// measures relays, not identities).
+pub(crate) fn connector() -> tokio_rustls::TlsConnector {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("default versions")
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(crate::danger::AnyCertificate))
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connected stream to `to`, through TLS when `tls` is given.
+async fn open(
+    to: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> anyhow::Result<Box<dyn Stream>> {
+    let tcp = TcpStream::connect(to).await?;
+    tcp.set_nodelay(true)?;
+    Ok(match tls {
+        Some(c) => {
+            let name = rustls::pki_types::ServerName::try_from("bench.test").expect("valid name");
+            Box::new(c.connect(name, tcp).await?)
+        }
+        None => Box::new(tcp),
+    })
+}
+
+/// Latency percentiles in microseconds, as JSON fields.
+pub(crate) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "p50_us": h.value_at_quantile(0.5),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+    })
+}
+
+pub(crate) fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     let chain =
         rustls::pki_types::CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
@@ -56,8 +106,33 @@ async fn drain<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Result<u
     Ok(total)
 }
 
-/// Reads and discards every connection's bytes, then closes it.
-pub async fn sink(listen: SocketAddr, tls: Option<(&Path, &Path)>) -> anyhow::Result<()> {
+/// Writes every byte back until the peer closes.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                s.write_all(&buf[..n]).await?;
+                s.flush().await?;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+    }
+    s.shutdown().await?;
+    Ok(total)
+}
+
+/// Reads and discards (or with `echo`, returns) every connection's bytes,
+/// then closes it.
+pub async fn sink(
+    listen: SocketAddr,
+    tls: Option<(&Path, &Path)>,
+    echo_back: bool,
+) -> anyhow::Result<()> {
     let acceptor = match tls {
         Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(server_config(cert, key)?)),
         None => None,
@@ -71,12 +146,14 @@ pub async fn sink(listen: SocketAddr, tls: Option<(&Path, &Path)>) -> anyhow::Re
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _ = match acceptor {
-                Some(a) => match a.accept(tcp).await {
+            let _ = match (acceptor, echo_back) {
+                (Some(a), echo_back) => match a.accept(tcp).await {
+                    Ok(tls) if echo_back => echo(tls).await,
                     Ok(tls) => drain(tls).await,
                     Err(_) => return,
                 },
-                None => drain(tcp).await,
+                (None, true) => echo(tcp).await,
+                (None, false) => drain(tcp).await,
             };
         });
     }
@@ -111,33 +188,14 @@ pub async fn blast(
     connections: usize,
     bytes: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let connector = tls.then(|| {
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("default versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(crate::danger::AnyCertificate))
-        .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    });
+    let connector = tls.then(connector);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
         let connector = connector.clone();
         tasks.spawn(async move {
             let t0 = Instant::now();
-            let tcp = TcpStream::connect(to).await?;
-            tcp.set_nodelay(true)?;
-            match connector {
-                Some(c) => {
-                    let name =
-                        rustls::pki_types::ServerName::try_from("bench.test").expect("valid name");
-                    push(c.connect(name, tcp).await?, bytes).await?
-                }
-                None => push(tcp, bytes).await?,
-            }
+            push(open(to, connector.as_ref()).await?, bytes).await?;
             anyhow::Ok(t0.elapsed())
         });
     }
@@ -158,4 +216,124 @@ pub async fn blast(
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
     }))
+}
+
+/// `connections` each send `size` bytes and wait for them to come back (an
+/// echo sink behind the relay), over and over for `seconds`: round-trip
+/// latency percentiles and requests per second.
+pub async fn request_response(
+    to: SocketAddr,
+    tls: bool,
+    connections: usize,
+    size: usize,
+    seconds: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let connector = tls.then(connector);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let connector = connector.clone();
+        tasks.spawn(async move {
+            let mut s = open(to, connector.as_ref()).await?;
+            let request = vec![0x42u8; size];
+            let mut response = vec![0u8; size];
+            let mut h = Histogram::<u64>::new(3)?;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                s.write_all(&request).await?;
+                s.flush().await?;
+                s.read_exact(&mut response).await?;
+                h.record(t0.elapsed().as_micros() as u64)?;
+            }
+            s.shutdown().await?;
+            anyhow::Ok(h)
+        });
+    }
+    let started = Instant::now();
+    let mut all = Histogram::<u64>::new(3)?;
+    while let Some(done) = tasks.join_next().await {
+        all.add(done??)?;
+    }
+    let mut out = percentiles(&all);
+    out["requests_per_s"] = (all.len() as f64 / started.elapsed().as_secs_f64()).into();
+    Ok(out)
+}
+
+/// New TLS 1.3 sessions, one after the other on each of `connections`
+/// workers, for `seconds`: each handshakes, sends one byte and waits for its
+/// echo (so the relay's upstream leg is up too), then closes.
+pub async fn handshakes(
+    to: SocketAddr,
+    connections: usize,
+    seconds: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(crate::danger::AnyCertificate))
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let connector = connector.clone();
+        tasks.spawn(async move {
+            let mut h = Histogram::<u64>::new(3)?;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let tcp = TcpStream::connect(to).await?;
+                tcp.set_nodelay(true)?;
+                // Close with RST: the generator's ports must outlast the run.
+                tcp.set_zero_linger()?;
+                let name = rustls::pki_types::ServerName::try_from("bench.test")?;
+                let mut s = connector.connect(name, tcp).await?;
+                let mut one = [7u8];
+                s.write_all(&one).await?;
+                s.flush().await?;
+                s.read_exact(&mut one).await?;
+                h.record(t0.elapsed().as_micros() as u64)?;
+            }
+            anyhow::Ok(h)
+        });
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    while let Some(done) = tasks.join_next().await {
+        all.add(done??)?;
+    }
+    let mut out = percentiles(&all);
+    out["handshakes_per_s"] = (all.len() as f64 / started.elapsed().as_secs_f64()).into();
+    Ok(out)
+}
+
+/// Opens `connections` sessions (64 handshakes in flight at a time), each
+/// proven end to end by one echoed byte, prints `{"ready": n}` and holds
+/// them idle until standard input closes.
+pub async fn hold(to: SocketAddr, tls: bool, connections: usize) -> anyhow::Result<()> {
+    let connector = tls.then(connector);
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (connector, gate) = (connector.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire().await?;
+            let mut s = open(to, connector.as_ref()).await?;
+            let mut one = [7u8];
+            s.write_all(&one).await?;
+            s.flush().await?;
+            s.read_exact(&mut one).await?;
+            anyhow::Ok(s)
+        });
+    }
+    let mut open = Vec::with_capacity(connections);
+    while let Some(done) = tasks.join_next().await {
+        open.push(done?.context("opening an idle connection")?);
+    }
+    println!("{}", serde_json::json!({ "ready": open.len() }));
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
+    drop(open);
+    Ok(())
 }

@@ -3,9 +3,11 @@
 //! - `echo`: a plaintext echo server (the demo's upstream);
 //! - `send`: one client session, plaintext or TLS, that sends bytes, reads
 //!   the echo and says what happened;
-//! - `sink`, `blast`, `certs`: the throughput load `cargo xtask bench` runs.
+//! - `sink`, `blast`, `rr`, `handshakes`, `hold`, `smtp-sink`, `smtp`,
+//!   `certs`: the load `cargo xtask bench` runs.
 
 mod load;
+mod smtp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +32,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:4432")]
         listen: SocketAddr,
     },
-    /// Read and discard every connection's bytes (plain, or TLS with --cert/--key).
+    /// Read and discard (or --echo) every connection's bytes (plain, or
+    /// TLS with --cert/--key).
     Sink {
         #[arg(long)]
         listen: SocketAddr,
@@ -38,6 +41,66 @@ enum Command {
         cert: Option<std::path::PathBuf>,
         #[arg(long)]
         key: Option<std::path::PathBuf>,
+        #[arg(long)]
+        echo: bool,
+    },
+    /// Request/response round trips against an echo sink; one JSON line.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        tls: bool,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Bytes per request (and per response).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// New TLS 1.3 sessions per second against an echo sink; one JSON line.
+    Handshakes {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Open idle sessions to an echo sink, print {"ready": n}, hold them
+    /// until standard input closes.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        tls: bool,
+        #[arg(long)]
+        connections: usize,
+    },
+    /// An SMTP next hop that accepts and discards every message (STARTTLS
+    /// with --cert/--key).
+    SmtpSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
+    },
+    /// Deliver messages over STARTTLS, DATA or --bdat; one JSON line.
+    Smtp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Messages per connection.
+        #[arg(long, default_value_t = 10)]
+        messages: usize,
+        /// Bytes per message.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long)]
+        bdat: bool,
     },
     /// Push bytes over many connections at once; print one JSON line.
     Blast {
@@ -75,9 +138,51 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { listen } => echo_server(listen).await,
-        Command::Sink { listen, cert, key } => {
-            let tls = cert.as_deref().zip(key.as_deref());
-            load::sink(listen, tls).await
+        Command::Sink {
+            listen,
+            cert,
+            key,
+            echo,
+        } => load::sink(listen, cert.as_deref().zip(key.as_deref()), echo).await,
+        Command::Rr {
+            to,
+            tls,
+            connections,
+            size,
+            seconds,
+        } => {
+            let out = load::request_response(to, tls, connections, size, seconds).await?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Handshakes {
+            to,
+            connections,
+            seconds,
+        } => {
+            println!("{}", load::handshakes(to, connections, seconds).await?);
+            Ok(())
+        }
+        Command::Hold {
+            to,
+            tls,
+            connections,
+        } => load::hold(to, tls, connections).await,
+        Command::SmtpSink { listen, cert, key } => {
+            smtp::sink(listen, cert.as_deref().zip(key.as_deref())).await
+        }
+        Command::Smtp {
+            to,
+            connections,
+            messages,
+            size,
+            bdat,
+        } => {
+            println!(
+                "{}",
+                smtp::load(to, connections, messages, size, bdat).await?
+            );
+            Ok(())
         }
         Command::Blast {
             to,

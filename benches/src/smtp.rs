@@ -1,0 +1,210 @@
+//! SMTP load: a next hop that accepts every message and discards it, and a
+//! sender that delivers N messages of S bytes over STARTTLS per connection,
+//! with DATA or BDAT, timing each message from MAIL to the final reply.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts every message (STARTTLS with `tls`, CHUNKING, PIPELINING-free
+/// dialogue) and discards it.
+pub async fn sink(listen: SocketAddr, tls: Option<(&Path, &Path)>) -> anyhow::Result<()> {
+    let acceptor = match tls {
+        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(crate::load::server_config(
+            cert, key,
+        )?)),
+        None => None,
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("SMTP sink cannot listen on {listen}"))?;
+    println!("SMTP sink listening on {listen}");
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            if let Ok(Some(tcp)) = serve(tcp, acceptor.is_some()).await {
+                if let Ok(tls) = acceptor.expect("offered only with TLS").accept(tcp).await {
+                    let _ = serve(tls, false).await;
+                }
+            }
+        });
+    }
+}
+
+/// One SMTP dialogue; returns the stream when the client started TLS.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    offer_starttls: bool,
+) -> std::io::Result<Option<S>> {
+    let mut s = BufReader::new(stream);
+    if offer_starttls {
+        s.write_all(b"220 sink.bench.test ESMTP\r\n").await?;
+        s.flush().await?;
+    }
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if s.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(None);
+        }
+        let upper = String::from_utf8_lossy(&line).to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") {
+            if offer_starttls {
+                b"250-sink.bench.test\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SIZE 104857600\r\n250 STARTTLS\r\n"
+            } else {
+                b"250-sink.bench.test\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 SIZE 104857600\r\n"
+            }
+        } else if upper.starts_with("STARTTLS") && offer_starttls {
+            s.write_all(b"220 2.0.0 go ahead\r\n").await?;
+            s.flush().await?;
+            return Ok(Some(s.into_inner()));
+        } else if upper.starts_with("DATA") {
+            s.write_all(b"354 end with .\r\n").await?;
+            s.flush().await?;
+            loop {
+                line.clear();
+                if s.read_until(b'\n', &mut line).await? == 0 {
+                    return Ok(None);
+                }
+                if line == b".\r\n" {
+                    break;
+                }
+            }
+            b"250 2.0.0 Ok: queued\r\n"
+        } else if let Some(args) = upper.strip_prefix("BDAT ") {
+            let size: u64 = args
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            tokio::io::copy(&mut (&mut s).take(size), &mut tokio::io::sink()).await?;
+            if upper.contains("LAST") {
+                b"250 2.0.0 Ok: queued\r\n"
+            } else {
+                b"250 2.0.0 chunk accepted\r\n"
+            }
+        } else if upper.starts_with("QUIT") {
+            s.write_all(b"221 2.0.0 bye\r\n").await?;
+            s.flush().await?;
+            return Ok(None);
+        } else {
+            b"250 2.0.0 Ok\r\n"
+        };
+        s.write_all(reply).await?;
+        s.flush().await?;
+    }
+}
+
+/// A message of about `size` bytes: headers, then 78-byte lines that never
+/// start with a dot.
+fn message(size: usize) -> Vec<u8> {
+    let mut m = b"From: load@sender.test\r\nTo: sink@bench.test\r\nSubject: bench\r\n\r\n".to_vec();
+    let line = [b"x".repeat(76), b"\r\n".to_vec()].concat();
+    while m.len() < size {
+        m.extend_from_slice(&line);
+    }
+    m
+}
+
+/// Reads one (possibly multi-line) reply; fails unless its code starts
+/// with `class`.
+async fn expect<S: AsyncRead + Unpin>(s: &mut BufReader<S>, class: u8) -> anyhow::Result<()> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if s.read_line(&mut line).await? == 0 {
+            bail!(
+                "connection closed while waiting for a {}xx reply",
+                class as char
+            );
+        }
+        if line.as_bytes().get(3) != Some(&b'-') {
+            break;
+        }
+    }
+    if line.as_bytes().first() != Some(&class) {
+        bail!("expected {}xx, got {:?}", class as char, line.trim_end());
+    }
+    Ok(())
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    command: &[u8],
+    class: u8,
+) -> anyhow::Result<()> {
+    // TLS streams may hold written bytes until flushed.
+    s.get_mut().write_all(command).await?;
+    s.get_mut().flush().await?;
+    expect(s, class).await
+}
+
+/// Delivers `messages` per connection over STARTTLS; message round trips
+/// as latency percentiles, messages/s and Gbit/s of message bytes.
+pub async fn load(
+    to: SocketAddr,
+    connections: usize,
+    messages: usize,
+    size: usize,
+    bdat: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let body = Arc::new(message(size));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let body = body.clone();
+        tasks.spawn(async move {
+            let tcp = TcpStream::connect(to).await?;
+            tcp.set_nodelay(true)?;
+            let mut s = BufReader::new(tcp);
+            expect(&mut s, b'2').await?;
+            send(&mut s, b"EHLO load.bench.test\r\n", b'2').await?;
+            send(&mut s, b"STARTTLS\r\n", b'2').await?;
+            let name = rustls::pki_types::ServerName::try_from("bench.test")?;
+            let tls = crate::load::connector()
+                .connect(name, s.into_inner())
+                .await
+                .context("STARTTLS handshake")?;
+            let mut s = BufReader::new(tls);
+            send(&mut s, b"EHLO load.bench.test\r\n", b'2').await?;
+            let mut h = Histogram::<u64>::new(3)?;
+            for _ in 0..messages {
+                let t0 = Instant::now();
+                send(&mut s, b"MAIL FROM:<load@sender.test>\r\n", b'2').await?;
+                send(&mut s, b"RCPT TO:<sink@bench.test>\r\n", b'2').await?;
+                if bdat {
+                    let head = format!("BDAT {} LAST\r\n", body.len());
+                    s.get_mut().write_all(head.as_bytes()).await?;
+                    send(&mut s, &body, b'2').await?;
+                } else {
+                    send(&mut s, b"DATA\r\n", b'3').await?;
+                    s.get_mut().write_all(&body).await?;
+                    send(&mut s, b".\r\n", b'2').await?;
+                }
+                h.record(t0.elapsed().as_micros() as u64)?;
+            }
+            send(&mut s, b"QUIT\r\n", b'2').await?;
+            anyhow::Ok(h)
+        });
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    while let Some(done) = tasks.join_next().await {
+        all.add(done??)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes = all.len() as f64 * body.len() as f64;
+    let mut out = crate::load::percentiles(&all);
+    out["messages"] = all.len().into();
+    out["messages_per_s"] = (all.len() as f64 / seconds).into();
+    out["bytes"] = bytes.into();
+    out["gbit_per_s"] = (bytes * 8.0 / seconds / 1e9).into();
+    Ok(out)
+}
