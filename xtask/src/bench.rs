@@ -1,58 +1,60 @@
-//! `cargo xtask bench`: throughput and relay CPU per GB for the four relay
-//! scenarios, each run alternately with a direct connection to the same
-//! sink (A B A B …) so the ratios hold on a noisy machine.
+//! `cargo xtask bench`: tlsrelay and its peers (stunnel, haproxy, nginx,
+//! socat) on the same work in the same run — same certificates, generator
+//! and sinks — in alternating rounds (A B C … A B C …), so the ratios hold
+//! on a noisy machine. A direct connection to the sink runs as a pseudo-peer
+//! for reference.
 //!
-//! Peers (stunnel, haproxy, nginx, socat) run the same scenarios with the
-//! same certificate, client and sink when installed. Still to come (issue
-//! #6): SMTP and handshake-rate scenarios, latency-bound runs, RSS per
-//! idle connection, peer installation, the charts and the VM run.
+//! Tables: stream throughput and relay CPU per GB (scenarios 1–4),
+//! request/response latency (1–4), SMTP STARTTLS relay (5), TLS 1.3
+//! handshake rate with ECDSA P-256 and RSA 2048 (6), and RSS per idle
+//! connection. Output: stdout, `target/bench/report.json`, one SVG chart
+//! per table and scenario.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, wait_for_port, Guard};
 
+/// A stream scenario: what the client speaks and what the upstream speaks.
 struct Scenario {
     name: &'static str,
-    client_tls: bool,
-    listener_mode: &'static str,
-    /// The upstream speaks TLS (route `required`, encryption only).
-    upstream_tls: bool,
+    tls_in: bool,
+    tls_out: bool,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const STREAMS: [Scenario; 4] = [
     Scenario {
         name: "plaintext relay",
-        client_tls: false,
-        listener_mode: "off",
-        upstream_tls: false,
+        tls_in: false,
+        tls_out: false,
     },
     Scenario {
         name: "TLS termination",
-        client_tls: true,
-        listener_mode: "implicit",
-        upstream_tls: false,
+        tls_in: true,
+        tls_out: false,
     },
     Scenario {
         name: "TLS origination",
-        client_tls: false,
-        listener_mode: "off",
-        upstream_tls: true,
+        tls_in: false,
+        tls_out: true,
     },
     Scenario {
         name: "TLS bridge",
-        client_tls: true,
-        listener_mode: "implicit",
-        upstream_tls: true,
+        tls_in: true,
+        tls_out: true,
     },
 ];
 
-/// What relays in a run.
+const TERMINATION: &Scenario = &STREAMS[1];
+
+/// What relays in a run; `Direct` is the generator talking to the sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
     Tlsrelay,
@@ -60,10 +62,13 @@ enum Peer {
     Haproxy,
     Nginx,
     Socat,
+    Direct,
 }
 
+const NGINX_STREAM: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
 impl Peer {
-    const ALL: [Peer; 5] = [
+    const RELAYS: [Peer; 5] = [
         Peer::Tlsrelay,
         Peer::Stunnel,
         Peer::Haproxy,
@@ -78,253 +83,264 @@ impl Peer {
             Peer::Haproxy => "haproxy",
             Peer::Nginx => "nginx",
             Peer::Socat => "socat",
+            Peer::Direct => "direct",
+        }
+    }
+
+    /// Debian packages that provide the peer.
+    fn packages(self) -> &'static [&'static str] {
+        match self {
+            Peer::Stunnel => &["stunnel4"],
+            Peer::Haproxy => &["haproxy"],
+            Peer::Nginx => &["nginx", "libnginx-mod-stream"],
+            Peer::Socat => &["socat"],
+            Peer::Tlsrelay | Peer::Direct => &[],
         }
     }
 
     fn installed(self) -> bool {
         let bin = match self {
-            Peer::Tlsrelay => return true,
+            Peer::Tlsrelay | Peer::Direct => return true,
             Peer::Stunnel => "stunnel4",
             Peer::Haproxy => "haproxy",
             Peer::Nginx => "nginx",
             Peer::Socat => "socat",
         };
-        Command::new("sh")
+        let found = Command::new("sh")
             .args(["-c", &format!("command -v {bin}")])
             .stdout(Stdio::null())
             .status()
-            .is_ok_and(|s| s.success())
+            .is_ok_and(|s| s.success());
+        found && (self != Peer::Nginx || Path::new(NGINX_STREAM).exists())
     }
 }
 
-/// Files every peer is configured with.
-struct Files {
-    dir: PathBuf,
+/// Installs the peers Debian has and this machine lacks (as root, with
+/// apt-get); otherwise says what is missing and goes on without them.
+fn install_missing_peers() {
+    let missing: Vec<Peer> = Peer::RELAYS
+        .into_iter()
+        .filter(|p| !p.installed())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let packages: Vec<&str> = missing.iter().flat_map(|p| p.packages()).copied().collect();
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root_user {
+        println!(
+            "bench: peers not installed and not root to install them: apt-get install {}",
+            packages.join(" ")
+        );
+        return;
+    }
+    let installed = run(
+        "install the missing peers",
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    );
+    if let Err(e) = installed {
+        println!("bench: going on without them: {e:#}");
+    }
+}
+
+/// Raises the open-file limit as far as allowed (10 000 idle connections
+/// take 20 000 descriptors in a relay) and returns the soft limit.
+fn raise_open_files() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `limit`.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        let wanted = libc::rlimit {
+            rlim_cur: 1 << 18,
+            rlim_max: limit.rlim_max.max(1 << 18),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
+/// A certificate every relay in a run is configured with.
+struct Certs {
+    label: &'static str,
     cert: PathBuf,
     key: PathBuf,
     /// Certificate and key in one file (haproxy, socat).
     pem: PathBuf,
 }
 
-/// The command that runs `peer` for `s` listening on `listen`, relaying to
-/// `upstream`; `None` when the peer cannot do the scenario.
-fn peer_command(
-    peer: Peer,
-    s: &Scenario,
+impl Certs {
+    fn new(dir: &Path, stem: &str, label: &'static str) -> Self {
+        Certs {
+            label,
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+            pem: dir.join(format!("{stem}.pem")),
+        }
+    }
+}
+
+/// A plaintext and a TLS sink of one kind (discarding or echoing).
+#[derive(Clone, Copy)]
+struct SinkPair {
+    plain: SocketAddr,
+    tls: SocketAddr,
+}
+
+/// One relay's work: the protocol on each side and the sinks behind it.
+struct Job<'a> {
+    s: &'a Scenario,
+    sinks: SinkPair,
+    certs: &'a Certs,
+}
+
+/// A relay (or the direct pseudo-peer) ready for load at `listen`.
+struct Running {
+    child: Option<Guard>,
     listen: SocketAddr,
-    upstream: SocketAddr,
-    f: &Files,
-) -> anyhow::Result<Option<Command>> {
-    let (tls_in, tls_out) = (s.client_tls, s.upstream_tls);
-    let config = f.dir.join(format!("{}.conf", peer.name()));
-    let cmd = match peer {
-        Peer::Tlsrelay => unreachable!("run by relay_run"),
-        Peer::Socat => {
-            let l = if tls_in {
-                format!(
-                    "OPENSSL-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=4096,cert={},verify=0",
-                    listen.port(),
-                    f.pem.display()
-                )
-            } else {
-                format!(
-                    "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
-                    listen.port()
-                )
-            };
-            let c = if tls_out {
-                format!("OPENSSL:{upstream},verify=0")
-            } else {
-                format!("TCP:{upstream}")
-            };
-            let mut cmd = Command::new("socat");
-            cmd.args([l, c]);
-            cmd
-        }
-        Peer::Stunnel => {
-            if tls_in == tls_out {
-                return Ok(None); // one TLS side per service
-            }
-            std::fs::write(
-                &config,
-                format!(
-                    "foreground = yes\npid =\n[bench]\naccept = {listen}\nconnect = {upstream}\ncert = {}\nkey = {}\n{}",
-                    f.cert.display(),
-                    f.key.display(),
-                    if tls_out { "client = yes\n" } else { "" }
-                ),
-            )?;
-            let mut cmd = Command::new("stunnel4");
-            cmd.arg(&config);
-            cmd
-        }
-        Peer::Haproxy => {
-            std::fs::write(
-                &config,
-                format!(
-                    "global\n  maxconn 5000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend f\n  bind {listen}{}\n  default_backend b\nbackend b\n  server s {upstream}{}\n",
-                    if tls_in { format!(" ssl crt {}", f.pem.display()) } else { String::new() },
-                    if tls_out { " ssl verify none" } else { "" }
-                ),
-            )?;
-            let mut cmd = Command::new("haproxy");
-            cmd.arg("-db").arg("-f").arg(&config);
-            cmd
-        }
-        Peer::Nginx => {
-            std::fs::write(
-                &config,
-                format!(
-                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nworker_processes 2;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err;\nevents {{ worker_connections 10000; }}\nstream {{ server {{ listen {listen}{ssl}; {certs} proxy_pass {upstream}; {proxy_ssl} }} }}\n",
-                    dir = f.dir.display(),
-                    ssl = if tls_in { " ssl" } else { "" },
-                    certs = if tls_in {
-                        format!("ssl_certificate {}; ssl_certificate_key {};", f.cert.display(), f.key.display())
-                    } else {
-                        String::new()
-                    },
-                    proxy_ssl = if tls_out { "proxy_ssl on;" } else { "" },
-                ),
-            )?;
-            let mut cmd = Command::new("nginx");
-            cmd.arg("-c")
-                .arg(&config)
-                .arg("-p")
-                .arg(&f.dir)
-                .arg("-e")
-                .arg(f.dir.join("nginx.err"));
-            cmd
-        }
-    };
-    Ok(Some(cmd))
+    /// tlsrelay's session reports' data paths.
+    paths: Option<mpsc::Receiver<String>>,
 }
 
-/// CPU seconds of a process and its descendants, reaped ones included.
-fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
+impl Running {
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        match &self.child {
+            Some(c) => tree_cpu_seconds(c.0.id()),
+            None => Ok(f64::NAN),
+        }
+    }
+
+    fn rss_bytes(&self) -> f64 {
+        self.child
+            .as_ref()
+            .map_or(f64::NAN, |c| tree_rss_bytes(c.0.id()))
+    }
+
+    /// The data path of the last session tlsrelay reported.
+    fn path(&self) -> String {
+        let Some(rx) = &self.paths else {
+            return String::new();
         };
-        let fields: Vec<&str> = stat[stat.rfind(')').context("stat format")? + 2..]
-            .split_whitespace()
-            .collect();
-        // utime, stime, and (children) cutime, cstime: clock ticks.
-        total += fields[11..15]
-            .iter()
-            .map(|v| v.parse::<f64>().unwrap_or(0.0))
-            .sum::<f64>()
-            / 100.0;
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        frontier.extend(
-            children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok()),
-        );
+        let mut last = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| "?".into());
+        while let Ok(p) = rx.try_recv() {
+            last = p;
+        }
+        last
     }
-    Ok(total)
 }
 
-/// One run through a peer: Gbit/s and its CPU seconds per GB.
-fn peer_run(
+/// Figures of one run, by name.
+type Sample = BTreeMap<&'static str, f64>;
+
+/// A table of figures: which ones, and the one ratios are taken of.
+struct Table {
+    name: &'static str,
+    x: &'static str,
+    columns: &'static [(&'static str, &'static str)],
+    primary: &'static str,
+    note: &'static str,
+}
+
+const THROUGHPUT: Table = Table {
+    name: "throughput",
+    x: "conns",
+    columns: &[
+        ("gbit_per_s", "Gbit/s"),
+        ("cpu_s_per_gb", "CPU s/GB"),
+        ("p99_ms", "p99 ms"),
+    ],
+    primary: "gbit_per_s",
+    note: "Gbit/s pushed through to a discarding sink; CPU s/GB of the relay's process tree; p99 ms = transfer completion time",
+};
+
+const LATENCY: Table = Table {
+    name: "latency",
+    x: "conns",
+    columns: &[
+        ("requests_per_s", "req/s"),
+        ("p50_us", "p50 µs"),
+        ("p99_us", "p99 µs"),
+        ("p999_us", "p99.9 µs"),
+    ],
+    primary: "requests_per_s",
+    note: "1 KiB request, 1 KiB echoed response, one outstanding per connection",
+};
+
+const HANDSHAKES: Table = Table {
+    name: "handshakes",
+    x: "conns",
+    columns: &[
+        ("handshakes_per_s", "hs/s"),
+        ("cpu_ms_per_handshake", "CPU ms/hs"),
+        ("p50_us", "p50 µs"),
+        ("p99_us", "p99 µs"),
+    ],
+    primary: "handshakes_per_s",
+    note: "new TLS 1.3 sessions (TLS in, plaintext out), each proven by one echoed byte",
+};
+
+const SMTP: Table = Table {
+    name: "smtp",
+    x: "message",
+    columns: &[
+        ("messages_per_s", "msg/s"),
+        ("gbit_per_s", "Gbit/s"),
+        ("cpu_s_per_gb", "CPU s/GB"),
+        ("p50_us", "p50 µs"),
+        ("p99_us", "p99 µs"),
+        ("p999_us", "p99.9 µs"),
+    ],
+    primary: "messages_per_s",
+    note: "STARTTLS both legs; latency = MAIL to the final reply (the next hop's 250)",
+};
+
+const IDLE: Table = Table {
+    name: "idle",
+    x: "idle conns",
+    columns: &[("kib_per_connection", "KiB/conn"), ("rss_mib", "RSS MiB")],
+    primary: "kib_per_connection",
+    note: "RSS growth of the relay's process tree per idle established TLS connection (lower is better)",
+};
+
+/// One printed row: a peer's runs of one cell.
+struct Row {
+    table: &'static str,
+    scenario: String,
+    x: String,
     peer: Peer,
-    load: &Path,
-    s: &Scenario,
-    sinks: (SocketAddr, SocketAddr),
-    conns: usize,
-    bytes: u64,
-    f: &Files,
-) -> anyhow::Result<Option<(f64, f64)>> {
-    let listen = free_addr()?;
-    let upstream = if s.upstream_tls { sinks.1 } else { sinks.0 };
-    let Some(mut cmd) = peer_command(peer, s, listen, upstream, f)? else {
-        return Ok(None);
-    };
-    let mut child = Guard(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", peer.name()))?,
-    );
-    wait_port(listen, &mut child.0).with_context(|| peer.name())?;
-    let before = tree_cpu_seconds(child.0.id())?;
-    let result = blast(load, listen, s.client_tls, conns, bytes)
-        .with_context(|| format!("{} {} x{conns}", peer.name(), s.name))?;
-    let cpu = tree_cpu_seconds(child.0.id())? - before;
-    let gb = result["bytes"].as_f64().unwrap_or(0.0) / 1e9;
-    Ok(Some((
-        result["gbit_per_s"].as_f64().unwrap_or(0.0),
-        cpu / gb,
-    )))
+    runs: Vec<Sample>,
+    ratios: Vec<f64>,
+    path: String,
+    failed: Option<String>,
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn wait_port(addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        if let Some(status) = child.try_wait()? {
-            bail!("exited ({status}) before listening on {addr}");
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = &stat[stat.rfind(')').context("stat format")? + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0) // USER_HZ
-}
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn blast(
-    load: &Path,
-    to: SocketAddr,
-    tls: bool,
-    connections: usize,
-    bytes: u64,
-) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new(load);
-    cmd.args([
-        "blast",
-        "--to",
-        &to.to_string(),
-        "--connections",
-        &connections.to_string(),
-    ])
-    .args(["--bytes", &bytes.to_string()]);
-    if tls {
-        cmd.arg("--tls");
-    }
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("blast failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+struct Bench {
+    relay_bin: PathBuf,
+    load: PathBuf,
+    dir: PathBuf,
+    open_files: u64,
+    peers: Vec<Peer>,
+    rounds: usize,
+    quick: bool,
+    discard: SinkPair,
+    echo: SinkPair,
+    smtp_sink: SocketAddr,
+    ecdsa: Certs,
+    rows: Vec<Row>,
 }
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
@@ -339,199 +355,757 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             "tlsrelay-bench",
         ]),
     )?;
+    install_missing_peers();
+    let open_files = raise_open_files();
     let bin = root().join("target/release");
-    let (relay_bin, load) = (bin.join("tlsrelay"), bin.join("tlsrelay-load"));
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
+    let load = bin.join("tlsrelay-load");
     run(
-        "certificates",
+        "certificates (ECDSA P-256, RSA 2048)",
         Command::new(&load).args(["certs", "--out"]).arg(&dir),
     )?;
-    let (cert, key) = (dir.join("bench.crt"), dir.join("bench.key"));
-    let (plain_sink, tls_sink) = (free_addr()?, free_addr()?);
+    let ecdsa = Certs::new(&dir, "bench", "ECDSA P-256");
+    let rsa = Certs::new(&dir, "bench-rsa", "RSA 2048");
     let mut sinks = Vec::new();
-    for (addr, tls) in [(plain_sink, false), (tls_sink, true)] {
+    let mut sink = |args: &[&str], tls: bool| -> anyhow::Result<SocketAddr> {
+        let addr = free_addr()?;
         let mut cmd = Command::new(&load);
-        cmd.args(["sink", "--listen", &addr.to_string()])
+        cmd.args(args)
+            .args(["--listen", &addr.to_string()])
             .stdout(Stdio::null());
         if tls {
-            cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
+            cmd.arg("--cert")
+                .arg(&ecdsa.cert)
+                .arg("--key")
+                .arg(&ecdsa.key);
         }
         let mut child = Guard(cmd.spawn()?);
-        wait_port(addr, &mut child.0)?;
+        wait_for_port(addr, &mut child.0, "sink")?;
         sinks.push(child);
-    }
-    let files = Files {
-        dir: dir.clone(),
-        cert: cert.clone(),
-        key: key.clone(),
-        pem: dir.join("bench.pem"),
+        Ok(addr)
     };
-    let peers: Vec<Peer> = Peer::ALL.into_iter().filter(|p| p.installed()).collect();
-    let total: u64 = if quick { 256 << 20 } else { 2 << 30 };
-    let concurrencies: &[usize] = if quick { &[1, 16] } else { &[1, 16, 256] };
-    let rounds = if quick { 1 } else { 3 };
-    let mut samples = Vec::new();
-    println!(
-        "\n{:<16} {:>5} {:<9} {:>9} {:>9} {:>9} {:>20}  path",
-        "scenario",
-        "conns",
-        "relay",
-        "Gbit/s",
-        "vs direct",
-        "CPU s/GB",
-        "tlsrelay/this min/med/max"
-    );
-    for s in &SCENARIOS {
+    let discard = SinkPair {
+        plain: sink(&["sink"], false)?,
+        tls: sink(&["sink"], true)?,
+    };
+    let echo = SinkPair {
+        plain: sink(&["sink", "--echo"], false)?,
+        tls: sink(&["sink", "--echo"], true)?,
+    };
+    let smtp_sink = sink(&["smtp-sink"], true)?;
+    let mut peers: Vec<Peer> = Peer::RELAYS.into_iter().filter(|p| p.installed()).collect();
+    peers.push(Peer::Direct);
+    let mut b = Bench {
+        relay_bin: bin.join("tlsrelay"),
+        load,
+        dir: dir.clone(),
+        open_files,
+        peers,
+        rounds: if quick { 1 } else { 3 },
+        quick,
+        discard,
+        echo,
+        smtp_sink,
+        ecdsa,
+        rows: Vec::new(),
+    };
+    let concurrencies: &[usize] = if quick { &[16] } else { &[1, 16, 256] };
+
+    b.header(&THROUGHPUT);
+    let total: u64 = if quick { 32 << 20 } else { 1 << 30 };
+    for s in &STREAMS {
         for &conns in concurrencies {
-            let bytes = total / conns as u64;
-            // Per peer: (Gbit/s, CPU s/GB) per round; direct Gbit/s per round.
-            let mut results: Vec<Vec<Option<(f64, f64)>>> = vec![Vec::new(); peers.len()];
-            let mut direct = Vec::new();
-            let mut path = String::new();
-            for _ in 0..rounds {
-                for (i, &peer) in peers.iter().enumerate() {
-                    let r = if peer == Peer::Tlsrelay {
-                        let (g, c, p) = relay_run(
-                            &relay_bin, &load, &dir, s, plain_sink, tls_sink, conns, bytes, &cert,
-                            &key,
-                        )?;
-                        path = p;
-                        Some((g, c))
-                    } else {
-                        peer_run(peer, &load, s, (plain_sink, tls_sink), conns, bytes, &files)?
-                    };
-                    results[i].push(r);
-                }
-                let d = blast(
-                    &load,
-                    if s.client_tls { tls_sink } else { plain_sink },
-                    s.client_tls,
-                    conns,
-                    bytes,
-                )?;
-                direct.push(d["gbit_per_s"].as_f64().unwrap_or(0.0));
-            }
-            let direct_median = median(direct.clone());
-            for (i, &peer) in peers.iter().enumerate() {
-                let runs: Vec<(f64, f64)> = results[i].iter().flatten().copied().collect();
-                if runs.is_empty() {
-                    println!(
-                        "{:<16} {:>5} {:<9} {:>9}",
-                        s.name,
-                        conns,
-                        peer.name(),
-                        "n/a"
-                    );
+            b.cell(&THROUGHPUT, s.name, conns.to_string(), |b, peer| {
+                b.throughput(peer, s, conns, total / conns as u64)
+            })?;
+        }
+    }
+    b.header(&LATENCY);
+    let seconds = if quick { 0.3 } else { 3.0 };
+    for s in &STREAMS {
+        for &conns in concurrencies {
+            b.cell(&LATENCY, s.name, conns.to_string(), |b, peer| {
+                b.latency(peer, s, conns, seconds)
+            })?;
+        }
+    }
+    b.header(&HANDSHAKES);
+    for use_rsa in [false, true] {
+        let label = if use_rsa { rsa.label } else { b.ecdsa.label };
+        let scenario = format!("TLS 1.3 {label}");
+        for &conns in concurrencies {
+            b.cell(&HANDSHAKES, &scenario, conns.to_string(), |b, peer| {
+                let certs = if use_rsa { &rsa } else { &b.ecdsa };
+                b.handshakes(peer, certs, conns, seconds)
+            })?;
+        }
+    }
+    b.header(&SMTP);
+    let sizes: &[(usize, &str)] = if quick {
+        &[(1 << 10, "1 KiB"), (100 << 10, "100 KiB")]
+    } else {
+        &[
+            (1 << 10, "1 KiB"),
+            (100 << 10, "100 KiB"),
+            (10 << 20, "10 MiB"),
+        ]
+    };
+    for bdat in [false, true] {
+        let scenario = format!("SMTP {}", if bdat { "BDAT" } else { "DATA" });
+        for &conns in concurrencies {
+            for &(size, label) in sizes {
+                // About 256 MiB per cell (16 MiB quick), at least 2
+                // messages per connection and at most 200.
+                let budget = if quick { 16usize << 20 } else { 256 << 20 };
+                let messages = (budget / size / conns).clamp(2, 200);
+                if size * messages * conns > 4 << 30 {
                     continue;
                 }
-                let gbit = median(runs.iter().map(|r| r.0).collect());
-                let cpu = median(runs.iter().map(|r| r.1).collect());
-                let ratios: Vec<f64> = results[0]
-                    .iter()
-                    .zip(&results[i])
-                    .filter_map(|(a, b)| Some(a.as_ref()?.0 / b.as_ref()?.0))
-                    .collect();
-                let ratio = if peer == Peer::Tlsrelay || ratios.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "{:.2}/{:.2}/{:.2}",
-                        ratios.iter().copied().fold(f64::MAX, f64::min),
-                        median(ratios.clone()),
-                        ratios.iter().copied().fold(0.0, f64::max)
-                    )
-                };
-                println!(
-                    "{:<16} {:>5} {:<9} {:>9.2} {:>9.2} {:>9.2} {:>20}  {}",
-                    s.name,
-                    conns,
-                    peer.name(),
-                    gbit,
-                    gbit / direct_median,
-                    cpu,
-                    ratio,
-                    if peer == Peer::Tlsrelay {
-                        path.as_str()
-                    } else {
-                        ""
-                    }
-                );
-                samples.push(serde_json::json!({
-                    "scenario": s.name, "connections": conns, "peer": peer.name(),
-                    "gbit_per_s": runs.iter().map(|r| r.0).collect::<Vec<_>>(),
-                    "cpu_s_per_gb": runs.iter().map(|r| r.1).collect::<Vec<_>>(),
-                    "direct_gbit_per_s": direct, "tlsrelay_over_peer": ratios,
-                    "path": if peer == Peer::Tlsrelay { path.clone() } else { String::new() },
-                }));
+                let x = format!("{label} x{conns}");
+                b.cell(&SMTP, &scenario, x, |b, peer| {
+                    b.smtp(peer, conns, messages, size, bdat)
+                })?;
             }
         }
     }
-    let report = serde_json::json!({ "quick": quick, "samples": samples });
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    let missing: Vec<&str> = Peer::ALL
-        .iter()
-        .filter(|p| !p.installed())
-        .map(|p| p.name())
-        .collect();
-    println!(
-        "\nvs direct = Gbit/s over a direct connection to the same sink; tlsrelay/this = ratio of tlsrelay's\n\
-         Gbit/s to this peer's in the same round; {rounds} round(s), peers run in turn (A B C … A B C …).\n\
-         CPU s/GB counts the relay process (and its children). n/a: the peer cannot do that scenario.{}\n\
-         report: {}",
-        if missing.is_empty() { String::new() } else { format!("\nNot installed (apt-get install): {}", missing.join(", ")) },
-        dir.join("report.json").display()
-    );
-    Ok(())
+    b.header(&IDLE);
+    let counts: &[usize] = if quick { &[100] } else { &[1, 1000, 10000] };
+    for &count in counts {
+        b.cell(&IDLE, TERMINATION.name, count.to_string(), |b, peer| {
+            b.idle(peer, count)
+        })?;
+    }
+    b.finish()
 }
 
-/// One run through the relay: Gbit/s, relay CPU seconds per GB, data path.
-#[allow(clippy::too_many_arguments)]
-fn relay_run(
-    relay: &Path,
-    load: &Path,
-    dir: &Path,
-    s: &Scenario,
-    plain_sink: SocketAddr,
-    tls_sink: SocketAddr,
-    conns: usize,
-    bytes: u64,
-    cert: &Path,
-    key: &Path,
-) -> anyhow::Result<(f64, f64, String)> {
-    let listen = free_addr()?;
-    let upstream = if s.upstream_tls { tls_sink } else { plain_sink };
-    let route = if s.upstream_tls {
-        "tls.policy = \"required\"\ntls.verify = \"encryption-only\""
-    } else {
-        "tls.policy = \"plain\""
-    };
-    let config: PathBuf = dir.join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "ebpf.enabled = false\n[limits]\nmax_connections = 100000\n\n[[listeners]]\nname = \"bench\"\naddress = \"{listen}\"\nupstream = \"sink\"\ntls.mode = \"{}\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\n{route}\n",
-            s.listener_mode,
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    )?;
-    let mut child = Guard(
-        Command::new(relay)
-            .args(["run", "--config"])
-            .arg(&config)
+impl Bench {
+    fn header(&self, t: &Table) {
+        print!(
+            "\n== {} ({})\n{:<18} {:>12} {:<9}",
+            t.name, t.note, "scenario", t.x, "relay"
+        );
+        for (_, head) in t.columns {
+            print!(" {head:>10}");
+        }
+        println!(" {:>20}  path", "tlsrelay/this");
+    }
+
+    /// Runs every peer in turn, `rounds` times, and prints a row per peer.
+    /// A peer that fails is shown as failed; tlsrelay failing stops the
+    /// bench.
+    fn cell(
+        &mut self,
+        t: &'static Table,
+        scenario: &str,
+        x: String,
+        mut one: impl FnMut(&Bench, Peer) -> anyhow::Result<Option<(Sample, String)>>,
+    ) -> anyhow::Result<()> {
+        let mut rows: Vec<Row> = self
+            .peers
+            .iter()
+            .map(|&peer| Row {
+                table: t.name,
+                scenario: scenario.to_string(),
+                x: x.clone(),
+                peer,
+                runs: Vec::new(),
+                ratios: Vec::new(),
+                path: String::new(),
+                failed: None,
+            })
+            .collect();
+        for _ in 0..self.rounds {
+            for row in rows.iter_mut() {
+                if row.failed.is_some() {
+                    continue;
+                }
+                match one(self, row.peer) {
+                    Ok(Some((sample, path))) => {
+                        row.runs.push(sample);
+                        row.path = path;
+                    }
+                    Ok(None) => {}
+                    Err(e) if row.peer == Peer::Tlsrelay => {
+                        return Err(e.context(format!("tlsrelay {} {scenario} {x}", t.name)))
+                    }
+                    Err(e) => row.failed = Some(format!("{e:#}")),
+                }
+            }
+        }
+        let ours: Vec<f64> = rows[0].runs.iter().map(|r| r[t.primary]).collect();
+        for row in rows.iter_mut() {
+            let theirs = row.runs.iter().map(|r| r[t.primary]);
+            row.ratios = ours.iter().zip(theirs).map(|(a, b)| a / b).collect();
+            self.print(t, row);
+        }
+        self.rows.extend(rows);
+        Ok(())
+    }
+
+    fn print(&self, t: &Table, row: &Row) {
+        print!("{:<18} {:>12} {:<9}", row.scenario, row.x, row.peer.name());
+        if let Some(why) = &row.failed {
+            println!(" failed: {}", why.lines().next().unwrap_or(""));
+            return;
+        }
+        if row.runs.is_empty() {
+            println!(" {:>10}", "n/a");
+            return;
+        }
+        for (key, _) in t.columns {
+            let v = median(row.runs.iter().map(|r| r[key]).collect());
+            if v.is_nan() {
+                print!(" {:>10}", "-");
+            } else if v >= 100.0 {
+                print!(" {v:>10.0}");
+            } else {
+                print!(" {v:>10.2}");
+            }
+        }
+        let ratio = match row.peer {
+            Peer::Tlsrelay => String::new(),
+            _ => {
+                let r = &row.ratios;
+                let (lo, hi) = r
+                    .iter()
+                    .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                format!("{lo:.2}/{:.2}/{hi:.2}", median(r.clone()))
+            }
+        };
+        println!(" {ratio:>20}  {}", row.path);
+    }
+
+    /// Starts `peer` for `job`; `None` when the peer cannot do it.
+    fn start(&self, peer: Peer, job: &Job) -> anyhow::Result<Option<Running>> {
+        let (tls_in, tls_out) = (job.s.tls_in, job.s.tls_out);
+        let upstream = if tls_out {
+            job.sinks.tls
+        } else {
+            job.sinks.plain
+        };
+        if peer == Peer::Direct {
+            if tls_in && !std::ptr::eq(job.certs, &self.ecdsa) {
+                return Ok(None); // the sinks serve the ECDSA certificate
+            }
+            let listen = if tls_in {
+                job.sinks.tls
+            } else {
+                job.sinks.plain
+            };
+            return Ok(Some(Running {
+                child: None,
+                listen,
+                paths: None,
+            }));
+        }
+        let listen = free_addr()?;
+        let Some(mut cmd) = self.command(peer, job, listen, upstream)? else {
+            return Ok(None);
+        };
+        let tlsrelay = peer == Peer::Tlsrelay;
+        let mut child = Guard(
+            cmd.stdout(if tlsrelay {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", peer.name()))?,
+        );
+        wait_for_port(listen, &mut child.0, peer.name())?;
+        let paths = if tlsrelay {
+            Some(session_paths(
+                child.0.stdout.take().context("relay stdout")?,
+            ))
+        } else {
+            None
+        };
+        Ok(Some(Running {
+            child: Some(child),
+            listen,
+            paths,
+        }))
+    }
+
+    /// The command that runs `peer` for `job`; `None` when it can't.
+    fn command(
+        &self,
+        peer: Peer,
+        job: &Job,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Option<Command>> {
+        let (tls_in, tls_out, f) = (job.s.tls_in, job.s.tls_out, job.certs);
+        let config = self.dir.join(format!("{}.conf", peer.name()));
+        // Each relayed connection takes two descriptors.
+        let maxconn = (self.open_files.saturating_sub(200) / 2).min(20000);
+        let cmd = match peer {
+            Peer::Direct => unreachable!("no process"),
+            Peer::Tlsrelay => {
+                let route = if tls_out {
+                    "tls.policy = \"required\"\ntls.verify = \"encryption-only\""
+                } else {
+                    "tls.policy = \"plain\""
+                };
+                std::fs::write(
+                    &config,
+                    format!(
+                        "ebpf.enabled = false\n[limits]\nmax_connections = {maxconn}\n\n[[listeners]]\nname = \"bench\"\naddress = \"{listen}\"\nupstream = \"sink\"\ntls.mode = \"{}\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\n{route}\n",
+                        if tls_in { "implicit" } else { "off" },
+                        f.cert.display().to_string(),
+                        f.key.display().to_string()
+                    ),
+                )?;
+                self.tlsrelay(&config)
+            }
+            Peer::Socat => {
+                let l = if tls_in {
+                    format!(
+                        "OPENSSL-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=4096,cert={},verify=0",
+                        listen.port(),
+                        f.pem.display()
+                    )
+                } else {
+                    format!(
+                        "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                        listen.port()
+                    )
+                };
+                let c = if tls_out {
+                    format!("OPENSSL:{upstream},verify=0")
+                } else {
+                    format!("TCP:{upstream}")
+                };
+                let mut cmd = Command::new("socat");
+                cmd.args([l, c]);
+                cmd
+            }
+            Peer::Stunnel => {
+                if tls_in == tls_out {
+                    return Ok(None); // one TLS side per service
+                }
+                std::fs::write(
+                    &config,
+                    format!(
+                        "foreground = yes\npid =\n[bench]\naccept = {listen}\nconnect = {upstream}\ncert = {}\nkey = {}\n{}",
+                        f.cert.display(),
+                        f.key.display(),
+                        if tls_out { "client = yes\n" } else { "" }
+                    ),
+                )?;
+                let mut cmd = Command::new("stunnel4");
+                cmd.arg(&config);
+                cmd
+            }
+            Peer::Haproxy => {
+                std::fs::write(
+                    &config,
+                    format!(
+                        "global\n  maxconn {maxconn}\ndefaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend f\n  bind {listen}{}\n  default_backend b\nbackend b\n  server s {upstream}{}\n",
+                        if tls_in { format!(" ssl crt {}", f.pem.display()) } else { String::new() },
+                        if tls_out { " ssl verify none" } else { "" }
+                    ),
+                )?;
+                let mut cmd = Command::new("haproxy");
+                cmd.arg("-db").arg("-f").arg(&config);
+                cmd
+            }
+            Peer::Nginx => {
+                let dir = self.dir.display();
+                std::fs::write(
+                    &config,
+                    format!(
+                        "load_module {NGINX_STREAM};\ndaemon off;\nworker_processes 2;\nworker_rlimit_nofile {};\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.err;\nevents {{ worker_connections {}; }}\nstream {{ ssl_protocols TLSv1.2 TLSv1.3; proxy_ssl_protocols TLSv1.2 TLSv1.3; server {{ listen {listen}{ssl}; {certs} proxy_pass {upstream}; {proxy_ssl} }} }}\n",
+                        self.open_files,
+                        maxconn * 2,
+                        ssl = if tls_in { " ssl" } else { "" },
+                        certs = if tls_in {
+                            format!("ssl_certificate {}; ssl_certificate_key {};", f.cert.display(), f.key.display())
+                        } else {
+                            String::new()
+                        },
+                        proxy_ssl = if tls_out { "proxy_ssl on;" } else { "" },
+                    ),
+                )?;
+                let mut cmd = Command::new("nginx");
+                cmd.arg("-c")
+                    .arg(&config)
+                    .arg("-p")
+                    .arg(&self.dir)
+                    .arg("-e")
+                    .arg(self.dir.join("nginx.err"));
+                cmd
+            }
+        };
+        Ok(Some(cmd))
+    }
+
+    fn tlsrelay(&self, config: &Path) -> Command {
+        let mut cmd = Command::new(&self.relay_bin);
+        cmd.args(["run", "--config"])
+            .arg(config)
             .arg("--state-dir")
-            .arg(dir.join("state"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .spawn()?,
-    );
-    wait_port(listen, &mut child.0)?;
-    let stdout = child.0.stdout.take().context("relay stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
+            .arg(self.dir.join("state"))
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Runs `tlsrelay-load` with `args`; its one JSON line.
+    fn load(&self, args: &[String]) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.load).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "tlsrelay-load {}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn throughput(
+        &self,
+        peer: Peer,
+        s: &Scenario,
+        conns: usize,
+        bytes: u64,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let job = Job {
+            s,
+            sinks: self.discard,
+            certs: &self.ecdsa,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        let before = relay.cpu_seconds()?;
+        let mut args = strings(&["blast", "--to"]);
+        args.push(relay.listen.to_string());
+        args.extend(strings(&["--connections", &conns.to_string()]));
+        args.extend(strings(&["--bytes", &bytes.to_string()]));
+        if s.tls_in {
+            args.push("--tls".into());
+        }
+        let r = self.load(&args)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let sample = Sample::from([
+            ("gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
+            (
+                "cpu_s_per_gb",
+                cpu / (r["bytes"].as_f64().unwrap_or(0.0) / 1e9),
+            ),
+            ("p99_ms", r["p99_ms"].as_f64().unwrap_or(0.0)),
+        ]);
+        Ok(Some((sample, relay.path())))
+    }
+
+    fn latency(
+        &self,
+        peer: Peer,
+        s: &Scenario,
+        conns: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let job = Job {
+            s,
+            sinks: self.echo,
+            certs: &self.ecdsa,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        let mut args = strings(&["rr", "--to"]);
+        args.push(relay.listen.to_string());
+        args.extend(strings(&["--connections", &conns.to_string()]));
+        args.extend(strings(&["--seconds", &seconds.to_string()]));
+        if s.tls_in {
+            args.push("--tls".into());
+        }
+        let r = self.load(&args)?;
+        Ok(Some((
+            pick(&r, &["requests_per_s", "p50_us", "p99_us", "p999_us"]),
+            relay.path(),
+        )))
+    }
+
+    fn handshakes(
+        &self,
+        peer: Peer,
+        certs: &Certs,
+        conns: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let job = Job {
+            s: TERMINATION,
+            sinks: self.echo,
+            certs,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        let before = relay.cpu_seconds()?;
+        let mut args = strings(&["handshakes", "--to"]);
+        args.push(relay.listen.to_string());
+        args.extend(strings(&["--connections", &conns.to_string()]));
+        args.extend(strings(&["--seconds", &seconds.to_string()]));
+        let r = self.load(&args)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let mut sample = pick(&r, &["handshakes_per_s", "p50_us", "p99_us"]);
+        sample.insert(
+            "cpu_ms_per_handshake",
+            cpu * 1000.0 / (sample["handshakes_per_s"] * seconds),
+        );
+        Ok(Some((sample, relay.path())))
+    }
+
+    /// SMTP through tlsrelay (STARTTLS in, STARTTLS to the next hop). The
+    /// stream relays can't speak SMTP; Postfix (store and forward, a
+    /// different job) is checked for interop by the tests, not timed here.
+    fn smtp(
+        &self,
+        peer: Peer,
+        conns: usize,
+        messages: usize,
+        size: usize,
+        bdat: bool,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let relay = match peer {
+            Peer::Tlsrelay => {
+                let listen = free_addr()?;
+                let config = self.dir.join("smtp.toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "ebpf.enabled = false\n[limits]\nmax_connections = 20000\n\n[[listeners]]\nname = \"mx\"\naddress = \"{listen}\"\nprotocol = \"smtp\"\nhostname = \"relay.bench.test\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"bench.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+                        64 << 20,
+                        self.ecdsa.cert.display().to_string(),
+                        self.ecdsa.key.display().to_string(),
+                        self.smtp_sink,
+                    ),
+                )?;
+                let mut child = Guard(
+                    self.tlsrelay(&config)
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .context("starting tlsrelay")?,
+                );
+                wait_for_port(listen, &mut child.0, "tlsrelay")?;
+                Running {
+                    child: Some(child),
+                    listen,
+                    paths: None,
+                }
+            }
+            Peer::Direct => Running {
+                child: None,
+                listen: self.smtp_sink,
+                paths: None,
+            },
+            _ => return Ok(None),
+        };
+        let before = relay.cpu_seconds()?;
+        let mut args = strings(&["smtp", "--to"]);
+        args.push(relay.listen.to_string());
+        args.extend(strings(&["--connections", &conns.to_string()]));
+        args.extend(strings(&["--messages", &messages.to_string()]));
+        args.extend(strings(&["--size", &size.to_string()]));
+        if bdat {
+            args.push("--bdat".into());
+        }
+        let r = self.load(&args)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let mut sample = pick(
+            &r,
+            &[
+                "messages_per_s",
+                "gbit_per_s",
+                "p50_us",
+                "p99_us",
+                "p999_us",
+            ],
+        );
+        sample.insert(
+            "cpu_s_per_gb",
+            cpu / (r["bytes"].as_f64().unwrap_or(0.0) / 1e9),
+        );
+        let path = if peer == Peer::Tlsrelay {
+            "userspace (SMTP body)"
+        } else {
+            ""
+        };
+        Ok(Some((sample, path.into())))
+    }
+
+    /// RSS growth per idle established TLS connection.
+    fn idle(&self, peer: Peer, count: usize) -> anyhow::Result<Option<(Sample, String)>> {
+        if peer == Peer::Direct || (peer == Peer::Socat && count > 1000) {
+            return Ok(None); // socat forks a process per connection
+        }
+        // The relay, the echo sink and the holder: two descriptors a
+        // connection in the relay, one in each of the others.
+        if count as u64 * 2 + 200 > self.open_files {
+            bail!(
+                "{count} idle connections need {} open files, the limit is {}",
+                count * 2 + 200,
+                self.open_files
+            );
+        }
+        let job = Job {
+            s: TERMINATION,
+            sinks: self.echo,
+            certs: &self.ecdsa,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let before = relay.rss_bytes();
+        let mut holder = Guard(
+            Command::new(&self.load)
+                .args(["hold", "--tls", "--to", &relay.listen.to_string()])
+                .args(["--connections", &count.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+        let stdout = holder.0.stdout.take().context("holder stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("idle connections not open within 120 s")?;
+        if !ready.contains("ready") {
+            let mut err = String::new();
+            if let Some(mut e) = holder.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            bail!("holding {count} connections: {}", err.trim());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after = relay.rss_bytes();
+        if let Some(mut stdin) = holder.0.stdin.take() {
+            let _ = stdin.flush();
+        }
+        let _ = holder.0.wait();
+        let sample = Sample::from([
+            (
+                "kib_per_connection",
+                (after - before) / count as f64 / 1024.0,
+            ),
+            ("rss_mib", after / (1 << 20) as f64),
+        ]);
+        Ok(Some((sample, relay.path())))
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "table": r.table, "scenario": r.scenario, "x": r.x, "peer": r.peer.name(),
+                    "runs": r.runs, "tlsrelay_over_peer": r.ratios, "path": r.path,
+                    "failed": r.failed,
+                })
+            })
+            .collect();
+        let report = serde_json::json!({
+            "quick": self.quick,
+            "rounds": self.rounds,
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "rows": rows,
+        });
+        let json = self.dir.join("report.json");
+        std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+        let charts = crate::chart::write_all(&self.dir, &self.rows_for_charts())?;
+        let missing: Vec<&str> = Peer::RELAYS
+            .iter()
+            .filter(|p| !p.installed())
+            .map(|p| p.name())
+            .collect();
+        println!(
+            "\ntlsrelay/this = tlsrelay's figure over this relay's for the table's first column, per round:\n\
+             min/median/max over {} round(s), peers run in turn (A B C … A B C …); the other columns are medians.\n\
+             direct = the generator straight to the sink. n/a: the relay can't do that scenario.{}\n\
+             report: {}\ncharts: {} SVG files in {}",
+            self.rounds,
+            if missing.is_empty() { String::new() } else { format!("\nNot installed: {}", missing.join(", ")) },
+            json.display(),
+            charts,
+            self.dir.display()
+        );
+        Ok(())
+    }
+
+    /// Per table and scenario: the x labels and each peer's medians of the
+    /// table's first column.
+    fn rows_for_charts(&self) -> Vec<crate::chart::Chart> {
+        let mut charts: Vec<crate::chart::Chart> = Vec::new();
+        for r in &self.rows {
+            let t = [&THROUGHPUT, &LATENCY, &HANDSHAKES, &SMTP, &IDLE]
+                .into_iter()
+                .find(|t| t.name == r.table)
+                .expect("known table");
+            let title = format!("{}: {}", t.name, r.scenario);
+            let i = match charts.iter().position(|c| c.title == title) {
+                Some(i) => i,
+                None => {
+                    let unit = t.columns[0].1;
+                    charts.push(crate::chart::Chart {
+                        title,
+                        x_label: t.x.to_string(),
+                        y_label: unit.to_string(),
+                        xs: Vec::new(),
+                        series: Vec::new(),
+                    });
+                    charts.len() - 1
+                }
+            };
+            let c = &mut charts[i];
+            let xi = match c.xs.iter().position(|x| *x == r.x) {
+                Some(xi) => xi,
+                None => {
+                    c.xs.push(r.x.clone());
+                    c.xs.len() - 1
+                }
+            };
+            let si = match c.series.iter().position(|(n, _)| n == r.peer.name()) {
+                Some(si) => si,
+                None => {
+                    c.series.push((r.peer.name().to_string(), Vec::new()));
+                    c.series.len() - 1
+                }
+            };
+            let values = &mut c.series[si].1;
+            values.resize(xi + 1, None);
+            if !r.runs.is_empty() {
+                values[xi] = Some(median(r.runs.iter().map(|s| s[t.primary]).collect()));
+            }
+        }
+        charts
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn pick(v: &serde_json::Value, keys: &[&'static str]) -> Sample {
+    keys.iter()
+        .map(|&k| (k, v[k].as_f64().unwrap_or(f64::NAN)))
+        .collect()
+}
+
+/// Reads tlsrelay's session reports and sends each one's data path.
+fn session_paths(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             // Skip the readiness probe's empty session.
@@ -539,23 +1113,138 @@ fn relay_run(
                 continue;
             }
             if let Some(i) = line.find(" path=") {
-                let path: String = line[i + 6..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let _ = tx.send(path);
+                let path = line[i + 6..].split_whitespace().next().unwrap_or("");
+                let _ = tx.send(path.to_string());
             }
         }
     });
-    let pid = child.0.id();
-    let before = cpu_seconds(pid)?;
-    let result = blast(load, listen, s.client_tls, conns, bytes)
-        .with_context(|| format!("tlsrelay {} x{conns}", s.name))?;
-    let cpu = cpu_seconds(pid)? - before;
-    let gb = result["bytes"].as_f64().unwrap_or(0.0) / 1e9;
-    let path = rx
-        .recv_timeout(Duration::from_secs(5))
-        .unwrap_or_else(|_| "?".into());
-    Ok((result["gbit_per_s"].as_f64().unwrap_or(0.0), cpu / gb, path))
+    rx
+}
+
+/// The processes of a tree: `pid` and its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        all.push(p);
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        frontier.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    all
+}
+
+/// CPU seconds of a process tree, reaped children included.
+fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for p in tree(pid) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[stat.rfind(')').context("stat format")? + 2..]
+            .split_whitespace()
+            .collect();
+        // utime, stime, cutime, cstime: clock ticks (USER_HZ).
+        total += fields[11..15]
+            .iter()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0))
+            .sum::<f64>()
+            / 100.0;
+    }
+    Ok(total)
+}
+
+/// Resident bytes of a process tree.
+fn tree_rss_bytes(pid: u32) -> f64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .sum::<f64>()
+        * 1024.0
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `cargo xtask bench --vm`: kTLS against userspace for tlsrelay on the
+/// VM's kernel, the same blast alternating between the two.
+pub fn bench_vm(quick: bool) -> anyhow::Result<()> {
+    let runs = crate::vm::bench(quick)?;
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    println!(
+        "\n== kTLS in the VM (TCG-emulated CPU: these figures compare data paths, they are not real speeds)\n{:<12} {:>5} {:<6} {:>9} {:>16}  path",
+        "scenario", "conns", "kTLS", "Gbit/s", "kTLS/userspace"
+    );
+    let gbit = |r: &serde_json::Value| r["result"]["gbit_per_s"].as_f64().unwrap_or(f64::NAN);
+    let mut cells: Vec<(String, u64)> = Vec::new();
+    for r in &runs {
+        let cell = (
+            r["scenario"].as_str().unwrap_or("?").to_string(),
+            r["connections"].as_u64().unwrap_or(0),
+        );
+        if !cells.contains(&cell) {
+            cells.push(cell);
+        }
+    }
+    for (scenario, conns) in &cells {
+        let of = |ktls: bool| -> Vec<&serde_json::Value> {
+            runs.iter()
+                .filter(|r| {
+                    r["scenario"] == scenario.as_str()
+                        && r["connections"] == *conns
+                        && r["ktls"] == ktls
+                })
+                .collect()
+        };
+        let (on, off) = (of(true), of(false));
+        let ratios: Vec<f64> = on
+            .iter()
+            .zip(&off)
+            .map(|(a, b)| gbit(a) / gbit(b))
+            .collect();
+        for (ktls, set) in [(true, &on), (false, &off)] {
+            let ratio = if ktls {
+                let (lo, hi) = ratios
+                    .iter()
+                    .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                format!("{lo:.2}/{:.2}/{hi:.2}", median(ratios.clone()))
+            } else {
+                String::new()
+            };
+            println!(
+                "{:<12} {:>5} {:<6} {:>9.3} {:>16}  {}",
+                scenario,
+                conns,
+                if ktls { "on" } else { "off" },
+                median(set.iter().map(|r| gbit(r)).collect()),
+                ratio,
+                set.last().and_then(|r| r["path"].as_str()).unwrap_or("")
+            );
+        }
+    }
+    let json = dir.join("vm-report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&runs)?)?;
+    println!(
+        "\nkTLS/userspace = Gbit/s with kTLS over without, per round: min/median/max.\nreport: {}",
+        json.display()
+    );
+    Ok(())
 }

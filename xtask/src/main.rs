@@ -2,12 +2,14 @@
 //!
 //! - `demo`: build, start the relay on its embedded default with a local
 //!   echo upstream, push traffic through each policy, leave it running;
-//! - `bench`: throughput and CPU per GB against a direct connection;
+//! - `bench`: tlsrelay against stunnel, haproxy, nginx and socat, side by
+//!   side (throughput, latency, handshakes, SMTP, memory per connection);
 //! - `build-ebpf`: install the eBPF toolchain if missing, build the program;
 //! - `vmtest`: the kernel-TLS tests inside a VM with a kTLS kernel;
 //! - `ci`: everything CI runs, in CI's order.
 
 mod bench;
+mod chart;
 mod ebpf;
 mod vm;
 
@@ -36,12 +38,17 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
-    /// Throughput and CPU per GB of the relay scenarios against a direct
-    /// connection, in alternating rounds (peers still to come).
+    /// tlsrelay and its peers on the same work, in alternating rounds:
+    /// throughput, latency, handshakes, SMTP, RSS per idle connection.
     Bench {
-        /// A short run (256 MiB per case, one round).
+        /// A one-minute smoke run (small transfers, one round): checks the
+        /// harness, not the numbers.
         #[arg(long)]
         quick: bool,
+        /// Inside the kTLS VM instead: the relay with kTLS on and off
+        /// (TCG-emulated; compares paths, not real speeds).
+        #[arg(long)]
+        vm: bool,
     },
     /// Install what building the eBPF program needs (nightly rust-src,
     /// LLVM 22, bpf-linker, bpftool) where missing, then build it.
@@ -50,7 +57,7 @@ enum Task {
     /// kernel (CONFIG_TLS=m); fetches the kernel and qemu with apt.
     Vmtest,
     /// Everything CI runs: formatting, lints, the whole test suite, the
-    /// kTLS VM tests, the demo.
+    /// kTLS VM tests, fuzzing, the bench's smoke runs, the demo.
     Ci,
 }
 
@@ -58,7 +65,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Demo { once } => demo(once),
         Task::BuildEbpf => ebpf::build(),
-        Task::Bench { quick } => bench::bench(quick),
+        Task::Bench { quick, vm: false } => bench::bench(quick),
+        Task::Bench { quick, vm: true } => bench::bench_vm(quick),
         Task::Vmtest => vm::vmtest(),
         Task::Ci => ci(),
     }
@@ -122,6 +130,15 @@ fn ci() -> anyhow::Result<()> {
             .env("AYA_BUILD_SKIP", "1");
         run(&format!("fuzz {target} for {seconds} s"), &mut fuzz)?;
     }
+    // The harness, not the numbers: every scenario runs once, small.
+    run(
+        "bench smoke run",
+        cargo().args(["xtask", "bench", "--quick"]),
+    )?;
+    run(
+        "bench smoke run in the kTLS VM",
+        cargo().args(["xtask", "bench", "--vm", "--quick"]),
+    )?;
     run(
         "demo (scripted clients, then exit)",
         cargo().args(["xtask", "demo", "--once"]),

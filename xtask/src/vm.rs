@@ -1,5 +1,7 @@
 //! `cargo xtask vmtest`: runs test binaries inside a VM whose kernel has
-//! kernel TLS (this host's kernel is built without CONFIG_TLS).
+//! kernel TLS (this host's kernel is built without CONFIG_TLS);
+//! `cargo xtask bench --vm`: the relay's kTLS and userspace paths side by
+//! side on that kernel.
 //!
 //! The kernel is Debian's 6.12 cloud image (CONFIG_TLS=m), fetched with apt
 //! into `target/vm/cache`. The initramfs holds busybox, the TLS and crypto
@@ -56,14 +58,67 @@ pub fn vmtest() -> anyhow::Result<()> {
     let vm = root().join("target/vm");
     let kernel = fetch_kernel(&vm.join("cache"))?;
     let tests = build_tests()?;
+    let payload: Vec<(String, PathBuf)> = tests
+        .iter()
+        .map(|t| {
+            let name = t.file_name().unwrap().to_string_lossy();
+            let base = name.rsplit_once('-').map_or(name.as_ref(), |(b, _)| b);
+            (format!("tests/{base}"), t.clone())
+        })
+        .collect();
     let initramfs = vm.join("initramfs.cpio");
-    build_initramfs(&kernel, &tests, &initramfs)?;
-    let status = boot(&kernel.vmlinuz, &initramfs)?;
+    build_initramfs(&kernel, &payload, RUN_TESTS, &initramfs)?;
+    let (status, _) = boot(&kernel.vmlinuz, &initramfs)?;
     if status != 0 {
         bail!("tests in the VM failed (status {status})");
     }
     println!("vmtest: all tests passed in the kTLS VM");
     Ok(())
+}
+
+/// `cargo xtask bench --vm`: TLS termination and bridge through the relay
+/// with kTLS on and off, alternating, inside the VM. Returns the guest's
+/// results, one JSON object per run.
+pub fn bench(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+    ensure_host_tools()?;
+    let vm = root().join("target/vm");
+    let kernel = fetch_kernel(&vm.join("cache"))?;
+    run(
+        "build the relay and the load generator (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "tlsrelay",
+            "-p",
+            "tlsrelay-bench",
+        ]),
+    )?;
+    let bin = root().join("target/release");
+    let payload = vec![
+        ("bench/tlsrelay".to_string(), bin.join("tlsrelay")),
+        ("bench/tlsrelay-load".to_string(), bin.join("tlsrelay-load")),
+    ];
+    let (rounds, bytes, conns) = if quick {
+        (1, 16 << 20, "4")
+    } else {
+        (3, 64 << 20, "1 4")
+    };
+    let script = RUN_BENCH
+        .replace("@ROUNDS@", &rounds.to_string())
+        .replace("@BYTES@", &bytes.to_string())
+        .replace("@CONNS@", conns);
+    let initramfs = vm.join("initramfs-bench.cpio");
+    build_initramfs(&kernel, &payload, &script, &initramfs)?;
+    let (status, lines) = boot(&kernel.vmlinuz, &initramfs)?;
+    if status != 0 {
+        bail!("the bench in the VM failed (status {status})");
+    }
+    lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("BENCH "))
+        .map(|j| serde_json::from_str(j).with_context(|| format!("guest result {j}")))
+        .collect()
 }
 
 fn have(cmd: &str) -> bool {
@@ -424,28 +479,75 @@ done
 echo "vmtest: kernel $(uname -r), $(nproc) CPUs"
 export TLSRELAY_EXPECT_KTLS=1 HOME=/tmp TMPDIR=/tmp RUST_BACKTRACE=1
 status=0
-for t in /tests/*; do
-    echo "vmtest: running $t"
-    $t --test-threads=1 || status=1
-done
+@RUN@
 cat /proc/net/tls_stat
 echo "VMTEST-STATUS=$status"
 poweroff -f
 "#;
 
-fn build_initramfs(kernel: &Kernel, tests: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+/// The init's work for `vmtest`: every test binary, one test at a time.
+const RUN_TESTS: &str = r#"for t in /tests/*; do
+    echo "vmtest: running $t"
+    $t --test-threads=1 || status=1
+done"#;
+
+/// The init's work for `bench --vm`: a discarding sink (plain and TLS),
+/// then per scenario and round the relay with kTLS on, then off, under the
+/// same blast; one `BENCH {json}` line per run.
+const RUN_BENCH: &str = r#"cd /tmp
+L=/bench/tlsrelay-load
+$L certs --out /tmp/c
+$L sink --listen 127.0.0.1:7001 >/dev/null &
+$L sink --listen 127.0.0.1:7002 --cert /tmp/c/bench.crt --key /tmp/c/bench.key >/dev/null &
+sleep 2
+port=7100
+for scenario in termination bridge; do
+  if [ $scenario = termination ]; then
+    up=7001; route='tls.policy = "plain"'
+  else
+    up=7002; route='tls.policy = "required"
+tls.verify = "encryption-only"'
+  fi
+  for conns in @CONNS@; do
+    for round in $(seq @ROUNDS@); do
+      for ktls in true false; do
+        port=$((port + 1))
+        printf '%s\n' 'ebpf.enabled = false' '[dataplane]' "ktls = $ktls" \
+          '[[listeners]]' 'name = "bench"' "address = \"127.0.0.1:$port\"" \
+          'upstream = "sink"' 'tls.mode = "implicit"' \
+          'tls.certificates = [{ chain = "/tmp/c/bench.crt", key = "/tmp/c/bench.key" }]' \
+          '[[upstreams]]' 'name = "sink"' "address = \"127.0.0.1:$up\"" "$route" > /tmp/relay.toml
+        /bench/tlsrelay run --config /tmp/relay.toml --state-dir /tmp/state > /tmp/relay.log 2>&1 &
+        relay=$!
+        sleep 3
+        result=$($L blast --to 127.0.0.1:$port --tls --connections $conns --bytes $((@BYTES@ / conns))) || { status=1; cat /tmp/relay.log; }
+        sleep 1
+        path=$(grep -o ' path=[^ ]*' /tmp/relay.log | tail -1 | cut -d= -f2)
+        kill $relay; wait $relay 2>/dev/null
+        echo "BENCH {\"scenario\":\"$scenario\",\"connections\":$conns,\"ktls\":$ktls,\"path\":\"$path\",\"result\":${result:-null}}"
+      done
+    done
+  done
+done"#;
+
+fn build_initramfs(
+    kernel: &Kernel,
+    payload: &[(String, PathBuf)],
+    run: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
     println!("\n=== build the initramfs");
     let file = std::fs::File::create(out)?;
     let mut cpio = Cpio::new(std::io::BufWriter::new(file));
     for d in [
-        "dev", "proc", "sys", "tmp", "bin", "sbin", "etc", "modules", "tests",
+        "dev", "proc", "sys", "tmp", "bin", "sbin", "etc", "modules", "tests", "bench",
     ] {
         cpio.dir(d)?;
     }
     cpio.entry("dev/console", 0o020600, &[], (5, 1))?;
     cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
     cpio.symlink("bin/sh", "busybox")?;
-    cpio.file("init", 0o755, INIT.as_bytes())?;
+    cpio.file("init", 0o755, INIT.replace("@RUN@", run).as_bytes())?;
     cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
     let modules = load_modules(&kernel.modules)?;
     let order: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
@@ -454,20 +556,18 @@ fn build_initramfs(kernel: &Kernel, tests: &[PathBuf], out: &Path) -> anyhow::Re
         cpio.file(&format!("modules/{name}.ko"), 0o644, bytes)?;
     }
     let mut libs = BTreeSet::new();
-    for test in tests {
-        libs.extend(shared_libraries(test)?);
+    for (dest, binary) in payload {
+        libs.extend(shared_libraries(binary)?);
         let stripped = out.with_extension("stripped");
         let status = Command::new("objcopy")
             .arg("--strip-debug")
-            .arg(test)
+            .arg(binary)
             .arg(&stripped)
             .status()?;
         if !status.success() {
-            bail!("objcopy --strip-debug {}", test.display());
+            bail!("objcopy --strip-debug {}", binary.display());
         }
-        let name = test.file_name().unwrap().to_string_lossy();
-        let base = name.rsplit_once('-').map_or(name.as_ref(), |(b, _)| b);
-        cpio.file(&format!("tests/{base}"), 0o755, &std::fs::read(&stripped)?)?;
+        cpio.file(dest, 0o755, &std::fs::read(&stripped)?)?;
     }
     for lib in libs {
         let real = std::fs::canonicalize(&lib)?;
@@ -484,8 +584,8 @@ fn build_initramfs(kernel: &Kernel, tests: &[PathBuf], out: &Path) -> anyhow::Re
 }
 
 /// Boots the kernel under TCG, streams the console, returns the guest's
-/// test status.
-fn boot(vmlinuz: &Path, initramfs: &Path) -> anyhow::Result<i32> {
+/// status and its console lines.
+fn boot(vmlinuz: &Path, initramfs: &Path) -> anyhow::Result<(i32, Vec<String>)> {
     println!("\n=== boot the kTLS kernel (qemu, TCG)");
     let mut child = Command::new("qemu-system-x86_64")
         .args([
@@ -527,10 +627,12 @@ fn boot(vmlinuz: &Path, initramfs: &Path) -> anyhow::Result<i32> {
     });
     let started = Instant::now();
     let mut status = None;
+    let mut lines = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_secs(5)) {
             Ok(line) => {
                 println!("  vm| {line}");
+                lines.push(line.clone());
                 if let Some(s) = line.trim().strip_prefix("VMTEST-STATUS=") {
                     status = s.parse().ok();
                 }
@@ -545,5 +647,7 @@ fn boot(vmlinuz: &Path, initramfs: &Path) -> anyhow::Result<i32> {
     }
     let _ = child.wait();
     println!("vmtest: guest ran {:.0} s", started.elapsed().as_secs_f64());
-    status.context("the guest ended without reporting a test status (see its console above)")
+    let status = status
+        .context("the guest ended without reporting a test status (see its console above)")?;
+    Ok((status, lines))
 }
