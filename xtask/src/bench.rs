@@ -413,7 +413,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     let concurrencies: &[usize] = if quick { &[16] } else { &[1, 16, 256] };
 
     b.header(&THROUGHPUT);
-    let total: u64 = if quick { 32 << 20 } else { 1 << 30 };
+    let total: u64 = if quick { 32 << 20 } else { 512 << 20 };
     for s in &STREAMS {
         for &conns in concurrencies {
             b.cell(&THROUGHPUT, s.name, conns.to_string(), |b, peer| {
@@ -422,7 +422,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         }
     }
     b.header(&LATENCY);
-    let seconds = if quick { 0.3 } else { 3.0 };
+    let seconds = if quick { 0.3 } else { 2.0 };
     for s in &STREAMS {
         for &conns in concurrencies {
             b.cell(&LATENCY, s.name, conns.to_string(), |b, peer| {
@@ -455,9 +455,9 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         let scenario = format!("SMTP {}", if bdat { "BDAT" } else { "DATA" });
         for &conns in concurrencies {
             for &(size, label) in sizes {
-                // About 256 MiB per cell (16 MiB quick), at least 2
+                // About 128 MiB per cell (16 MiB quick), at least 2
                 // messages per connection and at most 200.
-                let budget = if quick { 16usize << 20 } else { 256 << 20 };
+                let budget = if quick { 16usize << 20 } else { 128 << 20 };
                 let messages = (budget / size / conns).clamp(2, 200);
                 if size * messages * conns > 4 << 30 {
                     continue;
