@@ -43,6 +43,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Describe and check certificates (for partners, before rotations).
+    Cert {
+        #[command(subcommand)]
+        command: crate::cli_cert::CertCommand,
+    },
     /// Validate a configuration and print the effective policy.
     ///
     /// Exit status 0 when valid, 2 when not.
@@ -59,6 +64,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file } => check(&file),
+        Command::Cert { command } => crate::cli_cert::run(command),
         Command::Stats { pin_dir, json } => stats(&pin_dir, json),
         Command::Run {
             config,

@@ -10,7 +10,9 @@ mod keywords;
 
 pub mod bpf;
 pub mod cli;
+mod cli_cert;
 pub mod config;
+pub mod inspect;
 pub mod ktls;
 pub mod policy;
 pub mod pump;

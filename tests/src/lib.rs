@@ -42,6 +42,61 @@ pub enum LeafKind {
     SelfSigned,
 }
 
+/// The key a [`LeafSpec`] certificate carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    Rsa2048,
+}
+
+/// A certificate to issue with [`Pki::issue`].
+#[derive(Clone, Debug)]
+pub struct LeafSpec {
+    pub names: Vec<&'static str>,
+    pub key: KeyKind,
+    /// Days from now until it expires (negative: expired that long ago).
+    pub valid_days: i64,
+    pub organisation: Option<&'static str>,
+    pub unit: Option<&'static str>,
+    pub crl: Option<String>,
+    pub ocsp: Option<String>,
+    pub ca_issuer: Option<String>,
+}
+
+impl Default for LeafSpec {
+    fn default() -> Self {
+        LeafSpec {
+            names: vec!["mx.relay.test"],
+            key: KeyKind::EcdsaP256,
+            valid_days: 365,
+            organisation: None,
+            unit: None,
+            crl: None,
+            ocsp: None,
+            ca_issuer: None,
+        }
+    }
+}
+
+/// DER of an AuthorityInfoAccess extension value (RFC 5280 4.2.2.1).
+fn aia_der(ocsp: Option<&str>, ca_issuer: Option<&str>) -> Option<Vec<u8>> {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 128, "short form lengths only");
+        [&[tag, content.len() as u8][..], content].concat()
+    }
+    let mut descriptions = Vec::new();
+    for (last_arc, url) in [(1u8, ocsp), (2u8, ca_issuer)] {
+        if let Some(url) = url {
+            // id-ad-ocsp (1.3.6.1.5.5.7.48.1) or id-ad-caIssuers (…48.2);
+            // the location is a uniformResourceIdentifier [6].
+            let oid = tlv(0x06, &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, last_arc]);
+            let location = tlv(0x86, url.as_bytes());
+            descriptions.extend(tlv(0x30, &[oid, location].concat()));
+        }
+    }
+    (!descriptions.is_empty()).then(|| tlv(0x30, &descriptions))
+}
+
 /// An issued certificate: PEM files plus the parsed form for test servers.
 #[derive(Clone)]
 pub struct Leaf {
@@ -119,6 +174,71 @@ impl Pki {
         std::fs::write(&leaf.chain, cert.pem()).unwrap();
         std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
         leaf
+    }
+
+    /// A CA-issued certificate as `spec` says (key type, validity,
+    /// organisation, revocation and issuer endpoints).
+    pub fn issue(&self, stem: &str, spec: &LeafSpec) -> Leaf {
+        let names: Vec<String> = spec.names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        let dn = &mut params.distinguished_name;
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        if let Some(o) = spec.organisation {
+            dn.push(DnType::OrganizationName, o);
+        }
+        if let Some(ou) = spec.unit {
+            dn.push(DnType::OrganizationalUnitName, ou);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(spec.valid_days.abs() + 1);
+        params.not_after = now + time::Duration::days(spec.valid_days);
+        if let Some(url) = &spec.crl {
+            params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                uris: vec![url.clone()],
+            }];
+        }
+        let aia = aia_der(spec.ocsp.as_deref(), spec.ca_issuer.as_deref());
+        if let Some(content) = aia {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 5, 5, 7, 1, 1],
+                    content,
+                ));
+        }
+        let key = match spec.key {
+            KeyKind::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            KeyKind::Rsa2048 => KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256),
+        }
+        .unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let leaf = Leaf {
+            chain: self.dir().join(format!("{stem}.crt")),
+            key: self.dir().join(format!("{stem}.key")),
+        };
+        std::fs::write(&leaf.chain, cert.pem()).unwrap();
+        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
+        leaf
+    }
+
+    /// An empty CRL signed by the CA (DER).
+    pub fn crl(&self) -> Vec<u8> {
+        let now = time::OffsetDateTime::now_utc();
+        rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(7),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.ca)
+        .unwrap()
+        .der()
+        .to_vec()
     }
 
     pub fn roots(&self) -> rustls::RootCertStore {

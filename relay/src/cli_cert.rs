@@ -1,0 +1,370 @@
+//! `tlsrelay cert info|check`: the certificates a configuration serves (or
+//! PEM files named on the command line), described for partners and checked
+//! before they go live.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use rustls::pki_types::UnixTime;
+
+use crate::config::{CertificateFiles, Config, Protocol};
+use crate::inspect::{self, CertificateInfo, CheckInput, Finding, Level};
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Print what partners ask for about each certificate the relay serves:
+    /// root issuer, names, organisation, key, validity, fingerprints.
+    Info {
+        #[command(flatten)]
+        which: Which,
+        /// Machine-readable output.
+        #[arg(long, conflicts_with = "markdown")]
+        json: bool,
+        /// A Markdown table per certificate, to paste into a message.
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// Check each certificate (current or candidate) before it goes live:
+    /// chain to the trust store, expiry, names, key strength, and the
+    /// revocation and issuer endpoints. Exit status 0, or 3 on any error.
+    Check {
+        #[command(flatten)]
+        which: Which,
+        /// Trust anchors (PEM) to validate against (default: the system
+        /// trust store).
+        #[arg(long)]
+        trust_anchors: Option<PathBuf>,
+        /// A name the certificate must cover (repeatable); SMTP listeners'
+        /// hostnames are checked without asking.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Try a connection to every CRL, OCSP and CA-issuer endpoint (and
+        /// fetch http CRLs): will the firewall let peers validate it?
+        #[arg(long)]
+        reach: bool,
+        /// Per-endpoint timeout for --reach, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The certificates to look at: a configuration's, or PEM files.
+#[derive(Debug, Args)]
+pub struct Which {
+    /// Every certificate this configuration serves or presents.
+    #[arg(long, short, conflicts_with = "files")]
+    config: Option<PathBuf>,
+    /// PEM chain files (end-entity certificate first).
+    #[arg(required_unless_present = "config")]
+    files: Vec<PathBuf>,
+    /// The private key of a single chain file, to check they match.
+    #[arg(long, requires = "files")]
+    key: Option<PathBuf>,
+}
+
+/// A chain to describe or check, with who uses it.
+struct Subject {
+    role: String,
+    chain: PathBuf,
+    key: Option<PathBuf>,
+    /// Names it must cover, with who needs them.
+    names: Vec<(String, String)>,
+}
+
+fn subjects(which: &Which) -> Result<Vec<Subject>, String> {
+    let Some(path) = &which.config else {
+        return Ok(which
+            .files
+            .iter()
+            .map(|f| Subject {
+                role: "file".into(),
+                chain: f.clone(),
+                key: which.key.clone(),
+                names: Vec::new(),
+            })
+            .collect());
+    };
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let src = &config.source;
+    let subject = |role: String, files: &CertificateFiles, names| Subject {
+        role,
+        chain: src.resolve(files.chain.get_ref()),
+        key: Some(src.resolve(files.key.get_ref())),
+        names,
+    };
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let names: Vec<(String, String)> = match (&l.protocol, &l.hostname) {
+            (Protocol::Smtp, Some(host)) => {
+                vec![(
+                    host.clone(),
+                    format!("listener {} hostname", l.name.get_ref()),
+                )]
+            }
+            _ => Vec::new(),
+        };
+        for (j, files) in l.tls.certificates.iter().enumerate() {
+            out.push(subject(
+                format!("listener {} certificate {j}", l.name.get_ref()),
+                files,
+                names.clone(),
+            ));
+        }
+    }
+    for u in &config.upstreams {
+        if let Some(files) = &u.tls.client_certificate {
+            out.push(subject(
+                format!("upstream {} client certificate", u.name.get_ref()),
+                files,
+                Vec::new(),
+            ));
+        }
+    }
+    for c in &config.outbound_connectors {
+        if let Some(files) = &c.tls.client_certificate {
+            out.push(subject(
+                format!("outbound connector {} client certificate", c.name.get_ref()),
+                files,
+                Vec::new(),
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{}: no certificate files configured (listeners without certificates serve a generated self-signed one)",
+            path.display()
+        ));
+    }
+    Ok(out)
+}
+
+fn load(
+    s: &Subject,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        CertificateInfo,
+    ),
+    String,
+> {
+    let chain = crate::tls::load_chain(&s.chain).map_err(|e| e.to_string())?;
+    let info =
+        CertificateInfo::of_chain(&chain).map_err(|e| format!("{}: {e}", s.chain.display()))?;
+    Ok((chain, info))
+}
+
+pub fn run(command: CertCommand) -> ExitCode {
+    match command {
+        CertCommand::Info {
+            which,
+            json,
+            markdown,
+        } => info(&which, json, markdown),
+        CertCommand::Check {
+            which,
+            trust_anchors,
+            names,
+            reach,
+            timeout,
+            json,
+        } => check(
+            &which,
+            trust_anchors.as_deref(),
+            &names,
+            reach,
+            timeout,
+            json,
+        ),
+    }
+}
+
+fn info(which: &Which, json: bool, markdown: bool) -> ExitCode {
+    let subjects = match subjects(which) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let mut all = Vec::new();
+    for s in &subjects {
+        let (_, info) = match load(s) {
+            Ok(loaded) => loaded,
+            Err(e) => return fail(&e),
+        };
+        if json {
+            all.push(serde_json::json!({
+                "role": s.role, "file": s.chain, "certificate": info,
+            }));
+        } else if markdown {
+            println!(
+                "### {} (`{}`)\n\n| Field | Value |\n|---|---|",
+                s.role,
+                s.chain.display()
+            );
+            for (field, value) in info.rows() {
+                println!("| {field} | {} |", value.replace('|', "\\|"));
+            }
+            println!();
+        } else {
+            println!("{}: {}", s.role, s.chain.display());
+            for (field, value) in info.rows() {
+                println!("  {field:<26} {value}");
+            }
+            println!();
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).expect("serializable")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn check(
+    which: &Which,
+    trust_anchors: Option<&Path>,
+    extra_names: &[String],
+    reach: bool,
+    timeout: f64,
+    json: bool,
+) -> ExitCode {
+    let subjects = match subjects(which) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let roots = match trust_anchors {
+        Some(path) => crate::tls::load_roots(path),
+        None => crate::tls::system_roots(),
+    };
+    let roots = match roots {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let now = UnixTime::now();
+    let mut worst = Level::Ok;
+    let mut reports = Vec::new();
+    for s in &subjects {
+        let mut findings = Vec::new();
+        let mut endpoints = Vec::new();
+        match load(s) {
+            Err(e) => findings.push(Finding {
+                level: Level::Error,
+                what: e,
+            }),
+            Ok((chain, info)) => {
+                if let Some(key) = &s.key {
+                    findings.push(match crate::tls::load_certified_key(&s.chain, key) {
+                        Ok(_) => Finding {
+                            level: Level::Ok,
+                            what: format!("key {} matches the certificate", key.display()),
+                        },
+                        Err(e) => Finding {
+                            level: Level::Error,
+                            what: e.to_string(),
+                        },
+                    });
+                }
+                let mut names = s.names.clone();
+                names.extend(
+                    extra_names
+                        .iter()
+                        .map(|n| (n.clone(), "--name".to_string())),
+                );
+                findings.extend(inspect::check(
+                    &CheckInput {
+                        chain: &chain,
+                        roots: &roots,
+                        names: &names,
+                        now,
+                    },
+                    &info,
+                ));
+                if reach {
+                    endpoints = inspect::reach(&info, Duration::from_secs_f64(timeout));
+                    for r in &endpoints {
+                        findings.push(Finding {
+                            level: if r.reachable { Level::Ok } else { Level::Error },
+                            what: format!(
+                                "{} {} {}: {}",
+                                r.kind,
+                                r.url,
+                                if r.reachable {
+                                    "reachable"
+                                } else {
+                                    "UNREACHABLE"
+                                },
+                                r.detail
+                            ),
+                        });
+                    }
+                } else {
+                    let listed: Vec<String> = info
+                        .crl_urls
+                        .iter()
+                        .map(|u| format!("CRL {u}"))
+                        .chain(info.ocsp_urls.iter().map(|u| format!("OCSP {u}")))
+                        .chain(info.ca_issuer_urls.iter().map(|u| format!("CA issuer {u}")))
+                        .collect();
+                    findings.push(Finding {
+                        level: Level::Ok,
+                        what: if listed.is_empty() {
+                            "no revocation or issuer endpoints in the certificate".into()
+                        } else {
+                            format!("endpoints (try them with --reach): {}", listed.join(", "))
+                        },
+                    });
+                }
+            }
+        }
+        worst = findings.iter().map(|f| f.level).fold(worst, Level::max);
+        if json {
+            reports.push(serde_json::json!({
+                "role": s.role, "file": s.chain, "findings": findings, "endpoints": endpoints,
+            }));
+        } else {
+            println!("{}: {}", s.role, s.chain.display());
+            for f in &findings {
+                let level = match f.level {
+                    Level::Ok => "ok",
+                    Level::Warning => "WARNING",
+                    Level::Error => "ERROR",
+                };
+                println!("  {level:<8} {}", f.what);
+            }
+            println!();
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "worst": worst, "certificates": reports })
+            )
+            .expect("serializable")
+        );
+    } else {
+        println!(
+            "{}",
+            match worst {
+                Level::Ok => "all checks passed",
+                Level::Warning => "passed with warnings",
+                Level::Error => "FAILED: see the errors above",
+            }
+        );
+    }
+    if worst == Level::Error {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("tlsrelay: {message}");
+    ExitCode::from(1)
+}
