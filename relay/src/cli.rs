@@ -31,6 +31,9 @@ pub enum Command {
         /// Print each session report as a JSON line on stdout as well.
         #[arg(long)]
         json_reports: bool,
+        /// Log lines as human text or as JSON objects.
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
     },
     /// Print the eBPF wire counters from their pinned maps (no running relay
     /// needed) beside the relay's own view of each socket, flagging every
@@ -57,6 +60,12 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
 /// Exit status for an invalid configuration.
 pub const EXIT_INVALID_CONFIG: u8 = 2;
 
@@ -70,8 +79,9 @@ pub fn main() -> ExitCode {
             config,
             state_dir,
             json_reports,
+            log_format,
         } => {
-            init_logging();
+            init_logging(log_format);
             match run(config, state_dir, json_reports) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -84,13 +94,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Human => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 fn check(file: &std::path::Path) -> ExitCode {
@@ -174,7 +187,8 @@ fn run(
     state_dir: Option<PathBuf>,
     json_reports: bool,
 ) -> anyhow::Result<()> {
-    let config = match &config {
+    let config_path = config;
+    let config = match &config_path {
         Some(path) => Config::load(path)?,
         None => Config::embedded_default(),
     };
@@ -236,11 +250,23 @@ fn run(
                 }
             });
         }
+        let reloader = std::sync::Arc::new(crate::reload::Reloader::new(
+            config_path,
+            &config,
+            state_dir,
+            relay.plan_switch(),
+        ));
+        tokio::spawn(async move { reloader.run(RELOAD_POLL).await });
+        crate::notify::notify("READY=1");
         relay.serve(shutdown_signal()).await;
+        crate::notify::notify("STOPPING=1");
         tracing::info!("shutting down");
         anyhow::Ok(())
     })
 }
+
+/// How often the configuration's files are looked at for changes.
+const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::bpf::WireCounters;
 use crate::config::{
@@ -578,7 +578,7 @@ pub enum RelayError {
 
 /// Bound listeners, ready to serve.
 pub struct Relay {
-    listeners: Vec<(TcpListener, Listening)>,
+    listeners: Vec<(TcpListener, Arc<watch::Sender<Listening>>)>,
     limit: Arc<Semaphore>,
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
     wire: Option<Arc<WireCounters>>,
@@ -595,7 +595,7 @@ impl Relay {
                     address,
                     source,
                 })?;
-            listeners.push((socket, lp));
+            listeners.push((socket, Arc::new(watch::Sender::new(lp))));
         }
         Ok(Relay {
             listeners,
@@ -609,8 +609,19 @@ impl Relay {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(s, p)| Some((p.name().to_string(), s.local_addr().ok()?)))
+            .filter_map(|(s, p)| Some((p.borrow().name().to_string(), s.local_addr().ok()?)))
             .collect()
+    }
+
+    /// The switch that puts a reloaded plan in place.
+    pub fn plan_switch(&self) -> PlanSwitch {
+        PlanSwitch {
+            listeners: self
+                .listeners
+                .iter()
+                .filter_map(|(s, p)| Some((s.local_addr().ok()?, p.clone())))
+                .collect(),
+        }
     }
 
     /// Records each session's view of its sockets in the eBPF maps.
@@ -652,9 +663,58 @@ struct Sinks {
     wire: Option<Arc<WireCounters>>,
 }
 
+/// Puts a new [`Plan`] in place for the listeners already bound: sessions
+/// accepted from then on use it (new certificates, connectors, policies);
+/// sessions under way keep the plan they started with.
+#[derive(Clone)]
+pub struct PlanSwitch {
+    listeners: Vec<(SocketAddr, Arc<watch::Sender<Listening>>)>,
+}
+
+impl PlanSwitch {
+    /// Swaps in every listener of `plan` that exists by name; returns what
+    /// could not be applied without a restart (new, moved or removed
+    /// listeners, a changed connection limit).
+    pub fn apply(&self, plan: Plan, max_connections: usize) -> Vec<String> {
+        let mut left = Vec::new();
+        let mut seen = Vec::new();
+        for (address, listening) in plan.listeners {
+            let name = listening.name().to_string();
+            let current = self
+                .listeners
+                .iter()
+                .find(|(_, tx)| tx.borrow().name() == name);
+            match current {
+                Some((bound, tx)) if address.port() == 0 || *bound == address => {
+                    tx.send_replace(listening);
+                    seen.push(name);
+                }
+                Some((bound, _)) => left.push(format!(
+                    "listener {name}: moving from {bound} to {address} needs a restart"
+                )),
+                None => left.push(format!(
+                    "listener {name} is new: starting it needs a restart"
+                )),
+            }
+        }
+        for (_, tx) in &self.listeners {
+            let name = tx.borrow().name().to_string();
+            if !seen.contains(&name) && !left.iter().any(|l| l.contains(&name)) {
+                left.push(format!(
+                    "listener {name} was removed: it keeps serving until a restart"
+                ));
+            }
+        }
+        if plan.max_connections != max_connections {
+            left.push("limits.max_connections changes on restart".to_string());
+        }
+        left
+    }
+}
+
 async fn accept_loop(
     socket: TcpListener,
-    plan: Listening,
+    plan: Arc<watch::Sender<Listening>>,
     limit: Arc<Semaphore>,
     ids: Arc<AtomicU64>,
     sinks: Sinks,
@@ -664,18 +724,18 @@ async fn accept_loop(
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %plan.name(), "accept failed: {e}");
+                tracing::warn!(listener = %plan.borrow().name(), "accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(listener = %plan.name(), client = %peer, "connection limit reached; closing");
+            tracing::warn!(listener = %plan.borrow().name(), client = %peer, "connection limit reached; closing");
             drop(client);
             continue;
         };
-        let plan = plan.clone();
+        let plan = plan.borrow().clone();
         let sinks = sinks.clone();
         tokio::spawn(async move {
             let report = match &plan {

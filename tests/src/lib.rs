@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 pub use tlsrelay;
+pub mod process;
 use tlsrelay::config::Config;
 use tlsrelay::relay::{Plan, Relay, SelfSignedSource};
 use tlsrelay::report::SessionReport;
