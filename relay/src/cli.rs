@@ -238,6 +238,20 @@ fn run(
             println!("  {line}");
         }
         println!("  {wire_line}");
+        if let Some(address) = config.metrics.address {
+            let listener = crate::metrics::bind(address)
+                .await
+                .with_context(|| format!("metrics: cannot listen on {address}"))?;
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(
+                wire.as_ref().ok().map(|w| w.pin_dir.clone()),
+            ));
+            relay.count_into(metrics.clone());
+            println!(
+                "  metrics on http://{}/metrics",
+                listener.local_addr().unwrap_or(address)
+            );
+            tokio::spawn(crate::metrics::serve(listener, metrics));
+        }
         println!("  state directory {}", state_dir.display());
         if json_reports {
             let (tx, mut rx) = mpsc::unbounded_channel();
@@ -258,7 +272,8 @@ fn run(
         ));
         tokio::spawn(async move { reloader.run(RELOAD_POLL).await });
         crate::notify::notify("READY=1");
-        relay.serve(shutdown_signal()).await;
+        let drain = config.limits.drain_timeout;
+        relay.serve(shutdown_signal(), drain).await;
         crate::notify::notify("STOPPING=1");
         tracing::info!("shutting down");
         anyhow::Ok(())

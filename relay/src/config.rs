@@ -94,6 +94,9 @@ pub struct Config {
     pub dataplane: Dataplane,
     #[serde(default)]
     pub ebpf: Ebpf,
+    /// Prometheus exposition (`/metrics`), off unless an address is given.
+    #[serde(default)]
+    pub metrics: Metrics,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -121,6 +124,10 @@ pub struct Limits {
     /// SMTP timeouts are RFC 5321 4.5.3.2's (5 min per command, 10 min for
     /// the end of data, ...) times this.
     pub smtp_timeout_scale: f64,
+    /// On SIGTERM: how long sessions under way may finish before SMTP
+    /// clients get 421 4.3.2 and the relay exits.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -131,6 +138,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             smtp_timeout_scale: 1.0,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -153,6 +161,20 @@ impl Default for Dataplane {
             pump: SpliceEngine::IoUring,
         }
     }
+}
+
+/// Where Prometheus scrapes `/metrics`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    #[serde(deserialize_with = "optional_socket_addr")]
+    pub address: Option<SocketAddr>,
+}
+
+fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
 }
 
 /// The eBPF wire counters.

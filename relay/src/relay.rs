@@ -580,8 +580,10 @@ pub enum RelayError {
 pub struct Relay {
     listeners: Vec<(TcpListener, Arc<watch::Sender<Listening>>)>,
     limit: Arc<Semaphore>,
+    max_connections: usize,
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
     wire: Option<Arc<WireCounters>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Relay {
@@ -600,8 +602,10 @@ impl Relay {
         Ok(Relay {
             listeners,
             limit: Arc::new(Semaphore::new(plan.max_connections)),
+            max_connections: plan.max_connections,
             reports: None,
             wire: None,
+            metrics: None,
         })
     }
 
@@ -629,15 +633,27 @@ impl Relay {
         self.wire = Some(wire);
     }
 
+    /// Counts every connection and session report into `metrics`.
+    pub fn count_into(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
     /// Also sends every session report to `tx` (tests, the demo).
     pub fn send_reports_to(&mut self, tx: mpsc::UnboundedSender<SessionReport>) {
         self.reports = Some(tx);
     }
 
-    /// Accepts and serves until `shutdown` resolves; then stops accepting.
-    /// Sessions under way keep running on the runtime.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Accepts and serves until `shutdown` resolves; then stops accepting
+    /// and lets sessions under way finish for up to `drain`. Past that,
+    /// SMTP sessions answer 421 4.3.2 and close (TCP sessions end with the
+    /// process).
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+        drain: std::time::Duration,
+    ) {
         let ids = Arc::new(AtomicU64::new(1));
+        let (closing_tx, closing) = watch::channel(false);
         let mut accept_loops = tokio::task::JoinSet::new();
         for (socket, plan) in self.listeners {
             accept_loops.spawn(accept_loop(
@@ -648,19 +664,46 @@ impl Relay {
                 Sinks {
                     reports: self.reports.clone(),
                     wire: self.wire.clone(),
+                    metrics: self.metrics.clone(),
+                    closing: closing.clone(),
                 },
             ));
         }
         shutdown.await;
         accept_loops.shutdown().await;
+        let (limit, max) = (self.limit, self.max_connections);
+        let active = || max - limit.available_permits();
+        let settle = |until: tokio::time::Instant| async move {
+            while active() > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        if active() > 0 {
+            tracing::info!(
+                "stopped accepting; {} sessions may finish within {drain:?}",
+                active()
+            );
+            settle(tokio::time::Instant::now() + drain).await;
+        }
+        if active() > 0 {
+            tracing::info!(
+                "drain time is up: closing {} sessions (SMTP clients get 421 4.3.2)",
+                active()
+            );
+            let _ = closing_tx.send(true);
+            settle(tokio::time::Instant::now() + std::time::Duration::from_secs(2)).await;
+        }
     }
 }
 
-/// Where finished sessions' reports go besides the log.
+/// Where finished sessions' reports go besides the log, and the drain
+/// signal sessions hear.
 #[derive(Clone)]
 struct Sinks {
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
     wire: Option<Arc<WireCounters>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    closing: watch::Receiver<bool>,
 }
 
 /// Puts a new [`Plan`] in place for the listeners already bound: sessions
@@ -737,13 +780,21 @@ async fn accept_loop(
         };
         let plan = plan.borrow().clone();
         let sinks = sinks.clone();
+        if let Some(m) = &sinks.metrics {
+            m.accepted(plan.name());
+        }
         tokio::spawn(async move {
             let report = match &plan {
                 Listening::Tcp(p) => session::run(id, p, client, peer).await,
-                Listening::Smtp(p) => crate::smtp::session::run(id, p, client, peer).await,
+                Listening::Smtp(p) => {
+                    crate::smtp::session::run(id, p, client, peer, sinks.closing.clone()).await
+                }
             };
             drop(permit);
             tracing::info!("{report}");
+            if let Some(m) = &sinks.metrics {
+                m.record(&report);
+            }
             if let Some(wire) = &sinks.wire {
                 wire.record_session(&report);
             }

@@ -4,73 +4,17 @@
 //! an established connection keeps its certificate, new ones get the new
 //! one, and the broken replacement leaves the last good one serving.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
+use tlsrelay_tests::blocking::{echo, echo_server, tls_session as connect, Tls};
 use tlsrelay_tests::process::RelayProcess;
 use tlsrelay_tests::{LeafSpec, Pki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
-
-/// A plain echo server on loopback, a thread per connection.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A TLS session through the relay that trusts the test CA.
-fn connect(addr: SocketAddr, roots: &rustls::RootCertStore) -> Result<Tls, String> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots.clone())
-    .with_no_client_auth();
-    let conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from("relay.test").unwrap(),
-    )
-    .map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    echo(&mut tls)?;
-    Ok(tls)
-}
-
-/// One request/response through an open session.
-fn echo(tls: &mut Tls) -> Result<(), String> {
-    tls.write_all(b"ping").map_err(|e| e.to_string())?;
-    tls.flush().map_err(|e| e.to_string())?;
-    let mut back = [0u8; 4];
-    tls.read_exact(&mut back).map_err(|e| e.to_string())?;
-    if &back != b"ping" {
-        return Err(format!("echo came back as {back:?}"));
-    }
-    Ok(())
-}
 
 fn served(tls: &Tls) -> CertificateDer<'static> {
     tls.conn.peer_certificates().unwrap()[0]

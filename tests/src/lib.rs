@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 pub use tlsrelay;
+pub mod blocking;
 pub mod process;
 use tlsrelay::config::Config;
 use tlsrelay::relay::{Plan, Relay, SelfSignedSource};
@@ -528,7 +529,7 @@ impl TestRelay {
         let (tx, reports) = mpsc::unbounded_channel();
         relay.send_reports_to(tx);
         let addrs = relay.local_addrs().into_iter().collect();
-        tokio::spawn(relay.serve(std::future::pending()));
+        tokio::spawn(relay.serve(std::future::pending(), std::time::Duration::ZERO));
         TestRelay {
             addrs,
             reports,

@@ -215,7 +215,12 @@ struct Dialogue<'a> {
     outbound: Option<Outbound>,
     transaction: Option<Transaction>,
     out: Vec<u8>,
+    /// Becomes true when the relay's drain time is up.
+    closing: Closing,
 }
+
+/// The relay's "drain time is up" signal.
+pub type Closing = tokio::sync::watch::Receiver<bool>;
 
 /// Runs one SMTP session to its end.
 pub async fn run(
@@ -223,6 +228,7 @@ pub async fn run(
     plan: &SmtpListenerPlan,
     client: TcpStream,
     peer: SocketAddr,
+    closing: Closing,
 ) -> SessionReport {
     let started = Instant::now();
     let mut report = SessionReport::new(id, &plan.name, peer, "-");
@@ -238,6 +244,7 @@ pub async fn run(
         outbound: None,
         transaction: None,
         out: Vec::new(),
+        closing,
     };
     let end = dialogue.run(client).await;
     if let Some(o) = dialogue.outbound.take() {
@@ -327,7 +334,14 @@ impl Dialogue<'_> {
                     reason: e.to_string(),
                 };
             }
-            let n = match timeout(self.plan.timeouts.command, leg.read(&mut buf)).await {
+            let read = tokio::select! {
+                r = timeout(self.plan.timeouts.command, leg.read(&mut buf)) => Some(r),
+                _ = self.closing.wait_for(|closing| *closing) => None,
+            };
+            let Some(read) = read else {
+                return self.close_for_shutdown(&mut leg).await;
+            };
+            let n = match read {
                 Ok(Ok(0)) => {
                     return Outcome::Failed {
                         reason: "client closed without QUIT".into(),
@@ -349,6 +363,22 @@ impl Dialogue<'_> {
                 }
             };
             server.feed(&buf[..n]);
+        }
+    }
+
+    /// The drain time is up: 421 to the client wherever the dialogue is. A
+    /// transaction under way is abandoned — its next hop is hung up on
+    /// without an end of data, so nothing half-received is delivered and
+    /// the sender keeps the message to retry.
+    async fn close_for_shutdown(&mut self, leg: &mut Leg) -> Outcome {
+        let reply = Reply::new(421, "4.3.2 Service shutting down, try again later");
+        self.outbound = None;
+        self.finish_transaction(&reply);
+        self.out.extend(reply.to_bytes());
+        let _ = self.flush(leg).await;
+        let _ = leg.shutdown().await;
+        Outcome::Failed {
+            reason: "relay shutting down".into(),
         }
     }
 

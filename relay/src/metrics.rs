@@ -1,0 +1,292 @@
+//! Prometheus exposition: counters kept from every finished session's
+//! report (by listener, upstream or connector, TLS version each way,
+//! outcome, downgrade reason, data path), handshake and session duration
+//! summaries from hdrhistogram, and the eBPF wire counters mirrored from
+//! their pinned maps at scrape time. `/metrics` is served over plain HTTP
+//! on the configured address.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::report::{LegSecurity, Outcome, SessionReport};
+
+/// Label names and values of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Everything counted so far.
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    /// The eBPF maps to mirror, when the wire counters are on.
+    wire_pins: Option<PathBuf>,
+}
+
+struct Inner {
+    accepted: BTreeMap<String, u64>,
+    sessions: BTreeMap<Labels, u64>,
+    downgrades: BTreeMap<Labels, u64>,
+    transactions: BTreeMap<Labels, u64>,
+    path_sessions: BTreeMap<Labels, u64>,
+    path_bytes: BTreeMap<Labels, u64>,
+    /// Microseconds.
+    handshake: Histogram<u64>,
+    duration: Histogram<u64>,
+}
+
+fn version(leg: &Option<LegSecurity>) -> String {
+    match leg {
+        None => "none".into(),
+        Some(LegSecurity::Plaintext) => "plaintext".into(),
+        Some(LegSecurity::Tls { negotiated, .. }) => negotiated.version.clone(),
+    }
+}
+
+impl Metrics {
+    pub fn new(wire_pins: Option<PathBuf>) -> Metrics {
+        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        Metrics {
+            inner: Mutex::new(Inner {
+                accepted: BTreeMap::new(),
+                sessions: BTreeMap::new(),
+                downgrades: BTreeMap::new(),
+                transactions: BTreeMap::new(),
+                path_sessions: BTreeMap::new(),
+                path_bytes: BTreeMap::new(),
+                handshake: histogram(),
+                duration: histogram(),
+            }),
+            wire_pins,
+        }
+    }
+
+    pub fn accepted(&self, listener: &str) {
+        let mut m = self.inner.lock().expect("not poisoned");
+        *m.accepted.entry(listener.to_string()).or_default() += 1;
+    }
+
+    /// Counts one finished session.
+    pub fn record(&self, r: &SessionReport) {
+        let mut m = self.inner.lock().expect("not poisoned");
+        let outcome = match &r.outcome {
+            Outcome::Relayed { .. } => "relayed",
+            Outcome::Refused { .. } => "refused",
+            Outcome::Failed { .. } => "failed",
+        };
+        *m.sessions
+            .entry(vec![
+                ("listener", r.listener.clone()),
+                ("upstream", r.upstream.clone()),
+                ("inbound", version(&r.inbound)),
+                ("outbound", version(&r.outbound)),
+                ("outcome", outcome.into()),
+            ])
+            .or_default() += 1;
+        for d in &r.downgrades {
+            *m.downgrades
+                .entry(vec![
+                    ("listener", r.listener.clone()),
+                    ("leg", d.leg.to_string()),
+                    ("reason", d.reason.clone()),
+                ])
+                .or_default() += 1;
+        }
+        for t in &r.transactions {
+            let reply = t
+                .result
+                .as_deref()
+                .and_then(|s| s.chars().next())
+                .map_or("none".to_string(), |c| format!("{c}xx"));
+            *m.transactions
+                .entry(vec![
+                    ("listener", r.listener.clone()),
+                    ("connector", t.connector.clone().unwrap_or_default()),
+                    ("outbound", version(&t.outbound)),
+                    ("reply", reply),
+                ])
+                .or_default() += 1;
+        }
+        if let Some(path) = r.data_path {
+            let path = path.to_string();
+            *m.path_sessions
+                .entry(vec![("path", path.clone())])
+                .or_default() += 1;
+            for (direction, bytes) in [
+                ("client_to_upstream", r.bytes_client_to_upstream),
+                ("upstream_to_client", r.bytes_upstream_to_client),
+            ] {
+                *m.path_bytes
+                    .entry(vec![
+                        ("path", path.clone()),
+                        ("direction", direction.into()),
+                    ])
+                    .or_default() += bytes;
+            }
+        }
+        if matches!(r.outcome, Outcome::Relayed { .. }) {
+            let _ = m.handshake.record((r.setup_ms * 1000.0).max(1.0) as u64);
+        }
+        let _ = m.duration.record((r.duration_ms * 1000.0).max(1.0) as u64);
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        {
+            let m = self.inner.lock().expect("not poisoned");
+            let accepted: BTreeMap<Labels, u64> = m
+                .accepted
+                .iter()
+                .map(|(l, v)| (vec![("listener", l.clone())], *v))
+                .collect();
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 6] = [
+                ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
+                ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
+                ("tlsrelay_downgrades_total", "Sessions that went on with less security than they could have had, by leg and reason.", &m.downgrades),
+                ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
+                ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (kTLS splice or userspace).", &m.path_sessions),
+                ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),
+            ];
+            for (name, help, series) in families {
+                counter(&mut out, name, help, series);
+            }
+            summary(
+                &mut out,
+                "tlsrelay_handshake_seconds",
+                "From accept until both legs were ready to relay (relayed sessions).",
+                &m.handshake,
+            );
+            summary(
+                &mut out,
+                "tlsrelay_session_duration_seconds",
+                "Whole session durations.",
+                &m.duration,
+            );
+        }
+        if let Some(pins) = &self.wire_pins {
+            match crate::bpf::snapshot(pins) {
+                Ok(s) => {
+                    let mirror = |counts: &BTreeMap<&'static str, u64>, key: &'static str| {
+                        counts
+                            .iter()
+                            .map(|(k, v)| (vec![(key, k.to_string())], *v))
+                            .collect::<BTreeMap<Labels, u64>>()
+                    };
+                    counter(
+                        &mut out,
+                        "tlsrelay_wire_negotiated_total",
+                        "eBPF: connections by the TLS version seen negotiated on the wire.",
+                        &mirror(&s.negotiated.0, "version"),
+                    );
+                    counter(
+                        &mut out,
+                        "tlsrelay_wire_downgrades_total",
+                        "eBPF: downgrades seen on the wire.",
+                        &mirror(&s.downgrades.0, "kind"),
+                    );
+                    counter(
+                        &mut out,
+                        "tlsrelay_wire_parser_total",
+                        "eBPF: the wire parser's own counters.",
+                        &mirror(&s.parser.0, "event"),
+                    );
+                    let _ = writeln!(out, "# HELP tlsrelay_wire_disagreements Connections where the wire and the relay disagree.\n# TYPE tlsrelay_wire_disagreements gauge\ntlsrelay_wire_disagreements {}", s.disagreements);
+                }
+                Err(e) => tracing::debug!("eBPF counters not mirrored: {e}"),
+            }
+        }
+        out
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(l: &[(&'static str, String)]) -> String {
+    if l.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = l
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+fn counter(out: &mut String, name: &str, help: &str, series: &BTreeMap<Labels, u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (l, v) in series {
+        let _ = writeln!(out, "{name}{} {v}", labels(l));
+    }
+}
+
+fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    for q in [0.5, 0.9, 0.99] {
+        let v = if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(q) as f64 / 1e6
+        };
+        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+    }
+    let sum: f64 = h
+        .iter_recorded()
+        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+        .sum::<f64>()
+        / 1e6;
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", h.len());
+}
+
+/// Serves `GET /metrics` on `address` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            // The request head only; a scrape has no body.
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => request.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let line = String::from_utf8_lossy(&request);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, body) =
+                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    ("200 OK", metrics.render())
+                } else {
+                    ("404 Not Found", "see /metrics\n".to_string())
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics address (a clear error at startup, not later).
+pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}

@@ -1,0 +1,317 @@
+//! Watching and stopping the `tlsrelay` binary: `/metrics` scraped and
+//! parsed by a Prometheus text parser after a known mix of sessions, and
+//! SIGTERM during an SMTP DATA transfer — the sender gets the next hop's
+//! 250 or a 4xx, never a 250 for an undelivered message.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tlsrelay_tests::blocking::{echo_server, plain_session, tls_session};
+use tlsrelay_tests::process::RelayProcess;
+use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
+use tlsrelay_tests::{LeafSpec, Pki};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text")
+}
+
+/// Sum of a metric's samples whose labels include all of `want`.
+fn total(s: &prometheus_parse::Scrape, metric: &str, want: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .filter(|x| want.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_count_a_known_mix_of_sessions() {
+    let pki = Pki::new();
+    let leaf = pki.issue(
+        "relay",
+        &LeafSpec {
+            names: vec!["relay.test"],
+            ..LeafSpec::default()
+        },
+    );
+    let upstream = echo_server();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = pki.dir().join("relay.toml");
+    let certs = format!(
+        "tls.certificates = [{{ chain = {:?}, key = {:?} }}]",
+        leaf.chain.to_str().unwrap(),
+        leaf.key.to_str().unwrap()
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.enabled = false\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\nname = \"opp\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"opportunistic\"\n{certs}\n\n[[listeners]]\nname = \"req\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"required\"\n{certs}\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut relay = RelayProcess::start(BIN, &config, state.path(), &[], &[]);
+    relay.wait_for_log(&format!("metrics on http://{metrics}/metrics"));
+    let (opp, req) = (relay.addr("opp"), relay.addr("req"));
+    let roots = pki.roots();
+    for _ in 0..3 {
+        drop(tls_session(opp, &roots).unwrap());
+    }
+    for _ in 0..2 {
+        drop(plain_session(opp).unwrap());
+    }
+    assert!(plain_session(req).is_err(), "required refuses plaintext");
+
+    // Reports are counted as sessions end; wait for all six.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = scrape(metrics);
+        if total(&s, "tlsrelay_sessions_total", &[]) >= 6.0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions not counted: {:?}",
+            s.samples
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let sessions = |want: &[(&str, &str)]| total(&s, "tlsrelay_sessions_total", want);
+    assert_eq!(sessions(&[]), 6.0);
+    assert_eq!(
+        sessions(&[
+            ("listener", "opp"),
+            ("inbound", "TLSv1.3"),
+            ("outbound", "plaintext"),
+            ("upstream", "echo"),
+            ("outcome", "relayed")
+        ]),
+        3.0
+    );
+    assert_eq!(
+        sessions(&[
+            ("listener", "opp"),
+            ("inbound", "plaintext"),
+            ("outcome", "relayed")
+        ]),
+        2.0
+    );
+    assert_eq!(
+        sessions(&[("listener", "req"), ("outcome", "refused")]),
+        1.0
+    );
+    assert_eq!(
+        total(
+            &s,
+            "tlsrelay_connections_accepted_total",
+            &[("listener", "opp")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        total(
+            &s,
+            "tlsrelay_downgrades_total",
+            &[("listener", "opp"), ("leg", "inbound")]
+        ),
+        2.0,
+        "each plaintext session on the opportunistic listener is a downgrade"
+    );
+    assert_eq!(total(&s, "tlsrelay_data_path_sessions_total", &[]), 5.0);
+    assert_eq!(
+        total(
+            &s,
+            "tlsrelay_data_path_bytes_total",
+            &[("direction", "client_to_upstream")]
+        ),
+        5.0 * 4.0,
+        "each relayed session moved one 4-byte ping"
+    );
+    let handshakes = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "tlsrelay_handshake_seconds_count")
+        .map(|x| match x.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            _ => -1.0,
+        });
+    assert_eq!(
+        handshakes,
+        Some(5.0),
+        "one handshake time per relayed session"
+    );
+}
+
+/// An SMTP relay (plaintext both legs) to an in-process sink, with a short
+/// drain time.
+async fn smtp_relay(
+    dir: &Path,
+) -> (
+    RelayProcess,
+    tlsrelay_tests::smtp_sink::Sink,
+    tokio::net::TcpStream,
+) {
+    let sink = smtp_sink(SinkOptions {
+        tls: None,
+        chunking: false,
+        refuse_marker: "nobody",
+    })
+    .await;
+    let config = dir.join("smtp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.enabled = false\n[limits]\ndrain_timeout = \"1s\"\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[outbound_connectors]]\nname = \"partner\"\nrecipient_domains = [\"partner.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"opportunistic\"\n",
+            sink.addr
+        ),
+    )
+    .unwrap();
+    let relay = RelayProcess::start(BIN, &config, dir, &[], &[]);
+    let client = tokio::net::TcpStream::connect(relay.addr("mx"))
+        .await
+        .unwrap();
+    (relay, sink, client)
+}
+
+/// Sends `line` and returns the complete reply (last line).
+async fn command(c: &mut BufReader<tokio::net::TcpStream>, line: &str) -> String {
+    if !line.is_empty() {
+        c.get_mut().write_all(line.as_bytes()).await.unwrap();
+    }
+    reply(c).await
+}
+
+async fn reply(c: &mut BufReader<tokio::net::TcpStream>) -> String {
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(20), c.read_line(&mut line))
+            .await
+            .expect("a reply in time")
+            .unwrap();
+        if n == 0 {
+            return format!("{text}<closed>");
+        }
+        text += &line;
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return text;
+        }
+    }
+}
+
+/// Greeting, EHLO, MAIL, RCPT, DATA and the first half of a message.
+async fn start_message(c: &mut BufReader<tokio::net::TcpStream>) {
+    assert!(command(c, "").await.starts_with("220"));
+    assert!(command(c, "EHLO sender.test\r\n").await.contains("250 "));
+    assert!(command(c, "MAIL FROM:<a@sender.test>\r\n")
+        .await
+        .starts_with("250"));
+    assert!(command(c, "RCPT TO:<x@partner.test>\r\n")
+        .await
+        .starts_with("250"));
+    assert!(command(c, "DATA\r\n").await.starts_with("354"));
+    c.get_mut()
+        .write_all(b"Subject: drain\r\n\r\nfirst half\r\n")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_during_data_lets_a_message_finish_within_the_drain_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, sink, client) = smtp_relay(dir.path()).await;
+    let mut c = BufReader::new(client);
+    start_message(&mut c).await;
+    relay.signal(libc::SIGTERM);
+    relay.wait_for_log("stopped accepting");
+    assert!(
+        std::net::TcpStream::connect(relay.addr("mx")).is_err(),
+        "no new connections once draining"
+    );
+    let end = command(&mut c, "second half\r\n.\r\n").await;
+    assert!(
+        end.starts_with("250 2.0.0 Ok: queued as SINK"),
+        "the next hop's 250: {end}"
+    );
+    assert_eq!(sink.received.lock().unwrap().len(), 1, "delivered once");
+    assert!(command(&mut c, "QUIT\r\n").await.starts_with("221"));
+    let status = tokio::task::spawn_blocking(move || relay.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exits once drained: {status}");
+}
+
+#[tokio::test]
+async fn sigterm_during_a_stalled_data_gives_421_and_delivers_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, sink, client) = smtp_relay(dir.path()).await;
+    let mut c = BufReader::new(client);
+    start_message(&mut c).await;
+    relay.signal(libc::SIGTERM);
+    // The sender stalls past the 1 s drain time.
+    let answer = reply(&mut c).await;
+    assert!(
+        answer.starts_with("421 4.3.2"),
+        "a temporary failure, so the sender retries: {answer}"
+    );
+    // The relay hung up on the next hop without an end of data.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sink.received.lock().unwrap().is_empty(),
+        "nothing half-received was delivered"
+    );
+    relay.wait_for_log("drain time is up");
+    let status = tokio::task::spawn_blocking(move || relay.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = echo_server();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!("ebpf.enabled = false\n[[listeners]]\nname = \"edge\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"opportunistic\"\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"),
+    )
+    .unwrap();
+    let mut relay = RelayProcess::start(BIN, &config, dir.path(), &["--log-format", "json"], &[]);
+    drop(plain_session(relay.addr("edge")).unwrap());
+    let line = relay.wait_for_log("\"message\":\"session ");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");
+    assert_eq!(v["level"], "INFO");
+    assert!(
+        v["message"].as_str().unwrap().contains("listener=edge"),
+        "{v}"
+    );
+}
