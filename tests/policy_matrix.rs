@@ -345,6 +345,66 @@ async fn outbound_policy_by_verification_level_by_peer_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_upstream_certificates_are_refused_when_crls_are_configured() {
+    let pki = Pki::new();
+    let spec = |serial| LeafSpec {
+        names: vec!["mx.partner.test"],
+        serial: Some(serial),
+        ..LeafSpec::default()
+    };
+    let (revoked, good) = (
+        pki.issue("revoked", &spec(1001)),
+        pki.issue("good", &spec(1002)),
+    );
+    let crl = pki.dir().join("partner.crl");
+    std::fs::write(&crl, pki.crl(&[1001])).unwrap();
+    let anchors = toml_path(&pki.ca_pem);
+    let route = |crls: &str| {
+        format!(
+            "tls.policy = \"required\"\ntls.verify = \"name\"\ntls.names = [\"mx.partner.test\"]\ntls.trust_anchors = {anchors}\n{crls}"
+        )
+    };
+    let with_crl = format!("tls.crls = [{}]", toml_path(&crl));
+    for (leaf, crls, relayed) in [
+        (&revoked, with_crl.as_str(), false),
+        (&good, with_crl.as_str(), true),
+        // Without CRLs nothing is checked: the revoked one passes.
+        (&revoked, "", true),
+    ] {
+        let upstream = tls_echo(ServerOptions {
+            leaf,
+            versions: Versions::Both,
+            client_ca: None,
+        })
+        .await;
+        let conf = relay_toml("off", upstream, &route(crls));
+        let mut relay = TestRelay::start(&conf, pki.dir()).await;
+        let result = run_client(Client::Plaintext, relay.addr("in")).await;
+        let report = relay.next_report().await;
+        let case = format!("{:?} crls={crls:?}: {report}", leaf.chain);
+        if relayed {
+            assert_eq!(result.as_deref().ok(), Some(MSG), "{case}");
+            assert_eq!(
+                trust_of(&report.outbound),
+                Some(PeerTrust::Verified),
+                "{case}"
+            );
+        } else {
+            assert_refused_by_relay(&result, &case);
+            assert_eq!(
+                refused_kind(&report, Direction::Outbound),
+                Some("certificate untrusted"),
+                "{case}"
+            );
+            assert!(
+                format!("{:?}", report.outcome).contains("Revoked"),
+                "{case}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_patterns_accept_wildcards_and_default_to_the_host() {
     let pki = Pki::new();
     let leaf = pki.leaf("mx", &["mx1.partner.test"]);

@@ -395,6 +395,10 @@ pub struct OutboundTls {
     pub names: Vec<NamePattern>,
     /// PEM file of trusted roots; default the system store.
     pub trust_anchors: Option<Spanned<PathBuf>>,
+    /// Certificate revocation lists (PEM or DER files) the peer's chain is
+    /// checked against under `verify = "certificate"` or `"name"`.
+    #[serde(default)]
+    pub crls: Vec<Spanned<PathBuf>>,
     #[serde(default)]
     pub min_version: MinVersion,
     /// SNI to send; default the upstream host when it is a name.
@@ -410,6 +414,7 @@ impl Default for OutboundTls {
             verify: None,
             names: Vec::new(),
             trust_anchors: None,
+            crls: Vec::new(),
             min_version: MinVersion::default(),
             server_name: None,
             client_certificate: None,

@@ -389,7 +389,15 @@ fn outbound_tls(
         .as_ref()
         .map(|files| load_key_pair(src, field("client_certificate"), files))
         .transpose()?;
+    let mut crls = Vec::new();
+    for path in &t.crls {
+        crls.extend(
+            tls::load_crls(&src.resolve(path.get_ref()))
+                .map_err(|e| src.error(path.span(), field("crls"), e))?,
+        );
+    }
     let settings = UpstreamTlsSettings {
+        crls,
         verification,
         enforce: t.policy == OutboundPolicy::Required,
         names,
@@ -560,6 +568,9 @@ fn describe_route(up: &Upstream) -> String {
         }
         if t.client_certificate.is_some() {
             s += ", presents a client certificate";
+        }
+        if !t.crls.is_empty() {
+            s += &format!(", revocation checked against {} CRL file(s)", t.crls.len());
         }
     }
     s

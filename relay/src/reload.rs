@@ -175,6 +175,13 @@ pub fn watched_files(config: &Config, path: Option<&Path>) -> Vec<PathBuf> {
         .map(|p| src.resolve(p))
         .collect::<Vec<_>>();
     files.extend(anchors);
+    let crls = config
+        .upstreams
+        .iter()
+        .flat_map(|u| &u.tls.crls)
+        .chain(config.outbound_connectors.iter().flat_map(|c| &c.tls.crls))
+        .map(|p| src.resolve(p.get_ref()));
+    files.extend(crls.collect::<Vec<_>>());
     files.sort();
     files.dedup();
     files

@@ -251,7 +251,7 @@ fn http_server(body: Vec<u8>) -> u16 {
 #[test]
 fn reach_fetches_the_crl_and_flags_a_closed_port() {
     let pki = Pki::new();
-    let crl = pki.crl();
+    let crl = pki.crl(&[]);
     let port = http_server(crl.clone());
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();

@@ -63,6 +63,8 @@ pub struct LeafSpec {
     pub crl: Option<String>,
     pub ocsp: Option<String>,
     pub ca_issuer: Option<String>,
+    /// The serial number (for revoking it in a [`Pki::crl`]).
+    pub serial: Option<u64>,
 }
 
 impl Default for LeafSpec {
@@ -76,6 +78,7 @@ impl Default for LeafSpec {
             crl: None,
             ocsp: None,
             ca_issuer: None,
+            serial: None,
         }
     }
 }
@@ -197,6 +200,9 @@ impl Pki {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(spec.valid_days.abs() + 1);
         params.not_after = now + time::Duration::days(spec.valid_days);
+        if let Some(serial) = spec.serial {
+            params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        }
         if let Some(url) = &spec.crl {
             params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
                 uris: vec![url.clone()],
@@ -226,15 +232,23 @@ impl Pki {
         leaf
     }
 
-    /// An empty CRL signed by the CA (DER).
-    pub fn crl(&self) -> Vec<u8> {
+    /// A CRL signed by the CA revoking `serials` (DER).
+    pub fn crl(&self, serials: &[u64]) -> Vec<u8> {
         let now = time::OffsetDateTime::now_utc();
         rcgen::CertificateRevocationListParams {
             this_update: now,
             next_update: now + time::Duration::days(7),
             crl_number: rcgen::SerialNumber::from(1u64),
             issuing_distribution_point: None,
-            revoked_certs: Vec::new(),
+            revoked_certs: serials
+                .iter()
+                .map(|&s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(s),
+                    revocation_time: now - time::Duration::hours(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         }
         .signed_by(&self.ca)

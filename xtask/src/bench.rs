@@ -475,7 +475,10 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     // (a container may not let it be raised): take as many as fit.
     let fit = (b.open_files.saturating_sub(200) / 2) as usize;
     if counts.iter().any(|&c| c > fit) {
-        println!("(open-file limit {}: at most {fit} idle connections)", b.open_files);
+        println!(
+            "(open-file limit {}: at most {fit} idle connections)",
+            b.open_files
+        );
     }
     let mut counts: Vec<usize> = counts.iter().map(|&c| c.min(fit)).collect();
     counts.dedup();

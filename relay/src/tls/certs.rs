@@ -47,6 +47,29 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Reads certificate revocation lists: PEM (any number) or one DER.
+pub fn load_crls(path: &Path) -> Result<Vec<webpki::CertRevocationList<'static>>, TlsError> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let bytes = std::fs::read(path).map_err(|e| TlsError::file(path, e))?;
+    let ders: Vec<CertificateRevocationListDer<'static>> = if bytes.starts_with(b"-----BEGIN") {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::file(path, e))?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    if ders.is_empty() {
+        return Err(TlsError::file(path, "no CRL found (expected PEM or DER)"));
+    }
+    ders.iter()
+        .map(|der| {
+            webpki::OwnedCertRevocationList::from_der(der)
+                .map(webpki::CertRevocationList::from)
+                .map_err(|e| TlsError::file(path, format!("not a usable CRL: {e:?}")))
+        })
+        .collect()
+}
+
 /// The system trust store (what `update-ca-certificates` maintains).
 pub fn system_roots() -> Result<RootCertStore, TlsError> {
     let found = rustls_native_certs::load_native_certs();

@@ -28,6 +28,8 @@ pub struct UpstreamTlsSettings {
     pub min_version: MinVersion,
     pub server_name: ServerName<'static>,
     pub client_certificate: Option<Arc<CertifiedKey>>,
+    /// Revocation lists the chain is checked against (none: no checking).
+    pub crls: Vec<webpki::CertRevocationList<'static>>,
 }
 
 /// An upstream route's ready-to-use client configuration.
@@ -44,6 +46,7 @@ impl UpstreamTls {
             enforce: settings.enforce,
             names: settings.names,
             roots: settings.roots,
+            crls: settings.crls,
         });
         let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(versions(settings.min_version))
@@ -91,9 +94,49 @@ struct PeerCheck {
     enforce: bool,
     names: Vec<NamePattern>,
     roots: Option<Arc<RootCertStore>>,
+    crls: Vec<webpki::CertRevocationList<'static>>,
 }
 
 impl PeerCheck {
+    /// The chain to the roots, with every certificate in it checked against
+    /// the CRLs (a certificate no CRL covers passes).
+    fn chain_with_revocation(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        roots: &RootCertStore,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        use rustls::CertificateError as E;
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(E::Other(rustls::OtherError(Arc::new(e))))
+        })?;
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+            .expect("at least one CRL")
+            .with_depth(webpki::RevocationCheckDepth::Chain)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .build();
+        ee.verify_for_usage(
+            signature_algorithms().all,
+            &roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            Some(revocation),
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            rustls::Error::InvalidCertificate(match e {
+                webpki::Error::CertRevoked => E::Revoked,
+                webpki::Error::UnknownIssuer => E::UnknownIssuer,
+                webpki::Error::CertExpired { .. } => E::Expired,
+                other => E::Other(rustls::OtherError(Arc::new(other))),
+            })
+        })
+    }
+
     /// The trust reached, and the error the configured level makes of it.
     fn evaluate(
         &self,
@@ -106,6 +149,9 @@ impl PeerCheck {
             (Ok(_), None) => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             )),
+            (Ok(_), Some(roots)) if !self.crls.is_empty() => {
+                self.chain_with_revocation(end_entity, intermediates, roots, now)
+            }
             (Ok(parsed), Some(roots)) => verify_server_cert_signed_by_trust_anchor(
                 &parsed,
                 roots,

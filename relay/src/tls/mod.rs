@@ -20,7 +20,9 @@ pub fn hostname() -> String {
     certs::hostname().unwrap_or_else(|| "localhost".into())
 }
 
-pub use certs::{cert_names, load_certified_key, load_chain, load_roots, system_roots, SelfSigned};
+pub use certs::{
+    cert_names, load_certified_key, load_chain, load_crls, load_roots, system_roots, SelfSigned,
+};
 pub use client::{UpstreamTls, UpstreamTlsSettings};
 pub use record_io::RecordIo;
 pub use server::{ClientAuthSettings, ListenerTls, ListenerTlsSettings};
