@@ -513,7 +513,12 @@ fn describe_outbound_connector(c: &crate::config::OutboundConnector) -> String {
         t.policy
     );
     if t.policy != OutboundPolicy::Plain {
-        s += &format!(", verify {}, minimum {}", t.verification(), t.min_version);
+        s += &format!(", verify {}", t.verification());
+        if t.verification() == Verification::Name && !t.names.is_empty() {
+            let names: Vec<String> = t.names.iter().map(ToString::to_string).collect();
+            s += &format!(" [{}]", names.join(" | "));
+        }
+        s += &format!(", minimum {}{}", t.min_version, describe_peer_checks(t));
         if t.policy == OutboundPolicy::Required {
             s += ", 451 4.7.5 when TLS cannot be had";
         }
@@ -556,22 +561,28 @@ fn describe_route(up: &Upstream) -> String {
             };
             s += &format!(" [{}]", names.join(" | "));
         }
-        s += &format!(
-            ", minimum {}, trust anchors {}",
-            t.min_version,
-            t.trust_anchors
-                .as_ref()
-                .map_or("system".to_string(), |p| p.get_ref().display().to_string())
-        );
+        s += &format!(", minimum {}{}", t.min_version, describe_peer_checks(t));
         if t.policy == OutboundPolicy::Opportunistic {
             s += ", falls back to plaintext when TLS fails";
         }
-        if t.client_certificate.is_some() {
-            s += ", presents a client certificate";
-        }
-        if !t.crls.is_empty() {
-            s += &format!(", revocation checked against {} CRL file(s)", t.crls.len());
-        }
+    }
+    s
+}
+
+/// Trust anchors, revocation lists and the client certificate of an
+/// outbound TLS setting, as the tail of a description.
+fn describe_peer_checks(t: &crate::config::OutboundTls) -> String {
+    let mut s = format!(
+        ", trust anchors {}",
+        t.trust_anchors
+            .as_ref()
+            .map_or("system".to_string(), |p| p.get_ref().display().to_string())
+    );
+    if !t.crls.is_empty() {
+        s += &format!(", revocation checked against {} CRL file(s)", t.crls.len());
+    }
+    if t.client_certificate.is_some() {
+        s += ", presents a client certificate";
     }
     s
 }
