@@ -172,13 +172,7 @@ impl Pki {
             LeafKind::SelfSigned => params.self_signed(&key).unwrap(),
             _ => params.signed_by(&key, &self.ca).unwrap(),
         };
-        let leaf = Leaf {
-            chain: self.dir().join(format!("{stem}.crt")),
-            key: self.dir().join(format!("{stem}.key")),
-        };
-        std::fs::write(&leaf.chain, cert.pem()).unwrap();
-        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
-        leaf
+        self.write_leaf(stem, &cert, &key)
     }
 
     /// A CA-issued certificate as `spec` says (key type, validity,
@@ -223,13 +217,7 @@ impl Pki {
         }
         .unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
-        let leaf = Leaf {
-            chain: self.dir().join(format!("{stem}.crt")),
-            key: self.dir().join(format!("{stem}.key")),
-        };
-        std::fs::write(&leaf.chain, cert.pem()).unwrap();
-        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
-        leaf
+        self.write_leaf(stem, &cert, &key)
     }
 
     /// A CRL signed by the CA revoking `serials` (DER).
@@ -255,6 +243,16 @@ impl Pki {
         .unwrap()
         .der()
         .to_vec()
+    }
+
+    fn write_leaf(&self, stem: &str, cert: &rcgen::Certificate, key: &KeyPair) -> Leaf {
+        let leaf = Leaf {
+            chain: self.dir().join(format!("{stem}.crt")),
+            key: self.dir().join(format!("{stem}.key")),
+        };
+        std::fs::write(&leaf.chain, cert.pem()).unwrap();
+        std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
+        leaf
     }
 
     pub fn roots(&self) -> rustls::RootCertStore {

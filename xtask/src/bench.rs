@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, root, run, wait_for_port, Guard};
+use crate::{root, run, wait_for_port, Guard};
 
 /// A stream scenario: what the client speaks and what the upstream speaks.
 struct Scenario {
@@ -344,17 +344,7 @@ struct Bench {
 }
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
-    run(
-        "build the relay and the load generator (release)",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "tlsrelay",
-            "-p",
-            "tlsrelay-bench",
-        ]),
-    )?;
+    crate::build_release()?;
     install_missing_peers();
     let open_files = raise_open_files();
     let bin = root().join("target/release");

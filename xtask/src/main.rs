@@ -85,6 +85,21 @@ fn cargo() -> Command {
     cmd
 }
 
+/// The relay and the load generator, optimised (the bench's binaries).
+fn build_release() -> anyhow::Result<()> {
+    run(
+        "build the relay and the load generator (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "tlsrelay",
+            "-p",
+            "tlsrelay-bench",
+        ]),
+    )
+}
+
 fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
     println!("\n=== {step}");
     let status = cmd

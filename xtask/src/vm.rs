@@ -83,17 +83,7 @@ pub fn bench(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     ensure_host_tools()?;
     let vm = root().join("target/vm");
     let kernel = fetch_kernel(&vm.join("cache"))?;
-    run(
-        "build the relay and the load generator (release)",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "tlsrelay",
-            "-p",
-            "tlsrelay-bench",
-        ]),
-    )?;
+    crate::build_release()?;
     let bin = root().join("target/release");
     let payload = vec![
         ("bench/tlsrelay".to_string(), bin.join("tlsrelay")),
