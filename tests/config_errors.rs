@@ -195,3 +195,24 @@ fn relative_paths_resolve_against_the_config_directory() {
     let config = Config::load(&path).unwrap();
     assert!(Plan::build(&config, SelfSignedSource::Ephemeral).is_ok());
 }
+
+#[test]
+fn metrics_address_and_crl_files_are_checked() {
+    let err = error_of(&format!(
+        "[metrics]\naddress = \"port 80\"\n{}",
+        listener("")
+    ));
+    assert!(err.starts_with("relay.toml:2: metrics.address: "), "{err}");
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &["relay.test"]);
+    let text = format!(
+        "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:9\"\ntls.policy = \"required\"\ntls.verify = \"certificate\"\ntls.trust_anchors = {}\ntls.crls = [{}]\n",
+        toml_path(&pki.ca_pem),
+        toml_path(&leaf.chain)
+    );
+    let err = error_of(&text);
+    assert!(
+        err.starts_with("relay.toml:12: upstreams[0].tls.crls: ") && err.contains("no CRL found"),
+        "a certificate is not a CRL: {err}"
+    );
+}
