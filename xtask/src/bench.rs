@@ -344,10 +344,9 @@ struct Bench {
 }
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
-    crate::build_release()?;
+    let bin = crate::build_bench_binaries(quick)?;
     install_missing_peers();
     let open_files = raise_open_files();
-    let bin = root().join("target/release");
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let load = bin.join("tlsrelay-load");

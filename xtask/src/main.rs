@@ -41,8 +41,8 @@ enum Task {
     /// tlsrelay and its peers on the same work, in alternating rounds:
     /// throughput, latency, handshakes, SMTP, RSS per idle connection.
     Bench {
-        /// A one-minute smoke run (small transfers, one round): checks the
-        /// harness, not the numbers.
+        /// A one-minute smoke run (debug build, small transfers, one
+        /// round): checks the harness, not the numbers.
         #[arg(long)]
         quick: bool,
         /// Inside the kTLS VM instead: the relay with kTLS on and off
@@ -85,19 +85,21 @@ fn cargo() -> Command {
     cmd
 }
 
-/// The relay and the load generator, optimised (the bench's binaries).
-fn build_release() -> anyhow::Result<()> {
+/// Builds the relay and the load generator for the bench and returns
+/// their directory: optimised, or for a smoke run (`quick`) the debug build
+/// the tests already made — a smoke run checks the harness, not the numbers.
+fn build_bench_binaries(quick: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "tlsrelay", "-p", "tlsrelay-bench"]);
+    if !quick {
+        cmd.arg("--release");
+    }
+    let profile = if quick { "debug" } else { "release" };
     run(
-        "build the relay and the load generator (release)",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "tlsrelay",
-            "-p",
-            "tlsrelay-bench",
-        ]),
-    )
+        &format!("build the relay and the load generator ({profile})"),
+        &mut cmd,
+    )?;
+    Ok(root().join("target").join(profile))
 }
 
 fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {

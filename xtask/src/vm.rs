@@ -83,8 +83,7 @@ pub fn bench(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     ensure_host_tools()?;
     let vm = root().join("target/vm");
     let kernel = fetch_kernel(&vm.join("cache"))?;
-    crate::build_release()?;
-    let bin = root().join("target/release");
+    let bin = crate::build_bench_binaries(quick)?;
     let payload = vec![
         ("bench/tlsrelay".to_string(), bin.join("tlsrelay")),
         ("bench/tlsrelay-load".to_string(), bin.join("tlsrelay-load")),
