@@ -742,7 +742,8 @@ impl PlanSwitch {
     /// listeners, a changed connection limit).
     pub fn apply(&self, plan: Plan, max_connections: usize) -> Vec<String> {
         let mut left = Vec::new();
-        let mut seen = Vec::new();
+        // Names the new plan still has, switched in or not.
+        let mut kept = Vec::new();
         for (address, listening) in plan.listeners {
             let name = listening.name().to_string();
             let current = self
@@ -752,7 +753,6 @@ impl PlanSwitch {
             match current {
                 Some((bound, tx)) if address.port() == 0 || *bound == address => {
                     tx.send_replace(listening);
-                    seen.push(name);
                 }
                 Some((bound, _)) => left.push(format!(
                     "listener {name}: moving from {bound} to {address} needs a restart"
@@ -761,10 +761,11 @@ impl PlanSwitch {
                     "listener {name} is new: starting it needs a restart"
                 )),
             }
+            kept.push(name);
         }
         for (_, tx) in &self.listeners {
             let name = tx.borrow().name().to_string();
-            if !seen.contains(&name) && !left.iter().any(|l| l.contains(&name)) {
+            if !kept.contains(&name) {
                 left.push(format!(
                     "listener {name} was removed: it keeps serving until a restart"
                 ));

@@ -186,3 +186,32 @@ fn ready_reload_and_stopping_reach_systemd() {
     relay.signal(libc::SIGTERM);
     assert_eq!(next(), "STOPPING=1");
 }
+
+#[test]
+fn listener_changes_that_need_a_restart_are_logged_and_the_rest_applies() {
+    use tlsrelay_tests::blocking::plain_session;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = echo_server();
+    let listener = |name: &str| {
+        format!("[[listeners]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"opportunistic\"\n")
+    };
+    let tail = format!(
+        "[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!("ebpf.enabled = false\n{}{tail}", listener("a")),
+    )
+    .unwrap();
+    let mut relay = RelayProcess::start(BIN, &config, dir.path(), &[], &[]);
+    std::fs::write(
+        &config,
+        format!("ebpf.enabled = false\n{}{tail}", listener("b")),
+    )
+    .unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.wait_for_log("listener b is new: starting it needs a restart");
+    relay.wait_for_log("listener a was removed: it keeps serving until a restart");
+    plain_session(relay.addr("a")).expect("a still relays");
+}
