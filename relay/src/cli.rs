@@ -270,10 +270,15 @@ fn run(
             state_dir,
             relay.plan_switch(),
         ));
-        tokio::spawn(async move { reloader.run(RELOAD_POLL).await });
+        // Both handlers exist before READY=1: a reload or stop systemd sends
+        // right after it must not meet the default action (exit).
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        tokio::spawn(async move { reloader.run(hup, RELOAD_POLL).await });
         crate::notify::notify("READY=1");
         let drain = config.limits.drain_timeout;
-        relay.serve(shutdown_signal(), drain).await;
+        relay.serve(shutdown_signal(term), drain).await;
         crate::notify::notify("STOPPING=1");
         tracing::info!("shutting down");
         anyhow::Ok(())
@@ -283,9 +288,7 @@ fn run(
 /// How often the configuration's files are looked at for changes.
 const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+async fn shutdown_signal(mut term: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -97,17 +97,11 @@ impl Reloader {
         }
     }
 
-    /// Reloads on SIGHUP, and when a watched file changes (looked at every
-    /// `poll`), telling systemd around each attempt.
-    pub async fn run(&self, poll: Duration) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("no SIGHUP reload: {e}");
-                return;
-            }
-        };
+    /// Reloads on each SIGHUP `hup` hears (registered before readiness is
+    /// announced, so an early reload cannot kill the process), and when a
+    /// watched file changes (looked at every `poll`), telling systemd
+    /// around each attempt.
+    pub async fn run(&self, mut hup: tokio::signal::unix::Signal, poll: Duration) {
         loop {
             let why = tokio::select! {
                 _ = hup.recv() => "SIGHUP",
