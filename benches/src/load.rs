@@ -218,6 +218,17 @@ pub async fn blast(
     }))
 }
 
+/// Every connection's histogram in one; the first failure fails it.
+pub(crate) async fn merged(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<Histogram<u64>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut all = Histogram::<u64>::new(3)?;
+    while let Some(done) = tasks.join_next().await {
+        all.add(done??)?;
+    }
+    Ok(all)
+}
+
 /// `connections` each send `size` bytes and wait for them to come back (an
 /// echo sink behind the relay), over and over for `seconds`: round-trip
 /// latency percentiles and requests per second.
@@ -250,10 +261,7 @@ pub async fn request_response(
         });
     }
     let started = Instant::now();
-    let mut all = Histogram::<u64>::new(3)?;
-    while let Some(done) = tasks.join_next().await {
-        all.add(done??)?;
-    }
+    let all = merged(tasks).await?;
     let mut out = percentiles(&all);
     out["requests_per_s"] = (all.len() as f64 / started.elapsed().as_secs_f64()).into();
     Ok(out)
@@ -299,10 +307,7 @@ pub async fn handshakes(
             anyhow::Ok(h)
         });
     }
-    let mut all = Histogram::<u64>::new(3)?;
-    while let Some(done) = tasks.join_next().await {
-        all.add(done??)?;
-    }
+    let all = merged(tasks).await?;
     let mut out = percentiles(&all);
     out["handshakes_per_s"] = (all.len() as f64 / started.elapsed().as_secs_f64()).into();
     Ok(out)

@@ -37,10 +37,8 @@ enum Command {
     Sink {
         #[arg(long)]
         listen: SocketAddr,
-        #[arg(long, requires = "key")]
-        cert: Option<std::path::PathBuf>,
-        #[arg(long)]
-        key: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        tls: TlsFiles,
         #[arg(long)]
         echo: bool,
     },
@@ -82,10 +80,8 @@ enum Command {
     SmtpSink {
         #[arg(long)]
         listen: SocketAddr,
-        #[arg(long, requires = "key")]
-        cert: Option<std::path::PathBuf>,
-        #[arg(long)]
-        key: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        tls: TlsFiles,
     },
     /// Deliver messages over STARTTLS, DATA or --bdat; one JSON line.
     Smtp {
@@ -134,16 +130,26 @@ enum Command {
     },
 }
 
+/// A server's certificate and key (both, or neither: plaintext).
+#[derive(clap::Args)]
+struct TlsFiles {
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    #[arg(long)]
+    key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn pair(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        self.cert.as_deref().zip(self.key.as_deref())
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { listen } => echo_server(listen).await,
-        Command::Sink {
-            listen,
-            cert,
-            key,
-            echo,
-        } => load::sink(listen, cert.as_deref().zip(key.as_deref()), echo).await,
+        Command::Sink { listen, tls, echo } => load::sink(listen, tls.pair(), echo).await,
         Command::Rr {
             to,
             tls,
@@ -168,9 +174,7 @@ async fn main() -> anyhow::Result<()> {
             tls,
             connections,
         } => load::hold(to, tls, connections).await,
-        Command::SmtpSink { listen, cert, key } => {
-            smtp::sink(listen, cert.as_deref().zip(key.as_deref())).await
-        }
+        Command::SmtpSink { listen, tls } => smtp::sink(listen, tls.pair()).await,
         Command::Smtp {
             to,
             connections,

@@ -195,10 +195,7 @@ pub async fn load(
             anyhow::Ok(h)
         });
     }
-    let mut all = Histogram::<u64>::new(3)?;
-    while let Some(done) = tasks.join_next().await {
-        all.add(done??)?;
-    }
+    let all = crate::load::merged(tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
     let bytes = all.len() as f64 * body.len() as f64;
     let mut out = crate::load::percentiles(&all);

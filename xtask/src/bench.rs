@@ -752,13 +752,23 @@ impl Bench {
         cmd
     }
 
-    /// Runs `tlsrelay-load` with `args`; its one JSON line.
-    fn load(&self, args: &[String]) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(&self.load).args(args).output()?;
+    /// Runs `tlsrelay-load <command> --to <to> --connections <conns>`
+    /// with `extra` arguments; its one JSON line.
+    fn load(
+        &self,
+        command: &str,
+        to: SocketAddr,
+        conns: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
+        let (to, conns) = (to.to_string(), conns.to_string());
+        let out = Command::new(&self.load)
+            .args([command, "--to", &to, "--connections", &conns])
+            .args(extra)
+            .output()?;
         if !out.status.success() {
             bail!(
-                "tlsrelay-load {}: {}",
-                args[0],
+                "tlsrelay-load {command}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -781,14 +791,12 @@ impl Bench {
             return Ok(None);
         };
         let before = relay.cpu_seconds()?;
-        let mut args = strings(&["blast", "--to"]);
-        args.push(relay.listen.to_string());
-        args.extend(strings(&["--connections", &conns.to_string()]));
-        args.extend(strings(&["--bytes", &bytes.to_string()]));
+        let bytes = bytes.to_string();
+        let mut extra = vec!["--bytes", &bytes];
         if s.tls_in {
-            args.push("--tls".into());
+            extra.push("--tls");
         }
-        let r = self.load(&args)?;
+        let r = self.load("blast", relay.listen, conns, &extra)?;
         let cpu = relay.cpu_seconds()? - before;
         let sample = Sample::from([
             ("gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
@@ -816,14 +824,12 @@ impl Bench {
         let Some(relay) = self.start(peer, &job)? else {
             return Ok(None);
         };
-        let mut args = strings(&["rr", "--to"]);
-        args.push(relay.listen.to_string());
-        args.extend(strings(&["--connections", &conns.to_string()]));
-        args.extend(strings(&["--seconds", &seconds.to_string()]));
+        let seconds = seconds.to_string();
+        let mut extra = vec!["--seconds", &seconds];
         if s.tls_in {
-            args.push("--tls".into());
+            extra.push("--tls");
         }
-        let r = self.load(&args)?;
+        let r = self.load("rr", relay.listen, conns, &extra)?;
         Ok(Some((
             pick(&r, &["requests_per_s", "p50_us", "p99_us", "p999_us"]),
             relay.path(),
@@ -846,11 +852,12 @@ impl Bench {
             return Ok(None);
         };
         let before = relay.cpu_seconds()?;
-        let mut args = strings(&["handshakes", "--to"]);
-        args.push(relay.listen.to_string());
-        args.extend(strings(&["--connections", &conns.to_string()]));
-        args.extend(strings(&["--seconds", &seconds.to_string()]));
-        let r = self.load(&args)?;
+        let r = self.load(
+            "handshakes",
+            relay.listen,
+            conns,
+            &["--seconds", &seconds.to_string()],
+        )?;
         let cpu = relay.cpu_seconds()? - before;
         let mut sample = pick(&r, &["handshakes_per_s", "p50_us", "p99_us"]);
         sample.insert(
@@ -906,15 +913,12 @@ impl Bench {
             _ => return Ok(None),
         };
         let before = relay.cpu_seconds()?;
-        let mut args = strings(&["smtp", "--to"]);
-        args.push(relay.listen.to_string());
-        args.extend(strings(&["--connections", &conns.to_string()]));
-        args.extend(strings(&["--messages", &messages.to_string()]));
-        args.extend(strings(&["--size", &size.to_string()]));
+        let (messages, size) = (messages.to_string(), size.to_string());
+        let mut extra = vec!["--messages", &messages, "--size", &size];
         if bdat {
-            args.push("--bdat".into());
+            extra.push("--bdat");
         }
-        let r = self.load(&args)?;
+        let r = self.load("smtp", relay.listen, conns, &extra)?;
         let cpu = relay.cpu_seconds()? - before;
         let mut sample = pick(
             &r,
@@ -1091,10 +1095,6 @@ impl Bench {
         }
         charts
     }
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
 }
 
 fn pick(v: &serde_json::Value, keys: &[&'static str]) -> Sample {
