@@ -1,6 +1,7 @@
 //! Arbitrary bytes from a client, split arbitrarily, into the server-side
 //! state machine, with next-hop replies chosen by the input too: it must
-//! never panic and never emit a reply that is not three digits.
+//! never panic, never emit a reply that is not three digits, and never pass
+//! on a bare CR or LF in a message body (SMTP smuggling).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,9 +22,21 @@ fuzz_target!(|data: &[u8]| {
         starttls,
         max_message_size: 10_000,
     });
+    // The body bytes passed on in the transaction under way.
+    let mut body: Vec<u8> = Vec::new();
     for (i, chunk) in rest.chunks(7 + (mode as usize % 50)).enumerate() {
         server.feed(chunk);
         while let Some(event) = server.poll() {
+            match &event {
+                Event::Body(b) => {
+                    body.extend_from_slice(b);
+                    assert!(no_bare_line_end(&body), "{body:?}");
+                }
+                Event::EndOfData | Event::AbortData(_) | Event::Mail { .. } | Event::Rset => {
+                    body.clear()
+                }
+                _ => {}
+            }
             match event {
                 Event::Reply(r) => assert!((200..600).contains(&r.code)),
                 Event::Mail { .. } | Event::Rcpt { .. } | Event::ChunkEnd { .. } | Event::EndOfData => {
@@ -37,3 +50,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Every LF follows a CR, and every CR with a byte after it is followed by
+/// LF (a CR last may still get its LF).
+fn no_bare_line_end(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().all(|(i, &b)| match b {
+        b'\n' => i > 0 && bytes[i - 1] == b'\r',
+        b'\r' => bytes.get(i + 1).is_none_or(|&n| n == b'\n'),
+        _ => true,
+    })
+}

@@ -55,6 +55,13 @@ pub fn parse_command(line: &[u8]) -> Result<Command, SyntaxError> {
     if line.len() + 2 > MAX_COMMAND_LINE {
         return Err(SyntaxError::LineTooLong);
     }
+    // A bare CR or LF inside a line would split it in two at a next hop
+    // that ends lines on either: commands smuggled past the relay's checks.
+    if line.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+        return Err(SyntaxError::Parameters(
+            "control character (bare CR or LF?) in the line",
+        ));
+    }
     let text = std::str::from_utf8(line).map_err(|_| SyntaxError::Parameters("not UTF-8"))?;
     let text = text.trim_end();
     let (verb, rest) = match text.find(' ') {

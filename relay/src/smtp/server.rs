@@ -126,6 +126,10 @@ pub struct Server {
     chunk_last: bool,
     /// BDAT chunks seen in this transaction (DATA is then out of sequence).
     chunking: bool,
+    /// The last BDAT byte was a CR (its LF may open the next chunk).
+    chunk_cr: bool,
+    /// A BDAT chunk broke the line rules: refused at the chunk's end.
+    chunk_refusal: Option<Reply>,
     /// Discarding the rest of an overlong command line.
     skipping_line: bool,
     errors: u32,
@@ -149,6 +153,8 @@ impl Server {
             chunk_left: 0,
             chunk_last: false,
             chunking: false,
+            chunk_cr: false,
+            chunk_refusal: None,
             skipping_line: false,
             errors: 0,
         }
@@ -210,6 +216,8 @@ impl Server {
     fn end_transaction(&mut self) {
         self.phase = Phase::Ready;
         self.chunking = false;
+        self.chunk_cr = false;
+        self.chunk_refusal = None;
     }
 
     fn reply(&mut self, code: u16, text: &str) {
@@ -318,6 +326,7 @@ impl Server {
                     self.phase = Phase::Ready;
                 }
                 self.chunking = false;
+                self.chunk_cr = false;
                 self.reply(250, "2.0.0 OK");
             }
             Command::Unknown(verb) => self.error(502, &format!("5.5.1 {verb} not implemented")),
@@ -401,35 +410,67 @@ impl Server {
         }
     }
 
-    /// Forwards DATA body bytes until the end marker, checking line length.
+    /// Forwards DATA body bytes until the end marker. Lines must end in
+    /// CRLF: a bare CR or LF (SMTP smuggling, the CVE-2023-51764 class) or
+    /// a line over 1000 octets refuses the message, and no byte from the
+    /// offending one on is passed on, so the relay's end of data and the
+    /// bytes a next hop sees always agree. A CR at the end of the input
+    /// waits for the byte after it.
     fn body(&mut self) -> bool {
-        if self.input.is_empty() {
-            return false;
-        }
+        let refused_before = self.body_error.is_some();
         let mut end = None;
-        for (i, &b) in self.input.iter().enumerate() {
+        let mut offence = None;
+        let n = self.input.len();
+        let mut i = 0;
+        while i < n {
+            let b = self.input[i];
             self.line_len += 1;
-            if self.line_len > MAX_TEXT_LINE && self.body_error.is_none() {
-                self.body_error = Some(Reply::new(500, "5.5.6 Line too long in message body"));
+            if self.line_len > MAX_TEXT_LINE {
+                offence.get_or_insert((i, BodyFault::LineTooLong));
             }
             self.scan = match (self.scan, b) {
-                (Scan::LineStart, b'.') => Scan::Dot,
-                (Scan::Dot, b'\r') => Scan::DotCr,
+                (_, b'\r') if i + 1 == n => {
+                    self.line_len -= 1;
+                    break;
+                }
+                (scan, b'\r') if self.input[i + 1] == b'\n' => {
+                    if scan == Scan::Dot {
+                        Scan::DotCr
+                    } else {
+                        Scan::Cr
+                    }
+                }
+                (_, b'\r') => {
+                    offence.get_or_insert((i, BodyFault::BareCr));
+                    Scan::InLine
+                }
                 (Scan::DotCr, b'\n') => {
                     end = Some(i + 1);
                     break;
                 }
-                (_, b'\r') => Scan::Cr,
                 (Scan::Cr, b'\n') => {
                     self.line_len = 0;
                     Scan::LineStart
                 }
+                (_, b'\n') => {
+                    offence.get_or_insert((i, BodyFault::BareLf));
+                    Scan::InLine
+                }
+                (Scan::LineStart, b'.') => Scan::Dot,
                 _ => Scan::InLine,
             };
+            i += 1;
         }
-        let take = end.unwrap_or(self.input.len());
-        let chunk = self.take_input(take);
-        if self.body_error.is_none() {
+        let consumed = end.unwrap_or(i);
+        if consumed == 0 {
+            return false; // only a CR, waiting for its next byte
+        }
+        let mut chunk = self.take_input(consumed);
+        if let (Some((at, fault)), false) = (offence, refused_before) {
+            chunk.truncate(at);
+            self.body_error = Some(fault.reply());
+        }
+        if !refused_before && !chunk.is_empty() {
             self.events.push_back(Event::Body(chunk));
         }
         if end.is_some() {
@@ -450,6 +491,27 @@ impl Server {
         true
     }
 
+    /// Bare CR or LF in a BDAT chunk: the chunk's count still frames it,
+    /// but a next hop that turns it into DATA (or this relay, for a next
+    /// hop without CHUNKING) would not, so it is refused like DATA's.
+    /// Returns how many of `bytes` are clean.
+    fn scan_chunk(&mut self, bytes: &[u8]) -> usize {
+        for (i, &b) in bytes.iter().enumerate() {
+            let fault = match (self.chunk_cr, b) {
+                (true, b'\n') | (false, b'\r') => None,
+                (true, _) => Some((i.saturating_sub(1), BodyFault::BareCr)),
+                (false, b'\n') => Some((i, BodyFault::BareLf)),
+                (false, _) => None,
+            };
+            self.chunk_cr = b == b'\r';
+            if let Some((at, fault)) = fault {
+                self.chunk_refusal = Some(fault.reply());
+                return at;
+            }
+        }
+        bytes.len()
+    }
+
     /// Forwards exactly the announced BDAT bytes.
     fn chunk(&mut self) -> bool {
         if self.chunk_left > 0 {
@@ -457,16 +519,27 @@ impl Server {
                 return false;
             }
             let take = (self.chunk_left as usize).min(self.input.len());
-            let chunk = self.take_input(take);
+            let mut chunk = self.take_input(take);
             self.chunk_left -= take as u64;
-            if self.body_error.is_none() {
-                self.events.push_back(Event::Body(chunk));
+            if self.body_error.is_none() && self.chunk_refusal.is_none() {
+                chunk.truncate(self.scan_chunk(&chunk));
+                if !chunk.is_empty() {
+                    self.events.push_back(Event::Body(chunk));
+                }
             }
             if self.chunk_left > 0 {
                 return true;
             }
         }
         let last = self.chunk_last;
+        if last && self.chunk_cr && self.chunk_refusal.is_none() && self.body_error.is_none() {
+            self.chunk_refusal = Some(BodyFault::BareCr.reply()); // the message ends in a CR
+        }
+        if let Some(reply) = self.chunk_refusal.take() {
+            self.end_transaction();
+            self.events.push_back(Event::AbortData(reply));
+            return true;
+        }
         match self.body_error.take() {
             Some(reply) => {
                 // An out-of-sequence BDAT: its bytes are gone, say why.
@@ -485,6 +558,30 @@ impl Server {
             }
         }
         true
+    }
+}
+
+/// What makes a message body unacceptable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyFault {
+    LineTooLong,
+    BareCr,
+    BareLf,
+}
+
+impl BodyFault {
+    fn reply(self) -> Reply {
+        match self {
+            BodyFault::LineTooLong => Reply::new(500, "5.5.6 Line too long in message body"),
+            BodyFault::BareCr => Reply::new(
+                554,
+                "5.6.0 Bare CR in message data refused: lines must end in CRLF",
+            ),
+            BodyFault::BareLf => Reply::new(
+                554,
+                "5.6.0 Bare LF in message data refused: lines must end in CRLF",
+            ),
+        }
     }
 }
 
@@ -741,5 +838,151 @@ mod tests {
             b"MAIL FROM:<a@b>\r\nEHLO c\r\nMAIL FROM:<a@b> SIZE=5000\r\nRCPT TO:<x@p>\r\nBOGUS\r\n",
         );
         assert_eq!(codes(&drain(&mut s)), vec![503, 250, 552, 503, 502]);
+    }
+
+    /// A server in DATA body state, ready for bytes.
+    fn in_body() -> Server {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\nDATA\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(354, "go"));
+        drain(&mut s);
+        s
+    }
+
+    fn body_of(events: &[Event]) -> Vec<u8> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Body(b) => Some(b.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Every smuggling variant, fed whole and one byte at a time: the
+    /// message is refused at the relay's own (CRLF.CRLF) end of data, the
+    /// commands smuggled inside are never read as commands, and no byte
+    /// from the bare CR or LF on is passed on.
+    #[test]
+    fn bare_cr_and_lf_in_data_refuse_the_message_and_pass_nothing_on() {
+        // (variant, where its first bare byte is, what it is)
+        for (variant, clean, fault) in [
+            (&b"\n.\n"[..], 0, "Bare LF"),
+            (b"\r\n.\n", 3, "Bare LF"),
+            (b"\n.\r\n", 0, "Bare LF"),
+            (b"\r.\r", 0, "Bare CR"),
+            (b"\r.\r\n", 0, "Bare CR"),
+            (b"\r\n.\r", 3, "Bare CR"),
+        ] {
+            for bytewise in [false, true] {
+                let mut s = in_body();
+                let mut input = b"Subject: hi\r\n\r\nclean line".to_vec();
+                input.extend_from_slice(variant);
+                input.extend_from_slice(
+                    b"MAIL FROM:<forged@partner.example>\r\nRCPT TO:<x@p>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n",
+                );
+                let mut events = Vec::new();
+                if bytewise {
+                    for b in &input {
+                        s.feed(std::slice::from_ref(b));
+                        events.extend(drain(&mut s));
+                    }
+                } else {
+                    s.feed(&input);
+                    events = drain(&mut s);
+                }
+                let label = format!("{:?} bytewise={bytewise}", String::from_utf8_lossy(variant));
+                let want = [&b"Subject: hi\r\n\r\nclean line"[..], &variant[..clean]].concat();
+                assert_eq!(
+                    body_of(&events),
+                    want,
+                    "{label}: nothing from the bare byte on"
+                );
+                assert!(
+                    !events.iter().any(|e| matches!(
+                        e,
+                        Event::Mail { .. } | Event::Rcpt { .. } | Event::Data | Event::EndOfData
+                    )),
+                    "{label}: {events:?}"
+                );
+                let abort = events.iter().find_map(|e| match e {
+                    Event::AbortData(r) => Some(r.clone()),
+                    _ => None,
+                });
+                let abort = abort.unwrap_or_else(|| panic!("{label}: no refusal in {events:?}"));
+                assert_eq!(abort.code, 554, "{label}");
+                assert!(abort.text().contains(fault), "{label}: {abort:?}");
+                // The session goes on after the relay's end of data.
+                assert_eq!(codes(&events), vec![250], "{label}: NOOP answered");
+            }
+        }
+    }
+
+    #[test]
+    fn crlf_split_across_reads_is_not_bare() {
+        let mut s = in_body();
+        for part in [&b"line one\r"[..], b"\nline two\r", b"\n.", b"\r", b"\n"] {
+            s.feed(part);
+        }
+        let ev = drain(&mut s);
+        assert_eq!(body_of(&ev), b"line one\r\nline two\r\n.\r\n");
+        assert_eq!(ev.last(), Some(&Event::EndOfData));
+    }
+
+    #[test]
+    fn bare_cr_and_lf_in_bdat_refuse_the_message() {
+        for (chunks, clean) in [
+            (vec![&b"a\r\nb\nc\r\n"[..]], &b"a\r\nb"[..]),
+            (vec![b"a\r", b"\nb\r", b"x\r\n"], b"a\r\nb\r"),
+            (vec![b"a\r\n", b"ends in CR\r"], b"a\r\nends in CR\r"),
+        ] {
+            let mut s = server(StartTls::Offered);
+            s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\n");
+            drain(&mut s);
+            s.respond(Reply::new(250, "ok"));
+            drain(&mut s);
+            s.respond(Reply::new(250, "ok"));
+            drain(&mut s);
+            let mut events = Vec::new();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let last = if i + 1 == chunks.len() { " LAST" } else { "" };
+                s.feed(format!("BDAT {}{last}\r\n", chunk.len()).as_bytes());
+                s.feed(chunk);
+                let ev = drain(&mut s);
+                if ev.iter().any(|e| matches!(e, Event::ChunkEnd { .. })) {
+                    s.respond(Reply::new(250, "chunk ok"));
+                }
+                events.extend(ev);
+                events.extend(drain(&mut s));
+            }
+            assert_eq!(body_of(&events), clean, "{chunks:?}");
+            assert!(
+                matches!(events.last(), Some(Event::AbortData(r)) if r.code == 554),
+                "{chunks:?}: {events:?}"
+            );
+            s.feed(b"MAIL FROM:<a@b>\r\n");
+            assert!(
+                matches!(drain(&mut s).as_slice(), [Event::Mail { .. }]),
+                "a new transaction may start"
+            );
+        }
+    }
+
+    #[test]
+    fn control_characters_in_command_lines_are_refused() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@accepted.example> X\nRCPT TO:<victim@foreign.example>\r\n");
+        let ev = drain(&mut s);
+        assert!(matches!(ev.last(), Some(Event::Mail { .. })));
+        s.respond(Reply::new(250, "ok"));
+        let ev = drain(&mut s);
+        assert_eq!(codes(&ev), vec![250, 501], "{ev:?}");
+        assert!(!ev.iter().any(|e| matches!(e, Event::Rcpt { .. })));
     }
 }
