@@ -16,6 +16,12 @@ fn listener(body: &str) -> String {
     format!("[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\n{body}\n{GOOD_TAIL}")
 }
 
+/// A mail edge: accepted domains, one smtp listener, one outbound
+/// connector; `top` goes before the tables, `tail` after them.
+fn mail_edge(top: &str, tail: &str) -> String {
+    format!("{top}\naccepted_domains = [\"example.org\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n\n{tail}")
+}
+
 fn error_of(text: &str) -> String {
     match Config::parse(text, "relay.toml", std::env::temp_dir()) {
         Ok(config) => match Plan::build(&config, SelfSignedSource::Ephemeral) {
@@ -47,11 +53,35 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"bad domain\"]\nnext_hops = [\"127.0.0.1:25\"]\n".to_string(),
-            "relay.toml:8: outbound_connectors[0].recipient_domains[0]: invalid recipient domain 'bad domain', expected example.org, .example.org (subdomains) or *",
+            "relay.toml:8: outbound_connectors[0].recipient_domains[0]: invalid domain 'bad domain', expected example.org, .example.org (subdomains) or *",
         ),
         (
-            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n\n[[inbound_connectors]]\nname = \"partner\"\nclient_addresses = [\"10.0.0.0/33\"]\n".to_string(),
-            "relay.toml:13: inbound_connectors[0].client_addresses[0]: invalid address range '10.0.0.0/33', expected e.g. 192.0.2.0/24",
+            mail_edge("", "[[inbound_connectors]]\nname = \"partner\"\nclient_addresses = [\"10.0.0.0/33\"]\n"),
+            "relay.toml:16: inbound_connectors[0].client_addresses[0]: invalid address range '10.0.0.0/33', expected e.g. 192.0.2.0/24",
+        ),
+        (
+            mail_edge("", "").replace("accepted_domains = [\"example.org\"]", ""),
+            "relay.toml:5: listeners[0]: an smtp listener needs accepted_domains or an inbound connector with allow_relay = true: as configured it refuses every recipient",
+        ),
+        (
+            mail_edge("", "").replace("[\"example.org\"]", "[\"example.org\",\n  \"*\"]"),
+            "relay.toml:3: accepted_domains[1]: '*' accepts mail for every domain from anyone: an open relay; open_relay = true allows it (for a lab, never on the Internet)",
+        ),
+        (
+            mail_edge("", "[[inbound_connectors]]\nname = \"lab\"\ntls = \"required\"\nallow_relay = true\n"),
+            "relay.toml:17: inbound_connectors[0].allow_relay: lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names; open_relay = true allows it (for a lab, never on the Internet)",
+        ),
+        (
+            mail_edge("", "[[inbound_connectors]]\nname = \"lab\"\nclient_addresses = [\"10.0.0.0/8\", \"::/0\"]\nallow_relay = true\n"),
+            "relay.toml:17: inbound_connectors[0].allow_relay: lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names; open_relay = true allows it (for a lab, never on the Internet)",
+        ),
+        (
+            mail_edge("", "[[inbound_connectors]]\nname = \"partner\"\nclient_addresses = [\"192.0.2.0/24\"]\nsender_domains = [\"partner.example\", \"*\"]\n"),
+            "relay.toml:17: inbound_connectors[0].sender_domains[1]: '*' would claim every sender; name the partner's domains",
+        ),
+        (
+            mail_edge("", "[[inbound_connectors]]\nname = \"partner\"\ncertificate_names = [\"mail.partner.example\"]\n"),
+            "relay.toml:15: inbound_connectors[0].trust_anchors: client certificates need trust_anchors",
         ),
         (
             listener("tls.min_version = \"1.1\""),
@@ -183,6 +213,38 @@ fn file_problems_name_the_field_and_the_file() {
             "got: {err}"
         );
     }
+}
+
+/// A lab may run an open relay, but only when it says so, and `check`
+/// says it loudly.
+#[test]
+fn open_relay_is_accepted_only_when_asked_for_and_then_flagged() {
+    let lab = "[[inbound_connectors]]\nname = \"lab\"\nallow_relay = true\n";
+    assert!(error_of(&mail_edge("", lab)).contains("an open relay"));
+    let config = Config::parse(
+        &mail_edge("open_relay = true", lab),
+        "relay.toml",
+        std::env::temp_dir(),
+    )
+    .expect("allowed when asked for");
+    let plan = Plan::build(&config, SelfSignedSource::Ephemeral).unwrap();
+    assert!(
+        plan.description.iter().any(|l| l
+            .starts_with("WARNING: OPEN RELAY: connector lab lets any client relay to any domain")),
+        "{:#?}",
+        plan.description
+    );
+    // A closed edge says who may relay.
+    let edge = mail_edge("", "[[inbound_connectors]]\nname = \"on-premises\"\nclient_addresses = [\"10.0.0.0/24\"]\nallow_relay = true\n");
+    let config = Config::parse(&edge, "relay.toml", std::env::temp_dir()).unwrap();
+    let plan = Plan::build(&config, SelfSignedSource::Ephemeral).unwrap();
+    let said = plan.description.join("\n");
+    assert!(said.contains("accepted domains: example.org"), "{said}");
+    assert!(
+        said.contains("relaying to other domains: only sessions of on-premises (from 10.0.0.0/24); everyone else gets 554 5.7.1 Relay access denied"),
+        "{said}"
+    );
+    assert!(!said.contains("OPEN RELAY"), "{said}");
 }
 
 #[test]

@@ -14,6 +14,7 @@ fn relay_config(pki: &Pki, relay_cert: &Leaf, next_hop: u16, connector_tls: &str
     format!(
         r#"
 ebpf.enabled = false
+accepted_domains = ["partner.test"]
 [limits]
 smtp_timeout_scale = 0.1
 

@@ -7,10 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tlsrelay::report::{Direction, LegSecurity};
+use tlsrelay_tests::smtp_client::RawSmtp;
 use tlsrelay_tests::smtp_sink::{smtp_sink, Sink, SinkOptions};
 use tlsrelay_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 const MESSAGE: &str = "From: a@sender.test\nTo: x@partner.test\nSubject: through the relay\n\nline one\n.a line that starts with a dot\n..two dots\nlast line\n";
 
@@ -37,6 +36,7 @@ fn smtp_config(listener_tls: &str, connectors: &str) -> String {
     format!(
         r#"
 ebpf.enabled = false
+accepted_domains = ["partner.test", "elsewhere.test", "a.test", "b.test", ".b.test", "x.test"]
 [limits]
 smtp_timeout_scale = 0.05
 handshake_timeout = "5s"
@@ -332,46 +332,6 @@ async fn partner_connector_checks_client_certificates_and_sender_domains() {
     );
 }
 
-/// A raw SMTP client: write lines, read replies.
-struct Raw {
-    io: BufReader<TcpStream>,
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        let mut raw = Raw {
-            io: BufReader::new(TcpStream::connect(addr).await.unwrap()),
-        };
-        assert!(raw.reply().await.starts_with("220"));
-        raw
-    }
-
-    async fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(PATIENCE, self.io.read_line(&mut line))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "connection closed; so far: {all}");
-            all += &line;
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return all;
-            }
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.io.get_mut().write_all(bytes).await.unwrap();
-    }
-
-    async fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recipients_of_another_connector_get_452_and_go_in_a_second_transaction() {
     let pki = Pki::new();
@@ -391,7 +351,7 @@ async fn recipients_of_another_connector_get_452_and_go_in_a_second_transaction(
         ),
     );
     let relay = TestRelay::start(&conf, pki.dir()).await;
-    let mut c = Raw::connect(relay.addr("mx")).await;
+    let mut c = RawSmtp::connect(relay.addr("mx")).await;
     assert!(c.cmd("EHLO client.test").await.contains("CHUNKING"));
     assert!(c.cmd("MAIL FROM:<s@sender.test>").await.starts_with("250"));
     assert!(c.cmd("RCPT TO:<one@a.test>").await.starts_with("250 2.1.5"));
@@ -439,7 +399,7 @@ async fn bdat_is_relayed_as_bdat_or_converted_to_data() {
             &outbound("any", "\"*\"", next.addr, "tls.policy = \"plain\""),
         );
         let relay = TestRelay::start(&conf, pki.dir()).await;
-        let mut c = Raw::connect(relay.addr("mx")).await;
+        let mut c = RawSmtp::connect(relay.addr("mx")).await;
         c.cmd("EHLO client.test").await;
         c.cmd("MAIL FROM:<s@sender.test>").await;
         assert!(c.cmd("RCPT TO:<r@x.test>").await.starts_with("250"));
@@ -476,7 +436,7 @@ async fn plaintext_pipelined_after_starttls_is_not_executed() {
         &outbound("any", "\"*\"", next.addr, "tls.policy = \"plain\""),
     );
     let relay = TestRelay::start(&conf, pki.dir()).await;
-    let mut c = Raw::connect(relay.addr("mx")).await;
+    let mut c = RawSmtp::connect(relay.addr("mx")).await;
     c.cmd("EHLO client.test").await;
     c.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
         .await;

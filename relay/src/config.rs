@@ -13,6 +13,7 @@ use toml::Spanned;
 
 use crate::policy::{InboundMode, MinVersion, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
+use crate::smtp::address::DomainPattern;
 
 /// The configuration `tlsrelay run` uses when given no file: two loopback
 /// listeners in front of a local upstream, one opportunistic, one required.
@@ -101,6 +102,15 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    /// The organisation's own mail domains (`example.org`, `.example.org`
+    /// for its subdomains): mail for them is accepted from any client,
+    /// subject to the inbound connectors. Other domains only from clients
+    /// an inbound connector with `allow_relay` admits.
+    #[serde(default)]
+    pub accepted_domains: Vec<Spanned<DomainPattern>>,
+    /// Lets `check` pass a configuration that relays for anyone (a lab).
+    #[serde(default)]
+    pub open_relay: bool,
     #[serde(default)]
     pub inbound_connectors: Vec<InboundConnector>,
     #[serde(default)]
@@ -306,27 +316,49 @@ pub struct CertificateFiles {
 pub struct InboundConnector {
     pub name: Spanned<String>,
     #[serde(default)]
-    pub client_addresses: Vec<crate::smtp::session::Cidr>,
+    pub client_addresses: Vec<crate::smtp::address::Cidr>,
     #[serde(default)]
     pub certificate_names: Vec<NamePattern>,
     /// Mail claiming these sender domains must come through this connector
-    /// (over TLS, with a certificate named as above).
+    /// (meeting every condition it sets).
     #[serde(default)]
-    pub sender_domains: Vec<String>,
+    pub sender_domains: Vec<Spanned<DomainPattern>>,
     #[serde(default = "default_connector_tls")]
     pub tls: ConnectorTls,
     #[serde(default = "default_client_certificate")]
-    pub client_certificate: crate::smtp::session::ClientCertificate,
+    pub client_certificate: crate::smtp::admission::ClientCertificate,
     /// PEM file of the CAs client certificates must chain to.
     pub trust_anchors: Option<Spanned<PathBuf>>,
+    /// Sessions this connector claims, meeting every condition, may send
+    /// to any domain (on-premises servers, partners that relay through us).
+    pub allow_relay: Option<Spanned<bool>>,
+}
+
+impl InboundConnector {
+    /// The connector as the admission rules use it.
+    pub fn rules(&self) -> crate::smtp::admission::InboundConnector {
+        crate::smtp::admission::InboundConnector {
+            name: self.name.get_ref().clone(),
+            client_addresses: self.client_addresses.clone(),
+            certificate_names: self.certificate_names.clone(),
+            sender_domains: self
+                .sender_domains
+                .iter()
+                .map(|d| d.get_ref().clone())
+                .collect(),
+            tls_required: self.tls == ConnectorTls::Required,
+            client_certificate: self.client_certificate,
+            allow_relay: self.allow_relay.as_ref().is_some_and(|r| *r.get_ref()),
+        }
+    }
 }
 
 fn default_connector_tls() -> ConnectorTls {
     ConnectorTls::Opportunistic
 }
 
-fn default_client_certificate() -> crate::smtp::session::ClientCertificate {
-    crate::smtp::session::ClientCertificate::None
+fn default_client_certificate() -> crate::smtp::admission::ClientCertificate {
+    crate::smtp::admission::ClientCertificate::None
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,7 +377,7 @@ keywords!(ConnectorTls, "connector TLS", {
 pub struct OutboundConnector {
     pub name: Spanned<String>,
     /// `partner.example`, `.partner.example` (subdomains) or `*` (default).
-    pub recipient_domains: Vec<crate::smtp::session::DomainPattern>,
+    pub recipient_domains: Vec<DomainPattern>,
     /// Tried in order.
     pub next_hops: Vec<Spanned<HostPort>>,
     #[serde(default)]
@@ -493,8 +525,8 @@ macro_rules! deserialize_from_str {
     )+};
 }
 deserialize_from_str!(
-    crate::smtp::session::Cidr,
-    crate::smtp::session::DomainPattern
+    crate::smtp::address::Cidr,
+    crate::smtp::address::DomainPattern
 );
 
 /// Durations as `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
@@ -631,7 +663,9 @@ impl Config {
             }
         }
         for (i, c) in self.inbound_connectors.iter().enumerate() {
-            let wants_cert = c.client_certificate != crate::smtp::session::ClientCertificate::None;
+            let wants_cert = c.client_certificate
+                != crate::smtp::admission::ClientCertificate::None
+                || !c.certificate_names.is_empty();
             if wants_cert && c.trust_anchors.is_none() {
                 return Err(src.error(
                     c.name.span(),
@@ -711,6 +745,79 @@ impl Config {
                     "client certificates need TLS, but tls.mode is off",
                 ));
             }
+        }
+        self.validate_admission()
+    }
+
+    /// The accepted domains and inbound connectors as rules.
+    pub fn admission(&self) -> crate::smtp::admission::Admission {
+        crate::smtp::admission::Admission {
+            accepted_domains: self
+                .accepted_domains
+                .iter()
+                .map(|d| d.get_ref().clone())
+                .collect(),
+            connectors: self
+                .inbound_connectors
+                .iter()
+                .map(InboundConnector::rules)
+                .collect(),
+        }
+    }
+
+    /// What SMTP listeners would accept: nothing, or mail for anyone.
+    fn validate_admission(&self) -> Result<(), ConfigError> {
+        let src = &self.source;
+        let lab = "; open_relay = true allows it (for a lab, never on the Internet)";
+        for (i, d) in self.accepted_domains.iter().enumerate() {
+            if *d.get_ref() == DomainPattern::Any && !self.open_relay {
+                return Err(src.error(
+                    d.span(),
+                    format!("accepted_domains[{i}]"),
+                    format!("'*' accepts mail for every domain from anyone: an open relay{lab}"),
+                ));
+            }
+        }
+        for (i, c) in self.inbound_connectors.iter().enumerate() {
+            for (j, d) in c.sender_domains.iter().enumerate() {
+                if *d.get_ref() == DomainPattern::Any {
+                    return Err(src.error(
+                        d.span(),
+                        format!("inbound_connectors[{i}].sender_domains[{j}]"),
+                        "'*' would claim every sender; name the partner's domains",
+                    ));
+                }
+            }
+            let rules = c.rules();
+            if let (true, Some(relay)) = (rules.relays_for_anyone(), &c.allow_relay) {
+                if !self.open_relay {
+                    return Err(src.error(
+                        relay.span(),
+                        format!("inbound_connectors[{i}].allow_relay"),
+                        format!(
+                            "lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names{lab}"
+                        ),
+                    ));
+                }
+            }
+        }
+        let admits = !self.accepted_domains.is_empty()
+            || self
+                .inbound_connectors
+                .iter()
+                .any(|c| c.rules().allow_relay);
+        if let (false, Some((i, l))) = (
+            admits,
+            self.listeners
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.protocol == Protocol::Smtp),
+        ) {
+            return Err(src.error(
+                l.name.span(),
+                format!("listeners[{i}]"),
+                "an smtp listener needs accepted_domains or an inbound connector with allow_relay = true: as configured it refuses every recipient",
+            ));
         }
         Ok(())
     }

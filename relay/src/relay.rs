@@ -13,19 +13,20 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::bpf::WireCounters;
 use crate::config::{
-    CertificateFiles, ClientAuthMode, Config, ConfigError, ConnectorTls, Listener, Protocol,
-    Source, Upstream,
+    CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
 };
 use crate::policy::{InboundMode, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
+use crate::smtp::address::DomainPattern;
+use crate::smtp::admission::Admission;
 use crate::smtp::client::{NextHopPlan, OutboundConnector, SmtpTimeouts};
 use crate::smtp::server::StartTls;
-use crate::smtp::session::{DomainPattern, InboundConnector, SmtpListenerPlan};
+use crate::smtp::session::SmtpListenerPlan;
 use crate::tls::{
-    self, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned, UpstreamTls,
-    UpstreamTlsSettings,
+    self, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned,
+    UpstreamTls, UpstreamTlsSettings,
 };
 
 /// Where listeners without configured certificates get theirs.
@@ -57,6 +58,9 @@ impl Listening {
 struct SmtpShared {
     outbound: Vec<Arc<OutboundConnector>>,
     routes: Vec<(Vec<DomainPattern>, usize)>,
+    admission: Arc<Admission>,
+    /// Each inbound connector's client certificate anchors (by index).
+    connector_anchors: Vec<Option<Arc<rustls::RootCertStore>>>,
 }
 
 impl SmtpShared {
@@ -85,32 +89,41 @@ impl SmtpShared {
             }));
             routes.push((c.recipient_domains.clone(), i));
         }
-        Ok(SmtpShared { outbound, routes })
+        let mut connector_anchors = Vec::new();
+        for (i, c) in config.inbound_connectors.iter().enumerate() {
+            let roots = match &c.trust_anchors {
+                None => None,
+                Some(path) => Some(Arc::new(
+                    tls::load_roots(&src.resolve(path.get_ref())).map_err(|e| {
+                        src.error(
+                            path.span(),
+                            format!("inbound_connectors[{i}].trust_anchors"),
+                            e,
+                        )
+                    })?,
+                )),
+            };
+            connector_anchors.push(roots);
+        }
+        Ok(SmtpShared {
+            outbound,
+            routes,
+            admission: Arc::new(config.admission()),
+            connector_anchors,
+        })
     }
 
-    /// Client certificates are requested (never demanded at the TLS layer)
-    /// when an inbound connector wants them; the connector's rules decide
-    /// after the handshake. Anchors are the union of the connectors'.
-    fn client_auth(&self, config: &Config) -> Result<Option<ClientAuthSettings>, ConfigError> {
-        let src = &config.source;
-        let mut roots = rustls::RootCertStore::empty();
-        for (i, c) in config.inbound_connectors.iter().enumerate() {
-            if let Some(path) = &c.trust_anchors {
-                let loaded = tls::load_roots(&src.resolve(path.get_ref())).map_err(|e| {
-                    src.error(
-                        path.span(),
-                        format!("inbound_connectors[{i}].trust_anchors"),
-                        e,
-                    )
-                })?;
-                roots.roots.extend(loaded.roots);
-            }
-        }
-        Ok((!roots.is_empty()).then_some(ClientAuthSettings {
-            required: false,
-            roots,
-            names: Vec::new(),
-        }))
+    /// Client certificates are asked for (naming the connectors' CAs) when
+    /// an inbound connector has anchors, never demanded in the handshake:
+    /// the connectors' rules judge them afterwards.
+    fn client_auth(&self) -> Option<ClientAuth> {
+        let hints: Vec<_> = self
+            .connector_anchors
+            .iter()
+            .flatten()
+            .flat_map(|roots| roots.subjects())
+            .collect();
+        (!hints.is_empty()).then_some(ClientAuth::Deferred { hints })
     }
 
     fn listener(
@@ -130,22 +143,8 @@ impl SmtpShared {
             },
             implicit_tls: l.tls.mode == InboundMode::Implicit,
             tls,
-            inbound: config
-                .inbound_connectors
-                .iter()
-                .map(|c| InboundConnector {
-                    name: c.name.get_ref().clone(),
-                    client_addresses: c.client_addresses.clone(),
-                    certificate_names: c.certificate_names.clone(),
-                    sender_domains: c
-                        .sender_domains
-                        .iter()
-                        .map(|d| d.to_ascii_lowercase())
-                        .collect(),
-                    tls_required: c.tls == ConnectorTls::Required,
-                    client_certificate: c.client_certificate,
-                })
-                .collect(),
+            admission: self.admission.clone(),
+            connector_anchors: self.connector_anchors.clone(),
             outbound: self.outbound.clone(),
             routes: self.routes.clone(),
             timeouts: SmtpTimeouts::rfc5321(
@@ -185,7 +184,7 @@ impl Plan {
         for (i, l) in config.listeners.iter().enumerate() {
             let client_auth = match l.protocol {
                 Protocol::Tcp => None,
-                Protocol::Smtp => smtp.client_auth(config)?,
+                Protocol::Smtp => smtp.client_auth(),
             };
             let tls = match l.tls.mode {
                 InboundMode::Off => None,
@@ -223,6 +222,13 @@ impl Plan {
                 Protocol::Smtp => Listening::Smtp(Arc::new(smtp.listener(config, l, tls))),
             };
             listeners.push((l.address, listening));
+        }
+        if config
+            .listeners
+            .iter()
+            .any(|l| l.protocol == Protocol::Smtp)
+        {
+            description.extend(smtp.admission.describe());
         }
         description.extend(
             config
@@ -264,7 +270,7 @@ fn listener_tls(
     l: &Listener,
     self_signed: &SelfSignedSource,
     generated: &mut Option<Arc<rustls::sign::CertifiedKey>>,
-    connector_auth: Option<ClientAuthSettings>,
+    connector_auth: Option<ClientAuth>,
 ) -> Result<ListenerTls, ConfigError> {
     let mut certificates = Vec::new();
     for (j, files) in l.tls.certificates.iter().enumerate() {
@@ -290,7 +296,7 @@ fn listener_tls(
     }
     let client_auth = match &l.tls.client_auth {
         None => connector_auth,
-        Some(auth) => Some(ClientAuthSettings {
+        Some(auth) => Some(ClientAuth::Enforced(ClientAuthSettings {
             required: auth.mode == ClientAuthMode::Required,
             roots: tls::load_roots(&src.resolve(auth.trust_anchors.get_ref())).map_err(|e| {
                 src.error(
@@ -300,7 +306,7 @@ fn listener_tls(
                 )
             })?,
             names: auth.names.clone(),
-        }),
+        })),
     };
     let settings = ListenerTlsSettings {
         min_version: l.tls.min_version,
@@ -479,13 +485,14 @@ fn describe_inbound_connector(c: &crate::config::InboundConnector) -> String {
         }
     };
     format!(
-        "inbound connector {}: clients {}, certificate names {}, TLS {}, client certificate {}, sender domains {}",
+        "inbound connector {}: clients {}, certificate names {}, TLS {}, client certificate {}, sender domains {}, relay to any domain {}",
         c.name.get_ref(),
-        list(c.client_addresses.iter().map(|a| format!("{}/{}", a.network, a.prefix)).collect()),
+        list(c.client_addresses.iter().map(ToString::to_string).collect()),
         list(c.certificate_names.iter().map(ToString::to_string).collect()),
         c.tls,
         c.client_certificate,
-        list(c.sender_domains.clone()),
+        list(c.sender_domains.iter().map(|d| d.get_ref().to_string()).collect()),
+        if c.rules().allow_relay { "yes" } else { "no" },
     )
 }
 
@@ -493,11 +500,7 @@ fn describe_outbound_connector(c: &crate::config::OutboundConnector) -> String {
     let domains: Vec<String> = c
         .recipient_domains
         .iter()
-        .map(|d| match d {
-            DomainPattern::Exact(n) => n.clone(),
-            DomainPattern::Subdomains(n) => format!(".{n}"),
-            DomainPattern::Any => "*".into(),
-        })
+        .map(ToString::to_string)
         .collect();
     let hops: Vec<String> = c
         .next_hops

@@ -124,7 +124,7 @@ fn config(dir: &Path, leaf: &Leaf) -> String {
     std::fs::write(
         &file,
         format!(
-            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"mx.relay.test\"\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"any\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n",
+            "accepted_domains = [\"relay.test\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"mx.relay.test\"\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"any\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n",
             path(&leaf.chain),
             path(&leaf.key)
         ),

@@ -66,10 +66,13 @@ fn example_edge_config_is_valid_and_its_certificates_check() {
         "listener mx on 0.0.0.0:25 (smtp): inbound TLS opportunistic",
         "inbound connector partner-in: clients 192.0.2.0/24, certificate names mail.partner.example, TLS required, client certificate required",
         "revocation checked against 1 CRL file(s)",
+        "accepted domains: example.org, .example.org",
+        "relaying to other domains: only sessions of on-premises-in (from 10.0.0.0/24, over TLS); everyone else gets 554 5.7.1 Relay access denied",
         "presents a client certificate",
     ] {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
     }
+    assert!(!text.contains("OPEN RELAY"), "{text}");
     let out = Command::new(BIN)
         .args(["cert", "check", "--config"])
         .arg(&config)

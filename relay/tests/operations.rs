@@ -189,7 +189,7 @@ async fn smtp_relay(
     std::fs::write(
         &config,
         format!(
-            "ebpf.enabled = false\n[limits]\ndrain_timeout = \"1s\"\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[outbound_connectors]]\nname = \"partner\"\nrecipient_domains = [\"partner.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"opportunistic\"\n",
+            "ebpf.enabled = false\naccepted_domains = [\"partner.test\"]\n[limits]\ndrain_timeout = \"1s\"\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[outbound_connectors]]\nname = \"partner\"\nrecipient_domains = [\"partner.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"opportunistic\"\n",
             sink.addr
         ),
     )

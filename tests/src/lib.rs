@@ -595,6 +595,7 @@ pub fn tls_stat() -> HashMap<String, u64> {
         .collect()
 }
 
+pub mod smtp_client;
 pub mod smtp_sink;
 
 /// Runs swaks (the real SMTP test client) and returns its exit status and

@@ -4,10 +4,15 @@
 //! the relay's own codec so the two check each other.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
+use tokio::net::TcpListener;
 
 /// What the sink received in one accepted transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,34 +37,117 @@ pub struct SinkOptions {
 pub struct Sink {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// Every byte the sink read, across its connections, as plaintext
+    /// (after STARTTLS: decrypted): exactly what a next hop would parse.
+    pub wire: Arc<Mutex<Vec<u8>>>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Sink {
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn wire(&self) -> Vec<u8> {
+        self.wire.lock().unwrap().clone()
+    }
 }
 
 pub async fn smtp_sink(opts: SinkOptions) -> Sink {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
-    let store = received.clone();
+    let wire = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (store, record, count) = (received.clone(), wire.clone(), connections.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             let opts = opts.clone();
             let store = store.clone();
+            let wire = record.clone();
             tokio::spawn(async move {
-                let _ = serve(tcp, opts, store).await;
+                let _ = serve(tcp, wire, opts, store).await;
             });
         }
     });
-    Sink { addr, received }
+    Sink {
+        addr,
+        received,
+        wire,
+        connections,
+    }
+}
+
+/// Appends what is read through it to `wire` while `on` (the recorder
+/// under the TLS layer is switched off at STARTTLS and a new one goes
+/// above it, so only plaintext is recorded).
+struct Recorder<T> {
+    inner: T,
+    wire: Arc<Mutex<Vec<u8>>>,
+    on: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T> Recorder<T> {
+    fn new(inner: T, wire: Arc<Mutex<Vec<u8>>>) -> Recorder<T> {
+        Recorder {
+            inner,
+            wire,
+            on: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Recorder<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), true) = (&poll, this.on.load(Ordering::SeqCst)) {
+            this.wire
+                .lock()
+                .unwrap()
+                .extend_from_slice(&buf.filled()[before..]);
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Recorder<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 async fn serve(
-    tcp: TcpStream,
+    tcp: tokio::net::TcpStream,
+    wire: Arc<Mutex<Vec<u8>>>,
     opts: SinkOptions,
     store: Arc<Mutex<Vec<Received>>>,
 ) -> std::io::Result<()> {
-    let mut stream: BufReader<Box<dyn Io>> = BufReader::new(Box::new(tcp));
+    let plain = Recorder::new(tcp, wire.clone());
+    let plain_on = plain.on.clone();
+    let mut stream: BufReader<Box<dyn Io>> = BufReader::new(Box::new(plain));
     let mut tls = false;
     stream
         .get_mut()
@@ -92,8 +180,9 @@ async fn serve(
                 .await?;
             let inner = stream.into_inner();
             let acceptor = tokio_rustls::TlsAcceptor::from(opts.tls.clone().unwrap());
+            plain_on.store(false, Ordering::SeqCst);
             let tls_stream = acceptor.accept(inner).await?;
-            stream = BufReader::new(Box::new(tls_stream));
+            stream = BufReader::new(Box::new(Recorder::new(tls_stream, wire.clone())));
             tls = true;
             current = None;
             continue;

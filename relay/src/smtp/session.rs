@@ -3,7 +3,7 @@
 //! rules, the outbound connector chosen at the first RCPT, the next hop's
 //! replies relayed back, message bodies streamed through.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,159 +12,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use super::address::{route, DomainPattern};
+use super::admission::{Admission, Client, PresentedCertificate};
 use super::client::{establish, DotStuffer, NextHop, OutboundConnector, SmtpTimeouts};
-use super::codec::{domain_of, Reply};
+use super::codec::Reply;
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::policy::NamePattern;
+use crate::policy::{NamePattern, PeerTrust};
 use crate::pump::Leg;
 use crate::report::{inbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport};
-use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, RecordIo};
-
-/// An address range (`192.0.2.0/24`, `2001:db8::/32`, or one address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub network: IpAddr,
-    pub prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("invalid address range '{s}', expected e.g. 192.0.2.0/24");
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (
-                ip.parse::<IpAddr>().map_err(|_| bad())?,
-                Some(p.parse::<u8>().map_err(|_| bad())?),
-            ),
-            None => (s.parse::<IpAddr>().map_err(|_| bad())?, None),
-        };
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Cidr {
-            network: ip,
-            prefix,
-        })
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.network, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientCertificate {
-    None,
-    Requested,
-    Required,
-}
-keywords!(ClientCertificate, "client certificate requirement", {
-    None => "none",
-    Requested => "requested",
-    Required => "required",
-});
-
-/// Rules for sessions from a partner or an on-premises server.
-pub struct InboundConnector {
-    pub name: String,
-    /// Matches sessions from these ranges (any when empty).
-    pub client_addresses: Vec<Cidr>,
-    /// Matches sessions whose client certificate carries one of these names
-    /// (any when empty).
-    pub certificate_names: Vec<NamePattern>,
-    /// Mail from these domains must arrive through this connector.
-    pub sender_domains: Vec<String>,
-    pub tls_required: bool,
-    pub client_certificate: ClientCertificate,
-}
-
-impl InboundConnector {
-    fn matches(&self, ip: IpAddr, cert_names: &[String]) -> bool {
-        let address_ok = self.client_addresses.is_empty()
-            || self.client_addresses.iter().any(|c| c.contains(ip));
-        let name_ok = self.certificate_names.is_empty()
-            || NamePattern::any_matches(
-                &self.certificate_names,
-                cert_names.iter().map(String::as_str),
-            );
-        address_ok && name_ok
-    }
-}
-
-/// Which outbound connector takes a recipient domain: an exact domain, then
-/// the longest `.parent` match, then `*`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DomainPattern {
-    Exact(String),
-    Subdomains(String),
-    Any,
-}
-
-impl std::str::FromStr for DomainPattern {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<DomainPattern, String> {
-        let s = s.trim_end_matches('.').to_ascii_lowercase();
-        if s == "*" {
-            return Ok(DomainPattern::Any);
-        }
-        let (sub, name) = match s.strip_prefix('.') {
-            Some(rest) => (true, rest.to_string()),
-            None => (false, s.clone()),
-        };
-        if name.is_empty()
-            || name.contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
-        {
-            return Err(format!(
-                "invalid recipient domain '{s}', expected example.org, .example.org (subdomains) or *"
-            ));
-        }
-        Ok(if sub {
-            DomainPattern::Subdomains(name)
-        } else {
-            DomainPattern::Exact(name)
-        })
-    }
-}
-
-/// The connector (index) for `domain`, by the precedence above.
-pub fn route(domain: &str, connectors: &[(Vec<DomainPattern>, usize)]) -> Option<usize> {
-    let domain = domain.to_ascii_lowercase();
-    let mut best: Option<(usize, usize)> = None; // (rank, connector)
-    for (patterns, idx) in connectors {
-        for p in patterns {
-            let rank = match p {
-                DomainPattern::Exact(d) if *d == domain => usize::MAX,
-                DomainPattern::Subdomains(d) if domain.ends_with(&format!(".{d}")) => d.len() + 1,
-                DomainPattern::Any => 0,
-                _ => continue,
-            };
-            if best.is_none_or(|(r, _)| rank > r) {
-                best = Some((rank, *idx));
-            }
-        }
-    }
-    best.map(|(_, i)| i)
-}
+use crate::tls::{
+    cert_names, classify_failure, client_chain_verifies, ListenerTls, Negotiated, RecordIo,
+};
 
 /// Everything an SMTP listener's sessions need.
 pub struct SmtpListenerPlan {
@@ -174,7 +32,10 @@ pub struct SmtpListenerPlan {
     /// SMTPS: TLS from the first byte.
     pub implicit_tls: bool,
     pub tls: Option<ListenerTls>,
-    pub inbound: Vec<InboundConnector>,
+    /// Accepted domains, inbound connectors, who may relay.
+    pub admission: Arc<Admission>,
+    /// Each inbound connector's client certificate anchors (by index).
+    pub connector_anchors: Vec<Option<Arc<rustls::RootCertStore>>>,
     pub outbound: Vec<Arc<OutboundConnector>>,
     pub routes: Vec<(Vec<DomainPattern>, usize)>,
     pub timeouts: SmtpTimeouts,
@@ -209,8 +70,7 @@ struct Dialogue<'a> {
     plan: &'a SmtpListenerPlan,
     report: &'a mut SessionReport,
     peer: SocketAddr,
-    client_names: Vec<String>,
-    inbound: Option<usize>,
+    client: Client,
     mail: Option<(String, String)>,
     outbound: Option<Outbound>,
     transaction: Option<Transaction>,
@@ -238,8 +98,7 @@ pub async fn run(
         plan,
         report: &mut report,
         peer,
-        client_names: Vec::new(),
-        inbound: None,
+        client: Client::new(peer.ip()),
         mail: None,
         outbound: None,
         transaction: None,
@@ -257,30 +116,14 @@ pub async fn run(
 
 impl Dialogue<'_> {
     fn settings(&self) -> ServerSettings {
-        let required = self
-            .inbound
-            .is_some_and(|i| self.plan.inbound[i].tls_required);
         ServerSettings {
             hostname: self.plan.hostname.clone(),
-            starttls: match (self.plan.starttls, required) {
-                (StartTls::Unavailable, _) => StartTls::Unavailable,
-                (_, true) => StartTls::Required,
-                (s, false) => s,
-            },
+            starttls: self.plan.starttls,
             max_message_size: self.plan.max_message_size,
         }
     }
 
-    fn choose_inbound(&mut self) {
-        self.inbound = self
-            .plan
-            .inbound
-            .iter()
-            .position(|c| c.matches(self.peer.ip(), &self.client_names));
-    }
-
     async fn run(&mut self, client: TcpStream) -> Outcome {
-        self.choose_inbound();
         let mut leg = Leg::Plain(client);
         if self.plan.implicit_tls {
             leg = match self.accept_tls(leg).await {
@@ -310,7 +153,6 @@ impl Dialogue<'_> {
                             Ok(leg) => leg,
                             Err(outcome) => return outcome,
                         };
-                        self.choose_inbound();
                         server = Server::new(self.settings());
                         server.tls_established();
                     }
@@ -322,8 +164,7 @@ impl Dialogue<'_> {
                         };
                     }
                     other => {
-                        let tls = server.tls_active();
-                        if let Some(reply) = self.relay_event(other, tls).await {
+                        if let Some(reply) = self.relay_event(other).await {
                             server.respond(reply);
                         }
                     }
@@ -421,12 +262,10 @@ impl Dialogue<'_> {
         stream.get_mut().0.pass_through();
         let conn = stream.get_ref().1;
         let negotiated = Negotiated::of(conn);
-        let trust = tls.client_trust(conn.peer_certificates());
-        self.client_names = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(cert_names)
-            .unwrap_or_default();
+        let chain = conn.peer_certificates().unwrap_or_default();
+        self.client.tls = true;
+        self.client.certificate = self.presented(chain);
+        let trust = self.client_trust(tls, chain);
         tracing::info!(
             session = self.report.id,
             "{}",
@@ -436,58 +275,74 @@ impl Dialogue<'_> {
             negotiated,
             trust,
             server_name: conn.server_name().map(str::to_string),
-            peer_names: self.client_names.clone(),
+            peer_names: self
+                .client
+                .certificate
+                .as_ref()
+                .map(|c| c.names.clone())
+                .unwrap_or_default(),
         });
         Ok(Leg::TlsServer(Box::new(stream)))
     }
 
-    /// Checks the inbound connector's rules for a sender.
-    fn sender_refusal(&self, from: &str, tls: bool) -> Option<Reply> {
-        if let Some(i) = self.inbound {
-            let c = &self.plan.inbound[i];
-            let has_cert = !self.client_names.is_empty();
-            let named = NamePattern::any_matches(
-                &c.certificate_names,
-                self.client_names.iter().map(String::as_str),
-            );
-            if c.client_certificate == ClientCertificate::Required
-                && !(has_cert && (named || c.certificate_names.is_empty()))
-            {
-                return Some(Reply::new(
-                    451,
-                    format!(
-                        "4.7.1 Connector {} requires a client certificate with an allowed name",
-                        c.name
-                    ),
-                ));
-            }
-        }
-        let domain = domain_of(from)?;
-        let owner = self
+    /// The client certificate, and which inbound connectors' anchors its
+    /// chain leads to.
+    fn presented(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Option<PresentedCertificate> {
+        let end_entity = chain.first()?;
+        let trusted_by = self
             .plan
-            .inbound
+            .connector_anchors
             .iter()
-            .find(|c| c.sender_domains.contains(&domain))?;
-        let named = NamePattern::any_matches(
-            &owner.certificate_names,
-            self.client_names.iter().map(String::as_str),
-        );
-        if tls && named {
-            return None;
-        }
-        Some(Reply::new(
-            451,
-            format!(
-                "4.7.1 Mail from {domain} must arrive over TLS with a certificate of connector {}",
-                owner.name
-            ),
-        ))
+            .enumerate()
+            .filter(|(_, roots)| {
+                roots
+                    .as_ref()
+                    .is_some_and(|roots| client_chain_verifies(roots, chain))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        Some(PresentedCertificate {
+            names: cert_names(end_entity),
+            trusted_by,
+        })
     }
 
-    async fn relay_event(&mut self, event: Event, tls: bool) -> Option<Reply> {
+    /// The trust word for the inbound TLS line: a listener that checks
+    /// client certificates in the handshake knows; otherwise the
+    /// connectors' anchors and names decide.
+    fn client_trust(
+        &self,
+        tls: &ListenerTls,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> PeerTrust {
+        let Some(cert) = &self.client.certificate else {
+            return PeerTrust::Anonymous;
+        };
+        if !tls.defers_client_certificates() {
+            return tls.client_trust(Some(chain));
+        }
+        let connectors = &self.plan.admission.connectors;
+        let named = cert.trusted_by.iter().any(|&i| {
+            !connectors[i].certificate_names.is_empty()
+                && NamePattern::any_matches(
+                    &connectors[i].certificate_names,
+                    cert.names.iter().map(String::as_str),
+                )
+        });
+        match (cert.trusted_by.is_empty(), named) {
+            (true, _) => PeerTrust::Untrusted,
+            (false, true) => PeerTrust::Verified,
+            (false, false) => PeerTrust::Trusted,
+        }
+    }
+
+    async fn relay_event(&mut self, event: Event) -> Option<Reply> {
         match event {
             Event::Mail { from, params } => {
-                if let Some(refusal) = self.sender_refusal(&from, tls) {
+                if let Err(refusal) = self.plan.admission.check_sender(&self.client, &from) {
                     return Some(refusal);
                 }
                 // The connector is chosen at the first RCPT: MAIL is replayed
@@ -642,8 +497,9 @@ impl Dialogue<'_> {
     }
 
     async fn rcpt(&mut self, to: String, params: String) -> Reply {
-        let Some(domain) = domain_of(&to) else {
-            return Reply::new(550, "5.1.3 Recipient address needs a domain");
+        let domain = match self.plan.admission.check_recipient(&self.client, &to) {
+            Ok(domain) => domain,
+            Err(refusal) => return refusal,
         };
         let Some(connector) = route(&domain, &self.plan.routes) else {
             return Reply::new(
@@ -745,46 +601,5 @@ fn spaced(params: &str) -> String {
         String::new()
     } else {
         format!(" {params}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidr_ranges() {
-        let net: Cidr = "192.0.2.0/24".parse().unwrap();
-        assert!(net.contains("192.0.2.77".parse().unwrap()));
-        assert!(!net.contains("192.0.3.1".parse().unwrap()));
-        assert!(
-            net.contains("::ffff:192.0.2.1".parse().unwrap()),
-            "v4-mapped v6 matches"
-        );
-        let v6: Cidr = "2001:db8::/32".parse().unwrap();
-        assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("127.0.0.1"
-            .parse::<Cidr>()
-            .unwrap()
-            .contains("127.0.0.1".parse().unwrap()));
-    }
-
-    #[test]
-    fn routing_prefers_exact_then_longest_parent_then_default() {
-        let p = |s: &str| s.parse::<DomainPattern>().unwrap();
-        let routes = vec![
-            (vec![p("*")], 0),
-            (vec![p(".partner.example")], 1),
-            (vec![p("partner.example"), p("mx.partner.example")], 2),
-            (vec![p(".eu.partner.example")], 3),
-        ];
-        assert_eq!(route("partner.example", &routes), Some(2));
-        assert_eq!(route("a.partner.example", &routes), Some(1));
-        assert_eq!(route("mx.partner.example", &routes), Some(2));
-        assert_eq!(route("x.eu.partner.example", &routes), Some(3));
-        assert_eq!(route("elsewhere.example", &routes), Some(0));
-        assert_eq!(route("elsewhere.example", &routes[1..]), None);
-        assert!("bad domain".parse::<DomainPattern>().is_err());
     }
 }

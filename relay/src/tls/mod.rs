@@ -25,7 +25,9 @@ pub use certs::{
 };
 pub use client::{UpstreamTls, UpstreamTlsSettings};
 pub use record_io::RecordIo;
-pub use server::{ClientAuthSettings, ListenerTls, ListenerTlsSettings};
+pub use server::{
+    client_chain_verifies, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings,
+};
 
 use crate::policy::{MinVersion, TlsFailure};
 

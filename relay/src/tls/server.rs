@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -13,7 +14,7 @@ use rustls::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{cert_names, provider, versions, TlsError};
+use super::{cert_names, provider, signature_algorithms, versions, TlsError};
 use crate::policy::{MinVersion, NamePattern, PeerTrust};
 
 /// What a listener's TLS is built from (files already loaded).
@@ -22,7 +23,18 @@ pub struct ListenerTlsSettings {
     /// Served by SNI; the default is served when no name matches.
     pub certificates: Vec<Arc<CertifiedKey>>,
     pub default_certificate: usize,
-    pub client_auth: Option<ClientAuthSettings>,
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How a listener treats client certificates.
+pub enum ClientAuth {
+    /// Checked in the handshake: chain to the anchors, a name allowed.
+    Enforced(ClientAuthSettings),
+    /// Asked for (naming these CAs) but never refused in the handshake:
+    /// any certificate whose key the client proves is accepted, and the
+    /// SMTP inbound connectors judge its chain afterwards, so a mail server
+    /// presenting a certificate from some other CA keeps its STARTTLS.
+    Deferred { hints: Vec<DistinguishedName> },
 }
 
 pub struct ClientAuthSettings {
@@ -36,6 +48,7 @@ pub struct ClientAuthSettings {
 pub struct ListenerTls {
     config: Arc<ServerConfig>,
     client_names_checked: bool,
+    deferred: bool,
 }
 
 impl ListenerTls {
@@ -44,13 +57,20 @@ impl ListenerTls {
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(settings.min_version))
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        let client_names_checked = settings
-            .client_auth
-            .as_ref()
-            .is_some_and(|a| !a.names.is_empty());
+        let deferred = matches!(&settings.client_auth, Some(ClientAuth::Deferred { .. }));
+        let client_names_checked = matches!(
+            &settings.client_auth,
+            Some(ClientAuth::Enforced(a)) if !a.names.is_empty()
+        );
         let builder = match settings.client_auth {
             None => builder.with_no_client_auth(),
-            Some(auth) => {
+            Some(ClientAuth::Deferred { hints }) => {
+                builder.with_client_cert_verifier(Arc::new(DeferredClientCertificate {
+                    hints,
+                    algorithms: provider.signature_verification_algorithms,
+                }))
+            }
+            Some(ClientAuth::Enforced(auth)) => {
                 let mut webpki =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(auth.roots), provider);
                 if !auth.required {
@@ -73,11 +93,18 @@ impl ListenerTls {
         Ok(ListenerTls {
             config: Arc::new(config),
             client_names_checked,
+            deferred,
         })
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.config.clone())
+    }
+
+    /// Whether client certificates are judged after the handshake
+    /// ([`ClientAuth::Deferred`]).
+    pub fn defers_client_certificates(&self) -> bool {
+        self.deferred
     }
 
     /// How far the client's certificate was established. Only called after
@@ -194,6 +221,85 @@ impl ClientCertVerifier for AllowedClientNames {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Accepts any well-formed client certificate whose key signs the
+/// handshake; see [`ClientAuth::Deferred`].
+#[derive(Debug)]
+struct DeferredClientCertificate {
+    hints: Vec<DistinguishedName>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for DeferredClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Whether a client's chain (end entity first) leads to `roots` for client
+/// authentication, now.
+pub fn client_chain_verifies(roots: &RootCertStore, chain: &[CertificateDer<'_>]) -> bool {
+    let Some((end_entity, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    let Ok(ee) = webpki::EndEntityCert::try_from(end_entity) else {
+        return false;
+    };
+    ee.verify_for_usage(
+        signature_algorithms().all,
+        &roots.roots,
+        intermediates,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .is_ok()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,69 @@
+//! A raw SMTP client for tests: writes exactly the bytes it is given (so it
+//! can send what no well-behaved client would), reads whole replies, and
+//! can connect from a chosen loopback address to play a stranger.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::PATIENCE;
+
+pub struct RawSmtp {
+    io: BufReader<TcpStream>,
+}
+
+impl RawSmtp {
+    /// Connects and reads the 220 greeting.
+    pub async fn connect(addr: SocketAddr) -> RawSmtp {
+        Self::greeted(TcpStream::connect(addr).await.unwrap()).await
+    }
+
+    /// Connects from `local` (e.g. 127.0.0.2: any 127/8 address is this
+    /// host's) and reads the greeting.
+    pub async fn connect_from(local: IpAddr, addr: SocketAddr) -> RawSmtp {
+        let socket = match local {
+            IpAddr::V4(_) => TcpSocket::new_v4(),
+            IpAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .unwrap();
+        socket.bind(SocketAddr::new(local, 0)).unwrap();
+        Self::greeted(socket.connect(addr).await.unwrap()).await
+    }
+
+    async fn greeted(tcp: TcpStream) -> RawSmtp {
+        let mut raw = RawSmtp {
+            io: BufReader::new(tcp),
+        };
+        let greeting = raw.reply().await;
+        assert!(greeting.starts_with("220"), "{greeting}");
+        raw
+    }
+
+    /// One whole (possibly multi-line) reply.
+    pub async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(PATIENCE, self.io.read_line(&mut line))
+                .await
+                .expect("a reply within the patience")
+                .unwrap();
+            assert!(n > 0, "connection closed; so far: {all}");
+            all += &line;
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// Sends `line` with CRLF and returns the reply.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+}
