@@ -117,7 +117,7 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.policy = \"plain\"\ntls.verify = \"name\""),
-            "relay.toml:9: upstreams[0].tls.verify: a verification level needs policy opportunistic or required, not plain",
+            "relay.toml:11: upstreams[0].tls.verify: a verification level needs policy opportunistic or required, not plain",
         ),
         (
             listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.names = [\"bad name\"]"),
@@ -141,12 +141,23 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             format!("[limits]\nmax_connections = 0\n{}", listener("")),
-            "relay.toml:1: limits.max_connections: must be at least 1",
+            "relay.toml:2: limits.max_connections: must be at least 1",
         ),
         (GOOD_TAIL.to_string(), "relay.toml:1: listeners: no listeners configured"),
         (
             "[[listeners]\nname = \"a\"\n".to_string(),
             "relay.toml:1: (syntax): unclosed array table, expected `]`",
+        ),
+        (
+            mail_edge("", "").replace(
+                "next_hops = [\"127.0.0.1:25\"]\n",
+                "next_hops = [\"127.0.0.1:25\"]\ntls.policy = \"plain\"\n\ntls.verify = \"certificate\"\n",
+            ),
+            "relay.toml:15: outbound_connectors[0].tls.verify: a verification level needs policy opportunistic or required, not plain",
+        ),
+        (
+            "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:8000\"\nupstream = \"up\"\n\n[[listeners]]\nname = \"b\"\nupstream = \"up\"\naddress = \"127.0.0.1:8000\"\n".to_string() + GOOD_TAIL,
+            "relay.toml:9: listeners[1].address: address 127.0.0.1:8000 is used by another listener",
         ),
         (
             listener("tls.mode = 3"),

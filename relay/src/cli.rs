@@ -202,7 +202,7 @@ fn run(
                 .listeners
                 .iter()
                 .filter(|l| l.protocol == crate::config::Protocol::Smtp)
-                .map(|l| l.address.port()),
+                .map(|l| l.address.get_ref().port()),
         );
         match crate::bpf::WireCounters::start(&settings) {
             Ok(w) => Ok(std::sync::Arc::new(w)),

@@ -123,7 +123,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Concurrent client connections across all listeners; more are closed.
-    pub max_connections: usize,
+    pub max_connections: Spanned<usize>,
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     #[serde(with = "duration")]
@@ -143,7 +143,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 10_000,
+            max_connections: Spanned::new(0..0, 10_000),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -236,8 +236,8 @@ keywords!(Protocol, "protocol", { Tcp => "tcp", Smtp => "smtp" });
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: Spanned<String>,
-    #[serde(deserialize_with = "socket_addr")]
-    pub address: SocketAddr,
+    #[serde(deserialize_with = "spanned_socket_addr")]
+    pub address: Spanned<SocketAddr>,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
     /// Name of the upstream route sessions are relayed to (tcp; smtp
@@ -263,6 +263,20 @@ fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::
             "invalid address '{text}', expected ip:port or [ipv6]:port"
         ))
     })
+}
+
+fn spanned_socket_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Spanned<SocketAddr>, D::Error> {
+    let text = Spanned::<String>::deserialize(d)?;
+    let span = text.span();
+    let address = text.get_ref().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address '{}', expected ip:port or [ipv6]:port",
+            text.get_ref()
+        ))
+    })?;
+    Ok(Spanned::new(span, address))
 }
 
 fn default_protocol() -> Protocol {
@@ -421,7 +435,7 @@ pub struct OutboundTls {
     #[serde(default = "default_outbound_policy")]
     pub policy: OutboundPolicy,
     /// Default: `encryption-only` when opportunistic, `name` when required.
-    pub verify: Option<Verification>,
+    pub verify: Option<Spanned<Verification>>,
     /// Names accepted under `verify = "name"`; default the server name.
     #[serde(default)]
     pub names: Vec<NamePattern>,
@@ -459,9 +473,21 @@ fn default_outbound_policy() -> OutboundPolicy {
 }
 
 impl OutboundTls {
+    /// A verification level only means something when TLS is tried.
+    fn check_verify(&self, src: &Source, field: &str) -> Result<(), ConfigError> {
+        match &self.verify {
+            Some(v) if self.policy == OutboundPolicy::Plain => Err(src.error(
+                v.span(),
+                field,
+                "a verification level needs policy opportunistic or required, not plain",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The verification level in force, after defaults.
     pub fn verification(&self) -> Verification {
-        self.verify.unwrap_or(match self.policy {
+        self.verify.as_ref().map(|v| *v.get_ref()).unwrap_or(match self.policy {
             OutboundPolicy::Required => Verification::Name,
             OutboundPolicy::Plain | OutboundPolicy::Opportunistic => Verification::EncryptionOnly,
         })
@@ -625,8 +651,12 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(src.error(0..0, "listeners", "no listeners configured"));
         }
-        if self.limits.max_connections == 0 {
-            return Err(src.error(0..0, "limits.max_connections", "must be at least 1"));
+        if *self.limits.max_connections.get_ref() == 0 {
+            return Err(src.error(
+                self.limits.max_connections.span(),
+                "limits.max_connections",
+                "must be at least 1",
+            ));
         }
         let mut upstream_names = HashSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
@@ -637,13 +667,7 @@ impl Config {
                     format!("duplicate upstream name '{}'", up.name.get_ref()),
                 ));
             }
-            if up.tls.policy == OutboundPolicy::Plain && up.tls.verify.is_some() {
-                return Err(src.error(
-                    up.address.span(),
-                    format!("upstreams[{i}].tls.verify"),
-                    "a verification level needs policy opportunistic or required, not plain",
-                ));
-            }
+            up.tls.check_verify(src, &format!("upstreams[{i}].tls.verify"))?;
         }
         let mut connector_names = HashSet::new();
         for (i, c) in self.outbound_connectors.iter().enumerate() {
@@ -654,6 +678,8 @@ impl Config {
                     format!("duplicate connector name '{}'", c.name.get_ref()),
                 ));
             }
+            c.tls
+                .check_verify(src, &format!("outbound_connectors[{i}].tls.verify"))?;
             if c.next_hops.is_empty() || c.recipient_domains.is_empty() {
                 return Err(src.error(
                     c.name.span(),
@@ -684,11 +710,12 @@ impl Config {
                     format!("duplicate listener name '{}'", l.name.get_ref()),
                 ));
             }
-            if l.address.port() != 0 && !addresses.insert(l.address) {
+            let address = *l.address.get_ref();
+            if address.port() != 0 && !addresses.insert(address) {
                 return Err(src.error(
-                    l.name.span(),
+                    l.address.span(),
                     format!("listeners[{i}].address"),
-                    format!("address {} is used by another listener", l.address),
+                    format!("address {address} is used by another listener"),
                 ));
             }
             match (l.protocol, &l.upstream) {

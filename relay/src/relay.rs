@@ -221,7 +221,7 @@ impl Plan {
                 }
                 Protocol::Smtp => Listening::Smtp(Arc::new(smtp.listener(config, l, tls))),
             };
-            listeners.push((l.address, listening));
+            listeners.push((*l.address.get_ref(), listening));
         }
         if config
             .listeners
@@ -246,7 +246,7 @@ impl Plan {
         description.push(describe_dataplane(config));
         Ok(Plan {
             listeners,
-            max_connections: config.limits.max_connections,
+            max_connections: *config.limits.max_connections.get_ref(),
             description,
         })
     }
@@ -433,7 +433,7 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
     let mut s = format!(
         "listener {} on {} ({}): inbound TLS {}",
         l.name.get_ref(),
-        l.address,
+        l.address.get_ref(),
         l.protocol,
         l.tls.mode
     );

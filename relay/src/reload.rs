@@ -47,7 +47,7 @@ impl Reloader {
             config,
             state_dir,
             switch,
-            max_connections: current.limits.max_connections,
+            max_connections: *current.limits.max_connections.get_ref(),
             watched: Mutex::new(watched),
         }
     }
