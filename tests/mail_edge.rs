@@ -526,3 +526,83 @@ async fn bare_line_ends_in_bdat_and_in_commands_are_refused_too() {
     assert_eq!(hops.delivered(), (0, 0));
     assert_eq!(hops.outside.connections(), 0);
 }
+
+/// What the session report says: a cleartext transaction on a listener
+/// that offers STARTTLS is an inbound downgrade; the relay's own refusals
+/// are in the transactions; a failed STARTTLS is not "plaintext".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_record_cleartext_mail_refusals_and_failed_starttls() {
+    use tlsrelay::report::{Direction, Outcome};
+    let pki = Pki::new();
+    let hops = NextHops::new().await;
+    let partner = "[[inbound_connectors]]\nname = \"partner-in\"\nclient_addresses = [\"127.0.0.1/32\"]\ntls = \"required\"\n";
+    let mut relay = TestRelay::start(&hops.config("127.0.0.1:0", partner), pki.dir()).await;
+    let mx = relay.addr("mx");
+
+    let mut c = RawSmtp::connect_from(STRANGER, mx).await;
+    assert!(c.cmd("EHLO client.test").await.contains("STARTTLS"));
+    assert!(c.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<x@gmail.example>")
+        .await
+        .starts_with("554 5.7.1"));
+    assert!(c.cmd("RCPT TO:<ceo@example.org>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c.cmd("Subject: s\r\n\r\nx\r\n.").await.starts_with("250"));
+    c.cmd("QUIT").await;
+    let report = relay.next_report().await;
+    let d = report
+        .downgraded(Direction::Inbound)
+        .expect("downgrade recorded");
+    assert_eq!(d.reason, "client did not use STARTTLS", "{report}");
+    assert_eq!(report.transactions.len(), 1, "{report}");
+    assert_eq!(
+        report.transactions[0].refused,
+        ["554 5.7.1 <x@gmail.example>: Relay access denied"]
+    );
+    assert!(report
+        .to_string()
+        .contains("downgrade(inbound)=\"client did not use STARTTLS\""));
+
+    // The partner's address without TLS: the 451 is in the report.
+    let mut c = RawSmtp::connect_from(PARTNER, mx).await;
+    c.cmd("EHLO partner.test").await;
+    assert!(c
+        .cmd("MAIL FROM:<boss@partner.test>")
+        .await
+        .starts_with("451 4.7.1"));
+    c.cmd("QUIT").await;
+    let report = relay.next_report().await;
+    let result = report.transactions[0].result.clone().unwrap_or_default();
+    assert!(
+        result.starts_with("451 4.7.1 Connector partner-in (client address): TLS is required"),
+        "{report}"
+    );
+    assert!(
+        report.to_string().contains("result=\"451 4.7.1"),
+        "{report}"
+    );
+
+    // STARTTLS accepted, then garbage instead of a ClientHello.
+    let mut c = RawSmtp::connect_from(STRANGER, mx).await;
+    c.cmd("EHLO client.test").await;
+    assert!(c.cmd("STARTTLS").await.starts_with("220"));
+    c.send(b"this is not TLS\r\n").await;
+    let report = relay.next_report().await;
+    assert_eq!(
+        report.inbound, None,
+        "a failed STARTTLS is not plaintext: {report}"
+    );
+    assert!(
+        matches!(
+            &report.outcome,
+            Outcome::Refused {
+                leg: Direction::Inbound,
+                ..
+            }
+        ),
+        "{report}"
+    );
+    assert!(report.downgraded(Direction::Inbound).is_none(), "{report}");
+    assert_eq!(hops.delivered(), (1, 0));
+}

@@ -487,10 +487,15 @@ impl OutboundTls {
 
     /// The verification level in force, after defaults.
     pub fn verification(&self) -> Verification {
-        self.verify.as_ref().map(|v| *v.get_ref()).unwrap_or(match self.policy {
-            OutboundPolicy::Required => Verification::Name,
-            OutboundPolicy::Plain | OutboundPolicy::Opportunistic => Verification::EncryptionOnly,
-        })
+        self.verify
+            .as_ref()
+            .map(|v| *v.get_ref())
+            .unwrap_or(match self.policy {
+                OutboundPolicy::Required => Verification::Name,
+                OutboundPolicy::Plain | OutboundPolicy::Opportunistic => {
+                    Verification::EncryptionOnly
+                }
+            })
     }
 }
 
@@ -667,7 +672,8 @@ impl Config {
                     format!("duplicate upstream name '{}'", up.name.get_ref()),
                 ));
             }
-            up.tls.check_verify(src, &format!("upstreams[{i}].tls.verify"))?;
+            up.tls
+                .check_verify(src, &format!("upstreams[{i}].tls.verify"))?;
         }
         let mut connector_names = HashSet::new();
         for (i, c) in self.outbound_connectors.iter().enumerate() {

@@ -171,7 +171,8 @@ impl fmt::Display for SessionReport {
             self.upstream,
         )?;
         if let Some(addr) = self.upstream_addr {
-            write!(f, "[{addr}]")?;
+            // Postfix's form: name[address]:port, IPv6 without brackets.
+            write!(f, "[{}]:{}", addr.ip(), addr.port())?;
         }
         write!(f, " outbound={}", leg(&self.outbound))?;
         for d in &self.downgrades {
@@ -206,12 +207,16 @@ impl fmt::Display for SessionReport {
         for t in &self.transactions {
             write!(
                 f,
-                " mail(from=<{}> to={} via={} result=\"{}\")",
+                " mail(from=<{}> to={} via={} result=\"{}\"",
                 t.from,
                 t.recipients.len(),
                 t.next_hop.as_deref().unwrap_or("-"),
                 t.result.as_deref().unwrap_or("-")
             )?;
+            for r in &t.refused {
+                write!(f, " refused=\"{r}\"")?;
+            }
+            f.write_str(")")?;
         }
         write!(
             f,
@@ -255,6 +260,14 @@ pub fn outbound_tls_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_upstream_prints_as_postfix_does() {
+        let mut r = SessionReport::new(1, "l", "[::1]:5000".parse().unwrap(), "local");
+        r.upstream_addr = Some("[::1]:4432".parse().unwrap());
+        let line = r.to_string();
+        assert!(line.contains(" upstream=local[::1]:4432 "), "{line}");
+    }
 
     #[test]
     fn postfix_style_lines() {

@@ -17,7 +17,7 @@ use super::admission::{Admission, Client, PresentedCertificate};
 use super::client::{establish, DotStuffer, NextHop, OutboundConnector, SmtpTimeouts};
 use super::codec::Reply;
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::policy::{NamePattern, PeerTrust};
+use crate::policy::{NamePattern, PeerTrust, TlsFailure};
 use crate::pump::Leg;
 use crate::report::{inbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport};
 use crate::tls::{
@@ -50,8 +50,12 @@ pub struct Transaction {
     pub connector: Option<String>,
     pub next_hop: Option<String>,
     pub outbound: Option<LegSecurity>,
-    /// The reply the sender got at the end (the next hop's, or the relay's 4xx).
+    /// The reply the sender got at the end (the next hop's, or the relay's
+    /// own refusal of the sender).
     pub result: Option<String>,
+    /// Recipients the relay itself refused, with the reply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
 }
 
 /// The next hop of the transaction under way.
@@ -245,18 +249,9 @@ impl Dialogue<'_> {
         .await;
         let mut stream = match accepted {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let failure = classify_failure(&e);
-                return Err(Outcome::Refused {
-                    leg: Direction::Inbound,
-                    reason: failure.to_string(),
-                    failure: Some(failure),
-                });
-            }
+            Ok(Err(e)) => return Err(self.handshake_failed(classify_failure(&e))),
             Err(_) => {
-                return Err(Outcome::Failed {
-                    reason: "TLS handshake timed out".into(),
-                })
+                return Err(self.handshake_failed(TlsFailure::HandshakeFailed("timed out".into())))
             }
         };
         stream.get_mut().0.pass_through();
@@ -283,6 +278,33 @@ impl Dialogue<'_> {
                 .unwrap_or_default(),
         });
         Ok(Leg::TlsServer(Box::new(stream)))
+    }
+
+    /// The inbound TLS handshake failed (as a TCP session reports it): the
+    /// leg never got a security to report, not even plaintext.
+    fn handshake_failed(&mut self, failure: TlsFailure) -> Outcome {
+        tracing::info!(session = self.report.id, client = %self.peer, "inbound {failure}");
+        self.report.inbound = None;
+        Outcome::Refused {
+            leg: Direction::Inbound,
+            reason: failure.to_string(),
+            failure: Some(failure),
+        }
+    }
+
+    /// A mail transaction in cleartext on a listener that offers STARTTLS
+    /// is a downgrade, as the wire witness counts it (once per session).
+    fn note_cleartext_mail(&mut self) {
+        if self.client.tls
+            || self.plan.starttls == StartTls::Unavailable
+            || self.report.downgraded(Direction::Inbound).is_some()
+        {
+            return;
+        }
+        self.report.downgrades.push(Downgrade {
+            leg: Direction::Inbound,
+            reason: "client did not use STARTTLS".into(),
+        });
     }
 
     /// The client certificate, and which inbound connectors' anchors its
@@ -342,19 +364,24 @@ impl Dialogue<'_> {
     async fn relay_event(&mut self, event: Event) -> Option<Reply> {
         match event {
             Event::Mail { from, params } => {
-                if let Err(refusal) = self.plan.admission.check_sender(&self.client, &from) {
-                    return Some(refusal);
-                }
-                // The connector is chosen at the first RCPT: MAIL is replayed
-                // there, and its reply reaches the sender as that RCPT's.
-                self.transaction = Some(Transaction {
+                self.note_cleartext_mail();
+                let mut transaction = Transaction {
                     from: from.clone(),
                     recipients: Vec::new(),
                     connector: None,
                     next_hop: None,
                     outbound: None,
                     result: None,
-                });
+                    refused: Vec::new(),
+                };
+                if let Err(refusal) = self.plan.admission.check_sender(&self.client, &from) {
+                    transaction.result = Some(refusal.to_string());
+                    self.report.transactions.push(transaction);
+                    return Some(refusal);
+                }
+                // The connector is chosen at the first RCPT: MAIL is replayed
+                // there, and its reply reaches the sender as that RCPT's.
+                self.transaction = Some(transaction);
                 self.mail = Some((from, params));
                 Some(Reply::new(250, "2.1.0 Sender ok"))
             }
@@ -499,7 +526,12 @@ impl Dialogue<'_> {
     async fn rcpt(&mut self, to: String, params: String) -> Reply {
         let domain = match self.plan.admission.check_recipient(&self.client, &to) {
             Ok(domain) => domain,
-            Err(refusal) => return refusal,
+            Err(refusal) => {
+                if let Some(t) = self.transaction.as_mut() {
+                    t.refused.push(refusal.to_string());
+                }
+                return refusal;
+            }
         };
         let Some(connector) = route(&domain, &self.plan.routes) else {
             return Reply::new(

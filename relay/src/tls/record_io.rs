@@ -61,8 +61,14 @@ impl RecordIo {
     fn advance(&mut self, n: usize) {
         self.filled += n;
         if !self.header_parsed && self.filled == HEADER {
+            // Not a TLS record header (content type 20-24, version 3.x):
+            // hand rustls the header alone so it fails now, rather than
+            // waiting for a "length" read from garbage.
+            let tls = (20..=24).contains(&self.buf[0]) && self.buf[1] == 3;
             let len = u16::from_be_bytes([self.buf[3], self.buf[4]]) as usize;
-            self.buf.resize((HEADER + len).min(MAX_RECORD), 0);
+            if tls {
+                self.buf.resize((HEADER + len).min(MAX_RECORD), 0);
+            }
             self.header_parsed = true;
         }
     }
