@@ -160,6 +160,14 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:9: listeners[1].address: address 127.0.0.1:8000 is used by another listener",
         ),
         (
+            listener("tls.groups = []"),
+            "relay.toml:5: listeners[0].tls.groups: needs at least one key exchange group (X25519MLKEM768, X25519, secp256r1, secp384r1)",
+        ),
+        (
+            listener("tls.groups = [\"X25519\", \"ffdhe2048\"]"),
+            "relay.toml:5: listeners[0].tls.groups: unknown key exchange group 'ffdhe2048', expected one of X25519MLKEM768, X25519, secp256r1, secp384r1",
+        ),
+        (
             listener("tls.mode = 3"),
             "relay.toml:5: listeners[0].tls.mode: invalid type: integer `3`, expected a string",
         ),

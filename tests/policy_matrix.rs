@@ -695,3 +695,67 @@ tls.min_version = "{route_min}"
         }
     }
 }
+
+fn group_of(leg: &Option<LegSecurity>) -> Option<String> {
+    match leg {
+        Some(LegSecurity::Tls { negotiated, .. }) => negotiated.group.clone(),
+        _ => None,
+    }
+}
+
+/// The post-quantum hybrid X25519MLKEM768 is the relay's first choice on
+/// both legs: a client that offers it gets it, an upstream gets it offered
+/// first (rustls's default server, which ranks it last, takes it); the
+/// group is in the report and the TLS line; `tls.groups` changes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_quantum_key_exchange_is_preferred_on_both_legs() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let upstream = tls_echo(ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    })
+    .await;
+    let toml = |listener_groups: &str, route_groups: &str| {
+        format!(
+            "[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\ntls.mode = \"implicit\"\n{listener_groups}\n\n[[upstreams]]\nname = \"up\"\naddress = \"{upstream}\"\ntls.policy = \"required\"\ntls.server_name = \"upstream.test\"\ntls.trust_anchors = {}\n{route_groups}\n",
+            toml_path(&pki.ca_pem)
+        )
+    };
+    // (listener groups, route groups, expected inbound group, outbound group)
+    let cases = [
+        ("", "", "X25519MLKEM768", "X25519MLKEM768"),
+        (
+            "tls.groups = [\"X25519\", \"secp256r1\"]",
+            "tls.groups = [\"secp384r1\"]",
+            "X25519",
+            "secp384r1",
+        ),
+    ];
+    for (listener_groups, route_groups, inbound, outbound) in cases {
+        let mut relay = TestRelay::start(&toml(listener_groups, route_groups), pki.dir()).await;
+        let tcp = TcpStream::connect(relay.addr("in")).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(post_quantum_client_config(Vec::new()));
+        let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(exchange(&mut tls, MSG).await.unwrap(), MSG);
+        let report = relay.next_report().await;
+        assert_eq!(
+            group_of(&report.inbound).as_deref(),
+            Some(inbound),
+            "{report}"
+        );
+        assert_eq!(
+            group_of(&report.outbound).as_deref(),
+            Some(outbound),
+            "{report}"
+        );
+        assert!(
+            report
+                .to_string()
+                .contains(&format!("TLSv1.3 TLS13_AES_256_GCM_SHA384 {inbound} (")),
+            "{report}"
+        );
+    }
+}

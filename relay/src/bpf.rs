@@ -85,8 +85,10 @@ fn missing(what: &str) -> BpfError {
 /// Which cgroup the program watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CgroupChoice {
-    /// A child of the relay's own cgroup, which the relay moves into: only
-    /// the relay's sockets are seen, not those of neighbours.
+    /// A child of the relay's own cgroup made for this instance
+    /// (`tlsrelay-<pid>`), which the relay moves into and removes at exit:
+    /// only this relay's sockets are seen, not a neighbour's, not another
+    /// relay's.
     Child,
     /// The relay's own cgroup as it is (under systemd, the service's).
     Own,
@@ -105,8 +107,88 @@ pub struct WireSettings {
 pub struct WireCounters {
     _ebpf: Ebpf,
     relay_view: Mutex<HashMap<MapData, u64, wire::RelayView>>,
+    /// Ports read as SMTP.
+    smtp_ports: PortSet,
+    /// Local ports that are no sessions.
+    ignored_ports: PortSet,
     pub cgroup: PathBuf,
+    /// Made by this instance, removed when it ends.
+    own_child: bool,
     pub pin_dir: PathBuf,
+}
+
+impl Drop for WireCounters {
+    /// Leaves the instance's cgroup and removes it (a cgroup can only go
+    /// once no task is in it; its sockets may outlive it).
+    fn drop(&mut self) {
+        if !self.own_child {
+            return;
+        }
+        if let Some(parent) = self.cgroup.parent() {
+            let _ = fs::write(parent.join("cgroup.procs"), std::process::id().to_string());
+        }
+        let _ = fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// A set of ports in one of the program's arrays (0 marks a free slot).
+struct PortSet {
+    name: &'static str,
+    capacity: u32,
+    map: Mutex<(Array<MapData, u16>, Vec<u16>)>,
+}
+
+impl PortSet {
+    fn take(ebpf: &mut Ebpf, name: &'static str, capacity: u32) -> Result<PortSet, BpfError> {
+        let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;
+        let array = Array::try_from(map).map_err(aya_err(name))?;
+        Ok(PortSet {
+            name,
+            capacity,
+            map: Mutex::new((array, Vec::new())),
+        })
+    }
+
+    fn add(&self, port: u16) -> Result<(), BpfError> {
+        let fail = |detail: &str| BpfError::Aya {
+            what: self.name.into(),
+            detail: detail.into(),
+        };
+        let mut guard = self.map.lock().map_err(|_| fail("lock poisoned"))?;
+        let (array, ports) = &mut *guard;
+        if port == 0 || ports.contains(&port) {
+            return Ok(());
+        }
+        if ports.len() as u32 >= self.capacity {
+            return Err(fail("full"));
+        }
+        array
+            .set(ports.len() as u32, port, 0)
+            .map_err(aya_err(self.name))?;
+        ports.push(port);
+        Ok(())
+    }
+}
+
+/// Removes instance cgroups of relays that ended without cleaning up
+/// (SIGKILL): empty `tlsrelay-<pid>` siblings whose process is gone.
+fn remove_stale_children(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("tlsrelay-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir(entry.path()); // fails, harmlessly, unless empty
+        }
+    }
 }
 
 impl WireCounters {
@@ -118,7 +200,9 @@ impl WireCounters {
             CgroupChoice::Path(p) => p.clone(),
             CgroupChoice::Own => own_cgroup()?,
             CgroupChoice::Child => {
-                let child = own_cgroup()?.join("tlsrelay");
+                let own = own_cgroup()?;
+                remove_stale_children(&own);
+                let child = own.join(format!("tlsrelay-{}", std::process::id()));
                 fs::create_dir_all(&child)
                     .map_err(io_err(format!("creating {}", child.display())))?;
                 fs::write(child.join("cgroup.procs"), std::process::id().to_string())
@@ -126,6 +210,7 @@ impl WireCounters {
                 child
             }
         };
+        let own_child = settings.cgroup == CgroupChoice::Child;
         let cgroup_dir =
             fs::File::open(&cgroup).map_err(io_err(format!("opening {}", cgroup.display())))?;
         for (name, attach_type) in PROGRAMS {
@@ -139,24 +224,13 @@ impl WireCounters {
                 .attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
                 .map_err(aya_err(format!("attaching {name} to {}", cgroup.display())))?;
         }
-        let mut ports: Array<_, u16> = Array::try_from(
-            ebpf.map_mut(wire::MAP_SMTP_PORTS)
-                .ok_or_else(|| missing(wire::MAP_SMTP_PORTS))?,
-        )
-        .map_err(aya_err("smtp_ports"))?;
-        let mut all: Vec<u16> = SMTP_PORTS
-            .iter()
-            .chain(&settings.smtp_ports)
-            .copied()
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        for (i, port) in all.iter().take(wire::MAX_SMTP_PORTS as usize).enumerate() {
-            ports
-                .set(i as u32, port, 0)
-                .map_err(aya_err("smtp_ports"))?;
-        }
         pin_maps(&ebpf, &settings.pin_dir)?;
+        let smtp_ports = PortSet::take(&mut ebpf, wire::MAP_SMTP_PORTS, wire::MAX_SMTP_PORTS)?;
+        for port in SMTP_PORTS.iter().chain(&settings.smtp_ports) {
+            smtp_ports.add(*port)?;
+        }
+        let ignored_ports =
+            PortSet::take(&mut ebpf, wire::MAP_IGNORED_PORTS, wire::MAX_IGNORED_PORTS)?;
         let view = ebpf
             .take_map(wire::MAP_RELAY_VIEW)
             .ok_or_else(|| missing(wire::MAP_RELAY_VIEW))?;
@@ -164,9 +238,24 @@ impl WireCounters {
         Ok(WireCounters {
             _ebpf: ebpf,
             relay_view: Mutex::new(relay_view),
+            smtp_ports,
+            ignored_ports,
             cgroup,
+            own_child,
             pin_dir: settings.pin_dir.clone(),
         })
+    }
+
+    /// The program leaves sockets on this local port alone (the metrics
+    /// endpoint lives in the relay's cgroup but is no relay session).
+    pub fn ignore_local_port(&self, port: u16) -> Result<(), BpfError> {
+        self.ignored_ports.add(port)
+    }
+
+    /// The program reads plaintext on this port as SMTP (a listener bound
+    /// to port 0 is known only once bound).
+    pub fn read_as_smtp(&self, port: u16) -> Result<(), BpfError> {
+        self.smtp_ports.add(port)
     }
 
     /// Records the relay's view of a finished session's sockets, for
@@ -181,42 +270,77 @@ impl WireCounters {
     }
 }
 
+/// A relay view from what was negotiated (the group only for TLS 1.3: a
+/// TLS 1.2 ServerHello carries none for the wire to compare).
+fn view(
+    leg: Direction,
+    negotiated: Option<&crate::tls::Negotiated>,
+    downgraded: bool,
+    handshake_failed: bool,
+    tls_off: bool,
+) -> wire::RelayView {
+    let (version, cipher, group) = negotiated.map_or((0, 0, 0), |n| {
+        let group = if n.version_code == wire::TLS1_3 {
+            n.group_code
+        } else {
+            0
+        };
+        (n.version_code, n.cipher_code, group)
+    });
+    wire::RelayView {
+        negotiated_version: version,
+        cipher_suite: cipher,
+        leg: match leg {
+            Direction::Inbound => wire::LEG_CLIENT,
+            Direction::Outbound => wire::LEG_UPSTREAM,
+        },
+        downgraded: downgraded as u8,
+        handshake_failed: handshake_failed as u8,
+        tls_off: tls_off as u8,
+        key_share_group: group,
+        _reserved: [0; 2],
+    }
+}
+
 /// The relay's view of each socket a session used.
 pub fn views_of(report: &SessionReport) -> Vec<(u64, wire::RelayView)> {
-    let leg_view = |leg: u8, security: &Option<LegSecurity>, direction: Direction| {
-        let (version, cipher) = match security {
-            Some(LegSecurity::Tls { negotiated, .. }) => {
-                (negotiated.version_code, negotiated.cipher_code)
-            }
-            _ => (0, 0),
+    let leg_view = |security: &Option<LegSecurity>, direction: Direction| {
+        let negotiated = match security {
+            Some(LegSecurity::Tls { negotiated, .. }) => Some(negotiated),
+            _ => None,
         };
-        wire::RelayView {
-            negotiated_version: version,
-            cipher_suite: cipher,
-            leg,
-            downgraded: report.downgraded(direction).is_some() as u8,
-            handshake_failed: report.tls_failure(direction).is_some() as u8,
-            _reserved: 0,
-        }
+        view(
+            direction,
+            negotiated,
+            report.downgraded(direction).is_some(),
+            report.tls_failure(direction).is_some(),
+            report.tls_off.contains(&direction),
+        )
     };
     let mut views = Vec::new();
     if let Some(c) = report.client_cookie {
-        views.push((
-            c,
-            leg_view(wire::LEG_CLIENT, &report.inbound, Direction::Inbound),
-        ));
+        views.push((c, leg_view(&report.inbound, Direction::Inbound)));
     }
     if let Some(c) = report.upstream_cookie {
-        views.push((
-            c,
-            leg_view(wire::LEG_UPSTREAM, &report.outbound, Direction::Outbound),
-        ));
+        views.push((c, leg_view(&report.outbound, Direction::Outbound)));
     }
     if let Some(c) = report.failed_attempt_cookie {
-        let mut failed = leg_view(wire::LEG_UPSTREAM, &None, Direction::Outbound);
+        let mut failed = leg_view(&None, Direction::Outbound);
         failed.handshake_failed = 1;
         views.push((c, failed));
     }
+    views.extend(report.sockets.iter().map(|s| {
+        (
+            s.cookie,
+            view(
+                s.leg,
+                s.negotiated.as_ref(),
+                s.downgraded,
+                s.handshake_failed,
+                s.tls_off,
+            ),
+        )
+    }));
     views
 }
 
@@ -317,9 +441,12 @@ pub fn socket_cookie(socket: &impl AsRawFd) -> Option<u64> {
 pub struct Snapshot {
     pub negotiated: Counts<5>,
     pub downgrades: Counts<4>,
-    pub parser: Counts<5>,
+    pub parser: Counts<6>,
     pub connections: Vec<ConnectionView>,
     pub disagreements: usize,
+    /// Wire records without a relay view: a session still open, or a
+    /// socket that is not this relay's.
+    pub unaccounted: usize,
 }
 
 /// Named counters summed over CPUs.
@@ -347,6 +474,8 @@ pub struct WireSide {
     pub starttls: [bool; 3],
     pub handshake_alert: Option<u8>,
     pub unparsed: bool,
+    pub reassembled: bool,
+    pub key_exchange: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -356,6 +485,74 @@ pub struct RelaySide {
     pub cipher_suite: u16,
     pub downgraded: bool,
     pub handshake_failed: bool,
+    pub tls_off: bool,
+    pub key_exchange: Option<&'static str>,
+}
+
+/// TLS 1.3 key exchange groups by code.
+pub fn group_name(code: u16) -> Option<&'static str> {
+    match code {
+        0 => None,
+        0x11ec => Some("X25519MLKEM768"),
+        0x11eb => Some("SecP256r1MLKEM768"),
+        0x001d => Some("X25519"),
+        0x0017 => Some("secp256r1"),
+        0x0018 => Some("secp384r1"),
+        0x0019 => Some("secp521r1"),
+        _ => Some("other"),
+    }
+}
+
+/// What the wire and the relay say differently about one socket.
+pub fn disagreements(c: &wire::Connection, r: &wire::RelayView) -> Vec<String> {
+    let mut found = Vec::new();
+    // A handshake that failed may have shown a ServerHello first.
+    let settled = c.unparsed == 0 && r.handshake_failed == 0;
+    let name = |v| version_name(v).unwrap_or("plaintext/none");
+    if settled && c.negotiated_version != r.negotiated_version {
+        found.push(format!(
+            "version: wire {}, relay {}",
+            name(c.negotiated_version),
+            name(r.negotiated_version)
+        ));
+    }
+    if settled && r.negotiated_version != 0 && c.cipher_suite != r.cipher_suite {
+        found.push(format!(
+            "cipher: wire {:#06x}, relay {:#06x}",
+            c.cipher_suite, r.cipher_suite
+        ));
+    }
+    if settled && r.key_share_group != 0 && c.key_share_group != r.key_share_group {
+        found.push(format!(
+            "key exchange: wire {}, relay {}",
+            group_name(c.key_share_group).unwrap_or("none"),
+            group_name(r.key_share_group).unwrap_or("none")
+        ));
+    }
+    let wire_failed = c.handshake_alert != 0;
+    if wire_failed != (r.handshake_failed != 0) && r.negotiated_version == 0 {
+        found.push(format!(
+            "handshake failure: wire {wire_failed}, relay {}",
+            r.handshake_failed != 0
+        ));
+    }
+    if c.plaintext != 0 && r.negotiated_version != 0 {
+        found.push(format!(
+            "wire: plaintext, relay: {}",
+            name(r.negotiated_version)
+        ));
+    }
+    let unrecorded =
+        r.negotiated_version == 0 && r.downgraded == 0 && r.tls_off == 0 && r.handshake_failed == 0;
+    if unrecorded && c.plaintext_mail != 0 && c.starttls_offered != 0 {
+        found.push(
+            "wire: STARTTLS offered, mail in cleartext (stripped); relay recorded no downgrade"
+                .into(),
+        );
+    } else if unrecorded && c.plaintext != 0 {
+        found.push("wire: plaintext; relay recorded no downgrade".into());
+    }
+    found
 }
 
 pub fn version_name(v: u16) -> Option<&'static str> {
@@ -409,31 +606,9 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
     for entry in conns.iter() {
         let (cookie, c) = entry.map_err(aya_err("connections"))?;
         let relay = views.get(&cookie, 0).ok();
-        let mut disagreements = Vec::new();
-        if let Some(r) = &relay {
-            // A handshake that failed may have shown a ServerHello first.
-            let settled = c.unparsed == 0 && r.handshake_failed == 0;
-            if settled && c.negotiated_version != r.negotiated_version {
-                disagreements.push(format!(
-                    "version: wire {}, relay {}",
-                    version_name(c.negotiated_version).unwrap_or("plaintext/none"),
-                    version_name(r.negotiated_version).unwrap_or("plaintext/none")
-                ));
-            }
-            if settled && r.negotiated_version != 0 && c.cipher_suite != r.cipher_suite {
-                disagreements.push(format!(
-                    "cipher: wire {:#06x}, relay {:#06x}",
-                    c.cipher_suite, r.cipher_suite
-                ));
-            }
-            let wire_failed = c.handshake_alert != 0;
-            if wire_failed != (r.handshake_failed != 0) && r.negotiated_version == 0 {
-                disagreements.push(format!(
-                    "handshake failure: wire {wire_failed}, relay {}",
-                    r.handshake_failed != 0
-                ));
-            }
-        }
+        let disagreements = relay
+            .as_ref()
+            .map_or_else(Vec::new, |r| disagreements(&c, r));
         connections.push(ConnectionView {
             cookie,
             local_port: c.local_port,
@@ -451,6 +626,8 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
                 ],
                 handshake_alert: (c.handshake_alert != 0).then_some(c.alert_description),
                 unparsed: c.unparsed != 0,
+                reassembled: c.reassembled != 0,
+                key_exchange: group_name(c.key_share_group),
             },
             relay: relay.map(|r| RelaySide {
                 leg: if r.leg == wire::LEG_CLIENT {
@@ -462,12 +639,15 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
                 cipher_suite: r.cipher_suite,
                 downgraded: r.downgraded != 0,
                 handshake_failed: r.handshake_failed != 0,
+                tls_off: r.tls_off != 0,
+                key_exchange: group_name(r.key_share_group),
             }),
             disagreements,
         });
     }
     connections.sort_by_key(|c| c.cookie);
     let disagreements = connections.iter().map(|c| c.disagreements.len()).sum();
+    let unaccounted = connections.iter().filter(|c| c.relay.is_none()).count();
     let counts = |pairs: &[(&'static str, u64)]| pairs.iter().copied().collect();
     Ok(Snapshot {
         negotiated: Counts(counts(&[
@@ -489,9 +669,11 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
             ("server_hellos", p.server_hellos),
             ("hello_retry_requests", p.hello_retry_requests),
             ("unparsed", p.unparsed),
+            ("reassembled", p.reassembled),
         ])),
         connections,
         disagreements,
+        unaccounted,
     })
 }
 

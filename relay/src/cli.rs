@@ -150,16 +150,25 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
         println!("connections (wire | relay):");
         for c in &snapshot.connections {
             let wire = match (c.wire.negotiated_version, c.wire.plaintext) {
-                (Some(v), _) => format!("{v} suite {:#06x}", c.wire.cipher_suite),
+                (Some(v), _) => format!(
+                    "{v} suite {:#06x}{}",
+                    c.wire.cipher_suite,
+                    c.wire
+                        .key_exchange
+                        .map_or(String::new(), |g| format!(" {g}"))
+                ),
                 (None, true) => "plaintext".to_string(),
+                (None, false) if c.wire.unparsed => "unparsed hello".to_string(),
                 (None, false) => "no hello".to_string(),
             };
             let relay = match &c.relay {
                 Some(r) => format!(
-                    "{} {}{}",
+                    "{} {}{}{}{}",
                     r.leg,
                     r.negotiated_version.unwrap_or("plaintext"),
-                    if r.downgraded { " (downgraded)" } else { "" }
+                    r.key_exchange.map_or(String::new(), |g| format!(" {g}")),
+                    if r.downgraded { " (downgraded)" } else { "" },
+                    if r.tls_off { " (TLS off)" } else { "" }
                 ),
                 None => "-".to_string(),
             };
@@ -173,6 +182,10 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
                 c.cookie, c.local_port, c.remote_port
             );
         }
+        println!(
+            "unaccounted: {} (wire records without a relay view: a session still open, or not this relay's socket)",
+            snapshot.unaccounted
+        );
         println!("disagreements: {}", snapshot.disagreements);
     }
     if snapshot.disagreements > 0 {
@@ -197,6 +210,7 @@ fn run(
     // Before any socket exists: sockets belong to their creator's cgroup.
     let wire = if config.ebpf.enabled {
         let mut settings = config.ebpf.settings();
+        // SMTP is read on the SMTP listeners' ports and the next hops'.
         settings.smtp_ports.extend(
             config
                 .listeners
@@ -204,6 +218,14 @@ fn run(
                 .filter(|l| l.protocol == crate::config::Protocol::Smtp)
                 .map(|l| l.address.get_ref().port()),
         );
+        settings.smtp_ports.extend(
+            config
+                .outbound_connectors
+                .iter()
+                .flat_map(|c| &c.next_hops)
+                .map(|h| h.get_ref().port),
+        );
+
         match crate::bpf::WireCounters::start(&settings) {
             Ok(w) => Ok(std::sync::Arc::new(w)),
             Err(e) => Err(format!("eBPF wire counters off: {e}")),
@@ -218,6 +240,18 @@ fn run(
         let wire_line = match &wire {
             Ok(w) => {
                 relay.record_wire_views(w.clone());
+                let smtp = |name: &str| {
+                    config.listeners.iter().any(|l| {
+                        l.name.get_ref() == name && l.protocol == crate::config::Protocol::Smtp
+                    })
+                };
+                for (name, addr) in relay.local_addrs() {
+                    if smtp(&name) {
+                        if let Err(e) = w.read_as_smtp(addr.port()) {
+                            tracing::warn!("eBPF: SMTP on port {} not read: {e}", addr.port());
+                        }
+                    }
+                }
                 format!(
                     "eBPF wire counters on the sockets of cgroup {}, maps pinned in {}",
                     w.cgroup.display(),
@@ -246,10 +280,14 @@ fn run(
                 wire.as_ref().ok().map(|w| w.pin_dir.clone()),
             ));
             relay.count_into(metrics.clone());
-            println!(
-                "  metrics on http://{}/metrics",
-                listener.local_addr().unwrap_or(address)
-            );
+            let bound = listener.local_addr().unwrap_or(address);
+            // Scrapes are no relay sessions: the wire program skips them.
+            if let Ok(w) = &wire {
+                if let Err(e) = w.ignore_local_port(bound.port()) {
+                    tracing::warn!("eBPF: metrics scrapes will be counted: {e}");
+                }
+            }
+            println!("  metrics on http://{bound}/metrics");
             tokio::spawn(crate::metrics::serve(listener, metrics));
         }
         println!("  state directory {}", state_dir.display());

@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::policy::{InboundMode, MinVersion, NamePattern, OutboundPolicy, Verification};
+use crate::policy::{
+    InboundMode, KeyExchange, MinVersion, NamePattern, OutboundPolicy, Verification,
+};
 use crate::pump::SpliceEngine;
 use crate::smtp::address::DomainPattern;
 
@@ -290,6 +292,9 @@ pub struct InboundTls {
     pub mode: InboundMode,
     #[serde(default)]
     pub min_version: MinVersion,
+    /// Key exchange groups accepted (default: X25519MLKEM768, X25519,
+    /// secp256r1, secp384r1).
+    pub groups: Option<Spanned<Vec<KeyExchange>>>,
     /// Chains offered by SNI; empty means the generated self-signed one.
     #[serde(default)]
     pub certificates: Vec<CertificateFiles>,
@@ -305,6 +310,7 @@ impl Default for InboundTls {
         InboundTls {
             mode: default_inbound_mode(),
             min_version: MinVersion::default(),
+            groups: None,
             certificates: Vec::new(),
             client_auth: None,
         }
@@ -447,6 +453,9 @@ pub struct OutboundTls {
     pub crls: Vec<Spanned<PathBuf>>,
     #[serde(default)]
     pub min_version: MinVersion,
+    /// Key exchange groups offered, most preferred first (default:
+    /// X25519MLKEM768, X25519, secp256r1, secp384r1).
+    pub groups: Option<Spanned<Vec<KeyExchange>>>,
     /// SNI to send; default the upstream host when it is a name.
     pub server_name: Option<String>,
     /// A client certificate to present to the upstream.
@@ -462,6 +471,7 @@ impl Default for OutboundTls {
             trust_anchors: None,
             crls: Vec::new(),
             min_version: MinVersion::default(),
+            groups: None,
             server_name: None,
             client_certificate: None,
         }
@@ -470,6 +480,22 @@ impl Default for OutboundTls {
 
 fn default_outbound_policy() -> OutboundPolicy {
     OutboundPolicy::Opportunistic
+}
+
+/// An empty key exchange list would fail every handshake.
+fn no_empty_groups(
+    src: &Source,
+    groups: &Option<Spanned<Vec<KeyExchange>>>,
+    field: &str,
+) -> Result<(), ConfigError> {
+    match groups {
+        Some(g) if g.get_ref().is_empty() => Err(src.error(
+            g.span(),
+            field,
+            "needs at least one key exchange group (X25519MLKEM768, X25519, secp256r1, secp384r1)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl OutboundTls {
@@ -674,6 +700,7 @@ impl Config {
             }
             up.tls
                 .check_verify(src, &format!("upstreams[{i}].tls.verify"))?;
+            no_empty_groups(src, &up.tls.groups, &format!("upstreams[{i}].tls.groups"))?;
         }
         let mut connector_names = HashSet::new();
         for (i, c) in self.outbound_connectors.iter().enumerate() {
@@ -686,6 +713,11 @@ impl Config {
             }
             c.tls
                 .check_verify(src, &format!("outbound_connectors[{i}].tls.verify"))?;
+            no_empty_groups(
+                src,
+                &c.tls.groups,
+                &format!("outbound_connectors[{i}].tls.groups"),
+            )?;
             if c.next_hops.is_empty() || c.recipient_domains.is_empty() {
                 return Err(src.error(
                     c.name.span(),
@@ -771,6 +803,7 @@ impl Config {
                     "more than one certificate marked default",
                 ));
             }
+            no_empty_groups(src, &l.tls.groups, &format!("listeners[{i}].tls.groups"))?;
             if l.tls.mode == InboundMode::Off && l.tls.client_auth.is_some() {
                 return Err(src.error(
                     l.name.span(),

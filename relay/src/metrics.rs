@@ -31,6 +31,7 @@ struct Inner {
     accepted: BTreeMap<String, u64>,
     sessions: BTreeMap<Labels, u64>,
     downgrades: BTreeMap<Labels, u64>,
+    key_exchange: BTreeMap<Labels, u64>,
     transactions: BTreeMap<Labels, u64>,
     path_sessions: BTreeMap<Labels, u64>,
     path_bytes: BTreeMap<Labels, u64>,
@@ -55,6 +56,7 @@ impl Metrics {
                 accepted: BTreeMap::new(),
                 sessions: BTreeMap::new(),
                 downgrades: BTreeMap::new(),
+                key_exchange: BTreeMap::new(),
                 transactions: BTreeMap::new(),
                 path_sessions: BTreeMap::new(),
                 path_bytes: BTreeMap::new(),
@@ -95,6 +97,18 @@ impl Metrics {
                     ("reason", d.reason.clone()),
                 ])
                 .or_default() += 1;
+        }
+        for (leg, security) in [("inbound", &r.inbound), ("outbound", &r.outbound)] {
+            if let Some(LegSecurity::Tls { negotiated, .. }) = security {
+                let group = negotiated.group.clone().unwrap_or_else(|| "unknown".into());
+                *m.key_exchange
+                    .entry(vec![
+                        ("listener", r.listener.clone()),
+                        ("leg", leg.into()),
+                        ("group", group),
+                    ])
+                    .or_default() += 1;
+            }
         }
         for t in &r.transactions {
             let reply = t
@@ -144,10 +158,11 @@ impl Metrics {
                 .iter()
                 .map(|(l, v)| (vec![("listener", l.clone())], *v))
                 .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 6] = [
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 7] = [
                 ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
                 ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
                 ("tlsrelay_downgrades_total", "Sessions that went on with less security than they could have had, by leg and reason.", &m.downgrades),
+                ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),
                 ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
                 ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (kTLS splice or userspace).", &m.path_sessions),
                 ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),

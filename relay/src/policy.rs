@@ -46,6 +46,33 @@ pub enum Verification {
     Name,
 }
 
+/// A key exchange group a leg offers and accepts, in preference order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum KeyExchange {
+    /// Hybrid post-quantum (ML-KEM-768 with X25519): protects recorded
+    /// traffic against a future quantum computer.
+    X25519Mlkem768,
+    X25519,
+    Secp256r1,
+    Secp384r1,
+}
+keywords!(KeyExchange, "key exchange group", {
+    X25519Mlkem768 => "X25519MLKEM768",
+    X25519 => "X25519",
+    Secp256r1 => "secp256r1",
+    Secp384r1 => "secp384r1",
+});
+
+impl KeyExchange {
+    /// The default: the post-quantum hybrid first, then the classical ones.
+    pub const PREFERRED: [KeyExchange; 4] = [
+        KeyExchange::X25519Mlkem768,
+        KeyExchange::X25519,
+        KeyExchange::Secp256r1,
+        KeyExchange::Secp384r1,
+    ];
+}
+
 /// Lowest protocol version a leg accepts. Older than 1.2 is never offered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum MinVersion {

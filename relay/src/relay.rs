@@ -15,7 +15,7 @@ use crate::bpf::WireCounters;
 use crate::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
 };
-use crate::policy::{InboundMode, NamePattern, OutboundPolicy, Verification};
+use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
@@ -310,6 +310,11 @@ fn listener_tls(
     };
     let settings = ListenerTlsSettings {
         min_version: l.tls.min_version,
+        groups: l
+            .tls
+            .groups
+            .as_ref()
+            .map_or_else(|| KeyExchange::PREFERRED.to_vec(), |g| g.get_ref().clone()),
         default_certificate: l
             .tls
             .certificates
@@ -409,6 +414,10 @@ fn outbound_tls(
         names,
         roots,
         min_version: t.min_version,
+        groups: t
+            .groups
+            .as_ref()
+            .map_or_else(|| KeyExchange::PREFERRED.to_vec(), |g| g.get_ref().clone()),
         server_name,
         client_certificate,
     };

@@ -55,9 +55,30 @@ impl fmt::Display for LegSecurity {
             LegSecurity::Plaintext => f.write_str("plaintext"),
             LegSecurity::Tls {
                 negotiated, trust, ..
-            } => write!(f, "{} {} ({trust})", negotiated.version, negotiated.cipher),
+            } => {
+                write!(f, "{} {}", negotiated.version, negotiated.cipher)?;
+                if let Some(group) = &negotiated.group {
+                    write!(f, " {group}")?;
+                }
+                write!(f, " ({trust})")
+            }
         }
     }
+}
+
+/// A socket of the session besides the client's and the upstream's (SMTP
+/// next hops, a TLS attempt before a plaintext retry), and what the relay
+/// made of it: each gets a relay view for the wire cross-check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SocketRecord {
+    pub cookie: u64,
+    pub leg: Direction,
+    /// None: plaintext, or a handshake that did not complete.
+    pub negotiated: Option<Negotiated>,
+    pub downgraded: bool,
+    pub handshake_failed: bool,
+    /// TLS off on this leg by configuration (plaintext is no downgrade).
+    pub tls_off: bool,
 }
 
 /// A session that went on with less security than it could have had.
@@ -94,6 +115,12 @@ pub struct SessionReport {
     pub upstream_cookie: Option<u64>,
     /// The upstream connection whose TLS failed before a plaintext retry.
     pub failed_attempt_cookie: Option<u64>,
+    /// Other sockets the session used (SMTP next hops).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<SocketRecord>,
+    /// Legs whose TLS is off by configuration.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_off: Vec<Direction>,
     pub inbound: Option<LegSecurity>,
     pub outbound: Option<LegSecurity>,
     pub downgrades: Vec<Downgrade>,
@@ -124,6 +151,8 @@ impl SessionReport {
             client_cookie: None,
             upstream_cookie: None,
             failed_attempt_cookie: None,
+            sockets: Vec::new(),
+            tls_off: Vec::new(),
             inbound: None,
             outbound: None,
             downgrades: Vec::new(),
@@ -233,11 +262,20 @@ impl fmt::Display for SessionReport {
 /// cipher TLS13_AES_256_GCM_SHA384`, as Postfix's smtpd logs it.
 pub fn inbound_tls_line(client: SocketAddr, negotiated: &Negotiated, trust: PeerTrust) -> String {
     format!(
-        "{trust} TLS connection established from unknown[{}]: {} with cipher {}",
+        "{trust} TLS connection established from unknown[{}]: {} with cipher {}{}",
         client.ip(),
         negotiated.version,
-        negotiated.cipher
+        negotiated.cipher,
+        key_exchange(negotiated)
     )
+}
+
+/// Postfix's ` key-exchange X25519MLKEM768` suffix, when known.
+fn key_exchange(negotiated: &Negotiated) -> String {
+    negotiated
+        .group
+        .as_ref()
+        .map_or(String::new(), |g| format!(" key-exchange {g}"))
 }
 
 /// `Verified TLS connection established to mx.partner.example[192.0.2.1]:25:
@@ -249,11 +287,12 @@ pub fn outbound_tls_line(
     trust: PeerTrust,
 ) -> String {
     format!(
-        "{trust} TLS connection established to {host}[{}]:{}: {} with cipher {}",
+        "{trust} TLS connection established to {host}[{}]:{}: {} with cipher {}{}",
         addr.ip(),
         addr.port(),
         negotiated.version,
-        negotiated.cipher
+        negotiated.cipher,
+        key_exchange(negotiated)
     )
 }
 
@@ -276,6 +315,8 @@ mod tests {
             cipher: "TLS13_AES_256_GCM_SHA384".into(),
             version_code: 0x0304,
             cipher_code: 0x1302,
+            group: Some("X25519MLKEM768".into()),
+            group_code: 0x11ec,
         };
         assert_eq!(
             outbound_tls_line(
@@ -284,11 +325,11 @@ mod tests {
                 &n,
                 PeerTrust::Verified
             ),
-            "Verified TLS connection established to mx.partner.example[192.0.2.1]:25: TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384"
+            "Verified TLS connection established to mx.partner.example[192.0.2.1]:25: TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 key-exchange X25519MLKEM768"
         );
         assert_eq!(
             inbound_tls_line("[2001:db8::7]:4000".parse().unwrap(), &n, PeerTrust::Anonymous),
-            "Anonymous TLS connection established from unknown[2001:db8::7]: TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384"
+            "Anonymous TLS connection established from unknown[2001:db8::7]: TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 key-exchange X25519MLKEM768"
         );
     }
 }

@@ -80,6 +80,12 @@ pub async fn run(
     let mut report = SessionReport::new(id, &plan.name, peer, &route.name);
     let _ = client.set_nodelay(true);
     report.client_cookie = crate::bpf::socket_cookie(&client);
+    if plan.mode == InboundMode::Off {
+        report.tls_off.push(Direction::Inbound);
+    }
+    if route.policy == OutboundPolicy::Plain {
+        report.tls_off.push(Direction::Outbound);
+    }
 
     let client_leg = match accept_inbound(plan, client, peer, &mut report).await {
         Some(leg) => leg,

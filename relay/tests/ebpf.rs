@@ -194,14 +194,23 @@ fn parser_cases_with_prog_test_run() {
         (1, 1, 2)
     );
 
-    // A hello split across segments is unparsed, not guessed.
+    // The first segment of a hello split across segments: the rest is
+    // awaited (each test run is its own socket, so it never comes here;
+    // tests below send real split hellos), nothing guessed, no plaintext.
     let c = run_one(
         &mut prog,
         false,
         &ipv4(40004, 4430, &ch13[..ch13.len() / 2]),
     )
     .unwrap();
-    assert_eq!((c.offered_version, c.unparsed), (0, 1));
+    assert_eq!(
+        (c.offered_version, c.unparsed, c.plaintext, c.tls_started),
+        (0, 0, 0, 1)
+    );
+    // A hello record larger than the program follows: unparsed.
+    let big = [0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc];
+    let c = run_one(&mut prog, false, &ipv4(40012, 4430, &big)).unwrap();
+    assert_eq!((c.offered_version, c.unparsed, c.plaintext), (0, 1, 0));
     // Malformed: a record header announcing a hello, with junk inside.
     let mut junk = vec![0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x04];
     junk.extend_from_slice(&[0xff; 4]);
@@ -209,6 +218,9 @@ fn parser_cases_with_prog_test_run() {
     assert_eq!((c.offered_version, c.unparsed), (0, 1));
     let (_, _, p) = counters(&prog);
     assert_eq!(p.unparsed, 2);
+    // A ServerHello's key_share names the group (TLS 1.3).
+    let c = run_one(&mut prog, true, &ipv4(4430, 40013, &sh13)).unwrap();
+    assert_ne!(c.key_share_group, 0, "the ServerHello's key_share group");
 
     // An alert before any application data: the handshake failed.
     let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 48];
@@ -232,6 +244,16 @@ fn parser_cases_with_prog_test_run() {
     let ehlo = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-starttls\r\n250 8BITMIME\r\n";
     let c = run_one(&mut prog, true, &ipv4(25, 40008, ehlo)).unwrap();
     assert_eq!((c.starttls_offered, c.plaintext), (1, 0));
+    // Postfix's EHLO reply, STARTTLS past the first 128 bytes.
+    let postfix = b"250-mail.example.org\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 STARTTLS\r\n";
+    assert!(postfix.len() > 150);
+    let c = run_one(&mut prog, true, &ipv4(25, 40014, postfix)).unwrap();
+    assert_eq!(
+        c.starttls_offered,
+        1,
+        "STARTTLS at byte {}",
+        postfix.len() - 14
+    );
     let c = run_one(&mut prog, false, &ipv4(40009, 25, b"STARTTLS\r\n")).unwrap();
     assert_eq!(c.starttls_issued, 1);
     let c = run_one(
@@ -532,4 +554,332 @@ fn extract<'a>(report: &'a str, leg: &str) -> &'a str {
         .map(|i| &rest[i + 11..])
         .unwrap_or("");
     &v[..v.find('"').unwrap_or(0)]
+}
+
+/// `tlsrelay stats --json` for a pin directory, and its exit code.
+fn stats(pin_dir: &str) -> (serde_json::Value, Option<i32>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+        .args(["stats", "--json", "--pin-dir", pin_dir])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "stats --json: {e}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (json, out.status.code())
+}
+
+fn unique_pin_dir(what: &str) -> String {
+    format!("/sys/fs/bpf/tlsrelay-test-{what}-{}", std::process::id())
+}
+
+/// A TCP connection whose segments carry at most `mss` bytes.
+async fn connect_with_mss(addr: SocketAddr, mss: u32) -> tokio::net::TcpStream {
+    use std::os::fd::AsRawFd;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // SAFETY: setsockopt with a valid fd and a u32 of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mss as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP_MAXSEG {mss}: {}",
+        std::io::Error::last_os_error()
+    );
+    socket.connect(addr).await.unwrap()
+}
+
+/// Hellos that span segments, from 88-byte segments up to 1460, with the
+/// post-quantum key share (1,216 bytes) and ALPN lists that bring the
+/// hello to about 4 KB: each is gathered and parsed, none is plaintext,
+/// and the wire agrees with the relay on version, suite and group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_hellos_are_gathered_at_any_segment_size() {
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let pin_dir = unique_pin_dir("split");
+    let config = pki.dir().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.pin_dir = \"{pin_dir}\"\n\n[[listeners]]\nname = \"tls\"\naddress = \"127.0.0.1:0\"\nupstream = \"plain\"\ntls.mode = \"implicit\"\n\n[[upstreams]]\nname = \"plain\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config, &pki.dir().join("state"));
+    let alpn = |bytes: usize| -> Vec<Vec<u8>> {
+        (0..bytes / 32)
+            .map(|i| format!("protocol-{i:04}-padding-for-size").into_bytes())
+            .collect()
+    };
+    let mut sessions = 0;
+    for mss in [88, 200, 536, 1460] {
+        for alpn_bytes in [0, 2600] {
+            let tcp = connect_with_mss(relay.listeners["tls"], mss).await;
+            let connector =
+                tokio_rustls::TlsConnector::from(post_quantum_client_config(alpn(alpn_bytes)));
+            let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+            let mut tls = tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("mss {mss}, alpn {alpn_bytes}: {e}"));
+            let group = tls
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name());
+            assert_eq!(
+                group,
+                Some(rustls::NamedGroup::X25519MLKEM768),
+                "the relay takes the hybrid"
+            );
+            let msg = b"through a hello in pieces";
+            assert_eq!(exchange(&mut tls, msg).await.unwrap(), msg);
+            sessions += 1;
+        }
+    }
+    for _ in 0..sessions {
+        let report = relay
+            .reports
+            .recv_timeout(PATIENCE)
+            .expect("a report per session");
+        assert!(report.contains("\"group\":\"X25519MLKEM768\""), "{report}");
+    }
+    let (stats, code) = stats(&pin_dir);
+    assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");
+    assert_eq!(stats["negotiated"]["tls1_3"], sessions, "{stats:#}");
+    assert_eq!(
+        stats["negotiated"]["plaintext"], sessions,
+        "only the plain upstream legs: {stats:#}"
+    );
+    assert_eq!(stats["parser"]["unparsed"], 0, "{stats:#}");
+    assert!(
+        stats["parser"]["reassembled"].as_u64().unwrap() >= 4,
+        "the small segments made hellos span segments: {stats:#}"
+    );
+    let client_legs: Vec<&serde_json::Value> = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["relay"]["leg"] == "client")
+        .collect();
+    assert_eq!(client_legs.len(), sessions as usize, "{stats:#}");
+    for c in client_legs {
+        assert_eq!(c["wire"]["negotiated_version"], "TLSv1.3", "{c:#}");
+        assert_eq!(c["wire"]["plaintext"], false, "{c:#}");
+        assert_eq!(c["wire"]["key_exchange"], "X25519MLKEM768", "{c:#}");
+        assert_eq!(c["relay"]["key_exchange"], "X25519MLKEM768", "{c:#}");
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}
+
+/// The relay's own metrics scrapes are no sessions, and two relays on one
+/// host each count only their own: each lives in its own cgroup, which it
+/// removes when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_this_relays_sessions_are_counted() {
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let mut relays = Vec::new();
+    for name in ["one", "two"] {
+        let pin_dir = unique_pin_dir(name);
+        let config = pki.dir().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "ebpf.pin_dir = \"{pin_dir}\"\n[metrics]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:0\"\nupstream = \"plain\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"plain\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(pki.dir().join(format!("state-{name}")))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        relays.push((pin_dir, out));
+    }
+    let mut banners = Vec::new();
+    let mut addresses = Vec::new();
+    for (_, child) in relays.iter_mut() {
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut listener, mut metrics, mut cgroup) = (None, None, None);
+        let mut banner = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            banner += &line;
+            banner.push('\n');
+            let t = line.trim();
+            if let Some(rest) = t.strip_prefix("listener plain listening on ") {
+                listener = Some(rest.parse::<SocketAddr>().unwrap());
+            }
+            if let Some(rest) = t.strip_prefix("metrics on http://") {
+                metrics = Some(
+                    rest.trim_end_matches("/metrics")
+                        .parse::<SocketAddr>()
+                        .unwrap(),
+                );
+            }
+            if let Some(rest) = t.strip_prefix("eBPF wire counters on the sockets of cgroup ") {
+                cgroup = Some(rest.split(", maps pinned").next().unwrap().to_string());
+            }
+            if t.starts_with("state directory") {
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        addresses.push((listener.unwrap(), metrics.unwrap()));
+        banners.push((
+            cgroup.unwrap_or_else(|| panic!("no cgroup in\n{banner}")),
+            child.id(),
+        ));
+    }
+    for (cgroup, pid) in &banners {
+        assert!(
+            cgroup.ends_with(&format!("/tlsrelay-{pid}")),
+            "an instance cgroup: {cgroup}"
+        );
+        assert!(Path::new(cgroup).is_dir());
+    }
+    assert_ne!(banners[0].0, banners[1].0);
+    // One session through relay one, two through relay two; relay one's
+    // metrics scraped twice.
+    let msg = b"whose session is this";
+    for (i, (listener, _)) in addresses.iter().enumerate() {
+        for _ in 0..=i {
+            let mut s = tokio::net::TcpStream::connect(listener).await.unwrap();
+            assert_eq!(exchange(&mut s, msg).await.unwrap(), msg);
+        }
+    }
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addresses[0].1)
+            .await
+            .unwrap();
+        let reply = exchange(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&reply).contains("tlsrelay_sessions_total"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for (i, (pin_dir, _)) in relays.iter().enumerate() {
+        let (stats, code) = stats(pin_dir);
+        assert_eq!(code, Some(0), "{stats:#}");
+        let legs = 2 * (i as u64 + 1); // client and upstream per session
+        assert_eq!(
+            stats["negotiated"]["plaintext"], legs,
+            "relay {i}: {stats:#}"
+        );
+        assert_eq!(
+            stats["connections"].as_array().unwrap().len() as u64,
+            legs,
+            "{stats:#}"
+        );
+        assert_eq!(
+            stats["unaccounted"], 0,
+            "every socket has a relay view: {stats:#}"
+        );
+    }
+    // SIGTERM: each relay leaves and removes its cgroup.
+    for ((pin_dir, child), (cgroup, pid)) in relays.iter_mut().zip(&banners) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        assert!(!Path::new(cgroup).exists(), "{cgroup} removed at exit");
+        let _ = std::fs::remove_dir_all(pin_dir);
+    }
+}
+
+/// SMTP: the client leg of a sender that ignores STARTTLS is a downgrade
+/// on the wire (stripped) and in the relay's view alike; every next-hop
+/// socket has a relay view that agrees with the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_legs_agree_with_the_wire() {
+    use tlsrelay_tests::smtp_client::RawSmtp;
+    use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let sink_leaf = pki.leaf("sink", &["mx.partner.test"]);
+    let sink = smtp_sink(SinkOptions {
+        tls: Some(server_config(&ServerOptions {
+            leaf: &sink_leaf,
+            versions: Versions::Both,
+            client_ca: None,
+        })),
+        chunking: true,
+        refuse_marker: "nobody",
+    })
+    .await;
+    let pin_dir = unique_pin_dir("smtp");
+    let config = pki.dir().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.pin_dir = \"{pin_dir}\"\naccepted_domains = [\"partner.test\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"opportunistic\"\n\n[[outbound_connectors]]\nname = \"partner\"\nrecipient_domains = [\"partner.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+            sink.addr
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config, &pki.dir().join("state"));
+    let mut c = RawSmtp::connect(relay.listeners["mx"]).await;
+    assert!(c.cmd("EHLO client.test").await.contains("STARTTLS"));
+    assert!(c.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@partner.test>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c
+        .cmd("Subject: s\r\n\r\nbody\r\n.")
+        .await
+        .starts_with("250"));
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
+    assert!(report.contains("client did not use STARTTLS"), "{report}");
+    assert_eq!(sink.received.lock().unwrap().len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (stats, code) = stats(&pin_dir);
+    assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");
+    assert_eq!(stats["downgrades"]["stripped"], 1, "{stats:#}");
+    assert_eq!(stats["unaccounted"], 0, "{stats:#}");
+    let conns = stats["connections"].as_array().unwrap();
+    let leg = |name: &str| {
+        conns
+            .iter()
+            .find(|c| c["relay"]["leg"] == name)
+            .unwrap_or_else(|| panic!("no {name} leg with a relay view: {stats:#}"))
+    };
+    let client = leg("client");
+    assert_eq!(client["relay"]["downgraded"], true, "{client:#}");
+    assert_eq!(client["wire"]["plaintext_mail"], true, "{client:#}");
+    let next_hop = leg("upstream");
+    assert_eq!(
+        next_hop["relay"]["negotiated_version"], "TLSv1.3",
+        "{next_hop:#}"
+    );
+    assert_eq!(
+        next_hop["wire"]["negotiated_version"], "TLSv1.3",
+        "{next_hop:#}"
+    );
+    assert_eq!(next_hop["wire"]["plaintext"], false, "{next_hop:#}");
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&pin_dir);
 }

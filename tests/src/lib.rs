@@ -372,6 +372,23 @@ pub fn client_config(opts: &ClientOptions<'_>) -> Arc<rustls::ClientConfig> {
     })
 }
 
+/// A client as current browsers and OpenSSL 3.5 are: the post-quantum
+/// hybrid X25519MLKEM768 first (a 1,216-byte key share), X25519 second,
+/// offering `alpn` (long lists make the hello span more segments).
+pub fn post_quantum_client_config(alpn: Vec<Vec<u8>>) -> Arc<rustls::ClientConfig> {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![kx_group::X25519MLKEM768, kx_group::X25519];
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    Arc::new(config)
+}
+
 /// A verifier for test clients that only care about the relay's behaviour.
 #[derive(Debug)]
 struct AcceptAnything;

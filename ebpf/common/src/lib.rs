@@ -11,11 +11,21 @@ pub const MAP_DOWNGRADES: &str = "downgrades";
 pub const MAP_PARSER: &str = "parser";
 pub const MAP_RELAY_VIEW: &str = "relay_view";
 pub const MAP_SMTP_PORTS: &str = "smtp_ports";
+pub const MAP_IGNORED_PORTS: &str = "ignored_ports";
 
 /// Connections remembered at once (LRU: the oldest are forgotten first).
 pub const MAX_CONNECTIONS: u32 = 65536;
 /// Ports whose plaintext payload is read as SMTP.
 pub const MAX_SMTP_PORTS: u32 = 16;
+/// Local ports whose sockets are not relay sessions (the metrics endpoint).
+pub const MAX_IGNORED_PORTS: u32 = 4;
+/// Hellos being reassembled across segments at once (LRU).
+pub const MAX_HELLOS_IN_FLIGHT: u32 = 256;
+/// The largest hello record (header included) followed across segments.
+pub const MAX_HELLO_RECORD: u32 = 8192;
+/// Room for a hello record: twice the largest, so that a masked offset plus
+/// a masked length always stays inside (what the verifier must see).
+pub const HELLO_ROOM: usize = 2 * MAX_HELLO_RECORD as usize;
 
 /// TLS wire versions.
 pub const TLS1_0: u16 = 0x0301;
@@ -62,11 +72,32 @@ pub struct Connection {
     pub alert_description: u8,
     /// Application data (or encrypted handshake) records were seen.
     pub app_data_seen: u8,
-    /// A handshake record split across segments, not parsed.
+    /// A hello that could not be parsed (malformed, larger than
+    /// MAX_HELLO_RECORD, or a segment missing): counted, never guessed.
     pub unparsed: u8,
     /// COUNTED_* bits.
     pub counted: u8,
-    pub _reserved: [u8; 4],
+    /// The ServerHello's key_share group (TLS 1.3), e.g. 0x11ec
+    /// X25519MLKEM768, 0x001d X25519; 0 when none was seen.
+    pub key_share_group: u16,
+    /// The first payload was a TLS record: never counted as plaintext.
+    pub tls_started: u8,
+    /// A hello spanned segments and was reassembled.
+    pub reassembled: u8,
+}
+
+/// A hello record being gathered across segments (keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HelloBuffer {
+    /// The TCP sequence number of the next byte expected.
+    pub next_seq: u32,
+    /// The whole record's length (header included), and how much is here.
+    pub need: u32,
+    pub filled: u32,
+    /// 1 when the hello travels egress.
+    pub egress: u32,
+    pub bytes: [u8; HELLO_ROOM],
 }
 
 /// Connections by negotiated version (a per-CPU array of one element).
@@ -102,8 +133,10 @@ pub struct Parser {
     pub client_hellos: u64,
     pub server_hellos: u64,
     pub hello_retry_requests: u64,
-    /// Hellos split across segments or malformed: counted, not guessed.
+    /// Hellos that could not be parsed: counted, not guessed.
     pub unparsed: u64,
+    /// Hellos that spanned segments and were reassembled.
+    pub reassembled: u64,
 }
 
 /// The relay's own view of a socket, written by the relay when a session
@@ -121,7 +154,11 @@ pub struct RelayView {
     pub downgraded: u8,
     /// The relay saw this leg's handshake fail.
     pub handshake_failed: u8,
-    pub _reserved: u8,
+    /// TLS is off on this leg by configuration: plaintext is no downgrade.
+    pub tls_off: u8,
+    /// The key exchange group the relay negotiated (TLS 1.3 codes).
+    pub key_share_group: u16,
+    pub _reserved: [u8; 2],
 }
 
 /// Summing the per-CPU copies of a counter record.
@@ -155,6 +192,7 @@ impl Accumulate for Parser {
         self.server_hellos += o.server_hellos;
         self.hello_retry_requests += o.hello_retry_requests;
         self.unparsed += o.unparsed;
+        self.reassembled += o.reassembled;
     }
 }
 

@@ -1,8 +1,10 @@
-//! The program proper. Every read goes through `bpf_skb_load_bytes` with a
-//! constant length, so the kernel checks bounds at run time and the verifier
-//! has nothing to prove about packet pointers; loops have constant bounds.
-//! What cannot be read whole (a hello split across segments) is counted as
-//! unparsed, never guessed.
+//! The program proper. Every packet read goes through `bpf_skb_load_bytes`,
+//! so the kernel checks bounds at run time and the verifier has nothing to
+//! prove about packet pointers; loops have constant bounds. A hello that
+//! spans segments (a post-quantum key share alone is 1,216 bytes) is
+//! gathered per socket, in TCP sequence, into a bounded buffer and parsed
+//! whole; one that cannot be (too large, a segment missing, malformed) is
+//! counted as unparsed, never guessed and never taken for plaintext.
 
 // Map statics are named as bpftool shows and the loader pins them.
 #![allow(non_upper_case_globals)]
@@ -30,9 +32,18 @@ static relay_view: LruHashMap<u64, RelayView, { MAX_CONNECTIONS as usize }> = Lr
 /// Ports read as SMTP, set by the loader; 0 entries are unused.
 #[btf_map]
 static smtp_ports: Array<u16, { MAX_SMTP_PORTS as usize }> = Array::new();
+/// Local ports whose sockets are not relay sessions, set by the loader.
+#[btf_map]
+static ignored_ports: Array<u16, { MAX_IGNORED_PORTS as usize }> = Array::new();
 /// Per-CPU room for the start of a plaintext payload.
 #[btf_map]
 static scratch: PerCpuArray<[u8; WINDOW], 1> = PerCpuArray::new();
+/// Hellos being gathered across segments, by socket cookie.
+#[btf_map]
+static hellos: LruHashMap<u64, HelloBuffer, { MAX_HELLOS_IN_FLIGHT as usize }> = LruHashMap::new();
+/// Per-CPU room to build a `hellos` entry in (too large for the stack).
+#[btf_map]
+static hello_template: PerCpuArray<HelloBuffer, 1> = PerCpuArray::new();
 
 const WINDOW: usize = 512;
 const TCP: u8 = 6;
@@ -43,6 +54,9 @@ const RECORD_APPLICATION_DATA: u8 = 0x17;
 const CLIENT_HELLO: u8 = 1;
 const SERVER_HELLO: u8 = 2;
 const EXT_SUPPORTED_VERSIONS: u16 = 43;
+const EXT_KEY_SHARE: u16 = 51;
+/// Offsets into a gathered record are masked with this (see HELLO_ROOM).
+const HELLO_MASK: u32 = MAX_HELLO_RECORD - 1;
 /// The first 8 bytes of the random that marks a ServerHello as a
 /// HelloRetryRequest (RFC 8446 4.1.3).
 const HRR_RANDOM: [u8; 8] = [0xCF, 0x21, 0xAD, 0x74, 0xE5, 0x9A, 0x61, 0x11];
@@ -69,6 +83,39 @@ fn load<const N: usize>(ctx: &SkBuffContext, offset: u32) -> Result<[u8; N], ()>
         Ok(buf)
     } else {
         Err(())
+    }
+}
+
+/// Where hello bytes are read from: the packet, or a gathered record.
+trait Bytes {
+    fn load<const N: usize>(&self, offset: u32) -> Result<[u8; N], ()>;
+}
+
+struct Packet<'a>(&'a SkBuffContext);
+
+impl Bytes for Packet<'_> {
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: u32) -> Result<[u8; N], ()> {
+        load(self.0, offset)
+    }
+}
+
+struct Gathered<'a>(&'a HelloBuffer);
+
+impl Bytes for Gathered<'_> {
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: u32) -> Result<[u8; N], ()> {
+        if offset >= self.0.need || self.0.need - offset < N as u32 {
+            return Err(());
+        }
+        let at = (offset & HELLO_MASK) as usize;
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < N {
+            out[i] = *self.0.bytes.get(at + i).unwrap_or(&0);
+            i += 1;
+        }
+        Ok(out)
     }
 }
 
@@ -130,6 +177,7 @@ fn observe(ctx: &SkBuffContext, egress: bool) -> Result<(), ()> {
         return Ok(());
     }
     let tcp: [u8; 13] = load(ctx, l4)?;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let payload = l4 + ((tcp[12] >> 4) as u32) * 4;
     let len = ctx.len();
     if payload >= len {
@@ -142,6 +190,9 @@ fn observe(ctx: &SkBuffContext, egress: bool) -> Result<(), ()> {
     } else {
         (dport, sport)
     };
+    if is_ignored_port(local) {
+        return Ok(()); // e.g. the metrics endpoint: not a relay session
+    }
 
     // SAFETY: plain helper calls on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -165,6 +216,20 @@ fn observe(ctx: &SkBuffContext, egress: bool) -> Result<(), ()> {
         p.segments += 1;
     }
 
+    let segment = Segment {
+        payload,
+        payload_len,
+        seq,
+        egress,
+        cookie,
+    };
+    if let Some(p) = hellos.get_ptr_mut(&cookie) {
+        // SAFETY: the LRU value stays valid while this program runs.
+        let buf = unsafe { &mut *p };
+        if (buf.egress != 0) == egress {
+            return gather(ctx, conn, buf, &segment);
+        }
+    }
     let head: [u8; 1] = load(ctx, payload)?;
     let is_record = matches!(
         head[0],
@@ -173,19 +238,142 @@ fn observe(ctx: &SkBuffContext, egress: bool) -> Result<(), ()> {
     if is_record && payload_len >= 5 {
         let h: [u8; 5] = load(ctx, payload)?;
         if h[1] == 3 {
-            return tls_record(ctx, conn, payload, payload_len, h);
+            conn.tls_started = 1;
+            return tls_record(ctx, conn, &segment, h);
         }
     }
+    if is_record && conn.tls_started == 0 && conn.plaintext == 0 && payload_len < 5 {
+        // A record header cut short: TLS, but nothing to read yet.
+        conn.tls_started = 1;
+        return unparsed(conn);
+    }
     plaintext(ctx, conn, payload, payload_len, local, remote)
+}
+
+/// Where a segment's payload is and what follows it.
+struct Segment {
+    payload: u32,
+    payload_len: u32,
+    seq: u32,
+    egress: bool,
+    cookie: u64,
+}
+
+fn is_ignored_port(port: u16) -> bool {
+    for i in 0..MAX_IGNORED_PORTS {
+        match ignored_ports.get(i) {
+            Some(&p) if p != 0 && p == port => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Starts gathering a hello record that does not fit in its segment.
+fn start_gathering(
+    ctx: &SkBuffContext,
+    conn: &mut Connection,
+    segment: &Segment,
+    need: u32,
+) -> Result<(), ()> {
+    if need > MAX_HELLO_RECORD {
+        return unparsed(conn);
+    }
+    let template = match hello_template.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used only while we run.
+        Some(p) => unsafe { &mut *p },
+        None => return Err(()),
+    };
+    template.next_seq = segment.seq;
+    template.need = need;
+    template.filled = 0;
+    template.egress = segment.egress as u32;
+    if hellos.insert(&segment.cookie, template, 0).is_err() {
+        return unparsed(conn);
+    }
+    match hellos.get_ptr_mut(&segment.cookie) {
+        // SAFETY: the LRU value stays valid while this program runs.
+        Some(p) => gather(ctx, conn, unsafe { &mut *p }, segment),
+        None => unparsed(conn),
+    }
+}
+
+/// Adds a segment to a hello being gathered, in sequence; parses it once
+/// whole. A retransmitted segment adds only what is new; a gap ends the
+/// attempt as unparsed.
+fn gather(
+    ctx: &SkBuffContext,
+    conn: &mut Connection,
+    buf: &mut HelloBuffer,
+    segment: &Segment,
+) -> Result<(), ()> {
+    let cookie = segment.cookie;
+    let (mut payload, mut payload_len) = (segment.payload, segment.payload_len);
+    let ahead = segment.seq.wrapping_sub(buf.next_seq) as i32;
+    if ahead > 0 {
+        let _ = hellos.remove(&cookie);
+        return unparsed(conn); // a segment is missing
+    }
+    let seen = (-ahead) as u32;
+    if seen >= payload_len {
+        return Ok(()); // a retransmission of bytes already here
+    }
+    payload += seen;
+    payload_len -= seen;
+    let want = buf.need - buf.filled;
+    let n = if payload_len < want {
+        payload_len
+    } else {
+        want
+    };
+    let at = buf.filled & HELLO_MASK;
+    let len = n & HELLO_MASK;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: at + len < HELLO_ROOM (both masked to MAX_HELLO_RECORD - 1),
+    // so the helper writes inside the map value; it checks packet bounds.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            payload,
+            buf.bytes.as_mut_ptr().add(at as usize).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        let _ = hellos.remove(&cookie);
+        return unparsed(conn);
+    }
+    buf.filled += len;
+    buf.next_seq = buf.next_seq.wrapping_add(len);
+    if buf.filled < buf.need {
+        return Ok(());
+    }
+    conn.reassembled = 1;
+    if let Some(p) = per_cpu(&parser) {
+        p.reassembled += 1;
+    }
+    let record = Gathered(buf);
+    let parsed = match record.load::<1>(5) {
+        Ok([CLIENT_HELLO]) => client_hello(&record, conn, 5),
+        Ok([SERVER_HELLO]) => server_hello(&record, conn, 5),
+        _ => Err(()),
+    };
+    let _ = hellos.remove(&cookie);
+    if parsed.is_err() {
+        return unparsed(conn);
+    }
+    Ok(())
 }
 
 fn tls_record(
     ctx: &SkBuffContext,
     conn: &mut Connection,
-    payload: u32,
-    payload_len: u32,
+    segment: &Segment,
     h: [u8; 5],
 ) -> Result<(), ()> {
+    let (payload, payload_len) = (segment.payload, segment.payload_len);
     let record_len = be16([h[3], h[4]]) as u32;
     match h[0] {
         RECORD_APPLICATION_DATA => conn.app_data_seen = 1,
@@ -206,12 +394,14 @@ fn tls_record(
                 return Ok(());
             }
             if payload_len < 5 + record_len {
-                return unparsed(conn); // the rest is in a later segment
+                // The rest is in later segments.
+                return start_gathering(ctx, conn, segment, 5 + record_len);
             }
+            let packet = Packet(ctx);
             let parsed = if t[0] == CLIENT_HELLO {
-                client_hello(ctx, conn, payload + 5)
+                client_hello(&packet, conn, payload + 5)
             } else {
-                server_hello(ctx, conn, payload + 5)
+                server_hello(&packet, conn, payload + 5)
             };
             if parsed.is_err() {
                 return unparsed(conn);
@@ -232,26 +422,27 @@ fn unparsed(conn: &mut Connection) -> Result<(), ()> {
 
 /// Skips legacy_version, random, session_id; returns the offset after it.
 #[inline(always)]
-fn after_session_id(ctx: &SkBuffContext, hs: u32) -> Result<u32, ()> {
-    let sid: [u8; 1] = load(ctx, hs + 4 + 2 + 32)?;
+fn after_session_id<B: Bytes>(b: &B, hs: u32) -> Result<u32, ()> {
+    let sid: [u8; 1] = b.load(hs + 4 + 2 + 32)?;
     Ok(hs + 4 + 2 + 32 + 1 + sid[0] as u32)
 }
 
-/// Finds the supported_versions extension in `[off, end)`; returns the
-/// offset of its body and its length.
+/// Finds extension `kind` in `[off, end)`; returns the offset of its body
+/// and its length.
 #[inline(always)]
-fn find_supported_versions(
-    ctx: &SkBuffContext,
+fn find_extension<B: Bytes>(
+    b: &B,
     mut off: u32,
     end: u32,
+    kind: u16,
 ) -> Result<Option<(u32, u32)>, ()> {
     for _ in 0..32 {
         if off + 4 > end {
             break;
         }
-        let e: [u8; 4] = load(ctx, off)?;
+        let e: [u8; 4] = b.load(off)?;
         let len = be16([e[2], e[3]]) as u32;
-        if be16([e[0], e[1]]) == EXT_SUPPORTED_VERSIONS {
+        if be16([e[0], e[1]]) == kind {
             return Ok(Some((off + 4, len)));
         }
         off += 4 + len;
@@ -259,25 +450,25 @@ fn find_supported_versions(
     Ok(None)
 }
 
-fn client_hello(ctx: &SkBuffContext, conn: &mut Connection, hs: u32) -> Result<(), ()> {
-    let legacy = be16(load(ctx, hs + 4)?);
-    let mut off = after_session_id(ctx, hs)?;
-    let suites: [u8; 2] = load(ctx, off)?;
+fn client_hello<B: Bytes>(b: &B, conn: &mut Connection, hs: u32) -> Result<(), ()> {
+    let legacy = be16(b.load(hs + 4)?);
+    let mut off = after_session_id(b, hs)?;
+    let suites: [u8; 2] = b.load(off)?;
     off += 2 + be16(suites) as u32;
-    let compression: [u8; 1] = load(ctx, off)?;
+    let compression: [u8; 1] = b.load(off)?;
     off += 1 + compression[0] as u32;
     let mut best = legacy;
-    if let Ok(ext) = load::<2>(ctx, off) {
+    if let Ok(ext) = b.load::<2>(off) {
         let end = off + 2 + be16(ext) as u32;
-        if let Some((body, _)) = find_supported_versions(ctx, off + 2, end)? {
-            let n: [u8; 1] = load(ctx, body)?;
+        if let Some((body, _)) = find_extension(b, off + 2, end, EXT_SUPPORTED_VERSIONS)? {
+            let n: [u8; 1] = b.load(body)?;
             let count = (n[0] / 2) as u32;
             let mut max = 0u16;
             for i in 0..16u32 {
                 if i >= count {
                     break;
                 }
-                let v = be16(load(ctx, body + 1 + 2 * i)?);
+                let v = be16(b.load(body + 1 + 2 * i)?);
                 let grease = v & 0x0f0f == 0x0a0a;
                 if !grease && v > max {
                     max = v;
@@ -297,23 +488,28 @@ fn client_hello(ctx: &SkBuffContext, conn: &mut Connection, hs: u32) -> Result<(
     Ok(())
 }
 
-fn server_hello(ctx: &SkBuffContext, conn: &mut Connection, hs: u32) -> Result<(), ()> {
-    let legacy = be16(load(ctx, hs + 4)?);
-    let random: [u8; 8] = load(ctx, hs + 6)?;
+fn server_hello<B: Bytes>(b: &B, conn: &mut Connection, hs: u32) -> Result<(), ()> {
+    let legacy = be16(b.load(hs + 4)?);
+    let random: [u8; 8] = b.load(hs + 6)?;
     if random == HRR_RANDOM {
         if let Some(p) = per_cpu(&parser) {
             p.hello_retry_requests += 1;
         }
         return Ok(()); // not the ServerHello that settles the version
     }
-    let mut off = after_session_id(ctx, hs)?;
-    let suite = be16(load(ctx, off)?);
+    let mut off = after_session_id(b, hs)?;
+    let suite = be16(b.load(off)?);
     off += 2 + 1; // cipher suite, compression method
     let mut version = legacy;
-    if let Ok(ext) = load::<2>(ctx, off) {
+    if let Ok(ext) = b.load::<2>(off) {
         let end = off + 2 + be16(ext) as u32;
-        if let Some((body, 2)) = find_supported_versions(ctx, off + 2, end)? {
-            version = be16(load(ctx, body)?);
+        if let Some((body, 2)) = find_extension(b, off + 2, end, EXT_SUPPORTED_VERSIONS)? {
+            version = be16(b.load(body)?);
+        }
+        if let Some((body, len)) = find_extension(b, off + 2, end, EXT_KEY_SHARE)? {
+            if len >= 2 {
+                conn.key_share_group = be16(b.load(body)?);
+            }
         }
     }
     conn.negotiated_version = version;
@@ -367,9 +563,8 @@ fn starts_with_ci(buf: &[u8; WINDOW], at: usize, word: &[u8]) -> bool {
     true
 }
 
-/// Copies the start of the payload into the per-CPU window; returns how
-/// many bytes it holds (0 when the payload is shorter than the smallest
-/// window).
+/// Copies the start of the payload (up to WINDOW bytes) into the per-CPU
+/// window; returns how many bytes it holds.
 #[inline(always)]
 fn fill_window(
     ctx: &SkBuffContext,
@@ -378,25 +573,23 @@ fn fill_window(
     buf: &mut [u8; WINDOW],
 ) -> usize {
     let ptr = buf.as_mut_ptr().cast();
-    macro_rules! try_len {
-        ($n:literal) => {
-            // SAFETY: writes at most $n <= WINDOW bytes into buf.
-            if payload_len >= $n
-                && unsafe { bpf_skb_load_bytes(ctx.as_ptr(), payload, ptr, $n) } == 0
-            {
-                return $n;
-            }
-        };
+    // At most WINDOW - 1 bytes unless the payload fills the window: a
+    // masked length the verifier can bound.
+    let len = if payload_len >= WINDOW as u32 {
+        WINDOW as u32
+    } else {
+        payload_len & (WINDOW as u32 - 1)
+    };
+    if len == 0 {
+        return 0;
     }
-    try_len!(512);
-    try_len!(256);
-    try_len!(128);
-    try_len!(64);
-    try_len!(32);
-    try_len!(16);
-    try_len!(8);
-    try_len!(4);
-    0
+    // SAFETY: writes at most len <= WINDOW bytes into buf; the helper checks
+    // the packet bounds.
+    if unsafe { bpf_skb_load_bytes(ctx.as_ptr(), payload, ptr, len) } == 0 {
+        len as usize
+    } else {
+        0
+    }
 }
 
 fn plaintext(
@@ -407,7 +600,7 @@ fn plaintext(
     local: u16,
     remote: u16,
 ) -> Result<(), ()> {
-    if conn.offered_version != 0 || conn.negotiated_version != 0 {
+    if conn.tls_started != 0 || conn.offered_version != 0 || conn.negotiated_version != 0 {
         return Ok(()); // after TLS started, the wire carries records only
     }
     if !is_smtp_port(local) && !is_smtp_port(remote) {

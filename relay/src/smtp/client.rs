@@ -12,7 +12,7 @@ use super::codec::{Capabilities, Reply, ReplyParser};
 use crate::config::HostPort;
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy, TlsFailure};
 use crate::pump::Leg;
-use crate::report::{outbound_tls_line, LegSecurity};
+use crate::report::{outbound_tls_line, Direction, LegSecurity, SocketRecord};
 use crate::tls::{cert_names, classify_failure, Negotiated, RecordIo, UpstreamTls};
 
 /// One way out: a connector's next hops and how to secure them.
@@ -64,6 +64,8 @@ pub struct Established {
     pub downgrade: Option<TlsFailure>,
     pub address: std::net::SocketAddr,
     pub host: String,
+    /// Every socket opened on the way, for the wire cross-check.
+    pub sockets: Vec<SocketRecord>,
 }
 
 pub struct NextHop {
@@ -74,9 +76,12 @@ pub struct NextHop {
 }
 
 /// Why no next hop could be had: the reply to give the sender (always
-/// 4xx, so it keeps the message and retries).
+/// 4xx, so it keeps the message and retries), and the sockets tried.
 #[derive(Debug)]
-pub struct Unavailable(pub Reply);
+pub struct Unavailable {
+    pub reply: Reply,
+    pub sockets: Vec<SocketRecord>,
+}
 
 impl NextHop {
     async fn read_reply(&mut self, limit: Duration) -> std::io::Result<Reply> {
@@ -151,22 +156,55 @@ impl NextHop {
     }
 }
 
-fn temporary(text: String) -> Unavailable {
-    Unavailable(Reply::new(451, text))
+fn temporary(text: String, sockets: Vec<SocketRecord>) -> Unavailable {
+    Unavailable {
+        reply: Reply::new(451, text),
+        sockets,
+    }
 }
 
-/// Opens a plaintext session: TCP, greeting, EHLO.
+/// A next-hop socket as the relay saw it.
+fn record(
+    cookie: Option<u64>,
+    negotiated: Option<Negotiated>,
+    downgraded: bool,
+    handshake_failed: bool,
+    tls_off: bool,
+) -> Option<SocketRecord> {
+    Some(SocketRecord {
+        cookie: cookie?,
+        leg: Direction::Outbound,
+        negotiated,
+        downgraded,
+        handshake_failed,
+        tls_off,
+    })
+}
+
+/// Opens a plaintext session: TCP, greeting, EHLO. Returns the socket's
+/// cookie too, also when the session could not be opened on it.
 async fn open_plain(
     hop: &NextHopPlan,
     hostname: &str,
     timeouts: SmtpTimeouts,
-) -> Result<(NextHop, std::net::SocketAddr), String> {
+) -> (Option<u64>, Result<(NextHop, std::net::SocketAddr), String>) {
     let address = (hop.address.host.as_str(), hop.address.port);
     let tcp = match timeout(timeouts.connect, TcpStream::connect(address)).await {
         Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(format!("{}: {e}", hop.address)),
-        Err(_) => return Err(format!("{}: connect timed out", hop.address)),
+        Ok(Err(e)) => return (None, Err(format!("{}: {e}", hop.address))),
+        Err(_) => return (None, Err(format!("{}: connect timed out", hop.address))),
     };
+    let cookie = crate::bpf::socket_cookie(&tcp);
+    (cookie, greet(tcp, hop, hostname, timeouts).await)
+}
+
+/// Greeting and EHLO (or HELO) on a fresh connection.
+async fn greet(
+    tcp: TcpStream,
+    hop: &NextHopPlan,
+    hostname: &str,
+    timeouts: SmtpTimeouts,
+) -> Result<(NextHop, std::net::SocketAddr), String> {
     let _ = tcp.set_nodelay(true);
     let addr = tcp.peer_addr().map_err(|e| e.to_string())?;
     let mut next = NextHop {
@@ -199,6 +237,22 @@ async fn open_plain(
     Ok((next, addr))
 }
 
+/// Why STARTTLS did not give a TLS session, and whether a TLS handshake
+/// had begun on the wire (the wire witness sees its alerts).
+struct StartTlsFailed {
+    failure: TlsFailure,
+    handshake_begun: bool,
+}
+
+impl From<TlsFailure> for StartTlsFailed {
+    fn from(failure: TlsFailure) -> StartTlsFailed {
+        StartTlsFailed {
+            failure,
+            handshake_begun: true,
+        }
+    }
+}
+
 /// Runs STARTTLS on an open plaintext session.
 async fn start_tls(
     mut next: NextHop,
@@ -206,31 +260,35 @@ async fn start_tls(
     host: &str,
     addr: std::net::SocketAddr,
     hostname: &str,
-) -> Result<(NextHop, LegSecurity), TlsFailure> {
+) -> Result<(NextHop, LegSecurity), StartTlsFailed> {
+    let before = |failure| StartTlsFailed {
+        failure,
+        handshake_begun: false,
+    };
     if !next.capabilities.has("STARTTLS") {
-        return Err(TlsFailure::NotOffered(format!(
+        return Err(before(TlsFailure::NotOffered(format!(
             "{host} does not offer STARTTLS"
-        )));
+        ))));
     }
     let reply = next
         .command("STARTTLS", next.timeouts.command)
         .await
-        .map_err(|e| TlsFailure::HandshakeFailed(format!("STARTTLS: {e}")))?;
+        .map_err(|e| before(TlsFailure::HandshakeFailed(format!("STARTTLS: {e}"))))?;
     if reply.code != 220 {
-        return Err(TlsFailure::NotOffered(format!(
+        return Err(before(TlsFailure::NotOffered(format!(
             "{host} answered STARTTLS with {reply}"
-        )));
+        ))));
     }
     if next.replies.pending() > 0 {
-        return Err(TlsFailure::HandshakeFailed(format!(
+        return Err(before(TlsFailure::HandshakeFailed(format!(
             "{host} sent {} bytes after its 220 to STARTTLS (protocol violation)",
             next.replies.pending()
-        )));
+        ))));
     }
     let Leg::Plain(tcp) = next.leg else {
-        return Err(TlsFailure::HandshakeFailed(
+        return Err(before(TlsFailure::HandshakeFailed(
             "STARTTLS on a TLS session".into(),
-        ));
+        )));
     };
     let handshake = timeout(
         next.timeouts.handshake,
@@ -240,8 +298,8 @@ async fn start_tls(
     .await;
     let stream = match handshake {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(classify_failure(&e)),
-        Err(_) => return Err(TlsFailure::HandshakeFailed("timed out".into())),
+        Ok(Err(e)) => return Err(classify_failure(&e).into()),
+        Err(_) => return Err(TlsFailure::HandshakeFailed("timed out".into()).into()),
     };
     let conn = stream.get_ref().1;
     let negotiated = Negotiated::of(conn);
@@ -266,9 +324,7 @@ async fn start_tls(
         .await
         .map_err(|e| TlsFailure::HandshakeFailed(format!("EHLO after STARTTLS: {e}")))?;
     if ehlo.code != 250 {
-        return Err(TlsFailure::HandshakeFailed(format!(
-            "EHLO after STARTTLS: {ehlo}"
-        )));
+        return Err(TlsFailure::HandshakeFailed(format!("EHLO after STARTTLS: {ehlo}")).into());
     }
     Ok((next, security))
 }
@@ -281,66 +337,89 @@ pub async fn establish(
     timeouts: SmtpTimeouts,
 ) -> Result<Established, Unavailable> {
     let mut problems = Vec::new();
+    let mut sockets = Vec::new();
     for hop in &connector.next_hops {
         let host = hop.address.host.clone();
-        let (next, addr) = match open_plain(hop, hostname, timeouts).await {
+        let (cookie, opened) = open_plain(hop, hostname, timeouts).await;
+        let (next, addr) = match opened {
             Ok(open) => open,
             Err(why) => {
                 tracing::info!(connector = %connector.name, "next hop unavailable: {why}");
+                sockets.extend(record(cookie, None, false, false, hop.tls.is_none()));
                 problems.push(why);
                 continue;
             }
         };
         let Some(tls) = &hop.tls else {
+            sockets.extend(record(cookie, None, false, false, true));
             return Ok(Established {
                 hop: next,
                 security: LegSecurity::Plaintext,
                 downgrade: None,
                 address: addr,
                 host,
+                sockets,
             });
         };
-        match start_tls(next, tls, &host, addr, hostname).await {
+        let failed = match start_tls(next, tls, &host, addr, hostname).await {
             Ok((hop_session, security)) => {
+                let negotiated = match &security {
+                    LegSecurity::Tls { negotiated, .. } => Some(negotiated.clone()),
+                    LegSecurity::Plaintext => None,
+                };
+                sockets.extend(record(cookie, negotiated, false, false, false));
                 return Ok(Established {
                     hop: hop_session,
                     security,
                     downgrade: None,
                     address: addr,
                     host,
-                })
+                    sockets,
+                });
             }
-            Err(failure) => match on_outbound_failure(connector.policy) {
-                OnTlsFailure::Refuse => {
-                    tracing::info!(connector = %connector.name, "{host}: {failure}; TLS is required");
-                    return Err(temporary(format!(
+            Err(failed) => failed,
+        };
+        sockets.extend(record(cookie, None, false, failed.handshake_begun, false));
+        let failure = failed.failure;
+        match on_outbound_failure(connector.policy) {
+            OnTlsFailure::Refuse => {
+                tracing::info!(connector = %connector.name, "{host}: {failure}; TLS is required");
+                return Err(temporary(
+                    format!(
                         "4.7.5 TLS required by connector {} but {failure}",
                         connector.name
-                    )));
-                }
-                OnTlsFailure::FallBackToPlaintext => {
-                    tracing::info!(connector = %connector.name, "{host}: {failure}; continuing in plaintext");
-                    match open_plain(hop, hostname, timeouts).await {
-                        Ok((plain, addr)) => {
-                            return Ok(Established {
-                                hop: plain,
-                                security: LegSecurity::Plaintext,
-                                downgrade: Some(failure),
-                                address: addr,
-                                host,
-                            })
-                        }
-                        Err(why) => problems.push(why),
+                    ),
+                    sockets,
+                ));
+            }
+            OnTlsFailure::FallBackToPlaintext => {
+                tracing::info!(connector = %connector.name, "{host}: {failure}; continuing in plaintext");
+                let (cookie, opened) = open_plain(hop, hostname, timeouts).await;
+                sockets.extend(record(cookie, None, true, false, false));
+                match opened {
+                    Ok((plain, addr)) => {
+                        return Ok(Established {
+                            hop: plain,
+                            security: LegSecurity::Plaintext,
+                            downgrade: Some(failure),
+                            address: addr,
+                            host,
+                            sockets,
+                        })
                     }
+                    Err(why) => problems.push(why),
                 }
-            },
+            }
         }
     }
-    Err(temporary(format!(
-        "4.4.1 No next hop of connector {} is reachable: {}",
-        connector.name,
-        problems.join("; ")
-    )))
+    Err(temporary(
+        format!(
+            "4.4.1 No next hop of connector {} is reachable: {}",
+            connector.name,
+            problems.join("; ")
+        ),
+        sockets,
+    ))
 }
 
 /// Dot-stuffs raw message bytes for DATA (BDAT to a next hop without

@@ -97,6 +97,9 @@ pub async fn run(
     let started = Instant::now();
     let mut report = SessionReport::new(id, &plan.name, peer, "-");
     report.client_cookie = crate::bpf::socket_cookie(&client);
+    if plan.starttls == StartTls::Unavailable && !plan.implicit_tls {
+        report.tls_off.push(Direction::Inbound);
+    }
     let _ = client.set_nodelay(true);
     let mut dialogue = Dialogue {
         plan,
@@ -565,7 +568,8 @@ impl Dialogue<'_> {
         if self.outbound.is_none() {
             let plan = &self.plan.outbound[connector];
             match establish(plan, &self.plan.hostname, self.plan.timeouts).await {
-                Ok(est) => {
+                Ok(mut est) => {
+                    self.report.sockets.append(&mut est.sockets);
                     self.report.upstream = plan.name.clone();
                     self.report.upstream_addr = Some(est.address);
                     self.report.outbound = Some(est.security.clone());
@@ -589,7 +593,10 @@ impl Dialogue<'_> {
                         data_started: false,
                     });
                 }
-                Err(unavailable) => return unavailable.0,
+                Err(mut unavailable) => {
+                    self.report.sockets.append(&mut unavailable.sockets);
+                    return unavailable.reply;
+                }
             }
         }
         let o = self.outbound.as_mut().expect("established above");

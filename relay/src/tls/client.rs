@@ -12,8 +12,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_rustls::TlsConnector;
 
-use super::{cert_names, provider, signature_algorithms, versions, TlsError};
-use crate::policy::{MinVersion, NamePattern, PeerTrust, Verification};
+use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
+use crate::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust, Verification};
 
 /// What an upstream's TLS is built from (files already loaded).
 pub struct UpstreamTlsSettings {
@@ -26,6 +26,8 @@ pub struct UpstreamTlsSettings {
     /// Trust anchors; `None` only when nothing needs them.
     pub roots: Option<Arc<RootCertStore>>,
     pub min_version: MinVersion,
+    /// Key exchange groups offered, the first with a key share.
+    pub groups: Vec<KeyExchange>,
     pub server_name: ServerName<'static>,
     pub client_certificate: Option<Arc<CertifiedKey>>,
     /// Revocation lists the chain is checked against (none: no checking).
@@ -48,11 +50,12 @@ impl UpstreamTls {
             roots: settings.roots,
             crls: settings.crls,
         });
-        let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
-            .with_protocol_versions(versions(settings.min_version))
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(check.clone());
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(provider_with(&settings.groups)))
+                .with_protocol_versions(versions(settings.min_version))
+                .map_err(|e| TlsError::Rustls(e.to_string()))?
+                .dangerous()
+                .with_custom_certificate_verifier(check.clone());
         let mut config = match settings.client_certificate {
             Some(ck) => builder.with_client_cert_resolver(Arc::new(PresentCertificate(ck))),
             None => builder.with_no_client_auth(),

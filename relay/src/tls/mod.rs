@@ -29,7 +29,7 @@ pub use server::{
     client_chain_verifies, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings,
 };
 
-use crate::policy::{MinVersion, TlsFailure};
+use crate::policy::{KeyExchange, MinVersion, TlsFailure};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -54,9 +54,27 @@ impl TlsError {
 
 /// aws-lc-rs with forward-secret suites only. rustls never negotiates TLS
 /// 1.0/1.1 or static-RSA key exchange, and its TLS 1.2 suites are all ECDHE;
-/// the filter states the rule rather than relying on that.
+/// the filter states the rule rather than relying on that. Key exchange:
+/// [`KeyExchange::PREFERRED`], the post-quantum hybrid first.
 pub fn provider() -> CryptoProvider {
+    provider_with(&KeyExchange::PREFERRED)
+}
+
+/// [`provider`] with these key exchange groups, in this order (as a client
+/// the first gets a key share; as a server rustls follows the client's
+/// order among these).
+pub fn provider_with(groups: &[KeyExchange]) -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::kx_group;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = groups
+        .iter()
+        .map(|g| match g {
+            KeyExchange::X25519Mlkem768 => kx_group::X25519MLKEM768,
+            KeyExchange::X25519 => kx_group::X25519,
+            KeyExchange::Secp256r1 => kx_group::SECP256R1,
+            KeyExchange::Secp384r1 => kx_group::SECP384R1,
+        })
+        .collect();
     provider.cipher_suites.retain(|suite| match suite {
         rustls::SupportedCipherSuite::Tls13(_) => true,
         rustls::SupportedCipherSuite::Tls12(s) => {
@@ -87,6 +105,10 @@ pub struct Negotiated {
     /// The same two as on the wire (0x0304, 0x1302), for the eBPF join.
     pub version_code: u16,
     pub cipher_code: u16,
+    /// The key exchange group, e.g. `X25519MLKEM768` (post-quantum hybrid)
+    /// or `X25519`, and its code (0x11ec, 0x001d).
+    pub group: Option<String>,
+    pub group_code: u16,
 }
 
 impl Negotiated {
@@ -102,11 +124,14 @@ impl Negotiated {
             .and_then(|s| s.as_str())
             .unwrap_or("unknown")
             .to_string();
+        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
         Negotiated {
             version,
             cipher,
             version_code: conn.protocol_version().map_or(0, u16::from),
             cipher_code: suite.map_or(0, u16::from),
+            group: group.map(|g| format!("{g:?}")),
+            group_code: group.map_or(0, u16::from),
         }
     }
 }

@@ -14,12 +14,14 @@ use rustls::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{cert_names, provider, signature_algorithms, versions, TlsError};
-use crate::policy::{MinVersion, NamePattern, PeerTrust};
+use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
+use crate::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust};
 
 /// What a listener's TLS is built from (files already loaded).
 pub struct ListenerTlsSettings {
     pub min_version: MinVersion,
+    /// Key exchange groups accepted.
+    pub groups: Vec<KeyExchange>,
     /// Served by SNI; the default is served when no name matches.
     pub certificates: Vec<Arc<CertifiedKey>>,
     pub default_certificate: usize,
@@ -53,7 +55,7 @@ pub struct ListenerTls {
 
 impl ListenerTls {
     pub fn new(settings: ListenerTlsSettings) -> Result<ListenerTls, TlsError> {
-        let provider = Arc::new(provider());
+        let provider = Arc::new(provider_with(&settings.groups));
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(settings.min_version))
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
