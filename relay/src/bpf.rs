@@ -755,3 +755,83 @@ impl Detached {
         Ok(sum(&array.get(&0, 0).map_err(aya_err(name.to_string()))?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls13() -> (wire::Connection, wire::RelayView) {
+        let c = wire::Connection {
+            offered_version: wire::TLS1_3,
+            negotiated_version: wire::TLS1_3,
+            cipher_suite: 0x1302,
+            key_share_group: 0x11ec,
+            tls_started: 1,
+            ..Default::default()
+        };
+        let r = wire::RelayView {
+            negotiated_version: wire::TLS1_3,
+            cipher_suite: 0x1302,
+            key_share_group: 0x11ec,
+            leg: wire::LEG_CLIENT,
+            ..Default::default()
+        };
+        (c, r)
+    }
+
+    #[test]
+    fn agreeing_records_have_no_disagreement() {
+        let (c, r) = tls13();
+        assert!(disagreements(&c, &r).is_empty());
+    }
+
+    /// Each contradiction issue 12 lists, as stats reports it.
+    #[test]
+    fn every_contradiction_is_flagged() {
+        let (mut c, r) = tls13();
+        c.key_share_group = 0x001d;
+        assert_eq!(
+            disagreements(&c, &r),
+            ["key exchange: wire X25519, relay X25519MLKEM768"]
+        );
+        // A split hello taken for plaintext (the old program's mistake).
+        let (_, r) = tls13();
+        let c = wire::Connection {
+            plaintext: 1,
+            unparsed: 1,
+            ..Default::default()
+        };
+        assert_eq!(disagreements(&c, &r), ["wire: plaintext, relay: TLSv1.3"]);
+        // STARTTLS stripped on the wire, no downgrade in the relay's view.
+        let c = wire::Connection {
+            starttls_offered: 1,
+            plaintext_mail: 1,
+            plaintext: 1,
+            ..Default::default()
+        };
+        let quiet = wire::RelayView::default();
+        assert_eq!(
+            disagreements(&c, &quiet),
+            ["wire: STARTTLS offered, mail in cleartext (stripped); relay recorded no downgrade"]
+        );
+        let recorded = wire::RelayView {
+            downgraded: 1,
+            ..Default::default()
+        };
+        assert!(disagreements(&c, &recorded).is_empty());
+        // Plaintext on the wire: a downgrade unless TLS is off by design.
+        let c = wire::Connection {
+            plaintext: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            disagreements(&c, &quiet),
+            ["wire: plaintext; relay recorded no downgrade"]
+        );
+        let off = wire::RelayView {
+            tls_off: 1,
+            ..Default::default()
+        };
+        assert!(disagreements(&c, &off).is_empty());
+    }
+}
