@@ -92,6 +92,25 @@ async fn swaks_from(from: IpAddr, relay: SocketAddr, args: &[&str]) -> (bool, St
     swaks_to(relay, &all).await
 }
 
+/// swaks from `from`, with STARTTLS when `tls`, presenting `cert` if any.
+async fn swaks_with_certificate(
+    from: IpAddr,
+    relay: SocketAddr,
+    args: &[&str],
+    tls: bool,
+    cert: Option<&Leaf>,
+) -> (bool, String) {
+    let files = cert.map(|c| (c.chain.display().to_string(), c.key.display().to_string()));
+    let mut all = args.to_vec();
+    if tls {
+        all.push("--tls");
+    }
+    if let Some((chain, key)) = &files {
+        all.extend(["--tls-cert", chain.as_str(), "--tls-key", key.as_str()]);
+    }
+    swaks_from(from, relay, &all).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_may_send_to_accepted_domains_but_not_relay() {
     if !have_swaks() {
@@ -256,18 +275,8 @@ async fn a_partner_certificate_may_relay_and_nothing_else_does() {
         ("wrong name", Some(&wrong_name), false),
         ("right name from another CA", Some(&forged), false),
     ] {
-        let files = cert.map(|c| (c.chain.display().to_string(), c.key.display().to_string()));
-        let mut args = vec![
-            "--tls",
-            "--from",
-            "a@partner.test",
-            "--to",
-            "x@gmail.example",
-        ];
-        if let Some((chain, key)) = &files {
-            args.extend(["--tls-cert", chain.as_str(), "--tls-key", key.as_str()]);
-        }
-        let (ok, transcript) = swaks_from(STRANGER, mx, &args).await;
+        let args = ["--from", "a@partner.test", "--to", "x@gmail.example"];
+        let (ok, transcript) = swaks_with_certificate(STRANGER, mx, &args, true, cert).await;
         assert_eq!(ok, relayed, "{label}: {transcript}");
         if !relayed {
             assert!(transcript.contains("554 5.7.1"), "{label}: {transcript}");
@@ -382,15 +391,8 @@ async fn partner_connector_conditions_hold_whatever_claims_the_session() {
     ];
     let mut delivered = 0;
     for (label, from, tls, cert, sender, refusal) in cases {
-        let files = cert.map(|c| (c.chain.display().to_string(), c.key.display().to_string()));
-        let mut args = vec!["--from", sender, "--to", "ceo@example.org"];
-        if tls {
-            args.push("--tls");
-        }
-        if let Some((chain, key)) = &files {
-            args.extend(["--tls-cert", chain.as_str(), "--tls-key", key.as_str()]);
-        }
-        let (ok, transcript) = swaks_from(from, mx, &args).await;
+        let args = ["--from", sender, "--to", "ceo@example.org"];
+        let (ok, transcript) = swaks_with_certificate(from, mx, &args, tls, cert).await;
         match refusal {
             None => {
                 assert!(ok, "{label}: {transcript}");

@@ -326,13 +326,15 @@ fn gather(
     } else {
         want
     };
-    let at = buf.filled & HELLO_MASK;
-    let len = n & HELLO_MASK;
-    if len == 0 {
+    if n == 0 {
         return Ok(());
     }
-    // SAFETY: at + len < HELLO_ROOM (both masked to MAX_HELLO_RECORD - 1),
-    // so the helper writes inside the map value; it checks packet bounds.
+    let at = buf.filled & HELLO_MASK;
+    // 1..=MAX_HELLO_RECORD in a form the verifier can bound (n >= 1).
+    let len = (n.wrapping_sub(1) & HELLO_MASK) + 1;
+    // SAFETY: at < MAX_HELLO_RECORD and len <= MAX_HELLO_RECORD, so at + len
+    // <= HELLO_ROOM: the helper writes inside the map value; it checks the
+    // packet bounds itself.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.as_ptr(),
@@ -573,16 +575,13 @@ fn fill_window(
     buf: &mut [u8; WINDOW],
 ) -> usize {
     let ptr = buf.as_mut_ptr().cast();
-    // At most WINDOW - 1 bytes unless the payload fills the window: a
-    // masked length the verifier can bound.
+    // 1..=WINDOW, in a form the verifier can bound whatever LLVM does with
+    // a separate zero check (payload_len is at least 1 here).
     let len = if payload_len >= WINDOW as u32 {
         WINDOW as u32
     } else {
-        payload_len & (WINDOW as u32 - 1)
+        (payload_len.wrapping_sub(1) & (WINDOW as u32 - 1)) + 1
     };
-    if len == 0 {
-        return 0;
-    }
     // SAFETY: writes at most len <= WINDOW bytes into buf; the helper checks
     // the packet bounds.
     if unsafe { bpf_skb_load_bytes(ctx.as_ptr(), payload, ptr, len) } == 0 {

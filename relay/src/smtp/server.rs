@@ -813,14 +813,7 @@ mod tests {
         s.feed(&long);
         assert_eq!(codes(&drain(&mut s)), vec![500, 250]);
         // A body line over 1000 octets: the message is not passed on.
-        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\nDATA\r\n");
-        drain(&mut s);
-        s.respond(Reply::new(250, "ok"));
-        drain(&mut s);
-        s.respond(Reply::new(250, "ok"));
-        drain(&mut s);
-        s.respond(Reply::new(354, "go"));
-        drain(&mut s);
+        let mut s = in_body();
         let mut body = vec![b'x'; 1200];
         body.extend_from_slice(b"\r\n.\r\n");
         s.feed(&body);
@@ -840,14 +833,22 @@ mod tests {
         assert_eq!(codes(&drain(&mut s)), vec![503, 250, 552, 503, 502]);
     }
 
+    /// A server with a recipient accepted, ready for DATA or BDAT.
+    fn in_transaction() -> Server {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        drain(&mut s);
+        s
+    }
+
     /// A server in DATA body state, ready for bytes.
     fn in_body() -> Server {
-        let mut s = server(StartTls::Offered);
-        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\nDATA\r\n");
-        drain(&mut s);
-        s.respond(Reply::new(250, "ok"));
-        drain(&mut s);
-        s.respond(Reply::new(250, "ok"));
+        let mut s = in_transaction();
+        s.feed(b"DATA\r\n");
         drain(&mut s);
         s.respond(Reply::new(354, "go"));
         drain(&mut s);
@@ -942,13 +943,7 @@ mod tests {
             (vec![b"a\r", b"\nb\r", b"x\r\n"], b"a\r\nb\r"),
             (vec![b"a\r\n", b"ends in CR\r"], b"a\r\nends in CR\r"),
         ] {
-            let mut s = server(StartTls::Offered);
-            s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\n");
-            drain(&mut s);
-            s.respond(Reply::new(250, "ok"));
-            drain(&mut s);
-            s.respond(Reply::new(250, "ok"));
-            drain(&mut s);
+            let mut s = in_transaction();
             let mut events = Vec::new();
             for (i, chunk) in chunks.iter().enumerate() {
                 let last = if i + 1 == chunks.len() { " LAST" } else { "" };
