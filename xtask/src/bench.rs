@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::{root, run, wait_for_port, Guard};
+use crate::{own_group, root, run, wait_for_port, Guard};
 
 /// A stream scenario: what the client speaks and what the upstream speaks.
 struct Scenario {
@@ -58,6 +58,8 @@ const TERMINATION: &Scenario = &STREAMS[1];
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
     Tlsrelay,
+    /// tlsrelay with `dataplane.pump = "epoll"` (splicing tables only).
+    TlsrelayEpoll,
     Stunnel,
     Haproxy,
     Nginx,
@@ -68,8 +70,9 @@ enum Peer {
 const NGINX_STREAM: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 impl Peer {
-    const RELAYS: [Peer; 5] = [
+    const RELAYS: [Peer; 6] = [
         Peer::Tlsrelay,
+        Peer::TlsrelayEpoll,
         Peer::Stunnel,
         Peer::Haproxy,
         Peer::Nginx,
@@ -79,6 +82,7 @@ impl Peer {
     fn name(self) -> &'static str {
         match self {
             Peer::Tlsrelay => "tlsrelay",
+            Peer::TlsrelayEpoll => "tlsrelay-epoll",
             Peer::Stunnel => "stunnel",
             Peer::Haproxy => "haproxy",
             Peer::Nginx => "nginx",
@@ -94,13 +98,17 @@ impl Peer {
             Peer::Haproxy => &["haproxy"],
             Peer::Nginx => &["nginx", "libnginx-mod-stream"],
             Peer::Socat => &["socat"],
-            Peer::Tlsrelay | Peer::Direct => &[],
+            Peer::Tlsrelay | Peer::TlsrelayEpoll | Peer::Direct => &[],
         }
+    }
+
+    fn is_tlsrelay(self) -> bool {
+        matches!(self, Peer::Tlsrelay | Peer::TlsrelayEpoll)
     }
 
     fn installed(self) -> bool {
         let bin = match self {
-            Peer::Tlsrelay | Peer::Direct => return true,
+            Peer::Tlsrelay | Peer::TlsrelayEpoll | Peer::Direct => return true,
             Peer::Stunnel => "stunnel4",
             Peer::Haproxy => "haproxy",
             Peer::Nginx => "nginx",
@@ -249,6 +257,8 @@ type Sample = BTreeMap<&'static str, f64>;
 /// A table of figures: which ones, and the one ratios are taken of.
 struct Table {
     name: &'static str,
+    /// Its bytes go through the splice pump: both pumps get a row.
+    splices: bool,
     x: &'static str,
     columns: &'static [(&'static str, &'static str)],
     primary: &'static str,
@@ -257,6 +267,7 @@ struct Table {
 
 const THROUGHPUT: Table = Table {
     name: "throughput",
+    splices: true,
     x: "conns",
     columns: &[
         ("gbit_per_s", "Gbit/s"),
@@ -269,6 +280,7 @@ const THROUGHPUT: Table = Table {
 
 const LATENCY: Table = Table {
     name: "latency",
+    splices: true,
     x: "conns",
     columns: &[
         ("requests_per_s", "req/s"),
@@ -282,6 +294,7 @@ const LATENCY: Table = Table {
 
 const HANDSHAKES: Table = Table {
     name: "handshakes",
+    splices: false,
     x: "conns",
     columns: &[
         ("handshakes_per_s", "hs/s"),
@@ -295,6 +308,7 @@ const HANDSHAKES: Table = Table {
 
 const SMTP: Table = Table {
     name: "smtp",
+    splices: false,
     x: "message",
     columns: &[
         ("messages_per_s", "msg/s"),
@@ -310,6 +324,7 @@ const SMTP: Table = Table {
 
 const IDLE: Table = Table {
     name: "idle",
+    splices: false,
     x: "idle conns",
     columns: &[("kib_per_connection", "KiB/conn"), ("rss_mib", "RSS MiB")],
     primary: "kib_per_connection",
@@ -369,7 +384,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
                 .arg("--key")
                 .arg(&ecdsa.key);
         }
-        let mut child = Guard(cmd.spawn()?);
+        let mut child = Guard(own_group(&mut cmd).spawn()?);
         wait_for_port(addr, &mut child.0, "sink")?;
         sinks.push(child);
         Ok(addr)
@@ -482,7 +497,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
 impl Bench {
     fn header(&self, t: &Table) {
         print!(
-            "\n== {} ({})\n{:<18} {:>12} {:<9}",
+            "\n== {} ({})\n{:<18} {:>12} {:<14}",
             t.name, t.note, "scenario", t.x, "relay"
         );
         for (_, head) in t.columns {
@@ -504,6 +519,7 @@ impl Bench {
         let mut rows: Vec<Row> = self
             .peers
             .iter()
+            .filter(|&&peer| t.splices || peer != Peer::TlsrelayEpoll)
             .map(|&peer| Row {
                 table: t.name,
                 scenario: scenario.to_string(),
@@ -526,8 +542,12 @@ impl Bench {
                         row.path = path;
                     }
                     Ok(None) => {}
-                    Err(e) if row.peer == Peer::Tlsrelay => {
-                        return Err(e.context(format!("tlsrelay {} {scenario} {x}", t.name)))
+                    Err(e) if row.peer.is_tlsrelay() => {
+                        return Err(e.context(format!(
+                            "{} {} {scenario} {x}",
+                            row.peer.name(),
+                            t.name
+                        )))
                     }
                     Err(e) => row.failed = Some(format!("{e:#}")),
                 }
@@ -540,11 +560,11 @@ impl Bench {
             self.print(t, row);
         }
         self.rows.extend(rows);
-        Ok(())
+        self.nothing_left(t.name, scenario, &x)
     }
 
     fn print(&self, t: &Table, row: &Row) {
-        print!("{:<18} {:>12} {:<9}", row.scenario, row.x, row.peer.name());
+        print!("{:<18} {:>12} {:<14}", row.scenario, row.x, row.peer.name());
         if let Some(why) = &row.failed {
             println!(" failed: {}", why.lines().next().unwrap_or(""));
             return;
@@ -576,6 +596,19 @@ impl Bench {
         println!(" {ratio:>20}  {}", row.path);
     }
 
+    /// Fails when a process the bench started outlived its cell (a
+    /// peer's workers surviving their master).
+    fn nothing_left(&self, table: &str, scenario: &str, x: &str) -> anyhow::Result<()> {
+        let left = leftovers(&self.dir);
+        if left.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "{table} {scenario} {x}: processes left behind: {}",
+            left.join(", ")
+        )
+    }
+
     /// Starts `peer` for `job`; `None` when the peer cannot do it.
     fn start(&self, peer: Peer, job: &Job) -> anyhow::Result<Option<Running>> {
         let (tls_in, tls_out) = (job.s.tls_in, job.s.tls_out);
@@ -603,16 +636,17 @@ impl Bench {
         let Some(mut cmd) = self.command(peer, job, listen, upstream)? else {
             return Ok(None);
         };
-        let tlsrelay = peer == Peer::Tlsrelay;
+        let tlsrelay = peer.is_tlsrelay();
         let mut child = Guard(
-            cmd.stdout(if tlsrelay {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", peer.name()))?,
+            own_group(&mut cmd)
+                .stdout(if tlsrelay {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", peer.name()))?,
         );
         wait_for_port(listen, &mut child.0, peer.name())?;
         let paths = if tlsrelay {
@@ -643,7 +677,7 @@ impl Bench {
         let maxconn = (self.open_files.saturating_sub(200) / 2).min(20000);
         let cmd = match peer {
             Peer::Direct => unreachable!("no process"),
-            Peer::Tlsrelay => {
+            Peer::Tlsrelay | Peer::TlsrelayEpoll => {
                 let route = if tls_out {
                     "tls.policy = \"required\"\ntls.verify = \"encryption-only\""
                 } else {
@@ -652,7 +686,8 @@ impl Bench {
                 std::fs::write(
                     &config,
                     format!(
-                        "ebpf.enabled = false\n[limits]\nmax_connections = {maxconn}\n\n[[listeners]]\nname = \"bench\"\naddress = \"{listen}\"\nupstream = \"sink\"\ntls.mode = \"{}\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\n{route}\n",
+                        "ebpf.enabled = false\n[limits]\nmax_connections = {maxconn}\n[dataplane]\npump = \"{}\"\n\n[[listeners]]\nname = \"bench\"\naddress = \"{listen}\"\nupstream = \"sink\"\ntls.mode = \"{}\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"sink\"\naddress = \"{upstream}\"\n{route}\n",
+                        if peer == Peer::TlsrelayEpoll { "epoll" } else { "io-uring" },
                         if tls_in { "implicit" } else { "off" },
                         f.cert.display().to_string(),
                         f.key.display().to_string()
@@ -893,7 +928,7 @@ impl Bench {
                     ),
                 )?;
                 let mut child = Guard(
-                    self.tlsrelay(&config)
+                    own_group(&mut self.tlsrelay(&config))
                         .stdout(Stdio::null())
                         .spawn()
                         .context("starting tlsrelay")?,
@@ -1122,6 +1157,35 @@ fn session_paths(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
 }
 
 /// The processes of a tree: `pid` and its descendants.
+/// Processes reparented to init whose command line points into the
+/// bench's directory or whose working directory is the checkout (nginx's
+/// workers rewrite their command line): peers that outlived their cell.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let checkout = root().canonicalize().unwrap_or_else(|_| root());
+    let dir = dir.display().to_string();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            ppid == Some(1) && (String::from_utf8_lossy(&cmdline).contains(&dir) || cwd == checkout)
+        })
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} ({})", comm.trim())
+        })
+        .collect()
+}
+
 fn tree(pid: u32) -> Vec<u32> {
     let mut all = Vec::new();
     let mut frontier = vec![pid];

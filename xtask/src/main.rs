@@ -169,13 +169,26 @@ fn ci() -> anyhow::Result<()> {
 }
 
 /// A child process killed when the demo ends, however it ends.
+/// Children started by the demo and the bench are each a process group's
+/// leader ([`own_group`]), so the group goes with them: nginx's workers
+/// outlived a master killed alone.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: signals our child's process group (ESRCH if it has none).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts a command as the leader of a new process group.
+fn own_group(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
 }
 
 fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
