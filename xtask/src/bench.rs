@@ -356,6 +356,8 @@ struct Bench {
     smtp_sink: SocketAddr,
     ecdsa: Certs,
     rows: Vec<Row>,
+    /// Process groups of the peers started in the current cell.
+    groups: std::cell::RefCell<Vec<u32>>,
 }
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
@@ -413,6 +415,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         smtp_sink,
         ecdsa,
         rows: Vec::new(),
+        groups: Default::default(),
     };
     let concurrencies: &[usize] = if quick { &[16] } else { &[1, 16, 256] };
 
@@ -599,7 +602,16 @@ impl Bench {
     /// Fails when a process the bench started outlived its cell (a
     /// peer's workers surviving their master).
     fn nothing_left(&self, table: &str, scenario: &str, x: &str) -> anyhow::Result<()> {
-        let left = leftovers(&self.dir);
+        let groups = std::mem::take(&mut *self.groups.borrow_mut());
+        // A killed group's members may take a moment to go.
+        let mut left = leftovers(&groups);
+        for _ in 0..20 {
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            left = leftovers(&groups);
+        }
         if left.is_empty() {
             return Ok(());
         }
@@ -648,6 +660,7 @@ impl Bench {
                 .spawn()
                 .with_context(|| format!("starting {}", peer.name()))?,
         );
+        self.groups.borrow_mut().push(child.0.id());
         wait_for_port(listen, &mut child.0, peer.name())?;
         let paths = if tlsrelay {
             Some(session_paths(
@@ -933,6 +946,7 @@ impl Bench {
                         .spawn()
                         .context("starting tlsrelay")?,
                 );
+                self.groups.borrow_mut().push(child.0.id());
                 wait_for_port(listen, &mut child.0, "tlsrelay")?;
                 Running {
                     child: Some(child),
@@ -1157,27 +1171,22 @@ fn session_paths(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
 }
 
 /// The processes of a tree: `pid` and its descendants.
-/// Processes reparented to init whose command line points into the
-/// bench's directory or whose working directory is the checkout (nginx's
-/// workers rewrite their command line): peers that outlived their cell.
-fn leftovers(dir: &Path) -> Vec<String> {
+/// Processes still in one of these process groups (the peers' groups,
+/// whose leaders the bench has already ended).
+fn leftovers(groups: &[u32]) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let checkout = root().canonicalize().unwrap_or_else(|_| root());
-    let dir = dir.display().to_string();
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
-            ppid == Some(1) && (String::from_utf8_lossy(&cmdline).contains(&dir) || cwd == checkout)
+            // After "(comm)": state, ppid, pgrp.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<u32>().ok())
+                .is_some_and(|g| groups.contains(&g))
         })
         .map(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
