@@ -603,11 +603,23 @@ impl Bench {
     /// peer's workers surviving their master).
     fn nothing_left(&self, table: &str, scenario: &str, x: &str) -> anyhow::Result<()> {
         let groups = std::mem::take(&mut *self.groups.borrow_mut());
-        // A killed group's members may take a moment to go.
+        // A killed group's members may take a moment to go, and a child
+        // forked while the group was being killed (an nginx master
+        // replacing a worker) escapes that kill: kill the groups again.
         let mut left = leftovers(&groups);
+        if !left.is_empty() {
+            println!(
+                "(ending processes that outlived their peer: {})",
+                left.join(", ")
+            );
+        }
         for _ in 0..20 {
             if left.is_empty() {
                 break;
+            }
+            for &g in &groups {
+                // SAFETY: signals a process group this bench created.
+                unsafe { libc::kill(-(g as i32), libc::SIGKILL) };
             }
             std::thread::sleep(Duration::from_millis(50));
             left = leftovers(&groups);
