@@ -1194,11 +1194,17 @@ fn leftovers(groups: &[u32]) -> Vec<String> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // After "(comm)": state, ppid, pgrp.
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-                .and_then(|g| g.parse::<u32>().ok())
-                .is_some_and(|g| groups.contains(&g))
+            // After "(comm)": state, ppid, pgrp. A zombie is gone already
+            // (waiting for init to reap it), not left behind.
+            let mut fields = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace());
+            let state = fields.as_mut().and_then(Iterator::next);
+            let group = fields
+                .as_mut()
+                .and_then(|f| f.nth(1))
+                .and_then(|g| g.parse::<u32>().ok());
+            state != Some("Z") && group.is_some_and(|g| groups.contains(&g))
         })
         .map(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
