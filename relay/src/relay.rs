@@ -547,7 +547,9 @@ fn describe_dataplane(config: &Config) -> String {
         "kernel TLS disabled (dataplane.ktls = false); TLS legs use userspace rustls".to_string()
     };
     let engine = match (config.dataplane.pump, crate::pump::io_uring_available()) {
-        (SpliceEngine::IoUring, Ok(())) => "splice via io_uring".to_string(),
+        (SpliceEngine::IoUring, Ok(())) => {
+            "splice via io_uring (the default: level with the epoll pump in the bench, and it leaves the runtime's threads to TLS and SMTP; dataplane.pump = \"epoll\" for the other)".to_string()
+        }
         (SpliceEngine::IoUring, Err(e)) => format!("splice via epoll (io_uring unavailable: {e})"),
         (SpliceEngine::Epoll, _) => "splice via epoll (dataplane.pump = \"epoll\")".to_string(),
     };

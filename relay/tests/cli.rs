@@ -52,6 +52,12 @@ tls.names = ["*.partner.example"]
     );
     assert!(stdout.contains("valid"), "{stdout}");
     assert!(stdout.contains("data plane: "), "{stdout}");
+    // Which pump runs, and why.
+    assert!(
+        stdout.contains("splice via io_uring (the default: ")
+            || stdout.contains("splice via epoll (io_uring unavailable: "),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(
             "listener partners on 127.0.0.1:0 (tcp): inbound TLS required, minimum TLSv1.3"
