@@ -438,3 +438,40 @@ tls.policy = "plain"
         "{report}"
     );
 }
+
+/// A listener's accept queue is `limits.max_connections` deep (the kernel
+/// caps it at net.core.somaxconn): the runtime's default of 128 overflowed
+/// when 256 clients connected at once, each dropped SYN costing its client
+/// a one-second retransmission. `ss` shows a listener's queue size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_take_a_burst_of_connections() {
+    let ss = std::process::Command::new("ss").arg("-V").output();
+    if ss.is_err() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "ss missing in CI"
+        );
+        eprintln!("skipped: ss (iproute2) not installed");
+        return;
+    }
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let relay = relay_to(upstream, false, &pki, "[limits]\nmax_connections = 2000\n").await;
+    let port = relay.addr("in").port();
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let queue: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listener line in {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(queue, 2000.min(somaxconn), "{text}");
+}

@@ -137,9 +137,7 @@ pub async fn sink(
         Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(server_config(cert, key)?)),
         None => None,
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("sink cannot listen on {listen}"))?;
+    let listener = listener(listen).with_context(|| format!("sink cannot listen on {listen}"))?;
     println!("sink listening on {listen}");
     loop {
         let (tcp, _) = listener.accept().await?;
@@ -341,4 +339,18 @@ pub async fn hold(to: SocketAddr, tls: bool, connections: usize) -> anyhow::Resu
     tokio::io::stdin().read_to_end(&mut rest).await?;
     drop(open);
     Ok(())
+}
+
+/// A listener with a deep accept queue (the runtime's default of 128
+/// overflows when hundreds of connections arrive at once, and each dropped
+/// SYN costs a one-second retransmission).
+pub fn listener(listen: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    socket.listen(4096)
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[derive(Parser)]
 #[command(name = "tlsrelay-load", about = "Load generator and sink for tlsrelay")]
@@ -217,9 +217,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("echo server cannot listen on {listen}"))?;
+    let listener =
+        load::listener(listen).with_context(|| format!("echo server cannot listen on {listen}"))?;
     println!("echo server listening on {listen}");
     loop {
         let (mut stream, _) = listener.accept().await?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Accepts every message (STARTTLS with `tls`, CHUNKING, PIPELINING-free
 /// dialogue) and discards it.
@@ -21,8 +21,7 @@ pub async fn sink(listen: SocketAddr, tls: Option<(&Path, &Path)>) -> anyhow::Re
         )?)),
         None => None,
     };
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = crate::load::listener(listen)
         .with_context(|| format!("SMTP sink cannot listen on {listen}"))?;
     println!("SMTP sink listening on {listen}");
     loop {
