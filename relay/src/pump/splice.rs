@@ -86,7 +86,8 @@ impl Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+/// One non-blocking splice(2) of up to `len` bytes.
+pub(super) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain syscall on fds owned by the caller.
     let n = unsafe {
         libc::splice(

@@ -25,7 +25,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
 use super::offload::SpliceLeg;
-use super::splice::Pipe;
+use super::splice::{splice, Pipe};
 use super::{PumpEnd, Side};
 use crate::ktls;
 
@@ -239,24 +239,6 @@ enum Step {
     /// The kTLS source holds a control record.
     Control,
     Failed(Side, io::Error),
-}
-
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain syscall on fds the session owns.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 struct WorkerLoop {
