@@ -767,13 +767,7 @@ mod tests {
 
     #[test]
     fn bdat_chunks_are_counted_bytes() {
-        let mut s = server(StartTls::Offered);
-        s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\n");
-        drain(&mut s);
-        s.respond(Reply::new(250, "ok"));
-        drain(&mut s);
-        s.respond(Reply::new(250, "ok"));
-        drain(&mut s);
+        let mut s = in_transaction();
         s.feed(b"BDAT 5\r\nab\r\n.BDAT 3 LAST\r\nxyz");
         let ev = drain(&mut s);
         assert_eq!(

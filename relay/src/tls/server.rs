@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -67,10 +66,7 @@ impl ListenerTls {
         let builder = match settings.client_auth {
             None => builder.with_no_client_auth(),
             Some(ClientAuth::Deferred { hints }) => {
-                builder.with_client_cert_verifier(Arc::new(DeferredClientCertificate {
-                    hints,
-                    algorithms: provider.signature_verification_algorithms,
-                }))
+                builder.with_client_cert_verifier(Arc::new(DeferredClientCertificate { hints }))
             }
             Some(ClientAuth::Enforced(auth)) => {
                 let mut webpki =
@@ -230,7 +226,6 @@ impl ClientCertVerifier for AllowedClientNames {
 #[derive(Debug)]
 struct DeferredClientCertificate {
     hints: Vec<DistinguishedName>,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl ClientCertVerifier for DeferredClientCertificate {
@@ -266,7 +261,7 @@ impl ClientCertVerifier for DeferredClientCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &signature_algorithms())
     }
 
     fn verify_tls13_signature(
@@ -275,11 +270,11 @@ impl ClientCertVerifier for DeferredClientCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &signature_algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        signature_algorithms().supported_schemes()
     }
 }
 
