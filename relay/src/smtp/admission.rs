@@ -23,7 +23,7 @@ use std::net::IpAddr;
 
 use super::address::{Cidr, DomainPattern};
 use super::codec::{domain_of, Reply};
-use crate::policy::NamePattern;
+use crate::policy::{NamePattern, PeerTrust};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientCertificate {
@@ -230,6 +230,22 @@ impl Admission {
             }
         }
         Ok(())
+    }
+
+    /// The trust word for a client certificate the connectors judged:
+    /// Verified when a connector's anchors and certificate names vouch for
+    /// it, Trusted when only anchors do, Untrusted when none.
+    pub fn certificate_trust(&self, cert: &PresentedCertificate) -> PeerTrust {
+        let named = cert.trusted_by.iter().any(|&i| {
+            self.connectors
+                .get(i)
+                .is_some_and(|c| !c.certificate_names.is_empty() && c.names_match(&cert.names))
+        });
+        match (cert.trusted_by.is_empty(), named) {
+            (true, _) => PeerTrust::Untrusted,
+            (false, true) => PeerTrust::Verified,
+            (false, false) => PeerTrust::Trusted,
+        }
     }
 
     /// The connector that lets this session relay to any domain, if any.

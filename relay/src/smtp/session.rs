@@ -17,7 +17,7 @@ use super::admission::{Admission, Client, PresentedCertificate};
 use super::client::{establish, DotStuffer, NextHop, OutboundConnector, SmtpTimeouts};
 use super::codec::Reply;
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::policy::{NamePattern, PeerTrust, TlsFailure};
+use crate::policy::{PeerTrust, TlsFailure};
 use crate::pump::Leg;
 use crate::report::{inbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport};
 use crate::tls::{
@@ -349,19 +349,7 @@ impl Dialogue<'_> {
         if !tls.defers_client_certificates() {
             return tls.client_trust(Some(chain));
         }
-        let connectors = &self.plan.admission.connectors;
-        let named = cert.trusted_by.iter().any(|&i| {
-            !connectors[i].certificate_names.is_empty()
-                && NamePattern::any_matches(
-                    &connectors[i].certificate_names,
-                    cert.names.iter().map(String::as_str),
-                )
-        });
-        match (cert.trusted_by.is_empty(), named) {
-            (true, _) => PeerTrust::Untrusted,
-            (false, true) => PeerTrust::Verified,
-            (false, false) => PeerTrust::Trusted,
-        }
+        self.plan.admission.certificate_trust(cert)
     }
 
     async fn relay_event(&mut self, event: Event) -> Option<Reply> {
