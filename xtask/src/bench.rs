@@ -216,6 +216,8 @@ struct Job<'a> {
 
 /// A relay (or the direct pseudo-peer) ready for load at `listen`.
 struct Running {
+    /// Declared first: stops recording before the relay is killed.
+    _profile: Option<Profile>,
     child: Option<Guard>,
     listen: SocketAddr,
     /// tlsrelay's session reports' data paths.
@@ -251,6 +253,116 @@ impl Running {
     }
 }
 
+/// `perf record` of one relay process, turned into a flamegraph when
+/// dropped.
+struct Profile {
+    perf: std::process::Child,
+    data: PathBuf,
+    stem: PathBuf,
+}
+
+impl Profile {
+    fn record(pid: u32, dir: &Path, stem: &str) -> anyhow::Result<Profile> {
+        let data = dir.join(format!("{stem}.data"));
+        let perf = Command::new("perf")
+            .args(["record", "-F", "999", "--call-graph", "dwarf,16384", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        // perf attaches to the threads after it starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Profile {
+            perf,
+            data,
+            stem: dir.join(stem),
+        })
+    }
+
+    /// Stops recording and writes `<stem>.svg` and `<stem>.folded`; prints
+    /// the frames where most samples were taken.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        // SAFETY: signals our own perf child.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        self.perf.wait()?;
+        let script = Command::new("perf")
+            .args(["script", "-i"])
+            .arg(&self.data)
+            .stderr(Stdio::null())
+            .output()
+            .context("perf script")?;
+        use inferno::collapse::Collapse;
+        let mut folded = Vec::new();
+        inferno::collapse::perf::Folder::from(inferno::collapse::perf::Options::default())
+            .collapse(&script.stdout[..], &mut folded)?;
+        std::fs::write(self.stem.with_extension("folded"), &folded)?;
+        let svg = self.stem.with_extension("svg");
+        let mut options = inferno::flamegraph::Options::default();
+        options.title = format!(
+            "tlsrelay: {}",
+            self.stem.file_name().unwrap_or_default().to_string_lossy()
+        );
+        inferno::flamegraph::from_reader(&mut options, &folded[..], std::fs::File::create(&svg)?)?;
+        println!("flamegraph: {}", svg.display());
+        for (frame, share) in hottest(&String::from_utf8_lossy(&folded), 12) {
+            println!("  {share:5.1} %  {frame}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            println!("profile {}: {e:#}", self.stem.display());
+        }
+    }
+}
+
+/// The frames with the most samples on top (self time), with their share.
+fn hottest(folded: &str, n: usize) -> Vec<(String, f64)> {
+    let mut by_frame: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut total = 0;
+    for line in folded.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let count: u64 = count.parse().unwrap_or(0);
+        let top = stack.rsplit(';').next().unwrap_or(stack);
+        *by_frame.entry(top).or_default() += count;
+        total += count;
+    }
+    let mut v: Vec<(String, f64)> = by_frame
+        .into_iter()
+        .map(|(f, c)| (f.to_string(), 100.0 * c as f64 / total.max(1) as f64))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.truncate(n);
+    v
+}
+
+/// Debian's linux-perf, for `--profile`.
+fn install_perf() -> anyhow::Result<()> {
+    let found = Command::new("perf")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        run(
+            "install perf (linux-perf)",
+            Command::new("apt-get").args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "linux-perf",
+            ]),
+        )?;
+    }
+    Ok(())
+}
+
 /// Figures of one run, by name.
 type Sample = BTreeMap<&'static str, f64>;
 
@@ -272,10 +384,11 @@ const THROUGHPUT: Table = Table {
     columns: &[
         ("gbit_per_s", "Gbit/s"),
         ("cpu_s_per_gb", "CPU s/GB"),
+        ("machine_cpu_s_per_gb", "all CPU s/GB"),
         ("p99_ms", "p99 ms"),
     ],
     primary: "gbit_per_s",
-    note: "Gbit/s pushed through to a discarding sink; CPU s/GB of the relay's process tree; p99 ms = transfer completion time",
+    note: "Gbit/s pushed through to a discarding sink; CPU s/GB of the relay's process tree, and of the whole machine (generator, relay, sink, kernel); p99 ms = transfer completion time",
 };
 
 const LATENCY: Table = Table {
@@ -287,9 +400,11 @@ const LATENCY: Table = Table {
         ("p50_us", "p50 µs"),
         ("p99_us", "p99 µs"),
         ("p999_us", "p99.9 µs"),
+        ("cpu_us_per_req", "CPU µs/req"),
+        ("machine_cpu_us_per_req", "all µs/req"),
     ],
     primary: "requests_per_s",
-    note: "1 KiB request, 1 KiB echoed response, one outstanding per connection",
+    note: "1 KiB request, 1 KiB echoed response, one outstanding per connection; CPU µs per request of the relay's process tree and of the whole machine",
 };
 
 const HANDSHAKES: Table = Table {
@@ -358,11 +473,42 @@ struct Bench {
     rows: Vec<Row>,
     /// Process groups of the peers started in the current cell.
     groups: std::cell::RefCell<Vec<u32>>,
+    select: Select,
+    /// The table whose header was printed last.
+    headed: std::cell::Cell<Option<&'static str>>,
+    /// The file stem of the current cell's profile, when profiling.
+    profiling: std::cell::RefCell<Option<String>>,
 }
 
-pub fn bench(quick: bool) -> anyhow::Result<()> {
+/// Which cells run, and whether tlsrelay is recorded with `perf` in them.
+pub struct Select {
+    /// Lower-case text a cell's "table scenario x" must contain.
+    cells: Option<String>,
+    profile: bool,
+}
+
+impl Select {
+    pub fn new(only: Option<String>, profile: Option<String>) -> Select {
+        Select {
+            profile: profile.is_some(),
+            cells: only.or(profile).map(|c| c.to_lowercase()),
+        }
+    }
+
+    fn takes(&self, t: &Table, scenario: &str, x: &str) -> bool {
+        let name = format!("{} {scenario} {x}", t.name).to_lowercase();
+        self.cells
+            .as_ref()
+            .is_none_or(|c| name.contains(c.as_str()))
+    }
+}
+
+pub fn bench(quick: bool, select: Select) -> anyhow::Result<()> {
     let bin = crate::build_bench_binaries(quick)?;
     install_missing_peers();
+    if select.profile {
+        install_perf()?;
+    }
     let open_files = raise_open_files();
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -408,7 +554,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         dir: dir.clone(),
         open_files,
         peers,
-        rounds: if quick { 1 } else { 3 },
+        rounds: if quick || select.profile { 1 } else { 3 },
         quick,
         discard,
         echo,
@@ -416,10 +562,12 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         ecdsa,
         rows: Vec::new(),
         groups: Default::default(),
+        select,
+        headed: Default::default(),
+        profiling: Default::default(),
     };
     let concurrencies: &[usize] = if quick { &[16] } else { &[1, 16, 256] };
 
-    b.header(&THROUGHPUT);
     let total: u64 = if quick { 32 << 20 } else { 512 << 20 };
     for s in &STREAMS {
         for &conns in concurrencies {
@@ -428,7 +576,6 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             })?;
         }
     }
-    b.header(&LATENCY);
     let seconds = if quick { 0.3 } else { 2.0 };
     for s in &STREAMS {
         for &conns in concurrencies {
@@ -437,7 +584,6 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             })?;
         }
     }
-    b.header(&HANDSHAKES);
     for use_rsa in [false, true] {
         let label = if use_rsa { rsa.label } else { b.ecdsa.label };
         let scenario = format!("TLS 1.3 {label}");
@@ -448,7 +594,6 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             })?;
         }
     }
-    b.header(&SMTP);
     let sizes: &[(usize, &str)] = if quick {
         &[(1 << 10, "1 KiB"), (100 << 10, "100 KiB")]
     } else {
@@ -476,7 +621,6 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             }
         }
     }
-    b.header(&IDLE);
     let counts: &[usize] = if quick { &[100] } else { &[1, 1000, 10000] };
     // Two descriptors per relayed connection must fit the open-file limit
     // (a container may not let it be raised): take as many as fit.
@@ -498,7 +642,11 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
 }
 
 impl Bench {
+    /// Prints `t`'s header before its first cell.
     fn header(&self, t: &Table) {
+        if self.headed.replace(Some(t.name)) == Some(t.name) {
+            return;
+        }
         print!(
             "\n== {} ({})\n{:<18} {:>12} {:<14}",
             t.name, t.note, "scenario", t.x, "relay"
@@ -519,10 +667,29 @@ impl Bench {
         x: String,
         mut one: impl FnMut(&Bench, Peer) -> anyhow::Result<Option<(Sample, String)>>,
     ) -> anyhow::Result<()> {
+        if !self.select.takes(t, scenario, &x) {
+            return Ok(());
+        }
+        self.header(t);
+        let profile = self.select.profile;
+        if profile {
+            let stem: String = format!("profile-{} {scenario} {x}", t.name)
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            *self.profiling.borrow_mut() = Some(stem);
+        }
         let mut rows: Vec<Row> = self
             .peers
             .iter()
             .filter(|&&peer| t.splices || peer != Peer::TlsrelayEpoll)
+            .filter(|&&peer| !profile || peer == Peer::Tlsrelay)
             .map(|&peer| Row {
                 table: t.name,
                 scenario: scenario.to_string(),
@@ -633,6 +800,16 @@ impl Bench {
         )
     }
 
+    /// Starts recording tlsrelay's process `pid` when this cell is profiled.
+    fn profile(&self, peer: Peer, pid: u32) -> anyhow::Result<Option<Profile>> {
+        match &*self.profiling.borrow() {
+            Some(stem) if peer == Peer::Tlsrelay => {
+                Ok(Some(Profile::record(pid, &self.dir, stem)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Starts `peer` for `job`; `None` when the peer cannot do it.
     fn start(&self, peer: Peer, job: &Job) -> anyhow::Result<Option<Running>> {
         let (tls_in, tls_out) = (job.s.tls_in, job.s.tls_out);
@@ -651,6 +828,7 @@ impl Bench {
                 job.sinks.plain
             };
             return Ok(Some(Running {
+                _profile: None,
                 child: None,
                 listen,
                 paths: None,
@@ -682,6 +860,7 @@ impl Bench {
             None
         };
         Ok(Some(Running {
+            _profile: self.profile(peer, child.0.id())?,
             child: Some(child),
             listen,
             paths,
@@ -850,7 +1029,7 @@ impl Bench {
         let Some(relay) = self.start(peer, &job)? else {
             return Ok(None);
         };
-        let before = relay.cpu_seconds()?;
+        let (before, machine) = (relay.cpu_seconds()?, machine_cpu_seconds());
         let bytes = bytes.to_string();
         let mut extra = vec!["--bytes", &bytes];
         if s.tls_in {
@@ -858,12 +1037,12 @@ impl Bench {
         }
         let r = self.load("blast", relay.listen, conns, &extra)?;
         let cpu = relay.cpu_seconds()? - before;
+        let machine = machine_cpu_seconds() - machine;
+        let gb = r["bytes"].as_f64().unwrap_or(0.0) / 1e9;
         let sample = Sample::from([
             ("gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
-            (
-                "cpu_s_per_gb",
-                cpu / (r["bytes"].as_f64().unwrap_or(0.0) / 1e9),
-            ),
+            ("cpu_s_per_gb", cpu / gb),
+            ("machine_cpu_s_per_gb", machine / gb),
             ("p99_ms", r["p99_ms"].as_f64().unwrap_or(0.0)),
         ]);
         Ok(Some((sample, relay.path())))
@@ -884,16 +1063,20 @@ impl Bench {
         let Some(relay) = self.start(peer, &job)? else {
             return Ok(None);
         };
-        let seconds = seconds.to_string();
-        let mut extra = vec!["--seconds", &seconds];
+        let (before, machine) = (relay.cpu_seconds()?, machine_cpu_seconds());
+        let secs = seconds.to_string();
+        let mut extra = vec!["--seconds", &secs];
         if s.tls_in {
             extra.push("--tls");
         }
         let r = self.load("rr", relay.listen, conns, &extra)?;
-        Ok(Some((
-            pick(&r, &["requests_per_s", "p50_us", "p99_us", "p999_us"]),
-            relay.path(),
-        )))
+        let cpu = relay.cpu_seconds()? - before;
+        let machine = machine_cpu_seconds() - machine;
+        let mut sample = pick(&r, &["requests_per_s", "p50_us", "p99_us", "p999_us"]);
+        let requests = sample["requests_per_s"] * seconds;
+        sample.insert("cpu_us_per_req", cpu * 1e6 / requests);
+        sample.insert("machine_cpu_us_per_req", machine * 1e6 / requests);
+        Ok(Some((sample, relay.path())))
     }
 
     fn handshakes(
@@ -961,12 +1144,14 @@ impl Bench {
                 self.groups.borrow_mut().push(child.0.id());
                 wait_for_port(listen, &mut child.0, "tlsrelay")?;
                 Running {
+                    _profile: self.profile(peer, child.0.id())?,
                     child: Some(child),
                     listen,
                     paths: None,
                 }
             }
             Peer::Direct => Running {
+                _profile: None,
                 child: None,
                 listen: self.smtp_sink,
                 paths: None,
@@ -1230,6 +1415,26 @@ fn tree(pid: u32) -> Vec<u32> {
 }
 
 /// CPU seconds of a process tree, reaped children included.
+/// CPU seconds the whole machine has spent busy (every process and the
+/// kernel's softirqs): on loopback a sender's CPU also carries its
+/// receiver's TCP work, so the relay's own figure alone can mislead.
+fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return f64::NAN;
+    };
+    // user nice system idle iowait irq softirq steal: clock ticks.
+    let t: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    if t.len() < 8 {
+        return f64::NAN;
+    }
+    (t[0] + t[1] + t[2] + t[5] + t[6] + t[7]) / 100.0
+}
+
 fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let mut total = 0.0;
     for p in tree(pid) {

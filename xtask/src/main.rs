@@ -49,6 +49,14 @@ enum Task {
         /// (TCG-emulated; compares paths, not real speeds).
         #[arg(long)]
         vm: bool,
+        /// Only the cells whose "table scenario x" contains this text
+        /// (case-insensitive), e.g. "latency plaintext relay 16".
+        #[arg(long, value_name = "CELLS")]
+        only: Option<String>,
+        /// Only these cells, tlsrelay alone, recorded with `perf`: a
+        /// flamegraph SVG per cell next to the report.
+        #[arg(long, value_name = "CELLS", conflicts_with = "only")]
+        profile: Option<String>,
     },
     /// Install what building the eBPF program needs (nightly rust-src,
     /// LLVM 22, bpf-linker, bpftool) where missing, then build it.
@@ -65,8 +73,15 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Demo { once } => demo(once),
         Task::BuildEbpf => ebpf::build(),
-        Task::Bench { quick, vm: false } => bench::bench(quick),
-        Task::Bench { quick, vm: true } => bench::bench_vm(quick),
+        Task::Bench {
+            quick,
+            vm: false,
+            only,
+            profile,
+        } => bench::bench(quick, bench::Select::new(only, profile)),
+        Task::Bench {
+            quick, vm: true, ..
+        } => bench::bench_vm(quick),
         Task::Vmtest => vm::vmtest(),
         Task::Ci => ci(),
     }
