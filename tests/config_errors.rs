@@ -143,6 +143,10 @@ fn invalid_configs_name_file_line_and_field() {
             format!("[limits]\nmax_connections = 0\n{}", listener("")),
             "relay.toml:2: limits.max_connections: must be at least 1",
         ),
+        (
+            format!("[dataplane]\nworkers = 0\n{}", listener("")),
+            "relay.toml:2: dataplane.workers: must be between 1 and 1024",
+        ),
         (GOOD_TAIL.to_string(), "relay.toml:1: listeners: no listeners configured"),
         (
             "[[listeners]\nname = \"a\"\n".to_string(),

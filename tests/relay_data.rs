@@ -475,3 +475,52 @@ async fn listeners_take_a_burst_of_connections() {
         .unwrap();
     assert_eq!(queue, 2000.min(somaxconn), "{text}");
 }
+
+/// Small writes are copied through the pump's one shared buffer, not
+/// spliced; when the destination is full, what it can't take waits in the
+/// session's pipe. Every byte must still arrive, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_to_a_stalled_reader_arrive_whole_and_in_order() {
+    const MESSAGES: usize = 3000;
+    const SIZE: usize = 1000;
+    let pki = Pki::new();
+    // A tiny receive window: the relay's sends meet a full destination
+    // while its reads are still small.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(8).unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let mut relay = relay_to(upstream, false, &pki, "").await;
+    let data = random_bytes(MESSAGES * SIZE, 11);
+    let client = TcpStream::connect(relay.addr("in")).await.unwrap();
+    client.set_nodelay(true).unwrap();
+    let (mut server, _) = listener.accept().await.unwrap();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        let mut client = client;
+        for (i, message) in sent.chunks(SIZE).enumerate() {
+            client.write_all(message).await.unwrap();
+            if i < 300 {
+                // One message per read while the destination fills.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        client.shutdown().await.unwrap();
+        client
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got = Vec::with_capacity(data.len());
+    tokio::time::timeout(Duration::from_secs(60), server.read_to_end(&mut got))
+        .await
+        .expect("all bytes within a minute")
+        .unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes reordered, lost or repeated");
+    let mut client = writer.await.unwrap();
+    server.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    let report = relay.next_report().await;
+    assert_eq!(report.bytes_client_to_upstream, data.len() as u64, "{report}");
+}

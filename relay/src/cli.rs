@@ -206,6 +206,7 @@ fn run(
         None => Config::embedded_default(),
     };
     let state_dir = crate::state::state_dir(state_dir.or_else(|| config.state_dir.clone()));
+    crate::pump::set_uring_workers(config.dataplane.workers());
     let plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
     // Before any socket exists: sockets belong to their creator's cgroup.
     let wire = if config.ebpf.enabled {

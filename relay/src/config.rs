@@ -164,6 +164,9 @@ pub struct Dataplane {
     /// What drives splicing: `io-uring` (falls back to epoll, saying why,
     /// where io_uring is unavailable) or `epoll`.
     pub pump: SpliceEngine,
+    /// io_uring worker threads, one ring each; unset: one per core. Read
+    /// at start (a reload does not change it).
+    pub workers: Option<Spanned<usize>>,
 }
 
 impl Default for Dataplane {
@@ -171,7 +174,18 @@ impl Default for Dataplane {
         Dataplane {
             ktls: true,
             pump: SpliceEngine::IoUring,
+            workers: None,
         }
+    }
+}
+
+impl Dataplane {
+    /// How many io_uring workers to run.
+    pub fn workers(&self) -> usize {
+        self.workers.as_ref().map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |w| *w.get_ref(),
+        )
     }
 }
 
@@ -681,6 +695,11 @@ impl Config {
         let src = &self.source;
         if self.listeners.is_empty() {
             return Err(src.error(0..0, "listeners", "no listeners configured"));
+        }
+        if let Some(w) = &self.dataplane.workers {
+            if !(1..=1024).contains(w.get_ref()) {
+                return Err(src.error(w.span(), "dataplane.workers", "must be between 1 and 1024"));
+            }
         }
         if *self.limits.max_connections.get_ref() == 0 {
             return Err(src.error(

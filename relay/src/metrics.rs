@@ -170,6 +170,13 @@ impl Metrics {
             for (name, help, series) in families {
                 counter(&mut out, name, help, series);
             }
+            let replaced = BTreeMap::from([(Vec::new(), crate::pump::uring_workers_replaced())]);
+            counter(
+                &mut out,
+                "tlsrelay_uring_workers_replaced_total",
+                "io_uring pump workers that stopped (their sessions reset) and were replaced.",
+                &replaced,
+            );
             summary(
                 &mut out,
                 "tlsrelay_handshake_seconds",

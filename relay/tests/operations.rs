@@ -146,6 +146,13 @@ fn metrics_count_a_known_mix_of_sessions() {
         "each plaintext session on the opportunistic listener is a downgrade"
     );
     assert_eq!(total(&s, "tlsrelay_data_path_sessions_total", &[]), 5.0);
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.metric == "tlsrelay_uring_workers_replaced_total"),
+        "the worker-replacement counter is exported"
+    );
+    assert_eq!(total(&s, "tlsrelay_uring_workers_replaced_total", &[]), 0.0);
     assert_eq!(
         total(
             &s,

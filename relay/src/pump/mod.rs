@@ -12,7 +12,10 @@ mod splice;
 mod uring;
 mod userspace;
 
-pub use uring::available as io_uring_available;
+pub use uring::{
+    available as io_uring_available, set_workers as set_uring_workers,
+    workers_replaced as uring_workers_replaced,
+};
 
 use std::future::Future;
 use std::io;

@@ -105,6 +105,71 @@ pub(super) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Reads shorter than this are copied through one shared buffer instead of
+/// spliced: for a small message a pipe costs more than the copy (page
+/// references in, a splice out), and a read that did not fill the buffer
+/// drained the socket, so no read is spent on EAGAIN. Larger flows splice.
+pub(super) const COPY_BELOW: usize = 16 * 1024;
+
+/// What one [`copy_some`] did.
+pub(super) enum Copied {
+    /// The source ended (FIN).
+    Ended,
+    /// `read` bytes came in, `sent` of them went out; the rest are in the
+    /// pipe. `drained`: the read did not fill the buffer, so the source
+    /// had nothing more.
+    Moved {
+        read: usize,
+        sent: usize,
+        drained: bool,
+    },
+}
+
+/// Which side a [`copy_some`] failed on.
+pub(super) enum CopyFault {
+    Read,
+    Write,
+}
+
+/// One non-blocking read into `buf`, sent on at once; what the destination
+/// does not take goes into the (empty) pipe, to be spliced out when it is
+/// writable, so a slow reader still stalls its sender.
+pub(super) fn copy_some(
+    src: RawFd,
+    dst: RawFd,
+    pipe_w: RawFd,
+    buf: &mut [u8],
+) -> Result<Copied, (CopyFault, io::Error)> {
+    // SAFETY: recv into a live buffer of its length.
+    let read = unsafe { libc::recv(src, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let read = usize::try_from(read).map_err(|_| (CopyFault::Read, io::Error::last_os_error()))?;
+    if read == 0 {
+        return Ok(Copied::Ended);
+    }
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // SAFETY: send from the bytes just read.
+    let sent = match unsafe { libc::send(dst, buf.as_ptr().cast(), read, flags) } {
+        n if n >= 0 => n as usize,
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => 0,
+            e => return Err((CopyFault::Write, e)),
+        },
+    };
+    let mut parked = sent;
+    while parked < read {
+        // SAFETY: write the unsent bytes into our pipe; it is empty and
+        // larger than `buf`, so this does not block.
+        let n = unsafe { libc::write(pipe_w, buf[parked..].as_ptr().cast(), read - parked) };
+        let n = usize::try_from(n).map_err(|_| (CopyFault::Write, io::Error::last_os_error()))?;
+        parked += n;
+    }
+    Ok(Copied::Moved {
+        read,
+        sent,
+        drained: read < buf.len(),
+    })
+}
+
 /// What a non-data record on a kTLS RX socket means for the relay.
 pub(super) enum Control {
     /// close_notify: the peer is done sending.

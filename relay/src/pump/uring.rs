@@ -17,15 +17,15 @@
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
 use super::offload::SpliceLeg;
-use super::splice::{splice, Pipe};
+use super::splice::{copy_some, splice, Copied, CopyFault, Pipe, COPY_BELOW};
 use super::{PumpEnd, Side};
 use crate::ktls;
 
@@ -70,47 +70,129 @@ struct Job {
     done: oneshot::Sender<([u64; 2], PumpEnd)>,
 }
 
+/// What a worker is handed.
+enum Msg {
+    Session(Job),
+    /// Fails the worker, to test its replacement.
+    #[cfg(test)]
+    Panic,
+}
+
 struct Worker {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
     wake: OwnedFd,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts worker `i`: a thread with its own ring.
+    fn spawn(i: usize) -> Result<Worker, String> {
+        let ring = IoUring::new(RING_ENTRIES).map_err(|e| format!("io_uring_setup: {e}"))?;
+        // SAFETY: eventfd returns a fresh fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(format!("eventfd: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: efd is fresh and owned here.
+        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let worker_wake = wake.try_clone().map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("tlsrelay-uring-{i}"))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| WorkerLoop::new(ring, rx, worker_wake).run());
+                let why = match std::panic::catch_unwind(run) {
+                    Ok(why) => why,
+                    Err(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".into()),
+                };
+                tracing::error!(
+                    "io_uring worker {i} stopped ({why}); its sessions were reset, a new worker takes the next session"
+                );
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Worker {
+            jobs: tx,
+            wake,
+            thread,
+        })
+    }
+
+    /// Hands `msg` over and wakes the worker; `msg` back if it is gone.
+    fn give(&self, msg: Msg) -> Result<(), Msg> {
+        self.jobs.send(msg).map_err(|e| e.0)?;
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        Ok(())
+    }
 }
 
 struct Pool {
-    workers: Vec<Worker>,
-    next: std::sync::atomic::AtomicUsize,
+    workers: Vec<Mutex<Worker>>,
+    next: AtomicUsize,
 }
 
-/// The worker pool, started on first use: one worker per core. `Err` says
-/// why io_uring is not usable here (the caller falls back to epoll).
+/// Workers the pool starts with; set from `dataplane.workers` before the
+/// first session.
+static WORKERS: OnceLock<usize> = OnceLock::new();
+
+/// Workers that stopped and were replaced, since start.
+static REPLACED: AtomicU64 = AtomicU64::new(0);
+
+/// Sets how many io_uring workers run (before the pool's first use; later
+/// calls change nothing).
+pub fn set_workers(n: usize) {
+    let _ = WORKERS.set(n.max(1));
+}
+
+/// How many io_uring workers stopped and were replaced.
+pub fn workers_replaced() -> u64 {
+    REPLACED.load(Ordering::Relaxed)
+}
+
+/// The worker pool, started on first use. `Err` says why io_uring is not
+/// usable here (the caller falls back to epoll).
 fn pool() -> Result<&'static Pool, &'static str> {
     static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut workers = Vec::with_capacity(n);
-        for i in 0..n {
-            let ring = IoUring::new(RING_ENTRIES).map_err(|e| format!("io_uring_setup: {e}"))?;
-            // SAFETY: eventfd returns a fresh fd or -1.
-            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-            if efd < 0 {
-                return Err(format!("eventfd: {}", io::Error::last_os_error()));
-            }
-            // SAFETY: efd is fresh and owned here.
-            let wake = unsafe { OwnedFd::from_raw_fd(efd) };
-            let worker_wake = wake.try_clone().map_err(|e| e.to_string())?;
-            let (tx, rx) = mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("tlsrelay-uring-{i}"))
-                .spawn(move || WorkerLoop::new(ring, rx, worker_wake).run())
-                .map_err(|e| e.to_string())?;
-            workers.push(Worker { jobs: tx, wake });
-        }
+        let n =
+            *WORKERS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let workers = (0..n)
+            .map(|i| Worker::spawn(i).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
         Ok(Pool {
             workers,
-            next: Default::default(),
+            next: AtomicUsize::new(0),
         })
     })
     .as_ref()
     .map_err(String::as_str)
+}
+
+impl Pool {
+    /// Gives `job` to the next worker, replacing that worker first if it
+    /// has stopped.
+    fn dispatch(&self, job: Job) -> Result<(), String> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let mut worker = self.workers[i].lock().unwrap_or_else(|e| e.into_inner());
+        let mut msg = Msg::Session(job);
+        for _ in 0..2 {
+            if !worker.thread.is_finished() {
+                match worker.give(msg) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => msg = back,
+                }
+            }
+            *worker = Worker::spawn(i)?;
+            REPLACED.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("io_uring worker {i} replaced");
+        }
+        Err("io_uring worker gone".to_string())
+    }
 }
 
 /// Whether the io_uring pump can run here, and why not.
@@ -169,19 +251,9 @@ pub(super) async fn relay(
         idle,
         done,
     };
-    let i = pool.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.workers.len();
-    let worker = &pool.workers[i];
-    if worker.jobs.send(job).is_err() {
-        return (
-            sent,
-            PumpEnd::SetupFailed {
-                detail: "io_uring worker gone".into(),
-            },
-        );
+    if let Err(detail) = pool.dispatch(job) {
+        return (sent, PumpEnd::SetupFailed { detail });
     }
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes from a live u64 to our eventfd.
-    unsafe { libc::write(worker.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
     match result.await {
         Ok((counts, end)) => ([counts[0] + sent[0], counts[1] + sent[1]], end),
         Err(_) => (
@@ -211,6 +283,8 @@ struct Direction {
     state: DirState,
     /// A poll of this direction is in flight.
     pending: bool,
+    /// The last read was small: the next one copies (see [`copy_some`]).
+    small: bool,
 }
 
 struct Session {
@@ -243,7 +317,7 @@ enum Step {
 
 struct WorkerLoop {
     ring: IoUring,
-    jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::Receiver<Msg>,
     wake: OwnedFd,
     wake_buf: Box<u64>,
     tick: Box<types::Timespec>,
@@ -252,10 +326,12 @@ struct WorkerLoop {
     generation: u16,
     /// Directions that spent their budget: (slot, generation, direction).
     ready: Vec<(usize, u16, usize)>,
+    /// The one buffer small reads are copied through, shared by sessions.
+    copy_buf: Box<[u8]>,
 }
 
 impl WorkerLoop {
-    fn new(ring: IoUring, jobs: mpsc::Receiver<Job>, wake: OwnedFd) -> WorkerLoop {
+    fn new(ring: IoUring, jobs: mpsc::Receiver<Msg>, wake: OwnedFd) -> WorkerLoop {
         WorkerLoop {
             ring,
             jobs,
@@ -266,6 +342,7 @@ impl WorkerLoop {
             free: Vec::new(),
             generation: 0,
             ready: Vec::new(),
+            copy_buf: vec![0; COPY_BELOW].into_boxed_slice(),
         }
     }
 
@@ -291,7 +368,8 @@ impl WorkerLoop {
         self.push(opcode::Timeout::new(ts).build().user_data(TICK));
     }
 
-    fn run(mut self) {
+    /// Runs until the ring fails; says why.
+    fn run(mut self) -> String {
         self.arm_wake();
         self.arm_tick();
         let mut completions = Vec::with_capacity(RING_ENTRIES as usize);
@@ -302,16 +380,19 @@ impl WorkerLoop {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                tracing::error!("io_uring worker stopping: {e}");
-                return;
+                return format!("io_uring_enter: {e}");
             }
             completions.clear();
             completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             for &(ud, res) in &completions {
                 match ud {
                     WAKE => {
-                        while let Ok(job) = self.jobs.try_recv() {
-                            self.start(job);
+                        while let Ok(msg) = self.jobs.try_recv() {
+                            match msg {
+                                Msg::Session(job) => self.start(job),
+                                #[cfg(test)]
+                                Msg::Panic => panic!("told to fail"),
+                            }
                         }
                         self.arm_wake();
                     }
@@ -362,6 +443,7 @@ impl WorkerLoop {
             in_pipe: 0,
             state: DirState::Open,
             pending: false,
+            small: true,
         };
         self.generation = self.generation.wrapping_add(1);
         let session = Session {
@@ -397,12 +479,14 @@ impl WorkerLoop {
     /// Splices in and out until a side would block, the source ends, or
     /// the budget is spent; then waits, yields or ends accordingly.
     fn run_direction(&mut self, slot: usize, d: usize) {
-        let Some(s) = self.session(slot) else { return };
+        let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         if s.end.is_some() || s.dirs[d].state == DirState::Done || s.dirs[d].pending {
             return;
         }
         let generation = s.generation;
-        let step = Self::splice_some(s, d);
+        let step = Self::splice_some(s, d, &mut self.copy_buf);
         match step {
             Step::Wait(fd, events, op) => {
                 let poll = opcode::PollAdd::new(types::Fd(fd), events)
@@ -420,13 +504,37 @@ impl WorkerLoop {
         }
     }
 
-    fn splice_some(s: &mut Session, d: usize) -> Step {
+    fn splice_some(s: &mut Session, d: usize, buf: &mut [u8]) -> Step {
         let src_fd = s.socks[s.dirs[d].src].as_raw_fd();
         let dst_fd = s.socks[s.dirs[d].dst].as_raw_fd();
         let (src_side, dst_side) = (SIDES[s.dirs[d].src], SIDES[s.dirs[d].dst]);
         let src_ktls = s.ktls[s.dirs[d].src];
         for _ in 0..BUDGET {
             let dir = &mut s.dirs[d];
+            if dir.in_pipe == 0 && dir.small && !src_ktls {
+                match copy_some(src_fd, dst_fd, dir.pipe_w.as_raw_fd(), buf) {
+                    Ok(Copied::Ended) => return Step::Ended,
+                    Ok(Copied::Moved {
+                        read,
+                        sent,
+                        drained,
+                    }) => {
+                        s.counts[d] += sent as u64;
+                        s.last_activity = Instant::now();
+                        dir.in_pipe = read - sent;
+                        dir.small = drained;
+                        if drained && dir.in_pipe == 0 {
+                            return Step::Wait(src_fd, libc::POLLIN as u32, Op::PollIn);
+                        }
+                    }
+                    Err((CopyFault::Read, e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Step::Wait(src_fd, libc::POLLIN as u32, Op::PollIn)
+                    }
+                    Err((CopyFault::Read, e)) => return Step::Failed(src_side, e),
+                    Err((CopyFault::Write, e)) => return Step::Failed(dst_side, e),
+                }
+                continue;
+            }
             if dir.in_pipe > 0 {
                 match splice(dir.pipe_r.as_raw_fd(), dst_fd, dir.in_pipe) {
                     Ok(0) => return Step::Failed(dst_side, io::ErrorKind::WriteZero.into()),
@@ -445,6 +553,7 @@ impl WorkerLoop {
                 Ok(0) => return Step::Ended,
                 Ok(n) => {
                     dir.in_pipe = n;
+                    dir.small = n < COPY_BELOW;
                     s.last_activity = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -599,5 +708,82 @@ impl WorkerLoop {
         for slot in idle {
             self.end(slot, PumpEnd::IdleTimeout);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream as TokioStream};
+
+    /// A connected pair on loopback: (our end, the far end).
+    async fn pair() -> (TokioStream, TokioStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TokioStream::connect(listener.local_addr().unwrap());
+        let (near, far) = tokio::join!(near, listener.accept());
+        (near.unwrap(), far.unwrap().0)
+    }
+
+    fn leg(tcp: TokioStream) -> SpliceLeg {
+        SpliceLeg {
+            tcp,
+            ktls: false,
+            leftover: Vec::new(),
+            peer_closed: false,
+        }
+    }
+
+    /// Relays one session through the pool: `message` each way, then
+    /// both ends close; the pump's counts and end.
+    async fn one_session(message: &[u8]) -> ([u64; 2], PumpEnd) {
+        let ((mut client, relay_c), (relay_u, mut server)) = (pair().await, pair().await);
+        let pump = tokio::spawn(relay(
+            leg(relay_c),
+            leg(relay_u),
+            Duration::from_secs(10),
+        ));
+        let mut got = vec![0; message.len()];
+        client.write_all(message).await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+        server.write_all(message).await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
+        client.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+        pump.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_worker_is_replaced_and_counted() {
+        if let Err(why) = available() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "io_uring: {why}");
+            eprintln!("skipped: io_uring unavailable here: {why}");
+            return;
+        }
+        let pool = pool().unwrap();
+        let message = vec![7u8; 100_000];
+        assert_eq!(one_session(&message).await.0, [100_000, 100_000]);
+        let before = workers_replaced();
+        for w in &pool.workers {
+            let w = w.lock().unwrap();
+            assert!(w.give(Msg::Panic).is_ok());
+        }
+        while !pool
+            .workers
+            .iter()
+            .all(|w| w.lock().unwrap().thread.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Every worker is dead: each of the next sessions meets one and
+        // must get a replacement, and still relay every byte.
+        for _ in 0..pool.workers.len() {
+            let (counts, end) = one_session(&message).await;
+            assert_eq!(counts, [100_000, 100_000]);
+            assert!(matches!(end, PumpEnd::Closed), "{end:?}");
+        }
+        assert_eq!(workers_replaced() - before, pool.workers.len() as u64);
     }
 }
