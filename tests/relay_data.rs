@@ -522,5 +522,53 @@ async fn small_writes_to_a_stalled_reader_arrive_whole_and_in_order() {
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).await.unwrap();
     let report = relay.next_report().await;
-    assert_eq!(report.bytes_client_to_upstream, data.len() as u64, "{report}");
+    assert_eq!(
+        report.bytes_client_to_upstream,
+        data.len() as u64,
+        "{report}"
+    );
+}
+
+/// A returning client resumes from the ticket the relay issued (stateless
+/// tickets, TLS 1.3 and 1.2): no certificate, no signature. The report
+/// and the metrics say which handshakes were resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_clients_resume_from_tickets() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let upstream = tls_echo(ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    })
+    .await;
+    let mut relay = relay_to(upstream, true, &pki, "").await;
+    for versions in [Versions::Tls13Only, Versions::Tls12Only] {
+        // One config, so one ticket store, for both sessions.
+        let config = client_config(&ClientOptions {
+            versions,
+            ..Default::default()
+        });
+        let mut resumed = Vec::new();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(relay.addr("in")).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            assert_eq!(exchange(&mut tls, b"again").await.unwrap(), b"again");
+            let report = relay.next_report().await;
+            let Some(LegSecurity::Tls { negotiated, .. }) = &report.inbound else {
+                panic!("inbound leg not TLS: {report}");
+            };
+            assert_eq!(
+                negotiated.resumed,
+                tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                "the report and the client disagree: {report}"
+            );
+            resumed.push(negotiated.resumed);
+        }
+        assert_eq!(resumed, [false, true], "{versions:?}: full, then resumed");
+    }
 }

@@ -265,27 +265,40 @@ pub async fn request_response(
     Ok(out)
 }
 
-/// New TLS 1.3 sessions, one after the other on each of `connections`
+/// TLS 1.3 sessions, one after the other on each of `connections`
 /// workers, for `seconds`: each handshakes, sends one byte and waits for its
-/// echo (so the relay's upstream leg is up too), then closes.
+/// echo (so the relay's upstream leg is up too), then closes. Full
+/// handshakes only, or with `resume` each worker resumes from the tickets
+/// of its previous session; `resumed` says what fraction did.
 pub async fn handshakes(
     to: SocketAddr,
     connections: usize,
     seconds: f64,
+    resume: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .dangerous()
     .with_custom_certificate_verifier(Arc::new(crate::danger::AnyCertificate))
     .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    let resumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
-        let connector = connector.clone();
+        // A ticket store per worker: workers sharing one would take each
+        // other's tickets and fall back to full handshakes.
+        let mut config = config.clone();
+        if resume {
+            config.resumption = rustls::client::Resumption::in_memory_sessions(4);
+        }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let resumed = resumed.clone();
         tasks.spawn(async move {
             let mut h = Histogram::<u64>::new(3)?;
             while Instant::now() < deadline {
@@ -301,6 +314,9 @@ pub async fn handshakes(
                 s.flush().await?;
                 s.read_exact(&mut one).await?;
                 h.record(t0.elapsed().as_micros() as u64)?;
+                if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             anyhow::Ok(h)
         });
@@ -308,6 +324,9 @@ pub async fn handshakes(
     let all = merged(tasks).await?;
     let mut out = percentiles(&all);
     out["handshakes_per_s"] = (all.len() as f64 / started.elapsed().as_secs_f64()).into();
+    out["resumed"] = (resumed.load(std::sync::atomic::Ordering::Relaxed) as f64
+        / all.len().max(1) as f64)
+        .into();
     Ok(out)
 }
 

@@ -64,6 +64,9 @@ enum Command {
         connections: usize,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Resume from the previous session's ticket (else full handshakes).
+        #[arg(long)]
+        resume: bool,
     },
     /// Open idle sessions to an echo sink, print {"ready": n}, hold them
     /// until standard input closes.
@@ -165,8 +168,12 @@ async fn main() -> anyhow::Result<()> {
             to,
             connections,
             seconds,
+            resume,
         } => {
-            println!("{}", load::handshakes(to, connections, seconds).await?);
+            println!(
+                "{}",
+                load::handshakes(to, connections, seconds, resume).await?
+            );
             Ok(())
         }
         Command::Hold {

@@ -32,6 +32,7 @@ struct Inner {
     sessions: BTreeMap<Labels, u64>,
     downgrades: BTreeMap<Labels, u64>,
     key_exchange: BTreeMap<Labels, u64>,
+    tls_handshakes: BTreeMap<Labels, u64>,
     transactions: BTreeMap<Labels, u64>,
     path_sessions: BTreeMap<Labels, u64>,
     path_bytes: BTreeMap<Labels, u64>,
@@ -57,6 +58,7 @@ impl Metrics {
                 sessions: BTreeMap::new(),
                 downgrades: BTreeMap::new(),
                 key_exchange: BTreeMap::new(),
+                tls_handshakes: BTreeMap::new(),
                 transactions: BTreeMap::new(),
                 path_sessions: BTreeMap::new(),
                 path_bytes: BTreeMap::new(),
@@ -106,6 +108,18 @@ impl Metrics {
                         ("listener", r.listener.clone()),
                         ("leg", leg.into()),
                         ("group", group),
+                    ])
+                    .or_default() += 1;
+                let kind = if negotiated.resumed {
+                    "resumed"
+                } else {
+                    "full"
+                };
+                *m.tls_handshakes
+                    .entry(vec![
+                        ("listener", r.listener.clone()),
+                        ("leg", leg.into()),
+                        ("kind", kind.into()),
                     ])
                     .or_default() += 1;
             }
@@ -158,11 +172,12 @@ impl Metrics {
                 .iter()
                 .map(|(l, v)| (vec![("listener", l.clone())], *v))
                 .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 7] = [
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 8] = [
                 ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
                 ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
                 ("tlsrelay_downgrades_total", "Sessions that went on with less security than they could have had, by leg and reason.", &m.downgrades),
                 ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),
+                ("tlsrelay_tls_handshakes_total", "TLS legs of finished sessions by kind: full handshake, or resumed from a ticket or session.", &m.tls_handshakes),
                 ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
                 ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (kTLS splice or userspace).", &m.path_sessions),
                 ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),

@@ -60,6 +60,9 @@ impl fmt::Display for LegSecurity {
                 if let Some(group) = &negotiated.group {
                     write!(f, " {group}")?;
                 }
+                if negotiated.resumed {
+                    f.write_str(" resumed")?;
+                }
                 write!(f, " ({trust})")
             }
         }
@@ -317,6 +320,7 @@ mod tests {
             cipher_code: 0x1302,
             group: Some("X25519MLKEM768".into()),
             group_code: 0x11ec,
+            resumed: false,
         };
         assert_eq!(
             outbound_tls_line(

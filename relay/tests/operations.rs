@@ -146,6 +146,14 @@ fn metrics_count_a_known_mix_of_sessions() {
         "each plaintext session on the opportunistic listener is a downgrade"
     );
     assert_eq!(total(&s, "tlsrelay_data_path_sessions_total", &[]), 5.0);
+    let tls_legs = total(&s, "tlsrelay_key_exchange_total", &[]);
+    assert!(tls_legs > 0.0);
+    assert_eq!(
+        total(&s, "tlsrelay_tls_handshakes_total", &[("kind", "full")])
+            + total(&s, "tlsrelay_tls_handshakes_total", &[("kind", "resumed")]),
+        tls_legs,
+        "every TLS leg is a full or a resumed handshake"
+    );
     assert!(
         s.samples
             .iter()

@@ -416,9 +416,10 @@ const HANDSHAKES: Table = Table {
         ("cpu_ms_per_handshake", "CPU ms/hs"),
         ("p50_us", "p50 µs"),
         ("p99_us", "p99 µs"),
+        ("resumed", "resumed %"),
     ],
     primary: "handshakes_per_s",
-    note: "new TLS 1.3 sessions (TLS in, plaintext out), each proven by one echoed byte",
+    note: "new TLS 1.3 sessions (TLS in, plaintext out), each proven by one echoed byte; full: the client never resumes; resumed: it offers its last session's ticket",
 };
 
 const SMTP: Table = Table {
@@ -584,13 +585,14 @@ pub fn bench(quick: bool, select: Select) -> anyhow::Result<()> {
             })?;
         }
     }
-    for use_rsa in [false, true] {
+    for (use_rsa, resume) in [(false, false), (true, false), (false, true)] {
         let label = if use_rsa { rsa.label } else { b.ecdsa.label };
-        let scenario = format!("TLS 1.3 {label}");
+        let kind = if resume { "resumed" } else { "full" };
+        let scenario = format!("TLS 1.3 {label} {kind}");
         for &conns in concurrencies {
             b.cell(&HANDSHAKES, &scenario, conns.to_string(), |b, peer| {
                 let certs = if use_rsa { &rsa } else { &b.ecdsa };
-                b.handshakes(peer, certs, conns, seconds)
+                b.handshakes(peer, certs, conns, seconds, resume)
             })?;
         }
     }
@@ -1085,6 +1087,7 @@ impl Bench {
         certs: &Certs,
         conns: usize,
         seconds: f64,
+        resume: bool,
     ) -> anyhow::Result<Option<(Sample, String)>> {
         let job = Job {
             s: TERMINATION,
@@ -1095,14 +1098,15 @@ impl Bench {
             return Ok(None);
         };
         let before = relay.cpu_seconds()?;
-        let r = self.load(
-            "handshakes",
-            relay.listen,
-            conns,
-            &["--seconds", &seconds.to_string()],
-        )?;
+        let secs = seconds.to_string();
+        let mut extra = vec!["--seconds", &secs];
+        if resume {
+            extra.push("--resume");
+        }
+        let r = self.load("handshakes", relay.listen, conns, &extra)?;
         let cpu = relay.cpu_seconds()? - before;
-        let mut sample = pick(&r, &["handshakes_per_s", "p50_us", "p99_us"]);
+        let mut sample = pick(&r, &["handshakes_per_s", "p50_us", "p99_us", "resumed"]);
+        sample.insert("resumed", 100.0 * sample["resumed"]);
         sample.insert(
             "cpu_ms_per_handshake",
             cpu * 1000.0 / (sample["handshakes_per_s"] * seconds),

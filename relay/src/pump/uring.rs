@@ -738,11 +738,7 @@ mod tests {
     /// both ends close; the pump's counts and end.
     async fn one_session(message: &[u8]) -> ([u64; 2], PumpEnd) {
         let ((mut client, relay_c), (relay_u, mut server)) = (pair().await, pair().await);
-        let pump = tokio::spawn(relay(
-            leg(relay_c),
-            leg(relay_u),
-            Duration::from_secs(10),
-        ));
+        let pump = tokio::spawn(relay(leg(relay_c), leg(relay_u), Duration::from_secs(10)));
         let mut got = vec![0; message.len()];
         client.write_all(message).await.unwrap();
         server.read_exact(&mut got).await.unwrap();
@@ -758,7 +754,11 @@ mod tests {
     #[tokio::test]
     async fn a_failed_worker_is_replaced_and_counted() {
         if let Err(why) = available() {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "io_uring: {why}");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "io_uring: {why}"
+            );
             eprintln!("skipped: io_uring unavailable here: {why}");
             return;
         }

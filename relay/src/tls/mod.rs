@@ -109,6 +109,9 @@ pub struct Negotiated {
     /// or `X25519`, and its code (0x11ec, 0x001d).
     pub group: Option<String>,
     pub group_code: u16,
+    /// The session was resumed (a TLS 1.3 ticket or a TLS 1.2 session),
+    /// not a full handshake.
+    pub resumed: bool,
 }
 
 impl Negotiated {
@@ -132,6 +135,7 @@ impl Negotiated {
             cipher_code: suite.map_or(0, u16::from),
             group: group.map(|g| format!("{g:?}")),
             group_code: group.map_or(0, u16::from),
+            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }
     }
 }

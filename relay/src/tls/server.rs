@@ -86,6 +86,12 @@ impl ListenerTls {
         let resolver = SniResolver::new(settings.certificates, settings.default_certificate);
         let mut config = builder.with_cert_resolver(Arc::new(resolver));
         config.ignore_client_order = true;
+        // Stateless TLS 1.3 tickets (and TLS 1.2 ones): a returning client
+        // resumes without a signature or a certificate, and the relay
+        // keeps no per-client state. One key set for the process, so a
+        // reload does not turn returning clients into full handshakes.
+        config.ticketer = ticketer()?;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         // Lets the data plane hand the session keys to kernel TLS.
         config.enable_secret_extraction = true;
         Ok(ListenerTls {
@@ -115,6 +121,19 @@ impl ListenerTls {
             Some(_) => PeerTrust::Trusted,
         }
     }
+}
+
+/// The process's ticket keys: random, rotated every 6 hours (rustls's
+/// recommended ticketer; a ticket lives 12 hours at most).
+fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsError> {
+    static TICKETER: std::sync::OnceLock<Arc<dyn rustls::server::ProducesTickets>> =
+        std::sync::OnceLock::new();
+    if let Some(t) = TICKETER.get() {
+        return Ok(t.clone());
+    }
+    let t = rustls::crypto::aws_lc_rs::Ticketer::new()
+        .map_err(|e| TlsError::Rustls(format!("session ticket keys: {e}")))?;
+    Ok(TICKETER.get_or_init(|| t).clone())
 }
 
 /// Chooses the served certificate by SNI, matching the certificates' own
