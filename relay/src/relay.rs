@@ -837,10 +837,14 @@ async fn accept_loop(
             m.accepted(plan.name());
         }
         tokio::spawn(async move {
+            // Boxed apart: a task is as large as its largest state, and an
+            // SMTP session's (12 KiB) would otherwise be every TCP
+            // session's too (4 KiB), idle or not.
             let report = match &plan {
-                Listening::Tcp(p) => session::run(id, p, client, peer).await,
+                Listening::Tcp(p) => Box::pin(session::run(id, p, client, peer)).await,
                 Listening::Smtp(p) => {
-                    crate::smtp::session::run(id, p, client, peer, sinks.closing.clone()).await
+                    let closing = sinks.closing.clone();
+                    Box::pin(crate::smtp::session::run(id, p, client, peer, closing)).await
                 }
             };
             drop(permit);

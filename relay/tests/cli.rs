@@ -359,3 +359,65 @@ fn unprivileged_relay_runs_without_wire_counters() {
     c.read_to_end(&mut back).unwrap();
     assert_eq!(back, b"still relayed");
 }
+
+/// An idle TLS session costs the relay little: buffers come when bytes
+/// flow and go when they stop, and a TCP session's task is not sized for
+/// an SMTP session. Was 38.8 KiB per idle TLS connection (HAProxy: 18).
+#[test]
+fn idle_tls_sessions_hold_little_memory() {
+    const SESSIONS: usize = 600;
+    // The sessions' client ends and the echo server's, all in this process.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a live struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    assert!(
+        limit.rlim_cur >= 2 * 700,
+        "open-file limit {}",
+        limit.rlim_cur
+    );
+    let pki = tlsrelay_tests::Pki::new();
+    let leaf = pki.leaf("relay", &["relay.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = tlsrelay_tests::blocking::echo_server();
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "ebpf.enabled = false\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"implicit\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n",
+            leaf.chain.display().to_string(),
+            leaf.key.display().to_string(),
+        ),
+    );
+    let relay = run_relay(&config, &dir.path().join("state"));
+    let addr = relay.listeners[0].1;
+    let roots = pki.roots();
+    let open = |n: usize| -> Vec<tlsrelay_tests::blocking::Tls> {
+        (0..n)
+            .map(|_| tlsrelay_tests::blocking::tls_session(addr, &roots).unwrap())
+            .collect()
+    };
+    // Warm the allocator and the runtime, then measure what more sessions add.
+    let warm = open(50);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_kib(relay.child.id());
+    let mut held = open(SESSIONS);
+    std::thread::sleep(Duration::from_millis(1500)); // past the buffers' idle time
+    let per_session = (rss_kib(relay.child.id()) - before) as f64 / SESSIONS as f64;
+    eprintln!("{per_session:.1} KiB per idle TLS session");
+    assert!(
+        per_session < 24.0,
+        "{per_session:.1} KiB per idle TLS session"
+    );
+    // Idle, not dead: they still relay.
+    for tls in held.iter_mut().step_by(100) {
+        tlsrelay_tests::blocking::echo(tls).unwrap();
+    }
+    drop(warm);
+}

@@ -9,9 +9,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{drive, load, reset_on_close, Activity, Counts, Leg, PumpEnd, Side};
 
-/// Per-direction buffer: one TLS record's worth of plaintext, allocated once
-/// per session and reused for every chunk.
+/// Per-direction buffer while bytes flow: one TLS record's worth of
+/// plaintext, reused for every chunk.
 const BUFFER_SIZE: usize = 16 * 1024;
+
+/// What a direction holds while idle: an idle session keeps two of these,
+/// not two full buffers. The first read to fill it brings the full one.
+const IDLE_BUFFER_SIZE: usize = 512;
+
+/// Without a byte for this long, a direction gives its full buffer back.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 pub(super) async fn relay(client: Leg, upstream: Leg, idle: Duration) -> ([u64; 2], PumpEnd) {
     let activity = Activity::new();
@@ -59,9 +66,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut buf = vec![0u8; IDLE_BUFFER_SIZE];
     loop {
-        let n = match reader.read(&mut buf).await {
+        let read = if buf.len() > IDLE_BUFFER_SIZE {
+            // Polls the read first: the timer only starts when it waits.
+            match tokio::time::timeout(IDLE_AFTER, reader.read(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    buf = vec![0u8; IDLE_BUFFER_SIZE];
+                    continue;
+                }
+            }
+        } else {
+            reader.read(&mut buf).await
+        };
+        let n = match read {
             Ok(0) => break,
             Ok(n) => n,
             // TCP FIN without close_notify: the peer is done, but did not say
@@ -76,6 +95,9 @@ where
             .map_err(|e| (sides[1], e))?;
         writer.flush().await.map_err(|e| (sides[1], e))?;
         count.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() && buf.len() < BUFFER_SIZE {
+            buf = vec![0u8; BUFFER_SIZE]; // bytes are flowing
+        }
     }
     writer.shutdown().await.map_err(|e| (sides[1], e))
 }

@@ -108,6 +108,10 @@ impl AsyncRead for RecordIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.bounded && this.filled == 0 {
+            // The record buffer is done with: an idle session keeps none.
+            if this.buf.capacity() > 0 {
+                this.buf = Vec::new();
+            }
             return Pin::new(&mut this.tcp).poll_read(cx, out);
         }
         loop {
