@@ -81,7 +81,7 @@ pub fn main() -> ExitCode {
             json_reports,
             log_format,
         } => {
-            init_logging(log_format);
+            let _log = init_logging(log_format);
             match run(config, state_dir, json_reports) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -94,16 +94,25 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to standard output from a thread of their own: a write(2) per
+/// session report on the I/O threads was 6 % of a handshake's CPU. The
+/// queue blocks rather than drops when full (reports are the audit
+/// trail); the guard flushes it when dropped.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(writer)
         .with_target(false);
     match format {
         LogFormat::Human => fmt.init(),
         LogFormat::Json => fmt.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn check(file: &std::path::Path) -> ExitCode {
