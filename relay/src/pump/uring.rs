@@ -70,6 +70,23 @@ struct Job {
     done: oneshot::Sender<([u64; 2], PumpEnd)>,
 }
 
+/// A ring for the calling thread alone. Completions' task work runs when
+/// the worker asks for events (DEFER_TASKRUN), not by interrupting it at
+/// every wakeup of a socket it polls; kernels before 6.1 get a plain ring.
+fn new_ring() -> Result<IoUring, String> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::new(RING_ENTRIES))
+        .map_err(|e| format!("io_uring_setup: {e}"))
+}
+
+/// IORING_ENTER_GETEVENTS: reap completions (and run deferred task work)
+/// even when not waiting for one.
+const ENTER_GETEVENTS: u32 = 1;
+
 /// What a worker is handed.
 enum Msg {
     Session(Job),
@@ -87,7 +104,6 @@ struct Worker {
 impl Worker {
     /// Starts worker `i`: a thread with its own ring.
     fn spawn(i: usize) -> Result<Worker, String> {
-        let ring = IoUring::new(RING_ENTRIES).map_err(|e| format!("io_uring_setup: {e}"))?;
         // SAFETY: eventfd returns a fresh fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -97,9 +113,21 @@ impl Worker {
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
         let worker_wake = wake.try_clone().map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel();
+        // The ring is made on the worker's thread: its only issuer.
+        let (setup_tx, setup_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("tlsrelay-uring-{i}"))
             .spawn(move || {
+                let ring = match new_ring() {
+                    Ok(ring) => {
+                        let _ = setup_tx.send(Ok(()));
+                        ring
+                    }
+                    Err(e) => {
+                        let _ = setup_tx.send(Err(e));
+                        return;
+                    }
+                };
                 let run = std::panic::AssertUnwindSafe(|| WorkerLoop::new(ring, rx, worker_wake).run());
                 let why = match std::panic::catch_unwind(run) {
                     Ok(why) => why,
@@ -114,6 +142,9 @@ impl Worker {
                 );
             })
             .map_err(|e| e.to_string())?;
+        setup_rx
+            .recv()
+            .map_err(|_| "io_uring worker exited during setup".to_string())??;
         Ok(Worker {
             jobs: tx,
             wake,
@@ -281,8 +312,12 @@ struct Direction {
     capacity: usize,
     in_pipe: usize,
     state: DirState,
-    /// A poll of this direction is in flight.
+    /// A one-shot poll of this direction (POLLOUT on a full destination,
+    /// or before a close_notify) is in flight: the direction waits on it.
     pending: bool,
+    /// The multishot POLLIN on the source is armed: it posts a completion
+    /// at every wakeup, so readiness is not re-armed per message.
+    armed_in: bool,
     /// The last read was small: the next one copies (see [`copy_some`]).
     small: bool,
 }
@@ -375,16 +410,31 @@ impl WorkerLoop {
         let mut completions = Vec::with_capacity(RING_ENTRIES as usize);
         loop {
             // Directions that yielded run again without sleeping.
-            let wait = usize::from(self.ready.is_empty());
-            if let Err(e) = self.ring.submit_and_wait(wait) {
+            let wait = u32::from(self.ready.is_empty());
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: the submission queue's entries were pushed by `push`,
+            // whose buffers outlive them; no argument struct is passed.
+            let entered = unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(
+                    to_submit,
+                    wait,
+                    ENTER_GETEVENTS,
+                    None,
+                )
+            };
+            if let Err(e) = entered {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
                 return format!("io_uring_enter: {e}");
             }
             completions.clear();
-            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            for &(ud, res) in &completions {
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(ud, res, flags) in &completions {
                 match ud {
                     WAKE => {
                         while let Ok(msg) = self.jobs.try_recv() {
@@ -400,7 +450,7 @@ impl WorkerLoop {
                         self.check_idle();
                         self.arm_tick();
                     }
-                    _ => self.complete(ud, res),
+                    _ => self.complete(ud, res, io_uring::cqueue::more(flags)),
                 }
             }
             for (slot, generation, d) in std::mem::take(&mut self.ready) {
@@ -443,6 +493,7 @@ impl WorkerLoop {
             in_pipe: 0,
             state: DirState::Open,
             pending: false,
+            armed_in: false,
             small: true,
         };
         self.generation = self.generation.wrapping_add(1);
@@ -488,13 +539,22 @@ impl WorkerLoop {
         let generation = s.generation;
         let step = Self::splice_some(s, d, &mut self.copy_buf);
         match step {
+            Step::Wait(fd, events, Op::PollIn) => {
+                if s.dirs[d].armed_in {
+                    return; // its next completion runs us again
+                }
+                s.dirs[d].armed_in = true;
+                let poll = opcode::PollAdd::new(types::Fd(fd), events)
+                    .multi(true)
+                    .build()
+                    .user_data(user_data(slot, generation, d, Op::PollIn));
+                self.push(poll);
+            }
             Step::Wait(fd, events, op) => {
+                s.dirs[d].pending = true;
                 let poll = opcode::PollAdd::new(types::Fd(fd), events)
                     .build()
                     .user_data(user_data(slot, generation, d, op));
-                if let Some(s) = self.session(slot) {
-                    s.dirs[d].pending = true;
-                }
                 self.push(poll);
             }
             Step::Yield => self.ready.push((slot, generation, d)),
@@ -568,7 +628,8 @@ impl WorkerLoop {
         Step::Yield
     }
 
-    fn complete(&mut self, ud: u64, res: i32) {
+    /// A completion; `more`: a multishot poll stays armed after it.
+    fn complete(&mut self, ud: u64, res: i32, more: bool) {
         let (slot, generation, d, op) = decode(ud);
         if d > 1 || self.live(slot, generation).is_none() {
             return; // a straggler of a session already freed
@@ -577,7 +638,11 @@ impl WorkerLoop {
             return;
         }
         let Some(s) = self.session(slot) else { return };
-        s.dirs[d].pending = false;
+        if op == Op::PollIn as u8 {
+            s.dirs[d].armed_in = more;
+        } else {
+            s.dirs[d].pending = false;
+        }
         if s.end.is_some() {
             self.free_if_idle(slot);
             return;
@@ -636,8 +701,18 @@ impl WorkerLoop {
         // SAFETY: shutdown on a socket this session owns.
         unsafe { libc::shutdown(dst, libc::SHUT_WR) };
         s.dirs[d].state = DirState::Done;
-        if s.dirs.iter().all(|dir| dir.state == DirState::Done) {
+        let (armed, all_done) = (
+            s.dirs[d].armed_in,
+            s.dirs.iter().all(|dir| dir.state == DirState::Done),
+        );
+        if all_done {
             self.end(slot, PumpEnd::Closed);
+        } else if armed {
+            // Nothing more to read: stop its poll.
+            let cancel = opcode::AsyncCancel::new(user_data(slot, generation, d, Op::PollIn))
+                .build()
+                .user_data(user_data(slot, generation, d, Op::Cancel));
+            self.push(cancel);
         }
     }
 
@@ -667,7 +742,9 @@ impl WorkerLoop {
         }
         s.end = Some(end);
         let generation = s.generation;
-        let pending: Vec<usize> = (0..2).filter(|&d| s.dirs[d].pending).collect();
+        let pending: Vec<usize> = (0..2)
+            .filter(|&d| s.dirs[d].pending || s.dirs[d].armed_in)
+            .collect();
         for d in pending {
             for op in [Op::PollIn, Op::PollOut, Op::CloseNotify] {
                 let cancel = opcode::AsyncCancel::new(user_data(slot, generation, d, op))
@@ -681,7 +758,7 @@ impl WorkerLoop {
 
     fn free_if_idle(&mut self, slot: usize) {
         let Some(s) = self.session(slot) else { return };
-        if s.end.is_none() || s.dirs.iter().any(|d| d.pending) {
+        if s.end.is_none() || s.dirs.iter().any(|d| d.pending || d.armed_in) {
             return;
         }
         let Some(mut s) = self.sessions[slot].take() else {
