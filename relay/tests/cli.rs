@@ -27,6 +27,8 @@ fn check_prints_the_effective_policy_and_exits_0() {
         dir.path(),
         "relay.toml",
         r#"
+dataplane.workers = 3
+
 [[listeners]]
 name = "partners"
 address = "127.0.0.1:0"
@@ -54,7 +56,7 @@ tls.names = ["*.partner.example"]
     assert!(stdout.contains("data plane: "), "{stdout}");
     // Which pump runs, and why.
     assert!(
-        stdout.contains("splice via io_uring (the default: ")
+        stdout.contains("splice via io_uring, 3 workers (the default: ")
             || stdout.contains("splice via epoll (io_uring unavailable: "),
         "{stdout}"
     );
