@@ -572,3 +572,36 @@ async fn returning_clients_resume_from_tickets() {
         assert_eq!(resumed, [false, true], "{versions:?}: full, then resumed");
     }
 }
+
+/// Data and the FIN in one segment (TCP_CORK, then shutdown): the relay
+/// gets one wakeup for both and must still see the end after the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_and_fin_in_one_segment_are_both_relayed() {
+    let pki = Pki::new();
+    let upstream = plain_echo().await;
+    let relay = relay_to(upstream, false, &pki, "").await;
+    for round in 0..50 {
+        let mut c = TcpStream::connect(relay.addr("in")).await.unwrap();
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on our socket with a live c_int.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&c),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        let message = format!("message {round} with its end");
+        c.write_all(message.as_bytes()).await.unwrap();
+        c.shutdown().await.unwrap(); // the FIN goes out with the corked data
+        let mut back = Vec::new();
+        tokio::time::timeout(PATIENCE, c.read_to_end(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the relay did not pass the end on"))
+            .unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+}

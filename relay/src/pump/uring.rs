@@ -320,6 +320,10 @@ struct Direction {
     armed_in: bool,
     /// The last read was small: the next one copies (see [`copy_some`]).
     small: bool,
+    /// The source's poll saw the peer's FIN (POLLRDHUP) or an error: read
+    /// until the end, a short read does not mean there is nothing more. A
+    /// FIN that came in the same wakeup as the last data wakes nobody again.
+    closing: bool,
 }
 
 struct Session {
@@ -336,6 +340,12 @@ struct Session {
 }
 
 const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
+
+/// What a source's poll waits for: data, and the peer's FIN apart from it.
+const READABLE: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+
+/// A poll result saying the source is ending or failed.
+const ENDING: i32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as i32;
 
 /// What a run of splices on one direction came to.
 enum Step {
@@ -495,6 +505,7 @@ impl WorkerLoop {
             pending: false,
             armed_in: false,
             small: true,
+            closing: false,
         };
         self.generation = self.generation.wrapping_add(1);
         let session = Session {
@@ -583,12 +594,12 @@ impl WorkerLoop {
                         s.last_activity = Instant::now();
                         dir.in_pipe = read - sent;
                         dir.small = drained;
-                        if drained && dir.in_pipe == 0 {
-                            return Step::Wait(src_fd, libc::POLLIN as u32, Op::PollIn);
+                        if drained && dir.in_pipe == 0 && !dir.closing {
+                            return Step::Wait(src_fd, READABLE, Op::PollIn);
                         }
                     }
                     Err((CopyFault::Read, e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Step::Wait(src_fd, libc::POLLIN as u32, Op::PollIn)
+                        return Step::Wait(src_fd, READABLE, Op::PollIn)
                     }
                     Err((CopyFault::Read, e)) => return Step::Failed(src_side, e),
                     Err((CopyFault::Write, e)) => return Step::Failed(dst_side, e),
@@ -617,7 +628,7 @@ impl WorkerLoop {
                     s.last_activity = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Step::Wait(src_fd, libc::POLLIN as u32, Op::PollIn)
+                    return Step::Wait(src_fd, READABLE, Op::PollIn)
                 }
                 Err(e) if src_ktls && e.raw_os_error() == Some(libc::EINVAL) => {
                     return Step::Control
@@ -640,6 +651,9 @@ impl WorkerLoop {
         let Some(s) = self.session(slot) else { return };
         if op == Op::PollIn as u8 {
             s.dirs[d].armed_in = more;
+            if res > 0 && res & ENDING != 0 {
+                s.dirs[d].closing = true;
+            }
         } else {
             s.dirs[d].pending = false;
         }
