@@ -43,6 +43,17 @@ address = "{upstream}"
     TestRelay::start(&toml, pki.dir()).await
 }
 
+/// A TLS echo upstream (TLS 1.2 and 1.3) serving upstream.test from `pki`.
+async fn tls_upstream(pki: &Pki) -> SocketAddr {
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    tls_echo(ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    })
+    .await
+}
+
 /// Sends `data` and reads the echo at the same time; returns what came back.
 async fn echo_both_ways_at_once<S>(stream: S, data: Vec<u8>) -> Vec<u8>
 where
@@ -67,14 +78,8 @@ where
 
 async fn bulk_case(tls: bool) {
     let pki = Pki::new();
-    let leaf = pki.leaf("up", &["upstream.test"]);
     let upstream = if tls {
-        tls_echo(ServerOptions {
-            leaf: &leaf,
-            versions: Versions::Both,
-            client_ca: None,
-        })
-        .await
+        tls_upstream(&pki).await
     } else {
         plain_echo().await
     };
@@ -239,14 +244,7 @@ async fn client_reset_resets_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_implicit_listener_is_refused_and_other_sessions_go_on() {
     let pki = Pki::new();
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let upstream = tls_echo(ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Both,
-        client_ca: None,
-    })
-    .await;
-    let mut relay = relay_to(upstream, true, &pki, "").await;
+    let mut relay = relay_to(tls_upstream(&pki).await, true, &pki, "").await;
     // A good session, open across the garbage.
     let mut good = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
         .await
@@ -531,18 +529,11 @@ async fn small_writes_to_a_stalled_reader_arrive_whole_and_in_order() {
 
 /// A returning client resumes from the ticket the relay issued (stateless
 /// tickets, TLS 1.3 and 1.2): no certificate, no signature. The report
-/// and the metrics say which handshakes were resumed.
+/// says which handshakes were resumed, as the client saw them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_clients_resume_from_tickets() {
     let pki = Pki::new();
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let upstream = tls_echo(ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Both,
-        client_ca: None,
-    })
-    .await;
-    let mut relay = relay_to(upstream, true, &pki, "").await;
+    let mut relay = relay_to(tls_upstream(&pki).await, true, &pki, "").await;
     for versions in [Versions::Tls13Only, Versions::Tls12Only] {
         // One config, so one ticket store, for both sessions.
         let config = client_config(&ClientOptions {
