@@ -5,13 +5,19 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{drive, load, reset_on_close, Activity, Counts, Leg, PumpEnd, Side};
 
-/// Per-direction buffer while bytes flow: one TLS record's worth of
+/// Per-direction buffer while bytes flow: four TLS records' worth of
 /// plaintext, reused for every chunk.
-const BUFFER_SIZE: usize = 16 * 1024;
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// The plaintext of a full TLS record.
+const RECORD: usize = 16 * 1024;
 
 /// What a direction holds while idle: an idle session keeps two of these,
 /// not two full buffers. The first read to fill it brings the full one.
@@ -80,7 +86,7 @@ where
         } else {
             reader.read(&mut buf).await
         };
-        let n = match read {
+        let mut n = match read {
             Ok(0) => break,
             Ok(n) => n,
             // TCP FIN without close_notify: the peer is done, but did not say
@@ -88,6 +94,33 @@ where
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err((sides[0], e)),
         };
+        // A TLS read returns one record; after a full one, take what else
+        // is ready now, so the writer gets one large write (on a TLS
+        // writer, several records in one vectored write) instead of one
+        // per record. Not after a short read: that was the whole message,
+        // and asking again would cost a read that finds nothing. The end
+        // is met again by the next read; an error is kept for after the
+        // bytes before it are written.
+        let mut failed = None;
+        let mut last = n;
+        while last >= RECORD && n < buf.len() {
+            let mut more = ReadBuf::new(&mut buf[n..]);
+            let ready = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut *reader).poll_read(cx, &mut more))
+            })
+            .await;
+            match ready {
+                Poll::Ready(Ok(())) if !more.filled().is_empty() => {
+                    last = more.filled().len();
+                    n += last;
+                }
+                Poll::Ready(Err(e)) if e.kind() != io::ErrorKind::UnexpectedEof => {
+                    failed = Some(e);
+                    break;
+                }
+                _ => break,
+            }
+        }
         activity.touch();
         writer
             .write_all(&buf[..n])
@@ -95,6 +128,9 @@ where
             .map_err(|e| (sides[1], e))?;
         writer.flush().await.map_err(|e| (sides[1], e))?;
         count.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(e) = failed {
+            return Err((sides[0], e));
+        }
         if n == buf.len() && buf.len() < BUFFER_SIZE {
             buf = vec![0u8; BUFFER_SIZE]; // bytes are flowing
         }
