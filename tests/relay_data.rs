@@ -596,3 +596,63 @@ async fn data_and_fin_in_one_segment_are_both_relayed() {
         assert_eq!(back, message.as_bytes());
     }
 }
+
+/// A TLS upstream that sends a burst of full records and then resets: the
+/// userspace pump takes several records per write, and the reset met
+/// while taking them must still reach the client as a reset, after the
+/// bytes before it, never as a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_after_a_burst_of_tls_records_reaches_the_client() {
+    const BURST: usize = 1 << 20;
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut go = [0u8; 2];
+        tls.read_exact(&mut go).await.unwrap();
+        tls.write_all(&random_bytes(BURST, 5)).await.unwrap();
+        tls.flush().await.unwrap();
+        let tcp = tls.get_ref().0;
+        socket2::SockRef::from(tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(tls); // RST, with the burst still on its way
+    });
+    let mut relay = relay_to(upstream, true, &pki, "").await;
+    let mut client = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
+        .await
+        .unwrap();
+    client.write_all(b"go").await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, client.read_to_end(&mut got))
+        .await
+        .expect("the client hears the end");
+    assert!(
+        end.is_err(),
+        "a reset upstream must not end cleanly ({} bytes came)",
+        got.len()
+    );
+    assert!(got.len() <= BURST);
+    let report = relay.next_report().await;
+    assert!(
+        matches!(
+            report.outcome,
+            Outcome::Relayed {
+                end: PumpEnd::Reset {
+                    side: Side::Upstream,
+                    ..
+                }
+            }
+        ),
+        "{report}"
+    );
+}
