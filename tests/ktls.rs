@@ -15,7 +15,6 @@ use tlsrelay::pump::{DataPath, PumpEnd, Side};
 use tlsrelay::report::{LegSecurity, Outcome, SessionReport};
 use tlsrelay_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// MiB relayed each way per version × cipher (at least 64 in CI).
 fn bulk_bytes() -> usize {
@@ -286,19 +285,9 @@ async fn plaintext_both_legs_splice_on_any_kernel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_behind_ktls_gets_exact_bytes() {
     let pki = Pki::new();
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Both,
-        client_ca: None,
-    }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
     let data = random_bytes(16 << 20, 9);
     let expected = data.clone();
-    let receiver = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.unwrap();
+    let (upstream, receiver) = tls_upstream_once(&pki, |mut tls| async move {
         let mut got = Vec::with_capacity(expected.len());
         let mut buf = vec![0u8; 7919]; // odd sizes, slowly
         loop {
@@ -313,7 +302,8 @@ async fn slow_reader_behind_ktls_gets_exact_bytes() {
         }
         assert!(got == expected, "upstream received different bytes");
         tls.shutdown().await.unwrap();
-    });
+    })
+    .await;
     let mut relay = TestRelay::start(
         &relay_toml("off", upstream, &required_route(&pki)),
         pki.dir(),

@@ -134,18 +134,7 @@ async fn answer_after_eof<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_propagates_through_tls_legs() {
     let pki = Pki::new();
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Both,
-        client_ca: None,
-    }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        answer_after_eof(acceptor.accept(tcp).await.unwrap()).await;
-    });
+    let (upstream, _) = tls_upstream_once(&pki, answer_after_eof).await;
     let mut relay = relay_to(upstream, true, &pki, "").await;
     let mut client = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
         .await
@@ -605,17 +594,7 @@ async fn data_and_fin_in_one_segment_are_both_relayed() {
 async fn a_reset_after_a_burst_of_tls_records_reaches_the_client() {
     const BURST: usize = 1 << 20;
     let pki = Pki::new();
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Both,
-        client_ca: None,
-    }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(tcp).await.unwrap();
+    let (upstream, _) = tls_upstream_once(&pki, |mut tls| async move {
         let mut go = [0u8; 2];
         tls.read_exact(&mut go).await.unwrap();
         tls.write_all(&random_bytes(BURST, 5)).await.unwrap();
@@ -625,7 +604,8 @@ async fn a_reset_after_a_burst_of_tls_records_reaches_the_client() {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(tls); // RST, with the burst still on its way
-    });
+    })
+    .await;
     let mut relay = relay_to(upstream, true, &pki, "").await;
     let mut client = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
         .await

@@ -515,6 +515,32 @@ pub async fn tls_echo(opts: ServerOptions<'_>) -> SocketAddr {
     tls_echo_with_suite(opts, None).await
 }
 
+/// A TLS server for upstream.test (this PKI's leaf, TLS 1.2 and 1.3) that
+/// takes one connection and hands the stream to `serve`: its address, and
+/// the task (await it to see `serve`'s assertions).
+pub async fn tls_upstream_once<F, Fut>(
+    pki: &Pki,
+    serve: F,
+) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: FnOnce(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        serve(acceptor.accept(tcp).await.unwrap()).await;
+    });
+    (addr, task)
+}
+
 /// A TLS echo server that negotiates only `suite`.
 pub async fn tls_echo_with_suite(
     opts: ServerOptions<'_>,

@@ -2,11 +2,10 @@
 //! this process. The fallback when the kernel cannot take a TLS leg.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
