@@ -40,6 +40,10 @@ pub struct RecordIo {
 /// How much one pass-through read takes from the socket.
 const READ_AHEAD: usize = 64 * 1024;
 
+/// A fill at least this large (the largest record) keeps the read-ahead
+/// buffer across waits.
+const KEEP_AFTER: usize = MAX_RECORD;
+
 impl RecordIo {
     pub fn new(tcp: TcpStream) -> RecordIo {
         RecordIo {
@@ -122,6 +126,7 @@ impl RecordIo {
             if out.remaining() >= READ_AHEAD {
                 return Pin::new(&mut self.tcp).poll_read(cx, out);
             }
+            let last_fill = self.ahead.len();
             self.ahead.clear();
             self.ahead_pos = 0;
             self.ahead.reserve_exact(READ_AHEAD);
@@ -129,8 +134,13 @@ impl RecordIo {
             match Pin::new(&mut self.tcp).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(())) => {}
                 other => {
-                    // Waiting (or failed) with nothing buffered: hold no buffer.
-                    self.ahead = Vec::new();
+                    // Waiting with nothing buffered: a stream that last
+                    // brought a largest record or more keeps its buffer (no
+                    // allocation per drain while bytes flow); one that
+                    // brought less, or failed, holds none while it waits.
+                    if last_fill < KEEP_AFTER || !matches!(other, Poll::Pending) {
+                        self.ahead = Vec::new();
+                    }
                     return other;
                 }
             }
