@@ -321,14 +321,6 @@ pub fn views_of(report: &SessionReport) -> Vec<(u64, wire::RelayView)> {
     if let Some(c) = report.client_cookie {
         views.push((c, leg_view(&report.inbound, Direction::Inbound)));
     }
-    if let Some(c) = report.upstream_cookie {
-        views.push((c, leg_view(&report.outbound, Direction::Outbound)));
-    }
-    if let Some(c) = report.failed_attempt_cookie {
-        let mut failed = leg_view(&None, Direction::Outbound);
-        failed.handshake_failed = 1;
-        views.push((c, failed));
-    }
     views.extend(report.sockets.iter().map(|s| {
         (
             s.cookie,

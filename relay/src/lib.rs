@@ -14,6 +14,7 @@ mod cli_cert;
 pub mod config;
 pub mod inspect;
 pub mod ktls;
+pub mod legs;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

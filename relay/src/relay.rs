@@ -19,9 +19,9 @@ use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verif
 use crate::pump::SpliceEngine;
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
-use crate::smtp::address::DomainPattern;
-use crate::smtp::admission::Admission;
-use crate::smtp::client::{NextHopPlan, OutboundConnector, SmtpTimeouts};
+use crate::smtp::client::{MailConnector, NextHopPlan};
+use crate::smtp::forward::Routing;
+use crate::smtp::next_hop::SmtpTimeouts;
 use crate::smtp::server::StartTls;
 use crate::smtp::session::SmtpListenerPlan;
 use crate::tls::{
@@ -56,9 +56,8 @@ impl Listening {
 
 /// The SMTP connectors, built once and shared by the SMTP listeners.
 struct SmtpShared {
-    outbound: Vec<Arc<OutboundConnector>>,
-    routes: Vec<(Vec<DomainPattern>, usize)>,
-    admission: Arc<Admission>,
+    connectors: Vec<Arc<MailConnector>>,
+    routing: Arc<Routing>,
     /// Each inbound connector's client certificate anchors (by index).
     connector_anchors: Vec<Option<Arc<rustls::RootCertStore>>>,
 }
@@ -82,7 +81,7 @@ impl SmtpShared {
                 )?;
                 next_hops.push(NextHopPlan { address, tls });
             }
-            outbound.push(Arc::new(OutboundConnector {
+            outbound.push(Arc::new(MailConnector {
                 name: c.name.get_ref().clone(),
                 next_hops,
                 policy: c.tls.policy,
@@ -105,10 +104,14 @@ impl SmtpShared {
             };
             connector_anchors.push(roots);
         }
-        Ok(SmtpShared {
-            outbound,
-            routes,
+        let routing = Routing {
             admission: Arc::new(config.admission()),
+            routes,
+            connectors: outbound.iter().map(|c| c.name.clone()).collect(),
+        };
+        Ok(SmtpShared {
+            connectors: outbound,
+            routing: Arc::new(routing),
             connector_anchors,
         })
     }
@@ -143,10 +146,9 @@ impl SmtpShared {
             },
             implicit_tls: l.tls.mode == InboundMode::Implicit,
             tls,
-            admission: self.admission.clone(),
+            routing: self.routing.clone(),
             connector_anchors: self.connector_anchors.clone(),
-            outbound: self.outbound.clone(),
-            routes: self.routes.clone(),
+            connectors: self.connectors.clone(),
             timeouts: SmtpTimeouts::rfc5321(
                 limits.smtp_timeout_scale,
                 limits.connect_timeout,
@@ -228,7 +230,7 @@ impl Plan {
             .iter()
             .any(|l| l.protocol == Protocol::Smtp)
         {
-            description.extend(smtp.admission.describe());
+            description.extend(smtp.routing.admission.describe());
         }
         description.extend(
             config

@@ -69,9 +69,8 @@ impl fmt::Display for LegSecurity {
     }
 }
 
-/// A socket of the session besides the client's and the upstream's (SMTP
-/// next hops, a TLS attempt before a plaintext retry), and what the relay
-/// made of it: each gets a relay view for the wire cross-check.
+/// An outbound socket of the session, and what the relay made of it: each
+/// gets a relay view for the wire cross-check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SocketRecord {
     pub cookie: u64,
@@ -115,10 +114,8 @@ pub struct SessionReport {
     pub upstream_addr: Option<SocketAddr>,
     /// Socket cookies (SO_COOKIE), the key the eBPF records use.
     pub client_cookie: Option<u64>,
-    pub upstream_cookie: Option<u64>,
-    /// The upstream connection whose TLS failed before a plaintext retry.
-    pub failed_attempt_cookie: Option<u64>,
-    /// Other sockets the session used (SMTP next hops).
+    /// Every outbound socket the session opened (the upstream, a TLS
+    /// attempt before a plaintext retry, SMTP next hops) as the relay saw it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sockets: Vec<SocketRecord>,
     /// Legs whose TLS is off by configuration.
@@ -137,7 +134,7 @@ pub struct SessionReport {
     pub bytes_upstream_to_client: u64,
     /// SMTP: each mail transaction, where it went and how it ended.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub transactions: Vec<crate::smtp::session::Transaction>,
+    pub transactions: Vec<crate::smtp::forward::Transaction>,
     /// From accept until both legs were ready to relay.
     pub setup_ms: f64,
     pub duration_ms: f64,
@@ -152,8 +149,6 @@ impl SessionReport {
             upstream: upstream.to_string(),
             upstream_addr: None,
             client_cookie: None,
-            upstream_cookie: None,
-            failed_attempt_cookie: None,
             sockets: Vec::new(),
             tls_off: Vec::new(),
             inbound: None,

@@ -11,15 +11,14 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::config::HostPort;
-use crate::policy::{
-    inbound_start, on_outbound_failure, InboundMode, InboundStart, OnTlsFailure, OutboundPolicy,
-    TlsFailure,
+use crate::legs::{
+    accept_tls, inbound_refused, inbound_security, open_outbound, LegTimeouts, OutboundFailure,
+    Silent, Target,
 };
+use crate::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
 use crate::pump::{self, Leg, PumpOptions, SpliceEngine};
-use crate::report::{
-    inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport,
-};
-use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, RecordIo, UpstreamTls};
+use crate::report::{Direction, Downgrade, LegSecurity, Outcome, SessionReport};
+use crate::tls::{ListenerTls, UpstreamTls};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -86,25 +85,43 @@ pub async fn run(
     if route.policy == OutboundPolicy::Plain {
         report.tls_off.push(Direction::Outbound);
     }
-
-    let client_leg = match accept_inbound(plan, client, peer, &mut report).await {
-        Some(leg) => leg,
-        None => return finish(report, started),
+    let (client_leg, inbound) = match accept_inbound(id, plan, client, peer).await {
+        Ok(accepted) => accepted,
+        Err(outcome) => {
+            report.outcome = outcome;
+            return finish(report, started);
+        }
     };
-    let upstream_leg = match connect_outbound(route, plan.timeouts, &mut report).await {
-        Some(leg) => leg,
-        None => {
+    report.inbound = Some(inbound.security);
+    report.downgrades.extend(inbound.downgrade);
+    let target = Target {
+        address: &route.address,
+        policy: route.policy,
+        tls: route.tls.as_ref(),
+    };
+    let timeouts = LegTimeouts {
+        connect: plan.timeouts.connect,
+        handshake: plan.timeouts.handshake,
+    };
+    let opened = open_outbound(&target, &mut Silent, timeouts, &mut report.sockets).await;
+    let upstream = match opened {
+        Ok(upstream) => upstream,
+        Err(failure) => {
+            report.outcome = outbound_failed(id, &route.address, failure, &mut report);
             close_quietly(client_leg).await;
             return finish(report, started);
         }
     };
+    report.upstream_addr = Some(upstream.address);
+    report.outbound = Some(upstream.security);
+    report.downgrades.extend(upstream.downgrade);
     report.setup_ms = ms(started.elapsed());
     let options = PumpOptions {
         idle_timeout: plan.timeouts.idle,
         ktls: plan.ktls,
         engine: plan.engine,
     };
-    let pumped = pump::relay(client_leg, upstream_leg, options).await;
+    let pumped = pump::relay(client_leg, upstream.leg, options).await;
     report.data_path = Some(pumped.path);
     report.ktls = pumped.ktls;
     report.path_reason = pumped.path_reason;
@@ -123,21 +140,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn refuse(report: &mut SessionReport, leg: Direction, reason: String, failure: Option<TlsFailure>) {
-    report.outcome = Outcome::Refused {
-        leg,
-        reason,
-        failure,
-    };
+/// How the inbound leg was secured.
+struct Inbound {
+    security: LegSecurity,
+    downgrade: Option<Downgrade>,
 }
 
-/// The client-facing leg, or `None` with the report saying why not.
+/// The client-facing leg, or the outcome that ends the session.
 async fn accept_inbound(
+    id: u64,
     plan: &ListenerPlan,
     client: TcpStream,
     peer: SocketAddr,
-    report: &mut SessionReport,
-) -> Option<Leg> {
+) -> Result<(Leg, Inbound), Outcome> {
     let first = match plan.mode {
         InboundMode::Off | InboundMode::Implicit => None,
         InboundMode::Opportunistic | InboundMode::Required => {
@@ -145,184 +160,81 @@ async fn accept_inbound(
                 FirstByte::Byte(b) => Some(b),
                 FirstByte::Silent => None,
                 FirstByte::Closed => {
-                    report.outcome = Outcome::Failed {
+                    return Err(Outcome::Failed {
                         reason: "client closed before sending anything".into(),
-                    };
-                    return None;
+                    })
                 }
             }
         }
     };
     match inbound_start(plan.mode, first) {
         InboundStart::Plaintext { downgrade } => {
-            if downgrade {
-                report.downgrades.push(Downgrade {
-                    leg: Direction::Inbound,
-                    reason: "client did not start TLS".into(),
-                });
-            }
-            report.inbound = Some(LegSecurity::Plaintext);
-            Some(Leg::Plain(client))
+            let downgrade = downgrade.then(|| Downgrade {
+                leg: Direction::Inbound,
+                reason: "client did not start TLS".into(),
+            });
+            let security = LegSecurity::Plaintext;
+            Ok((
+                Leg::Plain(client),
+                Inbound {
+                    security,
+                    downgrade,
+                },
+            ))
         }
         InboundStart::Refuse(reason) => {
-            tracing::info!(session = report.id, client = %peer, "refused: {reason}");
-            refuse(report, Direction::Inbound, reason, None);
-            None
+            tracing::info!(session = id, client = %peer, "refused: {reason}");
+            Err(Outcome::Refused {
+                leg: Direction::Inbound,
+                reason,
+                failure: None,
+            })
         }
         InboundStart::Tls => {
             let tls = plan.tls.as_ref().expect("TLS modes have a server config");
-            let accepted = timeout(
-                plan.timeouts.handshake,
-                tls.acceptor().accept(RecordIo::new(client)),
-            )
-            .await;
-            let stream = match accepted {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    let failure = classify_failure(&e);
-                    tracing::info!(session = report.id, client = %peer, "inbound {failure}");
-                    refuse(
-                        report,
-                        Direction::Inbound,
-                        failure.to_string(),
-                        Some(failure),
-                    );
-                    return None;
-                }
-                Err(_) => {
-                    let failure = TlsFailure::HandshakeFailed("timed out".into());
-                    refuse(
-                        report,
-                        Direction::Inbound,
-                        failure.to_string(),
-                        Some(failure),
-                    );
-                    return None;
-                }
-            };
-            let conn = stream.get_ref().1;
-            let negotiated = Negotiated::of(conn);
-            let trust = tls.client_trust(conn.peer_certificates());
-            tracing::info!(
-                session = report.id,
-                "{}",
-                inbound_tls_line(peer, &negotiated, trust)
-            );
-            report.inbound = Some(LegSecurity::Tls {
-                negotiated,
-                trust,
-                server_name: conn.server_name().map(str::to_string),
-                peer_names: peer_names(conn.peer_certificates()),
-            });
-            Some(Leg::TlsServer(Box::new(stream)))
+            let stream = accept_tls(tls, client, plan.timeouts.handshake)
+                .await
+                .map_err(|failure| inbound_refused(id, peer, failure))?;
+            let trust = tls.client_trust(stream.get_ref().1.peer_certificates());
+            let security = inbound_security(id, peer, &stream, trust);
+            let leg = Leg::TlsServer(Box::new(stream));
+            Ok((
+                leg,
+                Inbound {
+                    security,
+                    downgrade: None,
+                },
+            ))
         }
     }
 }
 
-fn peer_names(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Vec<String> {
-    certs
-        .and_then(|c| c.first())
-        .map(cert_names)
-        .unwrap_or_default()
-}
-
-/// The upstream-facing leg under the route's policy, or `None` with the
-/// report saying why not.
-async fn connect_outbound(
-    route: &RoutePlan,
-    timeouts: Timeouts,
+/// The outcome when no upstream leg could be had.
+fn outbound_failed(
+    id: u64,
+    address: &HostPort,
+    failure: OutboundFailure,
     report: &mut SessionReport,
-) -> Option<Leg> {
-    let tcp = connect_tcp(route, timeouts, report).await?;
-    let Some(tls) = &route.tls else {
-        report.outbound = Some(LegSecurity::Plaintext);
-        return Some(Leg::Plain(tcp));
-    };
-    let addr = tcp.peer_addr().ok()?;
-    let handshake = timeout(
-        timeouts.handshake,
-        tls.connector()
-            .connect(tls.server_name(), RecordIo::new(tcp)),
-    )
-    .await;
-    let failure = match handshake {
-        Ok(Ok(stream)) => {
-            let conn = stream.get_ref().1;
-            let negotiated = Negotiated::of(conn);
-            let trust = tls.peer_trust(conn.peer_certificates());
-            // The relay always offers TLS 1.3; settling lower is a downgrade.
-            if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2) {
-                report.downgrades.push(Downgrade {
-                    leg: Direction::Outbound,
-                    reason: "version: upstream negotiated TLSv1.2, TLSv1.3 was offered".into(),
-                });
-            }
-            tracing::info!(
-                session = report.id,
-                "{}",
-                outbound_tls_line(&route.address.host, addr, &negotiated, trust)
-            );
-            report.outbound = Some(LegSecurity::Tls {
-                negotiated,
-                trust,
-                server_name: Some(tls.server_name().to_str().into_owned()),
-                peer_names: peer_names(conn.peer_certificates()),
-            });
-            return Some(Leg::TlsClient(Box::new(stream)));
+) -> Outcome {
+    match failure {
+        OutboundFailure::Unreachable(why) => {
+            let reason = format!("upstream {why}");
+            tracing::warn!(session = id, "{reason}");
+            Outcome::Failed { reason }
         }
-        Ok(Err(e)) => classify_failure(&e),
-        Err(_) => TlsFailure::HandshakeFailed("timed out".into()),
-    };
-    match on_outbound_failure(route.policy) {
-        OnTlsFailure::Refuse => {
-            tracing::info!(session = report.id, upstream = %route.address, "outbound {failure}");
-            refuse(
-                report,
-                Direction::Outbound,
-                failure.to_string(),
-                Some(failure),
-            );
-            None
-        }
-        OnTlsFailure::FallBackToPlaintext => {
-            tracing::info!(
-                session = report.id,
-                upstream = %route.address,
-                "outbound {failure}; continuing in plaintext"
-            );
-            report.downgrades.push(Downgrade {
+        OutboundFailure::Refused {
+            failure,
+            address: peer,
+        } => {
+            tracing::info!(session = id, upstream = %address, "outbound {failure}");
+            report.upstream_addr = Some(peer);
+            Outcome::Refused {
                 leg: Direction::Outbound,
                 reason: failure.to_string(),
-            });
-            let tcp = connect_tcp(route, timeouts, report).await?;
-            report.outbound = Some(LegSecurity::Plaintext);
-            Some(Leg::Plain(tcp))
+                failure: Some(failure),
+            }
         }
     }
-}
-
-async fn connect_tcp(
-    route: &RoutePlan,
-    timeouts: Timeouts,
-    report: &mut SessionReport,
-) -> Option<TcpStream> {
-    let address = (route.address.host.as_str(), route.address.port);
-    let result = timeout(timeouts.connect, TcpStream::connect(address)).await;
-    let error = match result {
-        Ok(Ok(tcp)) => {
-            let _ = tcp.set_nodelay(true);
-            report.upstream_addr = tcp.peer_addr().ok();
-            report.failed_attempt_cookie = report.upstream_cookie.take();
-            report.upstream_cookie = crate::bpf::socket_cookie(&tcp);
-            return Some(tcp);
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "timed out".to_string(),
-    };
-    let reason = format!("upstream {} unreachable: {error}", route.address);
-    tracing::warn!(session = report.id, "{reason}");
-    report.outcome = Outcome::Failed { reason };
-    None
 }
 
 /// Ends a leg that never got to relay: close_notify for TLS, then FIN.

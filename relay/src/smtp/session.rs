@@ -1,28 +1,28 @@
-//! One SMTP session end to end: the client-facing dialogue
-//! ([`super::server`]), STARTTLS as a server, the inbound connector's
-//! rules, the outbound connector chosen at the first RCPT, the next hop's
-//! replies relayed back, message bodies streamed through.
+//! One SMTP session's I/O: the client's bytes into the dialogue machine
+//! ([`super::server`]), its events into the relaying machine
+//! ([`super::forward`]), and that machine's actions carried out on the
+//! sockets, under RFC 5321's timers and the drain signal. No decision is
+//! taken here.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::address::{route, DomainPattern};
-use super::admission::{Admission, Client, PresentedCertificate};
-use super::client::{establish, DotStuffer, NextHop, OutboundConnector, SmtpTimeouts};
+use super::admission::{Client, PresentedCertificate};
+use super::client::{establish, MailConnector, NextHop};
 use super::codec::Reply;
+use super::forward::{Action, Forwarder, OpenedHop, Routing};
+use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::policy::{PeerTrust, TlsFailure};
-use crate::pump::Leg;
-use crate::report::{inbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SessionReport};
-use crate::tls::{
-    cert_names, classify_failure, client_chain_verifies, ListenerTls, Negotiated, RecordIo,
-};
+use crate::legs::{accept_tls, inbound_refused, inbound_security};
+use crate::policy::PeerTrust;
+use crate::pump::{Leg, PumpEnd};
+use crate::report::{Direction, Downgrade, LegSecurity, Outcome, SessionReport, SocketRecord};
+use crate::tls::{cert_names, client_chain_verifies, ListenerTls};
 
 /// Everything an SMTP listener's sessions need.
 pub struct SmtpListenerPlan {
@@ -32,59 +32,41 @@ pub struct SmtpListenerPlan {
     /// SMTPS: TLS from the first byte.
     pub implicit_tls: bool,
     pub tls: Option<ListenerTls>,
-    /// Accepted domains, inbound connectors, who may relay.
-    pub admission: Arc<Admission>,
+    /// Accepted domains, inbound connectors, who may relay, and where mail
+    /// for each domain goes.
+    pub routing: Arc<Routing>,
     /// Each inbound connector's client certificate anchors (by index).
     pub connector_anchors: Vec<Option<Arc<rustls::RootCertStore>>>,
-    pub outbound: Vec<Arc<OutboundConnector>>,
-    pub routes: Vec<(Vec<DomainPattern>, usize)>,
+    /// The outbound connectors, by the index `routing` uses.
+    pub connectors: Vec<Arc<MailConnector>>,
     pub timeouts: SmtpTimeouts,
     pub max_message_size: u64,
 }
 
-/// One mail transaction as relayed.
-#[derive(Clone, Debug, Serialize)]
-pub struct Transaction {
-    pub from: String,
-    pub recipients: Vec<String>,
-    pub connector: Option<String>,
-    pub next_hop: Option<String>,
-    pub outbound: Option<LegSecurity>,
-    /// The reply the sender got at the end (the next hop's, or the relay's
-    /// own refusal of the sender).
-    pub result: Option<String>,
-    /// Recipients the relay itself refused, with the reply.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub refused: Vec<String>,
+/// The relay's "drain time is up" signal.
+pub type Closing = tokio::sync::watch::Receiver<bool>;
+
+/// What the session learnt about its legs, for the report.
+#[derive(Default)]
+struct Legs {
+    inbound: Option<LegSecurity>,
+    outbound: Option<LegSecurity>,
+    upstream: Option<(String, SocketAddr)>,
+    downgrades: Vec<Downgrade>,
+    sockets: Vec<SocketRecord>,
 }
 
-/// The next hop of the transaction under way.
-struct Outbound {
-    connector: usize,
-    hop: NextHop,
-    /// How BDAT goes out: as BDAT, or as DATA (dot-stuffed).
-    chunking: bool,
-    stuffer: Option<DotStuffer>,
-    /// A DATA the next hop refused while we converted BDAT: the reply.
-    refused: Option<Reply>,
-    data_started: bool,
-}
-
-struct Dialogue<'a> {
+struct Session<'a> {
+    id: u64,
     plan: &'a SmtpListenerPlan,
-    report: &'a mut SessionReport,
     peer: SocketAddr,
-    client: Client,
-    mail: Option<(String, String)>,
-    outbound: Option<Outbound>,
-    transaction: Option<Transaction>,
+    forwarder: Forwarder,
+    hop: Option<NextHop>,
+    legs: Legs,
     out: Vec<u8>,
     /// Becomes true when the relay's drain time is up.
     closing: Closing,
 }
-
-/// The relay's "drain time is up" signal.
-pub type Closing = tokio::sync::watch::Receiver<bool>;
 
 /// Runs one SMTP session to its end.
 pub async fn run(
@@ -95,33 +77,49 @@ pub async fn run(
     closing: Closing,
 ) -> SessionReport {
     let started = Instant::now();
-    let mut report = SessionReport::new(id, &plan.name, peer, "-");
-    report.client_cookie = crate::bpf::socket_cookie(&client);
-    if plan.starttls == StartTls::Unavailable && !plan.implicit_tls {
-        report.tls_off.push(Direction::Inbound);
-    }
+    let client_cookie = crate::bpf::socket_cookie(&client);
     let _ = client.set_nodelay(true);
-    let mut dialogue = Dialogue {
+    let mut session = Session {
+        id,
         plan,
-        report: &mut report,
         peer,
-        client: Client::new(peer.ip()),
-        mail: None,
-        outbound: None,
-        transaction: None,
+        forwarder: Forwarder::new(plan.routing.clone(), Client::new(peer.ip())),
+        hop: None,
+        legs: Legs::default(),
         out: Vec::new(),
         closing,
     };
-    let end = dialogue.run(client).await;
-    if let Some(o) = dialogue.outbound.take() {
-        o.hop.quit().await;
+    let outcome = session.run(client).await;
+    session.forwarder.end();
+    session.perform(None).await;
+
+    let legs = session.legs;
+    let mut report = SessionReport::new(id, &plan.name, peer, "-");
+    report.client_cookie = client_cookie;
+    if plan.starttls == StartTls::Unavailable && !plan.implicit_tls {
+        report.tls_off.push(Direction::Inbound);
     }
-    report.outcome = end;
+    if let Some((connector, address)) = legs.upstream {
+        report.upstream = connector;
+        report.upstream_addr = Some(address);
+    }
+    report.inbound = legs.inbound;
+    report.outbound = legs.outbound;
+    report.downgrades = legs.downgrades;
+    report.sockets = legs.sockets;
+    report.transactions = session.forwarder.take_finished();
+    report.outcome = outcome;
     report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     report
 }
 
-impl Dialogue<'_> {
+fn failed(reason: impl ToString) -> Outcome {
+    Outcome::Failed {
+        reason: reason.to_string(),
+    }
+}
+
+impl Session<'_> {
     fn settings(&self) -> ServerSettings {
         ServerSettings {
             hostname: self.plan.hostname.clone(),
@@ -132,17 +130,15 @@ impl Dialogue<'_> {
 
     async fn run(&mut self, client: TcpStream) -> Outcome {
         let mut leg = Leg::Plain(client);
+        let mut server = Server::new(self.settings());
         if self.plan.implicit_tls {
-            leg = match self.accept_tls(leg).await {
+            leg = match self.start_tls(leg).await {
                 Ok(leg) => leg,
                 Err(outcome) => return outcome,
             };
-        } else {
-            self.report.inbound = Some(LegSecurity::Plaintext);
-        }
-        let mut server = Server::new(self.settings());
-        if self.plan.implicit_tls {
             server.tls_established();
+        } else {
+            self.legs.inbound = Some(LegSecurity::Plaintext);
         }
         self.out.extend(server.greeting().to_bytes());
         let mut buf = vec![0u8; 16 * 1024];
@@ -152,11 +148,9 @@ impl Dialogue<'_> {
                     Event::Reply(r) => self.out.extend(r.to_bytes()),
                     Event::StartTls => {
                         if let Err(e) = self.flush(&mut leg).await {
-                            return Outcome::Failed {
-                                reason: e.to_string(),
-                            };
+                            return failed(e);
                         }
-                        leg = match self.accept_tls(leg).await {
+                        leg = match self.start_tls(leg).await {
                             Ok(leg) => leg,
                             Err(outcome) => return outcome,
                         };
@@ -167,66 +161,112 @@ impl Dialogue<'_> {
                         let _ = self.flush(&mut leg).await;
                         let _ = leg.shutdown().await;
                         return Outcome::Relayed {
-                            end: crate::pump::PumpEnd::Closed,
+                            end: PumpEnd::Closed,
                         };
                     }
-                    other => {
-                        if let Some(reply) = self.relay_event(other).await {
-                            server.respond(reply);
+                    event => {
+                        if matches!(event, Event::Mail { .. }) {
+                            self.note_cleartext_mail();
                         }
+                        self.forwarder.client_event(event);
+                        self.perform(Some(&mut server)).await;
                     }
                 }
             }
             if let Err(e) = self.flush(&mut leg).await {
-                return Outcome::Failed {
-                    reason: e.to_string(),
-                };
+                return failed(e);
             }
-            let read = tokio::select! {
-                r = timeout(self.plan.timeouts.command, leg.read(&mut buf)) => Some(r),
-                _ = self.closing.wait_for(|closing| *closing) => None,
-            };
-            let Some(read) = read else {
-                return self.close_for_shutdown(&mut leg).await;
-            };
-            let n = match read {
-                Ok(Ok(0)) => {
-                    return Outcome::Failed {
-                        reason: "client closed without QUIT".into(),
-                    }
-                }
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    return Outcome::Failed {
-                        reason: e.to_string(),
-                    }
-                }
-                Err(_) => {
-                    self.out
-                        .extend(Reply::new(421, "4.4.2 Timeout, closing").to_bytes());
-                    let _ = self.flush(&mut leg).await;
-                    return Outcome::Failed {
-                        reason: "client timed out".into(),
-                    };
-                }
-            };
-            server.feed(&buf[..n]);
+            match self.read_client(&mut leg, &mut buf).await {
+                Ok(n) => server.feed(&buf[..n]),
+                Err(outcome) => return outcome,
+            }
         }
     }
 
-    /// The drain time is up: 421 to the client wherever the dialogue is. A
-    /// transaction under way is abandoned — its next hop is hung up on
-    /// without an end of data, so nothing half-received is delivered and
-    /// the sender keeps the message to retry.
-    async fn close_for_shutdown(&mut self, leg: &mut Leg) -> Outcome {
-        let reply = Reply::new(421, "4.3.2 Service shutting down, try again later");
-        self.outbound = None;
-        self.finish_transaction(&reply);
-        self.out.extend(reply.to_bytes());
+    /// Reads the client's next bytes under the command timeout, or ends
+    /// the session: closed, failed, timed out (421), or drained (421).
+    async fn read_client(&mut self, leg: &mut Leg, buf: &mut [u8]) -> Result<usize, Outcome> {
+        let read = tokio::select! {
+            r = timeout(self.plan.timeouts.command, leg.read(buf)) => Some(r),
+            _ = self.closing.wait_for(|closing| *closing) => None,
+        };
+        let goodbye = match read {
+            Some(Ok(Ok(0))) => return Err(failed("client closed without QUIT")),
+            Some(Ok(Ok(n))) => return Ok(n),
+            Some(Ok(Err(e))) => return Err(failed(e)),
+            Some(Err(_)) => (
+                Reply::new(421, "4.4.2 Timeout, closing"),
+                "client timed out",
+            ),
+            // A transaction under way is abandoned, so nothing half-received
+            // is delivered and the sender keeps the message to retry.
+            None => (self.forwarder.shut_down(), "relay shutting down"),
+        };
+        self.perform(None).await;
+        self.out.extend(goodbye.0.to_bytes());
         let _ = self.flush(leg).await;
         let _ = leg.shutdown().await;
-        Outcome::Failed {
-            reason: "relay shutting down".into(),
+        Err(failed(goodbye.1))
+    }
+
+    /// Carries out the relaying machine's actions until it has none.
+    async fn perform(&mut self, mut server: Option<&mut Server>) {
+        while let Some(action) = self.forwarder.poll() {
+            match action {
+                Action::Respond(reply) => {
+                    if let Some(server) = server.as_deref_mut() {
+                        server.respond(reply);
+                    }
+                }
+                Action::Write(reply) => self.out.extend(reply.to_bytes()),
+                Action::Open { connector } => self.open_hop(connector).await,
+                Action::Send(bytes) => {
+                    let sent = match self.hop.as_mut() {
+                        Some(hop) => hop.send(&bytes).await,
+                        None => Err(std::io::ErrorKind::NotConnected.into()),
+                    };
+                    if let Err(e) = sent {
+                        self.forwarder.hop_failed(&e.to_string());
+                    }
+                }
+                Action::Await(wait) => {
+                    let reply = match self.hop.as_mut() {
+                        Some(hop) => hop.reply(wait).await,
+                        None => Err(std::io::ErrorKind::NotConnected.into()),
+                    };
+                    match reply {
+                        Ok(reply) => self.forwarder.hop_reply(reply),
+                        Err(e) => self.forwarder.hop_failed(&e.to_string()),
+                    }
+                }
+                Action::Close { polite } => {
+                    if let Some(hop) = self.hop.take() {
+                        if polite {
+                            hop.quit().await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open_hop(&mut self, connector: usize) {
+        let plan = &self.plan.connectors[connector];
+        let hostname = &self.plan.hostname;
+        let sockets = &mut self.legs.sockets;
+        match establish(plan, hostname, self.plan.timeouts, sockets).await {
+            Ok(est) => {
+                self.legs.upstream = Some((plan.name.clone(), est.address));
+                self.legs.outbound = Some(est.security.clone());
+                self.legs.downgrades.extend(est.downgrade);
+                self.hop = Some(est.hop);
+                self.forwarder.hop_opened(OpenedHop {
+                    name: format!("{}[{}]", est.host, est.address),
+                    security: est.security,
+                    chunking: est.capabilities.has("CHUNKING"),
+                });
+            }
+            Err(reply) => self.forwarder.hop_unavailable(reply),
         }
     }
 
@@ -239,72 +279,43 @@ impl Dialogue<'_> {
         Ok(())
     }
 
-    async fn accept_tls(&mut self, leg: Leg) -> Result<Leg, Outcome> {
+    /// TLS with the client (STARTTLS, or SMTPS from the first byte) through
+    /// the shared leg setup.
+    async fn start_tls(&mut self, leg: Leg) -> Result<Leg, Outcome> {
         let (Some(tls), Leg::Plain(tcp)) = (&self.plan.tls, leg) else {
-            return Err(Outcome::Failed {
-                reason: "TLS without a certificate".into(),
-            });
+            return Err(failed("TLS without a certificate"));
         };
-        let accepted = timeout(
-            self.plan.timeouts.handshake,
-            tls.acceptor().accept(RecordIo::new(tcp)),
-        )
-        .await;
-        let mut stream = match accepted {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(self.handshake_failed(classify_failure(&e))),
-            Err(_) => {
-                return Err(self.handshake_failed(TlsFailure::HandshakeFailed("timed out".into())))
+        let stream = match accept_tls(tls, tcp, self.plan.timeouts.handshake).await {
+            Ok(stream) => stream,
+            Err(failure) => {
+                self.legs.inbound = None;
+                return Err(inbound_refused(self.id, self.peer, failure));
             }
         };
-        stream.get_mut().0.pass_through();
-        let conn = stream.get_ref().1;
-        let negotiated = Negotiated::of(conn);
-        let chain = conn.peer_certificates().unwrap_or_default();
-        self.client.tls = true;
-        self.client.certificate = self.presented(chain);
-        let trust = self.client_trust(tls, chain);
-        tracing::info!(
-            session = self.report.id,
-            "{}",
-            inbound_tls_line(self.peer, &negotiated, trust)
-        );
-        self.report.inbound = Some(LegSecurity::Tls {
-            negotiated,
-            trust,
-            server_name: conn.server_name().map(str::to_string),
-            peer_names: self
-                .client
-                .certificate
-                .as_ref()
-                .map(|c| c.names.clone())
-                .unwrap_or_default(),
-        });
+        let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+        let certificate = self.presented(chain);
+        let trust = self.client_trust(tls, chain, certificate.as_ref());
+        let client = self.forwarder.client_mut();
+        client.tls = true;
+        client.certificate = certificate;
+        self.legs.inbound = Some(inbound_security(self.id, self.peer, &stream, trust));
         Ok(Leg::TlsServer(Box::new(stream)))
-    }
-
-    /// The inbound TLS handshake failed (as a TCP session reports it): the
-    /// leg never got a security to report, not even plaintext.
-    fn handshake_failed(&mut self, failure: TlsFailure) -> Outcome {
-        tracing::info!(session = self.report.id, client = %self.peer, "inbound {failure}");
-        self.report.inbound = None;
-        Outcome::Refused {
-            leg: Direction::Inbound,
-            reason: failure.to_string(),
-            failure: Some(failure),
-        }
     }
 
     /// A mail transaction in cleartext on a listener that offers STARTTLS
     /// is a downgrade, as the wire witness counts it (once per session).
     fn note_cleartext_mail(&mut self) {
-        if self.client.tls
+        if self.forwarder.client().tls
             || self.plan.starttls == StartTls::Unavailable
-            || self.report.downgraded(Direction::Inbound).is_some()
+            || self
+                .legs
+                .downgrades
+                .iter()
+                .any(|d| d.leg == Direction::Inbound)
         {
             return;
         }
-        self.report.downgrades.push(Downgrade {
+        self.legs.downgrades.push(Downgrade {
             leg: Direction::Inbound,
             reason: "client did not use STARTTLS".into(),
         });
@@ -342,291 +353,14 @@ impl Dialogue<'_> {
         &self,
         tls: &ListenerTls,
         chain: &[rustls::pki_types::CertificateDer<'_>],
+        certificate: Option<&PresentedCertificate>,
     ) -> PeerTrust {
-        let Some(cert) = &self.client.certificate else {
+        let Some(cert) = certificate else {
             return PeerTrust::Anonymous;
         };
         if !tls.defers_client_certificates() {
             return tls.client_trust(Some(chain));
         }
-        self.plan.admission.certificate_trust(cert)
-    }
-
-    async fn relay_event(&mut self, event: Event) -> Option<Reply> {
-        match event {
-            Event::Mail { from, params } => {
-                self.note_cleartext_mail();
-                let mut transaction = Transaction {
-                    from: from.clone(),
-                    recipients: Vec::new(),
-                    connector: None,
-                    next_hop: None,
-                    outbound: None,
-                    result: None,
-                    refused: Vec::new(),
-                };
-                if let Err(refusal) = self.plan.admission.check_sender(&self.client, &from) {
-                    transaction.result = Some(refusal.to_string());
-                    self.report.transactions.push(transaction);
-                    return Some(refusal);
-                }
-                // The connector is chosen at the first RCPT: MAIL is replayed
-                // there, and its reply reaches the sender as that RCPT's.
-                self.transaction = Some(transaction);
-                self.mail = Some((from, params));
-                Some(Reply::new(250, "2.1.0 Sender ok"))
-            }
-            Event::Rcpt { to, params } => Some(self.rcpt(to, params).await),
-            Event::Data => {
-                let Some(o) = self.outbound.as_mut() else {
-                    return Some(Reply::new(503, "5.5.1 No valid recipients"));
-                };
-                o.data_started = true;
-                Some(match o.hop.data().await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.outbound = None;
-                        Reply::new(451, format!("4.4.2 Next hop failed: {e}"))
-                    }
-                })
-            }
-            Event::Body(bytes) => {
-                if let Some(o) = self.outbound.as_mut() {
-                    if o.refused.is_none() {
-                        let mut stuffed;
-                        let out = match o.stuffer.as_mut() {
-                            Some(s) => {
-                                stuffed = Vec::with_capacity(bytes.len() + 16);
-                                s.stuff(&bytes, &mut stuffed);
-                                &stuffed[..]
-                            }
-                            None => &bytes[..],
-                        };
-                        if let Err(e) = o.hop.send(out).await {
-                            o.refused = Some(Reply::new(
-                                451,
-                                format!("4.4.2 Next hop failed during the message: {e}"),
-                            ));
-                        }
-                    }
-                }
-                None
-            }
-            Event::EndOfData => {
-                let reply = match self.outbound.as_mut() {
-                    Some(o) => match o.refused.take() {
-                        Some(r) => r,
-                        None => match o.hop.finish_data(b"").await {
-                            Ok(r) => r,
-                            Err(e) => Reply::new(
-                                451,
-                                format!("4.4.2 Next hop failed at end of data: {e}"),
-                            ),
-                        },
-                    },
-                    None => Reply::new(451, "4.3.0 No next hop"),
-                };
-                Some(self.end_of_message(reply))
-            }
-            Event::AbortData(reply) => {
-                // The next hop must not deliver a partial message: hang up.
-                self.outbound = None;
-                self.finish_transaction(&reply);
-                self.out.extend(reply.to_bytes());
-                None
-            }
-            Event::Bdat { size, last } => {
-                let o = self.outbound.as_mut()?;
-                if o.chunking {
-                    let line = format!("BDAT {size}{}\r\n", if last { " LAST" } else { "" });
-                    if let Err(e) = o.hop.send(line.as_bytes()).await {
-                        o.refused = Some(Reply::new(451, format!("4.4.2 Next hop failed: {e}")));
-                    }
-                } else if !o.data_started {
-                    o.data_started = true;
-                    match o.hop.data().await {
-                        Ok(r) if r.code == 354 => o.stuffer = Some(DotStuffer::new()),
-                        Ok(r) => o.refused = Some(r),
-                        Err(e) => {
-                            o.refused = Some(Reply::new(451, format!("4.4.2 Next hop failed: {e}")))
-                        }
-                    }
-                }
-                None
-            }
-            Event::ChunkEnd { last } => {
-                let Some(o) = self.outbound.as_mut() else {
-                    return Some(Reply::new(503, "5.5.1 No valid recipients"));
-                };
-                let reply =
-                    if let Some(r) = o.refused.clone() {
-                        r
-                    } else if o.chunking {
-                        o.hop.chunk_reply().await.unwrap_or_else(|e| {
-                            Reply::new(451, format!("4.4.2 Next hop failed: {e}"))
-                        })
-                    } else if last {
-                        let terminator = o
-                            .stuffer
-                            .as_ref()
-                            .map(DotStuffer::finish)
-                            .unwrap_or_default();
-                        o.hop.finish_data(&terminator).await.unwrap_or_else(|e| {
-                            Reply::new(451, format!("4.4.2 Next hop failed: {e}"))
-                        })
-                    } else {
-                        // Converting to DATA: the next hop answers once, at the
-                        // end; a chunk is only acknowledged as received.
-                        Reply::new(250, "2.0.0 Chunk received")
-                    };
-                if last || !reply.is_positive() {
-                    return Some(self.end_of_message(reply));
-                }
-                Some(reply)
-            }
-            Event::Rset => {
-                if let Some(o) = self.outbound.as_mut() {
-                    let _ = o.hop.command_default("RSET").await;
-                }
-                self.mail = None;
-                self.transaction = None;
-                None
-            }
-            Event::Reply(_) | Event::StartTls | Event::Quit | Event::Close => None,
-        }
-    }
-
-    fn finish_transaction(&mut self, reply: &Reply) {
-        if let Some(mut t) = self.transaction.take() {
-            t.result = Some(reply.to_string());
-            self.report.transactions.push(t);
-        }
-        self.mail = None;
-    }
-
-    fn end_of_message(&mut self, reply: Reply) -> Reply {
-        self.finish_transaction(&reply);
-        if let Some(o) = self.outbound.as_mut() {
-            o.data_started = false;
-            o.stuffer = None;
-            o.refused = None;
-        }
-        reply
-    }
-
-    async fn rcpt(&mut self, to: String, params: String) -> Reply {
-        let domain = match self.plan.admission.check_recipient(&self.client, &to) {
-            Ok(domain) => domain,
-            Err(refusal) => {
-                if let Some(t) = self.transaction.as_mut() {
-                    t.refused.push(refusal.to_string());
-                }
-                return refusal;
-            }
-        };
-        let Some(connector) = route(&domain, &self.plan.routes) else {
-            return Reply::new(
-                550,
-                format!("5.7.1 Relay access denied: no connector for {domain}"),
-            );
-        };
-        let txn_connector = self.transaction.as_ref().and_then(|t| t.connector.clone());
-        let name = self.plan.outbound[connector].name.clone();
-        if txn_connector.as_ref().is_some_and(|c| *c != name) {
-            return Reply::new(
-                452,
-                "4.5.3 Recipient belongs to another route; send it in a separate transaction",
-            );
-        }
-        if self
-            .outbound
-            .as_ref()
-            .is_some_and(|o| o.connector != connector)
-            || txn_connector.is_none()
-        {
-            // A new transaction, possibly to another next hop.
-            if let Some(old) = self.outbound.take() {
-                if old.connector == connector {
-                    self.outbound = Some(old);
-                } else {
-                    old.hop.quit().await;
-                }
-            }
-        }
-        if self.outbound.is_none() {
-            let plan = &self.plan.outbound[connector];
-            match establish(plan, &self.plan.hostname, self.plan.timeouts).await {
-                Ok(mut est) => {
-                    self.report.sockets.append(&mut est.sockets);
-                    self.report.upstream = plan.name.clone();
-                    self.report.upstream_addr = Some(est.address);
-                    self.report.outbound = Some(est.security.clone());
-                    if let Some(failure) = &est.downgrade {
-                        self.report.downgrades.push(Downgrade {
-                            leg: Direction::Outbound,
-                            reason: failure.to_string(),
-                        });
-                    }
-                    if let Some(t) = self.transaction.as_mut() {
-                        t.next_hop = Some(format!("{}[{}]", est.host, est.address));
-                        t.outbound = Some(est.security);
-                    }
-                    let chunking = est.hop.capabilities.has("CHUNKING");
-                    self.outbound = Some(Outbound {
-                        connector,
-                        hop: est.hop,
-                        chunking,
-                        stuffer: None,
-                        refused: None,
-                        data_started: false,
-                    });
-                }
-                Err(mut unavailable) => {
-                    self.report.sockets.append(&mut unavailable.sockets);
-                    return unavailable.reply;
-                }
-            }
-        }
-        let o = self.outbound.as_mut().expect("established above");
-        if txn_connector.is_none() {
-            let (from, mail_params) = self.mail.clone().unwrap_or_default();
-            let line = format!("MAIL FROM:<{from}>{}", spaced(&mail_params));
-            match o.hop.command_default(&line).await {
-                Ok(r) if r.is_positive() => {}
-                Ok(r) => return r, // the next hop refused the sender
-                Err(e) => {
-                    self.outbound = None;
-                    return Reply::new(451, format!("4.4.2 Next hop failed: {e}"));
-                }
-            }
-            if let Some(t) = self.transaction.as_mut() {
-                t.connector = Some(name.clone());
-            }
-        }
-        let reply = match o
-            .hop
-            .command_default(&format!("RCPT TO:<{to}>{}", spaced(&params)))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                self.outbound = None;
-                return Reply::new(451, format!("4.4.2 Next hop failed: {e}"));
-            }
-        };
-        if reply.is_positive() {
-            if let Some(t) = self.transaction.as_mut() {
-                t.recipients.push(to);
-            }
-        }
-        reply
-    }
-}
-
-fn spaced(params: &str) -> String {
-    if params.is_empty() {
-        String::new()
-    } else {
-        format!(" {params}")
+        self.plan.routing.admission.certificate_trust(cert)
     }
 }

@@ -1,0 +1,326 @@
+//! Setting up a session's legs, one path for TCP sessions and SMTP next
+//! hops alike: accept TLS from a client, connect under an outbound policy
+//! (handshake, verify, refuse or fall back to plaintext, note a version
+//! downgrade), and say what happened as values the session report is
+//! built from. A protocol that talks before TLS (SMTP's greeting, EHLO and
+//! STARTTLS) plugs in as a [`Greeter`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::config::HostPort;
+use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure};
+use crate::pump::Leg;
+use crate::report::{
+    inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SocketRecord,
+};
+use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, RecordIo, UpstreamTls};
+
+/// A completed inbound TLS handshake.
+pub type ServerStream = tokio_rustls::server::TlsStream<RecordIo>;
+
+/// Runs the server side of a TLS handshake within `limit`. The stream
+/// returned reads past record boundaries again (the handshake read whole
+/// records only, so nothing meant for kTLS was consumed).
+pub async fn accept_tls(
+    tls: &ListenerTls,
+    tcp: TcpStream,
+    limit: Duration,
+) -> Result<ServerStream, TlsFailure> {
+    match timeout(limit, tls.acceptor().accept(RecordIo::new(tcp))).await {
+        Ok(Ok(mut stream)) => {
+            stream.get_mut().0.pass_through();
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(classify_failure(&e)),
+        Err(_) => Err(TlsFailure::HandshakeFailed("timed out".into())),
+    }
+}
+
+/// How an accepted TLS leg is secured, given the trust decided for the
+/// client's certificate; logged as Postfix's smtpd logs it.
+pub fn inbound_security(
+    session: u64,
+    peer: SocketAddr,
+    stream: &ServerStream,
+    trust: PeerTrust,
+) -> LegSecurity {
+    let conn = stream.get_ref().1;
+    let negotiated = Negotiated::of(conn);
+    tracing::info!(session, "{}", inbound_tls_line(peer, &negotiated, trust));
+    LegSecurity::Tls {
+        negotiated,
+        trust,
+        server_name: conn.server_name().map(str::to_string),
+        peer_names: peer_names(conn.peer_certificates()),
+    }
+}
+
+/// The session's end when the client's TLS handshake failed: the same for
+/// every protocol, so metrics and the wire cross-check agree.
+pub fn inbound_refused(session: u64, peer: SocketAddr, failure: TlsFailure) -> Outcome {
+    tracing::info!(session, client = %peer, "inbound {failure}");
+    Outcome::Refused {
+        leg: Direction::Inbound,
+        reason: failure.to_string(),
+        failure: Some(failure),
+    }
+}
+
+fn peer_names(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Vec<String> {
+    certs
+        .and_then(|c| c.first())
+        .map(cert_names)
+        .unwrap_or_default()
+}
+
+/// Where an outbound leg goes and how it is secured.
+pub struct Target<'a> {
+    pub address: &'a HostPort,
+    pub policy: OutboundPolicy,
+    /// Present unless the policy is `plain`.
+    pub tls: Option<&'a UpstreamTls>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LegTimeouts {
+    pub connect: Duration,
+    pub handshake: Duration,
+}
+
+/// Why a protocol's part of the setup stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GreeterFailure {
+    /// The peer can't serve now (try another); the reason says why.
+    Unavailable(String),
+    /// TLS could not be had: the policy decides.
+    Tls {
+        failure: TlsFailure,
+        handshake_begun: bool,
+    },
+}
+
+/// What a protocol says on an outbound connection around its TLS
+/// handshake. Bulk TCP says nothing ([`Silent`]).
+#[allow(async_fn_in_trait)]
+pub trait Greeter {
+    /// On a fresh connection: up to where TLS starts when `want_tls`, or
+    /// up to where the session can be used in plaintext.
+    async fn before_tls(
+        &mut self,
+        tcp: &mut TcpStream,
+        want_tls: bool,
+    ) -> Result<(), GreeterFailure>;
+    /// After the handshake (SMTP: EHLO again).
+    async fn after_tls(&mut self, leg: &mut Leg) -> Result<(), GreeterFailure>;
+}
+
+/// Bulk TCP: TLS from the first byte, nothing said around it.
+pub struct Silent;
+
+impl Greeter for Silent {
+    async fn before_tls(&mut self, _: &mut TcpStream, _: bool) -> Result<(), GreeterFailure> {
+        Ok(())
+    }
+    async fn after_tls(&mut self, _: &mut Leg) -> Result<(), GreeterFailure> {
+        Ok(())
+    }
+}
+
+/// An outbound leg ready for data.
+pub struct OutboundLeg {
+    pub leg: Leg,
+    pub security: LegSecurity,
+    /// Less security than offered: a plaintext fallback, or TLS 1.2.
+    pub downgrade: Option<Downgrade>,
+    pub address: SocketAddr,
+}
+
+/// Why no outbound leg.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutboundFailure {
+    /// Connecting (or the protocol's greeting) failed.
+    Unreachable(String),
+    /// The policy refused the session: TLS was required and failed.
+    Refused {
+        failure: TlsFailure,
+        address: SocketAddr,
+    },
+}
+
+/// Connects `target` under its policy. Every socket opened is appended
+/// to `sockets` with what the relay made of it (the wire cross-check's
+/// view), whether or not a leg comes of it.
+pub async fn open_outbound<G: Greeter>(
+    target: &Target<'_>,
+    greeter: &mut G,
+    timeouts: LegTimeouts,
+    sockets: &mut Vec<SocketRecord>,
+) -> Result<OutboundLeg, OutboundFailure> {
+    let (mut tcp, address) = connect(target.address, timeouts.connect).await?;
+    let cookie = crate::bpf::socket_cookie(&tcp);
+    let Some(tls) = target.tls else {
+        let greeted = greeter.before_tls(&mut tcp, false).await;
+        sockets.extend(record(cookie, None, false, false, true));
+        return match greeted {
+            Ok(()) => Ok(plaintext(tcp, address, None)),
+            Err(failure) => Err(unreachable(failure)),
+        };
+    };
+    let (failure, handshake_begun) = match greeter.before_tls(&mut tcp, true).await {
+        Ok(()) => match handshake(target, tls, tcp, address, timeouts.handshake, greeter).await {
+            Ok(opened) => {
+                let negotiated = match &opened.security {
+                    LegSecurity::Tls { negotiated, .. } => Some(negotiated.clone()),
+                    LegSecurity::Plaintext => None,
+                };
+                let downgraded = opened.downgrade.is_some();
+                sockets.extend(record(cookie, negotiated, downgraded, false, false));
+                return Ok(opened);
+            }
+            Err(failure) => (failure, true),
+        },
+        Err(GreeterFailure::Tls {
+            failure,
+            handshake_begun,
+        }) => (failure, handshake_begun),
+        Err(unavailable) => {
+            sockets.extend(record(cookie, None, false, false, false));
+            return Err(unreachable(unavailable));
+        }
+    };
+    sockets.extend(record(cookie, None, false, handshake_begun, false));
+    if on_outbound_failure(target.policy) == OnTlsFailure::Refuse {
+        tracing::info!(upstream = %target.address, "outbound {failure}; TLS is required");
+        return Err(OutboundFailure::Refused { failure, address });
+    }
+    tracing::info!(upstream = %target.address, "outbound {failure}; continuing in plaintext");
+    let (mut tcp, address) = connect(target.address, timeouts.connect).await?;
+    let greeted = greeter.before_tls(&mut tcp, false).await;
+    sockets.extend(record(
+        crate::bpf::socket_cookie(&tcp),
+        None,
+        true,
+        false,
+        false,
+    ));
+    greeted.map_err(unreachable)?;
+    let downgrade = Downgrade {
+        leg: Direction::Outbound,
+        reason: failure.to_string(),
+    };
+    Ok(plaintext(tcp, address, Some(downgrade)))
+}
+
+/// The TLS handshake on a connection the greeter has readied, then the
+/// greeter's part after it.
+async fn handshake<G: Greeter>(
+    target: &Target<'_>,
+    tls: &UpstreamTls,
+    tcp: TcpStream,
+    address: SocketAddr,
+    limit: Duration,
+    greeter: &mut G,
+) -> Result<OutboundLeg, TlsFailure> {
+    let connecting = tls
+        .connector()
+        .connect(tls.server_name(), RecordIo::new(tcp));
+    let mut stream = match timeout(limit, connecting).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(classify_failure(&e)),
+        Err(_) => return Err(TlsFailure::HandshakeFailed("timed out".into())),
+    };
+    stream.get_mut().0.pass_through();
+    let conn = stream.get_ref().1;
+    let negotiated = Negotiated::of(conn);
+    let trust = tls.peer_trust(conn.peer_certificates());
+    // The relay always offers TLS 1.3; settling lower is a downgrade.
+    let downgrade =
+        (conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2)).then(|| Downgrade {
+            leg: Direction::Outbound,
+            reason: "version: upstream negotiated TLSv1.2, TLSv1.3 was offered".into(),
+        });
+    tracing::info!(
+        "{}",
+        outbound_tls_line(&target.address.host, address, &negotiated, trust)
+    );
+    let security = LegSecurity::Tls {
+        negotiated,
+        trust,
+        server_name: Some(tls.server_name().to_str().into_owned()),
+        peer_names: peer_names(conn.peer_certificates()),
+    };
+    let mut leg = Leg::TlsClient(Box::new(stream));
+    match greeter.after_tls(&mut leg).await {
+        Ok(()) => Ok(OutboundLeg {
+            leg,
+            security,
+            downgrade,
+            address,
+        }),
+        Err(GreeterFailure::Tls { failure, .. }) => Err(failure),
+        Err(GreeterFailure::Unavailable(why)) => Err(TlsFailure::HandshakeFailed(why)),
+    }
+}
+
+async fn connect(
+    address: &HostPort,
+    limit: Duration,
+) -> Result<(TcpStream, SocketAddr), OutboundFailure> {
+    let error = match timeout(
+        limit,
+        TcpStream::connect((address.host.as_str(), address.port)),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            match tcp.peer_addr() {
+                Ok(peer) => return Ok((tcp, peer)),
+                Err(e) => e.to_string(),
+            }
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_string(),
+    };
+    Err(OutboundFailure::Unreachable(format!(
+        "{address} unreachable: {error}"
+    )))
+}
+
+fn plaintext(tcp: TcpStream, address: SocketAddr, downgrade: Option<Downgrade>) -> OutboundLeg {
+    OutboundLeg {
+        leg: Leg::Plain(tcp),
+        security: LegSecurity::Plaintext,
+        downgrade,
+        address,
+    }
+}
+
+fn unreachable(failure: GreeterFailure) -> OutboundFailure {
+    match failure {
+        GreeterFailure::Unavailable(why) => OutboundFailure::Unreachable(why),
+        GreeterFailure::Tls { failure, .. } => OutboundFailure::Unreachable(failure.to_string()),
+    }
+}
+
+/// An outbound socket as the relay saw it.
+fn record(
+    cookie: Option<u64>,
+    negotiated: Option<Negotiated>,
+    downgraded: bool,
+    handshake_failed: bool,
+    tls_off: bool,
+) -> Option<SocketRecord> {
+    Some(SocketRecord {
+        cookie: cookie?,
+        leg: Direction::Outbound,
+        negotiated,
+        downgraded,
+        handshake_failed,
+        tls_off,
+    })
+}

@@ -1,0 +1,519 @@
+//! The relaying half of an SMTP session as a state machine, free of I/O:
+//! the client's commands (as [`Event`]s from [`super::server`]) and the
+//! next hop's replies in, [`Action`]s out. Who may send what, routing by
+//! recipient domain, 452 for a second route, MAIL replayed at the first
+//! RCPT, BDAT relayed or converted to DATA, aborts and the drain's 421 all
+//! live here; the driver only moves bytes and keeps the clocks.
+//!
+//! The dialogue is lock-step: after each client event the driver performs
+//! actions until [`Forwarder::poll`] has none, answering every
+//! [`Action::Await`] with [`Forwarder::hop_reply`] or
+//! [`Forwarder::hop_failed`] and every [`Action::Open`] with
+//! [`Forwarder::hop_opened`] or [`Forwarder::hop_unavailable`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::address::{route, DomainPattern};
+use super::admission::{Admission, Client};
+use super::codec::Reply;
+use super::next_hop::{DotStuffer, Wait};
+use super::server::Event;
+use crate::report::LegSecurity;
+
+/// Where an SMTP listener's mail may go: the admission rules, the routes by
+/// recipient domain, and the outbound connectors' names (by index).
+pub struct Routing {
+    pub admission: Arc<Admission>,
+    pub routes: Vec<(Vec<DomainPattern>, usize)>,
+    pub connectors: Vec<String>,
+}
+
+/// One mail transaction as relayed.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Transaction {
+    pub from: String,
+    pub recipients: Vec<String>,
+    pub connector: Option<String>,
+    pub next_hop: Option<String>,
+    pub outbound: Option<LegSecurity>,
+    /// The reply the sender got at the end (the next hop's, or the relay's
+    /// own refusal of the sender).
+    pub result: Option<String>,
+    /// Recipients the relay itself refused, with the reply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+}
+
+/// What the driver does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The reply to the client event that awaited one ([`super::server::Server::respond`]).
+    Respond(Reply),
+    /// Write this reply to the client now (it answers no pending command).
+    Write(Reply),
+    /// Connect to one of this outbound connector's next hops.
+    Open { connector: usize },
+    /// Write these bytes to the next hop.
+    Send(Vec<u8>),
+    /// Flush, then read one reply from the next hop within this wait.
+    Await(Wait),
+    /// Drop the next hop: with QUIT (`polite`), or hung up on at once so
+    /// nothing half-sent is delivered.
+    Close { polite: bool },
+}
+
+/// What a next hop offered once open.
+#[derive(Clone, Debug)]
+pub struct OpenedHop {
+    /// `host[address]:port`, as transactions report it.
+    pub name: String,
+    pub security: LegSecurity,
+    pub chunking: bool,
+}
+
+/// The next hop of the transaction under way.
+struct Hop {
+    connector: usize,
+    chunking: bool,
+    /// MAIL has been accepted on this connection for the transaction.
+    mail_sent: bool,
+    /// Converting BDAT to DATA: the dot-stuffer once DATA got its 354.
+    stuffer: Option<DotStuffer>,
+    /// A DATA or chunk the next hop refused, or lost: the reply to give.
+    refused: Option<Reply>,
+    data_started: bool,
+    /// Writing or reading failed: the connection goes when the message ends.
+    broken: bool,
+}
+
+/// What a reply awaited from the next hop will answer.
+#[derive(Debug)]
+enum Awaiting {
+    Mail {
+        to: String,
+        params: String,
+    },
+    Rcpt {
+        to: String,
+    },
+    Data,
+    /// DATA sent for BDAT converted to DATA: its 354 is not the client's.
+    DataForBdat,
+    EndOfData,
+    Chunk {
+        last: bool,
+    },
+    Rset,
+}
+
+pub struct Forwarder {
+    routing: Arc<Routing>,
+    client: Client,
+    mail: Option<(String, String)>,
+    transaction: Option<Transaction>,
+    hop: Option<Hop>,
+    /// An RCPT waiting for a next hop to open.
+    opening: Option<(usize, String, String)>,
+    awaiting: Option<Awaiting>,
+    actions: VecDeque<Action>,
+    finished: Vec<Transaction>,
+}
+
+/// The sender's reply when the next hop fails mid-dialogue: 4xx, so the
+/// sender keeps the message and retries.
+pub fn next_hop_failed(when: &str, why: &str) -> Reply {
+    Reply::new(451, format!("4.4.2 Next hop failed{when}: {why}"))
+}
+
+impl Forwarder {
+    pub fn new(routing: Arc<Routing>, client: Client) -> Forwarder {
+        Forwarder {
+            routing,
+            client,
+            mail: None,
+            transaction: None,
+            hop: None,
+            opening: None,
+            awaiting: None,
+            actions: VecDeque::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// Who the client is (updated after STARTTLS).
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The transactions that have ended, for the session report.
+    pub fn take_finished(&mut self) -> Vec<Transaction> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// A client event from the server machine (not Reply, StartTls, Quit or
+    /// Close: those are the driver's).
+    pub fn client_event(&mut self, event: Event) {
+        match event {
+            Event::Mail { from, params } => self.mail_from(from, params),
+            Event::Rcpt { to, params } => self.rcpt(to, params),
+            Event::Data => self.data(),
+            Event::Body(bytes) => self.body(bytes),
+            Event::EndOfData => self.end_of_data(),
+            Event::AbortData(reply) => {
+                // The next hop must not deliver a partial message: hang up.
+                self.drop_hop();
+                self.finish_transaction(&reply);
+                self.actions.push_back(Action::Write(reply));
+            }
+            Event::Bdat { size, last } => self.bdat(size, last),
+            Event::ChunkEnd { last } => self.chunk_end(last),
+            Event::Rset => {
+                if self.hop.is_some() {
+                    self.command("RSET", Wait::Command, Awaiting::Rset);
+                    if let Some(hop) = self.hop.as_mut() {
+                        hop.mail_sent = false;
+                    }
+                }
+                self.mail = None;
+                self.transaction = None;
+            }
+            Event::Reply(_) | Event::StartTls | Event::Quit | Event::Close => {}
+        }
+    }
+
+    /// The drain time is up: a transaction under way is abandoned (its next
+    /// hop hung up on without an end of data); the reply to write.
+    pub fn shut_down(&mut self) -> Reply {
+        let reply = Reply::new(421, "4.3.2 Service shutting down, try again later");
+        self.drop_hop();
+        self.finish_transaction(&reply);
+        reply
+    }
+
+    /// The session is over: QUIT to the next hop, if one is open.
+    pub fn end(&mut self) {
+        if self.hop.take().is_some() {
+            self.actions.push_back(Action::Close { polite: true });
+        }
+    }
+
+    /// The next hop asked for with [`Action::Open`] is ready.
+    pub fn hop_opened(&mut self, opened: OpenedHop) {
+        let Some((connector, to, params)) = self.opening.take() else {
+            return;
+        };
+        if let Some(t) = self.transaction.as_mut() {
+            t.next_hop = Some(opened.name);
+            t.outbound = Some(opened.security);
+        }
+        self.hop = Some(Hop {
+            connector,
+            chunking: opened.chunking,
+            mail_sent: false,
+            stuffer: None,
+            refused: None,
+            data_started: false,
+            broken: false,
+        });
+        self.rcpt_on_hop(to, params);
+    }
+
+    /// No next hop could be had: the RCPT gets this (4xx) reply.
+    pub fn hop_unavailable(&mut self, reply: Reply) {
+        if self.opening.take().is_some() {
+            self.actions.push_back(Action::Respond(reply));
+        }
+    }
+
+    /// The reply awaited from the next hop.
+    pub fn hop_reply(&mut self, reply: Reply) {
+        let Some(awaiting) = self.awaiting.take() else {
+            return;
+        };
+        match awaiting {
+            Awaiting::Mail { to, params } if reply.is_positive() => {
+                let name = self.hop.as_ref().map(|h| self.connector_name(h.connector));
+                if let Some(t) = self.transaction.as_mut() {
+                    t.connector = name;
+                }
+                if let Some(hop) = self.hop.as_mut() {
+                    hop.mail_sent = true;
+                }
+                self.send_rcpt(to, params);
+            }
+            // The next hop refused the sender: this RCPT's reply.
+            Awaiting::Mail { .. } => self.respond(reply),
+            Awaiting::Rcpt { to } => {
+                if reply.is_positive() {
+                    if let Some(t) = self.transaction.as_mut() {
+                        t.recipients.push(to);
+                    }
+                }
+                self.respond(reply);
+            }
+            Awaiting::Data => self.respond(reply),
+            Awaiting::DataForBdat => {
+                if let Some(hop) = self.hop.as_mut() {
+                    if reply.code == 354 {
+                        hop.stuffer = Some(DotStuffer::new());
+                    } else {
+                        hop.refused = Some(reply);
+                    }
+                }
+            }
+            Awaiting::EndOfData => self.end_of_message(reply),
+            Awaiting::Chunk { last } => self.chunk_answered(reply, last),
+            Awaiting::Rset => {}
+        }
+    }
+
+    /// Writing to or reading from the next hop failed (`why`). Whatever
+    /// was still to be said to it is dropped.
+    pub fn hop_failed(&mut self, why: &str) {
+        self.actions
+            .retain(|a| !matches!(a, Action::Send(_) | Action::Await(_)));
+        if let Some(hop) = self.hop.as_mut() {
+            hop.broken = true;
+        }
+        match self.awaiting.take() {
+            Some(Awaiting::Mail { .. } | Awaiting::Rcpt { .. } | Awaiting::Data) => {
+                self.drop_hop();
+                self.respond(next_hop_failed("", why));
+            }
+            Some(Awaiting::EndOfData) => {
+                self.end_of_message(next_hop_failed(" at end of data", why));
+            }
+            Some(Awaiting::Chunk { last }) => self.chunk_answered(next_hop_failed("", why), last),
+            Some(Awaiting::DataForBdat) => self.refuse_message(next_hop_failed("", why)),
+            Some(Awaiting::Rset) => self.drop_hop(),
+            // A write of message data: the reply comes at its end.
+            None => self.refuse_message(next_hop_failed(" during the message", why)),
+        }
+    }
+
+    fn connector_name(&self, connector: usize) -> String {
+        self.routing.connectors[connector].clone()
+    }
+
+    fn respond(&mut self, reply: Reply) {
+        self.actions.push_back(Action::Respond(reply));
+    }
+
+    fn command(&mut self, line: &str, wait: Wait, awaiting: Awaiting) {
+        self.actions
+            .push_back(Action::Send(format!("{line}\r\n").into_bytes()));
+        self.actions.push_back(Action::Await(wait));
+        self.awaiting = Some(awaiting);
+    }
+
+    fn drop_hop(&mut self) {
+        if self.hop.take().is_some() {
+            self.actions.push_back(Action::Close { polite: false });
+        }
+    }
+
+    fn refuse_message(&mut self, reply: Reply) {
+        if let Some(hop) = self.hop.as_mut() {
+            hop.refused.get_or_insert(reply);
+        }
+    }
+
+    fn mail_from(&mut self, from: String, params: String) {
+        let mut transaction = Transaction {
+            from: from.clone(),
+            ..Transaction::default()
+        };
+        if let Err(refusal) = self.routing.admission.check_sender(&self.client, &from) {
+            transaction.result = Some(refusal.to_string());
+            self.finished.push(transaction);
+            return self.respond(refusal);
+        }
+        // The connector is chosen at the first RCPT: MAIL is replayed there,
+        // and its reply reaches the sender as that RCPT's.
+        self.transaction = Some(transaction);
+        self.mail = Some((from, params));
+        self.respond(Reply::new(250, "2.1.0 Sender ok"));
+    }
+
+    fn rcpt(&mut self, to: String, params: String) {
+        let domain = match self.routing.admission.check_recipient(&self.client, &to) {
+            Ok(domain) => domain,
+            Err(refusal) => {
+                if let Some(t) = self.transaction.as_mut() {
+                    t.refused.push(refusal.to_string());
+                }
+                return self.respond(refusal);
+            }
+        };
+        let Some(connector) = route(&domain, &self.routing.routes) else {
+            return self.respond(Reply::new(
+                550,
+                format!("5.7.1 Relay access denied: no connector for {domain}"),
+            ));
+        };
+        let chosen = self.transaction.as_ref().and_then(|t| t.connector.clone());
+        if chosen.is_some_and(|c| c != self.connector_name(connector)) {
+            return self.respond(Reply::new(
+                452,
+                "4.5.3 Recipient belongs to another route; send it in a separate transaction",
+            ));
+        }
+        if self.hop.as_ref().is_some_and(|h| h.connector != connector) {
+            // A new transaction to another next hop.
+            self.hop = None;
+            self.actions.push_back(Action::Close { polite: true });
+        }
+        if self.hop.is_none() {
+            self.opening = Some((connector, to, params));
+            self.actions.push_back(Action::Open { connector });
+            return;
+        }
+        self.rcpt_on_hop(to, params);
+    }
+
+    /// RCPT on an open next hop, MAIL first if this transaction has not
+    /// been opened there.
+    fn rcpt_on_hop(&mut self, to: String, params: String) {
+        if self.hop.as_ref().is_some_and(|h| h.mail_sent) {
+            return self.send_rcpt(to, params);
+        }
+        let (from, mail_params) = self.mail.clone().unwrap_or_default();
+        self.command(
+            &format!("MAIL FROM:<{from}>{}", spaced(&mail_params)),
+            Wait::Command,
+            Awaiting::Mail { to, params },
+        );
+    }
+
+    fn send_rcpt(&mut self, to: String, params: String) {
+        let line = format!("RCPT TO:<{to}>{}", spaced(&params));
+        self.command(&line, Wait::Command, Awaiting::Rcpt { to });
+    }
+
+    fn data(&mut self) {
+        let Some(hop) = self.hop.as_mut() else {
+            return self.respond(Reply::new(503, "5.5.1 No valid recipients"));
+        };
+        hop.data_started = true;
+        self.command("DATA", Wait::DataInit, Awaiting::Data);
+    }
+
+    fn body(&mut self, bytes: Vec<u8>) {
+        let Some(hop) = self.hop.as_mut() else {
+            return;
+        };
+        if hop.refused.is_some() {
+            return;
+        }
+        let out = match hop.stuffer.as_mut() {
+            Some(s) => {
+                let mut stuffed = Vec::with_capacity(bytes.len() + 16);
+                s.stuff(&bytes, &mut stuffed);
+                stuffed
+            }
+            None => bytes,
+        };
+        self.actions.push_back(Action::Send(out));
+    }
+
+    fn end_of_data(&mut self) {
+        match self.hop.as_mut().map(|h| h.refused.take()) {
+            None => self.end_of_message(Reply::new(451, "4.3.0 No next hop")),
+            Some(Some(refused)) => self.end_of_message(refused),
+            // The terminator went with the body.
+            Some(None) => {
+                self.actions.push_back(Action::Await(Wait::DataEnd));
+                self.awaiting = Some(Awaiting::EndOfData);
+            }
+        }
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) {
+        let Some(hop) = self.hop.as_mut() else {
+            return;
+        };
+        if hop.chunking {
+            let line = format!("BDAT {size}{}\r\n", if last { " LAST" } else { "" });
+            self.actions.push_back(Action::Send(line.into_bytes()));
+        } else if !hop.data_started {
+            hop.data_started = true;
+            self.command("DATA", Wait::DataInit, Awaiting::DataForBdat);
+        }
+    }
+
+    fn chunk_end(&mut self, last: bool) {
+        let Some(hop) = self.hop.as_mut() else {
+            return self.respond(Reply::new(503, "5.5.1 No valid recipients"));
+        };
+        if let Some(refused) = hop.refused.clone() {
+            return self.chunk_answered(refused, last);
+        }
+        if hop.chunking {
+            self.actions.push_back(Action::Await(Wait::DataBlock));
+            self.awaiting = Some(Awaiting::Chunk { last });
+        } else if last {
+            let terminator = hop
+                .stuffer
+                .as_ref()
+                .map(DotStuffer::finish)
+                .unwrap_or_default();
+            self.actions.push_back(Action::Send(terminator));
+            self.actions.push_back(Action::Await(Wait::DataEnd));
+            self.awaiting = Some(Awaiting::Chunk { last });
+        } else {
+            // Converting to DATA: the next hop answers once, at the end; a
+            // chunk is only acknowledged as received.
+            self.chunk_answered(Reply::new(250, "2.0.0 Chunk received"), last);
+        }
+    }
+
+    fn chunk_answered(&mut self, reply: Reply, last: bool) {
+        if last || !reply.is_positive() {
+            self.end_of_message(reply);
+        } else {
+            self.respond(reply);
+        }
+    }
+
+    fn finish_transaction(&mut self, reply: &Reply) {
+        if let Some(mut t) = self.transaction.take() {
+            t.result = Some(reply.to_string());
+            self.finished.push(t);
+        }
+        self.mail = None;
+    }
+
+    fn end_of_message(&mut self, reply: Reply) {
+        self.finish_transaction(&reply);
+        if self.hop.as_ref().is_some_and(|h| h.broken) {
+            self.drop_hop();
+        }
+        if let Some(hop) = self.hop.as_mut() {
+            hop.data_started = false;
+            hop.stuffer = None;
+            hop.refused = None;
+            hop.mail_sent = false;
+        }
+        self.respond(reply);
+    }
+}
+
+fn spaced(params: &str) -> String {
+    if params.is_empty() {
+        String::new()
+    } else {
+        format!(" {params}")
+    }
+}
