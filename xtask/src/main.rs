@@ -146,7 +146,11 @@ fn ci() -> anyhow::Result<()> {
     )?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
-    for (target, seconds) in [("smtp_server", "20"), ("smtp_replies", "10")] {
+    for (target, seconds) in [
+        ("smtp_server", "20"),
+        ("smtp_replies", "10"),
+        ("smtp_forward", "20"),
+    ] {
         let mut fuzz = Command::new("cargo");
         fuzz.current_dir(root())
             .args([
@@ -163,6 +167,7 @@ fn ci() -> anyhow::Result<()> {
                 "--",
             ])
             .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-dict={}", root().join("fuzz/smtp.dict").display()))
             .env("AYA_BUILD_SKIP", "1");
         run(&format!("fuzz {target} for {seconds} s"), &mut fuzz)?;
     }

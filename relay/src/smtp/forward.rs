@@ -242,6 +242,16 @@ impl Forwarder {
         let Some(awaiting) = self.awaiting.take() else {
             return;
         };
+        // 354 answers DATA and nothing else; a 2xx to DATA would otherwise
+        // end the message as if delivered when nothing was.
+        let expected = match awaiting {
+            Awaiting::Data | Awaiting::DataForBdat => reply.code == 354,
+            _ => reply.code / 100 == 2,
+        };
+        if !expected && reply.code < 400 {
+            self.awaiting = Some(awaiting);
+            return self.hop_failed(&format!("unexpected reply {reply}"));
+        }
         match awaiting {
             Awaiting::Mail { to, params } if reply.is_positive() => {
                 let name = self.hop.as_ref().map(|h| self.connector_name(h.connector));

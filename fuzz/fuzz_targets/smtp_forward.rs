@@ -1,0 +1,121 @@
+//! The relaying machine between a client and next hops, everything chosen
+//! by the input: the client's bytes and their split, whether a next hop
+//! opens and with CHUNKING, and each reply it gives (or a failure). It must
+//! never panic, never talk to a next hop that is not open, answer every
+//! client command that awaits a reply exactly once, and never tell the
+//! client a message was accepted (2xx at end of data) unless the next hop
+//! said 2xx to it.
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use tlsrelay::smtp::admission::{Admission, Client};
+use tlsrelay::smtp::codec::{Reply, ReplyParser};
+use tlsrelay::smtp::forward::{Action, Forwarder, OpenedHop, Routing};
+use tlsrelay::smtp::next_hop::Wait;
+use tlsrelay::smtp::server::{Event, Server, ServerSettings, StartTls};
+use tlsrelay::report::LegSecurity;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    // Client bytes up to the first 0xff; next-hop behaviour after it.
+    let cut = rest.iter().position(|&b| b == 0xff).unwrap_or(rest.len());
+    let (client, mut hop) = (&rest[..cut], rest.get(cut + 1..).unwrap_or(&[]));
+    let routing = Arc::new(Routing {
+        admission: Arc::new(Admission {
+            accepted_domains: vec!["a.test".parse().unwrap(), ".b.test".parse().unwrap()],
+            connectors: Vec::new(),
+        }),
+        routes: vec![
+            (vec!["a.test".parse().unwrap()], 0),
+            (vec!["*".parse().unwrap()], 1),
+        ],
+        connectors: vec!["zero".into(), "one".into()],
+    });
+    let mut server = Server::new(ServerSettings {
+        hostname: "fuzz.test".into(),
+        starttls: StartTls::Offered,
+        max_message_size: 10_000,
+    });
+    let mut forwarder = Forwarder::new(routing, Client::new(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    let mut open = false;
+    // The kind of the last wait and whether the next hop's answer was 2xx.
+    let mut last_wait = None;
+    let mut hop_accepted = false;
+    for chunk in client.chunks(1 + split as usize % 64) {
+        server.feed(chunk);
+        while let Some(event) = server.poll() {
+            let end_of_message = matches!(event, Event::EndOfData | Event::ChunkEnd { last: true });
+            match event {
+                Event::Reply(r) => assert!((200..600).contains(&r.code)),
+                Event::StartTls => server.tls_established(),
+                Event::Quit | Event::Close => forwarder.end(),
+                event => forwarder.client_event(event),
+            }
+            let mut responses = 0;
+            while let Some(action) = forwarder.poll() {
+                match action {
+                    Action::Respond(reply) => {
+                        responses += 1;
+                        if end_of_message && reply.is_positive() {
+                            assert!(
+                                hop_accepted && matches!(last_wait, Some(Wait::DataEnd | Wait::DataBlock)),
+                                "2xx at end of data the next hop did not give: {reply}"
+                            );
+                        }
+                        server.respond(reply);
+                    }
+                    Action::Write(_) => {}
+                    Action::Open { .. } => {
+                        let (byte, tail) = hop.split_first().unwrap_or((&0, &[]));
+                        hop = tail;
+                        if byte % 4 == 0 {
+                            forwarder.hop_unavailable(Reply::new(451, "4.4.1 down"));
+                        } else {
+                            open = true;
+                            forwarder.hop_opened(OpenedHop {
+                                name: "mx".into(),
+                                security: LegSecurity::Plaintext,
+                                chunking: byte % 2 == 0,
+                            });
+                        }
+                    }
+                    Action::Send(_) => assert!(open, "sent to a next hop that is not open"),
+                    Action::Await(wait) => {
+                        assert!(open, "awaited a next hop that is not open");
+                        last_wait = Some(wait);
+                        hop_accepted = false;
+                        match next_reply(&mut hop) {
+                            Some(reply) => {
+                                hop_accepted = reply.is_positive();
+                                forwarder.hop_reply(reply)
+                            }
+                            None => forwarder.hop_failed("lost"),
+                        }
+                    }
+                    Action::Close { .. } => open = false,
+                }
+            }
+            assert!(responses <= 1, "{responses} replies to one command");
+        }
+    }
+});
+
+/// A reply from the input: a code byte and a text up to the next newline;
+/// none when the input is used up or the byte says the connection broke.
+fn next_reply(hop: &mut &[u8]) -> Option<Reply> {
+    let (&code, tail) = hop.split_first()?;
+    let end = tail.iter().position(|&b| b == b'\n').unwrap_or(tail.len());
+    let text = format!("{} {}\r\n", [250, 251, 354, 421, 451, 452, 550, 554][code as usize % 8], String::from_utf8_lossy(&tail[..end]).replace('\r', ""));
+    *hop = tail.get(end + 1..).unwrap_or(&[]);
+    if code >= 0xf0 {
+        return None;
+    }
+    let mut parser = ReplyParser::default();
+    parser.feed(text.as_bytes());
+    parser.next_reply().ok().flatten()
+}
