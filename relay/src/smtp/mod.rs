@@ -12,3 +12,6 @@ pub mod forward;
 pub mod next_hop;
 pub mod server;
 pub mod session;
+
+#[cfg(test)]
+mod pair_tests;

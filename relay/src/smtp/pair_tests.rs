@@ -1,0 +1,719 @@
+//! The SMTP relay in memory, both ends driven (in the style of
+//! quinn-proto's tests): a client's bytes go into the relay's dialogue
+//! machine ([`Server`]) and relaying machine ([`Forwarder`]); the next hop
+//! is another [`Server`] answering by script, reached through the opening
+//! machine ([`HopOpening`]) and the connector policy; waits for the next
+//! hop run on a fake clock. One test per row of the README's reply table,
+//! and the paths around it (drain, timeouts, BDAT to DATA, routes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::address::Cidr;
+use super::admission::{Admission, Client, ClientCertificate, InboundConnector};
+use super::client::unavailable_reply;
+use super::codec::{Reply, ReplyParser};
+use super::forward::{Action, Forwarder, OpenedHop, Routing};
+use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
+use super::server::{Event, Server, ServerSettings, StartTls};
+use crate::legs::OutboundFailure;
+use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy};
+use crate::report::LegSecurity;
+
+/// How a connector's next hop behaves.
+#[derive(Clone, Copy)]
+struct HopKind {
+    reachable: bool,
+    starttls: bool,
+    chunking: bool,
+    policy: OutboundPolicy,
+    /// Never answer this kind of wait (the fake clock runs out).
+    stall: Option<Wait>,
+    /// The reply to DATA.
+    data_code: u16,
+}
+
+const GOOD_HOP: HopKind = HopKind {
+    reachable: true,
+    starttls: true,
+    chunking: true,
+    policy: OutboundPolicy::Opportunistic,
+    stall: None,
+    data_code: 354,
+};
+
+/// An open next-hop connection: the next hop's own dialogue machine.
+struct HopConn {
+    connector: usize,
+    server: Server,
+    kind: HopKind,
+    /// Bytes the next hop has written, not yet read by the relay.
+    output: Vec<u8>,
+    replies: ReplyParser,
+    /// Everything the relay wrote to it.
+    heard: Vec<u8>,
+    body: Vec<u8>,
+}
+
+struct Pair {
+    server: Server,
+    forwarder: Forwarder,
+    hops: Vec<HopKind>,
+    hop: Option<HopConn>,
+    timeouts: SmtpTimeouts,
+    /// The fake clock: time spent waiting for next hops.
+    clock: Duration,
+    /// What the client has read.
+    to_client: Vec<u8>,
+    /// Connections opened, by connector index, and how each ended.
+    opened: Vec<usize>,
+    quits: usize,
+    hangups: usize,
+    /// Messages next hops accepted (raw DATA or BDAT bytes, by connector).
+    delivered: Vec<(usize, Vec<u8>)>,
+    /// Everything each closed connection heard.
+    transcripts: Vec<Vec<u8>>,
+    closed: bool,
+}
+
+fn settings(starttls: StartTls) -> ServerSettings {
+    ServerSettings {
+        hostname: "mx.example".into(),
+        starttls,
+        max_message_size: 1 << 20,
+    }
+}
+
+/// Accepted domain `example.org` to connector 0 (`inside`), `*.partner`
+/// to connector 1 (`partner`); 192.0.2.0/24 may relay anywhere (connector
+/// 1 for any other domain); the partner connector needs TLS from its
+/// addresses (198.51.100.0/24).
+fn routing() -> Arc<Routing> {
+    let admission = Admission {
+        accepted_domains: vec!["example.org".parse().unwrap()],
+        connectors: vec![
+            InboundConnector {
+                name: "onprem".into(),
+                client_addresses: vec!["192.0.2.0/24".parse::<Cidr>().unwrap()],
+                certificate_names: vec![],
+                sender_domains: vec![],
+                tls_required: false,
+                client_certificate: ClientCertificate::None,
+                allow_relay: true,
+            },
+            InboundConnector {
+                name: "partner".into(),
+                client_addresses: vec!["198.51.100.0/24".parse::<Cidr>().unwrap()],
+                certificate_names: vec![],
+                sender_domains: vec!["partner.example".parse().unwrap()],
+                tls_required: true,
+                client_certificate: ClientCertificate::None,
+                allow_relay: false,
+            },
+        ],
+    };
+    Arc::new(Routing {
+        admission: Arc::new(admission),
+        routes: vec![
+            (vec!["example.org".parse().unwrap()], 0),
+            (vec!["*".parse().unwrap()], 1),
+        ],
+        connectors: vec!["inside".into(), "partner".into()],
+    })
+}
+
+impl Pair {
+    fn new(client_ip: &str, hops: [HopKind; 2]) -> Pair {
+        let server = Server::new(settings(StartTls::Offered));
+        let mut pair = Pair {
+            forwarder: Forwarder::new(routing(), Client::new(client_ip.parse().unwrap())),
+            to_client: server.greeting().to_bytes(),
+            server,
+            hops: hops.to_vec(),
+            hop: None,
+            timeouts: SmtpTimeouts::rfc5321(1.0, Duration::from_secs(5), Duration::from_secs(5)),
+            clock: Duration::ZERO,
+            opened: Vec::new(),
+            quits: 0,
+            hangups: 0,
+            delivered: Vec::new(),
+            transcripts: Vec::new(),
+            closed: false,
+        };
+        pair.client("EHLO client.example\r\n");
+        pair
+    }
+
+    fn from_outside() -> Pair {
+        Pair::new("203.0.113.9", [GOOD_HOP, GOOD_HOP])
+    }
+
+    /// The client sends `bytes`; returns what it reads back.
+    fn client(&mut self, bytes: &str) -> String {
+        self.client_bytes(bytes.as_bytes())
+    }
+
+    fn client_bytes(&mut self, bytes: &[u8]) -> String {
+        let before = self.to_client.len();
+        self.server.feed(bytes);
+        while let Some(event) = self.server.poll() {
+            match event {
+                Event::Reply(r) => self.to_client.extend(r.to_bytes()),
+                Event::StartTls => {
+                    self.server = Server::new(settings(StartTls::Offered));
+                    self.server.tls_established();
+                    self.forwarder.client_mut().tls = true;
+                }
+                Event::Quit | Event::Close => {
+                    self.closed = true;
+                    self.forwarder.end();
+                    self.perform();
+                }
+                event => {
+                    self.forwarder.client_event(event);
+                    self.perform();
+                }
+            }
+        }
+        String::from_utf8_lossy(&self.to_client[before..]).into_owned()
+    }
+
+    /// The relay's drain time is up.
+    fn drain(&mut self) -> String {
+        let reply = self.forwarder.shut_down();
+        self.perform();
+        reply.to_string()
+    }
+
+    fn perform(&mut self) {
+        while let Some(action) = self.forwarder.poll() {
+            match action {
+                Action::Respond(reply) => self.server.respond(reply),
+                Action::Write(reply) => self.to_client.extend(reply.to_bytes()),
+                Action::Open { connector } => self.open(connector),
+                Action::Send(bytes) => {
+                    let hop = self.hop.as_mut().expect("sent to an open hop");
+                    hop.heard.extend(&bytes);
+                    hop.server.feed(&bytes);
+                }
+                Action::Await(wait) => match self.hop_reply(wait) {
+                    Some(reply) => self.forwarder.hop_reply(reply),
+                    None => {
+                        self.clock += self.timeouts.of(wait);
+                        self.forwarder.hop_failed("next hop timed out");
+                    }
+                },
+                Action::Close { polite } => self.close(polite),
+            }
+        }
+    }
+
+    fn close(&mut self, polite: bool) {
+        let Some(mut hop) = self.hop.take() else {
+            return;
+        };
+        if polite {
+            self.quits += 1;
+            hop.heard.extend(b"QUIT\r\n");
+        } else {
+            self.hangups += 1;
+        }
+        self.transcripts.push(hop.heard);
+    }
+
+    /// Opens a connection to the connector's next hop under its policy, as
+    /// `legs::open_outbound` does on sockets (the TLS handshake itself
+    /// always succeeds in memory).
+    fn open(&mut self, connector: usize) {
+        let kind = self.hops[connector];
+        let name = ["inside", "partner"][connector];
+        if !kind.reachable {
+            let failure = OutboundFailure::Unreachable("mx:25 unreachable: refused".into());
+            let tried = ["mx:25 unreachable: refused".to_string()];
+            return self
+                .forwarder
+                .hop_unavailable(unavailable_reply(name, &failure, &tried));
+        }
+        let want_tls = kind.policy != OutboundPolicy::Plain;
+        let failure = match self.greet(connector, kind, want_tls) {
+            Ok(opened) => return self.forwarder.hop_opened(opened),
+            Err(OpeningFailure::Tls { failure, .. }) => failure,
+            Err(OpeningFailure::Unavailable(why)) => panic!("{why}"),
+        };
+        if on_outbound_failure(kind.policy) == OnTlsFailure::Refuse {
+            let refused = OutboundFailure::Refused {
+                failure,
+                address: "192.0.2.25:25".parse().unwrap(),
+            };
+            return self
+                .forwarder
+                .hop_unavailable(unavailable_reply(name, &refused, &[]));
+        }
+        self.close(false);
+        let opened = self.greet(connector, kind, false).expect("plaintext retry");
+        self.forwarder.hop_opened(opened);
+    }
+
+    /// The opening dialogue against a fresh next hop.
+    fn greet(
+        &mut self,
+        connector: usize,
+        kind: HopKind,
+        want_tls: bool,
+    ) -> Result<OpenedHop, OpeningFailure> {
+        self.opened.push(connector);
+        let starttls = if kind.starttls {
+            StartTls::Offered
+        } else {
+            StartTls::Unavailable
+        };
+        let server = Server::new(settings(starttls));
+        self.hop = Some(HopConn {
+            connector,
+            output: server.greeting().to_bytes(),
+            server,
+            kind,
+            replies: ReplyParser::default(),
+            heard: Vec::new(),
+            body: Vec::new(),
+        });
+        let mut opening = HopOpening::new("mx:25", "relay.example", want_tls);
+        let mut tls = false;
+        loop {
+            let hop = self.hop.as_mut().unwrap();
+            match opening.poll() {
+                Opening::Send(bytes) => {
+                    hop.heard.extend(&bytes);
+                    hop.server.feed(&bytes);
+                }
+                Opening::Read(_) => {
+                    hop.run();
+                    let output = std::mem::take(&mut hop.output);
+                    opening.feed(&output);
+                }
+                Opening::StartTls => {
+                    hop.server.tls_established();
+                    opening.tls_established();
+                    tls = true;
+                }
+                Opening::Ready => {
+                    return Ok(OpenedHop {
+                        name: "mx[192.0.2.25]:25".into(),
+                        security: LegSecurity::Plaintext,
+                        chunking: opening.capabilities().has("CHUNKING"),
+                    })
+                    .inspect(|_| assert_eq!(tls, want_tls));
+                }
+                Opening::Failed(failure) => return Err(failure),
+            }
+        }
+    }
+
+    /// The next hop's reply to what it has heard, unless it stalls.
+    fn hop_reply(&mut self, wait: Wait) -> Option<Reply> {
+        let hop = self.hop.as_mut()?;
+        if hop.kind.stall == Some(wait) {
+            return None;
+        }
+        loop {
+            if let Ok(Some(reply)) = hop.replies.next_reply() {
+                return Some(reply);
+            }
+            hop.run();
+            let output = std::mem::take(&mut hop.output);
+            if output.is_empty() {
+                return None;
+            }
+            hop.replies.feed(&output);
+            if let Some(body) = hop.take_delivery() {
+                self.delivered.push((hop.connector, body));
+            }
+        }
+    }
+
+    fn client_read(&self) -> String {
+        String::from_utf8_lossy(&self.to_client).into_owned()
+    }
+}
+
+impl HopConn {
+    /// The next hop's dialogue machine, answering by script: RCPT to
+    /// `bad@` gets 550, sender `refused@` gets 553, everything else is
+    /// accepted.
+    fn run(&mut self) {
+        while let Some(event) = self.server.poll() {
+            let reply = match event {
+                Event::Reply(r) => {
+                    let mut bytes = r.to_bytes();
+                    if !self.kind.chunking {
+                        bytes = String::from_utf8(bytes)
+                            .unwrap()
+                            .replace("250-SMTPUTF8\r\n250 CHUNKING\r\n", "250 SMTPUTF8\r\n")
+                            .replace("250-CHUNKING\r\n", "")
+                            .into_bytes();
+                    }
+                    self.output.extend(bytes);
+                    continue;
+                }
+                Event::Mail { from, .. } if from.starts_with("refused@") => {
+                    Reply::new(553, "5.7.1 Sender refused by next hop")
+                }
+                Event::Rcpt { to, .. } if to.starts_with("bad@") => {
+                    Reply::new(550, "5.1.1 No such user here")
+                }
+                Event::Mail { .. } | Event::Rcpt { .. } => Reply::new(250, "2.1.5 OK"),
+                Event::Data => Reply::new(self.kind.data_code, "Go ahead"),
+                Event::Body(bytes) => {
+                    self.body.extend(bytes);
+                    continue;
+                }
+                Event::EndOfData | Event::ChunkEnd { last: true } => {
+                    self.body.extend(b"<end>");
+                    Reply::new(250, "2.0.0 Ok: queued as NEXTHOP1")
+                }
+                Event::ChunkEnd { last: false } => Reply::new(250, "2.0.0 chunk ok"),
+                Event::AbortData(reply) => reply,
+                _ => continue,
+            };
+            self.server.respond(reply);
+        }
+    }
+
+    /// A message the next hop has just accepted.
+    fn take_delivery(&mut self) -> Option<Vec<u8>> {
+        let end = self.body.windows(5).position(|w| w == b"<end>")?;
+        let body = self.body[..end].to_vec();
+        self.body.drain(..end + 5);
+        Some(body)
+    }
+}
+
+const MAIL: &str = "MAIL FROM:<a@sender.example>\r\n";
+
+#[test]
+fn next_hops_own_replies_are_relayed_at_rcpt_and_end_of_data() {
+    let mut p = Pair::from_outside();
+    assert!(p.client(MAIL).starts_with("250 2.1.0"));
+    assert!(
+        p.opened.is_empty(),
+        "MAIL alone contacts no next hop: {:?}",
+        p.opened
+    );
+    assert_eq!(
+        p.client("RCPT TO:<bad@example.org>\r\n"),
+        "550 5.1.1 No such user here\r\n"
+    );
+    assert!(p
+        .client("RCPT TO:<u@example.org>\r\n")
+        .starts_with("250 2.1.5"));
+    assert!(p.client("DATA\r\n").starts_with("354"));
+    let end = p.client("Subject: hi\r\n\r\n..dot\r\n.\r\n");
+    assert_eq!(end, "250 2.0.0 Ok: queued as NEXTHOP1\r\n");
+    assert_eq!(p.delivered.len(), 1);
+    assert_eq!(p.delivered[0].0, 0, "to the accepted domain's connector");
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(
+        heard.contains("MAIL FROM:<a@sender.example>\r\nRCPT TO:<bad@example.org>\r\n"),
+        "MAIL replayed at the first RCPT: {heard}"
+    );
+    assert!(
+        heard.contains("..dot\r\n.\r\n"),
+        "the body as sent, still stuffed"
+    );
+    assert_eq!(p.forwarder.take_finished()[0].recipients, ["u@example.org"]);
+}
+
+#[test]
+fn a_sender_the_next_hop_refuses_is_that_rcpts_reply() {
+    let mut p = Pair::from_outside();
+    p.client("MAIL FROM:<refused@sender.example>\r\n");
+    assert_eq!(
+        p.client("RCPT TO:<u@example.org>\r\n"),
+        "553 5.7.1 Sender refused by next hop\r\n"
+    );
+}
+
+#[test]
+fn forced_tls_without_starttls_at_the_next_hop_is_451_4_7_5() {
+    let plain_hop = HopKind {
+        starttls: false,
+        policy: OutboundPolicy::Required,
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [plain_hop, GOOD_HOP]);
+    p.client(MAIL);
+    let reply = p.client("RCPT TO:<u@example.org>\r\n");
+    assert_eq!(
+        reply,
+        "451 4.7.5 TLS required by connector inside but TLS not offered: mx does not offer STARTTLS\r\n"
+    );
+    assert!(p.delivered.is_empty());
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(
+        !heard.contains("MAIL"),
+        "nothing sent in plaintext: {heard}"
+    );
+}
+
+#[test]
+fn opportunistic_tls_without_starttls_falls_back_to_plaintext() {
+    let plain_hop = HopKind {
+        starttls: false,
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [plain_hop, GOOD_HOP]);
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+    assert_eq!(p.opened, [0, 0], "a second connection, in plaintext");
+}
+
+#[test]
+fn no_reachable_next_hop_is_451_4_4_1() {
+    let down = HopKind {
+        reachable: false,
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [down, GOOD_HOP]);
+    p.client(MAIL);
+    assert_eq!(
+        p.client("RCPT TO:<u@example.org>\r\n"),
+        "451 4.4.1 No next hop of connector inside is reachable: mx:25 unreachable: refused\r\n"
+    );
+}
+
+#[test]
+fn a_recipient_of_another_route_is_452_and_goes_in_the_next_transaction() {
+    let mut p = Pair::new("192.0.2.10", [GOOD_HOP, GOOD_HOP]);
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+    assert_eq!(
+        p.client("RCPT TO:<x@elsewhere.example>\r\n"),
+        "452 4.5.3 Recipient belongs to another route; send it in a separate transaction\r\n"
+    );
+    p.client("DATA\r\nbody\r\n.\r\n");
+    p.client(MAIL);
+    assert!(p
+        .client("RCPT TO:<x@elsewhere.example>\r\n")
+        .starts_with("250"));
+    p.client("DATA\r\nbody two\r\n.\r\n");
+    assert_eq!(p.opened, [0, 1]);
+    assert_eq!(p.quits, 1, "the first next hop got QUIT");
+    let to: Vec<usize> = p.delivered.iter().map(|d| d.0).collect();
+    assert_eq!(to, [0, 1]);
+}
+
+#[test]
+fn an_unmet_connector_condition_is_451_4_7_1_at_mail() {
+    // From the partner's addresses without STARTTLS.
+    let mut p = Pair::new("198.51.100.7", [GOOD_HOP, GOOD_HOP]);
+    assert_eq!(
+        p.client("MAIL FROM:<a@partner.example>\r\n"),
+        "451 4.7.1 Connector partner (client address): TLS is required (issue STARTTLS first)\r\n"
+    );
+    p.client("STARTTLS\r\n");
+    p.client("EHLO client.example\r\n");
+    assert!(p
+        .client("MAIL FROM:<a@partner.example>\r\n")
+        .starts_with("250"));
+}
+
+#[test]
+fn relaying_for_strangers_is_554_and_no_next_hop_hears_of_it() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    for rcpt in [
+        "x@elsewhere.example",
+        "user%other.example@example.org",
+        "\"u@other.example\"@example.org",
+    ] {
+        let reply = p.client(&format!("RCPT TO:<{rcpt}>\r\n"));
+        assert!(reply.starts_with("554 5.7.1 <"), "{rcpt}: {reply}");
+        assert!(reply.contains("Relay access denied"), "{reply}");
+    }
+    assert!(p.opened.is_empty(), "no next hop contacted");
+    // The relay connector's network may.
+    let mut p = Pair::new("192.0.2.10", [GOOD_HOP, GOOD_HOP]);
+    p.client(MAIL);
+    assert!(p
+        .client("RCPT TO:<x@elsewhere.example>\r\n")
+        .starts_with("250"));
+}
+
+#[test]
+fn a_bare_lf_in_data_is_554_and_the_next_hop_is_hung_up_on() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("DATA\r\n");
+    let reply = p.client("line\n.\nRCPT TO:<smuggled@example.org>\r\n\r\n.\r\n");
+    assert!(reply.starts_with("554 5.6.0"), "{reply}");
+    assert!(p.delivered.is_empty(), "nothing delivered");
+    assert_eq!(p.hangups, 1, "hung up without an end of data");
+    let heard = String::from_utf8_lossy(&p.transcripts[0]).into_owned();
+    assert!(!heard.contains("smuggled"), "{heard}");
+    // The session goes on, on a new connection.
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+}
+
+#[test]
+fn pipelined_starttls_is_503_and_the_plaintext_after_it_is_discarded() {
+    let mut p = Pair::from_outside();
+    let reply = p.client("STARTTLS\r\nMAIL FROM:<a@b.example>\r\n");
+    assert!(reply.starts_with("503 5.5.1"), "{reply}");
+    assert!(!reply.contains("250"), "{reply}");
+}
+
+#[test]
+fn an_overlong_command_line_is_500_5_5_6() {
+    let mut p = Pair::from_outside();
+    let line = format!("MAIL FROM:<{}@example.org>\r\n", "a".repeat(600));
+    assert!(p.client(&line).starts_with("500 5.5.6"));
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("DATA\r\n");
+    let reply = p.client(&format!("{}\r\n.\r\n", "x".repeat(1200)));
+    assert!(reply.starts_with("500 5.5.6"), "{reply}");
+    assert!(p.delivered.is_empty());
+}
+
+#[test]
+fn the_drain_says_421_4_3_2_and_abandons_the_message() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("DATA\r\nhalf a message\r\n");
+    assert_eq!(
+        p.drain(),
+        "421 4.3.2 Service shutting down, try again later"
+    );
+    assert_eq!(p.hangups, 1, "the next hop gets no end of data");
+    assert!(p.delivered.is_empty());
+    let t = p.forwarder.take_finished();
+    assert_eq!(
+        t[0].result.as_deref(),
+        Some("421 4.3.2 Service shutting down, try again later")
+    );
+}
+
+#[test]
+fn a_next_hop_that_stalls_at_end_of_data_gets_451_after_the_data_end_timer() {
+    let slow = HopKind {
+        stall: Some(Wait::DataEnd),
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [slow, GOOD_HOP]);
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("DATA\r\n");
+    let reply = p.client("body\r\n.\r\n");
+    assert_eq!(
+        reply,
+        "451 4.4.2 Next hop failed at end of data: next hop timed out\r\n"
+    );
+    assert_eq!(p.clock, Duration::from_secs(600), "RFC 5321's 10 minutes");
+    // That connection is not reused.
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    assert_eq!(p.opened, [0, 0]);
+}
+
+#[test]
+fn a_next_hop_that_stalls_at_rcpt_gets_451_4_4_2() {
+    let slow = HopKind {
+        stall: Some(Wait::Command),
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [slow, GOOD_HOP]);
+    p.client(MAIL);
+    assert_eq!(
+        p.client("RCPT TO:<u@example.org>\r\n"),
+        "451 4.4.2 Next hop failed: next hop timed out\r\n"
+    );
+    assert_eq!(p.clock, Duration::from_secs(300));
+}
+
+#[test]
+fn bdat_is_relayed_as_bdat_to_a_next_hop_with_chunking() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    assert_eq!(p.client("BDAT 5\r\nabcde"), "250 2.0.0 chunk ok\r\n");
+    let end = p.client("BDAT 3 LAST\r\nfg\n");
+    assert!(end.starts_with("554 5.6.0"), "a bare LF in a chunk: {end}");
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("BDAT 4\r\n.a\r\n");
+    assert_eq!(
+        p.client("BDAT 0 LAST\r\n"),
+        "250 2.0.0 Ok: queued as NEXTHOP1\r\n"
+    );
+    assert_eq!(p.delivered.last().unwrap().1, b".a\r\n");
+}
+
+#[test]
+fn bdat_is_converted_to_dot_stuffed_data_for_a_next_hop_without_chunking() {
+    let old = HopKind {
+        chunking: false,
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [old, GOOD_HOP]);
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    assert_eq!(
+        p.client("BDAT 5\r\n.a\r\nb"),
+        "250 2.0.0 Chunk received\r\n"
+    );
+    assert_eq!(
+        p.client("BDAT 3 LAST\r\nc\r\n"),
+        "250 2.0.0 Ok: queued as NEXTHOP1\r\n"
+    );
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(heard.contains("DATA\r\n..a\r\nbc\r\n.\r\n"), "{heard}");
+    assert!(!heard.contains("BDAT"), "{heard}");
+}
+
+#[test]
+fn rset_resets_the_next_hop_and_quit_ends_it_politely() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    assert!(p.client("RSET\r\n").starts_with("250"));
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("QUIT\r\n");
+    assert!(p.closed);
+    assert_eq!(p.quits, 1);
+    let heard = String::from_utf8_lossy(&p.transcripts[0]).into_owned();
+    assert!(
+        heard.contains("RSET\r\nMAIL FROM:<a@sender.example>\r\nRCPT"),
+        "MAIL replayed after RSET on the same connection: {heard}"
+    );
+    assert!(p.client_read().ends_with("221 2.0.0 Bye\r\n"));
+    assert_eq!(p.opened, [0]);
+}
+
+#[test]
+fn a_2xx_to_data_is_no_delivery() {
+    let odd = HopKind {
+        data_code: 250,
+        chunking: false,
+        ..GOOD_HOP
+    };
+    for bdat in [false, true] {
+        let mut p = Pair::new("203.0.113.9", [odd, GOOD_HOP]);
+        p.client(MAIL);
+        p.client("RCPT TO:<u@example.org>\r\n");
+        let reply = if bdat {
+            p.client("BDAT 3 LAST\r\nx\r\n")
+        } else {
+            p.client("DATA\r\n")
+        };
+        assert_eq!(
+            reply, "451 4.4.2 Next hop failed: unexpected reply 250 Go ahead\r\n",
+            "bdat {bdat}"
+        );
+        assert!(p.delivered.is_empty());
+    }
+}
