@@ -94,7 +94,7 @@ tls.trust_anchors = {anchors}
     let mut tcp = tokio::net::TcpStream::connect(relay.addr("tcp"))
         .await
         .unwrap();
-    exchange(&mut tcp, b"ping").await;
+    assert_eq!(exchange(&mut tcp, b"ping").await.unwrap(), b"ping");
     drop(tcp);
     let tcp_report = relay.next_report().await;
 

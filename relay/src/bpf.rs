@@ -22,7 +22,7 @@ use crate::report::{Direction, LegSecurity, SessionReport};
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsrelay-ebpf"));
 
 /// Where maps are pinned unless configured otherwise.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tlsrelay";
+pub use tlsrelay_core::config::{CgroupChoice, WireSettings, DEFAULT_PIN_DIR};
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("wire_ingress", CgroupSkbAttachType::Ingress),
@@ -80,27 +80,6 @@ fn missing(what: &str) -> BpfError {
         what: what.to_string(),
         detail: "missing from the eBPF object".into(),
     }
-}
-
-/// Which cgroup the program watches.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CgroupChoice {
-    /// A child of the relay's own cgroup made for this instance
-    /// (`tlsrelay-<pid>`), which the relay moves into and removes at exit:
-    /// only this relay's sockets are seen, not a neighbour's, not another
-    /// relay's.
-    Child,
-    /// The relay's own cgroup as it is (under systemd, the service's).
-    Own,
-    /// A given cgroup v2 directory.
-    Path(PathBuf),
-}
-
-#[derive(Clone, Debug)]
-pub struct WireSettings {
-    pub pin_dir: PathBuf,
-    pub cgroup: CgroupChoice,
-    pub smtp_ports: Vec<u16>,
 }
 
 /// The loaded, attached program; detached when dropped (or at exit).
@@ -352,7 +331,9 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
     // SAFETY: statfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let path = std::ffi::CString::new("/sys/fs/bpf").unwrap();
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    // SAFETY: statfs(2) with a valid C string writes into `st`, which we own.
+    let statted = unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0;
+    if statted && st.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
     let fstype = std::ffi::CString::new("bpf").unwrap();

@@ -15,9 +15,10 @@ use crate::config::HostPort;
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure};
 use crate::pump::Leg;
 use crate::report::{
-    inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Outcome, SocketRecord,
+    inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Negotiated, Outcome,
+    SocketRecord,
 };
-use crate::tls::{cert_names, classify_failure, ListenerTls, Negotiated, RecordIo, UpstreamTls};
+use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
 
 /// A completed inbound TLS handshake.
 pub type ServerStream = tokio_rustls::server::TlsStream<RecordIo>;
@@ -49,7 +50,7 @@ pub fn inbound_security(
     trust: PeerTrust,
 ) -> LegSecurity {
     let conn = stream.get_ref().1;
-    let negotiated = Negotiated::of(conn);
+    let negotiated = negotiated_of(conn);
     tracing::info!(session, "{}", inbound_tls_line(peer, &negotiated, trust));
     LegSecurity::Tls {
         negotiated,
@@ -235,7 +236,7 @@ async fn handshake<G: Greeter>(
     };
     stream.get_mut().0.pass_through();
     let conn = stream.get_ref().1;
-    let negotiated = Negotiated::of(conn);
+    let negotiated = negotiated_of(conn);
     let trust = tls.peer_trust(conn.peer_certificates());
     // The relay always offers TLS 1.3; settling lower is a downgrade.
     let downgrade =

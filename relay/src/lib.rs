@@ -5,23 +5,19 @@
 //! is free of I/O ([`policy`]); sockets live in [`session`], [`pump`] and
 //! [`relay`].
 
-#[macro_use]
-mod keywords;
+pub use tlsrelay_core::{config, policy, report};
 
 pub mod bpf;
 pub mod cli;
 mod cli_cert;
-pub mod config;
 pub mod inspect;
 pub mod ktls;
 pub mod legs;
 pub mod metrics;
 pub mod notify;
-pub mod policy;
 pub mod pump;
 pub mod relay;
 pub mod reload;
-pub mod report;
 pub mod session;
 pub mod smtp;
 pub mod state;

@@ -692,3 +692,28 @@ pub fn have_swaks() -> bool {
 }
 
 pub mod postfix;
+
+/// The `tlsrelay` binary of this workspace, built on first use (this crate's
+/// tests are not the binary's package, so cargo does not hand them its
+/// path).
+pub fn relay_binary() -> &'static str {
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "tlsrelay", "--bin", "tlsrelay"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("running cargo build for the tlsrelay binary");
+        assert!(status.success(), "cargo build -p tlsrelay failed");
+        // target/<profile>/deps/<this test> -> target/<profile>/tlsrelay
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+        profile_dir.join("tlsrelay").display().to_string()
+    })
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

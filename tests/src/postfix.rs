@@ -27,7 +27,7 @@ pub struct PostfixSetup<'a> {
 
 /// Whether Postfix is installed; in CI its absence is a failure.
 pub fn have_postfix() -> bool {
-    let ok = Path::new("/usr/sbin/postfix").exists() && unsafe { libc_geteuid() } == 0;
+    let ok = Path::new("/usr/sbin/postfix").exists() && crate::is_root();
     if !ok {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -36,11 +36,6 @@ pub fn have_postfix() -> bool {
         eprintln!("skipped: Postfix interop needs postfix installed and root");
     }
     ok
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 fn free_port() -> u16 {

@@ -130,67 +130,8 @@ impl AsyncWrite for Leg {
     }
 }
 
-/// How the bytes went through the relay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataPath {
-    /// rustls in this process encrypts and decrypts; tokio moves the bytes.
-    Userspace,
-    /// socket -> pipe -> socket with IORING_OP_SPLICE on an io_uring worker;
-    /// TLS legs are kernel TLS.
-    SpliceIoUring,
-    /// socket -> pipe -> socket with splice(2) on the runtime's epoll.
-    SpliceEpoll,
-}
-
-impl DataPath {
-    pub fn is_splice(self) -> bool {
-        self != DataPath::Userspace
-    }
-}
-
-impl std::fmt::Display for DataPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DataPath::Userspace => "userspace",
-            DataPath::SpliceIoUring => "splice/io_uring",
-            DataPath::SpliceEpoll => "splice/epoll",
-        })
-    }
-}
-
-/// What drives the splice data plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SpliceEngine {
-    IoUring,
-    Epoll,
-}
-keywords!(SpliceEngine, "pump", {
-    IoUring => "io-uring",
-    Epoll => "epoll",
-});
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Side {
-    Client,
-    Upstream,
-}
-
-/// How the relaying ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "end", rename_all = "kebab-case")]
-pub enum PumpEnd {
-    /// Both sides closed (FIN or close_notify) and everything was delivered.
-    Closed,
-    /// One side reset (or failed); the other was reset in turn.
-    Reset { side: Side, detail: String },
-    /// No byte moved either way for the idle timeout.
-    IdleTimeout,
-    /// The legs could not be handed to the data plane (kTLS setup failed
-    /// after the keys left rustls); both were reset.
-    SetupFailed { detail: String },
-}
+pub use tlsrelay_core::config::SpliceEngine;
+pub use tlsrelay_core::report::{DataPath, PumpEnd, Side};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PumpReport {

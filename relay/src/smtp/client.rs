@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::codec::{Capabilities, Reply, ReplyParser};
+use super::forward::{tls_required, unreachable};
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use crate::config::HostPort;
 use crate::legs::{open_outbound, Greeter, GreeterFailure, LegTimeouts, OutboundFailure, Target};
@@ -164,24 +165,6 @@ impl Greeter for SmtpGreeter<'_> {
     }
 }
 
-/// Why no next hop could be had: the reply to give the sender (always
-/// 4xx, so it keeps the message and retries).
-pub fn unavailable_reply(connector: &str, failure: &OutboundFailure, tried: &[String]) -> Reply {
-    match failure {
-        OutboundFailure::Refused { failure, .. } => Reply::new(
-            451,
-            format!("4.7.5 TLS required by connector {connector} but {failure}"),
-        ),
-        OutboundFailure::Unreachable(_) => Reply::new(
-            451,
-            format!(
-                "4.4.1 No next hop of connector {connector} is reachable: {}",
-                tried.join("; ")
-            ),
-        ),
-    }
-}
-
 /// Sets up a session with the connector's first reachable next hop under
 /// its TLS policy. Every socket opened goes to `sockets`.
 pub async fn establish(
@@ -195,7 +178,6 @@ pub async fn establish(
         connect: timeouts.connect,
         handshake: timeouts.handshake,
     };
-    let mut last = OutboundFailure::Unreachable(String::new());
     for plan in &connector.next_hops {
         let target = Target {
             address: &plan.address,
@@ -225,15 +207,14 @@ pub async fn establish(
                     host: plan.address.host.clone(),
                 });
             }
-            Err(failure @ OutboundFailure::Refused { .. }) => {
-                return Err(unavailable_reply(&connector.name, &failure, &problems));
+            Err(OutboundFailure::Refused { failure, .. }) => {
+                return Err(tls_required(&connector.name, &failure));
             }
             Err(OutboundFailure::Unreachable(why)) => {
                 tracing::info!(connector = %connector.name, "next hop unavailable: {why}");
-                problems.push(why.clone());
-                last = OutboundFailure::Unreachable(why);
+                problems.push(why);
             }
         }
     }
-    Err(unavailable_reply(&connector.name, &last, &problems))
+    Err(unreachable(&connector.name, &problems))
 }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::{AlertDescription, CertificateError, CommonState, PeerIncompatible};
-use serde::Serialize;
 
 /// This machine's host name, or `localhost`.
 pub fn hostname() -> String {
@@ -30,6 +29,7 @@ pub use server::{
 };
 
 use crate::policy::{KeyExchange, MinVersion, TlsFailure};
+pub use crate::report::Negotiated;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -95,51 +95,6 @@ pub fn versions(min: MinVersion) -> &'static [&'static rustls::SupportedProtocol
     }
 }
 
-/// What was negotiated on a leg.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Negotiated {
-    /// `TLSv1.2` or `TLSv1.3`.
-    pub version: String,
-    /// The rustls suite name, e.g. `TLS13_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// The same two as on the wire (0x0304, 0x1302), for the eBPF join.
-    pub version_code: u16,
-    pub cipher_code: u16,
-    /// The key exchange group, e.g. `X25519MLKEM768` (post-quantum hybrid)
-    /// or `X25519`, and its code (0x11ec, 0x001d).
-    pub group: Option<String>,
-    pub group_code: u16,
-    /// The session was resumed (a TLS 1.3 ticket or a TLS 1.2 session),
-    /// not a full handshake.
-    pub resumed: bool,
-}
-
-impl Negotiated {
-    pub fn of(conn: &CommonState) -> Negotiated {
-        let version = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-            Some(other) => format!("{other:?}"),
-            None => "unknown".to_string(),
-        };
-        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
-        let cipher = suite
-            .and_then(|s| s.as_str())
-            .unwrap_or("unknown")
-            .to_string();
-        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
-        Negotiated {
-            version,
-            cipher,
-            version_code: conn.protocol_version().map_or(0, u16::from),
-            cipher_code: suite.map_or(0, u16::from),
-            group: group.map(|g| format!("{g:?}")),
-            group_code: group.map_or(0, u16::from),
-            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-        }
-    }
-}
-
 /// Classifies a failed handshake (as the `io::Error` tokio-rustls returns)
 /// into the policy's failure reasons.
 pub fn classify_failure(err: &std::io::Error) -> TlsFailure {
@@ -188,4 +143,29 @@ fn signature_algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
     PROVIDER
         .get_or_init(|| Arc::new(provider()))
         .signature_verification_algorithms
+}
+
+/// What a completed handshake negotiated.
+pub fn negotiated_of(conn: &CommonState) -> Negotiated {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".to_string(),
+    };
+    let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
+    let cipher = suite
+        .and_then(|s| s.as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+    Negotiated {
+        version,
+        cipher,
+        version_code: conn.protocol_version().map_or(0, u16::from),
+        cipher_code: suite.map_or(0, u16::from),
+        group: group.map(|g| format!("{g:?}")),
+        group_code: group.map_or(0, u16::from),
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    }
 }

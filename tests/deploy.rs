@@ -4,10 +4,9 @@
 
 use std::path::Path;
 use std::process::Command;
+use tlsrelay_tests::relay_binary;
 
 use tlsrelay_tests::{LeafSpec, Pki};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
 
 fn deploy(file: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,7 +53,7 @@ fn edge_config(pki: &Pki, partner: &Pki) -> std::path::PathBuf {
 fn example_edge_config_is_valid_and_its_certificates_check() {
     let (pki, partner) = (Pki::new(), Pki::new());
     let config = edge_config(&pki, &partner);
-    let out = Command::new(BIN)
+    let out = Command::new(relay_binary())
         .arg("check")
         .arg(&config)
         .output()
@@ -73,7 +72,7 @@ fn example_edge_config_is_valid_and_its_certificates_check() {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
     }
     assert!(!text.contains("OPEN RELAY"), "{text}");
-    let out = Command::new(BIN)
+    let out = Command::new(relay_binary())
         .args(["cert", "check", "--config"])
         .arg(&config)
         .arg("--trust-anchors")
@@ -110,7 +109,7 @@ fn systemd_unit_parses_cleanly() {
     let unit = dir.path().join("tlsrelay.service");
     let text = std::fs::read_to_string(deploy("tlsrelay.service"))
         .unwrap()
-        .replace("/usr/local/bin/tlsrelay", BIN);
+        .replace("/usr/local/bin/tlsrelay", relay_binary());
     std::fs::write(&unit, text).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")

@@ -7,14 +7,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tlsrelay_tests::relay_binary;
 
 use tlsrelay_tests::blocking::{echo_server, plain_session, tls_session};
 use tlsrelay_tests::process::RelayProcess;
 use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
 use tlsrelay_tests::{LeafSpec, Pki};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -78,7 +77,7 @@ fn metrics_count_a_known_mix_of_sessions() {
     )
     .unwrap();
     let state = tempfile::tempdir().unwrap();
-    let mut relay = RelayProcess::start(BIN, &config, state.path(), &[], &[]);
+    let mut relay = RelayProcess::start(relay_binary(), &config, state.path(), &[], &[]);
     relay.wait_for_log(&format!("metrics on http://{metrics}/metrics"));
     let (opp, req) = (relay.addr("opp"), relay.addr("req"));
     let roots = pki.roots();
@@ -209,7 +208,7 @@ async fn smtp_relay(
         ),
     )
     .unwrap();
-    let relay = RelayProcess::start(BIN, &config, dir, &[], &[]);
+    let relay = RelayProcess::start(relay_binary(), &config, dir, &[], &[]);
     let client = tokio::net::TcpStream::connect(relay.addr("mx"))
         .await
         .unwrap();
@@ -320,7 +319,13 @@ fn json_logs_are_one_object_per_line() {
         format!("ebpf.enabled = false\n[[listeners]]\nname = \"edge\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"opportunistic\"\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"),
     )
     .unwrap();
-    let mut relay = RelayProcess::start(BIN, &config, dir.path(), &["--log-format", "json"], &[]);
+    let mut relay = RelayProcess::start(
+        relay_binary(),
+        &config,
+        dir.path(),
+        &["--log-format", "json"],
+        &[],
+    );
     drop(plain_session(relay.addr("edge")).unwrap());
     let line = relay.wait_for_log("\"message\":\"session ");
     let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");

@@ -7,11 +7,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
+use tlsrelay_tests::relay_binary;
 
 fn tlsrelay(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().unwrap()
+    Command::new(relay_binary()).args(args).output().unwrap()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -134,7 +133,7 @@ impl Drop for Running {
 }
 
 fn run_relay(config: &str, state: &Path) -> Running {
-    run_relay_with(Command::new(BIN), config, state)
+    run_relay_with(Command::new(relay_binary()), config, state)
 }
 
 fn run_relay_with(mut command: Command, config: &str, state: &Path) -> Running {
@@ -313,7 +312,7 @@ fn slow_reader_applies_backpressure_not_buffering() {
 /// counters are off.
 #[test]
 fn unprivileged_relay_runs_without_wire_counters() {
-    if unsafe { libc::geteuid() } != 0 {
+    if !tlsrelay_tests::is_root() {
         eprintln!("skipped: needs root to drop to nobody");
         return;
     }
@@ -346,7 +345,7 @@ fn unprivileged_relay_runs_without_wire_counters() {
         "--regid=65534",
         "--clear-groups",
         "--inh-caps=-all",
-        BIN,
+        relay_binary(),
     ]);
     let relay = run_relay_with(as_nobody, &config, &state);
     assert!(

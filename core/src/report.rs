@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use crate::policy::{PeerTrust, TlsFailure};
-use crate::pump::{DataPath, PumpEnd, Side};
-use crate::tls::Negotiated;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -105,6 +103,92 @@ pub enum Outcome {
     Failed { reason: String },
 }
 
+/// What was negotiated on a leg.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Negotiated {
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: String,
+    /// The rustls suite name, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// The same two as on the wire (0x0304, 0x1302), for the eBPF join.
+    pub version_code: u16,
+    pub cipher_code: u16,
+    /// The key exchange group, e.g. `X25519MLKEM768` (post-quantum hybrid)
+    /// or `X25519`, and its code (0x11ec, 0x001d).
+    pub group: Option<String>,
+    pub group_code: u16,
+    /// The session was resumed (a TLS 1.3 ticket or a TLS 1.2 session),
+    /// not a full handshake.
+    pub resumed: bool,
+}
+
+/// How the bytes went through the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    /// rustls in this process encrypts and decrypts; tokio moves the bytes.
+    Userspace,
+    /// socket -> pipe -> socket with IORING_OP_SPLICE on an io_uring worker;
+    /// TLS legs are kernel TLS.
+    SpliceIoUring,
+    /// socket -> pipe -> socket with splice(2) on the runtime's epoll.
+    SpliceEpoll,
+}
+
+impl DataPath {
+    pub fn is_splice(self) -> bool {
+        self != DataPath::Userspace
+    }
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataPath::Userspace => "userspace",
+            DataPath::SpliceIoUring => "splice/io_uring",
+            DataPath::SpliceEpoll => "splice/epoll",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+/// How the relaying ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "end", rename_all = "kebab-case")]
+pub enum PumpEnd {
+    /// Both sides closed (FIN or close_notify) and everything was delivered.
+    Closed,
+    /// One side reset (or failed); the other was reset in turn.
+    Reset { side: Side, detail: String },
+    /// No byte moved either way for the idle timeout.
+    IdleTimeout,
+    /// The legs could not be handed to the data plane (kTLS setup failed
+    /// after the keys left rustls); both were reset.
+    SetupFailed { detail: String },
+}
+
+/// One mail transaction as relayed.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Transaction {
+    pub from: String,
+    pub recipients: Vec<String>,
+    pub connector: Option<String>,
+    pub next_hop: Option<String>,
+    pub outbound: Option<LegSecurity>,
+    /// The reply the sender got at the end (the next hop's, or the relay's
+    /// own refusal of the sender).
+    pub result: Option<String>,
+    /// Recipients the relay itself refused, with the reply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionReport {
     pub id: u64,
@@ -134,7 +218,7 @@ pub struct SessionReport {
     pub bytes_upstream_to_client: u64,
     /// SMTP: each mail transaction, where it went and how it ended.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub transactions: Vec<crate::smtp::forward::Transaction>,
+    pub transactions: Vec<Transaction>,
     /// From accept until both legs were ready to relay.
     pub setup_ms: f64,
     pub duration_ms: f64,

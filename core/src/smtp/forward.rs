@@ -14,14 +14,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use super::address::{route, DomainPattern};
 use super::admission::{Admission, Client};
 use super::codec::Reply;
 use super::next_hop::{DotStuffer, Wait};
 use super::server::Event;
+use crate::policy::TlsFailure;
 use crate::report::LegSecurity;
+pub use crate::report::Transaction;
 
 /// Where an SMTP listener's mail may go: the admission rules, the routes by
 /// recipient domain, and the outbound connectors' names (by index).
@@ -29,22 +29,6 @@ pub struct Routing {
     pub admission: Arc<Admission>,
     pub routes: Vec<(Vec<DomainPattern>, usize)>,
     pub connectors: Vec<String>,
-}
-
-/// One mail transaction as relayed.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Transaction {
-    pub from: String,
-    pub recipients: Vec<String>,
-    pub connector: Option<String>,
-    pub next_hop: Option<String>,
-    pub outbound: Option<LegSecurity>,
-    /// The reply the sender got at the end (the next hop's, or the relay's
-    /// own refusal of the sender).
-    pub result: Option<String>,
-    /// Recipients the relay itself refused, with the reply.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub refused: Vec<String>,
 }
 
 /// What the driver does next.
@@ -126,6 +110,27 @@ pub struct Forwarder {
 /// sender keeps the message and retries.
 pub fn next_hop_failed(when: &str, why: &str) -> Reply {
     Reply::new(451, format!("4.4.2 Next hop failed{when}: {why}"))
+}
+
+/// The sender's reply when forced TLS could not be had on the connector's
+/// next hop (4xx: it keeps the message).
+pub fn tls_required(connector: &str, failure: &TlsFailure) -> Reply {
+    Reply::new(
+        451,
+        format!("4.7.5 TLS required by connector {connector} but {failure}"),
+    )
+}
+
+/// The sender's reply when none of the connector's next hops could be
+/// reached, with what each attempt said.
+pub fn unreachable(connector: &str, tried: &[String]) -> Reply {
+    Reply::new(
+        451,
+        format!(
+            "4.4.1 No next hop of connector {connector} is reachable: {}",
+            tried.join("; ")
+        ),
+    )
 }
 
 impl Forwarder {

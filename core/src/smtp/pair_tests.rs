@@ -11,12 +11,10 @@ use std::time::Duration;
 
 use super::address::Cidr;
 use super::admission::{Admission, Client, ClientCertificate, InboundConnector};
-use super::client::unavailable_reply;
 use super::codec::{Reply, ReplyParser};
-use super::forward::{Action, Forwarder, OpenedHop, Routing};
+use super::forward::{tls_required, unreachable, Action, Forwarder, OpenedHop, Routing};
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::legs::OutboundFailure;
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy};
 use crate::report::LegSecurity;
 
@@ -222,17 +220,14 @@ impl Pair {
     }
 
     /// Opens a connection to the connector's next hop under its policy, as
-    /// `legs::open_outbound` does on sockets (the TLS handshake itself
+    /// the runtime's `legs::open_outbound` does on sockets (the TLS handshake itself
     /// always succeeds in memory).
     fn open(&mut self, connector: usize) {
         let kind = self.hops[connector];
         let name = ["inside", "partner"][connector];
         if !kind.reachable {
-            let failure = OutboundFailure::Unreachable("mx:25 unreachable: refused".into());
             let tried = ["mx:25 unreachable: refused".to_string()];
-            return self
-                .forwarder
-                .hop_unavailable(unavailable_reply(name, &failure, &tried));
+            return self.forwarder.hop_unavailable(unreachable(name, &tried));
         }
         let want_tls = kind.policy != OutboundPolicy::Plain;
         let failure = match self.greet(connector, kind, want_tls) {
@@ -241,13 +236,7 @@ impl Pair {
             Err(OpeningFailure::Unavailable(why)) => panic!("{why}"),
         };
         if on_outbound_failure(kind.policy) == OnTlsFailure::Refuse {
-            let refused = OutboundFailure::Refused {
-                failure,
-                address: "192.0.2.25:25".parse().unwrap(),
-            };
-            return self
-                .forwarder
-                .hop_unavailable(unavailable_reply(name, &refused, &[]));
+            return self.forwarder.hop_unavailable(tls_required(name, &failure));
         }
         self.close(false);
         let opened = self.greet(connector, kind, false).expect("plaintext retry");

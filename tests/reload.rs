@@ -8,13 +8,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tlsrelay_tests::relay_binary;
 
 use rustls::pki_types::CertificateDer;
 use tlsrelay_tests::blocking::{echo, echo_server, tls_session as connect, Tls};
 use tlsrelay_tests::process::RelayProcess;
 use tlsrelay_tests::{LeafSpec, Pki};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
 
 fn served(tls: &Tls) -> CertificateDer<'static> {
     tls.conn.peer_certificates().unwrap()[0]
@@ -58,7 +57,7 @@ fn certificate_swap_under_load_drops_nothing() {
     )
     .unwrap();
     let state = tempfile::tempdir().unwrap();
-    let mut relay = RelayProcess::start(BIN, &config, state.path(), &[], &[]);
+    let mut relay = RelayProcess::start(relay_binary(), &config, state.path(), &[], &[]);
     let addr = relay.addr("edge");
     let roots = pki.roots();
 
@@ -164,7 +163,7 @@ fn ready_reload_and_stopping_reach_systemd() {
     )
     .unwrap();
     let relay = RelayProcess::start(
-        BIN,
+        relay_binary(),
         &config,
         dir.path(),
         &[],
@@ -204,7 +203,7 @@ fn listener_changes_that_need_a_restart_are_logged_and_the_rest_applies() {
         format!("ebpf.enabled = false\n{}{tail}", listener("a")),
     )
     .unwrap();
-    let mut relay = RelayProcess::start(BIN, &config, dir.path(), &[], &[]);
+    let mut relay = RelayProcess::start(relay_binary(), &config, dir.path(), &[], &[]);
     std::fs::write(
         &config,
         format!("ebpf.enabled = false\n{}{tail}", listener("b")),

@@ -15,7 +15,7 @@ use tlsrelay_tests::*;
 
 /// Whether eBPF can be tested here; in CI a missing prerequisite fails.
 fn ebpf_here() -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = is_root();
     let why = if !root {
         Some("not root".to_string())
     } else {
@@ -294,7 +294,7 @@ impl Drop for RelayProcess {
 }
 
 fn start_relay(config: &Path, state: &Path) -> RelayProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+    let mut child = Command::new(relay_binary())
         .args(["run", "--json-reports", "--config"])
         .arg(config)
         .arg("--state-dir")
@@ -474,7 +474,7 @@ tls.trust_anchors = {}
         }
     }
 
-    let out = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+    let out = Command::new(relay_binary())
         .args(["stats", "--json", "--pin-dir", &pin_dir])
         .output()
         .unwrap();
@@ -558,7 +558,7 @@ fn extract<'a>(report: &'a str, leg: &str) -> &'a str {
 
 /// `tlsrelay stats --json` for a pin directory, and its exit code.
 fn stats(pin_dir: &str) -> (serde_json::Value, Option<i32>) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+    let out = Command::new(relay_binary())
         .args(["stats", "--json", "--pin-dir", pin_dir])
         .output()
         .unwrap();
@@ -708,7 +708,7 @@ async fn only_this_relays_sessions_are_counted() {
             ),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_tlsrelay"))
+        let out = Command::new(relay_binary())
             .args(["run", "--config"])
             .arg(&config)
             .arg("--state-dir")

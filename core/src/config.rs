@@ -14,7 +14,6 @@ use toml::Spanned;
 use crate::policy::{
     InboundMode, KeyExchange, MinVersion, NamePattern, OutboundPolicy, Verification,
 };
-use crate::pump::SpliceEngine;
 use crate::smtp::address::DomainPattern;
 
 /// The configuration `tlsrelay run` uses when given no file: two loopback
@@ -220,16 +219,15 @@ impl Default for Ebpf {
     fn default() -> Self {
         Ebpf {
             enabled: true,
-            pin_dir: PathBuf::from(crate::bpf::DEFAULT_PIN_DIR),
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             cgroup: "child".into(),
         }
     }
 }
 
 impl Ebpf {
-    pub fn settings(&self) -> crate::bpf::WireSettings {
-        use crate::bpf::CgroupChoice;
-        crate::bpf::WireSettings {
+    pub fn settings(&self) -> WireSettings {
+        WireSettings {
             pin_dir: self.pin_dir.clone(),
             cgroup: match self.cgroup.as_str() {
                 "child" => CgroupChoice::Child,
@@ -950,4 +948,39 @@ mod tests {
         assert!("mx.example".parse::<HostPort>().is_err());
         assert!("mx.example:0".parse::<HostPort>().is_err());
     }
+}
+
+/// What drives the splice data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceEngine {
+    IoUring,
+    Epoll,
+}
+keywords!(SpliceEngine, "pump", {
+    IoUring => "io-uring",
+    Epoll => "epoll",
+});
+
+/// Where the eBPF maps are pinned unless the config says otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tlsrelay";
+
+/// Which cgroup the program watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupChoice {
+    /// A child of the relay's own cgroup made for this instance
+    /// (`tlsrelay-<pid>`), which the relay moves into and removes at exit:
+    /// only this relay's sockets are seen, not a neighbour's, not another
+    /// relay's.
+    Child,
+    /// The relay's own cgroup as it is (under systemd, the service's).
+    Own,
+    /// A given cgroup v2 directory.
+    Path(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct WireSettings {
+    pub pin_dir: PathBuf,
+    pub cgroup: CgroupChoice,
+    pub smtp_ports: Vec<u16>,
 }

@@ -7,19 +7,18 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
+use tlsrelay_tests::relay_binary;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tlsrelay_tests::{KeyKind, Leaf, LeafSpec, Pki};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tlsrelay");
 
 fn tlsrelay(args: &[&str]) -> (Option<i32>, String) {
     let Output {
         status,
         stdout,
         stderr,
-    } = Command::new(BIN).args(args).output().unwrap();
+    } = Command::new(relay_binary()).args(args).output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&stdout),
