@@ -11,12 +11,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use tlsrelay::smtp::admission::{Admission, Client};
-use tlsrelay::smtp::codec::{Reply, ReplyParser};
-use tlsrelay::smtp::forward::{Action, Forwarder, OpenedHop, Routing};
-use tlsrelay::smtp::next_hop::Wait;
-use tlsrelay::smtp::server::{Event, Server, ServerSettings, StartTls};
-use tlsrelay::report::LegSecurity;
+use tlsrelay_core::smtp::admission::{Admission, Client};
+use tlsrelay_core::smtp::codec::{Reply, ReplyParser};
+use tlsrelay_core::smtp::forward::{Action, Forwarder, OpenedHop, Routing};
+use tlsrelay_core::smtp::next_hop::Wait;
+use tlsrelay_core::smtp::server::{Event, Server, ServerSettings, StartTls};
+use tlsrelay_core::report::LegSecurity;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else {

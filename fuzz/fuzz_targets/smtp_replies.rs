@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tlsrelay::smtp::codec::{parse_command, ReplyParser};
+use tlsrelay_core::smtp::codec::{parse_command, ReplyParser};
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_command(data);

@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tlsrelay::smtp::codec::Reply;
-use tlsrelay::smtp::server::{Event, Server, ServerSettings, StartTls};
+use tlsrelay_core::smtp::codec::Reply;
+use tlsrelay_core::smtp::server::{Event, Server, ServerSettings, StartTls};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
