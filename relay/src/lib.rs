@@ -6,15 +6,13 @@
 //! [`relay`].
 
 pub use tlsrelay_core::{config, policy, report};
+pub use tlsrelay_sys::{bpf, ktls, notify};
 
-pub mod bpf;
 pub mod cli;
 mod cli_cert;
 pub mod inspect;
-pub mod ktls;
 pub mod legs;
 pub mod metrics;
-pub mod notify;
 pub mod pump;
 pub mod relay;
 pub mod reload;

@@ -15,7 +15,7 @@ use aya::Ebpf;
 use serde::Serialize;
 use tlsrelay_ebpf_common as wire;
 
-use crate::report::{Direction, LegSecurity, SessionReport};
+use tlsrelay_core::report::{Direction, LegSecurity, SessionReport};
 
 /// The program, built for bpfel-unknown-none by build.rs (empty when the
 /// eBPF toolchain was missing).
@@ -253,7 +253,7 @@ impl WireCounters {
 /// TLS 1.2 ServerHello carries none for the wire to compare).
 fn view(
     leg: Direction,
-    negotiated: Option<&crate::tls::Negotiated>,
+    negotiated: Option<&tlsrelay_core::report::Negotiated>,
     downgraded: bool,
     handshake_failed: bool,
     tls_off: bool,

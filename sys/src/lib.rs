@@ -1,0 +1,9 @@
+//! tlsrelay's contact with the kernel, where the unsafe code lives: kernel
+//! TLS (probe, key install, control records), the splice syscalls, the
+//! eBPF wire counters (load, attach, pin, read; socket cookies), and
+//! sd_notify. Every unsafe block says why it is sound.
+
+pub mod bpf;
+pub mod ktls;
+pub mod notify;
+pub mod splice;

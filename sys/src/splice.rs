@@ -1,0 +1,161 @@
+//! The syscalls of the splice data plane: a sized non-blocking pipe,
+//! splice(2), the small-read copy path, and what a control record read
+//! from a kTLS socket means.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::ktls;
+
+/// What a direction's pipe asks for: a quarter of the splices of the
+/// default 64 KiB (measured: 64 KiB, 128, 256, 512 KiB and 1 MiB pipes on
+/// one stream and 16; 256 KiB was best for both pumps). The kernel may
+/// refuse (past fs.pipe-user-pages-soft, for a user without
+/// CAP_SYS_RESOURCE): the pipe then keeps its size and splices are that.
+const PIPE_SIZE: i32 = 256 * 1024;
+
+/// A non-blocking pipe: the only buffer a spliced direction has.
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    /// Bytes it holds at most: the size of one splice.
+    pub capacity: usize,
+}
+
+impl Pipe {
+    pub fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a pipe fd we own; F_SETPIPE_SZ returns the size
+        // granted, or -1 (then F_GETPIPE_SZ says what it is).
+        let capacity = unsafe {
+            match libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) {
+                n if n > 0 => n,
+                _ => libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ),
+            }
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(64 * 1024).max(4096),
+        })
+    }
+}
+
+/// One non-blocking splice(2) of up to `len` bytes.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on fds owned by the caller.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Reads shorter than this are copied through one shared buffer instead of
+/// spliced: for a small message a pipe costs more than the copy (page
+/// references in, a splice out), and a read that did not fill the buffer
+/// drained the socket, so no read is spent on EAGAIN. Larger flows splice.
+pub const COPY_BELOW: usize = 16 * 1024;
+
+/// What one [`copy_some`] did.
+pub enum Copied {
+    /// The source ended (FIN).
+    Ended,
+    /// `read` bytes came in, `sent` of them went out; the rest are in the
+    /// pipe. `drained`: the read did not fill the buffer, so the source
+    /// had nothing more.
+    Moved {
+        read: usize,
+        sent: usize,
+        drained: bool,
+    },
+}
+
+/// Which side a [`copy_some`] failed on.
+pub enum CopyFault {
+    Read,
+    Write,
+}
+
+/// One non-blocking read into `buf`, sent on at once; what the destination
+/// does not take goes into the (empty) pipe, to be spliced out when it is
+/// writable, so a slow reader still stalls its sender.
+pub fn copy_some(
+    src: RawFd,
+    dst: RawFd,
+    pipe_w: RawFd,
+    buf: &mut [u8],
+) -> Result<Copied, (CopyFault, io::Error)> {
+    // SAFETY: recv into a live buffer of its length.
+    let read = unsafe { libc::recv(src, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let read = usize::try_from(read).map_err(|_| (CopyFault::Read, io::Error::last_os_error()))?;
+    if read == 0 {
+        return Ok(Copied::Ended);
+    }
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // SAFETY: send from the bytes just read.
+    let sent = match unsafe { libc::send(dst, buf.as_ptr().cast(), read, flags) } {
+        n if n >= 0 => n as usize,
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => 0,
+            e => return Err((CopyFault::Write, e)),
+        },
+    };
+    let mut parked = sent;
+    while parked < read {
+        // SAFETY: write the unsent bytes into our pipe; it is empty and
+        // larger than `buf`, so this does not block.
+        let n = unsafe { libc::write(pipe_w, buf[parked..].as_ptr().cast(), read - parked) };
+        let n = usize::try_from(n).map_err(|_| (CopyFault::Write, io::Error::last_os_error()))?;
+        parked += n;
+    }
+    Ok(Copied::Moved {
+        read,
+        sent,
+        drained: read < buf.len(),
+    })
+}
+
+/// What a non-data record on a kTLS RX socket means for the relay.
+pub enum Control {
+    /// close_notify: the peer is done sending.
+    Closed,
+    /// A record to skip (a TLS 1.3 NewSessionTicket).
+    Skip,
+}
+
+/// Decides on a control record read from a kTLS RX socket.
+pub fn control(kind: u8, body: &[u8]) -> io::Result<Control> {
+    match (kind, body) {
+        (ktls::RECORD_ALERT, [_, 0]) => Ok(Control::Closed),
+        (ktls::RECORD_ALERT, [level, desc]) => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("peer sent TLS alert {desc} (level {level})"),
+        )),
+        // NewSessionTicket: only useful for resuming as a client later.
+        (ktls::RECORD_HANDSHAKE, [4, ..]) => Ok(Control::Skip),
+        (ktls::RECORD_HANDSHAKE, [24, ..]) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "peer sent a TLS 1.3 KeyUpdate; this kernel TLS cannot rekey, closing rather than corrupting data",
+        )),
+        (kind, body) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected TLS record type {kind} ({} bytes) after the handshake", body.len()),
+        )),
+    }
+}
