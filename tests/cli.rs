@@ -422,3 +422,66 @@ fn idle_tls_sessions_hold_little_memory() {
     }
     drop(warm);
 }
+
+/// `check` describes the plan as built, so what it prints is what is
+/// enforced: the names a connector's next hops must carry when none are
+/// configured (each hop's own), and a route's server name.
+#[test]
+fn check_describes_the_names_each_next_hop_is_verified_against() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchors = tlsrelay_tests::Pki::new();
+    let file = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            r#"
+ebpf.enabled = false
+accepted_domains = ["example.org"]
+[[listeners]]
+name = "mx"
+address = "127.0.0.1:0"
+protocol = "smtp"
+tls.mode = "off"
+[[listeners]]
+name = "t"
+address = "127.0.0.1:0"
+upstream = "up"
+tls.mode = "off"
+[[upstreams]]
+name = "up"
+address = "backend.example:443"
+tls.policy = "required"
+tls.server_name = "api.example"
+tls.trust_anchors = {anchors}
+[[outbound_connectors]]
+name = "inside"
+recipient_domains = ["example.org"]
+next_hops = ["mx1.example.org:25", "192.0.2.7:25"]
+tls.policy = "required"
+tls.verify = "name"
+tls.trust_anchors = {anchors}
+"#,
+            anchors = tlsrelay_tests::toml_path(&anchors.ca_pem),
+        ),
+    );
+    let out = tlsrelay(&["check", &file]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("no '{start}' line: {stdout}"))
+            .to_string()
+    };
+    let connector = line("outbound connector inside");
+    assert!(
+        connector.contains("verify name [mx1.example.org]")
+            && connector.contains("; 192.0.2.7:25, verify name [192.0.2.7]"),
+        "{connector}"
+    );
+    assert!(
+        line("upstream up").contains("verify name [api.example]"),
+        "{stdout}"
+    );
+}

@@ -19,6 +19,7 @@ use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verif
 use crate::pump::SpliceEngine;
 use crate::report::SessionReport;
 use crate::session::{self, ListenerPlan, RoutePlan, Timeouts};
+use crate::smtp::address::DomainPattern;
 use crate::smtp::client::{MailConnector, NextHopPlan};
 use crate::smtp::forward::Routing;
 use crate::smtp::next_hop::SmtpTimeouts;
@@ -239,12 +240,12 @@ impl Plan {
                 .map(describe_inbound_connector),
         );
         description.extend(
-            config
-                .outbound_connectors
+            smtp.routing
+                .routes
                 .iter()
-                .map(describe_outbound_connector),
+                .map(|(domains, i)| describe_outbound_connector(&smtp.connectors[*i], domains)),
         );
-        description.extend(config.upstreams.iter().map(describe_route));
+        description.extend(routes.iter().map(|r| describe_route(r)));
         description.push(describe_dataplane(config));
         Ok(Plan {
             listeners,
@@ -409,7 +410,12 @@ fn outbound_tls(
                 .map_err(|e| src.error(path.span(), field("crls"), e))?,
         );
     }
+    let anchors_from = t
+        .trust_anchors
+        .as_ref()
+        .map_or("system".to_string(), |p| p.get_ref().display().to_string());
     let settings = UpstreamTlsSettings {
+        anchors_from,
         crls,
         verification,
         enforce: t.policy == OutboundPolicy::Required,
@@ -507,35 +513,30 @@ fn describe_inbound_connector(c: &crate::config::InboundConnector) -> String {
     )
 }
 
-fn describe_outbound_connector(c: &crate::config::OutboundConnector) -> String {
-    let domains: Vec<String> = c
-        .recipient_domains
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let hops: Vec<String> = c
-        .next_hops
-        .iter()
-        .map(|h| h.get_ref().to_string())
-        .collect();
-    let t = &c.tls;
+fn describe_outbound_connector(c: &MailConnector, domains: &[DomainPattern]) -> String {
+    let domains: Vec<String> = domains.iter().map(ToString::to_string).collect();
+    let hops: Vec<String> = c.next_hops.iter().map(|h| h.address.to_string()).collect();
     let mut s = format!(
         "outbound connector {}: recipients {} via {}: TLS {}",
-        c.name.get_ref(),
+        c.name,
         domains.join(", "),
         hops.join(", then "),
-        t.policy
+        c.policy
     );
-    if t.policy != OutboundPolicy::Plain {
-        s += &format!(", verify {}", t.verification());
-        if t.verification() == Verification::Name && !t.names.is_empty() {
-            let names: Vec<String> = t.names.iter().map(ToString::to_string).collect();
-            s += &format!(" [{}]", names.join(" | "));
+    let mut described: Option<&str> = None;
+    for hop in &c.next_hops {
+        let Some(tls) = &hop.tls else { continue };
+        match described {
+            None => s += tls.description(),
+            Some(first) if first != tls.description() => {
+                s += &format!("; {}{}", hop.address, tls.description());
+            }
+            Some(_) => {}
         }
-        s += &format!(", minimum {}{}", t.min_version, describe_peer_checks(t));
-        if t.policy == OutboundPolicy::Required {
-            s += ", 451 4.7.5 when TLS cannot be had";
-        }
+        described.get_or_insert(tls.description());
+    }
+    if c.policy == OutboundPolicy::Required {
+        s += ", 451 4.7.5 when TLS cannot be had";
     }
     s
 }
@@ -558,47 +559,16 @@ fn describe_dataplane(config: &Config) -> String {
     format!("data plane: {ktls}; {engine}")
 }
 
-fn describe_route(up: &Upstream) -> String {
-    let t = &up.tls;
+fn describe_route(route: &RoutePlan) -> String {
     let mut s = format!(
         "upstream {} at {}: outbound TLS {}",
-        up.name.get_ref(),
-        up.address.get_ref(),
-        t.policy
+        route.name, route.address, route.policy
     );
-    if t.policy != OutboundPolicy::Plain {
-        s += &format!(", verify {}", t.verification());
-        if t.verification() == Verification::Name {
-            let names: Vec<String> = if t.names.is_empty() {
-                let host = &up.address.get_ref().host;
-                vec![default_name_pattern(t.server_name.as_ref().unwrap_or(host)).to_string()]
-            } else {
-                t.names.iter().map(ToString::to_string).collect()
-            };
-            s += &format!(" [{}]", names.join(" | "));
-        }
-        s += &format!(", minimum {}{}", t.min_version, describe_peer_checks(t));
-        if t.policy == OutboundPolicy::Opportunistic {
+    if let Some(tls) = &route.tls {
+        s += tls.description();
+        if route.policy == OutboundPolicy::Opportunistic {
             s += ", falls back to plaintext when TLS fails";
         }
-    }
-    s
-}
-
-/// Trust anchors, revocation lists and the client certificate of an
-/// outbound TLS setting, as the tail of a description.
-fn describe_peer_checks(t: &crate::config::OutboundTls) -> String {
-    let mut s = format!(
-        ", trust anchors {}",
-        t.trust_anchors
-            .as_ref()
-            .map_or("system".to_string(), |p| p.get_ref().display().to_string())
-    );
-    if !t.crls.is_empty() {
-        s += &format!(", revocation checked against {} CRL file(s)", t.crls.len());
-    }
-    if t.client_certificate.is_some() {
-        s += ", presents a client certificate";
     }
     s
 }

@@ -32,6 +32,33 @@ pub struct UpstreamTlsSettings {
     pub client_certificate: Option<Arc<CertifiedKey>>,
     /// Revocation lists the chain is checked against (none: no checking).
     pub crls: Vec<webpki::CertRevocationList<'static>>,
+    /// Where `roots` came from (a file, or `system`), for descriptions.
+    pub anchors_from: String,
+}
+
+impl UpstreamTlsSettings {
+    /// What these settings check, as `check` and the banner print it.
+    fn describe(&self) -> String {
+        let mut s = format!(", verify {}", self.verification);
+        if self.verification == Verification::Name {
+            let names: Vec<String> = self.names.iter().map(ToString::to_string).collect();
+            s += &format!(" [{}]", names.join(" | "));
+        }
+        s += &format!(
+            ", minimum {}, trust anchors {}",
+            self.min_version, self.anchors_from
+        );
+        if !self.crls.is_empty() {
+            s += &format!(
+                ", revocation checked against {} CRL file(s)",
+                self.crls.len()
+            );
+        }
+        if self.client_certificate.is_some() {
+            s += ", presents a client certificate";
+        }
+        s
+    }
 }
 
 /// An upstream route's ready-to-use client configuration.
@@ -39,10 +66,12 @@ pub struct UpstreamTls {
     config: Arc<ClientConfig>,
     check: Arc<PeerCheck>,
     server_name: ServerName<'static>,
+    description: String,
 }
 
 impl UpstreamTls {
     pub fn new(settings: UpstreamTlsSettings) -> Result<UpstreamTls, TlsError> {
+        let description = settings.describe();
         let check = Arc::new(PeerCheck {
             verification: settings.verification,
             enforce: settings.enforce,
@@ -66,7 +95,14 @@ impl UpstreamTls {
             config: Arc::new(config),
             check,
             server_name: settings.server_name,
+            description,
         })
+    }
+
+    /// What this TLS verifies and offers, as built (`, verify name [..],
+    /// minimum 1.2, trust anchors ...`).
+    pub fn description(&self) -> &str {
+        &self.description
     }
 
     pub fn connector(&self) -> TlsConnector {
