@@ -218,58 +218,12 @@ fn run(
     crate::pump::set_uring_workers(config.dataplane.workers());
     let plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
     // Before any socket exists: sockets belong to their creator's cgroup.
-    let wire = if config.ebpf.enabled {
-        let mut settings = config.ebpf.settings();
-        // SMTP is read on the SMTP listeners' ports and the next hops'.
-        settings.smtp_ports.extend(
-            config
-                .listeners
-                .iter()
-                .filter(|l| l.protocol == crate::config::Protocol::Smtp)
-                .map(|l| l.address.get_ref().port()),
-        );
-        settings.smtp_ports.extend(
-            config
-                .outbound_connectors
-                .iter()
-                .flat_map(|c| &c.next_hops)
-                .map(|h| h.get_ref().port),
-        );
-
-        match crate::bpf::WireCounters::start(&settings) {
-            Ok(w) => Ok(std::sync::Arc::new(w)),
-            Err(e) => Err(format!("eBPF wire counters off: {e}")),
-        }
-    } else {
-        Err("eBPF wire counters off (ebpf.enabled = false)".to_string())
-    };
+    let wire = start_wire_counters(&config);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let description = plan.description.clone();
         let mut relay = Relay::bind(plan).await?;
-        let wire_line = match &wire {
-            Ok(w) => {
-                relay.record_wire_views(w.clone());
-                let smtp = |name: &str| {
-                    config.listeners.iter().any(|l| {
-                        l.name.get_ref() == name && l.protocol == crate::config::Protocol::Smtp
-                    })
-                };
-                for (name, addr) in relay.local_addrs() {
-                    if smtp(&name) {
-                        if let Err(e) = w.read_as_smtp(addr.port()) {
-                            tracing::warn!("eBPF: SMTP on port {} not read: {e}", addr.port());
-                        }
-                    }
-                }
-                format!(
-                    "eBPF wire counters on the sockets of cgroup {}, maps pinned in {}",
-                    w.cgroup.display(),
-                    w.pin_dir.display()
-                )
-            }
-            Err(why) => why.clone(),
-        };
+        let wire_line = attach_wire_counters(&mut relay, &wire, &config);
         println!(
             "tlsrelay {} running ({})",
             env!("CARGO_PKG_VERSION"),
@@ -283,34 +237,11 @@ fn run(
         }
         println!("  {wire_line}");
         if let Some(address) = config.metrics.address {
-            let listener = crate::metrics::bind(address)
-                .await
-                .with_context(|| format!("metrics: cannot listen on {address}"))?;
-            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(
-                wire.as_ref().ok().map(|w| w.pin_dir.clone()),
-            ));
-            relay.count_into(metrics.clone());
-            let bound = listener.local_addr().unwrap_or(address);
-            // Scrapes are no relay sessions: the wire program skips them.
-            if let Ok(w) = &wire {
-                if let Err(e) = w.ignore_local_port(bound.port()) {
-                    tracing::warn!("eBPF: metrics scrapes will be counted: {e}");
-                }
-            }
-            println!("  metrics on http://{bound}/metrics");
-            tokio::spawn(crate::metrics::serve(listener, metrics));
+            serve_metrics(&mut relay, address, &wire).await?;
         }
         println!("  state directory {}", state_dir.display());
         if json_reports {
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            relay.send_reports_to(tx);
-            tokio::spawn(async move {
-                while let Some(report) = rx.recv().await {
-                    if let Ok(line) = serde_json::to_string(&report) {
-                        println!("{line}");
-                    }
-                }
-            });
+            print_json_reports(&mut relay);
         }
         let reloader = std::sync::Arc::new(crate::reload::Reloader::new(
             config_path,
@@ -331,6 +262,100 @@ fn run(
         tracing::info!("shutting down");
         anyhow::Ok(())
     })
+}
+
+type Wire = Result<std::sync::Arc<crate::bpf::WireCounters>, String>;
+
+/// Loads and attaches the eBPF program, or says why the counters are off.
+fn start_wire_counters(config: &Config) -> Wire {
+    if !config.ebpf.enabled {
+        return Err("eBPF wire counters off (ebpf.enabled = false)".to_string());
+    }
+    let mut settings = config.ebpf.settings();
+    // SMTP is read on the SMTP listeners' ports and the next hops'.
+    settings.smtp_ports.extend(
+        config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == crate::config::Protocol::Smtp)
+            .map(|l| l.address.get_ref().port()),
+    );
+    settings.smtp_ports.extend(
+        config
+            .outbound_connectors
+            .iter()
+            .flat_map(|c| &c.next_hops)
+            .map(|h| h.get_ref().port),
+    );
+    match crate::bpf::WireCounters::start(&settings) {
+        Ok(w) => Ok(std::sync::Arc::new(w)),
+        Err(e) => Err(format!("eBPF wire counters off: {e}")),
+    }
+}
+
+/// Points the wire counters at the bound listeners; the banner's line.
+fn attach_wire_counters(relay: &mut Relay, wire: &Wire, config: &Config) -> String {
+    let w = match wire {
+        Ok(w) => w,
+        Err(why) => return why.clone(),
+    };
+    relay.record_wire_views(w.clone());
+    let smtp = |name: &str| {
+        config
+            .listeners
+            .iter()
+            .any(|l| l.name.get_ref() == name && l.protocol == crate::config::Protocol::Smtp)
+    };
+    for (name, addr) in relay.local_addrs() {
+        if smtp(&name) {
+            if let Err(e) = w.read_as_smtp(addr.port()) {
+                tracing::warn!("eBPF: SMTP on port {} not read: {e}", addr.port());
+            }
+        }
+    }
+    format!(
+        "eBPF wire counters on the sockets of cgroup {}, maps pinned in {}",
+        w.cgroup.display(),
+        w.pin_dir.display()
+    )
+}
+
+/// Binds the metrics listener and serves /metrics from it.
+async fn serve_metrics(
+    relay: &mut Relay,
+    address: std::net::SocketAddr,
+    wire: &Wire,
+) -> anyhow::Result<()> {
+    let listener = crate::metrics::bind(address)
+        .await
+        .with_context(|| format!("metrics: cannot listen on {address}"))?;
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(
+        wire.as_ref().ok().map(|w| w.pin_dir.clone()),
+    ));
+    relay.count_into(metrics.clone());
+    let bound = listener.local_addr().unwrap_or(address);
+    // Scrapes are no relay sessions: the wire program skips them.
+    if let Ok(w) = wire {
+        if let Err(e) = w.ignore_local_port(bound.port()) {
+            tracing::warn!("eBPF: metrics scrapes will be counted: {e}");
+        }
+    }
+    println!("  metrics on http://{bound}/metrics");
+    tokio::spawn(crate::metrics::serve(listener, metrics));
+    Ok(())
+}
+
+/// Each session report as a JSON line on stdout.
+fn print_json_reports(relay: &mut Relay) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    relay.send_reports_to(tx);
+    tokio::spawn(async move {
+        while let Some(report) = rx.recv().await {
+            if let Ok(line) = serde_json::to_string(&report) {
+                println!("{line}");
+            }
+        }
+    });
 }
 
 /// How often the configuration's files are looked at for changes.

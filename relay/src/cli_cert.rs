@@ -249,96 +249,118 @@ fn check(
     let mut worst = Level::Ok;
     let mut reports = Vec::new();
     for s in &subjects {
-        let mut findings = Vec::new();
         let mut endpoints = Vec::new();
-        match load(s) {
-            Err(e) => findings.push(Finding {
+        let findings = match load(s) {
+            Err(e) => vec![Finding {
                 level: Level::Error,
                 what: e,
-            }),
+            }],
             Ok((chain, info)) => {
-                if let Some(key) = &s.key {
-                    findings.push(match crate::tls::load_certified_key(&s.chain, key) {
-                        Ok(_) => Finding {
-                            level: Level::Ok,
-                            what: format!("key {} matches the certificate", key.display()),
-                        },
-                        Err(e) => Finding {
-                            level: Level::Error,
-                            what: e.to_string(),
-                        },
-                    });
-                }
                 let mut names = s.names.clone();
                 names.extend(
                     extra_names
                         .iter()
                         .map(|n| (n.clone(), "--name".to_string())),
                 );
-                findings.extend(inspect::check(
-                    &CheckInput {
-                        chain: &chain,
-                        roots: &roots,
-                        names: &names,
-                        now,
-                    },
-                    &info,
-                ));
+                let input = CheckInput {
+                    chain: &chain,
+                    roots: &roots,
+                    names: &names,
+                    now,
+                };
+                let mut findings = key_finding(s).into_iter().collect::<Vec<_>>();
+                findings.extend(inspect::check(&input, &info));
                 if reach {
                     endpoints = inspect::reach(&info, Duration::from_secs_f64(timeout));
-                    for r in &endpoints {
-                        findings.push(Finding {
-                            level: if r.reachable { Level::Ok } else { Level::Error },
-                            what: format!(
-                                "{} {} {}: {}",
-                                r.kind,
-                                r.url,
-                                if r.reachable {
-                                    "reachable"
-                                } else {
-                                    "UNREACHABLE"
-                                },
-                                r.detail
-                            ),
-                        });
-                    }
+                    findings.extend(endpoints.iter().map(reach_finding));
                 } else {
-                    let listed: Vec<String> = info
-                        .crl_urls
-                        .iter()
-                        .map(|u| format!("CRL {u}"))
-                        .chain(info.ocsp_urls.iter().map(|u| format!("OCSP {u}")))
-                        .chain(info.ca_issuer_urls.iter().map(|u| format!("CA issuer {u}")))
-                        .collect();
-                    findings.push(Finding {
-                        level: Level::Ok,
-                        what: if listed.is_empty() {
-                            "no revocation or issuer endpoints in the certificate".into()
-                        } else {
-                            format!("endpoints (try them with --reach): {}", listed.join(", "))
-                        },
-                    });
+                    findings.push(listed_endpoints(&info));
                 }
+                findings
             }
-        }
+        };
         worst = findings.iter().map(|f| f.level).fold(worst, Level::max);
         if json {
             reports.push(serde_json::json!({
                 "role": s.role, "file": s.chain, "findings": findings, "endpoints": endpoints,
             }));
         } else {
-            println!("{}: {}", s.role, s.chain.display());
-            for f in &findings {
-                let level = match f.level {
-                    Level::Ok => "ok",
-                    Level::Warning => "WARNING",
-                    Level::Error => "ERROR",
-                };
-                println!("  {level:<8} {}", f.what);
-            }
-            println!();
+            print_findings(s, &findings);
         }
     }
+    print_verdict(worst, json, reports);
+    if worst == Level::Error {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Whether the configured key belongs to the certificate.
+fn key_finding(s: &Subject) -> Option<Finding> {
+    let key = s.key.as_ref()?;
+    Some(match crate::tls::load_certified_key(&s.chain, key) {
+        Ok(_) => Finding {
+            level: Level::Ok,
+            what: format!("key {} matches the certificate", key.display()),
+        },
+        Err(e) => Finding {
+            level: Level::Error,
+            what: e.to_string(),
+        },
+    })
+}
+
+fn reach_finding(r: &inspect::Reach) -> Finding {
+    Finding {
+        level: if r.reachable { Level::Ok } else { Level::Error },
+        what: format!(
+            "{} {} {}: {}",
+            r.kind,
+            r.url,
+            if r.reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            },
+            r.detail
+        ),
+    }
+}
+
+/// The certificate's revocation and issuer endpoints, not contacted.
+fn listed_endpoints(info: &CertificateInfo) -> Finding {
+    let listed: Vec<String> = info
+        .crl_urls
+        .iter()
+        .map(|u| format!("CRL {u}"))
+        .chain(info.ocsp_urls.iter().map(|u| format!("OCSP {u}")))
+        .chain(info.ca_issuer_urls.iter().map(|u| format!("CA issuer {u}")))
+        .collect();
+    Finding {
+        level: Level::Ok,
+        what: if listed.is_empty() {
+            "no revocation or issuer endpoints in the certificate".into()
+        } else {
+            format!("endpoints (try them with --reach): {}", listed.join(", "))
+        },
+    }
+}
+
+fn print_findings(s: &Subject, findings: &[Finding]) {
+    println!("{}: {}", s.role, s.chain.display());
+    for f in findings {
+        let level = match f.level {
+            Level::Ok => "ok",
+            Level::Warning => "WARNING",
+            Level::Error => "ERROR",
+        };
+        println!("  {level:<8} {}", f.what);
+    }
+    println!();
+}
+
+fn print_verdict(worst: Level, json: bool, reports: Vec<serde_json::Value>) {
     if json {
         println!(
             "{}",
@@ -356,11 +378,6 @@ fn check(
                 Level::Error => "FAILED: see the errors above",
             }
         );
-    }
-    if worst == Level::Error {
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
     }
 }
 

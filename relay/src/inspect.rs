@@ -257,40 +257,7 @@ pub const MIN_EC_BITS: usize = 256;
 
 /// Checks a chain: trusted path, validity window, names, key strength.
 pub fn check(input: &CheckInput<'_>, info: &CertificateInfo) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let days = info.days_left(input.now);
-    let not_after = &info.not_after;
-    out.push(if days < 0 {
-        Finding::new(Level::Error, format!("expired on {not_after}"))
-    } else if days < EXPIRY_WARNING_DAYS {
-        Finding::new(
-            Level::Warning,
-            format!("expires in {days} days ({not_after}), under {EXPIRY_WARNING_DAYS}"),
-        )
-    } else {
-        Finding::new(
-            Level::Ok,
-            format!("valid for {days} more days (until {not_after})"),
-        )
-    });
-    let weak = if info.key.starts_with("RSA") {
-        info.key_bits < MIN_RSA_BITS
-    } else if info.key.starts_with("ECDSA") {
-        info.key_bits < MIN_EC_BITS
-    } else {
-        info.key_bits == 0
-    };
-    out.push(if weak {
-        Finding::new(
-            Level::Error,
-            format!(
-                "key {} is below policy (RSA {MIN_RSA_BITS}, EC {MIN_EC_BITS} bits)",
-                info.key
-            ),
-        )
-    } else {
-        Finding::new(Level::Ok, format!("key {}", info.key))
-    });
+    let mut out = vec![validity(info, input.now), key_policy(info)];
     let leaf = match webpki::EndEntityCert::try_from(&input.chain[0]) {
         Ok(leaf) => leaf,
         Err(e) => {
@@ -301,34 +268,7 @@ pub fn check(input: &CheckInput<'_>, info: &CertificateInfo) -> Vec<Finding> {
             return out;
         }
     };
-    let algorithms = crate::tls::provider().signature_verification_algorithms.all;
-    let path = leaf.verify_for_usage(
-        algorithms,
-        &input.roots.roots,
-        &input.chain[1..],
-        input.now,
-        webpki::KeyUsage::server_auth(),
-        None,
-        None,
-    );
-    out.push(match path {
-        Ok(_) => Finding::new(
-            Level::Ok,
-            format!("chains to a trusted root ({})", info.root_issuer),
-        ),
-        // Expiry has its own finding above.
-        Err(webpki::Error::CertExpired { .. }) => Finding::new(
-            Level::Error,
-            "chain does not validate now: a certificate in it has expired",
-        ),
-        Err(e) => Finding::new(
-            Level::Error,
-            format!(
-                "does not chain to a trusted root: {e:?} (issuer {})",
-                info.issuer
-            ),
-        ),
-    });
+    out.push(trust_path(input, info, &leaf));
     for (name, who) in input.names {
         let covered = ServerName::try_from(name.as_str())
             .ok()
@@ -340,6 +280,80 @@ pub fn check(input: &CheckInput<'_>, info: &CertificateInfo) -> Vec<Finding> {
         });
     }
     out
+}
+
+fn validity(info: &CertificateInfo, now: UnixTime) -> Finding {
+    let days = info.days_left(now);
+    let not_after = &info.not_after;
+    if days < 0 {
+        Finding::new(Level::Error, format!("expired on {not_after}"))
+    } else if days < EXPIRY_WARNING_DAYS {
+        Finding::new(
+            Level::Warning,
+            format!("expires in {days} days ({not_after}), under {EXPIRY_WARNING_DAYS}"),
+        )
+    } else {
+        Finding::new(
+            Level::Ok,
+            format!("valid for {days} more days (until {not_after})"),
+        )
+    }
+}
+
+fn key_policy(info: &CertificateInfo) -> Finding {
+    let weak = if info.key.starts_with("RSA") {
+        info.key_bits < MIN_RSA_BITS
+    } else if info.key.starts_with("ECDSA") {
+        info.key_bits < MIN_EC_BITS
+    } else {
+        info.key_bits == 0
+    };
+    if weak {
+        Finding::new(
+            Level::Error,
+            format!(
+                "key {} is below policy (RSA {MIN_RSA_BITS}, EC {MIN_EC_BITS} bits)",
+                info.key
+            ),
+        )
+    } else {
+        Finding::new(Level::Ok, format!("key {}", info.key))
+    }
+}
+
+fn trust_path(
+    input: &CheckInput<'_>,
+    info: &CertificateInfo,
+    leaf: &webpki::EndEntityCert<'_>,
+) -> Finding {
+    let algorithms = crate::tls::provider().signature_verification_algorithms.all;
+    let path = leaf.verify_for_usage(
+        algorithms,
+        &input.roots.roots,
+        &input.chain[1..],
+        input.now,
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    );
+    match path {
+        Ok(_) => Finding::new(
+            Level::Ok,
+            format!("chains to a trusted root ({})", info.root_issuer),
+        ),
+        // Expiry has its own finding.
+        Err(webpki::Error::CertExpired { .. }) => Finding::new(
+            Level::Error,
+            "chain does not validate now: a certificate in it has expired",
+        ),
+        Err(e) => Finding::new(
+            Level::Error,
+            format!(
+                "does not chain to a trusted root: {e:?} (issuer {})",
+                info.issuer
+            ),
+        ),
+    }
 }
 
 /// Whether one endpoint a validating peer fetches can be reached from here.

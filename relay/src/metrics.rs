@@ -49,6 +49,37 @@ fn version(leg: &Option<LegSecurity>) -> String {
     }
 }
 
+impl Inner {
+    /// Key exchange groups and full or resumed handshakes, per TLS leg.
+    fn count_tls_legs(&mut self, r: &SessionReport) {
+        let m = self;
+        for (leg, security) in [("inbound", &r.inbound), ("outbound", &r.outbound)] {
+            if let Some(LegSecurity::Tls { negotiated, .. }) = security {
+                let group = negotiated.group.clone().unwrap_or_else(|| "unknown".into());
+                *m.key_exchange
+                    .entry(vec![
+                        ("listener", r.listener.clone()),
+                        ("leg", leg.into()),
+                        ("group", group),
+                    ])
+                    .or_default() += 1;
+                let kind = if negotiated.resumed {
+                    "resumed"
+                } else {
+                    "full"
+                };
+                *m.tls_handshakes
+                    .entry(vec![
+                        ("listener", r.listener.clone()),
+                        ("leg", leg.into()),
+                        ("kind", kind.into()),
+                    ])
+                    .or_default() += 1;
+            }
+        }
+    }
+}
+
 impl Metrics {
     pub fn new(wire_pins: Option<PathBuf>) -> Metrics {
         let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
@@ -100,30 +131,7 @@ impl Metrics {
                 ])
                 .or_default() += 1;
         }
-        for (leg, security) in [("inbound", &r.inbound), ("outbound", &r.outbound)] {
-            if let Some(LegSecurity::Tls { negotiated, .. }) = security {
-                let group = negotiated.group.clone().unwrap_or_else(|| "unknown".into());
-                *m.key_exchange
-                    .entry(vec![
-                        ("listener", r.listener.clone()),
-                        ("leg", leg.into()),
-                        ("group", group),
-                    ])
-                    .or_default() += 1;
-                let kind = if negotiated.resumed {
-                    "resumed"
-                } else {
-                    "full"
-                };
-                *m.tls_handshakes
-                    .entry(vec![
-                        ("listener", r.listener.clone()),
-                        ("leg", leg.into()),
-                        ("kind", kind.into()),
-                    ])
-                    .or_default() += 1;
-            }
-        }
+        m.count_tls_legs(r);
         for t in &r.transactions {
             let reply = t
                 .result

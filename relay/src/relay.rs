@@ -226,33 +226,45 @@ impl Plan {
             };
             listeners.push((*l.address.get_ref(), listening));
         }
-        if config
-            .listeners
-            .iter()
-            .any(|l| l.protocol == Protocol::Smtp)
-        {
-            description.extend(smtp.routing.admission.describe());
-        }
-        description.extend(
-            config
-                .inbound_connectors
-                .iter()
-                .map(describe_inbound_connector),
-        );
-        description.extend(
-            smtp.routing
-                .routes
-                .iter()
-                .map(|(domains, i)| describe_outbound_connector(&smtp.connectors[*i], domains)),
-        );
-        description.extend(routes.iter().map(|r| describe_route(r)));
-        description.push(describe_dataplane(config));
+        description.extend(describe_connectors_and_routes(config, &smtp, &routes));
         Ok(Plan {
             listeners,
             max_connections: *config.limits.max_connections.get_ref(),
             description,
         })
     }
+}
+
+/// The plan's lines after the listeners': who may relay, the connectors,
+/// the routes (as built), the data plane.
+fn describe_connectors_and_routes(
+    config: &Config,
+    smtp: &SmtpShared,
+    routes: &[Arc<RoutePlan>],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if config
+        .listeners
+        .iter()
+        .any(|l| l.protocol == Protocol::Smtp)
+    {
+        out.extend(smtp.routing.admission.describe());
+    }
+    out.extend(
+        config
+            .inbound_connectors
+            .iter()
+            .map(describe_inbound_connector),
+    );
+    out.extend(
+        smtp.routing
+            .routes
+            .iter()
+            .map(|(domains, i)| describe_outbound_connector(&smtp.connectors[*i], domains)),
+    );
+    out.extend(routes.iter().map(|r| describe_route(r)));
+    out.push(describe_dataplane(config));
+    out
 }
 
 fn load_key_pair(

@@ -563,6 +563,50 @@ fn pinned_counters<T: aya::Pod + Default + wire::Accumulate>(
     Ok(sum(&array.get(&0, 0).map_err(aya_err(name.to_string()))?))
 }
 
+/// One socket as the wire and the relay saw it.
+fn connection_view(
+    cookie: u64,
+    c: &wire::Connection,
+    relay: Option<wire::RelayView>,
+    disagreements: Vec<String>,
+) -> ConnectionView {
+    ConnectionView {
+        cookie,
+        local_port: c.local_port,
+        remote_port: c.remote_port,
+        wire: WireSide {
+            offered_version: version_name(c.offered_version),
+            negotiated_version: version_name(c.negotiated_version),
+            cipher_suite: c.cipher_suite,
+            plaintext: c.plaintext != 0,
+            plaintext_mail: c.plaintext_mail != 0,
+            starttls: [
+                c.starttls_offered != 0,
+                c.starttls_issued != 0,
+                c.starttls_accepted != 0,
+            ],
+            handshake_alert: (c.handshake_alert != 0).then_some(c.alert_description),
+            unparsed: c.unparsed != 0,
+            reassembled: c.reassembled != 0,
+            key_exchange: group_name(c.key_share_group),
+        },
+        relay: relay.map(|r| RelaySide {
+            leg: if r.leg == wire::LEG_CLIENT {
+                "client"
+            } else {
+                "upstream"
+            },
+            negotiated_version: version_name(r.negotiated_version),
+            cipher_suite: r.cipher_suite,
+            downgraded: r.downgraded != 0,
+            handshake_failed: r.handshake_failed != 0,
+            tls_off: r.tls_off != 0,
+            key_exchange: group_name(r.key_share_group),
+        }),
+        disagreements,
+    }
+}
+
 /// Reads the pinned maps (no running relay needed) and joins the wire's
 /// records with the relay's, flagging each disagreement.
 pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
@@ -582,41 +626,7 @@ pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
         let disagreements = relay
             .as_ref()
             .map_or_else(Vec::new, |r| disagreements(&c, r));
-        connections.push(ConnectionView {
-            cookie,
-            local_port: c.local_port,
-            remote_port: c.remote_port,
-            wire: WireSide {
-                offered_version: version_name(c.offered_version),
-                negotiated_version: version_name(c.negotiated_version),
-                cipher_suite: c.cipher_suite,
-                plaintext: c.plaintext != 0,
-                plaintext_mail: c.plaintext_mail != 0,
-                starttls: [
-                    c.starttls_offered != 0,
-                    c.starttls_issued != 0,
-                    c.starttls_accepted != 0,
-                ],
-                handshake_alert: (c.handshake_alert != 0).then_some(c.alert_description),
-                unparsed: c.unparsed != 0,
-                reassembled: c.reassembled != 0,
-                key_exchange: group_name(c.key_share_group),
-            },
-            relay: relay.map(|r| RelaySide {
-                leg: if r.leg == wire::LEG_CLIENT {
-                    "client"
-                } else {
-                    "upstream"
-                },
-                negotiated_version: version_name(r.negotiated_version),
-                cipher_suite: r.cipher_suite,
-                downgraded: r.downgraded != 0,
-                handshake_failed: r.handshake_failed != 0,
-                tls_off: r.tls_off != 0,
-                key_exchange: group_name(r.key_share_group),
-            }),
-            disagreements,
-        });
+        connections.push(connection_view(cookie, &c, relay, disagreements));
     }
     connections.sort_by_key(|c| c.cookie);
     let disagreements = connections.iter().map(|c| c.disagreements.len()).sum();
