@@ -3,7 +3,7 @@
 //! (certificates, keys, trust anchors).
 
 use tlsrelay::config::Config;
-use tlsrelay::relay::{Plan, SelfSignedSource};
+use tlsrelay::plan::{Plan, SelfSignedSource};
 use tlsrelay_tests::{toml_path, Pki};
 
 const GOOD_TAIL: &str = r#"

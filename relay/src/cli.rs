@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
-use crate::relay::{Plan, Relay, SelfSignedSource};
+use crate::listeners::Listeners;
+use crate::plan::{Plan, SelfSignedSource};
 
 #[derive(Debug, Parser)]
 #[command(name = "tlsrelay", version, about = "A TLS relay for Linux edge hosts")]
@@ -222,7 +223,7 @@ fn run(
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let description = plan.description.clone();
-        let mut relay = Relay::bind(plan).await?;
+        let mut relay = Listeners::bind(plan).await?;
         let wire_line = attach_wire_counters(&mut relay, &wire, &config);
         println!(
             "tlsrelay {} running ({})",
@@ -294,7 +295,7 @@ fn start_wire_counters(config: &Config) -> Wire {
 }
 
 /// Points the wire counters at the bound listeners; the banner's line.
-fn attach_wire_counters(relay: &mut Relay, wire: &Wire, config: &Config) -> String {
+fn attach_wire_counters(relay: &mut Listeners, wire: &Wire, config: &Config) -> String {
     let w = match wire {
         Ok(w) => w,
         Err(why) => return why.clone(),
@@ -322,7 +323,7 @@ fn attach_wire_counters(relay: &mut Relay, wire: &Wire, config: &Config) -> Stri
 
 /// Binds the metrics listener and serves /metrics from it.
 async fn serve_metrics(
-    relay: &mut Relay,
+    relay: &mut Listeners,
     address: std::net::SocketAddr,
     wire: &Wire,
 ) -> anyhow::Result<()> {
@@ -346,7 +347,7 @@ async fn serve_metrics(
 }
 
 /// Each session report as a JSON line on stdout.
-fn print_json_reports(relay: &mut Relay) {
+fn print_json_reports(relay: &mut Listeners) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     relay.send_reports_to(tx);
     tokio::spawn(async move {

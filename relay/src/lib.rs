@@ -1,22 +1,25 @@
-//! tlsrelay: a TLS relay for Linux edge hosts.
+//! tlsrelay's runtime: the core's policy and SMTP machines
+//! ([`tlsrelay_core`]) and the kernel interfaces ([`tlsrelay_sys`]) driven
+//! with tokio, rustls and sockets.
 //!
-//! rustls performs handshakes and the opportunistic-or-forced policy in
-//! userspace; bytes then move through a data pump. Protocol and policy logic
-//! is free of I/O ([`policy`]); sockets live in [`session`], [`pump`] and
-//! [`relay`].
+//! A [`plan::Plan`] is built from the config; [`listeners::Listeners`]
+//! binds it and runs one task per session: `session` (bulk TCP) or
+//! `smtp::session`, both setting up their legs through `legs` and, for
+//! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
 pub use tlsrelay_core::{config, policy, report};
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
 mod cli_cert;
-pub mod inspect;
-pub mod legs;
-pub mod metrics;
+mod inspect;
+mod legs;
+pub mod listeners;
+mod metrics;
+pub mod plan;
 pub mod pump;
-pub mod relay;
-pub mod reload;
-pub mod session;
-pub mod smtp;
-pub mod state;
-pub mod tls;
+mod reload;
+mod session;
+mod smtp;
+mod state;
+mod tls;

@@ -12,7 +12,8 @@ use rustls::pki_types::UnixTime;
 
 use crate::config::{Config, ConfigError};
 use crate::inspect::CertificateInfo;
-use crate::relay::{Plan, PlanSwitch, SelfSignedSource};
+use crate::listeners::PlanSwitch;
+use crate::plan::{Plan, SelfSignedSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {

@@ -121,7 +121,7 @@ pub async fn run(
         ktls: plan.ktls,
         engine: plan.engine,
     };
-    let pumped = pump::relay(client_leg, upstream.leg, options).await;
+    let pumped = pump::run(client_leg, upstream.leg, options).await;
     report.data_path = Some(pumped.path);
     report.ktls = pumped.ktls;
     report.path_reason = pumped.path_reason;

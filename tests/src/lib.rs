@@ -21,7 +21,8 @@ pub use tlsrelay;
 pub mod blocking;
 pub mod process;
 use tlsrelay::config::Config;
-use tlsrelay::relay::{Plan, Relay, SelfSignedSource};
+use tlsrelay::listeners::Listeners;
+use tlsrelay::plan::{Plan, SelfSignedSource};
 use tlsrelay::report::SessionReport;
 
 /// How long any single wait in a test may take before it fails.
@@ -580,7 +581,7 @@ impl TestRelay {
             SelfSignedSource::StateDir(state.path().to_path_buf()),
         )
         .unwrap_or_else(|e| panic!("test config unusable: {e}\n{toml}"));
-        let mut relay = Relay::bind(plan).await.unwrap();
+        let mut relay = Listeners::bind(plan).await.unwrap();
         let (tx, reports) = mpsc::unbounded_channel();
         relay.send_reports_to(tx);
         let addrs = relay.local_addrs().into_iter().collect();

@@ -1,7 +1,7 @@
 //! The data plane: moves bytes between a session's two legs until both sides
 //! have closed, propagating half-close (FIN / close_notify) and resets.
 //!
-//! [`relay`] is the one entry point sessions use. It hands every TLS leg to
+//! [`run`] is the one entry point sessions use. It hands every TLS leg to
 //! kernel TLS when the kernel supports the negotiated version and cipher,
 //! and then splices socket -> pipe -> socket without the bytes entering
 //! userspace ([`splice`]); otherwise rustls encrypts and decrypts in this
@@ -155,7 +155,7 @@ pub struct PumpOptions {
 }
 
 /// Relays between `client` and `upstream` until both directions have ended.
-pub async fn relay(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport {
+pub async fn run(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport {
     match offload::prepare(client, upstream, opts.ktls).await {
         offload::Prepared::Splice { client, upstream } => {
             let ktls = [(Side::Client, &client), (Side::Upstream, &upstream)]
@@ -172,12 +172,12 @@ pub async fn relay(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport 
             let (path, (counts, end), path_reason) = match uring {
                 Ok(()) => (
                     DataPath::SpliceIoUring,
-                    uring::relay(client, upstream, opts.idle_timeout).await,
+                    uring::run(client, upstream, opts.idle_timeout).await,
                     None,
                 ),
                 Err(why) => (
                     DataPath::SpliceEpoll,
-                    splice::relay(client, upstream, opts.idle_timeout).await,
+                    splice::run(client, upstream, opts.idle_timeout).await,
                     Some(why).filter(|w| !w.is_empty()),
                 ),
             };
@@ -197,7 +197,7 @@ pub async fn relay(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport 
         } => {
             client.stay_in_userspace();
             upstream.stay_in_userspace();
-            let (counts, end) = userspace::relay(client, upstream, opts.idle_timeout).await;
+            let (counts, end) = userspace::run(client, upstream, opts.idle_timeout).await;
             PumpReport {
                 path: DataPath::Userspace,
                 ktls: Vec::new(),

@@ -15,7 +15,7 @@ use super::offload::SpliceLeg;
 use super::{drive, load, reset_on_close, Activity, Counts, PumpEnd, Side};
 use crate::ktls;
 
-pub(super) async fn relay(
+pub(super) async fn run(
     client: SpliceLeg,
     upstream: SpliceLeg,
     idle: Duration,

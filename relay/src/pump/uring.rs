@@ -232,7 +232,7 @@ pub fn available() -> Result<(), String> {
 }
 
 /// Relays until both directions end, on an io_uring worker.
-pub(super) async fn relay(
+pub(super) async fn run(
     client: SpliceLeg,
     upstream: SpliceLeg,
     idle: Duration,
@@ -829,7 +829,7 @@ mod tests {
     /// both ends close; the pump's counts and end.
     async fn one_session(message: &[u8]) -> ([u64; 2], PumpEnd) {
         let ((mut client, relay_c), (relay_u, mut server)) = (pair().await, pair().await);
-        let pump = tokio::spawn(relay(leg(relay_c), leg(relay_u), Duration::from_secs(10)));
+        let pump = tokio::spawn(run(leg(relay_c), leg(relay_u), Duration::from_secs(10)));
         let mut got = vec![0; message.len()];
         client.write_all(message).await.unwrap();
         server.read_exact(&mut got).await.unwrap();

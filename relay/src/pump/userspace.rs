@@ -25,7 +25,7 @@ const IDLE_BUFFER_SIZE: usize = 512;
 /// Without a byte for this long, a direction gives its full buffer back.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 
-pub(super) async fn relay(client: Leg, upstream: Leg, idle: Duration) -> ([u64; 2], PumpEnd) {
+pub(super) async fn run(client: Leg, upstream: Leg, idle: Duration) -> ([u64; 2], PumpEnd) {
     let activity = Activity::new();
     let counts: Counts = [AtomicU64::new(0), AtomicU64::new(0)];
     let (mut client_read, mut client_write) = tokio::io::split(client);
