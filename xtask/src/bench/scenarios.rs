@@ -1,0 +1,341 @@
+//! The bench's scenarios: what each cell's client, relay and sinks do,
+//! and the load generator runs that measure them.
+
+use super::*;
+
+/// A stream scenario: what the client speaks and what the upstream speaks.
+pub(super) struct Scenario {
+    pub(super) name: &'static str,
+    pub(super) tls_in: bool,
+    pub(super) tls_out: bool,
+}
+
+pub(super) const STREAMS: [Scenario; 4] = [
+    Scenario {
+        name: "plaintext relay",
+        tls_in: false,
+        tls_out: false,
+    },
+    Scenario {
+        name: "TLS termination",
+        tls_in: true,
+        tls_out: false,
+    },
+    Scenario {
+        name: "TLS origination",
+        tls_in: false,
+        tls_out: true,
+    },
+    Scenario {
+        name: "TLS bridge",
+        tls_in: true,
+        tls_out: true,
+    },
+];
+
+pub(super) const TERMINATION: &Scenario = &STREAMS[1];
+
+/// A certificate every relay in a run is configured with.
+pub(super) struct Certs {
+    pub(super) label: &'static str,
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    /// Certificate and key in one file (haproxy, socat).
+    pub(super) pem: PathBuf,
+}
+
+impl Certs {
+    pub(super) fn new(dir: &Path, stem: &str, label: &'static str) -> Self {
+        Certs {
+            label,
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+            pem: dir.join(format!("{stem}.pem")),
+        }
+    }
+}
+
+/// A plaintext and a TLS sink of one kind (discarding or echoing).
+#[derive(Clone, Copy)]
+pub(super) struct SinkPair {
+    pub(super) plain: SocketAddr,
+    pub(super) tls: SocketAddr,
+}
+
+/// One relay's work: the protocol on each side and the sinks behind it.
+pub(super) struct Job<'a> {
+    pub(super) s: &'a Scenario,
+    pub(super) sinks: SinkPair,
+    pub(super) certs: &'a Certs,
+}
+
+impl Bench {
+    /// Runs `tlsrelay-load <command> --to <to> --connections <conns>`
+    /// with `extra` arguments; its one JSON line.
+    pub(super) fn load(
+        &self,
+        command: &str,
+        to: SocketAddr,
+        conns: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
+        let (to, conns) = (to.to_string(), conns.to_string());
+        let out = Command::new(&self.load)
+            .args([command, "--to", &to, "--connections", &conns])
+            .args(extra)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tlsrelay-load {command}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub(super) fn throughput(
+        &self,
+        peer: Peer,
+        s: &Scenario,
+        conns: usize,
+        bytes: u64,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let job = Job {
+            s,
+            sinks: self.discard,
+            certs: &self.ecdsa,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        let (before, machine) = (relay.cpu_seconds()?, machine_cpu_seconds());
+        let bytes = bytes.to_string();
+        let mut extra = vec!["--bytes", &bytes];
+        if s.tls_in {
+            extra.push("--tls");
+        }
+        let r = self.load("blast", relay.listen, conns, &extra)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let machine = machine_cpu_seconds() - machine;
+        let gb = r["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+        let sample = Sample::from([
+            ("gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
+            ("cpu_s_per_gb", cpu / gb),
+            ("machine_cpu_s_per_gb", machine / gb),
+            ("p99_ms", r["p99_ms"].as_f64().unwrap_or(0.0)),
+        ]);
+        Ok(Some((sample, relay.path())))
+    }
+
+    pub(super) fn latency(
+        &self,
+        peer: Peer,
+        s: &Scenario,
+        conns: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let job = Job {
+            s,
+            sinks: self.echo,
+            certs: &self.ecdsa,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        let (before, machine) = (relay.cpu_seconds()?, machine_cpu_seconds());
+        let secs = seconds.to_string();
+        let mut extra = vec!["--seconds", &secs];
+        if s.tls_in {
+            extra.push("--tls");
+        }
+        let r = self.load("rr", relay.listen, conns, &extra)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let machine = machine_cpu_seconds() - machine;
+        let mut sample = pick(&r, &["requests_per_s", "p50_us", "p99_us", "p999_us"]);
+        let requests = sample["requests_per_s"] * seconds;
+        sample.insert("cpu_us_per_req", cpu * 1e6 / requests);
+        sample.insert("machine_cpu_us_per_req", machine * 1e6 / requests);
+        Ok(Some((sample, relay.path())))
+    }
+
+    pub(super) fn handshakes(
+        &self,
+        peer: Peer,
+        certs: &Certs,
+        conns: usize,
+        seconds: f64,
+        resume: bool,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let job = Job {
+            s: TERMINATION,
+            sinks: self.echo,
+            certs,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        let before = relay.cpu_seconds()?;
+        let secs = seconds.to_string();
+        let mut extra = vec!["--seconds", &secs];
+        if resume {
+            extra.push("--resume");
+        }
+        let r = self.load("handshakes", relay.listen, conns, &extra)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let mut sample = pick(&r, &["handshakes_per_s", "p50_us", "p99_us", "resumed"]);
+        sample.insert("resumed", 100.0 * sample["resumed"]);
+        sample.insert(
+            "cpu_ms_per_handshake",
+            cpu * 1000.0 / (sample["handshakes_per_s"] * seconds),
+        );
+        Ok(Some((sample, relay.path())))
+    }
+
+    /// SMTP through tlsrelay (STARTTLS in, STARTTLS to the next hop). The
+    /// stream relays can't speak SMTP; Postfix (store and forward, a
+    /// different job) is checked for interop by the tests, not timed here.
+    pub(super) fn smtp(
+        &self,
+        peer: Peer,
+        conns: usize,
+        messages: usize,
+        size: usize,
+        bdat: bool,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let relay = match peer {
+            Peer::Tlsrelay => {
+                let listen = free_addr()?;
+                let config = self.dir.join("smtp.toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "ebpf.enabled = false\naccepted_domains = [\"bench.test\"]\n[limits]\nmax_connections = 20000\n\n[[listeners]]\nname = \"mx\"\naddress = \"{listen}\"\nprotocol = \"smtp\"\nhostname = \"relay.bench.test\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"bench.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+                        64 << 20,
+                        self.ecdsa.cert.display().to_string(),
+                        self.ecdsa.key.display().to_string(),
+                        self.smtp_sink,
+                    ),
+                )?;
+                let mut child = Guard(
+                    own_group(&mut self.tlsrelay(&config))
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .context("starting tlsrelay")?,
+                );
+                self.groups.borrow_mut().push(child.0.id());
+                wait_for_port(listen, &mut child.0, "tlsrelay")?;
+                Running {
+                    _profile: self.profile(peer, child.0.id())?,
+                    child: Some(child),
+                    listen,
+                    paths: None,
+                }
+            }
+            Peer::Direct => Running {
+                _profile: None,
+                child: None,
+                listen: self.smtp_sink,
+                paths: None,
+            },
+            _ => return Ok(None),
+        };
+        let before = relay.cpu_seconds()?;
+        let (messages, size) = (messages.to_string(), size.to_string());
+        let mut extra = vec!["--messages", &messages, "--size", &size];
+        if bdat {
+            extra.push("--bdat");
+        }
+        let r = self.load("smtp", relay.listen, conns, &extra)?;
+        let cpu = relay.cpu_seconds()? - before;
+        let mut sample = pick(
+            &r,
+            &[
+                "messages_per_s",
+                "gbit_per_s",
+                "p50_us",
+                "p99_us",
+                "p999_us",
+            ],
+        );
+        sample.insert(
+            "cpu_s_per_gb",
+            cpu / (r["bytes"].as_f64().unwrap_or(0.0) / 1e9),
+        );
+        let path = if peer == Peer::Tlsrelay {
+            "userspace (SMTP body)"
+        } else {
+            ""
+        };
+        Ok(Some((sample, path.into())))
+    }
+
+    /// RSS growth per idle established TLS connection.
+    pub(super) fn idle(
+        &self,
+        peer: Peer,
+        count: usize,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        if peer == Peer::Direct || (peer == Peer::Socat && count > 1000) {
+            return Ok(None); // socat forks a process per connection
+        }
+        // The relay, the echo sink and the holder: two descriptors a
+        // connection in the relay, one in each of the others.
+        if count as u64 * 2 + 200 > self.open_files {
+            bail!(
+                "{count} idle connections need {} open files, the limit is {}",
+                count * 2 + 200,
+                self.open_files
+            );
+        }
+        let job = Job {
+            s: TERMINATION,
+            sinks: self.echo,
+            certs: &self.ecdsa,
+        };
+        let Some(relay) = self.start(peer, &job)? else {
+            return Ok(None);
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let before = relay.rss_bytes();
+        let mut holder = Guard(
+            Command::new(&self.load)
+                .args(["hold", "--tls", "--to", &relay.listen.to_string()])
+                .args(["--connections", &count.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+        let stdout = holder.0.stdout.take().context("holder stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("idle connections not open within 120 s")?;
+        if !ready.contains("ready") {
+            let mut err = String::new();
+            if let Some(mut e) = holder.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            bail!("holding {count} connections: {}", err.trim());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after = relay.rss_bytes();
+        if let Some(mut stdin) = holder.0.stdin.take() {
+            let _ = stdin.flush();
+        }
+        let _ = holder.0.wait();
+        let sample = Sample::from([
+            (
+                "kib_per_connection",
+                (after - before) / count as f64 / 1024.0,
+            ),
+            ("rss_mib", after / (1 << 20) as f64),
+        ]);
+        Ok(Some((sample, relay.path())))
+    }
+}
