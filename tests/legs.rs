@@ -21,6 +21,46 @@ fn negotiated_version(security: &Option<LegSecurity>) -> Option<String> {
     }
 }
 
+/// A TCP listener `tcp` to `upstream` and an SMTP listener `mx` to
+/// `next_hop`, both listeners in `mode` and both outbound legs under `tls`.
+fn tcp_and_smtp(
+    mode: &str,
+    upstream: SocketAddr,
+    next_hop: SocketAddr,
+    tls: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+ebpf.enabled = false
+accepted_domains = ["example.org"]
+{extra}
+[[listeners]]
+name = "tcp"
+address = "127.0.0.1:0"
+upstream = "up"
+tls.mode = "{mode}"
+
+[[upstreams]]
+name = "up"
+address = "{upstream}"
+{tls}
+
+[[listeners]]
+name = "mx"
+address = "127.0.0.1:0"
+protocol = "smtp"
+tls.mode = "{mode}"
+
+[[outbound_connectors]]
+name = "inside"
+recipient_domains = ["example.org"]
+next_hops = ["{next_hop}"]
+{tls}
+"#
+    )
+}
+
 /// The outbound leg's downgrade and its socket's record.
 fn outbound_downgrade(report: &SessionReport) -> (String, bool) {
     let reason = report
@@ -53,42 +93,11 @@ async fn a_tls12_peer_is_a_version_downgrade_for_tcp_and_smtp_alike() {
         refuse_marker: "nobody",
     })
     .await;
-    let anchors = toml_path(&pki.ca_pem);
-    let toml = format!(
-        r#"
-ebpf.enabled = false
-accepted_domains = ["example.org"]
-
-[[listeners]]
-name = "tcp"
-address = "127.0.0.1:0"
-upstream = "up"
-tls.mode = "off"
-
-[[upstreams]]
-name = "up"
-address = "{upstream}"
-tls.policy = "required"
-tls.server_name = "upstream.test"
-tls.trust_anchors = {anchors}
-
-[[listeners]]
-name = "mx"
-address = "127.0.0.1:0"
-protocol = "smtp"
-tls.mode = "off"
-
-[[outbound_connectors]]
-name = "inside"
-recipient_domains = ["example.org"]
-next_hops = ["{next_hop}"]
-tls.policy = "required"
-tls.verify = "name"
-tls.names = ["upstream.test"]
-tls.trust_anchors = {anchors}
-"#,
-        next_hop = next_hop.addr,
+    let tls = format!(
+        "tls.policy = \"required\"\ntls.verify = \"name\"\ntls.names = [\"upstream.test\"]\ntls.trust_anchors = {}",
+        toml_path(&pki.ca_pem)
     );
+    let toml = tcp_and_smtp("off", upstream, next_hop.addr, &tls, "");
     let mut relay = TestRelay::start(&toml, pki.dir()).await;
 
     let mut tcp = tokio::net::TcpStream::connect(relay.addr("tcp"))
@@ -139,41 +148,16 @@ async fn a_silent_tls_client_ends_the_same_way_on_tcp_and_smtps_listeners() {
         refuse_marker: "nobody",
     })
     .await;
-    let toml = format!(
-        r#"
-ebpf.enabled = false
-accepted_domains = ["example.org"]
-[limits]
-handshake_timeout = "1s"
-
-[[listeners]]
-name = "tcp"
-address = "127.0.0.1:0"
-upstream = "up"
-tls.mode = "implicit"
-
-[[upstreams]]
-name = "up"
-address = "{upstream}"
-tls.policy = "plain"
-
-[[listeners]]
-name = "smtps"
-address = "127.0.0.1:0"
-protocol = "smtp"
-tls.mode = "implicit"
-
-[[outbound_connectors]]
-name = "inside"
-recipient_domains = ["example.org"]
-next_hops = ["{sink}"]
-tls.policy = "plain"
-"#,
-        sink = sink.addr,
+    let toml = tcp_and_smtp(
+        "implicit",
+        upstream,
+        sink.addr,
+        "tls.policy = \"plain\"",
+        "[limits]\nhandshake_timeout = \"1s\"\n",
     );
     let mut relay = TestRelay::start(&toml, pki.dir()).await;
     let mut outcomes = Vec::new();
-    for listener in ["tcp", "smtps"] {
+    for listener in ["tcp", "mx"] {
         silent_client(relay.addr(listener)).await;
         let report = relay.next_report().await;
         assert_eq!(report.inbound, None, "{report}");
