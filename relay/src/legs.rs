@@ -80,6 +80,8 @@ fn peer_names(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Vec<St
 
 /// Where an outbound leg goes and how it is secured.
 pub struct Target<'a> {
+    /// The session it is for (for the log lines).
+    pub session: u64,
     pub address: &'a HostPort,
     pub policy: OutboundPolicy,
     /// Present unless the policy is `plain`.
@@ -195,10 +197,10 @@ pub async fn open_outbound<G: Greeter>(
     };
     sockets.extend(record(cookie, None, false, handshake_begun, false));
     if on_outbound_failure(target.policy) == OnTlsFailure::Refuse {
-        tracing::info!(upstream = %target.address, "outbound {failure}; TLS is required");
+        tracing::info!(session = target.session, upstream = %target.address, "outbound {failure}; TLS is required");
         return Err(OutboundFailure::Refused { failure, address });
     }
-    tracing::info!(upstream = %target.address, "outbound {failure}; continuing in plaintext");
+    tracing::info!(session = target.session, upstream = %target.address, "outbound {failure}; continuing in plaintext");
     let (mut tcp, address) = connect(target.address, timeouts.connect).await?;
     let greeted = greeter.before_tls(&mut tcp, false).await;
     sockets.extend(record(
@@ -245,6 +247,7 @@ async fn handshake<G: Greeter>(
             reason: "version: upstream negotiated TLSv1.2, TLSv1.3 was offered".into(),
         });
     tracing::info!(
+        session = target.session,
         "{}",
         outbound_tls_line(&target.address.host, address, &negotiated, trust)
     );

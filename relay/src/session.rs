@@ -95,6 +95,7 @@ pub async fn run(
     report.inbound = Some(inbound.security);
     report.downgrades.extend(inbound.downgrade);
     let target = Target {
+        session: id,
         address: &route.address,
         policy: route.policy,
         tls: route.tls.as_ref(),
@@ -107,7 +108,7 @@ pub async fn run(
     let upstream = match opened {
         Ok(upstream) => upstream,
         Err(failure) => {
-            report.outcome = outbound_failed(id, &route.address, failure, &mut report);
+            report.outcome = outbound_failed(id, failure, &mut report);
             close_quietly(client_leg).await;
             return finish(report, started);
         }
@@ -210,12 +211,7 @@ async fn accept_inbound(
 }
 
 /// The outcome when no upstream leg could be had.
-fn outbound_failed(
-    id: u64,
-    address: &HostPort,
-    failure: OutboundFailure,
-    report: &mut SessionReport,
-) -> Outcome {
+fn outbound_failed(id: u64, failure: OutboundFailure, report: &mut SessionReport) -> Outcome {
     match failure {
         OutboundFailure::Unreachable(why) => {
             let reason = format!("upstream {why}");
@@ -226,7 +222,6 @@ fn outbound_failed(
             failure,
             address: peer,
         } => {
-            tracing::info!(session = id, upstream = %address, "outbound {failure}");
             report.upstream_addr = Some(peer);
             Outcome::Refused {
                 leg: Direction::Outbound,

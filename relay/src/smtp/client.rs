@@ -168,6 +168,7 @@ impl Greeter for SmtpGreeter<'_> {
 /// Sets up a session with the connector's first reachable next hop under
 /// its TLS policy. Every socket opened goes to `sockets`.
 pub async fn establish(
+    session: u64,
     connector: &MailConnector,
     hostname: &str,
     timeouts: SmtpTimeouts,
@@ -180,6 +181,7 @@ pub async fn establish(
     };
     for plan in &connector.next_hops {
         let target = Target {
+            session,
             address: &plan.address,
             policy: connector.policy,
             tls: plan.tls.as_ref(),
@@ -211,7 +213,7 @@ pub async fn establish(
                 return Err(tls_required(&connector.name, &failure));
             }
             Err(OutboundFailure::Unreachable(why)) => {
-                tracing::info!(connector = %connector.name, "next hop unavailable: {why}");
+                tracing::info!(session, connector = %connector.name, "next hop unavailable: {why}");
                 problems.push(why);
             }
         }

@@ -254,7 +254,7 @@ impl Session<'_> {
         let plan = &self.plan.connectors[connector];
         let hostname = &self.plan.hostname;
         let sockets = &mut self.legs.sockets;
-        match establish(plan, hostname, self.plan.timeouts, sockets).await {
+        match establish(self.id, plan, hostname, self.plan.timeouts, sockets).await {
             Ok(est) => {
                 self.legs.upstream = Some((plan.name.clone(), est.address));
                 self.legs.outbound = Some(est.security.clone());
