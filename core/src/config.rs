@@ -706,6 +706,15 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.validate_routes()?;
+        self.validate_listeners()?;
+        self.validate_admission()
+    }
+
+    /// Upstreams and connectors: unique names, TLS settings that fit their
+    /// policy, somewhere to send, anchors for client certificates.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        let src = &self.source;
         let mut upstream_names = HashSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             if !upstream_names.insert(up.name.get_ref().as_str()) {
@@ -755,6 +764,18 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Listeners: unique names and addresses, an upstream for TCP and
+    /// connectors for SMTP, TLS settings that fit the mode.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let src = &self.source;
+        let upstream_names: HashSet<&str> = self
+            .upstreams
+            .iter()
+            .map(|u| u.name.get_ref().as_str())
+            .collect();
         let mut listener_names = HashSet::new();
         let mut addresses = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -773,45 +794,7 @@ impl Config {
                     format!("address {address} is used by another listener"),
                 ));
             }
-            match (l.protocol, &l.upstream) {
-                (Protocol::Tcp, None) => {
-                    return Err(src.error(
-                        l.name.span(),
-                        format!("listeners[{i}]"),
-                        "missing field `upstream`",
-                    ))
-                }
-                (Protocol::Tcp, Some(up)) if !upstream_names.contains(up.get_ref().as_str()) => {
-                    return Err(src.error(
-                        up.span(),
-                        format!("listeners[{i}].upstream"),
-                        format!(
-                            "no upstream named '{}' (defined: {})",
-                            up.get_ref(),
-                            self.upstreams
-                                .iter()
-                                .map(|u| u.name.get_ref().as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ))
-                }
-                (Protocol::Smtp, Some(up)) => {
-                    return Err(src.error(
-                        up.span(),
-                        format!("listeners[{i}].upstream"),
-                        "smtp listeners route by recipient through outbound_connectors, not an upstream",
-                    ))
-                }
-                (Protocol::Smtp, None) if self.outbound_connectors.is_empty() => {
-                    return Err(src.error(
-                        l.name.span(),
-                        format!("listeners[{i}]"),
-                        "an smtp listener needs at least one [[outbound_connectors]]",
-                    ))
-                }
-                _ => {}
-            }
+            self.check_listener_route(i, l, &upstream_names)?;
             let defaults = l.tls.certificates.iter().filter(|c| c.default).count();
             if defaults > 1 {
                 return Err(src.error(
@@ -829,7 +812,51 @@ impl Config {
                 ));
             }
         }
-        self.validate_admission()
+        Ok(())
+    }
+
+    /// A TCP listener's upstream exists; an SMTP listener has connectors
+    /// and no upstream.
+    fn check_listener_route(
+        &self,
+        i: usize,
+        l: &Listener,
+        upstream_names: &HashSet<&str>,
+    ) -> Result<(), ConfigError> {
+        let src = &self.source;
+        match (l.protocol, &l.upstream) {
+            (Protocol::Tcp, None) => Err(src.error(
+                l.name.span(),
+                format!("listeners[{i}]"),
+                "missing field `upstream`",
+            )),
+            (Protocol::Tcp, Some(up)) if !upstream_names.contains(up.get_ref().as_str()) => {
+                Err(src.error(
+                    up.span(),
+                    format!("listeners[{i}].upstream"),
+                    format!(
+                        "no upstream named '{}' (defined: {})",
+                        up.get_ref(),
+                        self.upstreams
+                            .iter()
+                            .map(|u| u.name.get_ref().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ))
+            }
+            (Protocol::Smtp, Some(up)) => Err(src.error(
+                up.span(),
+                format!("listeners[{i}].upstream"),
+                "smtp listeners route by recipient through outbound_connectors, not an upstream",
+            )),
+            (Protocol::Smtp, None) if self.outbound_connectors.is_empty() => Err(src.error(
+                l.name.span(),
+                format!("listeners[{i}]"),
+                "an smtp listener needs at least one [[outbound_connectors]]",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The accepted domains and inbound connectors as rules.

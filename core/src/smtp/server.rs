@@ -335,21 +335,7 @@ impl Server {
             {
                 self.error(530, "5.7.0 Must issue a STARTTLS command first")
             }
-            Command::Mail { from, params } => {
-                if self.phase == Phase::Greeted {
-                    return self.error(503, "5.5.1 Send HELO/EHLO first");
-                }
-                if self.phase != Phase::Ready {
-                    return self.error(503, "5.5.1 Nested MAIL command");
-                }
-                if let Some(size) = size_param(&params) {
-                    if size > self.settings.max_message_size {
-                        return self.error(552, "5.3.4 Message size exceeds fixed limit");
-                    }
-                }
-                self.pending = Some(Pending::Mail);
-                self.events.push_back(Event::Mail { from, params });
-            }
+            Command::Mail { from, params } => self.mail(from, params),
             Command::Rcpt { to, params } => {
                 if !matches!(self.phase, Phase::Mail | Phase::Rcpt) {
                     return self.error(503, "5.5.1 Need MAIL before RCPT");
@@ -364,23 +350,44 @@ impl Server {
                 self.pending = Some(Pending::Data);
                 self.events.push_back(Event::Data);
             }
-            Command::Bdat { size, last } => {
-                if self.phase != Phase::Rcpt || !self.esmtp {
-                    // The chunk still has to be read past (RFC 3030 2).
-                    self.chunk_left = size;
-                    self.chunk_last = last;
-                    self.body_error = Some(Reply::new(503, "5.5.1 Need RCPT before BDAT"));
-                    self.phase = Phase::Chunk;
-                    return;
-                }
-                self.chunking = true;
-                self.chunk_left = size;
-                self.chunk_last = last;
-                self.body_error = None;
-                self.phase = Phase::Chunk;
-                self.events.push_back(Event::Bdat { size, last });
+            Command::Bdat { size, last } => self.bdat(size, last),
+        }
+    }
+
+    /// MAIL: in sequence, within the size limit, then the relay decides.
+    fn mail(&mut self, from: String, params: String) {
+        if self.phase == Phase::Greeted {
+            return self.error(503, "5.5.1 Send HELO/EHLO first");
+        }
+        if self.phase != Phase::Ready {
+            return self.error(503, "5.5.1 Nested MAIL command");
+        }
+        if let Some(size) = size_param(&params) {
+            if size > self.settings.max_message_size {
+                return self.error(552, "5.3.4 Message size exceeds fixed limit");
             }
         }
+        self.pending = Some(Pending::Mail);
+        self.events.push_back(Event::Mail { from, params });
+    }
+
+    /// BDAT: a chunk to read past and refuse when out of sequence (RFC
+    /// 3030 2), else relayed.
+    fn bdat(&mut self, size: u64, last: bool) {
+        if self.phase != Phase::Rcpt || !self.esmtp {
+            // The chunk still has to be read past (RFC 3030 2).
+            self.chunk_left = size;
+            self.chunk_last = last;
+            self.body_error = Some(Reply::new(503, "5.5.1 Need RCPT before BDAT"));
+            self.phase = Phase::Chunk;
+            return;
+        }
+        self.chunking = true;
+        self.chunk_left = size;
+        self.chunk_last = last;
+        self.body_error = None;
+        self.phase = Phase::Chunk;
+        self.events.push_back(Event::Bdat { size, last });
     }
 
     fn starttls(&mut self) {
