@@ -3,18 +3,12 @@
 //! `ensure_toolchain` installs what is missing; installing needs root.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
+use crate::prereqs::{apt_install, succeeds};
 use crate::{cargo, run};
-
-fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn nightly_has_rust_src() -> bool {
     let out = Command::new("rustup")
@@ -24,13 +18,6 @@ fn nightly_has_rust_src() -> bool {
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
         .is_some_and(|root| root.join("lib/rustlib/src/rust/library/core").exists())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Installs nightly rust-src, bpf-linker (built against LLVM 22) and
@@ -52,26 +39,7 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
     if need_bpftool {
         packages.push("bpftool");
     }
-    if !packages.is_empty() {
-        if !is_root() {
-            bail!(
-                "missing {}; install them (as root: apt-get install {})",
-                packages.join(", "),
-                packages.join(" ")
-            );
-        }
-        run(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-qq"]),
-        )?;
-        run(
-            &format!("apt-get install {}", packages.join(" ")),
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    apt_install(&packages)?;
     if need_linker {
         let path = format!(
             "/usr/lib/llvm-22/bin:{}",

@@ -11,6 +11,7 @@
 mod bench;
 mod chart;
 mod ebpf;
+mod prereqs;
 mod vm;
 
 use std::net::{SocketAddr, TcpStream};
@@ -129,6 +130,8 @@ fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn ci() -> anyhow::Result<()> {
+    println!("\n=== prerequisites");
+    prereqs::ensure_for_ci()?;
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),

@@ -130,20 +130,7 @@ fn ensure_host_tools() -> anyhow::Result<()> {
         .filter(|(cmd, _)| !(have(cmd) || Path::new(cmd).exists()))
         .map(|(_, pkg)| *pkg)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("vmtest: installing {}", missing.join(" "));
-    run(
-        "apt-get update",
-        Command::new("apt-get").args(["update", "-qq"]),
-    )?;
-    run(
-        "apt-get install",
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing),
-    )
+    crate::prereqs::apt_install(&missing)
 }
 
 struct Kernel {

@@ -157,22 +157,10 @@ pub(super) fn hottest(folded: &str, n: usize) -> Vec<(String, f64)> {
 
 /// Debian's linux-perf, for `--profile`.
 pub(super) fn install_perf() -> anyhow::Result<()> {
-    let found = Command::new("perf")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        run(
-            "install perf (linux-perf)",
-            Command::new("apt-get").args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "linux-perf",
-            ]),
-        )?;
+    if crate::prereqs::succeeds(Command::new("perf").arg("--version")) {
+        return Ok(());
     }
-    Ok(())
+    crate::prereqs::apt_install(&["linux-perf"])
 }
 
 pub(super) fn pick(v: &serde_json::Value, keys: &[&'static str]) -> Sample {

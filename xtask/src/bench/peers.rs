@@ -83,26 +83,8 @@ pub(super) fn install_missing_peers() {
         return;
     }
     let packages: Vec<&str> = missing.iter().flat_map(|p| p.packages()).copied().collect();
-    let root_user = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if !root_user {
-        println!(
-            "bench: peers not installed and not root to install them: apt-get install {}",
-            packages.join(" ")
-        );
-        return;
-    }
-    let installed = run(
-        "install the missing peers",
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    );
-    if let Err(e) = installed {
-        println!("bench: going on without them: {e:#}");
+    if let Err(e) = crate::prereqs::apt_install(&packages) {
+        println!("bench: going on without some peers: {e:#}");
     }
 }
 
