@@ -294,18 +294,20 @@ impl Drop for RelayProcess {
 }
 
 fn start_relay(config: &Path, state: &Path) -> RelayProcess {
+    // JSON reports alone on stdout; the banner and logs on stderr.
     let mut child = Command::new(relay_binary())
-        .args(["run", "--json-reports", "--config"])
+        .args(["run", "--json-reports", "-", "--config"])
         .arg(config)
         .arg("--state-dir")
         .arg(state)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut listeners = std::collections::HashMap::new();
     let mut banner = String::new();
-    for line in lines.by_ref() {
+    for line in logs.by_ref() {
         let line = line.unwrap();
         banner += &line;
         banner.push('\n');
@@ -324,12 +326,13 @@ fn start_relay(config: &Path, state: &Path) -> RelayProcess {
         banner.contains("eBPF wire counters on the sockets of cgroup"),
         "{banner}"
     );
+    std::thread::spawn(move || logs.for_each(drop));
     let (tx, reports) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
     std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if line.starts_with('{') {
-                let _ = tx.send(line);
-            }
+        // Every line: one that is not JSON fails the test where it is parsed.
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
         }
     });
     RelayProcess {
@@ -853,7 +856,11 @@ async fn smtp_legs_agree_with_the_wire() {
         .starts_with("250"));
     assert!(c.cmd("QUIT").await.starts_with("221"));
     let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
-    assert!(report.contains("client did not use STARTTLS"), "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("stdout is JSON only");
+    assert_eq!(
+        report["downgrades"][0]["reason"], "client did not use STARTTLS",
+        "{report}"
+    );
     assert_eq!(sink.received.lock().unwrap().len(), 1);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let (stats, code) = stats(&pin_dir);

@@ -98,7 +98,10 @@ fn assert_path_with(report: &SessionReport, ktls_legs: &[Side], splice: DataPath
     } else {
         assert_eq!(report.data_path, Some(DataPath::Userspace), "{report}");
         let reason = report.path_reason.as_deref().unwrap_or_default();
-        assert!(reason.contains("kernel lacks TLS ULP"), "{report}");
+        assert_eq!(
+            reason, "no kernel TLS on this host (see the startup banner)",
+            "{report}"
+        );
     }
 }
 

@@ -335,3 +335,55 @@ fn json_logs_are_one_object_per_line() {
         "{v}"
     );
 }
+
+/// Piped logs are plain text (no colour escapes), and `--json-reports FILE`
+/// puts the machine-readable reports in the file, not among the log lines.
+#[test]
+fn piped_logs_are_plain_and_json_reports_go_to_their_file() {
+    let upstream = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.enabled = false\n[[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"off\"\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let reports = dir.path().join("reports.jsonl");
+    let mut relay = RelayProcess::start(
+        relay_binary(),
+        &config,
+        dir.path(),
+        &["--json-reports", reports.to_str().unwrap()],
+        &[],
+    );
+    let mut s = std::net::TcpStream::connect(relay.addr("plain")).unwrap();
+    s.write_all(b"ping").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"ping");
+    relay.wait_for_log("session 1 listener=plain");
+    let log = relay.log();
+    for line in &log {
+        assert!(
+            !line.contains('\x1b'),
+            "escape bytes in a piped log: {line:?}"
+        );
+        assert!(!line.starts_with('{'), "JSON among the log lines: {line}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&reports).unwrap_or_default();
+        if text.ends_with('\n') || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let report: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(report["listener"], "plain");
+    assert_eq!(report["bytes_client_to_upstream"], 4);
+}

@@ -29,9 +29,11 @@ pub enum Command {
         /// Where the generated self-signed certificate is kept.
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Print each session report as a JSON line on stdout as well.
-        #[arg(long)]
-        json_reports: bool,
+        /// Write each session report as a JSON line to this file (appended),
+        /// or to standard output with `-` (logs and the banner then go to
+        /// standard error, so the stream is JSON only).
+        #[arg(long, value_name = "FILE|-")]
+        json_reports: Option<PathBuf>,
         /// Log lines as human text or as JSON objects.
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
@@ -82,7 +84,8 @@ pub fn main() -> ExitCode {
             json_reports,
             log_format,
         } => {
-            let _log = init_logging(log_format);
+            let logs_to_stderr = json_reports.as_deref() == Some(std::path::Path::new("-"));
+            let _log = init_logging(log_format, logs_to_stderr);
             match run(config, state_dir, json_reports) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -95,19 +98,32 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs go to standard output from a thread of their own: a write(2) per
-/// session report on the I/O threads was 6 % of a handshake's CPU. The
-/// queue blocks rather than drops when full (reports are the audit
-/// trail); the guard flushes it when dropped.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to standard output (standard error when it carries JSON
+/// reports) from a thread of their own: a write(2) per session report on
+/// the I/O threads was 6 % of a handshake's CPU. The queue blocks rather
+/// than drops when full (reports are the audit trail); the guard flushes
+/// it when dropped. Colours only on a terminal: a file or a pipe gets
+/// plain text.
+fn init_logging(format: LogFormat, to_stderr: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stdout());
+    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false);
+    let (ansi, (writer, guard)) = if to_stderr {
+        (
+            std::io::stderr().is_terminal(),
+            builder.finish(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>),
+        )
+    } else {
+        (
+            std::io::stdout().is_terminal(),
+            builder.finish(Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
+        )
+    };
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_ansi(ansi)
         .with_target(false);
     match format {
         LogFormat::Human => fmt.init(),
@@ -208,7 +224,7 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
 fn run(
     config: Option<PathBuf>,
     state_dir: Option<PathBuf>,
-    json_reports: bool,
+    json_reports: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let config_path = config;
     let config = match &config_path {
@@ -225,24 +241,28 @@ fn run(
         let description = plan.description.clone();
         let mut relay = Listeners::bind(plan).await?;
         let wire_line = attach_wire_counters(&mut relay, &wire, &config);
-        println!(
+        let banner = Banner {
+            to_stderr: json_reports.as_deref() == Some(std::path::Path::new("-")),
+        };
+        banner.say(format_args!(
             "tlsrelay {} running ({})",
             env!("CARGO_PKG_VERSION"),
             config.source.name
-        );
+        ));
         for (name, addr) in relay.local_addrs() {
-            println!("  listener {name} listening on {addr}");
+            banner.say(format_args!("  listener {name} listening on {addr}"));
         }
         for line in &description {
-            println!("  {line}");
+            banner.say(format_args!("  {line}"));
         }
-        println!("  {wire_line}");
+        banner.say(format_args!("  {wire_line}"));
         if let Some(address) = config.metrics.address {
-            serve_metrics(&mut relay, address, &wire).await?;
+            let bound = serve_metrics(&mut relay, address, &wire).await?;
+            banner.say(format_args!("  metrics on http://{bound}/metrics"));
         }
-        println!("  state directory {}", state_dir.display());
-        if json_reports {
-            print_json_reports(&mut relay);
+        banner.say(format_args!("  state directory {}", state_dir.display()));
+        if let Some(dest) = &json_reports {
+            write_json_reports(&mut relay, dest)?;
         }
         let reloader = std::sync::Arc::new(crate::reload::Reloader::new(
             config_path,
@@ -263,6 +283,22 @@ fn run(
         tracing::info!("shutting down");
         anyhow::Ok(())
     })
+}
+
+/// Where the startup banner goes: standard output, unless that carries
+/// the JSON reports.
+struct Banner {
+    to_stderr: bool,
+}
+
+impl Banner {
+    fn say(&self, line: std::fmt::Arguments<'_>) {
+        if self.to_stderr {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
 }
 
 type Wire = Result<std::sync::Arc<crate::bpf::WireCounters>, String>;
@@ -326,7 +362,7 @@ async fn serve_metrics(
     relay: &mut Listeners,
     address: std::net::SocketAddr,
     wire: &Wire,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::net::SocketAddr> {
     let listener = crate::metrics::bind(address)
         .await
         .with_context(|| format!("metrics: cannot listen on {address}"))?;
@@ -341,22 +377,36 @@ async fn serve_metrics(
             tracing::warn!("eBPF: metrics scrapes will be counted: {e}");
         }
     }
-    println!("  metrics on http://{bound}/metrics");
     tokio::spawn(crate::metrics::serve(listener, metrics));
-    Ok(())
+    Ok(bound)
 }
 
-/// Each session report as a JSON line on stdout.
-fn print_json_reports(relay: &mut Listeners) {
+/// Each session report as a JSON line, on stdout (`-`) or appended to a
+/// file, from a thread of its own.
+fn write_json_reports(relay: &mut Listeners, dest: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out: Box<dyn Write + Send> = if dest == std::path::Path::new("-") {
+        Box::new(std::io::stdout())
+    } else {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dest)
+            .with_context(|| format!("--json-reports: cannot open {}", dest.display()))?;
+        Box::new(std::io::LineWriter::new(file))
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     relay.send_reports_to(tx);
-    tokio::spawn(async move {
-        while let Some(report) = rx.recv().await {
+    std::thread::spawn(move || {
+        while let Some(report) = rx.blocking_recv() {
             if let Ok(line) = serde_json::to_string(&report) {
-                println!("{line}");
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    break;
+                }
             }
         }
     });
+    Ok(())
 }
 
 /// How often the configuration's files are looked at for changes.

@@ -57,8 +57,8 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 
 /// The suite's packages: each check, and what to install when it fails.
 fn missing_packages() -> Vec<&'static str> {
-    let busybox_static = Path::new("/bin/busybox").exists()
-        && !succeeds(Command::new("ldd").arg("/bin/busybox"));
+    let busybox_static =
+        Path::new("/bin/busybox").exists() && !succeeds(Command::new("ldd").arg("/bin/busybox"));
     let checks: [(bool, &[&str]); 14] = [
         (found("cc"), &["gcc"]),
         // SMTP interop: swaks (with Net::SSLeay for its TLS) and Postfix

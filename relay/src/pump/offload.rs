@@ -52,12 +52,16 @@ fn negotiated(leg: &Leg) -> Option<(Option<KtlsVersion>, Option<KtlsCipher>)> {
     ))
 }
 
+/// The per-session reason when this kernel has no TLS at all.
+pub const NO_KTLS: &str = "no kernel TLS on this host (see the startup banner)";
+
 /// Why a TLS leg can't go to the kernel, if it can't.
 fn kernel_refuses(leg: &Leg) -> Option<String> {
     let (version, cipher) = negotiated(leg)?;
     let support = ktls::probe();
-    if let Some(why) = &support.unavailable {
-        return Some(why.clone());
+    if support.unavailable.is_some() {
+        // The whole reason is in the banner's data plane line.
+        return Some(NO_KTLS.into());
     }
     match (version, cipher) {
         (Some(v), Some(c)) if support.supports(v, c) => None,
