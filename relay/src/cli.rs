@@ -189,12 +189,13 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
             };
             let relay = match &c.relay {
                 Some(r) => format!(
-                    "{} {}{}{}{}",
+                    "{} {}{}{}{}{}",
                     r.leg,
                     r.negotiated_version.unwrap_or("plaintext"),
                     r.key_exchange.map_or(String::new(), |g| format!(" {g}")),
                     if r.downgraded { " (downgraded)" } else { "" },
-                    if r.tls_off { " (TLS off)" } else { "" }
+                    if r.tls_off { " (TLS off)" } else { "" },
+                    if r.refused { " (refused)" } else { "" }
                 ),
                 None => "-".to_string(),
             };

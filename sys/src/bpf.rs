@@ -15,7 +15,7 @@ use aya::Ebpf;
 use serde::Serialize;
 use tlsrelay_ebpf_common as wire;
 
-use tlsrelay_core::report::{Direction, LegSecurity, SessionReport};
+use tlsrelay_core::report::{Direction, LegSecurity, Outcome, SessionReport};
 
 /// The program, built for bpfel-unknown-none by build.rs (empty when the
 /// eBPF toolchain was missing).
@@ -277,7 +277,8 @@ fn view(
         handshake_failed: handshake_failed as u8,
         tls_off: tls_off as u8,
         key_share_group: group,
-        _reserved: [0; 2],
+        refused: 0,
+        _reserved: 0,
     }
 }
 
@@ -298,7 +299,15 @@ pub fn views_of(report: &SessionReport) -> Vec<(u64, wire::RelayView)> {
     };
     let mut views = Vec::new();
     if let Some(c) = report.client_cookie {
-        views.push((c, leg_view(&report.inbound, Direction::Inbound)));
+        let mut client = leg_view(&report.inbound, Direction::Inbound);
+        client.refused = matches!(
+            report.outcome,
+            Outcome::Refused {
+                leg: Direction::Inbound,
+                ..
+            }
+        ) as u8;
+        views.push((c, client));
     }
     views.extend(report.sockets.iter().map(|s| {
         (
@@ -459,6 +468,7 @@ pub struct RelaySide {
     pub downgraded: bool,
     pub handshake_failed: bool,
     pub tls_off: bool,
+    pub refused: bool,
     pub key_exchange: Option<&'static str>,
 }
 
@@ -515,8 +525,11 @@ pub fn disagreements(c: &wire::Connection, r: &wire::RelayView) -> Vec<String> {
             name(r.negotiated_version)
         ));
     }
-    let unrecorded =
-        r.negotiated_version == 0 && r.downgraded == 0 && r.tls_off == 0 && r.handshake_failed == 0;
+    let unrecorded = r.negotiated_version == 0
+        && r.downgraded == 0
+        && r.tls_off == 0
+        && r.handshake_failed == 0
+        && r.refused == 0;
     if unrecorded && c.plaintext_mail != 0 && c.starttls_offered != 0 {
         found.push(
             "wire: STARTTLS offered, mail in cleartext (stripped); relay recorded no downgrade"
@@ -601,6 +614,7 @@ fn connection_view(
             downgraded: r.downgraded != 0,
             handshake_failed: r.handshake_failed != 0,
             tls_off: r.tls_off != 0,
+            refused: r.refused != 0,
             key_exchange: group_name(r.key_share_group),
         }),
         disagreements,
@@ -816,5 +830,11 @@ mod tests {
             ..Default::default()
         };
         assert!(disagreements(&c, &off).is_empty());
+        // Plaintext the relay refused (a listener that requires TLS).
+        let refused = wire::RelayView {
+            refused: 1,
+            ..Default::default()
+        };
+        assert!(disagreements(&c, &refused).is_empty());
     }
 }

@@ -158,7 +158,10 @@ pub struct RelayView {
     pub tls_off: u8,
     /// The key exchange group the relay negotiated (TLS 1.3 codes).
     pub key_share_group: u16,
-    pub _reserved: [u8; 2],
+    /// The relay refused this leg by policy (e.g. plaintext on a listener
+    /// that requires TLS): its plaintext is no unrecorded downgrade.
+    pub refused: u8,
+    pub _reserved: u8,
 }
 
 /// Summing the per-CPU copies of a counter record.
