@@ -101,6 +101,16 @@ enum Command {
         #[arg(long)]
         bdat: bool,
     },
+    /// Send one message, printing the dialogue; exit 0 when it was
+    /// accepted (2xx), 4 when deferred (4xx), 5 when refused (5xx).
+    Mail {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        starttls: bool,
+        #[arg(long, default_value = "postmaster@example.org")]
+        rcpt: String,
+    },
     /// Push bytes over many connections at once; print one JSON line.
     Blast {
         #[arg(long)]
@@ -182,6 +192,15 @@ async fn main() -> anyhow::Result<()> {
             connections,
         } => load::hold(to, tls, connections).await,
         Command::SmtpSink { listen, tls } => smtp::sink(listen, tls.pair()).await,
+        Command::Mail { to, starttls, rcpt } => {
+            let reply = smtp::mail(to, starttls, &rcpt).await?;
+            let code = match reply.as_bytes().first() {
+                Some(b'2') => 0,
+                Some(b'4') => 4,
+                _ => 5,
+            };
+            std::process::exit(code);
+        }
         Command::Smtp {
             to,
             connections,

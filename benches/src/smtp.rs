@@ -29,22 +29,24 @@ pub async fn sink(listen: SocketAddr, tls: Option<(&Path, &Path)>) -> anyhow::Re
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            if let Ok(Some(tcp)) = serve(tcp, acceptor.is_some()).await {
+            if let Ok(Some(tcp)) = serve(tcp, true, acceptor.is_some()).await {
                 if let Ok(tls) = acceptor.expect("offered only with TLS").accept(tcp).await {
-                    let _ = serve(tls, false).await;
+                    let _ = serve(tls, false, false).await;
                 }
             }
         });
     }
 }
 
-/// One SMTP dialogue; returns the stream when the client started TLS.
+/// One SMTP dialogue (`greet`: a new connection, not the one after
+/// STARTTLS); returns the stream when the client started TLS.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
+    greet: bool,
     offer_starttls: bool,
 ) -> std::io::Result<Option<S>> {
     let mut s = BufReader::new(stream);
-    if offer_starttls {
+    if greet {
         s.write_all(b"220 sink.bench.test ESMTP\r\n").await?;
         s.flush().await?;
     }
@@ -203,4 +205,71 @@ pub async fn load(
     out["bytes"] = bytes.into();
     out["gbit_per_s"] = (bytes * 8.0 / seconds / 1e9).into();
     Ok(out)
+}
+
+/// Sends one command line (or, with `None`, nothing) and reads the reply,
+/// printing both as `C:` and `S:` lines; the reply's last line.
+async fn say<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    command: Option<&str>,
+) -> anyhow::Result<String> {
+    if let Some(command) = command {
+        println!("C: {command}");
+        s.get_mut()
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
+        s.get_mut().flush().await?;
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if s.read_line(&mut line).await? == 0 {
+            bail!("connection closed while waiting for a reply");
+        }
+        println!("S: {}", line.trim_end());
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok(line.trim_end().to_string());
+        }
+    }
+}
+
+/// The rest of a mail dialogue once greeted (and secured): MAIL, RCPT,
+/// DATA and QUIT; the reply that decided the message.
+async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    rcpt: &str,
+) -> anyhow::Result<String> {
+    say(s, Some("MAIL FROM:<demo@sender.example>")).await?;
+    let reply = say(s, Some(&format!("RCPT TO:<{rcpt}>"))).await?;
+    if !reply.starts_with('2') {
+        say(s, Some("QUIT")).await?;
+        return Ok(reply);
+    }
+    say(s, Some("DATA")).await?;
+    let body = format!("From: demo@sender.example\r\nTo: {rcpt}\r\nSubject: tlsrelay demo\r\n\r\nHello through the mail edge.\r\n.");
+    let reply = say(s, Some(&body)).await?;
+    say(s, Some("QUIT")).await?;
+    Ok(reply)
+}
+
+/// One message to `rcpt`, over STARTTLS when `starttls`, its dialogue
+/// printed; the reply that decided it.
+pub async fn mail(to: SocketAddr, starttls: bool, rcpt: &str) -> anyhow::Result<String> {
+    let tcp = TcpStream::connect(to).await?;
+    let mut s = BufReader::new(tcp);
+    say(&mut s, None).await?;
+    say(&mut s, Some("EHLO demo.client.example")).await?;
+    if !starttls {
+        return transaction(&mut s, rcpt).await;
+    }
+    say(&mut s, Some("STARTTLS")).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let tls = crate::load::connector()
+        .connect(name, s.into_inner())
+        .await
+        .context("STARTTLS handshake")?;
+    println!("   (TLS established)");
+    let mut s = BufReader::new(tls);
+    say(&mut s, Some("EHLO demo.client.example")).await?;
+    transaction(&mut s, rcpt).await
 }

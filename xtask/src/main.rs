@@ -10,6 +10,7 @@
 
 mod bench;
 mod chart;
+mod deb;
 mod ebpf;
 mod prereqs;
 mod vm;
@@ -65,6 +66,10 @@ enum Task {
     /// Run the kernel-TLS tests in a VM booted from Debian's 6.12 cloud
     /// kernel (CONFIG_TLS=m); fetches the kernel and qemu with apt.
     Vmtest,
+    /// Build the Debian package (target/deb/tlsrelay_<version>_amd64.deb)
+    /// and check it: unpacked into a scratch root, its binary checks its
+    /// configuration.
+    Deb,
     /// Everything CI runs: formatting, lints, the whole test suite, the
     /// kTLS VM tests, fuzzing, the bench's smoke runs, the demo.
     Ci,
@@ -84,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             quick, vm: true, ..
         } => bench::bench_vm(quick),
         Task::Vmtest => vm::vmtest(),
+        Task::Deb => deb::build().and_then(|deb| deb::check(&deb)),
         Task::Ci => ci(),
     }
 }
@@ -149,6 +155,8 @@ fn ci() -> anyhow::Result<()> {
     )?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
+    println!("\n=== the Debian package");
+    deb::check(&deb::build()?)?;
     for (target, seconds) in [
         ("smtp_server", "20"),
         ("smtp_replies", "10"),
@@ -231,6 +239,50 @@ fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Res
 const OPPORTUNISTIC: &str = "127.0.0.1:4430";
 const REQUIRED: &str = "127.0.0.1:4431";
 const UPSTREAM: &str = "127.0.0.1:4432";
+const MX: &str = "127.0.0.1:2525";
+const MAIL_SINK: &str = "127.0.0.1:2526";
+
+/// The mail edge's cases: a message without and with STARTTLS, and one to
+/// a connector that requires TLS its next hop lacks. The number that did
+/// not end as the policy says.
+fn demo_mail(bin: &Path) -> anyhow::Result<usize> {
+    let cases = [
+        (
+            "mail without STARTTLS -> mx: relayed to the sink, the cleartext recorded as a downgrade",
+            false,
+            "postmaster@example.org",
+            0,
+        ),
+        (
+            "mail over STARTTLS -> mx: relayed (the sink offers no STARTTLS: the opportunistic connector goes on in plaintext and says so)",
+            true,
+            "postmaster@example.org",
+            0,
+        ),
+        (
+            "mail for partner.example, whose connector requires TLS its next hop lacks: 451 4.7.5, the sender keeps it",
+            true,
+            "someone@partner.example",
+            4,
+        ),
+    ];
+    let mut surprises = 0;
+    for (title, starttls, rcpt, expected) in cases {
+        println!("\n=== {title}");
+        let mut mail = Command::new(bin.join("tlsrelay-load"));
+        mail.args(["mail", "--to", MX, "--rcpt", rcpt]);
+        if starttls {
+            mail.arg("--starttls");
+        }
+        let status = mail.status().context("running the demo mail client")?;
+        std::thread::sleep(Duration::from_millis(300));
+        if status.code() != Some(expected) {
+            surprises += 1;
+            println!("!!! unexpected: the message ended with exit {status}, expected {expected}");
+        }
+    }
+    Ok(surprises)
+}
 
 fn demo(once: bool) -> anyhow::Result<()> {
     // The wire counters need the eBPF toolchain and root; without either
@@ -253,6 +305,14 @@ fn demo(once: bool) -> anyhow::Result<()> {
             .context("starting the echo upstream")?,
     );
     wait_for_port(UPSTREAM.parse()?, &mut echo.0, "echo upstream")?;
+    println!("\n=== start a local SMTP next hop (a sink, no STARTTLS) on {MAIL_SINK}");
+    let mut sink = Guard(
+        Command::new(bin.join("tlsrelay-load"))
+            .args(["smtp-sink", "--listen", MAIL_SINK])
+            .spawn()
+            .context("starting the SMTP sink")?,
+    );
+    wait_for_port(MAIL_SINK.parse()?, &mut sink.0, "SMTP sink")?;
 
     println!("\n=== start tlsrelay on its embedded default (no config file)");
     let mut relay = Guard(
@@ -266,6 +326,7 @@ fn demo(once: bool) -> anyhow::Result<()> {
     );
     wait_for_port(OPPORTUNISTIC.parse()?, &mut relay.0, "tlsrelay")?;
     wait_for_port(REQUIRED.parse()?, &mut relay.0, "tlsrelay")?;
+    wait_for_port(MX.parse()?, &mut relay.0, "tlsrelay")?;
     // The readiness probes above were sessions too; let their reports print
     // before the scripted clients start.
     std::thread::sleep(Duration::from_millis(300));
@@ -319,12 +380,16 @@ fn demo(once: bool) -> anyhow::Result<()> {
             );
         }
     }
+    surprises += demo_mail(&bin)?;
     if surprises > 0 {
         bail!("{surprises} demo case(s) did not behave as the policy says");
     }
     if Path::new("/sys/fs/bpf/tlsrelay/negotiated").exists() {
         println!("\n=== what the eBPF program saw on the wire (tlsrelay stats)");
-        let _ = Command::new(bin.join("tlsrelay")).arg("stats").status();
+        let stats = Command::new(bin.join("tlsrelay")).arg("stats").status()?;
+        if stats.code() == Some(3) {
+            bail!("the wire and the relay disagree about a demo session (see above)");
+        }
     }
     if once {
         println!("\ndemo: every policy behaved as configured");
@@ -335,6 +400,8 @@ fn demo(once: bool) -> anyhow::Result<()> {
          \x20   openssl s_client -connect {OPPORTUNISTIC} -quiet     (TLS, echoed)\n\
          \x20   nc 127.0.0.1 4430                                   (plaintext, echoed, downgrade logged)\n\
          \x20   nc 127.0.0.1 4431                                   (plaintext, refused)\n\
+         \x20   swaks --server {MX} --to postmaster@example.org --tls   (mail over STARTTLS)\n\
+         \x20   openssl s_client -starttls smtp -connect {MX} -quiet (STARTTLS by hand)\n\
          Its self-signed certificate is in {}.\nPress Ctrl-C to stop.",
         state.display()
     );
