@@ -40,6 +40,10 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:5: listeners[0].tls.mode: unknown mode 'opportunstic', expected one of off, opportunistic, required, implicit",
         ),
         (
+            format!("[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:9\"\nsend_proxy_protocol = \"v3\"\n"),
+            "relay.toml:9: upstreams[0].send_proxy_protocol: unknown PROXY protocol version 'v3', expected one of v1, v2",
+        ),
+        (
             listener("protocol = \"pop3\""),
             "relay.toml:5: listeners[0].protocol: unknown protocol 'pop3', expected one of tcp, smtp",
         ),
@@ -89,7 +93,7 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             listener("colour = \"blue\""),
-            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`",
+            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`, `proxy_protocol`",
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:99999\"\nupstream = \"up\"\n".to_string() + GOOD_TAIL,

@@ -121,3 +121,38 @@ fn systemd_unit_parses_cleanly() {
     // verify exits 0 on directives it ignores; any complaint is a failure.
     assert!(complaints.trim().is_empty(), "{complaints}");
 }
+
+/// The Kubernetes ConfigMap's configuration validates (with certificates
+/// where its Secret mounts them) and says what the README says: an MX
+/// behind a PROXY protocol balancer.
+#[test]
+fn kubernetes_configmap_config_is_valid() {
+    let pki = Pki::new();
+    let leaf = pki.issue(
+        "mx",
+        &LeafSpec {
+            names: vec!["mx.example.org"],
+            ..LeafSpec::default()
+        },
+    );
+    let yaml = std::fs::read_to_string(deploy("kubernetes/configmap.yaml")).unwrap();
+    let start = yaml.find("tlsrelay.toml: |\n").expect("the config key") + 17;
+    let toml: String = yaml[start..]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("/etc/tlsrelay/certs/tls.crt", leaf.chain.to_str().unwrap())
+        .replace("/etc/tlsrelay/certs/tls.key", leaf.key.to_str().unwrap());
+    let config = pki.dir().join("k8s.toml");
+    std::fs::write(&config, toml).unwrap();
+    let out = Command::new(relay_binary())
+        .arg("check")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("behind a PROXY protocol balancer"), "{text}");
+}

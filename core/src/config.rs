@@ -264,6 +264,11 @@ pub struct Listener {
     /// smtp: the SIZE limit advertised and enforced.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: u64,
+    /// Behind an L4 balancer: every connection starts with a PROXY
+    /// protocol header (v1 or v2) naming the real client, and one without
+    /// is refused.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 fn default_max_message_size() -> u64 {
@@ -339,6 +344,9 @@ pub struct CertificateFiles {
     /// Served to clients whose SNI matches no certificate (default: the first).
     #[serde(default)]
     pub default: bool,
+    /// DER: an OCSP response for the certificate, stapled to handshakes;
+    /// refused unless it is for this certificate, "good" and current.
+    pub ocsp_response: Option<Spanned<PathBuf>>,
 }
 
 /// An inbound SMTP connector: rules for sessions from a partner or an
@@ -445,6 +453,9 @@ pub struct Upstream {
     pub address: Spanned<HostPort>,
     #[serde(default)]
     pub tls: OutboundTls,
+    /// Start each upstream connection with a PROXY protocol header (`v1`
+    /// or `v2`) naming the client and the address it reached.
+    pub send_proxy_protocol: Option<crate::proxy::ProxyVersion>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -597,6 +608,19 @@ deserialize_from_str!(
     crate::smtp::address::Cidr,
     crate::smtp::address::DomainPattern
 );
+
+/// A duration as the config writes it (`10s`, `500ms`, `5m`, `1h`) or a
+/// number of seconds (`2`, `0.5`): for command-line options too.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.trim().parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 {
+            return Ok(Duration::from_secs_f64(seconds));
+        }
+    }
+    duration::parse(text).ok_or_else(|| {
+        format!("invalid duration '{text}', expected e.g. \"500ms\", \"10s\", \"5m\", \"1h\" or seconds")
+    })
+}
 
 /// Durations as `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
 mod duration {

@@ -193,7 +193,12 @@ pub struct Transaction {
 pub struct SessionReport {
     pub id: u64,
     pub listener: String,
+    /// The client: the socket's peer, or on a PROXY protocol listener the
+    /// address the header names.
     pub client: SocketAddr,
+    /// The balancer that sent the PROXY protocol header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxied_by: Option<SocketAddr>,
     pub upstream: String,
     pub upstream_addr: Option<SocketAddr>,
     /// Socket cookies (SO_COOKIE), the key the eBPF records use.
@@ -230,6 +235,7 @@ impl SessionReport {
             id,
             listener: listener.to_string(),
             client,
+            proxied_by: None,
             upstream: upstream.to_string(),
             upstream_addr: None,
             client_cookie: None,
@@ -274,12 +280,17 @@ impl fmt::Display for SessionReport {
         let leg = |l: &Option<LegSecurity>| l.as_ref().map_or("-".to_string(), |s| s.to_string());
         write!(
             f,
-            "session {} listener={} client={} inbound={} upstream={}",
-            self.id,
-            self.listener,
-            self.client,
+            "session {} listener={} client={}",
+            self.id, self.listener, self.client,
+        )?;
+        if let Some(balancer) = self.proxied_by {
+            write!(f, " via={balancer}")?;
+        }
+        write!(
+            f,
+            " inbound={} upstream={}",
             leg(&self.inbound),
-            self.upstream,
+            self.upstream
         )?;
         if let Some(addr) = self.upstream_addr {
             // Postfix's form: name[address]:port, IPv6 without brackets.

@@ -11,6 +11,7 @@ use rustls::pki_types::UnixTime;
 
 use crate::config::{CertificateFiles, Config, Protocol};
 use crate::inspect::{self, CertificateInfo, CheckInput, Finding, Level};
+use crate::revocation;
 
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
@@ -44,9 +45,9 @@ pub enum CertCommand {
         /// fetch http CRLs): will the firewall let peers validate it?
         #[arg(long)]
         reach: bool,
-        /// Per-endpoint timeout for --reach, in seconds.
-        #[arg(long, default_value_t = 3.0)]
-        timeout: f64,
+        /// Per-endpoint timeout for --reach (`3s`, `500ms`, or seconds).
+        #[arg(long, default_value = "3s", value_parser = crate::config::parse_duration)]
+        timeout: Duration,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -74,6 +75,8 @@ struct Subject {
     key: Option<PathBuf>,
     /// Names it must cover, with who needs them.
     names: Vec<(String, String)>,
+    /// The OCSP response stapled with it.
+    ocsp: Option<PathBuf>,
 }
 
 fn subjects(which: &Which) -> Result<Vec<Subject>, String> {
@@ -86,6 +89,7 @@ fn subjects(which: &Which) -> Result<Vec<Subject>, String> {
                 chain: f.clone(),
                 key: which.key.clone(),
                 names: Vec::new(),
+                ocsp: None,
             })
             .collect());
     };
@@ -96,6 +100,10 @@ fn subjects(which: &Which) -> Result<Vec<Subject>, String> {
         chain: src.resolve(files.chain.get_ref()),
         key: Some(src.resolve(files.key.get_ref())),
         names,
+        ocsp: files
+            .ocsp_response
+            .as_ref()
+            .map(|o| src.resolve(o.get_ref())),
     };
     let mut out = Vec::new();
     for l in &config.listeners {
@@ -190,13 +198,16 @@ fn info(which: &Which, json: bool, markdown: bool) -> ExitCode {
     };
     let mut all = Vec::new();
     for s in &subjects {
-        let (_, info) = match load(s) {
+        let (chain, info) = match load(s) {
             Ok(loaded) => loaded,
             Err(e) => return fail(&e),
         };
+        let staple = staple_finding(s, &chain).map(|f| f.what);
+        let mut rows = info.rows();
+        rows.extend(staple.clone().map(|what| ("OCSP staple", what)));
         if json {
             all.push(serde_json::json!({
-                "role": s.role, "file": s.chain, "certificate": info,
+                "role": s.role, "file": s.chain, "certificate": info, "ocsp_staple": staple,
             }));
         } else if markdown {
             println!(
@@ -204,13 +215,13 @@ fn info(which: &Which, json: bool, markdown: bool) -> ExitCode {
                 s.role,
                 s.chain.display()
             );
-            for (field, value) in info.rows() {
+            for (field, value) in &rows {
                 println!("| {field} | {} |", value.replace('|', "\\|"));
             }
             println!();
         } else {
             println!("{}: {}", s.role, s.chain.display());
-            for (field, value) in info.rows() {
+            for (field, value) in &rows {
                 println!("  {field:<26} {value}");
             }
             println!();
@@ -230,7 +241,7 @@ fn check(
     trust_anchors: Option<&Path>,
     extra_names: &[String],
     reach: bool,
-    timeout: f64,
+    timeout: Duration,
     json: bool,
 ) -> ExitCode {
     let subjects = match subjects(which) {
@@ -270,8 +281,16 @@ fn check(
                 };
                 let mut findings = key_finding(s).into_iter().collect::<Vec<_>>();
                 findings.extend(inspect::check(&input, &info));
+                findings.extend(staple_finding(s, &chain));
                 if reach {
-                    endpoints = inspect::reach(&info, Duration::from_secs_f64(timeout));
+                    let subject = revocation::Subject {
+                        chain: &chain,
+                        roots: &roots,
+                        crl_urls: &info.crl_urls,
+                        ocsp_urls: &info.ocsp_urls,
+                        ca_issuer_urls: &info.ca_issuer_urls,
+                    };
+                    endpoints = revocation::reach(&subject, timeout);
                     findings.extend(endpoints.iter().map(reach_finding));
                 } else {
                     findings.push(listed_endpoints(&info));
@@ -311,20 +330,44 @@ fn key_finding(s: &Subject) -> Option<Finding> {
     })
 }
 
-fn reach_finding(r: &inspect::Reach) -> Finding {
+/// The stapled OCSP response: for this certificate, good and current, or
+/// why the relay would refuse it.
+fn staple_finding(s: &Subject, chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<Finding> {
+    let path = s.ocsp.as_ref()?;
+    let checked = crate::tls::load_ocsp_staple(path, chain).and_then(|der| {
+        let serial = chain
+            .first()
+            .map(crate::tls::certificate_serial)
+            .transpose()
+            .map_err(crate::tls::TlsError::Rustls)?
+            .unwrap_or_default();
+        tlsrelay_core::ocsp::status_for(&der, &serial)
+            .map_err(|e| crate::tls::TlsError::Rustls(e.to_string()))
+    });
+    Some(match checked {
+        Ok(status) => Finding {
+            level: Level::Ok,
+            what: format!(
+                "OCSP response {}: {}, this update {}, next update {}",
+                path.display(),
+                status.status,
+                tlsrelay_core::ocsp::format_time(status.this_update),
+                status
+                    .next_update
+                    .map_or("none".into(), tlsrelay_core::ocsp::format_time)
+            ),
+        },
+        Err(e) => Finding {
+            level: Level::Error,
+            what: format!("OCSP response refused: {e}"),
+        },
+    })
+}
+
+fn reach_finding(r: &revocation::Reach) -> Finding {
     Finding {
         level: if r.reachable { Level::Ok } else { Level::Error },
-        what: format!(
-            "{} {} {}: {}",
-            r.kind,
-            r.url,
-            if r.reachable {
-                "reachable"
-            } else {
-                "UNREACHABLE"
-            },
-            r.detail
-        ),
+        what: format!("{} {}: {}", r.kind, r.url, r.detail),
     }
 }
 

@@ -3,9 +3,6 @@
 //! root, validity window, names, key strength, and the revocation and issuer
 //! endpoints a validating peer will fetch — which `--reach` tries.
 
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
-
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
@@ -356,122 +353,9 @@ fn trust_path(
     }
 }
 
-/// Whether one endpoint a validating peer fetches can be reached from here.
-#[derive(Debug, Clone, Serialize)]
-pub struct Reach {
-    pub url: String,
-    pub kind: &'static str,
-    pub reachable: bool,
-    pub detail: String,
-}
-
-/// Tries every CRL, OCSP and CA-issuer endpoint: a TCP connection each,
-/// and for an http CRL an HTTP GET, with `timeout` per step.
-pub fn reach(info: &CertificateInfo, timeout: Duration) -> Vec<Reach> {
-    let kinds = [
-        ("CRL", &info.crl_urls),
-        ("OCSP", &info.ocsp_urls),
-        ("CA issuer", &info.ca_issuer_urls),
-    ];
-    let mut out = Vec::new();
-    for (kind, urls) in kinds {
-        for url in urls {
-            let result = try_reach(url, kind == "CRL", timeout);
-            out.push(Reach {
-                url: url.clone(),
-                kind,
-                reachable: result.is_ok(),
-                detail: result.unwrap_or_else(|e| e),
-            });
-        }
-    }
-    out
-}
-
-/// (scheme, host, port, path) of an http(s)/ldap URL.
-fn split_url(url: &str) -> Option<(&str, &str, u16, &str)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let default = match scheme.to_ascii_lowercase().as_str() {
-        "http" => 80,
-        "https" => 443,
-        "ldap" => 389,
-        "ldaps" => 636,
-        _ => return None,
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h, p.parse().ok()?),
-        _ => (authority, default),
-    };
-    Some((
-        scheme,
-        host.trim_start_matches('[').trim_end_matches(']'),
-        port,
-        path,
-    ))
-}
-
-fn try_reach(url: &str, fetch: bool, timeout: Duration) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let (scheme, host, port, path) =
-        split_url(url).ok_or_else(|| "not an http, https or ldap URL".to_string())?;
-    let addr = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host} has no address"))?;
-    let mut tcp =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("TCP {addr}: {e}"))?;
-    if !(fetch && scheme.eq_ignore_ascii_case("http")) {
-        return Ok(format!("TCP {addr} connected"));
-    }
-    tcp.set_read_timeout(Some(timeout)).ok();
-    tcp.set_write_timeout(Some(timeout)).ok();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: tlsrelay\r\n\r\n");
-    tcp.write_all(request.as_bytes())
-        .map_err(|e| format!("HTTP GET: {e}"))?;
-    let mut response = Vec::new();
-    tcp.take(64 << 20)
-        .read_to_end(&mut response)
-        .map_err(|e| format!("HTTP GET: {e}"))?;
-    let head_end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("HTTP GET: no complete response")?;
-    let status_line = String::from_utf8_lossy(&response[..head_end]);
-    let status = status_line.lines().next().unwrap_or("").to_string();
-    let body = response.len() - head_end - 4;
-    if status.split_whitespace().nth(1) == Some("200") {
-        Ok(format!("HTTP GET {status}, {body} bytes"))
-    } else {
-        Err(format!("HTTP GET answered {status}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_split_into_scheme_host_port_path() {
-        assert_eq!(
-            split_url("http://crl.example/ca.crl"),
-            Some(("http", "crl.example", 80, "/ca.crl"))
-        );
-        assert_eq!(
-            split_url("http://127.0.0.1:8080/x"),
-            Some(("http", "127.0.0.1", 8080, "/x"))
-        );
-        assert_eq!(
-            split_url("ldap://dir.example"),
-            Some(("ldap", "dir.example", 389, "/"))
-        );
-        assert_eq!(split_url("ftp://x/y"), None);
-        assert_eq!(split_url("no scheme"), None);
-    }
 
     #[test]
     fn colon_hex_is_upper_case_pairs() {

@@ -13,12 +13,83 @@ use tokio::time::timeout;
 
 use crate::config::HostPort;
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure};
+use crate::proxy::{HeaderReader, Progress, ProxyHeader};
 use crate::pump::Leg;
 use crate::report::{
     inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Negotiated, Outcome,
     SocketRecord,
 };
 use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
+
+/// Who the client is: the socket's peer, or behind an L4 balancer the
+/// address its PROXY protocol header names.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddress {
+    pub peer: SocketAddr,
+    /// The balancer, when a header named someone else.
+    pub proxied_by: Option<SocketAddr>,
+    /// The address the client connected to (the header's destination, or
+    /// the socket's own), for a header sent on to the upstream.
+    pub destination: Option<SocketAddr>,
+}
+
+/// Reads the PROXY protocol header a listener behind a balancer expects,
+/// to its last byte and no further, within `limit`. Without one (or a
+/// malformed one) the session is refused with the reason.
+pub async fn client_address(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    expect_header: bool,
+    limit: Duration,
+) -> Result<ClientAddress, Outcome> {
+    let socket = ClientAddress {
+        peer,
+        proxied_by: None,
+        destination: tcp.local_addr().ok(),
+    };
+    if !expect_header {
+        return Ok(socket);
+    }
+    let refused = |reason: String| Outcome::Refused {
+        leg: Direction::Inbound,
+        reason: format!("PROXY protocol: {reason}"),
+        failure: None,
+    };
+    let header = match timeout(limit, read_proxy_header(tcp)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(reason)) => return Err(refused(reason)),
+        Err(_) => return Err(refused("no header within the handshake timeout".into())),
+    };
+    Ok(match header {
+        ProxyHeader::Local => socket,
+        ProxyHeader::Proxied {
+            source,
+            destination,
+        } => ClientAddress {
+            peer: source,
+            proxied_by: Some(peer),
+            destination: Some(destination),
+        },
+    })
+}
+
+async fn read_proxy_header(tcp: &mut TcpStream) -> Result<ProxyHeader, String> {
+    use tokio::io::AsyncReadExt;
+    let mut reader = HeaderReader::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match reader.progress().map_err(|e| e.to_string())? {
+            Progress::Done(header) => return Ok(header),
+            Progress::Need(n) => {
+                let n = n.min(buf.len());
+                tcp.read_exact(&mut buf[..n])
+                    .await
+                    .map_err(|e| format!("reading the header: {e}"))?;
+                reader.feed(&buf[..n]);
+            }
+        }
+    }
+}
 
 /// A completed inbound TLS handshake.
 pub type ServerStream = tokio_rustls::server::TlsStream<RecordIo>;
@@ -86,6 +157,8 @@ pub struct Target<'a> {
     pub policy: OutboundPolicy,
     /// Present unless the policy is `plain`.
     pub tls: Option<&'a UpstreamTls>,
+    /// A PROXY protocol header to send first on every connection.
+    pub proxy_header: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -163,7 +236,7 @@ pub async fn open_outbound<G: Greeter>(
     timeouts: LegTimeouts,
     sockets: &mut Vec<SocketRecord>,
 ) -> Result<OutboundLeg, OutboundFailure> {
-    let (mut tcp, address) = connect(target.address, timeouts.connect).await?;
+    let (mut tcp, address) = connect(target, timeouts.connect).await?;
     let cookie = crate::bpf::socket_cookie(&tcp);
     let Some(tls) = target.tls else {
         let greeted = greeter.before_tls(&mut tcp, false).await;
@@ -201,7 +274,7 @@ pub async fn open_outbound<G: Greeter>(
         return Err(OutboundFailure::Refused { failure, address });
     }
     tracing::info!(session = target.session, upstream = %target.address, "outbound {failure}; continuing in plaintext");
-    let (mut tcp, address) = connect(target.address, timeouts.connect).await?;
+    let (mut tcp, address) = connect(target, timeouts.connect).await?;
     let greeted = greeter.before_tls(&mut tcp, false).await;
     sockets.extend(record(
         crate::bpf::socket_cookie(&tcp),
@@ -270,19 +343,26 @@ async fn handshake<G: Greeter>(
     }
 }
 
+/// A connection to the target, its PROXY protocol header sent.
 async fn connect(
-    address: &HostPort,
+    target: &Target<'_>,
     limit: Duration,
 ) -> Result<(TcpStream, SocketAddr), OutboundFailure> {
+    use tokio::io::AsyncWriteExt;
+    let address = target.address;
     let error = match timeout(
         limit,
         TcpStream::connect((address.host.as_str(), address.port)),
     )
     .await
     {
-        Ok(Ok(tcp)) => {
+        Ok(Ok(mut tcp)) => {
             let _ = tcp.set_nodelay(true);
-            match tcp.peer_addr() {
+            let header = match &target.proxy_header {
+                Some(header) => tcp.write_all(header).await,
+                None => Ok(()),
+            };
+            match header.and_then(|()| tcp.peer_addr()) {
                 Ok(peer) => return Ok((tcp, peer)),
                 Err(e) => e.to_string(),
             }

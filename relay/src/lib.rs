@@ -7,7 +7,7 @@
 //! `smtp::session`, both setting up their legs through `legs` and, for
 //! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
-pub use tlsrelay_core::{config, policy, report};
+pub use tlsrelay_core::{config, policy, proxy, report};
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
@@ -19,6 +19,7 @@ mod metrics;
 pub mod plan;
 pub mod pump;
 mod reload;
+mod revocation;
 mod session;
 mod smtp;
 mod state;

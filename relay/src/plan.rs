@@ -142,6 +142,7 @@ impl SmtpShared {
                 InboundMode::Required => StartTls::Required,
             },
             implicit_tls: l.tls.mode == InboundMode::Implicit,
+            proxy_protocol: l.proxy_protocol,
             tls,
             routing: self.routing.clone(),
             connector_anchors: self.connector_anchors.clone(),
@@ -216,6 +217,7 @@ impl Plan {
                         timeouts,
                         ktls: config.dataplane.ktls,
                         engine: config.dataplane.pump,
+                        proxy_protocol: l.proxy_protocol,
                     }))
                 }
                 Protocol::Smtp => Listening::Smtp(Arc::new(smtp.listener(config, l, tls))),
@@ -268,11 +270,20 @@ fn load_key_pair(
     field: String,
     files: &CertificateFiles,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, ConfigError> {
-    tls::load_certified_key(
+    let key = tls::load_certified_key(
         &src.resolve(files.chain.get_ref()),
         &src.resolve(files.key.get_ref()),
     )
-    .map_err(|e| src.error(files.chain.span(), field, e))
+    .map_err(|e| src.error(files.chain.span(), field.clone(), e))?;
+    let Some(ocsp) = &files.ocsp_response else {
+        return Ok(key);
+    };
+    let path = src.resolve(ocsp.get_ref());
+    let staple = tls::load_ocsp_staple(&path, &key.cert)
+        .map_err(|e| src.error(ocsp.span(), format!("{field}.ocsp_response"), e))?;
+    let mut key = Arc::unwrap_or_clone(key);
+    key.ocsp = Some(staple);
+    Ok(Arc::new(key))
 }
 
 fn listener_tls(
@@ -359,6 +370,7 @@ fn route_plan(
         address,
         policy: up.tls.policy,
         tls,
+        send_proxy: up.send_proxy_protocol,
     })
 }
 
@@ -489,13 +501,20 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
             );
         }
     }
+    if l.proxy_protocol {
+        s += ", behind a PROXY protocol balancer (clients are who its header names)";
+    }
     match up {
         Some(up) => {
-            s + &format!(
+            s += &format!(
                 " -> upstream {} ({})",
                 up.name.get_ref(),
                 up.address.get_ref()
-            )
+            );
+            if let Some(version) = up.send_proxy_protocol {
+                s += &format!(", PROXY protocol {version} header sent");
+            }
+            s
         }
         None => s + " -> outbound connectors by recipient domain",
     }

@@ -130,6 +130,7 @@ pub fn watched_files(config: &Config, path: Option<&Path>) -> Vec<PathBuf> {
     let mut pair = |f: &crate::config::CertificateFiles| {
         files.push(src.resolve(f.chain.get_ref()));
         files.push(src.resolve(f.key.get_ref()));
+        files.extend(f.ocsp_response.iter().map(|o| src.resolve(o.get_ref())));
     };
     for l in &config.listeners {
         l.tls.certificates.iter().for_each(&mut pair);

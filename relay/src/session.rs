@@ -12,10 +12,11 @@ use tokio::time::timeout;
 
 use crate::config::HostPort;
 use crate::legs::{
-    accept_tls, inbound_refused, inbound_security, open_outbound, LegTimeouts, OutboundFailure,
-    Silent, Target,
+    accept_tls, client_address, inbound_refused, inbound_security, open_outbound, ClientAddress,
+    LegTimeouts, OutboundFailure, Silent, Target,
 };
 use crate::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
+use crate::proxy::ProxyVersion;
 use crate::pump::{self, Leg, PumpOptions, SpliceEngine};
 use crate::report::{Direction, Downgrade, LegSecurity, Outcome, SessionReport};
 use crate::tls::{ListenerTls, UpstreamTls};
@@ -38,6 +39,8 @@ pub struct ListenerPlan {
     /// Offer TLS legs to kernel TLS when the kernel supports them.
     pub ktls: bool,
     pub engine: SpliceEngine,
+    /// Connections start with a PROXY protocol header naming the client.
+    pub proxy_protocol: bool,
 }
 
 /// An upstream route: where to connect and how to secure it.
@@ -47,6 +50,8 @@ pub struct RoutePlan {
     pub policy: OutboundPolicy,
     /// Present unless the policy is `plain`.
     pub tls: Option<UpstreamTls>,
+    /// Send the upstream a PROXY protocol header naming the client.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// What the client's first byte turned out to be.
@@ -71,7 +76,7 @@ async fn peek_first_byte(client: &TcpStream, limit: Duration) -> FirstByte {
 pub async fn run(
     id: u64,
     plan: &ListenerPlan,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
 ) -> SessionReport {
     let started = Instant::now();
@@ -79,6 +84,17 @@ pub async fn run(
     let mut report = SessionReport::new(id, &plan.name, peer, &route.name);
     let _ = client.set_nodelay(true);
     report.client_cookie = crate::bpf::socket_cookie(&client);
+    let limit = plan.timeouts.handshake;
+    let address = match client_address(&mut client, peer, plan.proxy_protocol, limit).await {
+        Ok(address) => address,
+        Err(outcome) => {
+            report.outcome = outcome;
+            return finish(report, started);
+        }
+    };
+    report.client = address.peer;
+    report.proxied_by = address.proxied_by;
+    let peer = address.peer;
     if plan.mode == InboundMode::Off {
         report.tls_off.push(Direction::Inbound);
     }
@@ -99,6 +115,7 @@ pub async fn run(
         address: &route.address,
         policy: route.policy,
         tls: route.tls.as_ref(),
+        proxy_header: proxy_header(route.send_proxy, &address),
     };
     let timeouts = LegTimeouts {
         connect: plan.timeouts.connect,
@@ -139,6 +156,12 @@ fn finish(mut report: SessionReport, started: Instant) -> SessionReport {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The header naming the client to send the upstream, if it wants one.
+fn proxy_header(version: Option<ProxyVersion>, client: &ClientAddress) -> Option<Vec<u8>> {
+    let destination = client.destination?;
+    Some(crate::proxy::encode(version?, client.peer, destination))
 }
 
 /// How the inbound leg was secured.

@@ -76,3 +76,23 @@ pub fn plain_session(addr: SocketAddr) -> Result<TcpStream, String> {
     }
     Ok(tcp)
 }
+
+/// Serves `body` at every path over HTTP/1.0 on loopback.
+pub fn http_server(body: Vec<u8>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request);
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: application/pkix-crl\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    port
+}

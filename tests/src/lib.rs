@@ -148,6 +148,89 @@ impl Pki {
         self.dir.path()
     }
 
+    /// Writes the CA's private key (PEM), for tools that sign as the CA.
+    pub fn ca_key_pem(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.key");
+        std::fs::write(&path, self.ca.key().serialize_pem()).unwrap();
+        path
+    }
+
+    /// An `openssl ca`-style index listing `leaf`'s certificate as `good`
+    /// (valid) or `revoked`, for `openssl ocsp` to answer from.
+    pub fn ocsp_index(&self, leaf: &Leaf, status: &str) -> PathBuf {
+        let stem = leaf
+            .chain
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let serial = openssl(&[
+            "x509".as_ref(),
+            "-serial".as_ref(),
+            "-noout".as_ref(),
+            "-in".as_ref(),
+            leaf.chain.as_os_str(),
+        ]);
+        let serial = serial.trim().trim_start_matches("serial=").to_string();
+        let index = self.dir.path().join(format!("{stem}-{status}.index"));
+        let line = match status {
+            "revoked" => format!("R\t351231000000Z\t251101000000Z\t{serial}\tunknown\t/CN=x\n"),
+            _ => format!("V\t351231000000Z\t\t{serial}\tunknown\t/CN=x\n"),
+        };
+        std::fs::write(&index, line).unwrap();
+        index
+    }
+
+    /// An OCSP response (DER) from the CA about `leaf`'s certificate, made
+    /// with `openssl ocsp`: `good`, or `revoked`.
+    pub fn ocsp_response(&self, leaf: &Leaf, status: &str) -> PathBuf {
+        let dir = self.dir.path();
+        let stem = leaf
+            .chain
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let os = |s: &str| std::ffi::OsString::from(s);
+        let index = self.ocsp_index(leaf, status);
+        let request = dir.join(format!("{stem}.ocsp-req"));
+        openssl(&[
+            &os("ocsp"),
+            &os("-no_nonce"),
+            &os("-issuer"),
+            self.ca_pem.as_os_str(),
+            &os("-cert"),
+            leaf.chain.as_os_str(),
+            &os("-reqout"),
+            request.as_os_str(),
+        ]);
+        let response = dir.join(format!("{stem}-{status}.ocsp"));
+        let key = self.ca_key_pem();
+        openssl(&[
+            &os("ocsp"),
+            &os("-index"),
+            index.as_os_str(),
+            &os("-rsigner"),
+            self.ca_pem.as_os_str(),
+            &os("-rkey"),
+            key.as_os_str(),
+            &os("-CA"),
+            self.ca_pem.as_os_str(),
+            &os("-reqin"),
+            request.as_os_str(),
+            &os("-respout"),
+            response.as_os_str(),
+            &os("-ndays"),
+            &os("7"),
+        ]);
+        response
+    }
+
+    /// The CA's certificate, DER.
+    pub fn ca_der(&self) -> Vec<u8> {
+        self.ca.der().to_vec()
+    }
+
     /// A CA-issued certificate valid now for `names`.
     pub fn leaf(&self, stem: &str, names: &[&str]) -> Leaf {
         self.leaf_of_kind(stem, names, LeafKind::Valid)
@@ -717,4 +800,18 @@ pub fn relay_binary() -> &'static str {
 pub fn is_root() -> bool {
     // SAFETY: geteuid(2) has no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `openssl` and returns its standard output; panics with its errors.
+pub fn openssl(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -185,6 +185,7 @@ pub async fn establish(
             address: &plan.address,
             policy: connector.policy,
             tls: plan.tls.as_ref(),
+            proxy_header: None,
         };
         let mut greeter = SmtpGreeter {
             label: plan.address.to_string(),

@@ -18,7 +18,7 @@ use super::codec::Reply;
 use super::forward::{Action, Forwarder, OpenedHop, Routing};
 use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::legs::{accept_tls, inbound_refused, inbound_security};
+use crate::legs::{accept_tls, client_address, inbound_refused, inbound_security};
 use crate::policy::PeerTrust;
 use crate::pump::{Leg, PumpEnd};
 use crate::report::{Direction, Downgrade, LegSecurity, Outcome, SessionReport, SocketRecord};
@@ -31,6 +31,8 @@ pub struct SmtpListenerPlan {
     pub starttls: StartTls,
     /// SMTPS: TLS from the first byte.
     pub implicit_tls: bool,
+    /// Connections start with a PROXY protocol header naming the client.
+    pub proxy_protocol: bool,
     pub tls: Option<ListenerTls>,
     /// Accepted domains, inbound connectors, who may relay, and where mail
     /// for each domain goes.
@@ -72,13 +74,19 @@ struct Session<'a> {
 pub async fn run(
     id: u64,
     plan: &SmtpListenerPlan,
-    client: TcpStream,
-    peer: SocketAddr,
+    mut client: TcpStream,
+    socket_peer: SocketAddr,
     closing: Closing,
 ) -> SessionReport {
     let started = Instant::now();
     let client_cookie = crate::bpf::socket_cookie(&client);
     let _ = client.set_nodelay(true);
+    let limit = plan.timeouts.handshake;
+    let address = client_address(&mut client, socket_peer, plan.proxy_protocol, limit).await;
+    let (peer, proxied_by) = match &address {
+        Ok(a) => (a.peer, a.proxied_by),
+        Err(_) => (socket_peer, None),
+    };
     let mut session = Session {
         id,
         plan,
@@ -89,12 +97,16 @@ pub async fn run(
         out: Vec::new(),
         closing,
     };
-    let outcome = session.run(client).await;
+    let outcome = match address {
+        Ok(_) => session.run(client).await,
+        Err(refused) => refused,
+    };
     session.forwarder.end();
     session.perform(None).await;
 
     let legs = session.legs;
     let mut report = SessionReport::new(id, &plan.name, peer, "-");
+    report.proxied_by = proxied_by;
     report.client_cookie = client_cookie;
     if plan.starttls == StartTls::Unavailable && !plan.implicit_tls {
         report.tls_off.push(Direction::Inbound);

@@ -36,6 +36,29 @@ pub fn load_certified_key(chain: &Path, key: &Path) -> Result<Arc<CertifiedKey>,
     Ok(Arc::new(certified))
 }
 
+/// Reads an OCSP response (DER) to staple for `chain`'s end-entity
+/// certificate, refusing one that is not for it, not "good" or not current.
+pub fn load_ocsp_staple(path: &Path, chain: &[CertificateDer<'_>]) -> Result<Vec<u8>, TlsError> {
+    let der = std::fs::read(path).map_err(|e| TlsError::file(path, e))?;
+    let end_entity = chain
+        .first()
+        .ok_or_else(|| TlsError::file(path, "no certificate to staple it to"))?;
+    let serial = certificate_serial(end_entity).map_err(|e| TlsError::file(path, e))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    tlsrelay_core::ocsp::check(&der, &serial, now).map_err(|e| TlsError::file(path, e))?;
+    Ok(der)
+}
+
+/// The certificate's serial number: its DER INTEGER contents.
+pub fn certificate_serial(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| format!("certificate does not parse: {e}"))?;
+    Ok(parsed.tbs_certificate.raw_serial().to_vec())
+}
+
 /// Reads a PEM file of trust anchors.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();

@@ -20,7 +20,8 @@ pub fn hostname() -> String {
 }
 
 pub use certs::{
-    cert_names, load_certified_key, load_chain, load_crls, load_roots, system_roots, SelfSigned,
+    cert_names, certificate_serial, load_certified_key, load_chain, load_crls, load_ocsp_staple,
+    load_roots, system_roots, SelfSigned,
 };
 pub use client::{UpstreamTls, UpstreamTlsSettings};
 pub use record_io::RecordIo;
