@@ -40,8 +40,11 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:5: listeners[0].tls.mode: unknown mode 'opportunstic', expected one of off, opportunistic, required, implicit",
         ),
         (
-            format!("[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:9\"\nsend_proxy_protocol = \"v3\"\n"),
-            "relay.toml:9: upstreams[0].send_proxy_protocol: unknown PROXY protocol version 'v3', expected one of v1, v2",
+            listener("").replace(
+                "address = \"127.0.0.1:9\"",
+                "address = \"127.0.0.1:9\"\nsend_proxy_protocol = \"v3\"",
+            ),
+            "relay.toml:10: upstreams[0].send_proxy_protocol: unknown PROXY protocol version 'v3', expected one of v1, v2",
         ),
         (
             listener("protocol = \"pop3\""),

@@ -49,18 +49,24 @@ fn edge_config(pki: &Pki, partner: &Pki) -> std::path::PathBuf {
     config
 }
 
-#[test]
-fn example_edge_config_is_valid_and_its_certificates_check() {
-    let (pki, partner) = (Pki::new(), Pki::new());
-    let config = edge_config(&pki, &partner);
+/// `tlsrelay check` on `config`: its output, once it passed.
+fn check(config: &Path) -> String {
     let out = Command::new(relay_binary())
         .arg("check")
-        .arg(&config)
+        .arg(config)
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{text}");
+    text
+}
+
+#[test]
+fn example_edge_config_is_valid_and_its_certificates_check() {
+    let (pki, partner) = (Pki::new(), Pki::new());
+    let config = edge_config(&pki, &partner);
+    let text = check(&config);
     for expected in [
         "listener mx on 0.0.0.0:25 (smtp): inbound TLS opportunistic",
         "inbound connector partner-in: clients 192.0.2.0/24, certificate names mail.partner.example, TLS required, client certificate required",
@@ -146,13 +152,6 @@ fn kubernetes_configmap_config_is_valid() {
         .replace("/etc/tlsrelay/certs/tls.key", leaf.key.to_str().unwrap());
     let config = pki.dir().join("k8s.toml");
     std::fs::write(&config, toml).unwrap();
-    let out = Command::new(relay_binary())
-        .arg("check")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let text = check(&config);
     assert!(text.contains("behind a PROXY protocol balancer"), "{text}");
 }

@@ -25,11 +25,7 @@ fn have_openssl() -> bool {
 }
 
 fn config(pki: &Pki, leaf: &Leaf, ocsp: &std::path::Path) -> std::path::PathBuf {
-    let upstream_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let upstream_port = free_port();
     let path = pki.dir().join(format!(
         "relay-{}.toml",
         ocsp.file_stem().unwrap().to_string_lossy()
@@ -149,11 +145,7 @@ fn reach_asks_the_responder_checks_the_issuer_and_verifies_the_crl() {
         return;
     }
     let pki = Pki::new();
-    let ocsp_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let ocsp_port = free_port();
     let ca_port = blocking::http_server(pki.ca_der());
     let crl_port = blocking::http_server(pki.crl(&[77]));
     let leaf = pki.issue(

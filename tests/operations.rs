@@ -4,7 +4,7 @@
 //! 250 or a 4xx, never a 250 for an undelivered message.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tlsrelay_tests::relay_binary;
@@ -12,16 +12,8 @@ use tlsrelay_tests::relay_binary;
 use tlsrelay_tests::blocking::{echo_server, plain_session, tls_session};
 use tlsrelay_tests::process::RelayProcess;
 use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
-use tlsrelay_tests::{LeafSpec, Pki};
+use tlsrelay_tests::{free_port, LeafSpec, Pki};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
     let mut tcp = TcpStream::connect(addr).unwrap();

@@ -43,14 +43,6 @@ impl Drop for Haproxy {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// HAProxy with a frontend per (bind, backend server, send-proxy option).
 async fn haproxy(dir: &std::path::Path, fronts: &[(SocketAddr, SocketAddr, &str)]) -> Haproxy {
     let mut config = String::from(

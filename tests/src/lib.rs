@@ -815,3 +815,12 @@ pub fn openssl(args: &[&std::ffi::OsStr]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// A loopback port nothing listens on (at the moment of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -38,14 +38,6 @@ pub fn have_postfix() -> bool {
     ok
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn postfix(conf: &Path, args: &[&str]) -> std::process::Output {
     Command::new("postfix")
         .arg("-c")
@@ -77,7 +69,7 @@ impl Postfix {
         };
         chown(&root.join("data"), "postfix");
         chown(&root.join("mail"), "65534:65534");
-        let port = free_port();
+        let port = crate::free_port();
         // The stock master.cf, without chroot, smtpd on our port.
         let master = std::fs::read_to_string("/etc/postfix/master.cf").unwrap();
         let mut out = String::new();
