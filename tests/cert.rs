@@ -278,3 +278,90 @@ fn reach_fetches_the_crl_and_flags_a_closed_port() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("endpoints (try them with --reach)"), "{out}");
 }
+
+/// `dns records`: MX for each accepted domain, and a TLSA 3 1 1 record
+/// whose digest is what openssl computes for the served key (and the next
+/// one), the MTA-STS and TLS-RPT records and the policy.
+#[test]
+fn dns_records_publish_what_peers_check() {
+    let pki = Pki::new();
+    let served = pki.issue(
+        "mx",
+        &LeafSpec {
+            names: vec!["mx.example.org"],
+            ..LeafSpec::default()
+        },
+    );
+    let next = pki.issue(
+        "mx-next",
+        &LeafSpec {
+            names: vec!["mx.example.org"],
+            ..LeafSpec::default()
+        },
+    );
+    let config = pki.dir().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "accepted_domains = [\"example.org\", \".example.org\"]\n[[listeners]]\nname = \"mx\"\naddress = \"0.0.0.0:25\"\nprotocol = \"smtp\"\nhostname = \"mx.example.org\"\n[[listeners.tls.certificates]]\nchain = {}\nkey = {}\n[[outbound_connectors]]\nname = \"in\"\nrecipient_domains = [\"example.org\"]\nnext_hops = [\"10.0.0.5:25\"]\n",
+            tlsrelay_tests::toml_path(&served.chain),
+            tlsrelay_tests::toml_path(&served.key)
+        ),
+    )
+    .unwrap();
+    let (code, out) = tlsrelay(&[
+        "dns",
+        "records",
+        "--config",
+        path(&config),
+        "--next",
+        path(&next.chain),
+        "--sts-mode",
+        "enforce",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let openssl_digest = |chain: &Path| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform DER | openssl dgst -sha256 -r",
+                chain.display()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        out.contains("example.org. IN MX 10 mx.example.org."),
+        "{out}"
+    );
+    assert!(
+        !out.contains(".example.org. IN MX 10"),
+        "patterns are no zone names: {out}"
+    );
+    for chain in [&served.chain, &next.chain] {
+        let record = format!(
+            "_25._tcp.mx.example.org. IN TLSA 3 1 1 {}",
+            openssl_digest(chain)
+        );
+        assert!(out.contains(&record), "{record} in:\n{out}");
+    }
+    assert!(
+        out.contains("_mta-sts.example.org. IN TXT \"v=STSv1; id="),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "_smtp._tls.example.org. IN TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@example.org\""
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("; mode: enforce\n; mx: mx.example.org\n; max_age: 604800"),
+        "{out}"
+    );
+}

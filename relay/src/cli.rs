@@ -54,6 +54,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::cli_cert::CertCommand,
     },
+    /// What to publish in DNS for the mail edge (MX, DANE TLSA, MTA-STS,
+    /// TLS-RPT).
+    Dns {
+        #[command(subcommand)]
+        command: crate::cli_dns::DnsCommand,
+    },
     /// Validate a configuration and print the effective policy.
     ///
     /// Exit status 0 when valid, 2 when not.
@@ -77,6 +83,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { file } => check(&file),
         Command::Cert { command } => crate::cli_cert::run(command),
+        Command::Dns { command } => crate::cli_dns::run(command),
         Command::Stats { pin_dir, json } => stats(&pin_dir, json),
         Command::Run {
             config,

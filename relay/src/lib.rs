@@ -12,6 +12,7 @@ pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
 mod cli_cert;
+mod cli_dns;
 mod inspect;
 mod legs;
 pub mod listeners;
