@@ -832,6 +832,7 @@ async fn smtp_legs_agree_with_the_wire() {
         })),
         chunking: true,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await;
     let pin_dir = unique_pin_dir("smtp");

@@ -91,6 +91,7 @@ async fn a_tls12_peer_is_a_version_downgrade_for_tcp_and_smtp_alike() {
         tls: Some(server_config(&tls12)),
         chunking: true,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await;
     let tls = format!(
@@ -146,6 +147,7 @@ async fn a_silent_tls_client_ends_the_same_way_on_tcp_and_smtps_listeners() {
         tls: None,
         chunking: true,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await;
     let toml = tcp_and_smtp(

@@ -20,6 +20,7 @@ async fn sink() -> Sink {
         tls: None,
         chunking: true,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await
 }

@@ -189,6 +189,7 @@ async fn smtp_relay(
         tls: None,
         chunking: false,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await;
     let config = dir.join("smtp.toml");

@@ -210,3 +210,79 @@ async fn sender_round(level: &str) {
     assert_eq!(sender.deferred(), 0, "left the queue");
     assert_eq!(receiver.delivered().len(), 1, "delivered once");
 }
+
+/// REQUIRETLS (RFC 8689) end to end: a message marked REQUIRETLS goes to a
+/// verified next hop that offers REQUIRETLS (the test sink), and is
+/// refused with 550 5.7.30 where the verified next hop is Postfix 3.7,
+/// which does not offer it; nothing reaches Postfix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiretls_goes_only_to_a_verified_next_hop_that_offers_it() {
+    if !have_postfix() {
+        return;
+    }
+    use tlsrelay_tests::smtp_client::RawSmtp;
+    use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
+    let pki = Pki::new();
+    let relay_cert = pki.leaf("relay", &["relay.test"]);
+    let sink_cert = pki.leaf("sink", &["sink.partner.test"]);
+    let postfix = Postfix::start(PostfixSetup {
+        hostname: "sink.partner.test",
+        mailbox_domains: "partner.test",
+        smtpd_tls: ("may", Some((&sink_cert.chain, &sink_cert.key))),
+        relayhost: None,
+    });
+    let sink = smtp_sink(SinkOptions {
+        tls: Some(server_config(&ServerOptions {
+            leaf: &sink_cert,
+            versions: Versions::Both,
+            client_ca: None,
+        })),
+        chunking: true,
+        refuse_marker: "nobody",
+        requiretls: true,
+    })
+    .await;
+    let verified = "tls.policy = \"required\"\ntls.verify = \"name\"";
+    for (port, offers) in [(sink.addr.port(), true), (postfix.port, false)] {
+        let mut relay =
+            TestRelay::start(&relay_config(&pki, &relay_cert, port, verified), pki.dir()).await;
+        let mut c = RawSmtp::connect(relay.addr("mx")).await;
+        c.cmd("EHLO client.test").await;
+        c.starttls().await;
+        assert!(c.cmd("EHLO client.test").await.contains("250 REQUIRETLS"));
+        let reply = c.cmd("MAIL FROM:<a@sender.test> REQUIRETLS").await;
+        assert!(reply.starts_with("250"), "{reply}");
+        let reply = c.cmd("RCPT TO:<x@partner.test>").await;
+        if offers {
+            assert!(reply.starts_with("250"), "{reply}");
+            assert!(c.cmd("DATA").await.starts_with("354"));
+            let end = c.cmd("Subject: r\r\n\r\nsecret\r\n.").await;
+            assert!(end.starts_with("250"), "{end}");
+            let got = sink.received.lock().unwrap().clone();
+            assert_eq!(got.len(), 1);
+            assert!(got[0].over_tls);
+            let wire = String::from_utf8_lossy(&sink.wire()).into_owned();
+            assert!(
+                wire.contains("MAIL FROM:<a@sender.test> REQUIRETLS"),
+                "{wire}"
+            );
+        } else {
+            assert!(
+                reply.starts_with("550 5.7.30 REQUIRETLS support required")
+                    && reply.contains("it does not offer REQUIRETLS"),
+                "{reply}"
+            );
+        }
+        c.cmd("QUIT").await;
+        let report = relay.next_report().await;
+        let t = &report.transactions[0];
+        if offers {
+            assert_eq!(t.recipients, ["x@partner.test"], "{report}");
+        } else {
+            assert!(t.recipients.is_empty(), "{report}");
+            assert!(t.refused[0].starts_with("550 5.7.30"), "{report}");
+            assert_eq!(t.result, None, "never got to DATA: {report}");
+        }
+    }
+    assert!(postfix.delivered().is_empty(), "nothing reached Postfix");
+}

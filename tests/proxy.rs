@@ -120,6 +120,7 @@ async fn the_client_behind_haproxy_is_the_one_judged_reported_and_passed_on() {
         tls: None,
         chunking: true,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await;
     let toml = format!(

@@ -27,6 +27,7 @@ async fn sink(tls: Option<Arc<rustls::ServerConfig>>, chunking: bool) -> Sink {
         tls,
         chunking,
         refuse_marker: "nobody",
+        requiretls: false,
     })
     .await
 }

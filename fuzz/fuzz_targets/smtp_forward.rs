@@ -81,6 +81,7 @@ fuzz_target!(|data: &[u8]| {
                                 name: "mx".into(),
                                 security: LegSecurity::Plaintext,
                                 chunking: byte % 2 == 0,
+                                requiretls: byte % 3 == 0,
                             });
                         }
                     }

@@ -9,8 +9,11 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::PATIENCE;
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct RawSmtp {
-    io: BufReader<TcpStream>,
+    io: BufReader<Box<dyn Io>>,
 }
 
 impl RawSmtp {
@@ -33,7 +36,7 @@ impl RawSmtp {
 
     async fn greeted(tcp: TcpStream) -> RawSmtp {
         let mut raw = RawSmtp {
-            io: BufReader::new(tcp),
+            io: BufReader::new(Box::new(tcp)),
         };
         let greeting = raw.reply().await;
         assert!(greeting.starts_with("220"), "{greeting}");
@@ -59,11 +62,29 @@ impl RawSmtp {
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.io.get_mut().write_all(bytes).await.unwrap();
+        self.io.get_mut().flush().await.unwrap();
     }
 
     /// Sends `line` with CRLF and returns the reply.
     pub async fn cmd(&mut self, line: &str) -> String {
         self.send(format!("{line}\r\n").as_bytes()).await;
         self.reply().await
+    }
+
+    /// STARTTLS (any server certificate accepted: the relay's policy is
+    /// under test, not its identity), then the session goes on over TLS.
+    pub async fn starttls(&mut self) {
+        let reply = self.cmd("STARTTLS").await;
+        assert!(reply.starts_with("220"), "{reply}");
+        let plain = std::mem::replace(
+            &mut self.io,
+            BufReader::new(Box::new(tokio::io::duplex(1).0)),
+        );
+        let connector = tokio_rustls::TlsConnector::from(crate::client_config(
+            &crate::ClientOptions::default(),
+        ));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, plain.into_inner()).await.unwrap();
+        self.io = BufReader::new(Box::new(tls));
     }
 }

@@ -32,6 +32,8 @@ pub struct SinkOptions {
     pub chunking: bool,
     /// Recipients containing this are refused with 550.
     pub refuse_marker: &'static str,
+    /// Offer REQUIRETLS (RFC 8689) after STARTTLS.
+    pub requiretls: bool,
 }
 
 pub struct Sink {
@@ -167,6 +169,9 @@ async fn serve(
             }
             if opts.tls.is_some() && !tls {
                 caps.push("STARTTLS");
+            }
+            if opts.requiretls && tls {
+                caps.push("REQUIRETLS");
             }
             let n = caps.len();
             caps.iter()

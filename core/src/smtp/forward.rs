@@ -18,8 +18,8 @@ use super::address::{route, DomainPattern};
 use super::admission::{Admission, Client};
 use super::codec::Reply;
 use super::next_hop::{DotStuffer, Wait};
-use super::server::Event;
-use crate::policy::TlsFailure;
+use super::server::{requires_tls, Event};
+use crate::policy::{PeerTrust, TlsFailure};
 use crate::report::LegSecurity;
 pub use crate::report::Transaction;
 
@@ -56,11 +56,34 @@ pub struct OpenedHop {
     pub name: String,
     pub security: LegSecurity,
     pub chunking: bool,
+    /// It offered REQUIRETLS (RFC 8689) over TLS.
+    pub requiretls: bool,
+}
+
+impl OpenedHop {
+    /// Why a REQUIRETLS message may not go to this next hop, if it may
+    /// not: RFC 8689 wants TLS, a verified certificate and REQUIRETLS.
+    fn refuses_requiretls(&self) -> Option<&'static str> {
+        match &self.security {
+            LegSecurity::Tls {
+                trust: PeerTrust::Verified,
+                ..
+            } if self.requiretls => None,
+            LegSecurity::Tls {
+                trust: PeerTrust::Verified,
+                ..
+            } => Some("it does not offer REQUIRETLS"),
+            LegSecurity::Tls { .. } => Some("its certificate is not verified"),
+            LegSecurity::Plaintext => Some("it is not reached over TLS"),
+        }
+    }
 }
 
 /// The next hop of the transaction under way.
 struct Hop {
     connector: usize,
+    /// Why a REQUIRETLS message may not go there, if it may not.
+    refuses_requiretls: Option<&'static str>,
     chunking: bool,
     /// MAIL has been accepted on this connection for the transaction.
     mail_sent: bool,
@@ -207,11 +230,13 @@ impl Forwarder {
         reply
     }
 
-    /// The session is over: QUIT to the next hop, if one is open.
+    /// The session is over: QUIT to the next hop, if one is open. A
+    /// transaction the client left unfinished is reported without a result.
     pub fn end(&mut self) {
         if self.hop.take().is_some() {
             self.actions.push_back(Action::Close { polite: true });
         }
+        self.finished.extend(self.transaction.take());
     }
 
     /// The next hop asked for with [`Action::Open`] is ready.
@@ -219,12 +244,14 @@ impl Forwarder {
         let Some((connector, to, params)) = self.opening.take() else {
             return;
         };
+        let refuses_requiretls = opened.refuses_requiretls();
         if let Some(t) = self.transaction.as_mut() {
             t.next_hop = Some(opened.name);
             t.outbound = Some(opened.security);
         }
         self.hop = Some(Hop {
             connector,
+            refuses_requiretls,
             chunking: opened.chunking,
             mail_sent: false,
             stuffer: None,
@@ -405,6 +432,17 @@ impl Forwarder {
             return self.send_rcpt(to, params);
         }
         let (from, mail_params) = self.mail.clone().unwrap_or_default();
+        let refusal = self.hop.as_ref().and_then(|h| h.refuses_requiretls);
+        if let (true, Some(why)) = (requires_tls(&mail_params), refusal) {
+            let reply = Reply::new(
+                550,
+                format!("5.7.30 REQUIRETLS support required: the next hop cannot take this message ({why})"),
+            );
+            if let Some(t) = self.transaction.as_mut() {
+                t.refused.push(reply.to_string());
+            }
+            return self.respond(reply);
+        }
         self.command(
             &format!("MAIL FROM:<{from}>{}", spaced(&mail_params)),
             Wait::Command,

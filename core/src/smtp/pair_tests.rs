@@ -29,6 +29,10 @@ struct HopKind {
     stall: Option<Wait>,
     /// The reply to DATA.
     data_code: u16,
+    /// Its certificate verifies (as DANE, MTA-STS or `verify = "name"` would).
+    verified: bool,
+    /// It offers REQUIRETLS after STARTTLS.
+    requiretls: bool,
 }
 
 const GOOD_HOP: HopKind = HopKind {
@@ -38,6 +42,8 @@ const GOOD_HOP: HopKind = HopKind {
     policy: OutboundPolicy::Opportunistic,
     stall: None,
     data_code: 354,
+    verified: false,
+    requiretls: true,
 };
 
 /// An open next-hop connection: the next hop's own dialogue machine.
@@ -286,12 +292,13 @@ impl Pair {
                     tls = true;
                 }
                 Opening::Ready => {
+                    assert_eq!(tls, want_tls);
                     return Ok(OpenedHop {
                         name: "mx[192.0.2.25]:25".into(),
-                        security: LegSecurity::Plaintext,
+                        security: security(tls, kind.verified),
                         chunking: opening.capabilities().has("CHUNKING"),
-                    })
-                    .inspect(|_| assert_eq!(tls, want_tls));
+                        requiretls: opening.capabilities().has("REQUIRETLS"),
+                    });
                 }
                 Opening::Failed(failure) => return Err(failure),
             }
@@ -334,6 +341,12 @@ impl HopConn {
             let reply = match event {
                 Event::Reply(r) => {
                     let mut bytes = r.to_bytes();
+                    if !self.kind.requiretls {
+                        bytes = String::from_utf8(bytes)
+                            .unwrap()
+                            .replace("250-CHUNKING\r\n250 REQUIRETLS\r\n", "250 CHUNKING\r\n")
+                            .into_bytes();
+                    }
                     if !self.kind.chunking {
                         bytes = String::from_utf8(bytes)
                             .unwrap()
@@ -374,6 +387,31 @@ impl HopConn {
         let body = self.body[..end].to_vec();
         self.body.drain(..end + 5);
         Some(body)
+    }
+}
+
+/// How a next hop's leg is secured: TLS with the trust the kind says.
+fn security(tls: bool, verified: bool) -> LegSecurity {
+    if !tls {
+        return LegSecurity::Plaintext;
+    }
+    LegSecurity::Tls {
+        negotiated: crate::report::Negotiated {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            version_code: 0x0304,
+            cipher_code: 0x1302,
+            group: None,
+            group_code: 0,
+            resumed: false,
+        },
+        trust: if verified {
+            crate::policy::PeerTrust::Verified
+        } else {
+            crate::policy::PeerTrust::Anonymous
+        },
+        server_name: None,
+        peer_names: Vec::new(),
     }
 }
 
@@ -704,5 +742,61 @@ fn a_2xx_to_data_is_no_delivery() {
             "bdat {bdat}"
         );
         assert!(p.delivered.is_empty());
+    }
+}
+
+#[test]
+fn requiretls_needs_tls_from_the_client_and_a_verified_next_hop_offering_it() {
+    const MAIL_REQUIRETLS: &str = "MAIL FROM:<a@sender.example> REQUIRETLS\r\n";
+    // Not over TLS: refused at MAIL, and not even advertised.
+    let mut p = Pair::from_outside();
+    assert!(!p.client("EHLO c\r\n").contains("REQUIRETLS"));
+    assert!(p.client(MAIL_REQUIRETLS).starts_with("530 5.7.10"));
+    let secured = |hop: HopKind| {
+        let mut p = Pair::new("203.0.113.9", [hop, GOOD_HOP]);
+        p.client("STARTTLS\r\n");
+        assert!(p.client("EHLO c\r\n").contains("250 REQUIRETLS"));
+        assert!(p.client(MAIL_REQUIRETLS).starts_with("250"));
+        let reply = p.client("RCPT TO:<u@example.org>\r\n");
+        let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+        (reply, heard)
+    };
+    let verified = HopKind {
+        verified: true,
+        ..GOOD_HOP
+    };
+    let (reply, heard) = secured(verified);
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(
+        heard.contains("MAIL FROM:<a@sender.example> REQUIRETLS\r\n"),
+        "{heard}"
+    );
+    for (hop, why) in [
+        (GOOD_HOP, "its certificate is not verified"),
+        (
+            HopKind {
+                requiretls: false,
+                ..verified
+            },
+            "it does not offer REQUIRETLS",
+        ),
+        (
+            HopKind {
+                policy: OutboundPolicy::Plain,
+                ..verified
+            },
+            "it is not reached over TLS",
+        ),
+    ] {
+        let (reply, heard) = secured(hop);
+        assert!(
+            reply.starts_with("550 5.7.30 REQUIRETLS support required"),
+            "{reply}"
+        );
+        assert!(reply.contains(why), "{reply}");
+        assert!(
+            !heard.contains("MAIL"),
+            "the message never starts there: {heard}"
+        );
     }
 }

@@ -299,6 +299,10 @@ impl Server {
                 if !self.tls && self.settings.starttls != StartTls::Unavailable {
                     lines.push("STARTTLS".into());
                 }
+                // RFC 8689: offered over TLS only.
+                if self.tls {
+                    lines.push("REQUIRETLS".into());
+                }
                 self.events
                     .push_back(Event::Reply(Reply::multi(250, lines)));
             }
@@ -366,6 +370,12 @@ impl Server {
             if size > self.settings.max_message_size {
                 return self.error(552, "5.3.4 Message size exceeds fixed limit");
             }
+        }
+        if requires_tls(&params) && !self.tls {
+            return self.error(
+                530,
+                "5.7.10 REQUIRETLS needs a TLS session (STARTTLS first)",
+            );
         }
         self.pending = Some(Pending::Mail);
         self.events.push_back(Event::Mail { from, params });
@@ -593,6 +603,13 @@ impl BodyFault {
 }
 
 /// The `SIZE=` value among MAIL parameters.
+/// The MAIL parameters ask for REQUIRETLS (RFC 8689).
+pub fn requires_tls(params: &str) -> bool {
+    params
+        .split_ascii_whitespace()
+        .any(|p| p.eq_ignore_ascii_case("REQUIRETLS"))
+}
+
 fn size_param(params: &str) -> Option<u64> {
     params.split_ascii_whitespace().find_map(|p| {
         let (k, v) = p.split_once('=')?;

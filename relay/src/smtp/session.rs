@@ -276,6 +276,7 @@ impl Session<'_> {
                     name: format!("{}[{}]", est.host, est.address),
                     security: est.security,
                     chunking: est.capabilities.has("CHUNKING"),
+                    requiretls: est.capabilities.has("REQUIRETLS"),
                 });
             }
             Err(reply) => self.forwarder.hop_unavailable(reply),
