@@ -1,5 +1,6 @@
 //! tlsrelay's contact with the kernel, where the unsafe code lives: kernel
-//! TLS (probe, key install, control records), the splice syscalls, the
+//! TLS (probe, key install, control records), the splice syscalls and the
+//! io_uring pump's workers, the
 //! eBPF wire counters (load, attach, pin, read; socket cookies), and
 //! sd_notify. Every unsafe block says why it is sound.
 
@@ -7,3 +8,4 @@ pub mod bpf;
 pub mod ktls;
 pub mod notify;
 pub mod splice;
+pub mod uring;

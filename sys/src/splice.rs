@@ -7,6 +7,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::ktls;
 
+/// A leg ready for the splice pump.
+pub struct SpliceLeg {
+    pub tcp: tokio::net::TcpStream,
+    /// The kernel handles this leg's TLS.
+    pub ktls: bool,
+    /// Plaintext rustls had already decrypted: delivered before splicing.
+    pub leftover: Vec<u8>,
+    /// The peer had already sent close_notify.
+    pub peer_closed: bool,
+}
+
 /// What a direction's pipe asks for: a quarter of the splices of the
 /// default 64 KiB (measured: 64 KiB, 128, 256, 512 KiB and 1 MiB pipes on
 /// one stream and 16; 256 KiB was best for both pumps). The kernel may
@@ -158,4 +169,17 @@ pub fn control(kind: u8, body: &[u8]) -> io::Result<Control> {
             format!("unexpected TLS record type {kind} ({} bytes) after the handshake", body.len()),
         )),
     }
+}
+
+/// Writes all of `data` to a non-blocking socket (kTLS encrypts it).
+pub async fn write_all(dst: &tokio::net::TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@
 
 mod offload;
 mod splice;
-mod uring;
+use tlsrelay_sys::uring;
 mod userspace;
 
 pub use uring::{

@@ -5,22 +5,12 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::Leg;
 use crate::ktls::{self, KtlsCipher, KtlsVersion};
 use crate::tls::RecordIo;
 
-/// A leg ready for the splice pump.
-pub(super) struct SpliceLeg {
-    pub tcp: TcpStream,
-    /// The kernel handles this leg's TLS.
-    pub ktls: bool,
-    /// Plaintext rustls had already decrypted: delivered before splicing.
-    pub leftover: Vec<u8>,
-    /// The peer had already sent close_notify.
-    pub peer_closed: bool,
-}
+pub(super) use tlsrelay_sys::splice::SpliceLeg;
 
 pub(super) enum Prepared {
     Splice {

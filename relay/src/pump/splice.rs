@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::offload::SpliceLeg;
 use super::{drive, load, reset_on_close, Activity, Counts, PumpEnd, Side};
 use crate::ktls;
 
@@ -46,9 +45,7 @@ pub(super) async fn run(
     (load(&counts), end)
 }
 
-pub(super) use tlsrelay_sys::splice::{
-    control, copy_some, splice, Control, Copied, CopyFault, Pipe, COPY_BELOW,
-};
+use tlsrelay_sys::splice::{control, splice, write_all, Control, Pipe, SpliceLeg};
 
 /// Reads the control record splice refused (EINVAL) and decides.
 fn read_control(src: &TcpStream) -> io::Result<Control> {
@@ -57,19 +54,6 @@ fn read_control(src: &TcpStream) -> io::Result<Control> {
         ktls::recv_record(src.as_raw_fd(), &mut record)
     })?;
     control(kind, &record[..n])
-}
-
-/// Writes all of `data` to a non-blocking socket (kTLS encrypts it).
-pub(super) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// One direction: splice src -> pipe -> dst until src ends, then half-close

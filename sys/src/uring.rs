@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
-use super::offload::SpliceLeg;
-use super::splice::{copy_some, splice, Copied, CopyFault, Pipe, COPY_BELOW};
-use super::{PumpEnd, Side};
+use tlsrelay_core::report::{PumpEnd, Side};
+
 use crate::ktls;
+use crate::splice::{copy_some, splice, Copied, CopyFault, Pipe, SpliceLeg, COPY_BELOW};
 
 const RING_ENTRIES: u32 = 1024;
 const WAKE: u64 = u64::MAX;
@@ -232,11 +232,7 @@ pub fn available() -> Result<(), String> {
 }
 
 /// Relays until both directions end, on an io_uring worker.
-pub(super) async fn run(
-    client: SpliceLeg,
-    upstream: SpliceLeg,
-    idle: Duration,
-) -> ([u64; 2], PumpEnd) {
+pub async fn run(client: SpliceLeg, upstream: SpliceLeg, idle: Duration) -> ([u64; 2], PumpEnd) {
     let pool = pool().expect("checked by the caller with available()");
     let mut sent = [0u64; 2];
     // Plaintext rustls decrypted before the handover goes first.
@@ -245,7 +241,7 @@ pub(super) async fn run(
         .enumerate()
     {
         if !src.leftover.is_empty() {
-            if let Err(e) = super::splice::write_all(&dst.tcp, &src.leftover).await {
+            if let Err(e) = crate::splice::write_all(&dst.tcp, &src.leftover).await {
                 let side = if i == 0 { Side::Upstream } else { Side::Client };
                 return (
                     sent,
@@ -683,10 +679,10 @@ impl WorkerLoop {
         let side = SIDES[s.dirs[d].src];
         let mut record = vec![0u8; 16 * 1024 + 256];
         match ktls::recv_record(src, &mut record)
-            .and_then(|(kind, n)| super::splice::control(kind, &record[..n]))
+            .and_then(|(kind, n)| crate::splice::control(kind, &record[..n]))
         {
-            Ok(super::splice::Control::Closed) => self.finish_direction(slot, d),
-            Ok(super::splice::Control::Skip) => self.run_direction(slot, d),
+            Ok(crate::splice::Control::Closed) => self.finish_direction(slot, d),
+            Ok(crate::splice::Control::Skip) => self.run_direction(slot, d),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.run_direction(slot, d),
             Err(e) => self.fail(slot, side, e),
         }
