@@ -26,7 +26,8 @@ pub fn succeeds(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn found(program: &str) -> bool {
+/// Whether `program` is on the PATH.
+pub fn found(program: &str) -> bool {
     succeeds(Command::new("sh").args(["-c", &format!("command -v {program}")]))
 }
 

@@ -110,14 +110,6 @@ pub fn bench(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
         .collect()
 }
 
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// qemu, a static busybox and dpkg-deb; installed with apt when missing.
 fn ensure_host_tools() -> anyhow::Result<()> {
     let wanted = [
@@ -127,7 +119,7 @@ fn ensure_host_tools() -> anyhow::Result<()> {
     ];
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(cmd, _)| !(have(cmd) || Path::new(cmd).exists()))
+        .filter(|(cmd, _)| !(crate::prereqs::found(cmd) || Path::new(cmd).exists()))
         .map(|(_, pkg)| *pkg)
         .collect();
     crate::prereqs::apt_install(&missing)
