@@ -11,6 +11,7 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{Config, Protocol};
+use crate::inspect::sha256;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DnsCommand {
@@ -41,7 +42,7 @@ pub struct EdgeFacts {
     /// The SMTP listeners' host names on port 25.
     pub mx_hosts: Vec<String>,
     /// SHA-256 of each key's SubjectPublicKeyInfo, with where it is from.
-    pub tlsa: Vec<([u8; 32], String)>,
+    pub tlsa: Vec<(Vec<u8>, String)>,
     pub sts_mode: String,
     pub rua: Option<String>,
 }
@@ -113,17 +114,14 @@ fn facts(
 
 /// SHA-256 of the end-entity certificate's SubjectPublicKeyInfo: DANE's
 /// selector 1 (SPKI), matching type 1 (SHA2-256).
-fn spki_sha256(chain: &std::path::Path) -> Result<[u8; 32], String> {
+fn spki_sha256(chain: &std::path::Path) -> Result<Vec<u8>, String> {
     let certs = crate::tls::load_chain(chain).map_err(|e| e.to_string())?;
     let end_entity: &CertificateDer<'_> = certs
         .first()
         .ok_or_else(|| format!("{}: no certificate", chain.display()))?;
     let (_, cert) =
         X509Certificate::from_der(end_entity).map_err(|e| format!("{}: {e}", chain.display()))?;
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.public_key().raw);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    Ok(out)
+    Ok(sha256(cert.public_key().raw))
 }
 
 /// The records as zone-file lines, then the MTA-STS policy.
@@ -142,8 +140,7 @@ pub fn records(facts: &EdgeFacts) -> String {
         }
     }
     let policy = sts_policy(facts);
-    let id: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, policy.as_bytes())
-        .as_ref()
+    let id: String = sha256(policy.as_bytes())
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
@@ -184,7 +181,7 @@ mod tests {
         EdgeFacts {
             domains: vec!["example.org".into()],
             mx_hosts: vec!["mx.example.org".into()],
-            tlsa: vec![([0xab; 32], "mx.pem".into())],
+            tlsa: vec![(vec![0xab; 32], "mx.pem".into())],
             sts_mode: mode.into(),
             rua: None,
         }

@@ -200,7 +200,7 @@ fn key_strength(cert: &X509Certificate<'_>) -> (String, usize) {
     }
 }
 
-fn sha256(data: &[u8]) -> Vec<u8> {
+pub(crate) fn sha256(data: &[u8]) -> Vec<u8> {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
         .as_ref()
         .to_vec()
