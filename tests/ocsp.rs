@@ -9,21 +9,6 @@ use tlsrelay_tests::blocking;
 
 use tlsrelay_tests::*;
 
-fn have_openssl() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "openssl missing in CI"
-        );
-        eprintln!("skipped: openssl not installed");
-    }
-    ok
-}
-
 fn config(pki: &Pki, leaf: &Leaf, ocsp: &std::path::Path) -> std::path::PathBuf {
     let upstream_port = free_port();
     let path = pki.dir().join(format!(
@@ -52,7 +37,7 @@ fn tlsrelay(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
 
 #[test]
 fn a_good_response_is_stapled_and_shown() {
-    if !have_openssl() {
+    if !have_program("openssl", "version", "openssl") {
         return;
     }
     let pki = Pki::new();
@@ -95,7 +80,7 @@ fn a_good_response_is_stapled_and_shown() {
 
 #[test]
 fn revoked_or_foreign_responses_are_refused_with_their_field() {
-    if !have_openssl() {
+    if !have_program("openssl", "version", "openssl") {
         return;
     }
     let pki = Pki::new();
@@ -141,7 +126,7 @@ fn revoked_or_foreign_responses_are_refused_with_their_field() {
 /// the issuer, and verifies the CRL (which here lists the certificate).
 #[test]
 fn reach_asks_the_responder_checks_the_issuer_and_verifies_the_crl() {
-    if !have_openssl() {
+    if !have_program("openssl", "version", "openssl") {
         return;
     }
     let pki = Pki::new();

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tlsrelay::report::{Direction, Outcome};
-use tlsrelay_tests::smtp_client::RawSmtp;
+use tlsrelay_tests::smtp_client::{tcp_from, RawSmtp};
 use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
 use tlsrelay_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -18,21 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const ON_PREMISES: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
 const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
-
-fn have_haproxy() -> bool {
-    let ok = Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "haproxy missing in CI"
-        );
-        eprintln!("skipped: haproxy not installed (apt-get install haproxy)");
-    }
-    ok
-}
 
 struct Haproxy(Child);
 
@@ -99,19 +84,9 @@ async fn header_recording_echo() -> (SocketAddr, tokio::sync::mpsc::UnboundedRec
     (addr, rx)
 }
 
-async fn from(local: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = match local {
-        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    }
-    .unwrap();
-    socket.bind(SocketAddr::new(local, 0)).unwrap();
-    socket.connect(to).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_behind_haproxy_is_the_one_judged_reported_and_passed_on() {
-    if !have_haproxy() {
+    if !have_program("haproxy", "-v", "haproxy") {
         return;
     }
     let pki = Pki::new();
@@ -183,7 +158,7 @@ tls.policy = "plain"
         (ON_PREMISES, tcp4),
         (IpAddr::from(std::net::Ipv6Addr::LOCALHOST), tcp6),
     ] {
-        let mut s = from(client_ip, front).await;
+        let mut s = tcp_from(client_ip, front).await;
         assert_eq!(exchange(&mut s, b"ping").await.unwrap(), b"ping");
         let report = relay.next_report().await;
         assert_eq!(report.client.ip(), client_ip, "{report}");

@@ -177,19 +177,7 @@ async fn upstream_reset_resets_the_client() {
         Err(std::io::ErrorKind::ConnectionReset),
         "the client must see a reset, not a clean end"
     );
-    let report = relay.next_report().await;
-    assert!(
-        matches!(
-            report.outcome,
-            Outcome::Relayed {
-                end: PumpEnd::Reset {
-                    side: Side::Upstream,
-                    ..
-                }
-            }
-        ),
-        "{report}"
-    );
+    assert_upstream_reset(&relay.next_report().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -622,7 +610,11 @@ async fn a_reset_after_a_burst_of_tls_records_reaches_the_client() {
         got.len()
     );
     assert!(got.len() <= BURST);
-    let report = relay.next_report().await;
+    assert_upstream_reset(&relay.next_report().await);
+}
+
+/// The session ended with a reset from the upstream, passed on as one.
+fn assert_upstream_reset(report: &tlsrelay::report::SessionReport) {
     assert!(
         matches!(
             report.outcome,

@@ -761,16 +761,22 @@ pub async fn swaks_to(addr: SocketAddr, args: &[&str]) -> (bool, String) {
 
 /// Whether swaks is installed; in CI its absence is a failure.
 pub fn have_swaks() -> bool {
-    let ok = std::process::Command::new("swaks")
-        .arg("--version")
+    have_program("swaks", "--version", "swaks")
+}
+
+/// Whether `program` runs (`program version_arg` exits 0); in CI a missing
+/// program is a failure, elsewhere the test says it is skipped.
+pub fn have_program(program: &str, version_arg: &str, package: &str) -> bool {
+    let ok = std::process::Command::new(program)
+        .arg(version_arg)
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "swaks missing in CI"
+            "{program} missing in CI"
         );
-        eprintln!("skipped: swaks not installed (apt-get install swaks)");
+        eprintln!("skipped: {program} not installed (apt-get install {package})");
     }
     ok
 }

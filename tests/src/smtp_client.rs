@@ -12,6 +12,18 @@ use crate::PATIENCE;
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
+/// A TCP connection to `addr` from `local` (e.g. 127.0.0.2: any 127/8
+/// address is this host's).
+pub async fn tcp_from(local: IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = match local {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .unwrap();
+    socket.bind(SocketAddr::new(local, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 pub struct RawSmtp {
     io: BufReader<Box<dyn Io>>,
 }
@@ -25,13 +37,7 @@ impl RawSmtp {
     /// Connects from `local` (e.g. 127.0.0.2: any 127/8 address is this
     /// host's) and reads the greeting.
     pub async fn connect_from(local: IpAddr, addr: SocketAddr) -> RawSmtp {
-        let socket = match local {
-            IpAddr::V4(_) => TcpSocket::new_v4(),
-            IpAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .unwrap();
-        socket.bind(SocketAddr::new(local, 0)).unwrap();
-        Self::greeted(socket.connect(addr).await.unwrap()).await
+        Self::greeted(tcp_from(local, addr).await).await
     }
 
     async fn greeted(tcp: TcpStream) -> RawSmtp {
