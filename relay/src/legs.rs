@@ -28,8 +28,8 @@ pub struct ClientAddress {
     pub peer: SocketAddr,
     /// The balancer, when a header named someone else.
     pub proxied_by: Option<SocketAddr>,
-    /// The address the client connected to (the header's destination, or
-    /// the socket's own), for a header sent on to the upstream.
+    /// The address the client connected to, as a header named it (`None`:
+    /// the socket's own address, asked for only when it is needed).
     pub destination: Option<SocketAddr>,
 }
 
@@ -45,7 +45,7 @@ pub async fn client_address(
     let socket = ClientAddress {
         peer,
         proxied_by: None,
-        destination: tcp.local_addr().ok(),
+        destination: None,
     };
     if !expect_header {
         return Ok(socket);

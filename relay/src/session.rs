@@ -12,8 +12,8 @@ use tokio::time::timeout;
 
 use crate::config::HostPort;
 use crate::legs::{
-    accept_tls, client_address, inbound_refused, inbound_security, open_outbound, ClientAddress,
-    LegTimeouts, OutboundFailure, Silent, Target,
+    accept_tls, client_address, inbound_refused, inbound_security, open_outbound, LegTimeouts,
+    OutboundFailure, Silent, Target,
 };
 use crate::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
 use crate::proxy::ProxyVersion;
@@ -94,6 +94,11 @@ pub async fn run(
     };
     report.client = address.peer;
     report.proxied_by = address.proxied_by;
+    // The header naming the client, for an upstream that wants one.
+    let proxy_header = route.send_proxy.and_then(|version| {
+        let destination = address.destination.or_else(|| client.local_addr().ok())?;
+        Some(crate::proxy::encode(version, address.peer, destination))
+    });
     let peer = address.peer;
     if plan.mode == InboundMode::Off {
         report.tls_off.push(Direction::Inbound);
@@ -115,7 +120,7 @@ pub async fn run(
         address: &route.address,
         policy: route.policy,
         tls: route.tls.as_ref(),
-        proxy_header: proxy_header(route.send_proxy, &address),
+        proxy_header,
     };
     let timeouts = LegTimeouts {
         connect: plan.timeouts.connect,
@@ -156,12 +161,6 @@ fn finish(mut report: SessionReport, started: Instant) -> SessionReport {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// The header naming the client to send the upstream, if it wants one.
-fn proxy_header(version: Option<ProxyVersion>, client: &ClientAddress) -> Option<Vec<u8>> {
-    let destination = client.destination?;
-    Some(crate::proxy::encode(version?, client.peer, destination))
 }
 
 /// How the inbound leg was secured.
