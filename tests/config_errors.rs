@@ -179,6 +179,33 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:5: listeners[0].tls.groups: unknown key exchange group 'ffdhe2048', expected one of X25519MLKEM768, X25519, secp256r1, secp384r1",
         ),
         (
+            mail_edge("", "").replace(
+                "next_hops = [\"127.0.0.1:25\"]\n",
+                "next_hops = [\"127.0.0.1:25\"]\ndane = \"only\"\n",
+            ),
+            "relay.toml:13: outbound_connectors[0].dane: DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
+        ),
+        (
+            mail_edge("", "").replace("[\"127.0.0.1:25\"]", "[\"mx\", \"127.0.0.1:25\"]"),
+            "relay.toml:12: outbound_connectors[0].next_hops: \"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
+        ),
+        (
+            mail_edge("", "").replace("[\"127.0.0.1:25\"]", "[\"mx:0\"]"),
+            "relay.toml:12: outbound_connectors[0].next_hops[0]: invalid MX port in 'mx:0'",
+        ),
+        (
+            mail_edge("", "").replace(
+                "next_hops = [\"127.0.0.1:25\"]\n",
+                "next_hops = [\"mx\"]\ndane = \"sometimes\"\n",
+            ),
+            "relay.toml:13: outbound_connectors[0].dane: unknown DANE mode 'sometimes', expected one of off, on, only",
+        ),
+        (
+            mail_edge("", "[dns]\ntrust_anchors = \"/nonexistent/anchors.key\"\n")
+                .replace("[\"127.0.0.1:25\"]", "[\"mx\"]"),
+            "relay.toml:15: dns.trust_anchors: /nonexistent/anchors.key: No such file or directory (os error 2)",
+        ),
+        (
             listener("tls.mode = 3"),
             "relay.toml:5: listeners[0].tls.mode: invalid type: integer `3`, expected a string",
         ),

@@ -116,6 +116,9 @@ pub struct Config {
     pub inbound_connectors: Vec<InboundConnector>,
     #[serde(default)]
     pub outbound_connectors: Vec<OutboundConnector>,
+    /// The resolver for delivery by MX.
+    #[serde(default)]
+    pub dns: Dns,
     #[serde(skip, default = "Config::no_source")]
     pub source: Source,
 }
@@ -418,10 +421,91 @@ pub struct OutboundConnector {
     pub name: Spanned<String>,
     /// `partner.example`, `.partner.example` (subdomains) or `*` (default).
     pub recipient_domains: Vec<DomainPattern>,
-    /// Tried in order.
-    pub next_hops: Vec<Spanned<HostPort>>,
+    /// Tried in order; or `"mx"` (`"mx:PORT"`) alone: each recipient
+    /// domain's MX hosts.
+    pub next_hops: Vec<Spanned<NextHop>>,
     #[serde(default)]
     pub tls: OutboundTls,
+    /// DANE (RFC 7672) for MX delivery: `on` (default: verify by TLSA
+    /// where the domain publishes it, else the policy above), `only`
+    /// (defer unless DANE TLSA exist) or `off`.
+    pub dane: Option<Spanned<DaneMode>>,
+}
+
+impl OutboundConnector {
+    /// The MX port when the connector delivers by DNS.
+    pub fn mx_port(&self) -> Option<u16> {
+        match self.next_hops.first().map(Spanned::get_ref) {
+            Some(NextHop::Mx { port }) => Some(*port),
+            _ => None,
+        }
+    }
+
+    /// DANE in force: `on` for MX delivery unless set, never otherwise.
+    pub fn dane_mode(&self) -> DaneMode {
+        match (&self.dane, self.mx_port()) {
+            (_, None) => DaneMode::Off,
+            (Some(mode), _) => *mode.get_ref(),
+            (None, _) => DaneMode::On,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaneMode {
+    Off,
+    On,
+    Only,
+}
+keywords!(DaneMode, "DANE mode", {
+    Off => "off",
+    On => "on",
+    Only => "only",
+});
+
+/// Where an outbound connector sends: a fixed `host:port`, or each
+/// recipient domain's MX hosts on `port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    Fixed(HostPort),
+    Mx { port: u16 },
+}
+
+impl std::str::FromStr for NextHop {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("mx") {
+            Some("") => Ok(NextHop::Mx { port: 25 }),
+            Some(port) if port.starts_with(':') => match port[1..].parse() {
+                Ok(port) if port != 0 => Ok(NextHop::Mx { port }),
+                _ => Err(format!("invalid MX port in '{s}'")),
+            },
+            _ => s.parse().map(NextHop::Fixed),
+        }
+    }
+}
+
+impl fmt::Display for NextHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NextHop::Fixed(address) => address.fmt(f),
+            NextHop::Mx { port: 25 } => f.write_str("mx"),
+            NextHop::Mx { port } => write!(f, "mx:{port}"),
+        }
+    }
+}
+
+/// The resolver MX delivery, DANE and MTA-STS use.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Name servers (`ip:port`); default those in /etc/resolv.conf.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// DNSSEC trust anchors: a file of DNSKEY records; default the IANA
+    /// root keys.
+    pub trust_anchors: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -605,6 +689,7 @@ macro_rules! deserialize_from_str {
     )+};
 }
 deserialize_from_str!(
+    NextHop,
     crate::smtp::address::Cidr,
     crate::smtp::address::DomainPattern
 );
@@ -773,6 +858,20 @@ impl Config {
                     c.name.span(),
                     format!("outbound_connectors[{i}]"),
                     "needs recipient_domains and at least one next hop",
+                ));
+            }
+            if c.mx_port().is_some() && c.next_hops.len() > 1 {
+                return Err(src.error(
+                    c.next_hops[1].span(),
+                    format!("outbound_connectors[{i}].next_hops"),
+                    "\"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
+                ));
+            }
+            if let (Some(dane), None) = (&c.dane, c.mx_port()) {
+                return Err(src.error(
+                    dane.span(),
+                    format!("outbound_connectors[{i}].dane"),
+                    "DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
                 ));
             }
         }

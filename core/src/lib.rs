@@ -1,7 +1,8 @@
 //! tlsrelay's core, free of I/O and of unsafe code: the configuration and
 //! its errors ([`config`]), the TLS policy decisions ([`policy`]), the
 //! SMTP dialogues as state machines ([`smtp`]), and what a session did
-//! ([`report`]), and the PROXY protocol header ([`proxy`]). The runtime (`tlsrelay`) drives these with sockets,
+//! ([`report`]), the PROXY protocol header ([`proxy`]), and DANE's
+//! decisions over DNS answers ([`dane`]). The runtime (`tlsrelay`) drives these with sockets,
 //! rustls and the kernel; tests and fuzz targets drive them in memory.
 #![forbid(unsafe_code)]
 
@@ -9,6 +10,7 @@
 mod keywords;
 
 pub mod config;
+pub mod dane;
 pub mod ocsp;
 pub mod policy;
 pub mod proxy;

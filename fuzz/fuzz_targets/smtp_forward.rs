@@ -13,7 +13,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use tlsrelay_core::smtp::admission::{Admission, Client};
 use tlsrelay_core::smtp::codec::{Reply, ReplyParser};
-use tlsrelay_core::smtp::forward::{Action, Forwarder, OpenedHop, Routing};
+use tlsrelay_core::smtp::forward::{Action, ConnectorRoute, Forwarder, OpenedHop, Routing};
 use tlsrelay_core::smtp::next_hop::Wait;
 use tlsrelay_core::smtp::server::{Event, Server, ServerSettings, StartTls};
 use tlsrelay_core::report::LegSecurity;
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
             (vec!["a.test".parse().unwrap()], 0),
             (vec!["*".parse().unwrap()], 1),
         ],
-        connectors: vec!["zero".into(), "one".into()],
+        connectors: vec![ConnectorRoute::fixed("zero"), ConnectorRoute::fixed("one")],
     });
     let mut server = Server::new(ServerSettings {
         hostname: "fuzz.test".into(),

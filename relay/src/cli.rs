@@ -330,7 +330,10 @@ fn start_wire_counters(config: &Config) -> Wire {
             .outbound_connectors
             .iter()
             .flat_map(|c| &c.next_hops)
-            .map(|h| h.get_ref().port),
+            .map(|h| match h.get_ref() {
+                crate::config::NextHop::Fixed(address) => address.port,
+                crate::config::NextHop::Mx { port } => *port,
+            }),
     );
     match crate::bpf::WireCounters::start(&settings) {
         Ok(w) => Ok(std::sync::Arc::new(w)),

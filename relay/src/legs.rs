@@ -153,6 +153,8 @@ fn peer_names(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Vec<St
 pub struct Target<'a> {
     /// The session it is for (for the log lines).
     pub session: u64,
+    /// The peer as logged: the configured host, or the MX host name.
+    pub name: &'a str,
     pub address: &'a HostPort,
     pub policy: OutboundPolicy,
     /// Present unless the policy is `plain`.
@@ -319,11 +321,11 @@ async fn handshake<G: Greeter>(
             leg: Direction::Outbound,
             reason: "version: upstream negotiated TLSv1.2, TLSv1.3 was offered".into(),
         });
-    tracing::info!(
-        session = target.session,
-        "{}",
-        outbound_tls_line(&target.address.host, address, &negotiated, trust)
-    );
+    let line = outbound_tls_line(target.name, address, &negotiated, trust);
+    match tls.dane_matched(conn.peer_certificates()) {
+        Some(dane) => tracing::info!(session = target.session, "{line}, {dane}"),
+        None => tracing::info!(session = target.session, "{line}"),
+    }
     let security = LegSecurity::Tls {
         negotiated,
         trust,

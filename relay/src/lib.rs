@@ -7,12 +7,13 @@
 //! `smtp::session`, both setting up their legs through `legs` and, for
 //! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
-pub use tlsrelay_core::{config, policy, proxy, report};
+pub use tlsrelay_core::{config, dane, policy, proxy, report};
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
 mod cli_cert;
 mod cli_dns;
+mod dns;
 mod inspect;
 mod legs;
 pub mod listeners;

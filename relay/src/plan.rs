@@ -9,15 +9,18 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 
+use crate::config::NextHop;
 use crate::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
 };
+use crate::dns::DnsResolver;
 use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
 use crate::session::{ListenerPlan, RoutePlan, Timeouts};
 use crate::smtp::address::DomainPattern;
-use crate::smtp::client::{MailConnector, NextHopPlan};
-use crate::smtp::forward::Routing;
+use crate::smtp::client::{MailConnector, NextHopPlan, NextHops};
+use crate::smtp::dns_route::MxRoute;
+use crate::smtp::forward::{ConnectorRoute, Routing};
 use crate::smtp::next_hop::SmtpTimeouts;
 use crate::smtp::server::StartTls;
 use crate::smtp::session::SmtpListenerPlan;
@@ -64,23 +67,53 @@ impl SmtpShared {
         let src = &config.source;
         let mut outbound = Vec::new();
         let mut routes = Vec::new();
+        let mut resolver = None;
         for (i, c) in config.outbound_connectors.iter().enumerate() {
-            let mut next_hops = Vec::new();
-            for hop in &c.next_hops {
-                let address = hop.get_ref().clone();
-                let tls = outbound_tls(
-                    src,
-                    &format!("outbound_connectors[{i}].tls"),
-                    &c.tls,
-                    &address.host,
-                    hop.span(),
-                    system_roots,
-                )?;
-                next_hops.push(NextHopPlan { address, tls });
-            }
+            let prefix = format!("outbound_connectors[{i}].tls");
+            let hops = match c.mx_port() {
+                Some(port) => {
+                    let span = c.next_hops[0].span();
+                    let tls = outbound_tls_settings(
+                        src,
+                        &prefix,
+                        &c.tls,
+                        None,
+                        span.clone(),
+                        system_roots,
+                    )?;
+                    let resolver = match &resolver {
+                        Some(r) => Clone::clone(r),
+                        None => resolver.insert(dns_resolver(config, span)?).clone(),
+                    };
+                    NextHops::Mx(MxRoute {
+                        port,
+                        dane: c.dane_mode(),
+                        tls,
+                        resolver,
+                    })
+                }
+                None => {
+                    let mut next_hops = Vec::new();
+                    for hop in &c.next_hops {
+                        let NextHop::Fixed(address) = hop.get_ref().clone() else {
+                            continue;
+                        };
+                        let tls = outbound_tls(
+                            src,
+                            &prefix,
+                            &c.tls,
+                            &address.host,
+                            hop.span(),
+                            system_roots,
+                        )?;
+                        next_hops.push(NextHopPlan { address, tls });
+                    }
+                    NextHops::Fixed(next_hops)
+                }
+            };
             outbound.push(Arc::new(MailConnector {
                 name: c.name.get_ref().clone(),
-                next_hops,
+                hops,
                 policy: c.tls.policy,
             }));
             routes.push((c.recipient_domains.clone(), i));
@@ -104,7 +137,13 @@ impl SmtpShared {
         let routing = Routing {
             admission: Arc::new(config.admission()),
             routes,
-            connectors: outbound.iter().map(|c| c.name.clone()).collect(),
+            connectors: outbound
+                .iter()
+                .map(|c| ConnectorRoute {
+                    name: c.name.clone(),
+                    per_domain: matches!(c.hops, NextHops::Mx(_)),
+                })
+                .collect(),
         };
         Ok(SmtpShared {
             connectors: outbound,
@@ -379,6 +418,18 @@ type SystemRoots = Option<Result<Arc<rustls::RootCertStore>, String>>;
 
 /// The client TLS for one upstream host under an outbound policy (`None`
 /// for `plain`).
+/// The resolver MX delivery uses, from the config's `[dns]`; errors point
+/// at the trust anchors or else at the `"mx"` that needs the resolver.
+fn dns_resolver(config: &Config, mx: std::ops::Range<usize>) -> Result<DnsResolver, ConfigError> {
+    let src = &config.source;
+    let anchors = config.dns.trust_anchors.as_ref();
+    let anchors_path = anchors.map(|p| src.resolve(p.get_ref()));
+    DnsResolver::new(&config.dns.nameservers, anchors_path.as_deref()).map_err(|e| match anchors {
+        Some(path) => src.error(path.span(), "dns.trust_anchors", e),
+        None => src.error(mx, "dns.nameservers", e),
+    })
+}
+
 fn outbound_tls(
     src: &Source,
     prefix: &str,
@@ -387,6 +438,27 @@ fn outbound_tls(
     span: std::ops::Range<usize>,
     system_roots: &mut SystemRoots,
 ) -> Result<Option<UpstreamTls>, ConfigError> {
+    let Some(settings) =
+        outbound_tls_settings(src, prefix, t, Some(host), span.clone(), system_roots)?
+    else {
+        return Ok(None);
+    };
+    UpstreamTls::new(settings)
+        .map(Some)
+        .map_err(|e| src.error(span, format!("{prefix}.policy"), e))
+}
+
+/// An outbound policy's TLS settings, files loaded; `host` is the next
+/// hop (none for MX delivery: each host's name is filled in per
+/// connection).
+fn outbound_tls_settings(
+    src: &Source,
+    prefix: &str,
+    t: &crate::config::OutboundTls,
+    host: Option<&str>,
+    span: std::ops::Range<usize>,
+    system_roots: &mut SystemRoots,
+) -> Result<Option<UpstreamTlsSettings>, ConfigError> {
     if t.policy == OutboundPolicy::Plain {
         return Ok(None);
     }
@@ -410,11 +482,15 @@ fn outbound_tls(
             }
         }
     };
-    let sni = t.server_name.clone().unwrap_or_else(|| host.to_string());
-    let names = if t.names.is_empty() {
-        vec![default_name_pattern(&sni)]
-    } else {
-        t.names.clone()
+    let sni = t
+        .server_name
+        .clone()
+        .or(host.map(str::to_string))
+        .unwrap_or_else(|| "localhost".into());
+    let names = match host {
+        _ if !t.names.is_empty() => t.names.clone(),
+        Some(_) => vec![default_name_pattern(&sni)],
+        None => Vec::new(),
     };
     let server_name = ServerName::try_from(sni.clone())
         .map_err(|e| src.error(span.clone(), field("server_name"), format!("'{sni}': {e}")))?;
@@ -434,9 +510,9 @@ fn outbound_tls(
         .trust_anchors
         .as_ref()
         .map_or("system".to_string(), |p| p.get_ref().display().to_string());
-    let settings = UpstreamTlsSettings {
+    Ok(Some(UpstreamTlsSettings {
         anchors_from,
-        crls,
+        crls: Arc::new(crls),
         verification,
         enforce: t.policy == OutboundPolicy::Required,
         names,
@@ -448,10 +524,8 @@ fn outbound_tls(
             .map_or_else(|| KeyExchange::PREFERRED.to_vec(), |g| g.get_ref().clone()),
         server_name,
         client_certificate,
-    };
-    UpstreamTls::new(settings)
-        .map(Some)
-        .map_err(|e| src.error(span, field("policy"), e))
+        dane: None,
+    }))
 }
 
 /// The name a route's certificate must carry when none is configured: the
@@ -542,7 +616,19 @@ fn describe_inbound_connector(c: &crate::config::InboundConnector) -> String {
 
 fn describe_outbound_connector(c: &MailConnector, domains: &[DomainPattern]) -> String {
     let domains: Vec<String> = domains.iter().map(ToString::to_string).collect();
-    let hops: Vec<String> = c.next_hops.iter().map(|h| h.address.to_string()).collect();
+    let next_hops = match &c.hops {
+        NextHops::Fixed(hops) => hops,
+        NextHops::Mx(route) => {
+            return format!(
+                "outbound connector {}: recipients {} via each domain's MX hosts on port {} (null MX 556 5.1.10, DNS failure 451 4.4.3): {}",
+                c.name,
+                domains.join(", "),
+                route.port,
+                route.describe(c.policy)
+            )
+        }
+    };
+    let hops: Vec<String> = next_hops.iter().map(|h| h.address.to_string()).collect();
     let mut s = format!(
         "outbound connector {}: recipients {} via {}: TLS {}",
         c.name,
@@ -551,7 +637,7 @@ fn describe_outbound_connector(c: &MailConnector, domains: &[DomainPattern]) -> 
         c.policy
     );
     let mut described: Option<&str> = None;
-    for hop in &c.next_hops {
+    for hop in next_hops {
         let Some(tls) = &hop.tls else { continue };
         match described {
             None => s += tls.description(),

@@ -117,6 +117,7 @@ pub async fn run(
     report.downgrades.extend(inbound.downgrade);
     let target = Target {
         session: id,
+        name: &route.address.host,
         address: &route.address,
         policy: route.policy,
         tls: route.tls.as_ref(),

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 pub use tlsrelay;
 pub mod blocking;
+pub mod dns;
 pub mod process;
 use tlsrelay::config::Config;
 use tlsrelay::listeners::Listeners;

@@ -57,7 +57,12 @@ impl Sink {
 }
 
 pub async fn smtp_sink(opts: SinkOptions) -> Sink {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    smtp_sink_at("127.0.0.1:0".parse().unwrap(), opts).await
+}
+
+/// A sink listening on `addr` (an MX host's address and port).
+pub async fn smtp_sink_at(addr: SocketAddr, opts: SinkOptions) -> Sink {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let wire = Arc::new(Mutex::new(Vec::new()));

@@ -60,7 +60,7 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 fn missing_packages() -> Vec<&'static str> {
     let busybox_static =
         Path::new("/bin/busybox").exists() && !succeeds(Command::new("ldd").arg("/bin/busybox"));
-    let checks: [(bool, &[&str]); 14] = [
+    let checks: [(bool, &[&str]); 16] = [
         (found("cc"), &["gcc"]),
         // SMTP interop: swaks (with Net::SSLeay for its TLS) and Postfix
         // (the tests run private instances; the system one is not started).
@@ -86,6 +86,10 @@ fn missing_packages() -> Vec<&'static str> {
         ),
         (found("socat"), &["socat"]),
         (found("openssl"), &["openssl"]),
+        // Delivery by MX: an authoritative DNS server and zone signing
+        // (the tests serve their own DNSSEC-signed zones).
+        (found("nsd"), &["nsd"]),
+        (found("ldns-signzone"), &["ldnsutils"]),
     ];
     checks
         .into_iter()

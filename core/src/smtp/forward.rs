@@ -24,11 +24,38 @@ use crate::report::LegSecurity;
 pub use crate::report::Transaction;
 
 /// Where an SMTP listener's mail may go: the admission rules, the routes by
-/// recipient domain, and the outbound connectors' names (by index).
+/// recipient domain, and the outbound connectors (by index).
 pub struct Routing {
     pub admission: Arc<Admission>,
     pub routes: Vec<(Vec<DomainPattern>, usize)>,
-    pub connectors: Vec<String>,
+    pub connectors: Vec<ConnectorRoute>,
+}
+
+/// An outbound connector as routing sees it.
+#[derive(Clone, Debug)]
+pub struct ConnectorRoute {
+    pub name: String,
+    /// It delivers to each recipient domain's own hosts (MX), so one
+    /// transaction carries one domain's recipients.
+    pub per_domain: bool,
+}
+
+impl ConnectorRoute {
+    /// A connector with fixed next hops.
+    pub fn fixed(name: &str) -> ConnectorRoute {
+        ConnectorRoute {
+            name: name.into(),
+            per_domain: false,
+        }
+    }
+}
+
+/// Where one transaction's recipients go: a connector, and for one that
+/// delivers by MX, the recipient domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub connector: usize,
+    pub domain: Option<String>,
 }
 
 /// What the driver does next.
@@ -38,8 +65,8 @@ pub enum Action {
     Respond(Reply),
     /// Write this reply to the client now (it answers no pending command).
     Write(Reply),
-    /// Connect to one of this outbound connector's next hops.
-    Open { connector: usize },
+    /// Connect to one of the destination's next hops.
+    Open(Destination),
     /// Write these bytes to the next hop.
     Send(Vec<u8>),
     /// Flush, then read one reply from the next hop within this wait.
@@ -81,7 +108,7 @@ impl OpenedHop {
 
 /// The next hop of the transaction under way.
 struct Hop {
-    connector: usize,
+    destination: Destination,
     /// Why a REQUIRETLS message may not go there, if it may not.
     refuses_requiretls: Option<&'static str>,
     chunking: bool,
@@ -123,7 +150,9 @@ pub struct Forwarder {
     transaction: Option<Transaction>,
     hop: Option<Hop>,
     /// An RCPT waiting for a next hop to open.
-    opening: Option<(usize, String, String)>,
+    opening: Option<(Destination, String, String)>,
+    /// Where the transaction under way goes, once MAIL was accepted there.
+    routed: Option<Destination>,
     awaiting: Option<Awaiting>,
     actions: VecDeque<Action>,
     finished: Vec<Transaction>,
@@ -165,6 +194,7 @@ impl Forwarder {
             transaction: None,
             hop: None,
             opening: None,
+            routed: None,
             awaiting: None,
             actions: VecDeque::new(),
             finished: Vec::new(),
@@ -216,6 +246,7 @@ impl Forwarder {
                 }
                 self.mail = None;
                 self.transaction = None;
+                self.routed = None;
             }
             Event::Reply(_) | Event::StartTls | Event::Quit | Event::Close => {}
         }
@@ -241,7 +272,7 @@ impl Forwarder {
 
     /// The next hop asked for with [`Action::Open`] is ready.
     pub fn hop_opened(&mut self, opened: OpenedHop) {
-        let Some((connector, to, params)) = self.opening.take() else {
+        let Some((destination, to, params)) = self.opening.take() else {
             return;
         };
         let refuses_requiretls = opened.refuses_requiretls();
@@ -250,7 +281,7 @@ impl Forwarder {
             t.outbound = Some(opened.security);
         }
         self.hop = Some(Hop {
-            connector,
+            destination,
             refuses_requiretls,
             chunking: opened.chunking,
             mail_sent: false,
@@ -286,10 +317,14 @@ impl Forwarder {
         }
         match awaiting {
             Awaiting::Mail { to, params } if reply.is_positive() => {
-                let name = self.hop.as_ref().map(|h| self.connector_name(h.connector));
+                let destination = self.hop.as_ref().map(|h| h.destination.clone());
+                let name = destination
+                    .as_ref()
+                    .map(|d| self.connector_name(d.connector));
                 if let Some(t) = self.transaction.as_mut() {
                     t.connector = name;
                 }
+                self.routed = destination;
                 if let Some(hop) = self.hop.as_mut() {
                     hop.mail_sent = true;
                 }
@@ -346,7 +381,7 @@ impl Forwarder {
     }
 
     fn connector_name(&self, connector: usize) -> String {
-        self.routing.connectors[connector].clone()
+        self.routing.connectors[connector].name.clone()
     }
 
     fn respond(&mut self, reply: Reply) {
@@ -385,6 +420,7 @@ impl Forwarder {
         // The connector is chosen at the first RCPT: MAIL is replayed there,
         // and its reply reaches the sender as that RCPT's.
         self.transaction = Some(transaction);
+        self.routed = None;
         self.mail = Some((from, params));
         self.respond(Reply::new(250, "2.1.0 Sender ok"));
     }
@@ -405,21 +441,30 @@ impl Forwarder {
                 format!("5.7.1 Relay access denied: no connector for {domain}"),
             ));
         };
-        let chosen = self.transaction.as_ref().and_then(|t| t.connector.clone());
-        if chosen.is_some_and(|c| c != self.connector_name(connector)) {
+        let destination = Destination {
+            connector,
+            domain: self.routing.connectors[connector]
+                .per_domain
+                .then_some(domain),
+        };
+        if self.routed.as_ref().is_some_and(|d| *d != destination) {
             return self.respond(Reply::new(
                 452,
                 "4.5.3 Recipient belongs to another route; send it in a separate transaction",
             ));
         }
-        if self.hop.as_ref().is_some_and(|h| h.connector != connector) {
+        if self
+            .hop
+            .as_ref()
+            .is_some_and(|h| h.destination != destination)
+        {
             // A new transaction to another next hop.
             self.hop = None;
             self.actions.push_back(Action::Close { polite: true });
         }
         if self.hop.is_none() {
-            self.opening = Some((connector, to, params));
-            self.actions.push_back(Action::Open { connector });
+            self.opening = Some((destination.clone(), to, params));
+            self.actions.push_back(Action::Open(destination));
             return;
         }
         self.rcpt_on_hop(to, params);
@@ -546,6 +591,7 @@ impl Forwarder {
             self.finished.push(t);
         }
         self.mail = None;
+        self.routed = None;
     }
 
     fn end_of_message(&mut self, reply: Reply) {

@@ -7,6 +7,7 @@ pub mod address;
 pub mod admission;
 pub mod codec;
 pub mod forward;
+pub mod mx;
 pub mod next_hop;
 pub mod server;
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 use super::address::Cidr;
 use super::admission::{Admission, Client, ClientCertificate, InboundConnector};
 use super::codec::{Reply, ReplyParser};
-use super::forward::{tls_required, unreachable, Action, Forwarder, OpenedHop, Routing};
+use super::forward::{
+    tls_required, unreachable, Action, ConnectorRoute, Forwarder, OpenedHop, Routing,
+};
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy};
@@ -92,7 +94,7 @@ fn settings(starttls: StartTls) -> ServerSettings {
 /// to connector 1 (`partner`); 192.0.2.0/24 may relay anywhere (connector
 /// 1 for any other domain); the partner connector needs TLS from its
 /// addresses (198.51.100.0/24).
-fn routing() -> Arc<Routing> {
+fn routing(partner_by_mx: bool) -> Arc<Routing> {
     let admission = Admission {
         accepted_domains: vec!["example.org".parse().unwrap()],
         connectors: vec![
@@ -122,15 +124,25 @@ fn routing() -> Arc<Routing> {
             (vec!["example.org".parse().unwrap()], 0),
             (vec!["*".parse().unwrap()], 1),
         ],
-        connectors: vec!["inside".into(), "partner".into()],
+        connectors: vec![
+            ConnectorRoute::fixed("inside"),
+            ConnectorRoute {
+                name: "partner".into(),
+                per_domain: partner_by_mx,
+            },
+        ],
     })
 }
 
 impl Pair {
     fn new(client_ip: &str, hops: [HopKind; 2]) -> Pair {
+        Pair::routed(client_ip, hops, routing(false))
+    }
+
+    fn routed(client_ip: &str, hops: [HopKind; 2], routing: Arc<Routing>) -> Pair {
         let server = Server::new(settings(StartTls::Offered));
         let mut pair = Pair {
-            forwarder: Forwarder::new(routing(), Client::new(client_ip.parse().unwrap())),
+            forwarder: Forwarder::new(routing, Client::new(client_ip.parse().unwrap())),
             to_client: server.greeting().to_bytes(),
             server,
             hops: hops.to_vec(),
@@ -194,7 +206,7 @@ impl Pair {
             match action {
                 Action::Respond(reply) => self.server.respond(reply),
                 Action::Write(reply) => self.to_client.extend(reply.to_bytes()),
-                Action::Open { connector } => self.open(connector),
+                Action::Open(destination) => self.open(destination.connector),
                 Action::Send(bytes) => {
                     let hop = self.hop.as_mut().expect("sent to an open hop");
                     hop.heard.extend(&bytes);
@@ -527,6 +539,27 @@ fn a_recipient_of_another_route_is_452_and_goes_in_the_next_transaction() {
     assert_eq!(p.quits, 1, "the first next hop got QUIT");
     let to: Vec<usize> = p.delivered.iter().map(|d| d.0).collect();
     assert_eq!(to, [0, 1]);
+}
+
+#[test]
+fn by_mx_each_recipient_domain_is_its_own_transaction_and_connection() {
+    let mut p = Pair::routed("192.0.2.10", [GOOD_HOP, GOOD_HOP], routing(true));
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<a@one.example>\r\n").starts_with("250"));
+    assert!(p.client("RCPT TO:<b@one.example>\r\n").starts_with("250"));
+    assert_eq!(
+        p.client("RCPT TO:<c@two.example>\r\n"),
+        "452 4.5.3 Recipient belongs to another route; send it in a separate transaction\r\n"
+    );
+    p.client("DATA\r\nbody\r\n.\r\n");
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<c@two.example>\r\n").starts_with("250"));
+    p.client("DATA\r\nbody two\r\n.\r\n");
+    // A fixed connector keeps its connection across transactions; by MX
+    // the second domain is a connection of its own.
+    assert_eq!(p.opened, [1, 1]);
+    assert_eq!(p.quits, 1, "the first domain's host got QUIT");
+    assert_eq!(p.delivered.len(), 2);
 }
 
 #[test]

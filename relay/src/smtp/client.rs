@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::codec::{Capabilities, Reply, ReplyParser};
+use super::dns_route::MxRoute;
 use super::forward::{tls_required, unreachable};
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use crate::config::HostPort;
@@ -22,8 +23,16 @@ use crate::tls::UpstreamTls;
 /// One way out for mail: a connector's next hops and how to secure them.
 pub struct MailConnector {
     pub name: String,
-    pub next_hops: Vec<NextHopPlan>,
+    pub hops: NextHops,
     pub policy: OutboundPolicy,
+}
+
+/// Where a connector's mail goes.
+pub enum NextHops {
+    /// These, in order.
+    Fixed(Vec<NextHopPlan>),
+    /// Each recipient domain's MX hosts.
+    Mx(MxRoute),
 }
 
 pub struct NextHopPlan {
@@ -166,50 +175,41 @@ impl Greeter for SmtpGreeter<'_> {
 }
 
 /// Sets up a session with the connector's first reachable next hop under
-/// its TLS policy. Every socket opened goes to `sockets`.
+/// its TLS policy: a fixed one, or one of `domain`'s MX hosts. Every
+/// socket opened goes to `sockets`.
 pub async fn establish(
     session: u64,
     connector: &MailConnector,
+    domain: Option<&str>,
     hostname: &str,
     timeouts: SmtpTimeouts,
     sockets: &mut Vec<SocketRecord>,
 ) -> Result<Established, Reply> {
-    let mut problems = Vec::new();
-    let leg_timeouts = LegTimeouts {
-        connect: timeouts.connect,
-        handshake: timeouts.handshake,
+    let mut hop = HopSetup {
+        session,
+        hostname,
+        timeouts,
+        sockets,
     };
-    for plan in &connector.next_hops {
+    let hops = match (&connector.hops, domain) {
+        (NextHops::Fixed(hops), _) => hops,
+        (NextHops::Mx(route), Some(domain)) => {
+            return route.establish(&mut hop, connector, domain).await;
+        }
+        (NextHops::Mx(_), None) => return Err(unreachable(&connector.name, &[])),
+    };
+    let mut problems = Vec::new();
+    for plan in hops {
         let target = Target {
             session,
+            name: &plan.address.host,
             address: &plan.address,
             policy: connector.policy,
             tls: plan.tls.as_ref(),
             proxy_header: None,
         };
-        let mut greeter = SmtpGreeter {
-            label: plan.address.to_string(),
-            hostname,
-            timeouts,
-            opening: None,
-        };
-        match open_outbound(&target, &mut greeter, leg_timeouts, sockets).await {
-            Ok(opened) => {
-                let opening = greeter.opening.expect("a greeted connection");
-                let capabilities = opening.capabilities().clone();
-                return Ok(Established {
-                    hop: NextHop {
-                        leg: opened.leg,
-                        replies: opening.into_replies(),
-                        timeouts,
-                    },
-                    capabilities,
-                    security: opened.security,
-                    downgrade: opened.downgrade,
-                    address: opened.address,
-                    host: plan.address.host.clone(),
-                });
-            }
+        match hop.open(&target).await {
+            Ok(established) => return Ok(established),
             Err(OutboundFailure::Refused { failure, .. }) => {
                 return Err(tls_required(&connector.name, &failure));
             }
@@ -220,4 +220,43 @@ pub async fn establish(
         }
     }
     Err(unreachable(&connector.name, &problems))
+}
+
+/// What opening any next hop of a session needs.
+pub struct HopSetup<'a> {
+    pub session: u64,
+    hostname: &'a str,
+    timeouts: SmtpTimeouts,
+    sockets: &'a mut Vec<SocketRecord>,
+}
+
+impl HopSetup<'_> {
+    /// Connects `target` and drives the opening dialogue on it.
+    pub async fn open(&mut self, target: &Target<'_>) -> Result<Established, OutboundFailure> {
+        let leg_timeouts = LegTimeouts {
+            connect: self.timeouts.connect,
+            handshake: self.timeouts.handshake,
+        };
+        let mut greeter = SmtpGreeter {
+            label: target.address.to_string(),
+            hostname: self.hostname,
+            timeouts: self.timeouts,
+            opening: None,
+        };
+        let opened = open_outbound(target, &mut greeter, leg_timeouts, self.sockets).await?;
+        let opening = greeter.opening.expect("a greeted connection");
+        let capabilities = opening.capabilities().clone();
+        Ok(Established {
+            hop: NextHop {
+                leg: opened.leg,
+                replies: opening.into_replies(),
+                timeouts: self.timeouts,
+            },
+            capabilities,
+            security: opened.security,
+            downgrade: opened.downgrade,
+            address: opened.address,
+            host: target.name.to_string(),
+        })
+    }
 }

@@ -15,7 +15,7 @@ use tokio::time::timeout;
 use super::admission::{Client, PresentedCertificate};
 use super::client::{establish, MailConnector, NextHop};
 use super::codec::Reply;
-use super::forward::{Action, Forwarder, OpenedHop, Routing};
+use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing};
 use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, client_address, inbound_refused, inbound_security};
@@ -231,7 +231,7 @@ impl Session<'_> {
                     }
                 }
                 Action::Write(reply) => self.out.extend(reply.to_bytes()),
-                Action::Open { connector } => self.open_hop(connector).await,
+                Action::Open(destination) => self.open_hop(destination).await,
                 Action::Send(bytes) => {
                     let sent = match self.hop.as_mut() {
                         Some(hop) => hop.send(&bytes).await,
@@ -262,11 +262,12 @@ impl Session<'_> {
         }
     }
 
-    async fn open_hop(&mut self, connector: usize) {
-        let plan = &self.plan.connectors[connector];
+    async fn open_hop(&mut self, destination: Destination) {
+        let plan = &self.plan.connectors[destination.connector];
         let hostname = &self.plan.hostname;
         let sockets = &mut self.legs.sockets;
-        match establish(self.id, plan, hostname, self.plan.timeouts, sockets).await {
+        let domain = destination.domain.as_deref();
+        match establish(self.id, plan, domain, hostname, self.plan.timeouts, sockets).await {
             Ok(est) => {
                 self.legs.upstream = Some((plan.name.clone(), est.address));
                 self.legs.outbound = Some(est.security.clone());

@@ -12,10 +12,12 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_rustls::TlsConnector;
 
+use super::dane::{mismatch_error, DaneCheck};
 use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
 use crate::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust, Verification};
 
 /// What an upstream's TLS is built from (files already loaded).
+#[derive(Clone)]
 pub struct UpstreamTlsSettings {
     pub verification: Verification,
     /// Fail the handshake when verification fails (required policy);
@@ -31,12 +33,30 @@ pub struct UpstreamTlsSettings {
     pub server_name: ServerName<'static>,
     pub client_certificate: Option<Arc<CertifiedKey>>,
     /// Revocation lists the chain is checked against (none: no checking).
-    pub crls: Vec<webpki::CertRevocationList<'static>>,
+    pub crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
     /// Where `roots` came from (a file, or `system`), for descriptions.
     pub anchors_from: String,
+    /// Authenticate by TLSA records instead (an MX host under DANE).
+    pub dane: Option<DaneCheck>,
 }
 
 impl UpstreamTlsSettings {
+    /// These settings for one MX host: its name as SNI and as the name
+    /// verified (unless names were configured), or DANE when it has TLSA.
+    pub fn for_mx_host(&self, host: &str, dane: Option<DaneCheck>) -> Result<Self, String> {
+        let mut settings = self.clone();
+        settings.server_name =
+            ServerName::try_from(host.to_string()).map_err(|e| format!("MX host '{host}': {e}"))?;
+        if settings.names.is_empty() {
+            settings.names = vec![NamePattern::Exact(host.to_ascii_lowercase())];
+        }
+        if dane.is_some() {
+            settings.enforce = true;
+        }
+        settings.dane = dane;
+        Ok(settings)
+    }
+
     /// What these settings check, as `check` and the banner print it.
     fn describe(&self) -> String {
         let mut s = format!(", verify {}", self.verification);
@@ -78,6 +98,7 @@ impl UpstreamTls {
             names: settings.names,
             roots: settings.roots,
             crls: settings.crls,
+            dane: settings.dane,
         });
         let builder =
             ClientConfig::builder_with_provider(Arc::new(provider_with(&settings.groups)))
@@ -113,6 +134,18 @@ impl UpstreamTls {
         self.server_name.clone()
     }
 
+    /// The TLSA record that authenticated the peer, when DANE did.
+    pub fn dane_matched(&self, peer_certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+        let dane = self.check.dane.as_ref()?;
+        let [end_entity, intermediates @ ..] = peer_certs? else {
+            return None;
+        };
+        let tlsa = dane
+            .matched(end_entity, intermediates, UnixTime::now())
+            .ok()?;
+        Some(format!("DANE TLSA {tlsa} matched"))
+    }
+
     /// How far the upstream's certificate was established, whatever the
     /// level enforced.
     pub fn peer_trust(&self, peer_certs: Option<&[CertificateDer<'_>]>) -> PeerTrust {
@@ -133,7 +166,8 @@ struct PeerCheck {
     enforce: bool,
     names: Vec<NamePattern>,
     roots: Option<Arc<RootCertStore>>,
-    crls: Vec<webpki::CertRevocationList<'static>>,
+    crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
+    dane: Option<DaneCheck>,
 }
 
 impl PeerCheck {
@@ -183,6 +217,12 @@ impl PeerCheck {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> (PeerTrust, Option<rustls::Error>) {
+        if let Some(dane) = &self.dane {
+            return match dane.matched(end_entity, intermediates, now) {
+                Ok(_) => (PeerTrust::Verified, None),
+                Err(mismatch) => (PeerTrust::Untrusted, Some(mismatch_error(mismatch))),
+            };
+        }
         let chain = match (ParsedCertificate::try_from(end_entity), &self.roots) {
             (Err(e), _) => Err(e),
             (Ok(_), None) => Err(rustls::Error::InvalidCertificate(

@@ -4,6 +4,7 @@
 
 mod certs;
 mod client;
+mod dane;
 mod record_io;
 mod server;
 
@@ -24,6 +25,7 @@ pub use certs::{
     load_roots, system_roots, SelfSigned,
 };
 pub use client::{UpstreamTls, UpstreamTlsSettings};
+pub use dane::DaneCheck;
 pub use record_io::RecordIo;
 pub use server::{
     client_chain_verifies, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings,
@@ -119,6 +121,11 @@ pub fn classify_failure(err: &std::io::Error) -> TlsFailure {
             if other.0.downcast_ref::<client::NameMismatch>().is_some() =>
         {
             TlsFailure::NameMismatch(detail)
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Other(other))
+            if other.0.downcast_ref::<dane::DaneMismatch>().is_some() =>
+        {
+            TlsFailure::Untrusted(other.0.to_string())
         }
         rustls::Error::InvalidCertificate(_) => TlsFailure::Untrusted(detail),
         rustls::Error::PeerIncompatible(

@@ -1,0 +1,162 @@
+//! DNS for delivery by MX: MX, address and TLSA lookups through a
+//! validating stub resolver (hickory), each answer with whether DNSSEC
+//! proved it. Name servers and trust anchors come from the config (tests
+//! serve their own signed zones); by default /etc/resolv.conf and the
+//! IANA root keys.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::{Resolver, TokioResolver};
+
+use crate::dane::{Answer, DnsFailure, Tlsa};
+use crate::smtp::mx::Mx;
+
+/// The relay's resolver (cheap to clone: the cache is shared).
+#[derive(Clone)]
+pub struct DnsResolver {
+    inner: Arc<TokioResolver>,
+}
+
+impl DnsResolver {
+    /// A validating resolver asking `nameservers` (none: the system's)
+    /// and trusting the DNSKEYs in `trust_anchors` (none: the root's).
+    pub fn new(nameservers: &[SocketAddr], trust_anchors: Option<&Path>) -> Result<Self, String> {
+        let anchors = match trust_anchors {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .parse::<TrustAnchors>()
+                .map_err(|e| format!("{}: not DNSKEY records: {e}", path.display()))?,
+            None => TrustAnchors::default(),
+        };
+        let provider = TokioRuntimeProvider::default();
+        let builder = if nameservers.is_empty() {
+            Resolver::builder(provider).map_err(|e| format!("reading /etc/resolv.conf: {e}"))?
+        } else {
+            let servers = nameservers
+                .iter()
+                .map(|address| {
+                    let mut server = NameServerConfig::udp_and_tcp(address.ip());
+                    for connection in &mut server.connections {
+                        connection.port = address.port();
+                    }
+                    server
+                })
+                .collect();
+            Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+        };
+        let inner = builder
+            .with_trust_anchor(Arc::new(anchors))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(DnsResolver {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub async fn mx(&self, domain: &str) -> Result<Answer<Mx>, DnsFailure> {
+        self.lookup(domain, RecordType::MX, |data| match data {
+            RData::MX(mx) => Some(Mx {
+                preference: mx.preference,
+                exchange: mx.exchange.to_ascii(),
+            }),
+            _ => None,
+        })
+        .await
+    }
+
+    /// A and AAAA: secure only when both answers are.
+    pub async fn addresses(&self, host: &str) -> Result<Answer<IpAddr>, DnsFailure> {
+        let v4 = self.lookup(host, RecordType::A, |data| match data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        });
+        let v6 = self.lookup(host, RecordType::AAAA, |data| match data {
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        });
+        let (v4, v6) = tokio::join!(v4, v6);
+        let (mut v4, v6) = (v4?, v6?);
+        v4.records.extend(v6.records);
+        v4.secure &= v6.secure;
+        Ok(v4)
+    }
+
+    /// The TLSA records for SMTP on `port` at `host` (`_25._tcp.host`).
+    pub async fn tlsa(&self, host: &str, port: u16) -> Result<Answer<Tlsa>, DnsFailure> {
+        self.lookup(
+            &format!("_{port}._tcp.{host}"),
+            RecordType::TLSA,
+            |data| match data {
+                RData::TLSA(t) => Some(Tlsa {
+                    usage: t.cert_usage.into(),
+                    selector: t.selector.into(),
+                    matching: t.matching.into(),
+                    data: t.cert_data.clone(),
+                }),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// One lookup of an absolute name; no records is an empty answer,
+    /// proven or not as the denial was.
+    async fn lookup<T>(
+        &self,
+        name: &str,
+        kind: RecordType,
+        pick: impl Fn(&RData) -> Option<T>,
+    ) -> Result<Answer<T>, DnsFailure> {
+        let absolute = format!("{}.", name.trim_end_matches('.'));
+        let what = || format!("{absolute} {kind}");
+        match self.inner.lookup(absolute.as_str(), kind).await {
+            Ok(lookup) => {
+                let answers: Vec<_> = lookup
+                    .answers()
+                    .iter()
+                    .filter(|r| r.record_type() == kind)
+                    .collect();
+                if answers.iter().any(|r| r.proof == Proof::Bogus) {
+                    return Err(DnsFailure::Bogus(what()));
+                }
+                Ok(Answer {
+                    secure: answers.iter().all(|r| r.proof == Proof::Secure),
+                    records: answers.iter().filter_map(|r| pick(&r.data)).collect(),
+                })
+            }
+            // NXDOMAIN or NODATA; any other code (SERVFAIL, REFUSED) is
+            // no answer at all.
+            Err(NetError::Dns(DnsError::NoRecordsFound(none)))
+                if matches!(
+                    none.response_code,
+                    ResponseCode::NXDomain | ResponseCode::NoError
+                ) =>
+            {
+                Ok(Answer {
+                    records: Vec::new(),
+                    secure: none.soa.is_some_and(|soa| soa.proof == Proof::Secure),
+                })
+            }
+            Err(NetError::Dns(DnsError::Nsec { proof, .. })) => match proof {
+                Proof::Bogus | Proof::Indeterminate => Err(DnsFailure::Bogus(what())),
+                proof => Ok(Answer {
+                    records: Vec::new(),
+                    secure: proof == Proof::Secure,
+                }),
+            },
+            Err(NetError::Dns(DnsError::DnssecBogus)) => Err(DnsFailure::Bogus(what())),
+            Err(e) => {
+                tracing::debug!("{} failed: {e}", what());
+                Err(DnsFailure::Temporary(what()))
+            }
+        }
+    }
+}
