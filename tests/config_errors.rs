@@ -186,6 +186,13 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:13: outbound_connectors[0].dane: DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
         ),
         (
+            mail_edge("", "").replace(
+                "next_hops = [\"127.0.0.1:25\"]\n",
+                "next_hops = [\"127.0.0.1:25\"]\nmta_sts = true\n",
+            ),
+            "relay.toml:13: outbound_connectors[0].mta_sts: MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
+        ),
+        (
             mail_edge("", "").replace("[\"127.0.0.1:25\"]", "[\"mx\", \"127.0.0.1:25\"]"),
             "relay.toml:12: outbound_connectors[0].next_hops: \"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
         ),

@@ -354,3 +354,172 @@ async fn dane_failures_defer_and_insecure_zones_fall_back_to_the_policy() {
     }
     assert_eq!((nothing.connections(), plain.connections()), (1, 1));
 }
+
+/// MTA-STS: four domains, each with its policy host on its own address.
+/// sts.test lists only mx.sts.test, but its preferred MX is a rogue
+/// plaintext host; badcert.test's MX has a certificate for another name;
+/// testing.test has the same under a testing policy; nofetch.test
+/// announces a policy no server serves.
+struct StsWorld {
+    dns: SignedDns,
+    nginx: Option<tlsrelay_tests::https::Nginx>,
+    rogue: Sink,
+    good: Sink,
+    badcert: Sink,
+    testing: Sink,
+    nofetch: Sink,
+    port: u16,
+    pki: Pki,
+}
+
+fn policy(mode: &str, mx: &str) -> String {
+    format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n")
+}
+
+impl StsWorld {
+    async fn new() -> StsWorld {
+        let pki = Pki::new();
+        let port = free_port();
+        let mut zone = String::new();
+        for (domain, mxs, policy_ip) in [
+            ("sts", "10 rogue.sts.test.|20 mx.sts.test.", "127.0.0.20"),
+            ("badcert", "10 mx.badcert.test.", "127.0.0.21"),
+            ("testing", "10 mx.testing.test.", "127.0.0.22"),
+            ("nofetch", "10 mx.nofetch.test.", "127.0.0.23"),
+        ] {
+            for mx in mxs.split('|') {
+                zone += &format!("{domain} IN MX {mx}\n");
+            }
+            zone += &format!(
+                "_mta-sts.{domain} IN TXT \"v=STSv1; id=1;\"\nmta-sts.{domain} IN A {policy_ip}\n"
+            );
+        }
+        zone += "rogue.sts IN A 127.0.0.2\nmx.sts IN A 127.0.0.3\nmx.badcert IN A 127.0.0.4\nmx.testing IN A 127.0.0.5\nmx.nofetch IN A 127.0.0.6\n";
+        let dns = SignedDns::start(&Zones {
+            signed: &zone,
+            unsigned: &[],
+            tamper: &[],
+        });
+        let mx_leaf = pki.leaf("mx-sts", &["mx.sts.test"]);
+        let wrong = pki.leaf("mx-wrong", &["other.example"]);
+        let sites: Vec<(String, Leaf, String)> = ["sts", "badcert", "testing"]
+            .iter()
+            .zip(["127.0.0.20", "127.0.0.21", "127.0.0.22"])
+            .map(|(domain, ip)| {
+                let mode = if *domain == "testing" {
+                    "testing"
+                } else {
+                    "enforce"
+                };
+                let leaf = pki.leaf(
+                    &format!("policy-{domain}"),
+                    &[&format!("mta-sts.{domain}.test")],
+                );
+                (
+                    ip.to_string(),
+                    leaf,
+                    policy(mode, &format!("mx.{domain}.test")),
+                )
+            })
+            .collect();
+        let files: Vec<[(&str, &str); 1]> = sites
+            .iter()
+            .map(|(_, _, text)| [("/.well-known/mta-sts.txt", text.as_str())])
+            .collect();
+        let nginx = tlsrelay_tests::https::Nginx::start(
+            &sites
+                .iter()
+                .zip(&files)
+                .map(|((ip, leaf, _), files)| tlsrelay_tests::https::Site { ip, leaf, files })
+                .collect::<Vec<_>>(),
+        );
+        StsWorld {
+            rogue: mx_host("127.0.0.2", port, None).await,
+            good: mx_host("127.0.0.3", port, Some(&mx_leaf)).await,
+            badcert: mx_host("127.0.0.4", port, Some(&wrong)).await,
+            testing: mx_host("127.0.0.5", port, Some(&wrong)).await,
+            nofetch: mx_host("127.0.0.6", port, None).await,
+            dns,
+            nginx: Some(nginx),
+            port,
+            pki,
+        }
+    }
+
+    fn config(&self) -> String {
+        config(
+            &self.dns,
+            self.port,
+            &format!("tls.trust_anchors = {}", toml_path(&self.pki.ca_pem)),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enforced_mta_sts_policy_keeps_mail_off_unlisted_and_unverified_hosts() {
+    if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
+        return;
+    }
+    let world = StsWorld::new().await;
+    let mut relay = TestRelay::start(&world.config(), world.pki.dir()).await;
+
+    // The rogue MX is preferred but not in the policy: skipped.
+    let replies = send(&relay, &["a@sts.test"]).await;
+    assert!(replies[1].starts_with("250"), "{replies:?}");
+    let (hop, security) = outbound(&relay.next_report().await);
+    assert_eq!(hop, format!("mx.sts.test[127.0.0.3:{}]", world.port));
+    assert_eq!(trust(&security), Some(PeerTrust::Verified));
+    assert_eq!((received(&world.rogue), received(&world.good)), (0, 1));
+
+    // Enforce: a certificate for another name is no delivery.
+    let replies = send(&relay, &["b@badcert.test"]).await;
+    assert!(replies[0].starts_with("451 4.7.5"), "{replies:?}");
+    assert!(replies[0].contains("name"), "{replies:?}");
+    assert_eq!(received(&world.badcert), 0);
+
+    // Testing: the same certificate is only reported; a policy that
+    // cannot be fetched is as none.
+    for (to, sink) in [
+        ("c@testing.test", &world.testing),
+        ("d@nofetch.test", &world.nofetch),
+    ] {
+        let replies = send(&relay, &[to]).await;
+        assert!(replies[1].starts_with("250"), "{to}: {replies:?}");
+        assert_eq!(received(sink), 1, "{to}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_policies_are_cached_in_the_state_directory_across_restarts() {
+    if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
+        return;
+    }
+    let mut world = StsWorld::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, world.config()).unwrap();
+    let state = dir.path().join("state");
+    let mut first = process::RelayProcess::start(relay_binary(), &file, &state, &[], &[]);
+    let replies = send_to(first.addr("edge"), &["a@sts.test"]).await;
+    assert!(replies[1].starts_with("250"), "{replies:?}");
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let cached = std::fs::read_to_string(state.join("mta-sts/sts.test")).unwrap();
+    assert!(cached.starts_with("id 1\nfetched "), "{cached}");
+
+    // The policy host goes away; the TXT id is unchanged: the cached
+    // policy still keeps mail off the rogue MX after a restart.
+    world.nginx = None;
+    let second = process::RelayProcess::start(relay_binary(), &file, &state, &[], &[]);
+    let replies = send_to(second.addr("edge"), &["b@sts.test"]).await;
+    assert!(replies[1].starts_with("250"), "{replies:?}");
+    assert_eq!((received(&world.rogue), received(&world.good)), (0, 2));
+    assert!(
+        !second
+            .log()
+            .iter()
+            .any(|l| l.contains("delivering as without a policy")),
+        "no fetch was tried: {:?}",
+        second.log()
+    );
+}

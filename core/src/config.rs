@@ -430,6 +430,9 @@ pub struct OutboundConnector {
     /// where the domain publishes it, else the policy above), `only`
     /// (defer unless DANE TLSA exist) or `off`.
     pub dane: Option<Spanned<DaneMode>>,
+    /// MTA-STS (RFC 8461) for MX delivery: honour the policies domains
+    /// publish (default true).
+    pub mta_sts: Option<Spanned<bool>>,
 }
 
 impl OutboundConnector {
@@ -448,6 +451,11 @@ impl OutboundConnector {
             (Some(mode), _) => *mode.get_ref(),
             (None, _) => DaneMode::On,
         }
+    }
+
+    /// Whether MTA-STS policies are honoured: for MX delivery unless off.
+    pub fn honours_mta_sts(&self) -> bool {
+        self.mx_port().is_some() && self.mta_sts.as_ref().is_none_or(|on| *on.get_ref())
     }
 }
 
@@ -865,6 +873,13 @@ impl Config {
                     c.next_hops[1].span(),
                     format!("outbound_connectors[{i}].next_hops"),
                     "\"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
+                ));
+            }
+            if let (Some(sts), None) = (&c.mta_sts, c.mx_port()) {
+                return Err(src.error(
+                    sts.span(),
+                    format!("outbound_connectors[{i}].mta_sts"),
+                    "MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
                 ));
             }
             if let (Some(dane), None) = (&c.dane, c.mx_port()) {

@@ -11,6 +11,7 @@ mod keywords;
 
 pub mod config;
 pub mod dane;
+pub mod mta_sts;
 pub mod ocsp;
 pub mod policy;
 pub mod proxy;

@@ -89,6 +89,20 @@ impl DnsResolver {
         Ok(v4)
     }
 
+    /// TXT records, each as one string (its segments joined).
+    pub async fn txt(&self, name: &str) -> Result<Answer<String>, DnsFailure> {
+        self.lookup(name, RecordType::TXT, |data| match data {
+            RData::TXT(txt) => Some(
+                txt.txt_data
+                    .iter()
+                    .map(|segment| String::from_utf8_lossy(segment))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .await
+    }
+
     /// The TLSA records for SMTP on `port` at `host` (`_25._tcp.host`).
     pub async fn tlsa(&self, host: &str, port: u16) -> Result<Answer<Tlsa>, DnsFailure> {
         self.lookup(

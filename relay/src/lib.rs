@@ -7,7 +7,7 @@
 //! `smtp::session`, both setting up their legs through `legs` and, for
 //! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
-pub use tlsrelay_core::{config, dane, policy, proxy, report};
+pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report};
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
@@ -25,4 +25,5 @@ mod revocation;
 mod session;
 mod smtp;
 mod state;
+mod sts_policies;
 mod tls;

@@ -24,6 +24,7 @@ use crate::smtp::forward::{ConnectorRoute, Routing};
 use crate::smtp::next_hop::SmtpTimeouts;
 use crate::smtp::server::StartTls;
 use crate::smtp::session::SmtpListenerPlan;
+use crate::sts_policies::StsPolicies;
 use crate::tls::{
     self, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned,
     UpstreamTls, UpstreamTlsSettings,
@@ -63,7 +64,11 @@ struct SmtpShared {
 }
 
 impl SmtpShared {
-    fn build(config: &Config, system_roots: &mut SystemRoots) -> Result<SmtpShared, ConfigError> {
+    fn build(
+        config: &Config,
+        system_roots: &mut SystemRoots,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<SmtpShared, ConfigError> {
         let src = &config.source;
         let mut outbound = Vec::new();
         let mut routes = Vec::new();
@@ -83,13 +88,29 @@ impl SmtpShared {
                     )?;
                     let resolver = match &resolver {
                         Some(r) => Clone::clone(r),
-                        None => resolver.insert(dns_resolver(config, span)?).clone(),
+                        None => resolver.insert(dns_resolver(config, span.clone())?).clone(),
+                    };
+                    let sts = match &tls {
+                        Some(settings) if c.honours_mta_sts() => {
+                            let roots = match &settings.roots {
+                                Some(roots) => roots.clone(),
+                                None => return Err(src.error(span, format!("{prefix}.trust_anchors"), "MTA-STS verifies certificates: the system store is unavailable, set trust_anchors (or mta_sts = false)")),
+                            };
+                            Some(Arc::new(StsPolicies::new(
+                                resolver.clone(),
+                                roots,
+                                state_dir.map(|d| d.join("mta-sts")),
+                                config.limits.connect_timeout,
+                            )))
+                        }
+                        _ => None,
                     };
                     NextHops::Mx(MxRoute {
                         port,
                         dane: c.dane_mode(),
                         tls,
                         resolver,
+                        sts,
                     })
                 }
                 None => {
@@ -219,7 +240,11 @@ impl Plan {
         let mut description = Vec::new();
         let mut generated = None;
         let mut listeners = Vec::new();
-        let smtp = SmtpShared::build(config, &mut system_roots)?;
+        let state_dir = match &self_signed {
+            SelfSignedSource::StateDir(dir) => Some(dir.as_path()),
+            SelfSignedSource::Ephemeral => None,
+        };
+        let smtp = SmtpShared::build(config, &mut system_roots, state_dir)?;
         for (i, l) in config.listeners.iter().enumerate() {
             let client_auth = match l.protocol {
                 Protocol::Tcp => None,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 pub use tlsrelay;
 pub mod blocking;
 pub mod dns;
+pub mod https;
 pub mod process;
 use tlsrelay::config::Config;
 use tlsrelay::listeners::Listeners;

@@ -1,10 +1,12 @@
 //! Delivery by DNS: a recipient domain's MX hosts found and ordered (RFC
 //! 5321 5.1, null MX per RFC 7505), each host's addresses, and for each
-//! host the TLS DANE calls for (RFC 7672), then the hosts tried in order
-//! through the shared next-hop setup.
+//! host the TLS DANE (RFC 7672) or else the domain's MTA-STS policy (RFC
+//! 8461) calls for, then the hosts tried in order through the shared
+//! next-hop setup.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::client::{Established, HopSetup, MailConnector};
 use super::codec::Reply;
@@ -14,7 +16,9 @@ use crate::config::{DaneMode, HostPort};
 use crate::dane::{host_tls, wants_tlsa, DnsFailure, HostTls};
 use crate::dns::DnsResolver;
 use crate::legs::{OutboundFailure, Target};
-use crate::policy::{OutboundPolicy, TlsFailure};
+use crate::mta_sts::Mode;
+use crate::policy::{NamePattern, OutboundPolicy, TlsFailure, Verification};
+use crate::sts_policies::{StsLookup, StsPolicies};
 use crate::tls::{DaneCheck, UpstreamTls, UpstreamTlsSettings};
 
 /// At most this many MX hosts are looked up, and this many addresses
@@ -29,6 +33,8 @@ pub struct MxRoute {
     /// host's name is filled in per connection.
     pub tls: Option<UpstreamTlsSettings>,
     pub resolver: DnsResolver,
+    /// MTA-STS policies, when honoured.
+    pub sts: Option<Arc<StsPolicies>>,
 }
 
 /// One MX host and what its lookups decided.
@@ -44,7 +50,8 @@ struct Problems {
     dns: Vec<String>,
     unreachable: Vec<String>,
     tls: Option<TlsFailure>,
-    dane: Option<String>,
+    /// Why DANE or MTA-STS ruled a host out.
+    secure: Option<String>,
 }
 
 impl MxRoute {
@@ -71,7 +78,11 @@ impl MxRoute {
             ),
             (None, _) => format!(" TLS {policy}"),
         };
-        format!("{dane}{tls}")
+        let sts = match self.sts {
+            Some(_) => "; MTA-STS policies honoured (enforce: listed MX hosts only, TLS with the chain and MX name verified; cached per max_age in the state directory)",
+            None => "; MTA-STS off",
+        };
+        format!("{dane}{tls}{sts}")
     }
 
     /// A session with one of `domain`'s MX hosts, or the sender's reply.
@@ -82,13 +93,38 @@ impl MxRoute {
         domain: &str,
     ) -> Result<Established, Reply> {
         let hosts = self.hosts(domain).await?;
+        let sts = match &self.sts {
+            Some(policies) => policies.lookup(domain).await,
+            None => StsLookup::None,
+        };
+        if let StsLookup::Failed { reason, .. } = &sts {
+            tracing::info!(
+                session = hop.session,
+                "{reason}; delivering as without a policy"
+            );
+        }
+        let enforced = match &sts {
+            StsLookup::Policy(policy) if policy.mode == Mode::Enforce => Some(policy),
+            _ => None,
+        };
         let mut problems = Problems::default();
         let mut tried = 0;
         for host in hosts {
             let addresses = match (host.addresses, &host.tls) {
                 (_, HostTls::Skip { reason, .. }) => {
                     tracing::info!(session = hop.session, mx = %host.name, "{reason}");
-                    problems.dane = Some(reason.clone());
+                    problems.secure = Some(reason.clone());
+                    continue;
+                }
+                // RFC 8461 4.1: DANE first; else an enforced policy must
+                // list the host.
+                (_, HostTls::Policy) if enforced.is_some_and(|p| !p.allows_mx(&host.name)) => {
+                    let reason = format!(
+                        "MX host {} is not listed in the MTA-STS policy of {domain}",
+                        host.name
+                    );
+                    tracing::info!(session = hop.session, "{reason}");
+                    problems.secure = Some(reason);
                     continue;
                 }
                 (Err(failure), _) => {
@@ -103,8 +139,15 @@ impl MxRoute {
                 }
                 (Ok(addresses), _) => addresses,
             };
-            let (policy, tls) = match self.host_tls(&host.name, domain, &host.tls, connector.policy)
-            {
+            let sts_enforced = enforced.is_some() && host.tls == HostTls::Policy;
+            let chosen = self.host_tls(
+                &host.name,
+                domain,
+                &host.tls,
+                sts_enforced,
+                connector.policy,
+            );
+            let (policy, tls) = match chosen {
                 Ok(chosen) => chosen,
                 Err(why) => {
                     problems.unreachable.push(why);
@@ -141,12 +184,14 @@ impl MxRoute {
     }
 
     /// The policy and TLS for one host: DANE's when it has TLSA records,
-    /// else the connector's with the host's name to verify.
+    /// an enforced MTA-STS policy's (TLS, the chain and the host name
+    /// verified), else the connector's with the host's name to verify.
     fn host_tls(
         &self,
         host: &str,
         domain: &str,
         tls: &HostTls,
+        sts_enforced: bool,
         policy: OutboundPolicy,
     ) -> Result<(OutboundPolicy, Option<UpstreamTls>), String> {
         let Some(settings) = &self.tls else {
@@ -164,10 +209,18 @@ impl MxRoute {
             HostTls::Policy | HostTls::Skip { .. } => (policy, None),
         };
         let mut settings = settings.for_mx_host(host, dane)?;
-        if *tls == HostTls::EncryptOnly {
-            settings.verification = crate::policy::Verification::EncryptionOnly;
+        let policy = if *tls == HostTls::EncryptOnly {
+            settings.verification = Verification::EncryptionOnly;
             settings.enforce = true;
-        }
+            policy
+        } else if sts_enforced {
+            settings.verification = Verification::Name;
+            settings.names = vec![NamePattern::Exact(host.to_ascii_lowercase())];
+            settings.enforce = true;
+            OutboundPolicy::Required
+        } else {
+            policy
+        };
         let tls = UpstreamTls::new(settings).map_err(|e| e.to_string())?;
         Ok((policy, Some(tls)))
     }
@@ -226,7 +279,7 @@ impl Problems {
         if let Some(failure) = &self.tls {
             return tls_required(connector, failure);
         }
-        if let Some(reason) = self.dane {
+        if let Some(reason) = self.secure {
             return Reply::new(
                 451,
                 format!("4.7.5 No MX host of {domain} can be reached securely: {reason}"),

@@ -1,0 +1,248 @@
+//! MTA-STS policies (RFC 8461) as delivery needs them: the `_mta-sts` TXT
+//! id looked up, the policy fetched over HTTPS from `mta-sts.<domain>`
+//! (certificate verified, no redirects, 64 KiB at most), cached per
+//! `max_age` in memory and in the state directory (it survives restarts),
+//! and fetched again when the id changes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::dns::DnsResolver;
+use crate::mta_sts::{parse_http_response, parse_policy, txt_policy_id, Policy};
+
+/// A policy file larger than this is refused (RFC 8461 3.3 suggests 64 KiB).
+const MAX_POLICY_BYTES: usize = 64 * 1024;
+
+/// What MTA-STS says about a domain's delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StsLookup {
+    /// The domain publishes no policy.
+    None,
+    Policy(Policy),
+    /// A policy is announced but could not be had: delivery goes on as
+    /// without one; the RFC 8460 result type says why.
+    Failed {
+        reason: String,
+        result: &'static str,
+    },
+}
+
+/// Policies, fetched and cached; shared by the sessions of a plan.
+pub struct StsPolicies {
+    resolver: DnsResolver,
+    /// Anchors for the policy host's certificate (the connector's).
+    roots: Arc<RootCertStore>,
+    /// Where policies are kept across restarts (none for `check`).
+    cache_dir: Option<PathBuf>,
+    memory: Mutex<HashMap<String, Cached>>,
+    limit: Duration,
+}
+
+#[derive(Clone)]
+struct Cached {
+    id: String,
+    fetched: u64,
+    policy: Policy,
+    text: String,
+}
+
+impl Cached {
+    fn fresh(&self, now: u64) -> bool {
+        now < self.fetched.saturating_add(self.policy.max_age)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl StsPolicies {
+    pub fn new(
+        resolver: DnsResolver,
+        roots: Arc<RootCertStore>,
+        cache_dir: Option<PathBuf>,
+        limit: Duration,
+    ) -> StsPolicies {
+        StsPolicies {
+            resolver,
+            roots,
+            cache_dir,
+            memory: Mutex::new(HashMap::new()),
+            limit,
+        }
+    }
+
+    /// The policy for `domain` (RFC 8461 5.1): a fresh cached one while
+    /// the TXT id is unchanged, unavailable or withdrawn; else fetched.
+    pub async fn lookup(&self, domain: &str) -> StsLookup {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let cached = self.cached(&domain).filter(|c| c.fresh(now()));
+        let id = match self.resolver.txt(&format!("_mta-sts.{domain}")).await {
+            Ok(answer) => txt_policy_id(&answer.records),
+            Err(_) => None,
+        };
+        match (id, cached) {
+            (None, Some(cached)) => StsLookup::Policy(cached.policy),
+            (None, None) => StsLookup::None,
+            (Some(id), Some(cached)) if cached.id == id => StsLookup::Policy(cached.policy),
+            (Some(id), cached) => match self.fetch(&domain).await {
+                Ok((text, policy)) => {
+                    self.store(
+                        &domain,
+                        Cached {
+                            id,
+                            fetched: now(),
+                            policy: policy.clone(),
+                            text,
+                        },
+                    );
+                    StsLookup::Policy(policy)
+                }
+                // A policy still fresh stands until it can be replaced.
+                Err(_) if cached.is_some() => {
+                    StsLookup::Policy(cached.map(|c| c.policy).expect("checked"))
+                }
+                Err(failed) => failed,
+            },
+        }
+    }
+
+    fn cached(&self, domain: &str) -> Option<Cached> {
+        if let Some(c) = self.memory.lock().unwrap().get(domain) {
+            return Some(c.clone());
+        }
+        let text = std::fs::read_to_string(self.cache_dir.as_ref()?.join(domain)).ok()?;
+        let mut lines = text.splitn(3, '\n');
+        let id = lines.next()?.strip_prefix("id ")?.to_string();
+        let fetched = lines.next()?.strip_prefix("fetched ")?.parse().ok()?;
+        let text = lines.next()?.to_string();
+        let cached = Cached {
+            id,
+            fetched,
+            policy: parse_policy(&text).ok()?,
+            text,
+        };
+        self.memory
+            .lock()
+            .unwrap()
+            .insert(domain.to_string(), cached.clone());
+        Some(cached)
+    }
+
+    fn store(&self, domain: &str, cached: Cached) {
+        if let Some(dir) = &self.cache_dir {
+            let file = format!(
+                "id {}\nfetched {}\n{}",
+                cached.id, cached.fetched, cached.text
+            );
+            let written = std::fs::create_dir_all(dir).and_then(|()| {
+                let tmp = dir.join(format!(".{domain}.tmp"));
+                std::fs::write(&tmp, file)?;
+                std::fs::rename(tmp, dir.join(domain))
+            });
+            if let Err(e) = written {
+                tracing::warn!(
+                    "MTA-STS policy of {domain} not cached in {}: {e}",
+                    dir.display()
+                );
+            }
+        }
+        self.memory
+            .lock()
+            .unwrap()
+            .insert(domain.to_string(), cached);
+    }
+
+    /// GET https://mta-sts.<domain>/.well-known/mta-sts.txt.
+    async fn fetch(&self, domain: &str) -> Result<(String, Policy), StsLookup> {
+        let host = format!("mta-sts.{domain}");
+        let failed = |result: &'static str, reason: String| StsLookup::Failed {
+            reason: format!("MTA-STS policy of {domain}: {reason}"),
+            result,
+        };
+        let body = match timeout(self.limit, self.get(&host)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(Fetch::Certificate(why))) => return Err(failed("sts-webpki-invalid", why)),
+            Ok(Err(Fetch::Other(why))) => return Err(failed("sts-policy-fetch-error", why)),
+            Err(_) => return Err(failed("sts-policy-fetch-error", "timed out".into())),
+        };
+        let text = String::from_utf8(body)
+            .map_err(|_| failed("sts-policy-invalid", "not UTF-8".into()))?;
+        let policy =
+            parse_policy(&text).map_err(|e| failed("sts-policy-invalid", e.to_string()))?;
+        Ok((text, policy))
+    }
+
+    async fn get(&self, host: &str) -> Result<Vec<u8>, Fetch> {
+        let other = |e: &dyn std::fmt::Display| Fetch::Other(e.to_string());
+        let addresses = self.resolver.addresses(host).await.map_err(|e| other(&e))?;
+        let ip = *addresses
+            .records
+            .first()
+            .ok_or_else(|| Fetch::Other(format!("{host} has no address")))?;
+        let tcp = TcpStream::connect(SocketAddr::new(ip, 443))
+            .await
+            .map_err(|e| other(&format!("{host}[{ip}]:443: {e}")))?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| other(&e))?
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        let name = ServerName::try_from(host.to_string()).map_err(|e| other(&e))?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| match crate::tls::classify_failure(&e) {
+                crate::policy::TlsFailure::Untrusted(why)
+                | crate::policy::TlsFailure::NameMismatch(why) => Fetch::Certificate(why),
+                failure => Fetch::Other(failure.to_string()),
+            })?;
+        let request = format!(
+            "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tlsrelay\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| other(&e))?;
+        let mut response = Vec::new();
+        (&mut tls)
+            .take(MAX_POLICY_BYTES as u64 + 4096)
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| other(&e))?;
+        let response = parse_http_response(&response).map_err(|e| other(&e))?;
+        // RFC 8461 3.3: 200 only (no redirects), text/plain.
+        if response.status != 200 {
+            return Err(Fetch::Other(format!("HTTP status {}", response.status)));
+        }
+        if !response
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("text/plain"))
+        {
+            return Err(Fetch::Other(format!(
+                "Content-Type {:?}, not text/plain",
+                response.content_type.unwrap_or_default()
+            )));
+        }
+        if response.body.len() > MAX_POLICY_BYTES {
+            return Err(Fetch::Other("policy larger than 64 KiB".into()));
+        }
+        Ok(response.body)
+    }
+}
+
+enum Fetch {
+    Certificate(String),
+    Other(String),
+}
