@@ -211,9 +211,19 @@ async fn dane_ee_authenticates_the_mx_host_whatever_its_name_and_issuer() {
     assert!(replies[1].starts_with("250"), "{replies:?}");
     assert_eq!(received(&mx), 1);
     assert!(mx.received.lock().unwrap()[0].over_tls);
-    let (hop, security) = outbound(&relay.next_report().await);
+    let report = relay.next_report().await;
+    let (hop, security) = outbound(&report);
     assert_eq!(hop, format!("mx.dane.test[127.0.0.2:{port}]"));
     assert_eq!(trust(&security), Some(PeerTrust::Verified));
+    assert_eq!(
+        report.policy_sessions,
+        [tlsrelay::report::PolicySession {
+            domain: "dane.test".into(),
+            policy_type: "tlsa".into(),
+            result: "success".into(),
+            mx_host: None,
+        }]
+    );
 
     // The binary as an operator runs it: `check` describes the route, and
     // the log line names the record that matched.
@@ -377,15 +387,18 @@ fn policy(mode: &str, mx: &str) -> String {
 }
 
 impl StsWorld {
-    async fn new() -> StsWorld {
+    /// Policy hosts listen on 127.`net`.0.20-22:443: one `net` per test,
+    /// as tests run in parallel.
+    async fn new(net: u8) -> StsWorld {
+        let policy_ip = |last: u8| format!("127.{net}.0.{last}");
         let pki = Pki::new();
         let port = free_port();
         let mut zone = String::new();
         for (domain, mxs, policy_ip) in [
-            ("sts", "10 rogue.sts.test.|20 mx.sts.test.", "127.0.0.20"),
-            ("badcert", "10 mx.badcert.test.", "127.0.0.21"),
-            ("testing", "10 mx.testing.test.", "127.0.0.22"),
-            ("nofetch", "10 mx.nofetch.test.", "127.0.0.23"),
+            ("sts", "10 rogue.sts.test.|20 mx.sts.test.", policy_ip(20)),
+            ("badcert", "10 mx.badcert.test.", policy_ip(21)),
+            ("testing", "10 mx.testing.test.", policy_ip(22)),
+            ("nofetch", "10 mx.nofetch.test.", policy_ip(23)),
         ] {
             for mx in mxs.split('|') {
                 zone += &format!("{domain} IN MX {mx}\n");
@@ -404,7 +417,7 @@ impl StsWorld {
         let wrong = pki.leaf("mx-wrong", &["other.example"]);
         let sites: Vec<(String, Leaf, String)> = ["sts", "badcert", "testing"]
             .iter()
-            .zip(["127.0.0.20", "127.0.0.21", "127.0.0.22"])
+            .zip([policy_ip(20), policy_ip(21), policy_ip(22)])
             .map(|(domain, ip)| {
                 let mode = if *domain == "testing" {
                     "testing"
@@ -460,7 +473,7 @@ async fn an_enforced_mta_sts_policy_keeps_mail_off_unlisted_and_unverified_hosts
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
         return;
     }
-    let world = StsWorld::new().await;
+    let world = StsWorld::new(1).await;
     let mut relay = TestRelay::start(&world.config(), world.pki.dir()).await;
 
     // The rogue MX is preferred but not in the policy: skipped.
@@ -494,7 +507,7 @@ async fn mta_sts_policies_are_cached_in_the_state_directory_across_restarts() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
         return;
     }
-    let mut world = StsWorld::new().await;
+    let mut world = StsWorld::new(2).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("relay.toml");
     std::fs::write(&file, world.config()).unwrap();
@@ -521,5 +534,328 @@ async fn mta_sts_policies_are_cached_in_the_state_directory_across_restarts() {
             .any(|l| l.contains("delivering as without a policy")),
         "no fetch was tried: {:?}",
         second.log()
+    );
+}
+
+/// A TLS-RPT collector: HTTPS on `ip`:443, keeping each POST's
+/// Content-Type and body, answering 202.
+async fn report_collector(
+    ip: &str,
+    leaf: &Leaf,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let posts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    }));
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:443"))
+        .await
+        .unwrap();
+    let kept = posts.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            let (head_end, length) = loop {
+                let n = tls.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break (0, 0);
+                }
+                request.extend_from_slice(&buf[..n]);
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    break (end + 4, length);
+                }
+            };
+            while request.len() < head_end + length {
+                let n = tls.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+            let content_type = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Type: "))
+                .unwrap_or_default()
+                .to_string();
+            kept.lock()
+                .unwrap()
+                .push((content_type, request[head_end..].to_vec()));
+            let _ = tls
+                .write_all(
+                    b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    posts
+}
+
+fn schema() -> jsonschema::Validator {
+    let text = include_str!("data/tlsrpt-report.schema.json");
+    jsonschema::validator_for(&serde_json::from_str(text).unwrap()).unwrap()
+}
+
+/// Each RFC 8460 result type, provoked once by a domain built for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
+    if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
+        return;
+    }
+    let pki = Pki::new();
+    let stranger = Pki::new();
+    let port = free_port();
+    let leaf = pki.leaf("mx", &["mx.example"]);
+    let good_tlsa = format!("3 1 1 {}", tlsa_data(&leaf, 1, 1));
+    let bogus_tlsa = format!("3 0 1 {}", tlsa_data(&leaf, 0, 1));
+    // Domain, MX address, TLSA, MTA-STS policy host address.
+    let domains = [
+        ("nostarttls", "127.0.0.7", good_tlsa.as_str(), ""),
+        (
+            "mismatch",
+            "127.0.0.8",
+            "3 0 1 abababababababababababababababababababababababababababababababab",
+            "",
+        ),
+        ("bogus", "127.0.0.9", bogus_tlsa.as_str(), ""),
+        ("strict", "127.0.0.10", "", ""),
+        ("sts", "127.0.0.3", "", "127.3.0.20"),
+        ("badcert", "127.0.0.4", "", "127.3.0.21"),
+        ("expired", "127.0.0.11", "", "127.3.0.24"),
+        ("untrusted", "127.0.0.12", "", "127.3.0.25"),
+        ("nofetch", "127.0.0.6", "", "127.3.0.23"),
+        ("invalid", "127.0.0.13", "", "127.3.0.26"),
+        ("webpki", "127.0.0.14", "", "127.3.0.27"),
+    ];
+    let mut zone =
+        "sts IN MX 5 rogue.sts.test.\nrogue.sts IN A 127.0.0.2\nreports IN A 127.3.0.30\n"
+            .to_string();
+    for (domain, ip, tlsa, policy_ip) in domains {
+        zone += &dane_zone(domain, port, tlsa).replace("127.0.0.2", ip);
+        zone += &format!(
+            "_smtp._tls.{domain} IN TXT \"v=TLSRPTv1; rua=https://reports.test/v1/tlsrpt\"\n"
+        );
+        if !policy_ip.is_empty() {
+            zone += &format!(
+                "_mta-sts.{domain} IN TXT \"v=STSv1; id=1;\"\nmta-sts.{domain} IN A {policy_ip}\n"
+            );
+        }
+    }
+    let dns = SignedDns::start(&Zones {
+        signed: &zone,
+        unsigned: &[],
+        tamper: &[(&bogus_tlsa[6..22], "0000000000000000")],
+    });
+    let expired_leaf = pki.issue(
+        "mx-expired",
+        &LeafSpec {
+            names: vec!["mx.expired.test"],
+            valid_days: -2,
+            ..LeafSpec::default()
+        },
+    );
+    let _sinks = [
+        mx_host("127.0.0.7", port, None).await,
+        mx_host("127.0.0.8", port, Some(&leaf)).await,
+        mx_host("127.0.0.9", port, Some(&leaf)).await,
+        mx_host("127.0.0.10", port, Some(&leaf)).await,
+        mx_host("127.0.0.2", port, None).await,
+        mx_host(
+            "127.0.0.3",
+            port,
+            Some(&pki.leaf("mx-sts", &["mx.sts.test"])),
+        )
+        .await,
+        mx_host("127.0.0.4", port, Some(&leaf)).await,
+        mx_host("127.0.0.11", port, Some(&expired_leaf)).await,
+        mx_host(
+            "127.0.0.12",
+            port,
+            Some(&stranger.leaf("mx-u", &["mx.untrusted.test"])),
+        )
+        .await,
+        mx_host("127.0.0.6", port, None).await,
+        mx_host("127.0.0.13", port, None).await,
+        mx_host("127.0.0.14", port, None).await,
+    ];
+    let policy_leaf = |d: &str| pki.leaf(&format!("policy-{d}"), &[&format!("mta-sts.{d}.test")]);
+    let sites = [
+        (
+            "127.3.0.20",
+            policy_leaf("sts"),
+            policy("enforce", "mx.sts.test"),
+        ),
+        (
+            "127.3.0.21",
+            policy_leaf("badcert"),
+            policy("enforce", "mx.badcert.test"),
+        ),
+        (
+            "127.3.0.24",
+            policy_leaf("expired"),
+            policy("enforce", "mx.expired.test"),
+        ),
+        (
+            "127.3.0.25",
+            policy_leaf("untrusted"),
+            policy("enforce", "mx.untrusted.test"),
+        ),
+        (
+            "127.3.0.26",
+            policy_leaf("invalid"),
+            "<html>not a policy</html>".to_string(),
+        ),
+        (
+            "127.3.0.27",
+            pki.leaf("policy-webpki", &["elsewhere.example"]),
+            policy("enforce", "mx.webpki.test"),
+        ),
+    ];
+    let files: Vec<[(&str, &str); 1]> = sites
+        .iter()
+        .map(|(_, _, text)| [("/.well-known/mta-sts.txt", text.as_str())])
+        .collect();
+    let _nginx = tlsrelay_tests::https::Nginx::start(
+        &sites
+            .iter()
+            .zip(&files)
+            .map(|((ip, leaf, _), files)| tlsrelay_tests::https::Site { ip, leaf, files })
+            .collect::<Vec<_>>(),
+    );
+    let posts = report_collector("127.3.0.30", &pki.leaf("reports", &["reports.test"])).await;
+
+    let anchors = format!("tls.trust_anchors = {}", toml_path(&pki.ca_pem));
+    let strict = format!(
+        "{anchors}\n\n[[outbound_connectors]]\nname = \"strict\"\nrecipient_domains = [\"strict.test\"]\nnext_hops = [\"mx:{port}\"]\ndane = \"only\"\n{anchors}\n"
+    );
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let toml = config(&dns, port, &strict).replace(
+        "[[listeners]]",
+        &format!("[tlsrpt]\norganization = \"relay.example.org\"\ncontact = \"mailto:tlsrpt@example.org\"\n\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, toml).unwrap();
+    let state = dir.path().join("state");
+    let relay = process::RelayProcess::start(relay_binary(), &file, &state, &[], &[]);
+    for (domain, ..) in domains {
+        send_to(relay.addr("edge"), &[&format!("postmaster@{domain}.test")]).await;
+    }
+    // Metrics count the same sessions, by policy type and result.
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(&metrics).unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).unwrap();
+        text
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let want =
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"sts-webpki-invalid\"} 1";
+    while !scrape().contains(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want} not in:\n{}",
+            scrape()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let text = scrape();
+    for line in [
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"tlsa\",result=\"dnssec-invalid\"} 1",
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"tlsa\",result=\"dane-required\"} 1",
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"success\"} 1",
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"validation-failure\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+
+    // What is pending, as the domains will get it.
+    let show = std::process::Command::new(relay_binary())
+        .args(["tlsrpt", "show", "--json", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let reports: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let validator = schema();
+    let mut seen = std::collections::BTreeSet::new();
+    for report in reports.as_array().unwrap() {
+        let errors: Vec<String> = validator
+            .iter_errors(report)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?} in {report:#}");
+        for policy in report["policies"].as_array().unwrap() {
+            for detail in policy["failure-details"].as_array().unwrap() {
+                seen.insert(detail["result-type"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    let all: std::collections::BTreeSet<String> = tlsrelay::tlsrpt::RESULT_TYPES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(seen, all, "every result type, once each domain");
+    let sts = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["policies"][0]["policy"]["policy-domain"] == "sts.test")
+        .unwrap();
+    assert_eq!(sts["policies"][0]["policy"]["policy-type"], "sts");
+    assert_eq!(
+        sts["policies"][0]["summary"]["total-successful-session-count"],
+        1
+    );
+    assert_eq!(sts["policies"][0]["policy"]["mx-host"][0], "mx.sts.test");
+
+    // Sent now (today included), gzipped, to each domain's rua.
+    let sent = std::process::Command::new(relay_binary())
+        .args(["tlsrpt", "send", "--include-today", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&sent.stdout);
+    assert!(
+        sent.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let posts = posts.lock().unwrap().clone();
+    assert_eq!(posts.len(), domains.len(), "{out}");
+    for (content_type, body) in posts {
+        assert_eq!(content_type, "application/tlsrpt+gzip");
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut json)
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert!(validator.is_valid(&report), "{report:#}");
+        assert_eq!(report["organization-name"], "relay.example.org");
+        assert_eq!(report["contact-info"], "mailto:tlsrpt@example.org");
+    }
+    let again = std::process::Command::new(relay_binary())
+        .args(["tlsrpt", "show", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&again.stdout).starts_with("no TLS reports pending"),
+        "sent reports are no longer pending"
     );
 }

@@ -119,6 +119,9 @@ pub struct Config {
     /// The resolver for delivery by MX.
     #[serde(default)]
     pub dns: Dns,
+    /// Who the TLS reports (RFC 8460) sent for MX delivery are from.
+    #[serde(default)]
+    pub tlsrpt: TlsRpt,
     #[serde(skip, default = "Config::no_source")]
     pub source: Source,
 }
@@ -502,6 +505,16 @@ impl fmt::Display for NextHop {
             NextHop::Mx { port } => write!(f, "mx:{port}"),
         }
     }
+}
+
+/// The sender of TLS reports.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRpt {
+    /// `organization-name`; default this machine's host name.
+    pub organization: Option<String>,
+    /// `contact-info`; default `postmaster@` the organization.
+    pub contact: Option<String>,
 }
 
 /// The resolver MX delivery, DANE and MTA-STS use.

@@ -17,3 +17,4 @@ pub mod policy;
 pub mod proxy;
 pub mod report;
 pub mod smtp;
+pub mod tlsrpt;

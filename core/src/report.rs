@@ -189,6 +189,19 @@ pub struct Transaction {
     pub refused: Vec<String>,
 }
 
+/// One MX host tried (or ruled out before connecting) under a delivery
+/// policy, as the domain's TLS report counts it (RFC 8460).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicySession {
+    pub domain: String,
+    /// `tlsa`, `sts` or `no-policy-found`.
+    pub policy_type: String,
+    /// `success` or an RFC 8460 result type.
+    pub result: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mx_host: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionReport {
     pub id: u64,
@@ -207,6 +220,10 @@ pub struct SessionReport {
     /// attempt before a plaintext retry, SMTP next hops) as the relay saw it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sockets: Vec<SocketRecord>,
+    /// Delivery by MX: each host tried or ruled out under DANE, MTA-STS
+    /// or no policy, with its TLS-RPT result.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policy_sessions: Vec<PolicySession>,
     /// Legs whose TLS is off by configuration.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tls_off: Vec<Direction>,
@@ -240,6 +257,7 @@ impl SessionReport {
             upstream_addr: None,
             client_cookie: None,
             sockets: Vec::new(),
+            policy_sessions: Vec::new(),
             tls_off: Vec::new(),
             inbound: None,
             outbound: None,

@@ -60,6 +60,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::cli_dns::DnsCommand,
     },
+    /// The TLS reports (RFC 8460) MX delivery gathers: show, send.
+    Tlsrpt {
+        #[command(subcommand)]
+        command: crate::cli_tlsrpt::TlsRptCommand,
+    },
     /// Validate a configuration and print the effective policy.
     ///
     /// Exit status 0 when valid, 2 when not.
@@ -84,6 +89,7 @@ pub fn main() -> ExitCode {
         Command::Check { file } => check(&file),
         Command::Cert { command } => crate::cli_cert::run(command),
         Command::Dns { command } => crate::cli_dns::run(command),
+        Command::Tlsrpt { command } => crate::cli_tlsrpt::run(command),
         Command::Stats { pin_dir, json } => stats(&pin_dir, json),
         Command::Run {
             config,
@@ -100,6 +106,33 @@ pub fn main() -> ExitCode {
                     eprintln!("tlsrelay: {e:#}");
                     ExitCode::from(if invalid { EXIT_INVALID_CONFIG } else { 1 })
                 }
+            }
+        }
+    }
+}
+
+/// Sends the TLS reports of finished days every hour (the first a minute
+/// after start), logging what became of each.
+async fn send_tls_reports(sender: crate::tls_reports::ReportSender) {
+    let mut hourly = tokio::time::interval_at(
+        tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(3600),
+    );
+    loop {
+        hourly.tick().await;
+        for report in sender.send_due(false).await {
+            match report.outcome {
+                Ok(to) => tracing::info!(
+                    "TLS report {} {} sent to {}",
+                    report.day,
+                    report.domain,
+                    to.join(", ")
+                ),
+                Err(why) => tracing::info!(
+                    "TLS report {} {} not sent: {why}",
+                    report.day,
+                    report.domain
+                ),
             }
         }
     }
@@ -241,7 +274,8 @@ fn run(
     };
     let state_dir = crate::state::state_dir(state_dir.or_else(|| config.state_dir.clone()));
     crate::pump::set_uring_workers(config.dataplane.workers());
-    let plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
+    let mut plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
+    let report_sender = plan.report_sender.take();
     // Before any socket exists: sockets belong to their creator's cgroup.
     let wire = start_wire_counters(&config);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -271,6 +305,9 @@ fn run(
         banner.say(format_args!("  state directory {}", state_dir.display()));
         if let Some(dest) = &json_reports {
             write_json_reports(&mut relay, dest)?;
+        }
+        if let Some(sender) = report_sender {
+            tokio::spawn(send_tls_reports(sender));
         }
         let reloader = std::sync::Arc::new(crate::reload::Reloader::new(
             config_path,

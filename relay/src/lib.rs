@@ -7,13 +7,15 @@
 //! `smtp::session`, both setting up their legs through `legs` and, for
 //! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
-pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report};
+pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report, tlsrpt};
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
 mod cli_cert;
 mod cli_dns;
+mod cli_tlsrpt;
 mod dns;
+mod https;
 mod inspect;
 mod legs;
 pub mod listeners;
@@ -27,3 +29,4 @@ mod smtp;
 mod state;
 mod sts_policies;
 mod tls;
+mod tls_reports;

@@ -1,6 +1,7 @@
 //! Prometheus exposition: counters kept from every finished session's
 //! report (by listener, upstream or connector, TLS version each way,
-//! outcome, downgrade reason, data path), handshake and session duration
+//! outcome, downgrade reason, data path, MX delivery policy and result),
+//! handshake and session duration
 //! summaries from hdrhistogram, and the eBPF wire counters mirrored from
 //! their pinned maps at scrape time. `/metrics` is served over plain HTTP
 //! on the configured address.
@@ -36,6 +37,8 @@ struct Inner {
     transactions: BTreeMap<Labels, u64>,
     path_sessions: BTreeMap<Labels, u64>,
     path_bytes: BTreeMap<Labels, u64>,
+    /// MX hosts tried or ruled out, by policy type and TLS-RPT result.
+    mx_policy: BTreeMap<Labels, u64>,
     /// Microseconds.
     handshake: Histogram<u64>,
     duration: Histogram<u64>,
@@ -93,6 +96,7 @@ impl Metrics {
                 transactions: BTreeMap::new(),
                 path_sessions: BTreeMap::new(),
                 path_bytes: BTreeMap::new(),
+                mx_policy: BTreeMap::new(),
                 handshake: histogram(),
                 duration: histogram(),
             }),
@@ -147,6 +151,14 @@ impl Metrics {
                 ])
                 .or_default() += 1;
         }
+        for p in &r.policy_sessions {
+            *m.mx_policy
+                .entry(vec![
+                    ("policy_type", p.policy_type.clone()),
+                    ("result", p.result.clone()),
+                ])
+                .or_default() += 1;
+        }
         if let Some(path) = r.data_path {
             let path = path.to_string();
             *m.path_sessions
@@ -180,7 +192,7 @@ impl Metrics {
                 .iter()
                 .map(|(l, v)| (vec![("listener", l.clone())], *v))
                 .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 8] = [
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 9] = [
                 ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
                 ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
                 ("tlsrelay_downgrades_total", "Sessions that went on with less security than they could have had, by leg and reason.", &m.downgrades),
@@ -189,6 +201,7 @@ impl Metrics {
                 ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
                 ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (kTLS splice or userspace).", &m.path_sessions),
                 ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),
+                ("tlsrelay_mx_policy_sessions_total", "MX hosts tried or ruled out by delivery policy (tlsa, sts, no-policy-found) and TLS-RPT result (success or an RFC 8460 result type).", &m.mx_policy),
             ];
             for (name, help, series) in families {
                 counter(&mut out, name, help, series);

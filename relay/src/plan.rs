@@ -29,6 +29,7 @@ use crate::tls::{
     self, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned,
     UpstreamTls, UpstreamTlsSettings,
 };
+use crate::tls_reports::{ReportSender, TlsReports};
 
 /// Where listeners without configured certificates get theirs.
 pub enum SelfSignedSource {
@@ -61,6 +62,8 @@ struct SmtpShared {
     routing: Arc<Routing>,
     /// Each inbound connector's client certificate anchors (by index).
     connector_anchors: Vec<Option<Arc<rustls::RootCertStore>>>,
+    /// Sends the TLS reports MX delivery gathers (with a state directory).
+    report_sender: Option<ReportSender>,
 }
 
 impl SmtpShared {
@@ -73,6 +76,8 @@ impl SmtpShared {
         let mut outbound = Vec::new();
         let mut routes = Vec::new();
         let mut resolver = None;
+        let mut anchors_for_reports = None;
+        let reports = Arc::new(TlsReports::new(state_dir.map(|d| d.join("tlsrpt"))));
         for (i, c) in config.outbound_connectors.iter().enumerate() {
             let prefix = format!("outbound_connectors[{i}].tls");
             let hops = match c.mx_port() {
@@ -90,6 +95,9 @@ impl SmtpShared {
                         Some(r) => Clone::clone(r),
                         None => resolver.insert(dns_resolver(config, span.clone())?).clone(),
                     };
+                    if let Some(roots) = tls.as_ref().and_then(|t| t.roots.clone()) {
+                        anchors_for_reports.get_or_insert(roots);
+                    }
                     let sts = match &tls {
                         Some(settings) if c.honours_mta_sts() => {
                             let roots = match &settings.roots {
@@ -111,6 +119,7 @@ impl SmtpShared {
                         tls,
                         resolver,
                         sts,
+                        reports: Some(reports.clone()),
                     })
                 }
                 None => {
@@ -166,10 +175,28 @@ impl SmtpShared {
                 })
                 .collect(),
         };
+        let report_sender = match (state_dir, resolver, anchors_for_reports) {
+            (Some(dir), Some(resolver), Some(roots)) => Some(ReportSender {
+                dir: dir.join("tlsrpt"),
+                resolver,
+                roots,
+                organization: config
+                    .tlsrpt
+                    .organization
+                    .clone()
+                    .unwrap_or_else(tls::hostname),
+                contact: config.tlsrpt.contact.clone().unwrap_or_else(|| {
+                    let organization = config.tlsrpt.organization.clone();
+                    format!("postmaster@{}", organization.unwrap_or_else(tls::hostname))
+                }),
+            }),
+            _ => None,
+        };
         Ok(SmtpShared {
             connectors: outbound,
             routing: Arc::new(routing),
             connector_anchors,
+            report_sender,
         })
     }
 
@@ -222,6 +249,8 @@ pub struct Plan {
     pub max_connections: usize,
     /// Human-readable effective policy, one entry per listener and route.
     pub description: Vec<String>,
+    /// Sends TLS reports (RFC 8460) for MX delivery, when there is any.
+    pub report_sender: Option<ReportSender>,
 }
 
 impl Plan {
@@ -293,6 +322,7 @@ impl Plan {
             listeners,
             max_connections: *config.limits.max_connections.get_ref(),
             description,
+            report_sender: smtp.report_sender,
         })
     }
 }

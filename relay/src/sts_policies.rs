@@ -5,19 +5,16 @@
 //! and fetched again when the id changes.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::ServerName;
 use rustls::RootCertStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::dns::DnsResolver;
-use crate::mta_sts::{parse_http_response, parse_policy, txt_policy_id, Policy};
+use crate::https::{self, HttpsError};
+use crate::mta_sts::{parse_policy, txt_policy_id, Policy};
 
 /// A policy file larger than this is refused (RFC 8461 3.3 suggests 64 KiB).
 const MAX_POLICY_BYTES: usize = 64 * 1024;
@@ -173,8 +170,8 @@ impl StsPolicies {
         };
         let body = match timeout(self.limit, self.get(&host)).await {
             Ok(Ok(body)) => body,
-            Ok(Err(Fetch::Certificate(why))) => return Err(failed("sts-webpki-invalid", why)),
-            Ok(Err(Fetch::Other(why))) => return Err(failed("sts-policy-fetch-error", why)),
+            Ok(Err(HttpsError::Certificate(why))) => return Err(failed("sts-webpki-invalid", why)),
+            Ok(Err(HttpsError::Other(why))) => return Err(failed("sts-policy-fetch-error", why)),
             Err(_) => return Err(failed("sts-policy-fetch-error", "timed out".into())),
         };
         let text = String::from_utf8(body)
@@ -184,65 +181,36 @@ impl StsPolicies {
         Ok((text, policy))
     }
 
-    async fn get(&self, host: &str) -> Result<Vec<u8>, Fetch> {
-        let other = |e: &dyn std::fmt::Display| Fetch::Other(e.to_string());
-        let addresses = self.resolver.addresses(host).await.map_err(|e| other(&e))?;
-        let ip = *addresses
-            .records
-            .first()
-            .ok_or_else(|| Fetch::Other(format!("{host} has no address")))?;
-        let tcp = TcpStream::connect(SocketAddr::new(ip, 443))
-            .await
-            .map_err(|e| other(&format!("{host}[{ip}]:443: {e}")))?;
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| other(&e))?
-            .with_root_certificates(self.roots.clone())
-            .with_no_client_auth();
-        let name = ServerName::try_from(host.to_string()).map_err(|e| other(&e))?;
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| match crate::tls::classify_failure(&e) {
-                crate::policy::TlsFailure::Untrusted(why)
-                | crate::policy::TlsFailure::NameMismatch(why) => Fetch::Certificate(why),
-                failure => Fetch::Other(failure.to_string()),
-            })?;
-        let request = format!(
-            "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tlsrelay\r\nConnection: close\r\n\r\n"
-        );
-        tls.write_all(request.as_bytes())
-            .await
-            .map_err(|e| other(&e))?;
-        let mut response = Vec::new();
-        (&mut tls)
-            .take(MAX_POLICY_BYTES as u64 + 4096)
-            .read_to_end(&mut response)
-            .await
-            .map_err(|e| other(&e))?;
-        let response = parse_http_response(&response).map_err(|e| other(&e))?;
+    async fn get(&self, host: &str) -> Result<Vec<u8>, HttpsError> {
+        let request = https::Request {
+            host,
+            path: "/.well-known/mta-sts.txt",
+            method: "GET",
+            headers: &[],
+            body: &[],
+        };
+        let response =
+            https::request(&self.resolver, &self.roots, &request, MAX_POLICY_BYTES).await?;
         // RFC 8461 3.3: 200 only (no redirects), text/plain.
         if response.status != 200 {
-            return Err(Fetch::Other(format!("HTTP status {}", response.status)));
+            return Err(HttpsError::Other(format!(
+                "HTTP status {}",
+                response.status
+            )));
         }
         if !response
             .content_type
             .as_deref()
             .is_some_and(|t| t.starts_with("text/plain"))
         {
-            return Err(Fetch::Other(format!(
+            return Err(HttpsError::Other(format!(
                 "Content-Type {:?}, not text/plain",
                 response.content_type.unwrap_or_default()
             )));
         }
         if response.body.len() > MAX_POLICY_BYTES {
-            return Err(Fetch::Other("policy larger than 64 KiB".into()));
+            return Err(HttpsError::Other("policy larger than 64 KiB".into()));
         }
         Ok(response.body)
     }
-}
-
-enum Fetch {
-    Certificate(String),
-    Other(String),
 }

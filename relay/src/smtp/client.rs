@@ -17,7 +17,7 @@ use crate::config::HostPort;
 use crate::legs::{open_outbound, Greeter, GreeterFailure, LegTimeouts, OutboundFailure, Target};
 use crate::policy::OutboundPolicy;
 use crate::pump::Leg;
-use crate::report::{Downgrade, LegSecurity, SocketRecord};
+use crate::report::{Downgrade, LegSecurity, PolicySession, SocketRecord};
 use crate::tls::UpstreamTls;
 
 /// One way out for mail: a connector's next hops and how to secure them.
@@ -174,22 +174,29 @@ impl Greeter for SmtpGreeter<'_> {
     }
 }
 
+/// Where a session's report learns what setting up next hops did.
+pub struct OutboundRecord<'a> {
+    /// Every socket opened.
+    pub sockets: &'a mut Vec<SocketRecord>,
+    /// Every MX host tried or ruled out under a delivery policy.
+    pub policy_sessions: &'a mut Vec<PolicySession>,
+}
+
 /// Sets up a session with the connector's first reachable next hop under
-/// its TLS policy: a fixed one, or one of `domain`'s MX hosts. Every
-/// socket opened goes to `sockets`.
+/// its TLS policy: a fixed one, or one of `domain`'s MX hosts.
 pub async fn establish(
     session: u64,
     connector: &MailConnector,
     domain: Option<&str>,
     hostname: &str,
     timeouts: SmtpTimeouts,
-    sockets: &mut Vec<SocketRecord>,
+    record: OutboundRecord<'_>,
 ) -> Result<Established, Reply> {
     let mut hop = HopSetup {
         session,
         hostname,
         timeouts,
-        sockets,
+        record,
     };
     let hops = match (&connector.hops, domain) {
         (NextHops::Fixed(hops), _) => hops,
@@ -227,7 +234,7 @@ pub struct HopSetup<'a> {
     pub session: u64,
     hostname: &'a str,
     timeouts: SmtpTimeouts,
-    sockets: &'a mut Vec<SocketRecord>,
+    pub record: OutboundRecord<'a>,
 }
 
 impl HopSetup<'_> {
@@ -243,7 +250,7 @@ impl HopSetup<'_> {
             timeouts: self.timeouts,
             opening: None,
         };
-        let opened = open_outbound(target, &mut greeter, leg_timeouts, self.sockets).await?;
+        let opened = open_outbound(target, &mut greeter, leg_timeouts, self.record.sockets).await?;
         let opening = greeter.opening.expect("a greeted connection");
         let capabilities = opening.capabilities().clone();
         Ok(Established {

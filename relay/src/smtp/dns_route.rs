@@ -17,9 +17,13 @@ use crate::dane::{host_tls, wants_tlsa, DnsFailure, HostTls};
 use crate::dns::DnsResolver;
 use crate::legs::{OutboundFailure, Target};
 use crate::mta_sts::Mode;
+use crate::policy::PeerTrust;
 use crate::policy::{NamePattern, OutboundPolicy, TlsFailure, Verification};
+use crate::report::{LegSecurity, PolicySession};
 use crate::sts_policies::{StsLookup, StsPolicies};
 use crate::tls::{DaneCheck, UpstreamTls, UpstreamTlsSettings};
+use crate::tls_reports::TlsReports;
+use crate::tlsrpt::{result_type, PolicyDescriptor, SessionResult};
 
 /// At most this many MX hosts are looked up, and this many addresses
 /// tried, per delivery attempt (Postfix: smtp_mx_address_limit = 5).
@@ -35,6 +39,8 @@ pub struct MxRoute {
     pub resolver: DnsResolver,
     /// MTA-STS policies, when honoured.
     pub sts: Option<Arc<StsPolicies>>,
+    /// Where each delivery's TLS results go (RFC 8460), when kept.
+    pub reports: Option<Arc<TlsReports>>,
 }
 
 /// One MX host and what its lookups decided.
@@ -86,6 +92,8 @@ impl MxRoute {
     }
 
     /// A session with one of `domain`'s MX hosts, or the sender's reply.
+    /// Each host tried or ruled out is one session in `domain`'s TLS
+    /// report.
     pub async fn establish(
         &self,
         hop: &mut HopSetup<'_>,
@@ -97,11 +105,23 @@ impl MxRoute {
             Some(policies) => policies.lookup(domain).await,
             None => StsLookup::None,
         };
-        if let StsLookup::Failed { reason, .. } = &sts {
+        let mut sessions = Vec::new();
+        let mut report = Reporter {
+            reports: self.reports.as_deref(),
+            domain,
+            sts: sts_descriptor(domain, &sts),
+            sessions: &mut sessions,
+        };
+        if let StsLookup::Failed { reason, result } = &sts {
             tracing::info!(
                 session = hop.session,
                 "{reason}; delivering as without a policy"
             );
+            let announced = PolicyDescriptor {
+                policy_type: "sts".into(),
+                ..PolicyDescriptor::none(domain)
+            };
+            report.failure(&announced, result, None, None, reason.clone());
         }
         let enforced = match &sts {
             StsLookup::Policy(policy) if policy.mode == Mode::Enforce => Some(policy),
@@ -110,9 +130,12 @@ impl MxRoute {
         let mut problems = Problems::default();
         let mut tried = 0;
         for host in hosts {
+            let policy_held = report.policy_of(&host.tls);
+            let name = Some(host.name.clone());
             let addresses = match (host.addresses, &host.tls) {
-                (_, HostTls::Skip { reason, .. }) => {
+                (_, HostTls::Skip { reason, result }) => {
                     tracing::info!(session = hop.session, mx = %host.name, "{reason}");
+                    report.failure(&policy_held, result, name, None, reason.clone());
                     problems.secure = Some(reason.clone());
                     continue;
                 }
@@ -124,6 +147,13 @@ impl MxRoute {
                         host.name
                     );
                     tracing::info!(session = hop.session, "{reason}");
+                    report.failure(
+                        &policy_held,
+                        "validation-failure",
+                        name,
+                        None,
+                        reason.clone(),
+                    );
                     problems.secure = Some(reason);
                     continue;
                 }
@@ -154,6 +184,7 @@ impl MxRoute {
                     continue;
                 }
             };
+            let dane = matches!(host.tls, HostTls::Dane(_));
             for ip in addresses {
                 if tried == MAX_HOSTS {
                     break;
@@ -172,14 +203,24 @@ impl MxRoute {
                     proxy_header: None,
                 };
                 match hop.open(&target).await {
-                    Ok(established) => return Ok(established),
+                    Ok(established) => {
+                        report.opened(&policy_held, &established, &sts);
+                        hop.record.policy_sessions.append(&mut sessions);
+                        return Ok(established);
+                    }
                     // DANE or a required policy failed here: RFC 7672 2.2
                     // goes on to the next host.
-                    Err(OutboundFailure::Refused { failure, .. }) => problems.tls = Some(failure),
+                    Err(OutboundFailure::Refused { failure, .. }) => {
+                        let result = result_type(&failure, dane);
+                        let why = failure.to_string();
+                        report.failure(&policy_held, result, name.clone(), Some(ip), why);
+                        problems.tls = Some(failure);
+                    }
                     Err(OutboundFailure::Unreachable(why)) => problems.unreachable.push(why),
                 }
             }
         }
+        hop.record.policy_sessions.append(&mut sessions);
         Err(problems.reply(&connector.name, domain))
     }
 
@@ -270,6 +311,135 @@ impl MxRoute {
         }
         Ok(hosts)
     }
+}
+
+/// Adds a delivery's sessions to the policy domain's TLS report.
+struct Reporter<'a> {
+    reports: Option<&'a TlsReports>,
+    domain: &'a str,
+    /// The MTA-STS policy in force (enforce or testing).
+    sts: Option<PolicyDescriptor>,
+    /// The same, for the session report.
+    sessions: &'a mut Vec<PolicySession>,
+}
+
+impl Reporter<'_> {
+    fn sts_or_none(&self) -> PolicyDescriptor {
+        self.sts
+            .clone()
+            .unwrap_or_else(|| PolicyDescriptor::none(self.domain))
+    }
+
+    /// The policy a host was held to: its TLSA records (DANE first), else
+    /// the MTA-STS policy, else none.
+    fn policy_of(&self, tls: &HostTls) -> PolicyDescriptor {
+        let tlsa = |records: Vec<String>| PolicyDescriptor {
+            policy_type: "tlsa".into(),
+            policy_string: records,
+            policy_domain: self.domain.into(),
+            mx_host: Vec::new(),
+        };
+        match tls {
+            HostTls::Dane(records) => tlsa(records.iter().map(tlsa_presentation).collect()),
+            HostTls::EncryptOnly => tlsa(Vec::new()),
+            HostTls::Skip { result, .. } if *result != "validation-failure" => tlsa(Vec::new()),
+            _ => self.sts_or_none(),
+        }
+    }
+
+    fn failure(
+        &mut self,
+        policy: &PolicyDescriptor,
+        result_type: &'static str,
+        receiving_mx_hostname: Option<String>,
+        receiving_ip: Option<IpAddr>,
+        reason: String,
+    ) {
+        self.record(
+            policy,
+            SessionResult::Failure {
+                result_type,
+                receiving_mx_hostname,
+                receiving_ip,
+                sending_mta_ip: None,
+                reason,
+            },
+        );
+    }
+
+    fn record(&mut self, policy: &PolicyDescriptor, result: SessionResult) {
+        let (outcome, mx_host) = match &result {
+            SessionResult::Success => ("success", None),
+            SessionResult::Failure {
+                result_type,
+                receiving_mx_hostname,
+                ..
+            } => (*result_type, receiving_mx_hostname.clone()),
+        };
+        self.sessions.push(PolicySession {
+            domain: self.domain.to_string(),
+            policy_type: policy.policy_type.clone(),
+            result: outcome.to_string(),
+            mx_host,
+        });
+        if let Some(reports) = self.reports {
+            reports.record(self.domain, policy, result);
+        }
+    }
+
+    /// A session that opened: a success, unless a testing MTA-STS policy
+    /// would have failed it (RFC 8460 reports what enforce would refuse).
+    fn opened(&mut self, policy: &PolicyDescriptor, established: &Established, sts: &StsLookup) {
+        let testing = matches!(sts, StsLookup::Policy(p) if p.mode == Mode::Testing)
+            && policy.policy_type == "sts";
+        let failed = match &established.security {
+            LegSecurity::Tls { trust, .. } if !testing || *trust == PeerTrust::Verified => None,
+            LegSecurity::Tls {
+                trust: PeerTrust::Trusted,
+                ..
+            } => Some("certificate-host-mismatch"),
+            LegSecurity::Tls { .. } => Some("certificate-not-trusted"),
+            LegSecurity::Plaintext if testing => Some("starttls-not-supported"),
+            LegSecurity::Plaintext => None,
+        };
+        match failed {
+            Some(result) => self.failure(
+                policy,
+                result,
+                Some(established.host.clone()),
+                Some(established.address.ip()),
+                "MTA-STS testing policy not met".into(),
+            ),
+            None => self.record(policy, SessionResult::Success),
+        }
+    }
+}
+
+/// The MTA-STS policy as a report names it.
+fn sts_descriptor(domain: &str, sts: &StsLookup) -> Option<PolicyDescriptor> {
+    let (strings, mx) = match sts {
+        StsLookup::Policy(p) if p.mode != Mode::None => (
+            std::iter::once("version: STSv1".to_string())
+                .chain(std::iter::once(format!("mode: {}", p.mode)))
+                .chain(p.mx.iter().map(|mx| format!("mx: {mx}")))
+                .chain(std::iter::once(format!("max_age: {}", p.max_age)))
+                .collect(),
+            p.mx.clone(),
+        ),
+        _ => return None,
+    };
+    Some(PolicyDescriptor {
+        policy_type: "sts".into(),
+        policy_string: strings,
+        policy_domain: domain.into(),
+        mx_host: mx,
+    })
+}
+
+/// `3 1 1 <hex>`, as a TLSA record's presentation form.
+fn tlsa_presentation(tlsa: &crate::dane::Tlsa) -> String {
+    let hex: String = tlsa.data.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{tlsa} {hex}")
 }
 
 impl Problems {

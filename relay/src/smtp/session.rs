@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::admission::{Client, PresentedCertificate};
-use super::client::{establish, MailConnector, NextHop};
+use super::client::{establish, MailConnector, NextHop, OutboundRecord};
 use super::codec::Reply;
 use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing};
 use super::next_hop::SmtpTimeouts;
@@ -21,7 +21,9 @@ use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, client_address, inbound_refused, inbound_security};
 use crate::policy::PeerTrust;
 use crate::pump::{Leg, PumpEnd};
-use crate::report::{Direction, Downgrade, LegSecurity, Outcome, SessionReport, SocketRecord};
+use crate::report::{
+    Direction, Downgrade, LegSecurity, Outcome, PolicySession, SessionReport, SocketRecord,
+};
 use crate::tls::{cert_names, client_chain_verifies, ListenerTls};
 
 /// Everything an SMTP listener's sessions need.
@@ -56,6 +58,7 @@ struct Legs {
     upstream: Option<(String, SocketAddr)>,
     downgrades: Vec<Downgrade>,
     sockets: Vec<SocketRecord>,
+    policy_sessions: Vec<PolicySession>,
 }
 
 struct Session<'a> {
@@ -119,6 +122,7 @@ pub async fn run(
     report.outbound = legs.outbound;
     report.downgrades = legs.downgrades;
     report.sockets = legs.sockets;
+    report.policy_sessions = legs.policy_sessions;
     report.transactions = session.forwarder.take_finished();
     report.outcome = outcome;
     report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -265,9 +269,12 @@ impl Session<'_> {
     async fn open_hop(&mut self, destination: Destination) {
         let plan = &self.plan.connectors[destination.connector];
         let hostname = &self.plan.hostname;
-        let sockets = &mut self.legs.sockets;
+        let record = OutboundRecord {
+            sockets: &mut self.legs.sockets,
+            policy_sessions: &mut self.legs.policy_sessions,
+        };
         let domain = destination.domain.as_deref();
-        match establish(self.id, plan, domain, hostname, self.plan.timeouts, sockets).await {
+        match establish(self.id, plan, domain, hostname, self.plan.timeouts, record).await {
             Ok(est) => {
                 self.legs.upstream = Some((plan.name.clone(), est.address));
                 self.legs.outbound = Some(est.security.clone());

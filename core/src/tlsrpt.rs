@@ -1,0 +1,320 @@
+//! SMTP TLS Reporting (RFC 8460) free of I/O: what each delivery attempt
+//! to a policy domain adds to that domain's report for the UTC day, the
+//! report's JSON shape, and the `_smtp._tls` TXT record that says where
+//! reports go.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The policy a session was held to (RFC 8460 4.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDescriptor {
+    /// `tlsa`, `sts` or `no-policy-found`.
+    #[serde(rename = "policy-type")]
+    pub policy_type: String,
+    /// The TLSA records, or the MTA-STS policy's lines.
+    #[serde(
+        rename = "policy-string",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub policy_string: Vec<String>,
+    #[serde(rename = "policy-domain")]
+    pub policy_domain: String,
+    /// MTA-STS: the policy's MX patterns.
+    #[serde(rename = "mx-host", default, skip_serializing_if = "Vec::is_empty")]
+    pub mx_host: Vec<String>,
+}
+
+impl PolicyDescriptor {
+    pub fn none(domain: &str) -> PolicyDescriptor {
+        PolicyDescriptor {
+            policy_type: "no-policy-found".into(),
+            policy_string: Vec::new(),
+            policy_domain: domain.into(),
+            mx_host: Vec::new(),
+        }
+    }
+}
+
+/// One kind of failure and how often it happened (RFC 8460 4.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureDetail {
+    #[serde(rename = "result-type")]
+    pub result_type: String,
+    #[serde(rename = "sending-mta-ip", skip_serializing_if = "Option::is_none")]
+    pub sending_mta_ip: Option<IpAddr>,
+    #[serde(
+        rename = "receiving-mx-hostname",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub receiving_mx_hostname: Option<String>,
+    #[serde(rename = "receiving-ip", skip_serializing_if = "Option::is_none")]
+    pub receiving_ip: Option<IpAddr>,
+    #[serde(rename = "failed-session-count")]
+    pub failed_session_count: u64,
+    #[serde(
+        rename = "additional-information",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub additional_information: Option<String>,
+    #[serde(
+        rename = "failure-reason-code",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failure_reason_code: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    #[serde(rename = "total-successful-session-count")]
+    pub successful: u64,
+    #[serde(rename = "total-failure-session-count")]
+    pub failed: u64,
+}
+
+/// One policy's sessions in a report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyResults {
+    pub policy: PolicyDescriptor,
+    pub summary: Summary,
+    #[serde(rename = "failure-details", default)]
+    pub failure_details: Vec<FailureDetail>,
+}
+
+/// What one session (one connection attempt, or a host ruled out before
+/// connecting) came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionResult {
+    Success,
+    Failure {
+        /// An RFC 8460 result type (`certificate-expired`, ...).
+        result_type: &'static str,
+        receiving_mx_hostname: Option<String>,
+        receiving_ip: Option<IpAddr>,
+        sending_mta_ip: Option<IpAddr>,
+        /// The relay's own words, for `failure-reason-code`.
+        reason: String,
+    },
+}
+
+/// Every result type RFC 8460 4.3.2 defines.
+pub const RESULT_TYPES: &[&str] = &[
+    "starttls-not-supported",
+    "certificate-host-mismatch",
+    "certificate-expired",
+    "certificate-not-trusted",
+    "validation-failure",
+    "tlsa-invalid",
+    "dnssec-invalid",
+    "dane-required",
+    "sts-policy-fetch-error",
+    "sts-policy-invalid",
+    "sts-webpki-invalid",
+];
+
+/// A policy domain's results for one UTC day.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayResults {
+    pub policies: Vec<PolicyResults>,
+}
+
+impl DayResults {
+    /// Counts one session against `policy`.
+    pub fn record(&mut self, policy: &PolicyDescriptor, result: SessionResult) {
+        let index = match self.policies.iter().position(|p| p.policy == *policy) {
+            Some(i) => i,
+            None => {
+                self.policies.push(PolicyResults {
+                    policy: policy.clone(),
+                    summary: Summary::default(),
+                    failure_details: Vec::new(),
+                });
+                self.policies.len() - 1
+            }
+        };
+        let entry = &mut self.policies[index];
+        let SessionResult::Failure {
+            result_type,
+            receiving_mx_hostname,
+            receiving_ip,
+            sending_mta_ip,
+            reason,
+        } = result
+        else {
+            entry.summary.successful += 1;
+            return;
+        };
+        entry.summary.failed += 1;
+        let reason = truncate(&reason, 200);
+        let same = |d: &&mut FailureDetail| {
+            d.result_type == result_type
+                && d.receiving_mx_hostname == receiving_mx_hostname
+                && d.receiving_ip == receiving_ip
+                && d.failure_reason_code.as_deref() == Some(reason.as_str())
+        };
+        match entry.failure_details.iter_mut().find(same) {
+            Some(detail) => detail.failed_session_count += 1,
+            None => entry.failure_details.push(FailureDetail {
+                result_type: result_type.into(),
+                sending_mta_ip,
+                receiving_mx_hostname,
+                receiving_ip,
+                failed_session_count: 1,
+                additional_information: None,
+                failure_reason_code: Some(reason),
+            }),
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => text[..end].to_string(),
+        None => text.to_string(),
+    }
+}
+
+/// The date range of a report (RFC 8460 4.4).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateRange {
+    #[serde(rename = "start-datetime")]
+    pub start: String,
+    #[serde(rename = "end-datetime")]
+    pub end: String,
+}
+
+/// A whole report (RFC 8460 4.4).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(rename = "organization-name")]
+    pub organization_name: String,
+    #[serde(rename = "date-range")]
+    pub date_range: DateRange,
+    #[serde(rename = "contact-info")]
+    pub contact_info: String,
+    #[serde(rename = "report-id")]
+    pub report_id: String,
+    pub policies: Vec<PolicyResults>,
+}
+
+impl Report {
+    /// The report for `day` (`2026-11-30`) of one policy domain's results.
+    pub fn new(
+        organization: &str,
+        contact: &str,
+        day: &str,
+        domain: &str,
+        results: DayResults,
+    ) -> Report {
+        Report {
+            organization_name: organization.into(),
+            date_range: DateRange {
+                start: format!("{day}T00:00:00Z"),
+                end: format!("{day}T23:59:59Z"),
+            },
+            contact_info: contact.into(),
+            report_id: format!("{day}.{domain}@{organization}"),
+            policies: results.policies,
+        }
+    }
+}
+
+/// Where a domain wants its reports: the `rua` URIs of its one
+/// `v=TLSRPTv1` record (RFC 8460 3), `mailto:` and `https:` only.
+pub fn rua(records: &[String]) -> Vec<String> {
+    let ours: Vec<&String> = records
+        .iter()
+        .filter(|r| r.starts_with("v=TLSRPTv1;"))
+        .collect();
+    let [record] = ours[..] else {
+        return Vec::new();
+    };
+    record
+        .split(';')
+        .filter_map(|field| field.trim().strip_prefix("rua="))
+        .flat_map(|list| list.split(','))
+        .map(|uri| uri.trim().to_string())
+        .filter(|uri| uri.starts_with("mailto:") || uri.starts_with("https://"))
+        .collect()
+}
+
+/// The result type of a TLS failure with an MX host (RFC 8460 4.3.2);
+/// `dane`: the host was held to TLSA records.
+pub fn result_type(failure: &crate::policy::TlsFailure, dane: bool) -> &'static str {
+    use crate::policy::TlsFailure;
+    match failure {
+        TlsFailure::NotOffered(_) => "starttls-not-supported",
+        TlsFailure::Untrusted(_) if dane => "tlsa-invalid",
+        TlsFailure::NameMismatch(_) => "certificate-host-mismatch",
+        TlsFailure::Untrusted(why) if why.to_ascii_lowercase().contains("expired") => {
+            "certificate-expired"
+        }
+        TlsFailure::Untrusted(_) => "certificate-not-trusted",
+        TlsFailure::HandshakeFailed(_) | TlsFailure::VersionTooLow(_) => "validation-failure",
+    }
+}
+
+/// The UTC date (`2026-11-30`) of a Unix time.
+pub fn utc_day(unix: i64) -> String {
+    crate::ocsp::format_time(unix)[..10].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_aggregate_per_policy_and_failure_kind() {
+        let mut day = DayResults::default();
+        let sts = PolicyDescriptor {
+            policy_type: "sts".into(),
+            policy_string: vec!["version: STSv1".into(), "mode: enforce".into()],
+            policy_domain: "example.net".into(),
+            mx_host: vec!["mx.example.net".into()],
+        };
+        let expired = || SessionResult::Failure {
+            result_type: "certificate-expired",
+            receiving_mx_hostname: Some("mx.example.net".into()),
+            receiving_ip: None,
+            sending_mta_ip: None,
+            reason: "certificate expired".into(),
+        };
+        day.record(&sts, SessionResult::Success);
+        day.record(&sts, expired());
+        day.record(&sts, expired());
+        day.record(
+            &PolicyDescriptor::none("example.net"),
+            SessionResult::Success,
+        );
+        assert_eq!(day.policies.len(), 2);
+        assert_eq!(
+            day.policies[0].summary,
+            Summary {
+                successful: 1,
+                failed: 2
+            }
+        );
+        assert_eq!(day.policies[0].failure_details.len(), 1);
+        assert_eq!(day.policies[0].failure_details[0].failed_session_count, 2);
+    }
+
+    #[test]
+    fn reports_go_to_the_rua_of_the_one_tlsrpt_record() {
+        let records = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            rua(&records(&[
+                "v=TLSRPTv1; rua=mailto:tls@example.net,https://r.example.net/v1"
+            ])),
+            ["mailto:tls@example.net", "https://r.example.net/v1"]
+        );
+        assert!(rua(&records(&[
+            "v=TLSRPTv1; rua=mailto:a@x",
+            "v=TLSRPTv1; rua=mailto:b@x"
+        ]))
+        .is_empty());
+        assert!(rua(&records(&["v=TLSRPTv1; rua=http://insecure.example"])).is_empty());
+        assert_eq!(utc_day(86_400 * 365), "1971-01-01");
+    }
+}

@@ -1,0 +1,222 @@
+//! TLS-RPT (RFC 8460) on disk and on the wire: each delivery attempt's
+//! result added to its policy domain's aggregate for the UTC day, kept in
+//! `<state_dir>/tlsrpt/<day>/<domain>.json` (written through, so a crash
+//! or restart loses nothing), and finished days sent, gzipped, to the
+//! `rua` addresses the domain publishes at `_smtp._tls.<domain>`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::RootCertStore;
+
+use crate::dns::DnsResolver;
+use crate::https;
+use crate::tlsrpt::{rua, utc_day, DayResults, PolicyDescriptor, Report, SessionResult};
+
+/// The day's results, as sessions add to them.
+pub struct TlsReports {
+    dir: Option<PathBuf>,
+    days: Mutex<HashMap<(String, String), DayResults>>,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl TlsReports {
+    /// Results kept in `dir` (none: in memory only, as for `check`).
+    pub fn new(dir: Option<PathBuf>) -> TlsReports {
+        TlsReports {
+            dir,
+            days: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds one session's result to today's report for `domain`.
+    pub fn record(&self, domain: &str, policy: &PolicyDescriptor, result: SessionResult) {
+        let day = utc_day(unix_now());
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let mut days = self.days.lock().unwrap();
+        let key = (day.clone(), domain.clone());
+        let results = days.entry(key).or_insert_with(|| {
+            self.dir
+                .as_ref()
+                .and_then(|dir| load(&dir.join(&day).join(format!("{domain}.json"))))
+                .unwrap_or_default()
+        });
+        results.record(policy, result);
+        if let Some(dir) = &self.dir {
+            if let Err(e) = store(&dir.join(&day), &domain, results) {
+                tracing::warn!("TLS report for {domain} not kept in {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+fn load(path: &Path) -> Option<DayResults> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn store(dir: &Path, domain: &str, results: &DayResults) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{domain}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(results)?)?;
+    std::fs::rename(tmp, dir.join(format!("{domain}.json")))
+}
+
+/// One day's results for one domain, waiting to be sent.
+pub struct Pending {
+    pub day: String,
+    pub domain: String,
+    pub results: DayResults,
+    path: PathBuf,
+}
+
+/// Every report kept in `dir` (`<state_dir>/tlsrpt`), oldest first.
+pub fn pending(dir: &Path) -> Vec<Pending> {
+    let mut all = Vec::new();
+    let Ok(days) = std::fs::read_dir(dir) else {
+        return all;
+    };
+    for day in days.flatten() {
+        let day_name = day.file_name().to_string_lossy().into_owned();
+        let Ok(files) = std::fs::read_dir(day.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let Some(domain) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if let Some(results) = load(&file.path()) {
+                all.push(Pending {
+                    day: day_name.clone(),
+                    domain: domain.to_string(),
+                    results,
+                    path: file.path(),
+                });
+            }
+        }
+    }
+    all.sort_by(|a, b| (&a.day, &a.domain).cmp(&(&b.day, &b.domain)));
+    all
+}
+
+/// Who sends reports, and as whom.
+pub struct ReportSender {
+    pub dir: PathBuf,
+    pub resolver: DnsResolver,
+    pub roots: Arc<RootCertStore>,
+    /// `organization-name` and the report id's suffix.
+    pub organization: String,
+    /// `contact-info`.
+    pub contact: String,
+}
+
+/// What became of one pending report.
+#[derive(Debug)]
+pub struct Sent {
+    pub day: String,
+    pub domain: String,
+    /// Where it went, or why it did not.
+    pub outcome: Result<Vec<String>, String>,
+}
+
+impl ReportSender {
+    /// Sends the reports of finished UTC days (and today's too with
+    /// `include_today`), removing each once one `rua` took it. A domain
+    /// that publishes no `rua` gets none, and its results are dropped.
+    pub async fn send_due(&self, include_today: bool) -> Vec<Sent> {
+        let today = utc_day(unix_now());
+        let mut sent = Vec::new();
+        for report in pending(&self.dir) {
+            if report.day >= today && !include_today {
+                continue;
+            }
+            let outcome = self.send(&report).await;
+            let keep = match &outcome {
+                Ok(_) => false,
+                Err(why) => !why.starts_with("no rua"),
+            };
+            if !keep {
+                let _ = std::fs::remove_file(&report.path);
+            }
+            sent.push(Sent {
+                day: report.day,
+                domain: report.domain,
+                outcome,
+            });
+        }
+        sent
+    }
+
+    async fn send(&self, pending: &Pending) -> Result<Vec<String>, String> {
+        let txt = self
+            .resolver
+            .txt(&format!("_smtp._tls.{}", pending.domain))
+            .await
+            .map_err(|e| e.to_string())?;
+        let destinations = rua(&txt.records);
+        if destinations.is_empty() {
+            return Err(format!("no rua published at _smtp._tls.{}", pending.domain));
+        }
+        let report = Report::new(
+            &self.organization,
+            &self.contact,
+            &pending.day,
+            &pending.domain,
+            pending.results.clone(),
+        );
+        let gzipped = gzip(&serde_json::to_vec(&report).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let mut delivered = Vec::new();
+        let mut problems = Vec::new();
+        for uri in destinations {
+            match self.post(&uri, &gzipped).await {
+                Ok(()) => delivered.push(uri),
+                Err(why) => problems.push(format!("{uri}: {why}")),
+            }
+        }
+        if delivered.is_empty() {
+            Err(problems.join("; "))
+        } else {
+            Ok(delivered)
+        }
+    }
+
+    /// RFC 8460 5.4: POST with `application/tlsrpt+gzip`; any 2xx is taken.
+    async fn post(&self, uri: &str, gzipped: &[u8]) -> Result<(), String> {
+        let Some(rest) = uri.strip_prefix("https://") else {
+            return Err("only https: reports are sent (mailto: is not yet)".into());
+        };
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let request = https::Request {
+            host,
+            path,
+            method: "POST",
+            headers: &[("Content-Type", "application/tlsrpt+gzip")],
+            body: gzipped,
+        };
+        let response = https::request(&self.resolver, &self.roots, &request, 64 * 1024)
+            .await
+            .map_err(|e| e.to_string())?;
+        match response.status {
+            200..=299 => Ok(()),
+            status => Err(format!("HTTP status {status}")),
+        }
+    }
+}
+
+fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes)?;
+    encoder.finish()
+}
