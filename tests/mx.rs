@@ -604,6 +604,24 @@ async fn report_collector(
     posts
 }
 
+/// Base64 (RFC 4648) to bytes, line breaks skipped.
+fn unbase64(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let sextets: Vec<u32> = text
+        .bytes()
+        .filter_map(|b| ALPHABET.iter().position(|&a| a == b).map(|p| p as u32))
+        .collect();
+    let mut out = Vec::new();
+    for chunk in sextets.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, s)| n | s << (18 - 6 * i));
+        out.extend(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
 fn schema() -> jsonschema::Validator {
     let text = include_str!("data/tlsrpt-report.schema.json");
     jsonschema::validator_for(&serde_json::from_str(text).unwrap()).unwrap()
@@ -640,14 +658,17 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         ("invalid", "127.0.0.13", "", "127.3.0.26"),
         ("webpki", "127.0.0.14", "", "127.3.0.27"),
     ];
-    let mut zone =
-        "sts IN MX 5 rogue.sts.test.\nrogue.sts IN A 127.0.0.2\nreports IN A 127.3.0.30\n"
-            .to_string();
+    let mut zone = "sts IN MX 5 rogue.sts.test.\nrogue.sts IN A 127.0.0.2\n\
+                    reports IN A 127.3.0.30\ncollector IN A 127.3.0.31\n"
+        .to_string();
     for (domain, ip, tlsa, policy_ip) in domains {
         zone += &dane_zone(domain, port, tlsa).replace("127.0.0.2", ip);
-        zone += &format!(
-            "_smtp._tls.{domain} IN TXT \"v=TLSRPTv1; rua=https://reports.test/v1/tlsrpt\"\n"
-        );
+        // One domain takes its report by mail, the others by HTTPS.
+        let rua = match domain {
+            "nostarttls" => "mailto:tlsrpt@collector.test",
+            _ => "https://reports.test/v1/tlsrpt",
+        };
+        zone += &format!("_smtp._tls.{domain} IN TXT \"v=TLSRPTv1; rua={rua}\"\n");
         if !policy_ip.is_empty() {
             zone += &format!(
                 "_mta-sts.{domain} IN TXT \"v=STSv1; id=1;\"\nmta-sts.{domain} IN A {policy_ip}\n"
@@ -736,6 +757,7 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
             .collect::<Vec<_>>(),
     );
     let posts = report_collector("127.3.0.30", &pki.leaf("reports", &["reports.test"])).await;
+    let mailbox = mx_host("127.3.0.31", port, None).await;
 
     let anchors = format!("tls.trust_anchors = {}", toml_path(&pki.ca_pem));
     let strict = format!(
@@ -838,8 +860,25 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         String::from_utf8_lossy(&sent.stderr)
     );
     let posts = posts.lock().unwrap().clone();
-    assert_eq!(posts.len(), domains.len(), "{out}");
-    for (content_type, body) in posts {
+    assert_eq!(posts.len(), domains.len() - 1, "{out}");
+    let mail = mailbox.received.lock().unwrap().clone();
+    assert_eq!(mail.len(), 1, "{out}");
+    assert_eq!(mail[0].recipients, ["tlsrpt@collector.test"]);
+    let message = String::from_utf8(mail[0].body.clone()).unwrap();
+    assert!(
+        message.contains("Subject: Report Domain: nostarttls.test Submitter: relay.example.org")
+            && message.contains("TLS-Report-Domain: nostarttls.test\r\n")
+            && message.contains("Content-Type: multipart/report; report-type=\"tlsrpt\""),
+        "{message}"
+    );
+    let attachment = message
+        .split("filename=\"relay.example.org!nostarttls.test!")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n\r\n").nth(1))
+        .and_then(|rest| rest.split("\r\n--").next())
+        .unwrap();
+    let mailed = ("application/tlsrpt+gzip".to_string(), unbase64(attachment));
+    for (content_type, body) in posts.into_iter().chain([mailed]) {
         assert_eq!(content_type, "application/tlsrpt+gzip");
         let mut json = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut json)
@@ -854,8 +893,12 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         .arg(&state)
         .output()
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&again.stdout).starts_with("no TLS reports pending"),
-        "sent reports are no longer pending"
-    );
+    // Sent reports are no longer pending; the report mail's own delivery
+    // to collector.test is a session of a report of its own.
+    let pending: Vec<String> = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(pending, ["collector.test"]);
 }

@@ -261,6 +261,110 @@ pub fn utc_day(unix: i64) -> String {
     crate::ocsp::format_time(unix)[..10].to_string()
 }
 
+/// The report as mail (RFC 8460 5.3): `multipart/report;
+/// report-type="tlsrpt"`, the subject and `TLS-Report-*` headers the RFC
+/// names, a short text part, and the gzipped JSON as a base64
+/// attachment named as 5.1 says (`submitter!domain!begin!end.json.gz`).
+pub fn report_mail(report: &Report, domain: &str, gzipped: &[u8], envelope: &Envelope) -> Vec<u8> {
+    let begin = day_start(&report.date_range.start[..10]).unwrap_or(0);
+    let (from, to, now) = (&envelope.from, &envelope.to, envelope.now);
+    let filename = format!(
+        "{}!{domain}!{begin}!{}.json.gz",
+        report.organization_name,
+        begin + 86_399
+    );
+    let boundary = format!("tlsrpt-{}-{now}", report.report_id.len());
+    let mut attachment = String::new();
+    for line in base64(gzipped).as_bytes().chunks(76) {
+        attachment.push_str(std::str::from_utf8(line).unwrap_or_default());
+        attachment.push_str("\r\n");
+    }
+    format!(
+        "From: <{from}>\r\n\
+         To: <{to}>\r\n\
+         Date: {date}\r\n\
+         Subject: Report Domain: {domain} Submitter: {submitter} Report-ID: <{id}>\r\n\
+         TLS-Report-Domain: {domain}\r\n\
+         TLS-Report-Submitter: {submitter}\r\n\
+         Message-ID: <{id}>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=\"tlsrpt\"; boundary=\"{boundary}\"\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         \r\n\
+         SMTP TLS report (RFC 8460) for {domain} from {submitter}, {start} to {end}.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: application/tlsrpt+gzip\r\n\
+         Content-Transfer-Encoding: base64\r\n\
+         Content-Disposition: attachment; filename=\"{filename}\"\r\n\
+         \r\n\
+         {attachment}\
+         --{boundary}--\r\n",
+        date = rfc5322_date(now),
+        submitter = report.organization_name,
+        id = report.report_id,
+        start = report.date_range.start,
+        end = report.date_range.end,
+    )
+    .into_bytes()
+}
+
+/// Who a report mail is from and to, and when it is written.
+pub struct Envelope {
+    pub from: String,
+    pub to: String,
+    /// Unix time, for the Date header.
+    pub now: i64,
+}
+
+/// The Unix time a UTC day (`2026-11-30`) begins.
+pub fn day_start(day: &str) -> Option<i64> {
+    let mut parts = day.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (parts.next()??, parts.next()??, parts.next()??);
+    Some(crate::ocsp::days_from_civil(y, m, d) * 86_400)
+}
+
+/// `Mon, 30 Nov 2026 12:00:00 +0000` (RFC 5322 3.3).
+pub fn rfc5322_date(unix: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    // `2026-11-30 12:00:00 UTC`
+    let text = crate::ocsp::format_time(unix);
+    let month: usize = text[5..7].parse().unwrap_or(1);
+    format!(
+        "{}, {} {} {} {} +0000",
+        DAYS[unix.div_euclid(86_400).rem_euclid(7) as usize],
+        &text[8..10],
+        MONTHS[month.clamp(1, 12) - 1],
+        &text[..4],
+        &text[11..19]
+    )
+}
+
+/// Standard base64 with padding (RFC 4648 4).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +420,42 @@ mod tests {
         .is_empty());
         assert!(rua(&records(&["v=TLSRPTv1; rua=http://insecure.example"])).is_empty());
         assert_eq!(utc_day(86_400 * 365), "1971-01-01");
+    }
+
+    #[test]
+    fn mail_pieces_follow_their_rfcs() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(
+            rfc5322_date(1_796_040_157),
+            "Mon, 30 Nov 2026 12:02:37 +0000"
+        );
+        assert_eq!(day_start("2026-11-30"), Some(1_796_040_157 - 43_357));
+        let report = Report::new(
+            "relay.example",
+            "mailto:t@relay.example",
+            "2026-11-30",
+            "example.net",
+            DayResults::default(),
+        );
+        let envelope = Envelope {
+            from: "postmaster@relay.example".into(),
+            to: "tlsrpt@example.net".into(),
+            now: 1_796_040_157,
+        };
+        let mail =
+            String::from_utf8(report_mail(&report, "example.net", b"gz", &envelope)).unwrap();
+        assert!(mail.contains("Subject: Report Domain: example.net Submitter: relay.example Report-ID: <2026-11-30.example.net@relay.example>\r\n"), "{mail}");
+        assert!(
+            mail.contains("Content-Type: multipart/report; report-type=\"tlsrpt\""),
+            "{mail}"
+        );
+        assert!(
+            mail.contains("filename=\"relay.example!example.net!1795996800!1796083199.json.gz\""),
+            "{mail}"
+        );
+        assert!(mail.contains("\r\n\r\nZ3o=\r\n--"), "{mail}");
     }
 }

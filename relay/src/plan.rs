@@ -29,7 +29,7 @@ use crate::tls::{
     self, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned,
     UpstreamTls, UpstreamTlsSettings,
 };
-use crate::tls_reports::{ReportSender, TlsReports};
+use crate::tls_reports::{MailOut, ReportSender, TlsReports};
 
 /// Where listeners without configured certificates get theirs.
 pub enum SelfSignedSource {
@@ -175,8 +175,25 @@ impl SmtpShared {
                 })
                 .collect(),
         };
+        let routing = Arc::new(routing);
+        let limits = &config.limits;
+        let mail = MailOut {
+            routing: routing.clone(),
+            connectors: outbound.clone(),
+            hostname: config
+                .listeners
+                .iter()
+                .find_map(|l| l.hostname.clone())
+                .unwrap_or_else(tls::hostname),
+            timeouts: SmtpTimeouts::rfc5321(
+                limits.smtp_timeout_scale,
+                limits.connect_timeout,
+                limits.handshake_timeout,
+            ),
+        };
         let report_sender = match (state_dir, resolver, anchors_for_reports) {
             (Some(dir), Some(resolver), Some(roots)) => Some(ReportSender {
+                mail,
                 dir: dir.join("tlsrpt"),
                 resolver,
                 roots,
@@ -194,7 +211,7 @@ impl SmtpShared {
         };
         Ok(SmtpShared {
             connectors: outbound,
-            routing: Arc::new(routing),
+            routing,
             connector_anchors,
             report_sender,
         })

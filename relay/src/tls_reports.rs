@@ -2,7 +2,8 @@
 //! result added to its policy domain's aggregate for the UTC day, kept in
 //! `<state_dir>/tlsrpt/<day>/<domain>.json` (written through, so a crash
 //! or restart loses nothing), and finished days sent, gzipped, to the
-//! `rua` addresses the domain publishes at `_smtp._tls.<domain>`.
+//! `rua` addresses the domain publishes at `_smtp._tls.<domain>`: by
+//! HTTPS POST, or by mail through the relay's own outbound connectors.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -14,7 +15,13 @@ use rustls::RootCertStore;
 
 use crate::dns::DnsResolver;
 use crate::https;
-use crate::tlsrpt::{rua, utc_day, DayResults, PolicyDescriptor, Report, SessionResult};
+use crate::smtp::address::route;
+use crate::smtp::client::{establish, MailConnector, OutboundRecord};
+use crate::smtp::forward::Routing;
+use crate::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
+use crate::tlsrpt::{
+    report_mail, rua, utc_day, DayResults, Envelope, PolicyDescriptor, Report, SessionResult,
+};
 
 /// The day's results, as sessions add to them.
 pub struct TlsReports {
@@ -116,6 +123,17 @@ pub struct ReportSender {
     pub organization: String,
     /// `contact-info`.
     pub contact: String,
+    /// The relay's own outbound path, for `mailto:` addresses.
+    pub mail: MailOut,
+}
+
+/// The relay's routes and connectors, as its SMTP sessions use them.
+pub struct MailOut {
+    pub routing: Arc<Routing>,
+    pub connectors: Vec<Arc<MailConnector>>,
+    /// EHLO name.
+    pub hostname: String,
+    pub timeouts: SmtpTimeouts,
 }
 
 /// What became of one pending report.
@@ -177,7 +195,19 @@ impl ReportSender {
         let mut delivered = Vec::new();
         let mut problems = Vec::new();
         for uri in destinations {
-            match self.post(&uri, &gzipped).await {
+            let sent = match uri.strip_prefix("mailto:") {
+                Some(to) => {
+                    let envelope = Envelope {
+                        from: self.sender_address(),
+                        to: to.to_string(),
+                        now: unix_now(),
+                    };
+                    let message = report_mail(&report, &pending.domain, &gzipped, &envelope);
+                    self.mail(&envelope, &message).await
+                }
+                None => self.post(&uri, &gzipped).await,
+            };
+            match sent {
                 Ok(()) => delivered.push(uri),
                 Err(why) => problems.push(format!("{uri}: {why}")),
             }
@@ -189,10 +219,73 @@ impl ReportSender {
         }
     }
 
+    /// The envelope sender of report mail: the contact when it is an
+    /// address, else postmaster of the organization.
+    fn sender_address(&self) -> String {
+        let contact = self.contact.trim_start_matches("mailto:");
+        if contact.contains('@') && !contact.contains(char::is_whitespace) {
+            contact.to_string()
+        } else {
+            format!("postmaster@{}", self.organization)
+        }
+    }
+
+    /// RFC 8460 5.3: the report as mail, through the relay's own route for
+    /// the address's domain (an MX connector's DANE and MTA-STS included).
+    async fn mail(&self, envelope: &Envelope, message: &[u8]) -> Result<(), String> {
+        let out = &self.mail;
+        let (_, domain) = envelope
+            .to
+            .rsplit_once('@')
+            .ok_or_else(|| format!("'{}' is not an address", envelope.to))?;
+        let domain = domain.to_ascii_lowercase();
+        let connector = route(&domain, &out.routing.routes)
+            .ok_or_else(|| format!("no outbound connector routes {domain}"))?;
+        let per_domain = out.routing.connectors[connector].per_domain;
+        let (mut sockets, mut policy_sessions) = (Vec::new(), Vec::new());
+        let record = OutboundRecord {
+            sockets: &mut sockets,
+            policy_sessions: &mut policy_sessions,
+        };
+        let destination = per_domain.then_some(domain.as_str());
+        let plan = &out.connectors[connector];
+        let established = establish(0, plan, destination, &out.hostname, out.timeouts, record)
+            .await
+            .map_err(|reply| reply.to_string().trim_end().to_string())?;
+        let mut hop = established.hop;
+        let mut body = Vec::new();
+        let mut stuffer = DotStuffer::new();
+        stuffer.stuff(message, &mut body);
+        body.extend(stuffer.finish());
+        let steps: [(Vec<u8>, Wait, u16); 4] = [
+            (
+                format!("MAIL FROM:<{}>\r\n", envelope.from).into_bytes(),
+                Wait::Command,
+                250,
+            ),
+            (
+                format!("RCPT TO:<{}>\r\n", envelope.to).into_bytes(),
+                Wait::Command,
+                250,
+            ),
+            (b"DATA\r\n".to_vec(), Wait::DataInit, 354),
+            (body, Wait::DataEnd, 250),
+        ];
+        for (bytes, wait, want) in steps {
+            hop.send(&bytes).await.map_err(|e| e.to_string())?;
+            let reply = hop.reply(wait).await.map_err(|e| e.to_string())?;
+            if reply.code / 100 != want / 100 || (want == 354 && reply.code != 354) {
+                return Err(format!("next hop replied {}", reply.to_string().trim_end()));
+            }
+        }
+        hop.quit().await;
+        Ok(())
+    }
+
     /// RFC 8460 5.4: POST with `application/tlsrpt+gzip`; any 2xx is taken.
     async fn post(&self, uri: &str, gzipped: &[u8]) -> Result<(), String> {
         let Some(rest) = uri.strip_prefix("https://") else {
-            return Err("only https: reports are sent (mailto: is not yet)".into());
+            return Err("not an https: or mailto: address".into());
         };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
