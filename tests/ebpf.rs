@@ -891,3 +891,94 @@ async fn smtp_legs_agree_with_the_wire() {
     drop(relay);
     let _ = std::fs::remove_dir_all(&pin_dir);
 }
+
+/// Delivery by MX under DANE: a host whose TLSA record matches and one
+/// whose record matches nothing (the relay refuses it after the
+/// handshake); the wire and the relay agree on every socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_delivery_under_dane_agrees_with_the_wire() {
+    use tlsrelay_tests::dns::{have_dns_tools, tlsa_data, SignedDns, Zones};
+    use tlsrelay_tests::smtp_client::RawSmtp;
+    use tlsrelay_tests::smtp_sink::{smtp_sink_at, SinkOptions};
+    if !ebpf_here() || !have_dns_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let leaf = pki.leaf("mx", &["mx.example"]);
+    let port = tlsrelay_tests::free_port();
+    let dns = SignedDns::start(&Zones {
+        signed: &format!(
+            "good IN MX 10 mx.good.test.\nmx.good IN A 127.4.0.2\n_{port}._tcp.mx.good IN TLSA 3 1 1 {}\n\
+             bad IN MX 10 mx.bad.test.\nmx.bad IN A 127.4.0.3\n_{port}._tcp.mx.bad IN TLSA 3 1 1 {}\n",
+            tlsa_data(&leaf, 1, 1),
+            "cd".repeat(32)
+        ),
+        unsigned: &[],
+        tamper: &[],
+    });
+    let mut sinks = Vec::new();
+    for ip in ["127.4.0.2", "127.4.0.3"] {
+        let opts = SinkOptions {
+            tls: Some(server_config(&ServerOptions {
+                leaf: &leaf,
+                versions: Versions::Both,
+                client_ca: None,
+            })),
+            chunking: true,
+            refuse_marker: "nobody",
+            requiretls: false,
+        };
+        sinks.push(smtp_sink_at(format!("{ip}:{port}").parse().unwrap(), opts).await);
+    }
+    let pin_dir = unique_pin_dir("mx");
+    let config = pki.dir().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.pin_dir = \"{pin_dir}\"\n[dns]\nnameservers = [\"{}\"]\ntrust_anchors = {:?}\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[inbound_connectors]]\nname = \"apps\"\nclient_addresses = [\"127.0.0.1/32\"]\nallow_relay = true\n\n[[outbound_connectors]]\nname = \"internet\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"mx:{port}\"]\n",
+            dns.addr,
+            dns.anchors.display().to_string()
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config, &pki.dir().join("state"));
+    for (to, want) in [("x@good.test", "250"), ("y@bad.test", "451 4.7.5")] {
+        let mut c = RawSmtp::connect(relay.listeners["mx"]).await;
+        c.cmd("EHLO app.test").await;
+        assert!(c.cmd("MAIL FROM:<a@app.test>").await.starts_with("250"));
+        let reply = c.cmd(&format!("RCPT TO:<{to}>")).await;
+        assert!(reply.starts_with(want), "{to}: {reply}");
+        if want == "250" {
+            assert!(c.cmd("DATA").await.starts_with("354"));
+            assert!(c
+                .cmd("Subject: s\r\n\r\nbody\r\n.")
+                .await
+                .starts_with("250"));
+        }
+        c.cmd("QUIT").await;
+        let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(
+            report["policy_sessions"][0]["policy_type"], "tlsa",
+            "{report}"
+        );
+    }
+    assert_eq!(sinks[0].received.lock().unwrap().len(), 1);
+    assert_eq!(sinks[1].received.lock().unwrap().len(), 0);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (stats, code) = stats(&pin_dir);
+    assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");
+    assert_eq!(stats["unaccounted"], 0, "{stats:#}");
+    let upstreams: Vec<&serde_json::Value> = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["relay"]["leg"] == "upstream")
+        .collect();
+    assert_eq!(upstreams.len(), 2, "{stats:#}");
+    for leg in upstreams {
+        assert_eq!(leg["wire"]["negotiated_version"], "TLSv1.3", "{leg:#}");
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}

@@ -513,7 +513,12 @@ pub fn disagreements(c: &wire::Connection, r: &wire::RelayView) -> Vec<String> {
         ));
     }
     let wire_failed = c.handshake_alert != 0;
-    if wire_failed != (r.handshake_failed != 0) && r.negotiated_version == 0 {
+    let relay_failed = r.handshake_failed != 0;
+    // After a TLS 1.3 ServerHello every alert is encrypted: a handshake the
+    // relay ended there (a certificate DANE or the policy refused) looks
+    // complete on the wire.
+    let wire_blind = relay_failed && c.negotiated_version == wire::TLS1_3;
+    if wire_failed != relay_failed && r.negotiated_version == 0 && !wire_blind {
         found.push(format!(
             "handshake failure: wire {wire_failed}, relay {}",
             r.handshake_failed != 0
@@ -836,5 +841,22 @@ mod tests {
             ..Default::default()
         };
         assert!(disagreements(&c, &refused).is_empty());
+        // A TLS 1.3 certificate the relay refused: its alert is encrypted,
+        // the wire saw a ServerHello and nothing after.
+        let c = wire::Connection {
+            negotiated_version: wire::TLS1_3,
+            ..Default::default()
+        };
+        let failed = wire::RelayView {
+            handshake_failed: 1,
+            ..Default::default()
+        };
+        assert!(disagreements(&c, &failed).is_empty());
+        // Before TLS 1.3's encryption, a failure the wire missed is flagged.
+        let c = wire::Connection::default();
+        assert_eq!(
+            disagreements(&c, &failed),
+            ["handshake failure: wire false, relay true"]
+        );
     }
 }
