@@ -657,6 +657,9 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         ("nofetch", "127.0.0.6", "", "127.3.0.23"),
         ("invalid", "127.0.0.13", "", "127.3.0.26"),
         ("webpki", "127.0.0.14", "", "127.3.0.27"),
+        // DANE and an enforced policy that does not list the MX: DANE
+        // takes precedence (RFC 8461 2), so the mail goes.
+        ("both", "127.0.0.15", good_tlsa.as_str(), "127.3.0.28"),
     ];
     let mut zone = "sts IN MX 5 rogue.sts.test.\nrogue.sts IN A 127.0.0.2\n\
                     reports IN A 127.3.0.30\ncollector IN A 127.3.0.31\n"
@@ -711,6 +714,7 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         mx_host("127.0.0.6", port, None).await,
         mx_host("127.0.0.13", port, None).await,
         mx_host("127.0.0.14", port, None).await,
+        mx_host("127.0.0.15", port, Some(&leaf)).await,
     ];
     let policy_leaf = |d: &str| pki.leaf(&format!("policy-{d}"), &[&format!("mta-sts.{d}.test")]);
     let sites = [
@@ -743,6 +747,11 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
             "127.3.0.27",
             pki.leaf("policy-webpki", &["elsewhere.example"]),
             policy("enforce", "mx.webpki.test"),
+        ),
+        (
+            "127.3.0.28",
+            policy_leaf("both"),
+            policy("enforce", "mx.elsewhere.test"),
         ),
     ];
     let files: Vec<[(&str, &str); 1]> = sites
@@ -832,6 +841,21 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         .map(|s| s.to_string())
         .collect();
     assert_eq!(seen, all, "every result type, once each domain");
+    let both = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["policies"][0]["policy"]["policy-domain"] == "both.test")
+        .unwrap();
+    assert_eq!(both["policies"].as_array().unwrap().len(), 1, "{both:#}");
+    assert_eq!(
+        both["policies"][0]["policy"]["policy-type"], "tlsa",
+        "{both:#}"
+    );
+    assert_eq!(
+        both["policies"][0]["summary"]["total-successful-session-count"],
+        1
+    );
     let sts = reports
         .as_array()
         .unwrap()
