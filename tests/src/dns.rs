@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A running nsd and the trust anchor file for its signed zone.
 pub struct SignedDns {
@@ -93,15 +92,7 @@ impl SignedDns {
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nsd did not start: {:?}",
-                std::fs::read_to_string(path.join("nsd.log"))
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_for_listener(addr, "nsd", &path.join("nsd.log"));
         SignedDns {
             addr,
             anchors,

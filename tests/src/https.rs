@@ -2,10 +2,7 @@
 //! address with its own certificate: MTA-STS policy hosts for the tests.
 //! Port 443 is fixed by RFC 8461, so this needs root.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::Leaf;
 
@@ -79,21 +76,10 @@ impl Nginx {
             .spawn()
             .unwrap();
         for site in sites {
-            wait_for(&format!("{}:443", site.ip).parse().unwrap(), path);
+            let addr = format!("{}:443", site.ip).parse().unwrap();
+            crate::wait_for_listener(addr, "nginx", &path.join("error.log"));
         }
         Nginx { child, _dir: dir }
-    }
-}
-
-fn wait_for(addr: &SocketAddr, dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not start: {:?}",
-            std::fs::read_to_string(dir.join("error.log"))
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -824,6 +824,20 @@ pub fn openssl(args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Waits until a server the test started listens on `addr`; after 10 s
+/// panics with its log file.
+pub fn wait_for_listener(addr: SocketAddr, what: &str, log: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not start: {:?}",
+            std::fs::read_to_string(log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A loopback port nothing listens on (at the moment of asking).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
