@@ -440,6 +440,23 @@ impl Server {
         let n = self.input.len();
         let mut i = 0;
         while i < n {
+            // Ordinary bytes up to the next CR or LF only lengthen the line
+            // (and leave a lone '.' at its start noted): skipped in one step.
+            let next = memchr::memchr2(b'\r', b'\n', &self.input[i..]).map_or(n, |p| i + p);
+            let run = next - i;
+            if run > 0 {
+                if self.line_len + run > MAX_TEXT_LINE {
+                    let at = i + MAX_TEXT_LINE.saturating_sub(self.line_len);
+                    offence.get_or_insert((at, BodyFault::LineTooLong));
+                }
+                self.line_len += run;
+                let lone_dot = self.scan == Scan::LineStart && run == 1 && self.input[i] == b'.';
+                self.scan = if lone_dot { Scan::Dot } else { Scan::InLine };
+                i = next;
+                if i == n {
+                    break;
+                }
+            }
             let b = self.input[i];
             self.line_len += 1;
             if self.line_len > MAX_TEXT_LINE {
@@ -513,18 +530,31 @@ impl Server {
     /// hop without CHUNKING) would not, so it is refused like DATA's.
     /// Returns how many of `bytes` are clean.
     fn scan_chunk(&mut self, bytes: &[u8]) -> usize {
-        for (i, &b) in bytes.iter().enumerate() {
+        let mut i = 0;
+        while i < bytes.len() {
+            let next = memchr::memchr2(b'\r', b'\n', &bytes[i..]).map_or(bytes.len(), |p| i + p);
+            if next > i {
+                // Ordinary bytes: a CR before them was bare.
+                if std::mem::take(&mut self.chunk_cr) {
+                    self.chunk_refusal = Some(BodyFault::BareCr.reply());
+                    return i.saturating_sub(1);
+                }
+                if next == bytes.len() {
+                    break;
+                }
+            }
+            let b = bytes[next];
             let fault = match (self.chunk_cr, b) {
                 (true, b'\n') | (false, b'\r') => None,
-                (true, _) => Some((i.saturating_sub(1), BodyFault::BareCr)),
-                (false, b'\n') => Some((i, BodyFault::BareLf)),
-                (false, _) => None,
+                (true, _) => Some((next.saturating_sub(1), BodyFault::BareCr)),
+                (false, _) => Some((next, BodyFault::BareLf)),
             };
             self.chunk_cr = b == b'\r';
             if let Some((at, fault)) = fault {
                 self.chunk_refusal = Some(fault.reply());
                 return at;
             }
+            i = next + 1;
         }
         bytes.len()
     }
@@ -939,6 +969,92 @@ mod tests {
                 assert!(abort.text().contains(fault), "{label}: {abort:?}");
                 // The session goes on after the relay's end of data.
                 assert_eq!(codes(&events), vec![250], "{label}: NOOP answered");
+            }
+        }
+    }
+
+    /// The body scan skips from CR/LF to CR/LF: however the input is split
+    /// (whole, byte by byte, in odd pieces) the same bytes pass and the
+    /// same end or refusal comes, for bodies of dots, CRs, LFs and lines
+    /// around the 1000-octet limit.
+    #[test]
+    fn the_body_scan_does_not_depend_on_how_reads_split_the_input() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let outcome = |events: &[Event]| {
+            let last = events
+                .iter()
+                .rev()
+                .find(|e| matches!(e, Event::EndOfData | Event::AbortData(_)))
+                .cloned();
+            (body_of(events), last)
+        };
+        for _ in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..next(12) {
+                match next(8) {
+                    0 => input.extend(b"\r\n"),
+                    1 => input.extend(b"\r\n."),
+                    2 => input.push(b'\r'),
+                    3 => input.push(b'\n'),
+                    4 => input.push(b'.'),
+                    5 => input.extend(std::iter::repeat_n(b'x', 990 + next(20))),
+                    _ => input.extend(b"text"),
+                }
+            }
+            input.extend(b"\r\n.\r\n");
+            let whole = {
+                let mut s = in_body();
+                s.feed(&input);
+                outcome(&drain(&mut s))
+            };
+            let mut bytewise = in_body();
+            let mut events = Vec::new();
+            for b in &input {
+                bytewise.feed(std::slice::from_ref(b));
+                events.extend(drain(&mut bytewise));
+            }
+            assert_eq!(
+                outcome(&events),
+                whole,
+                "bytewise: {:?}",
+                String::from_utf8_lossy(&input)
+            );
+            let mut pieces = in_body();
+            let mut events = Vec::new();
+            let mut at = 0;
+            while at < input.len() {
+                let end = (at + 1 + next(64)).min(input.len());
+                pieces.feed(&input[at..end]);
+                events.extend(drain(&mut pieces));
+                at = end;
+            }
+            assert_eq!(
+                outcome(&events),
+                whole,
+                "pieces: {:?}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
+
+    #[test]
+    fn body_lines_may_be_1000_octets_with_their_crlf_and_no_more() {
+        for (content, refused) in [(998, false), (999, true)] {
+            let mut s = in_body();
+            let mut input = vec![b'x'; content];
+            input.extend(b"\r\n.\r\n");
+            s.feed(&input);
+            let ev = drain(&mut s);
+            match ev.last() {
+                Some(Event::AbortData(r)) => assert!(refused && r.code == 500, "{content}: {r:?}"),
+                Some(Event::EndOfData) => assert!(!refused, "{content}"),
+                other => panic!("{content}: {other:?}"),
             }
         }
     }
