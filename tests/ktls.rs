@@ -376,3 +376,154 @@ async fn key_update_from_the_client() {
         assert_eq!(after.unwrap(), b"after");
     }
 }
+
+/// A message body of about `size` bytes (exactly `size` when it is short):
+/// lines of 0 to 200 octets ending in CRLF, many starting with a dot.
+fn mail_body(size: usize, seed: u64) -> Vec<u8> {
+    if size < 3 {
+        return b"x".repeat(size);
+    }
+    let noise = random_bytes(size, seed);
+    let mut body = Vec::with_capacity(size + 256);
+    let mut i = 0;
+    while body.len() < size {
+        let len = noise[i % noise.len()] as usize % 200;
+        if noise[(i + 1) % noise.len()].is_multiple_of(3) {
+            body.push(b'.');
+        }
+        body.extend((0..len).map(|k| b'a' + noise[(i + k) % noise.len()] % 26));
+        body.extend_from_slice(b"\r\n");
+        i += len + 2;
+    }
+    body
+}
+
+fn dot_stuffed(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 50);
+    let mut line_start = true;
+    for &b in body {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    out
+}
+
+/// SMTP with STARTTLS on both legs: on a kTLS kernel the session's two
+/// sockets are kernel TLS from the end of each handshake (tls_stat rises,
+/// the report says so), and messages from 1 byte to the bulk size, by DATA
+/// (the end marker split across reads) and by BDAT (chunk boundaries in
+/// mid-line), arrive byte-identical and once, also at a next hop without
+/// CHUNKING (BDAT converted to DATA). Elsewhere the report says why not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_with_starttls_on_both_legs_runs_on_kernel_tls() {
+    use tlsrelay_tests::smtp_client::RawSmtp;
+    use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
+    let pki = Pki::new();
+    let sink_leaf = pki.leaf("sink", &["sink.test"]);
+    let relay_leaf = pki.leaf("relay", &["relay.test"]);
+    let sizes = [1, 1000, 16 * 1024 + 7, (1 << 20) + 3, bulk_bytes()];
+    for chunking in [true, false] {
+        let sink = smtp_sink(SinkOptions {
+            tls: Some(server_config(&ServerOptions {
+                leaf: &sink_leaf,
+                versions: Versions::Both,
+                client_ca: None,
+            })),
+            chunking,
+            refuse_marker: "nobody",
+            requiretls: false,
+        })
+        .await;
+        let toml = format!(
+            "accepted_domains = [\"example.org\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {}, key = {} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"example.org\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+            bulk_bytes() * 2,
+            toml_path(&relay_leaf.chain),
+            toml_path(&relay_leaf.key),
+            sink.addr
+        );
+        let mut relay = TestRelay::start(&toml, pki.dir()).await;
+        let before = tls_stat();
+        let mut c = RawSmtp::connect(relay.addr("mx")).await;
+        assert!(c.cmd("EHLO client.test").await.contains("STARTTLS"));
+        c.starttls().await;
+        assert!(c.cmd("EHLO client.test").await.contains("CHUNKING"));
+        let mut sent = Vec::new();
+        for (n, &size) in sizes.iter().enumerate() {
+            for bdat in [false, true] {
+                let body = mail_body(size, n as u64 * 2 + u64::from(bdat));
+                assert!(c.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250"));
+                let rcpt = c.cmd("RCPT TO:<x@example.org>").await;
+                assert!(rcpt.starts_with("250"), "{rcpt}");
+                if bdat {
+                    // Odd chunk sizes: boundaries fall in mid-line.
+                    let chunks: Vec<&[u8]> = body.chunks(7919).collect();
+                    for (i, chunk) in chunks.iter().enumerate() {
+                        let last = if i + 1 == chunks.len() { " LAST" } else { "" };
+                        c.send(format!("BDAT {}{last}\r\n", chunk.len()).as_bytes())
+                            .await;
+                        c.send(chunk).await;
+                        let reply = c.reply().await;
+                        assert!(reply.starts_with("250"), "{size} BDAT: {reply}");
+                    }
+                } else {
+                    assert!(c.cmd("DATA").await.starts_with("354"));
+                    let mut stuffed = dot_stuffed(&body);
+                    if !stuffed.ends_with(b"\r\n") {
+                        stuffed.extend_from_slice(b"\r\n");
+                    }
+                    // CRLF . CRLF in three reads.
+                    let (most, end) = stuffed.split_at(stuffed.len() - 2);
+                    c.send(most).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    c.send(&[end, b"."].concat()).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    c.send(b"\r\n").await;
+                    let reply = c.reply().await;
+                    assert!(reply.starts_with("250"), "{size} DATA: {reply}");
+                }
+                // DATA (and BDAT converted to DATA) ends the content in CRLF.
+                let mut want = body;
+                let converted_or_data = !(bdat && chunking);
+                if converted_or_data && !want.ends_with(b"\r\n") {
+                    want.extend_from_slice(b"\r\n");
+                }
+                sent.push((want, bdat && chunking));
+            }
+        }
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+        let report = relay.next_report().await;
+        let received = sink.received.lock().unwrap().clone();
+        assert_eq!(received.len(), sent.len(), "once each: {report}");
+        for (got, (want, via_bdat)) in received.iter().zip(&sent) {
+            assert!(
+                got.body == *want,
+                "{} bytes differ (chunking {chunking})",
+                want.len()
+            );
+            assert_eq!(got.via_bdat, *via_bdat, "{} bytes: {report}", want.len());
+        }
+        if ktls_here() {
+            assert_eq!(report.ktls, [Side::Client, Side::Upstream], "{report}");
+            let after = tls_stat();
+            for counter in ["TlsTxSw", "TlsRxSw"] {
+                let rose = after[counter] - before.get(counter).copied().unwrap_or(0);
+                assert!(
+                    rose >= 2,
+                    "{counter} rose by {rose}, expected both legs: {report}"
+                );
+            }
+            assert_eq!(after.get("TlsDecryptError").copied().unwrap_or(0), 0);
+        } else {
+            assert!(report.ktls.is_empty(), "{report}");
+            assert_eq!(
+                report.path_reason.as_deref(),
+                Some("no kernel TLS on this host (see the startup banner)"),
+                "{report}"
+            );
+        }
+        println!("ok: SMTP on kernel TLS, next hop chunking {chunking}");
+    }
+}

@@ -14,7 +14,7 @@ use tokio::time::timeout;
 use crate::config::HostPort;
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure};
 use crate::proxy::{HeaderReader, Progress, ProxyHeader};
-use crate::pump::Leg;
+use crate::pump::{Handoff, Leg};
 use crate::report::{
     inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Negotiated, Outcome,
     SocketRecord,
@@ -95,18 +95,16 @@ async fn read_proxy_header(tcp: &mut TcpStream) -> Result<ProxyHeader, String> {
 pub type ServerStream = tokio_rustls::server::TlsStream<RecordIo>;
 
 /// Runs the server side of a TLS handshake within `limit`. The stream
-/// returned reads past record boundaries again (the handshake read whole
-/// records only, so nothing meant for kTLS was consumed).
+/// returned still reads whole records only, so nothing meant for kTLS has
+/// been consumed: the caller hands it to the kernel, or lets it read
+/// ahead ([`Leg::stay_in_userspace`]).
 pub async fn accept_tls(
     tls: &ListenerTls,
     tcp: TcpStream,
     limit: Duration,
 ) -> Result<ServerStream, TlsFailure> {
     match timeout(limit, tls.acceptor().accept(RecordIo::new(tcp))).await {
-        Ok(Ok(mut stream)) => {
-            stream.get_mut().0.pass_through();
-            Ok(stream)
-        }
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(classify_failure(&e)),
         Err(_) => Err(TlsFailure::HandshakeFailed("timed out".into())),
     }
@@ -161,6 +159,10 @@ pub struct Target<'a> {
     pub tls: Option<&'a UpstreamTls>,
     /// A PROXY protocol header to send first on every connection.
     pub proxy_header: Option<Vec<u8>>,
+    /// Hand the TLS leg's keys to the kernel right after the handshake
+    /// (SMTP next hops: the dialogue then runs on kernel TLS). TCP
+    /// sessions leave this to their pump.
+    pub kernel_tls: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -215,6 +217,9 @@ pub struct OutboundLeg {
     /// Less security than offered: a plaintext fallback, or TLS 1.2.
     pub downgrade: Option<Downgrade>,
     pub address: SocketAddr,
+    /// Why a TLS leg offered to the kernel ([`Target::kernel_tls`]) stayed
+    /// in rustls.
+    pub userspace_reason: Option<String>,
 }
 
 /// Why no outbound leg.
@@ -306,12 +311,11 @@ async fn handshake<G: Greeter>(
     let connecting = tls
         .connector()
         .connect(tls.server_name(), RecordIo::new(tcp));
-    let mut stream = match timeout(limit, connecting).await {
+    let stream = match timeout(limit, connecting).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(classify_failure(&e)),
         Err(_) => return Err(TlsFailure::HandshakeFailed("timed out".into())),
     };
-    stream.get_mut().0.pass_through();
     let conn = stream.get_ref().1;
     let negotiated = negotiated_of(conn);
     let trust = tls.peer_trust(conn.peer_certificates());
@@ -333,12 +337,25 @@ async fn handshake<G: Greeter>(
         peer_names: peer_names(conn.peer_certificates()),
     };
     let mut leg = Leg::TlsClient(Box::new(stream));
+    let mut userspace_reason = None;
+    if target.kernel_tls {
+        leg = match crate::pump::leg_to_kernel(leg, true).await {
+            Handoff::Kernel(leg) => leg,
+            Handoff::Userspace(leg, why) => {
+                userspace_reason = Some(why);
+                leg
+            }
+            Handoff::Lost(detail) => return Err(TlsFailure::HandshakeFailed(detail)),
+        };
+    }
+    leg.stay_in_userspace();
     match greeter.after_tls(&mut leg).await {
         Ok(()) => Ok(OutboundLeg {
             leg,
             security,
             downgrade,
             address,
+            userspace_reason,
         }),
         Err(GreeterFailure::Tls { failure, .. }) => Err(failure),
         Err(GreeterFailure::Unavailable(why)) => Err(TlsFailure::HandshakeFailed(why)),
@@ -383,6 +400,7 @@ fn plaintext(tcp: TcpStream, address: SocketAddr, downgrade: Option<Downgrade>) 
         security: LegSecurity::Plaintext,
         downgrade,
         address,
+        userspace_reason: None,
     }
 }
 

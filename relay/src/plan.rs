@@ -145,6 +145,7 @@ impl SmtpShared {
                 name: c.name.get_ref().clone(),
                 hops,
                 policy: c.tls.policy,
+                kernel_tls: config.dataplane.ktls,
             }));
             routes.push((c.recipient_domains.clone(), i));
         }
@@ -247,6 +248,7 @@ impl SmtpShared {
             },
             implicit_tls: l.tls.mode == InboundMode::Implicit,
             proxy_protocol: l.proxy_protocol,
+            kernel_tls: config.dataplane.ktls,
             tls,
             routing: self.routing.clone(),
             connector_anchors: self.connector_anchors.clone(),

@@ -122,6 +122,7 @@ pub async fn run(
         policy: route.policy,
         tls: route.tls.as_ref(),
         proxy_header,
+        kernel_tls: false,
     };
     let timeouts = LegTimeouts {
         connect: plan.timeouts.connect,

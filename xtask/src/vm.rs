@@ -496,6 +496,33 @@ tls.verify = "encryption-only"'
       done
     done
   done
+done
+# SMTP with STARTTLS on both legs: 1 MiB messages from 4 connections, by
+# DATA and by BDAT, kTLS on then off.
+$L smtp-sink --listen 127.0.0.1:7003 --cert /tmp/c/bench.crt --key /tmp/c/bench.key >/dev/null &
+sleep 2
+for scenario in smtp-data smtp-bdat; do
+  bdat=""
+  [ $scenario = smtp-bdat ] && bdat="--bdat"
+  for round in $(seq @ROUNDS@); do
+    for ktls in true false; do
+      port=$((port + 1))
+      printf '%s\n' 'ebpf.enabled = false' 'accepted_domains = ["bench.test"]' '[dataplane]' "ktls = $ktls" \
+        '[[listeners]]' 'name = "mx"' "address = \"127.0.0.1:$port\"" 'protocol = "smtp"' \
+        'tls.mode = "opportunistic"' \
+        'tls.certificates = [{ chain = "/tmp/c/bench.crt", key = "/tmp/c/bench.key" }]' \
+        '[[outbound_connectors]]' 'name = "sink"' 'recipient_domains = ["bench.test"]' \
+        'next_hops = ["127.0.0.1:7003"]' 'tls.policy = "required"' 'tls.verify = "encryption-only"' > /tmp/relay.toml
+      /bench/tlsrelay run --config /tmp/relay.toml --state-dir /tmp/state > /tmp/relay.log 2>&1 &
+      relay=$!
+      sleep 3
+      result=$($L smtp --to 127.0.0.1:$port --connections 4 --messages $((@BYTES@ / 4 / 1048576)) --size 1048576 $bdat) || { status=1; cat /tmp/relay.log; }
+      sleep 1
+      path=$(grep -o ' path=[^ ]*\( ktls=[^ ]*\)\?' /tmp/relay.log | tail -1 | sed 's/^ path=//')
+      kill $relay; wait $relay 2>/dev/null
+      echo "BENCH {\"scenario\":\"$scenario\",\"connections\":4,\"ktls\":$ktls,\"path\":\"$path\",\"result\":${result:-null}}"
+    done
+  done
 done"#;
 
 fn build_initramfs(

@@ -7,6 +7,7 @@
 //! userspace ([`splice`]); otherwise rustls encrypts and decrypts in this
 //! process ([`userspace`]). The choice and its reason go into the report.
 
+mod kernel_tls;
 mod offload;
 mod splice;
 use tlsrelay_sys::uring;
@@ -29,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::tls::RecordIo;
+pub use kernel_tls::KernelTls;
+pub use offload::{leg_to_kernel, Handoff};
 
 /// One side of a session after its handshake (if any).
 pub enum Leg {
@@ -37,6 +40,8 @@ pub enum Leg {
     TlsServer(Box<tokio_rustls::server::TlsStream<RecordIo>>),
     /// The relay is the TLS client (upstream-facing leg).
     TlsClient(Box<tokio_rustls::client::TlsStream<RecordIo>>),
+    /// Either, after its keys went to the kernel: plaintext in and out.
+    Kernel(KernelTls),
 }
 
 impl Leg {
@@ -45,6 +50,7 @@ impl Leg {
             Leg::Plain(s) => s,
             Leg::TlsServer(s) => s.get_ref().0.tcp(),
             Leg::TlsClient(s) => s.get_ref().0.tcp(),
+            Leg::Kernel(s) => s.tcp(),
         }
     }
 
@@ -53,11 +59,12 @@ impl Leg {
     }
 
     /// Keeps the leg in userspace: reads stop respecting record boundaries.
-    fn stay_in_userspace(&mut self) {
+    pub fn stay_in_userspace(&mut self) {
         match self {
             Leg::Plain(_) => {}
             Leg::TlsServer(s) => s.get_mut().0.pass_through(),
             Leg::TlsClient(s) => s.get_mut().0.pass_through(),
+            Leg::Kernel(_) => {}
         }
     }
 }
@@ -80,6 +87,10 @@ macro_rules! delegate {
             }
             Leg::TlsClient($s) => {
                 let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Leg::Kernel($s) => {
+                let $s = Pin::new($s);
                 $e
             }
         }
@@ -126,6 +137,7 @@ impl AsyncWrite for Leg {
             Leg::Plain(s) => s.is_write_vectored(),
             Leg::TlsServer(s) => s.is_write_vectored(),
             Leg::TlsClient(s) => s.is_write_vectored(),
+            Leg::Kernel(s) => s.is_write_vectored(),
         }
     }
 }

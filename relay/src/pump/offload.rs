@@ -30,7 +30,7 @@ pub(super) enum Prepared {
 /// The kTLS view of what a TLS leg negotiated.
 fn negotiated(leg: &Leg) -> Option<(Option<KtlsVersion>, Option<KtlsCipher>)> {
     let common: &rustls::CommonState = match leg {
-        Leg::Plain(_) => return None,
+        Leg::Plain(_) | Leg::Kernel(_) => return None,
         Leg::TlsServer(s) => s.get_ref().1,
         Leg::TlsClient(s) => s.get_ref().1,
     };
@@ -60,20 +60,56 @@ fn kernel_refuses(leg: &Leg) -> Option<String> {
     }
 }
 
+/// Why TLS legs can't go to the kernel, checked before any key leaves
+/// rustls (so a refusal leaves them usable): configuration, the kernel's
+/// support for what they negotiated, and attaching the TLS ULP.
+fn refusal(legs: &[&Leg], ktls_enabled: bool) -> Option<String> {
+    if !ktls_enabled {
+        return Some("kernel TLS disabled by configuration (dataplane.ktls = false)".to_string());
+    }
+    legs.iter().find_map(|leg| kernel_refuses(leg)).or_else(|| {
+        legs.iter()
+            .filter(|leg| matches!(leg, Leg::TlsServer(_) | Leg::TlsClient(_)))
+            .find_map(|leg| ktls::attach_ulp(leg.tcp().as_raw_fd()).err())
+            .map(|e| format!("{e} (the peer may have closed already)"))
+    })
+}
+
+/// What became of a TLS leg offered to the kernel.
+pub enum Handoff {
+    /// Its keys are the kernel's: plaintext in and out.
+    Kernel(Leg),
+    /// It stays in rustls, for this reason.
+    Userspace(Leg, String),
+    /// Keys left rustls but the kernel refused them: the leg is lost.
+    Lost(String),
+}
+
+/// Offers one TLS leg to the kernel right after its handshake, before any
+/// application data was read (SMTP's legs: the dialogue then runs on the
+/// kernel's plaintext).
+pub async fn leg_to_kernel(leg: Leg, ktls_enabled: bool) -> Handoff {
+    if let Some(why) = refusal(&[&leg], ktls_enabled) {
+        return Handoff::Userspace(leg, why);
+    }
+    match to_splice_leg(leg).await {
+        Ok(SpliceLeg {
+            tcp,
+            leftover,
+            peer_closed,
+            ..
+        }) => Handoff::Kernel(Leg::Kernel(super::KernelTls::new(
+            tcp,
+            leftover,
+            peer_closed,
+        ))),
+        Err(detail) => Handoff::Lost(detail),
+    }
+}
+
 pub(super) async fn prepare(client: Leg, upstream: Leg, ktls_enabled: bool) -> Prepared {
     if client.is_tls() || upstream.is_tls() {
-        let refusal = if !ktls_enabled {
-            Some("kernel TLS disabled by configuration (dataplane.ktls = false)".to_string())
-        } else {
-            kernel_refuses(&client).or_else(|| kernel_refuses(&upstream))
-        };
-        let refusal = refusal.or_else(|| {
-            [&client, &upstream]
-                .into_iter()
-                .filter(|leg| leg.is_tls())
-                .find_map(|leg| ktls::attach_ulp(leg.tcp().as_raw_fd()).err())
-                .map(|e| format!("{e} (the peer may have closed already)"))
-        });
+        let refusal = refusal(&[&client, &upstream], ktls_enabled);
         if refusal.is_some() {
             return Prepared::Userspace {
                 client,
@@ -113,6 +149,15 @@ async fn to_splice_leg(leg: Leg) -> Result<SpliceLeg, String> {
         Leg::TlsClient(s) => {
             let (io, conn) = s.into_inner();
             hand_to_kernel(io, conn.into()).await
+        }
+        Leg::Kernel(k) => {
+            let (tcp, leftover, peer_closed) = k.into_parts();
+            Ok(SpliceLeg {
+                tcp,
+                ktls: true,
+                leftover,
+                peer_closed,
+            })
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct MailConnector {
     pub name: String,
     pub hops: NextHops,
     pub policy: OutboundPolicy,
+    /// Next hops' TLS goes to the kernel after the handshake, where it can
+    /// (`dataplane.ktls`).
+    pub kernel_tls: bool,
 }
 
 /// Where a connector's mail goes.
@@ -56,6 +59,10 @@ pub struct Established {
     pub downgrade: Option<Downgrade>,
     pub address: std::net::SocketAddr,
     pub host: String,
+    /// The kernel holds the leg's TLS keys.
+    pub kernel_tls: bool,
+    /// Why a TLS leg stayed in rustls, when it was offered to the kernel.
+    pub userspace_reason: Option<String>,
 }
 
 impl NextHop {
@@ -214,6 +221,7 @@ pub async fn establish(
             policy: connector.policy,
             tls: plan.tls.as_ref(),
             proxy_header: None,
+            kernel_tls: connector.kernel_tls,
         };
         match hop.open(&target).await {
             Ok(established) => return Ok(established),
@@ -254,6 +262,8 @@ impl HopSetup<'_> {
         let opening = greeter.opening.expect("a greeted connection");
         let capabilities = opening.capabilities().clone();
         Ok(Established {
+            kernel_tls: matches!(opened.leg, Leg::Kernel(_)),
+            userspace_reason: opened.userspace_reason,
             hop: NextHop {
                 leg: opened.leg,
                 replies: opening.into_replies(),

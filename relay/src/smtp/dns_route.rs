@@ -201,6 +201,7 @@ impl MxRoute {
                     policy,
                     tls: tls.as_ref(),
                     proxy_header: None,
+                    kernel_tls: connector.kernel_tls,
                 };
                 match hop.open(&target).await {
                     Ok(established) => {

@@ -20,7 +20,7 @@ use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, client_address, inbound_refused, inbound_security};
 use crate::policy::PeerTrust;
-use crate::pump::{Leg, PumpEnd};
+use crate::pump::{leg_to_kernel, DataPath, Handoff, Leg, PumpEnd, Side};
 use crate::report::{
     Direction, Downgrade, LegSecurity, Outcome, PolicySession, SessionReport, SocketRecord,
 };
@@ -45,6 +45,9 @@ pub struct SmtpListenerPlan {
     pub connectors: Vec<Arc<MailConnector>>,
     pub timeouts: SmtpTimeouts,
     pub max_message_size: u64,
+    /// TLS legs go to the kernel after their handshake, where it can
+    /// (`dataplane.ktls`).
+    pub kernel_tls: bool,
 }
 
 /// The relay's "drain time is up" signal.
@@ -59,6 +62,10 @@ struct Legs {
     downgrades: Vec<Downgrade>,
     sockets: Vec<SocketRecord>,
     policy_sessions: Vec<PolicySession>,
+    /// Legs whose TLS the kernel held.
+    kernel_tls: Vec<Side>,
+    /// Why a TLS leg stayed in rustls.
+    userspace_reason: Option<String>,
 }
 
 struct Session<'a> {
@@ -123,6 +130,13 @@ pub async fn run(
     report.downgrades = legs.downgrades;
     report.sockets = legs.sockets;
     report.policy_sessions = legs.policy_sessions;
+    // Commands and bodies pass through this process (as plaintext where
+    // the kernel holds a leg's TLS).
+    if report.outbound.is_some() {
+        report.data_path = Some(DataPath::Userspace);
+    }
+    report.ktls = legs.kernel_tls;
+    report.path_reason = legs.userspace_reason;
     report.transactions = session.forwarder.take_finished();
     report.outcome = outcome;
     report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -276,6 +290,12 @@ impl Session<'_> {
         let domain = destination.domain.as_deref();
         match establish(self.id, plan, domain, hostname, self.plan.timeouts, record).await {
             Ok(est) => {
+                if est.kernel_tls {
+                    self.legs.kernel_tls.push(Side::Upstream);
+                }
+                if let Some(why) = est.userspace_reason {
+                    self.legs.userspace_reason.get_or_insert(why);
+                }
                 self.legs.upstream = Some((plan.name.clone(), est.address));
                 self.legs.outbound = Some(est.security.clone());
                 self.legs.downgrades.extend(est.downgrade);
@@ -320,7 +340,19 @@ impl Session<'_> {
         client.tls = true;
         client.certificate = certificate;
         self.legs.inbound = Some(inbound_security(self.id, self.peer, &stream, trust));
-        Ok(Leg::TlsServer(Box::new(stream)))
+        let leg = Leg::TlsServer(Box::new(stream));
+        Ok(match leg_to_kernel(leg, self.plan.kernel_tls).await {
+            Handoff::Kernel(leg) => {
+                self.legs.kernel_tls.push(Side::Client);
+                leg
+            }
+            Handoff::Userspace(mut leg, why) => {
+                self.legs.userspace_reason.get_or_insert(why);
+                leg.stay_in_userspace();
+                leg
+            }
+            Handoff::Lost(detail) => return Err(failed(detail)),
+        })
     }
 
     /// A mail transaction in cleartext on a listener that offers STARTTLS

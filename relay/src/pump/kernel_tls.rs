@@ -1,0 +1,176 @@
+//! A TLS leg whose keys the kernel holds, read and written as plaintext by
+//! protocol code (SMTP's dialogue and bodies): the kernel decrypts on read
+//! and encrypts on write, so no userspace crypto. Records other than
+//! application data are read with their type and decided as on the splice
+//! path: close_notify ends the stream, session tickets are skipped, other
+//! alerts and a KeyUpdate this kernel cannot follow are errors.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::ktls;
+use tlsrelay_sys::splice::{control, Control};
+
+/// The largest TLS plaintext record: a read buffer at least this large
+/// takes any record whole.
+const MAX_PLAINTEXT: usize = 16 * 1024;
+
+pub struct KernelTls {
+    tcp: TcpStream,
+    /// Plaintext rustls had decrypted before the handoff, read first; also
+    /// what a record read into the scratch buffer left over.
+    pending: Vec<u8>,
+    pending_at: usize,
+    /// The peer's close_notify (or FIN) has been read.
+    read_done: bool,
+    close_notify_sent: bool,
+}
+
+impl KernelTls {
+    pub fn new(tcp: TcpStream, pending: Vec<u8>, peer_closed: bool) -> KernelTls {
+        KernelTls {
+            tcp,
+            pending,
+            pending_at: 0,
+            read_done: peer_closed,
+            close_notify_sent: false,
+        }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Plaintext held back (from the handoff), and what is left of the
+    /// stream for a splice pump.
+    pub fn into_parts(mut self) -> (TcpStream, Vec<u8>, bool) {
+        let pending = self.pending.split_off(self.pending_at);
+        (self.tcp, pending, self.read_done)
+    }
+
+    /// One record from the socket into `into`: its plaintext length, or
+    /// `None` for a control record that was dealt with (read again).
+    fn read_record(&mut self, into: &mut [u8]) -> io::Result<Option<usize>> {
+        let fd = self.tcp.as_raw_fd();
+        let (kind, n) = self
+            .tcp
+            .try_io(Interest::READABLE, || ktls::recv_record(fd, into))?;
+        if kind == ktls::RECORD_APPLICATION_DATA {
+            if n == 0 {
+                self.read_done = true; // FIN without close_notify
+            }
+            return Ok(Some(n));
+        }
+        match control(kind, &into[..n])? {
+            Control::Closed => {
+                self.read_done = true;
+                Ok(Some(0))
+            }
+            Control::Skip => Ok(None),
+        }
+    }
+}
+
+impl AsyncRead for KernelTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending_at < this.pending.len() {
+            let n = buf.remaining().min(this.pending.len() - this.pending_at);
+            buf.put_slice(&this.pending[this.pending_at..this.pending_at + n]);
+            this.pending_at += n;
+            if this.pending_at == this.pending.len() {
+                this.pending.clear();
+                this.pending_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.read_done || buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            // A small buffer could cut a control record: records go into a
+            // scratch buffer then, and what does not fit waits in `pending`.
+            let direct = buf.remaining() >= MAX_PLAINTEXT;
+            let result = if direct {
+                let into = buf.initialize_unfilled();
+                this.read_record(into)
+            } else {
+                let mut scratch = std::mem::take(&mut this.pending);
+                scratch.resize(MAX_PLAINTEXT, 0);
+                let read = this.read_record(&mut scratch);
+                if let Ok(Some(n)) = read {
+                    scratch.truncate(n);
+                } else {
+                    scratch.clear();
+                }
+                this.pending = scratch;
+                read
+            };
+            match result {
+                Ok(Some(n)) if direct => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Some(_)) => {
+                    let n = buf.remaining().min(this.pending.len());
+                    buf.put_slice(&this.pending[..n]);
+                    this.pending_at = n;
+                    if n == this.pending.len() {
+                        this.pending.clear();
+                        this.pending_at = 0;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for KernelTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    /// close_notify, then FIN: the peer can tell an end from a truncation.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_notify_sent {
+            this.close_notify_sent = true;
+            let _ = ktls::send_close_notify(this.tcp.as_raw_fd());
+        }
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
