@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::report::{LegSecurity, Outcome, SessionReport};
+use crate::report::{LegSecurity, Outcome, SessionReport, Side};
 
 /// Label names and values of one series.
 type Labels = Vec<(&'static str, String)>;
@@ -161,8 +161,14 @@ impl Metrics {
         }
         if let Some(path) = r.data_path {
             let path = path.to_string();
+            let ktls = match r.ktls.as_slice() {
+                [] => "none",
+                [Side::Client] => "client",
+                [Side::Upstream] => "upstream",
+                _ => "both",
+            };
             *m.path_sessions
-                .entry(vec![("path", path.clone())])
+                .entry(vec![("path", path.clone()), ("ktls", ktls.into())])
                 .or_default() += 1;
             for (direction, bytes) in [
                 ("client_to_upstream", r.bytes_client_to_upstream),
@@ -199,7 +205,7 @@ impl Metrics {
                 ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),
                 ("tlsrelay_tls_handshakes_total", "TLS legs of finished sessions by kind: full handshake, or resumed from a ticket or session.", &m.tls_handshakes),
                 ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
-                ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (kTLS splice or userspace).", &m.path_sessions),
+                ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (splice or userspace) and the legs whose TLS the kernel held.", &m.path_sessions),
                 ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),
                 ("tlsrelay_mx_policy_sessions_total", "MX hosts tried or ruled out by delivery policy (tlsa, sts, no-policy-found) and TLS-RPT result (success or an RFC 8460 result type).", &m.mx_policy),
             ];
