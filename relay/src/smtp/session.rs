@@ -258,6 +258,9 @@ impl Session<'_> {
                     if let Err(e) = sent {
                         self.forwarder.hop_failed(&e.to_string());
                     }
+                    if let Some(server) = server.as_deref_mut() {
+                        server.recycle(bytes);
+                    }
                 }
                 Action::Await(wait) => {
                     let reply = match self.hop.as_mut() {
