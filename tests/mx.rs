@@ -164,6 +164,12 @@ async fn mail_goes_to_the_mx_hosts_in_preference_order() {
     );
     relay.next_report().await;
 
+    // A domain DNS cannot be asked about (it would also name report and
+    // policy cache files) is refused at RCPT.
+    let replies = send(&relay, &["d@../../tmp/x"]).await;
+    assert!(replies[0].starts_with("501 5.1.3"), "{replies:?}");
+    relay.next_report().await;
+
     // Two domains in one transaction: the second is 452, sent next.
     let replies = send(&relay, &["e@pref.test", "f@other.test"]).await;
     assert!(replies[0].starts_with("250"), "{replies:?}");

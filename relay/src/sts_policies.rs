@@ -84,6 +84,9 @@ impl StsPolicies {
     /// the TXT id is unchanged, unavailable or withdrawn; else fetched.
     pub async fn lookup(&self, domain: &str) -> StsLookup {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if !crate::smtp::address::is_hostname(&domain) {
+            return StsLookup::None; // it would name a cache file
+        }
         let cached = self.cached(&domain).filter(|c| c.fresh(now()));
         let id = match self.resolver.txt(&format!("_mta-sts.{domain}")).await {
             Ok(answer) => txt_policy_id(&answer.records),

@@ -15,7 +15,7 @@ use rustls::RootCertStore;
 
 use crate::dns::DnsResolver;
 use crate::https;
-use crate::smtp::address::route;
+use crate::smtp::address::{is_hostname, route};
 use crate::smtp::client::{establish, MailConnector, OutboundRecord};
 use crate::smtp::forward::Routing;
 use crate::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
@@ -48,6 +48,9 @@ impl TlsReports {
     pub fn record(&self, domain: &str, policy: &PolicyDescriptor, result: SessionResult) {
         let day = utc_day(unix_now());
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if !is_hostname(&domain) {
+            return; // it names a file: nothing but a host name may
+        }
         let mut days = self.days.lock().unwrap();
         let key = (day.clone(), domain.clone());
         let results = days.entry(key).or_insert_with(|| {

@@ -160,8 +160,52 @@ pub fn route(domain: &str, connectors: &[(Vec<DomainPattern>, usize)]) -> Option
     best.map(|(_, i)| i)
 }
 
+/// Whether `name` is a host name DNS can be asked about: labels of
+/// letters, digits and hyphens (1 to 63 octets, no hyphen at either end),
+/// 253 octets at most. A recipient domain delivered by MX must be one; it
+/// also names files (MTA-STS cache, TLS reports), so nothing else may pass.
+pub fn is_hostname(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_names_are_letters_digits_and_hyphens_in_labels() {
+        for good in [
+            "example.org",
+            "mx-1.example.org.",
+            "a",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(super::is_hostname(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a.example",
+            "a-.example",
+            "../etc",
+            "a/b",
+            "[192.0.2.1]",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(!super::is_hostname(bad), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

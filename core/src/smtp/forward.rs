@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::address::{route, DomainPattern};
+use super::address::{is_hostname, route, DomainPattern};
 use super::admission::{Admission, Client};
 use super::codec::Reply;
 use super::next_hop::{DotStuffer, Wait};
@@ -441,11 +441,16 @@ impl Forwarder {
                 format!("5.7.1 Relay access denied: no connector for {domain}"),
             ));
         };
+        let per_domain = self.routing.connectors[connector].per_domain;
+        if per_domain && !is_hostname(&domain) {
+            return self.respond(Reply::new(
+                501,
+                format!("5.1.3 Bad recipient address syntax: '{domain}' is not a domain DNS can be asked about"),
+            ));
+        }
         let destination = Destination {
             connector,
-            domain: self.routing.connectors[connector]
-                .per_domain
-                .then_some(domain),
+            domain: per_domain.then_some(domain),
         };
         if self.routed.as_ref().is_some_and(|d| *d != destination) {
             return self.respond(Reply::new(
