@@ -507,6 +507,13 @@ async fn smtp_with_starttls_on_both_legs_runs_on_kernel_tls() {
         }
         if ktls_here() {
             assert_eq!(report.ktls, [Side::Client, Side::Upstream], "{report}");
+            // BDAT relayed as BDAT between kernel TLS sockets is spliced.
+            let path = if chunking {
+                DataPath::SpliceEpoll
+            } else {
+                DataPath::Userspace
+            };
+            assert_eq!(report.data_path, Some(path), "{report}");
             let after = tls_stat();
             for counter in ["TlsTxSw", "TlsRxSw"] {
                 let rose = after[counter] - before.get(counter).copied().unwrap_or(0);

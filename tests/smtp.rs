@@ -446,3 +446,81 @@ async fn plaintext_pipelined_after_starttls_is_not_executed() {
     assert!(c.cmd("RCPT TO:<r@x.test>").await.starts_with("503"));
     assert!(next.received.lock().unwrap().is_empty());
 }
+
+/// BDAT between plain TCP legs is spliced socket -> pipe -> socket, its
+/// copy (tee) scanned first: chunks of any size and boundary arrive
+/// byte-identical, the report says splice and counts the bytes, and a bare
+/// LF in a spliced chunk still refuses the message before any byte of it
+/// from the bare one on reaches the next hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_chunks_between_plain_legs_are_spliced_and_still_scanned() {
+    let hop = sink(None, true).await;
+    let config = smtp_config(
+        "tls.mode = \"off\"",
+        &outbound(
+            "partner",
+            "\"partner.test\"",
+            hop.addr,
+            "tls.policy = \"plain\"",
+        ),
+    );
+    let pki = Pki::new();
+    let mut relay = TestRelay::start(&config, pki.dir()).await;
+    let mut c = RawSmtp::connect(relay.addr("mx")).await;
+    assert!(c.cmd("EHLO client.test").await.contains("CHUNKING"));
+    let body: Vec<u8> = (0..40_000)
+        .flat_map(|i| format!("line {i} of the body, long enough to span chunks\r\n").into_bytes())
+        .collect();
+    assert!(c.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@partner.test>").await.starts_with("250"));
+    let chunks: Vec<&[u8]> = body.chunks(300_007).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = if i + 1 == chunks.len() { " LAST" } else { "" };
+        c.send(format!("BDAT {}{last}\r\n", chunk.len()).as_bytes())
+            .await;
+        // Let the relay meet the chunk on its socket, not in its buffer.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        c.send(chunk).await;
+        let reply = c.reply().await;
+        assert!(reply.starts_with("250"), "chunk {i}: {reply}");
+    }
+    // A bare LF in the middle of a large chunk.
+    assert!(c.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@partner.test>").await.starts_with("250"));
+    let mut smuggled = body[..200_000].to_vec();
+    smuggled[150_000] = b'\n';
+    smuggled[149_999] = b'x';
+    c.send(format!("BDAT {} LAST\r\n", smuggled.len()).as_bytes())
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    c.send(&smuggled).await;
+    let reply = c.reply().await;
+    assert!(reply.starts_with("554 5.6.0 Bare LF"), "{reply}");
+    assert!(
+        c.cmd("NOOP").await.starts_with("250"),
+        "the session goes on"
+    );
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    let report = relay.next_report().await;
+    let received = hop.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1, "only the clean message: {report}");
+    assert!(received[0].body == body, "byte-identical");
+    assert_eq!(
+        report.data_path,
+        Some(tlsrelay::pump::DataPath::SpliceEpoll),
+        "{report}"
+    );
+    assert!(
+        report.bytes_client_to_upstream >= body.len() as u64 - 300_007,
+        "most chunk bytes spliced: {report}"
+    );
+    // Nothing from the bare LF on reached the next hop.
+    let wire = hop.wire();
+    let at = wire
+        .windows(20)
+        .rposition(|w| w == &smuggled[149_980..150_000])
+        .expect("the clean prefix went");
+    assert!(!wire[at..]
+        .windows(10)
+        .any(|w| w == &smuggled[150_001..150_011]));
+}

@@ -58,6 +58,27 @@ impl Pipe {
     }
 }
 
+/// One non-blocking tee(2): duplicates up to `len` bytes from one pipe
+/// into another without consuming them (page references, not copies).
+pub fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on pipe fds owned by the caller.
+    let n = unsafe { libc::tee(from, to, len, libc::SPLICE_F_NONBLOCK) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One non-blocking read(2) from a pipe.
+pub fn read_pipe(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is a live, writable buffer of buf.len() bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// One non-blocking splice(2) of up to `len` bytes.
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain syscall on fds owned by the caller.

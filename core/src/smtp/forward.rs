@@ -270,6 +270,17 @@ impl Forwarder {
         self.finished.extend(self.transaction.take());
     }
 
+    /// Whether chunk bytes may go to the next hop as they are (BDAT
+    /// relayed as BDAT to a next hop that has refused nothing), so the
+    /// driver can move them without [`Event::Body`].
+    pub fn passes_chunks_through(&self) -> bool {
+        self.hop
+            .as_ref()
+            .is_some_and(|h| h.chunking && h.refused.is_none() && !h.broken)
+            && self.awaiting.is_none()
+            && self.actions.is_empty()
+    }
+
     /// The next hop asked for with [`Action::Open`] is ready.
     pub fn hop_opened(&mut self, opened: OpenedHop) {
         let Some((destination, to, params)) = self.opening.take() else {

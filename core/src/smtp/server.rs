@@ -185,6 +185,32 @@ impl Server {
         }
     }
 
+    /// Bytes of the BDAT chunk under way that are still on the client's
+    /// socket (none buffered here, none refused): the driver may move them
+    /// to the next hop itself, telling [`Server::chunk_passed`] what went.
+    pub fn chunk_on_socket(&self) -> u64 {
+        let clean = self.body_error.is_none() && self.chunk_refusal.is_none();
+        if self.phase == Phase::Chunk && self.input.is_empty() && clean {
+            self.chunk_left
+        } else {
+            0
+        }
+    }
+
+    /// `bytes` of the chunk under way were read by the driver (spliced
+    /// past this machine, a copy shown here): scanned as [`Server::feed`]
+    /// would, counted off the chunk. Returns how many may go on to the
+    /// next hop; fewer than all means the message is refused at the
+    /// chunk's end and the rest must not be sent.
+    pub fn chunk_passed(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.chunk_left as usize);
+        self.chunk_left -= n as u64;
+        if self.chunk_refusal.is_some() {
+            return 0;
+        }
+        self.scan_chunk(&bytes[..n])
+    }
+
     /// The next thing to do, if any.
     pub fn poll(&mut self) -> Option<Event> {
         if self.events.is_empty() {
@@ -1092,6 +1118,32 @@ mod tests {
         s.recycle(b"MAIL FROM:<a@b>\r\n".to_vec());
         s.feed(b".\r\n");
         assert_eq!(drain(&mut s).last(), Some(&Event::EndOfData));
+    }
+
+    /// Chunk bytes the driver moves itself are counted off and scanned
+    /// like fed ones: the chunk then ends, or is refused, as if fed.
+    #[test]
+    fn chunk_bytes_passed_by_the_driver_count_and_are_scanned() {
+        let mut s = in_transaction();
+        s.feed(b"BDAT 10 LAST\r\nab");
+        let ev = drain(&mut s);
+        assert_eq!(body_of(&ev), b"ab");
+        assert_eq!(s.chunk_on_socket(), 8, "the rest is on the socket");
+        assert_eq!(s.chunk_passed(b"c\r\nd"), 4);
+        assert_eq!(s.chunk_on_socket(), 4);
+        assert_eq!(s.chunk_passed(b"e\nfg"), 1, "clean up to the bare LF");
+        assert_eq!(s.chunk_on_socket(), 0, "refused: the driver stops");
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.last(), Some(Event::AbortData(r)) if r.code == 554),
+            "{ev:?}"
+        );
+        // A clean chunk ends as fed ones do.
+        let mut s = in_transaction();
+        s.feed(b"BDAT 4 LAST\r\n");
+        drain(&mut s);
+        assert_eq!(s.chunk_passed(b"ok\r\n"), 4);
+        assert_eq!(drain(&mut s).last(), Some(&Event::ChunkEnd { last: true }));
     }
 
     #[test]

@@ -46,6 +46,12 @@ impl KernelTls {
         &self.tcp
     }
 
+    /// Plaintext is waiting here (not on the socket): reads must come
+    /// through this stream, not splice.
+    pub fn has_pending(&self) -> bool {
+        self.pending_at < self.pending.len()
+    }
+
     /// Plaintext held back (from the handoff), and what is left of the
     /// stream for a splice pump.
     pub fn into_parts(mut self) -> (TcpStream, Vec<u8>, bool) {

@@ -54,6 +54,17 @@ impl Leg {
         }
     }
 
+    /// The socket to splice from or into, when the leg's bytes on it are
+    /// plaintext to the kernel's splice (plain TCP, or kernel TLS with
+    /// nothing held back).
+    pub fn splice_socket(&self) -> Option<&TcpStream> {
+        match self {
+            Leg::Plain(tcp) => Some(tcp),
+            Leg::Kernel(k) if !k.has_pending() => Some(k.tcp()),
+            _ => None,
+        }
+    }
+
     fn is_tls(&self) -> bool {
         !matches!(self, Leg::Plain(_))
     }

@@ -77,6 +77,12 @@ impl NextHop {
         self.leg.write_all(bytes).await
     }
 
+    /// The socket chunk bytes can be spliced into (see
+    /// [`Leg::splice_socket`]); what was sent before has left already.
+    pub fn splice_socket(&self) -> Option<&TcpStream> {
+        self.leg.splice_socket()
+    }
+
     /// QUIT and close, waiting at most two seconds.
     pub async fn quit(mut self) {
         let _ = timeout(Duration::from_secs(2), async {

@@ -25,6 +25,8 @@ use crate::report::{
     Direction, Downgrade, LegSecurity, Outcome, PolicySession, SessionReport, SocketRecord,
 };
 use crate::tls::{cert_names, client_chain_verifies, ListenerTls};
+use std::os::fd::AsRawFd;
+use tlsrelay_sys::splice::{read_pipe, splice, tee, Pipe};
 
 /// Everything an SMTP listener's sessions need.
 pub struct SmtpListenerPlan {
@@ -78,6 +80,12 @@ struct Session<'a> {
     out: Vec<u8>,
     /// Becomes true when the relay's drain time is up.
     closing: Closing,
+    /// BDAT splicing: the chunk pipe and its tee, made at first use.
+    pipes: Option<(Pipe, Pipe)>,
+    /// The scanned copy of spliced chunk bytes.
+    scratch: Vec<u8>,
+    /// Chunk bytes that went to the next hop by splice.
+    chunk_bytes_spliced: u64,
 }
 
 /// Runs one SMTP session to its end.
@@ -106,6 +114,9 @@ pub async fn run(
         legs: Legs::default(),
         out: Vec::new(),
         closing,
+        pipes: None,
+        scratch: Vec::new(),
+        chunk_bytes_spliced: 0,
     };
     let outcome = match address {
         Ok(_) => session.run(client).await,
@@ -134,6 +145,10 @@ pub async fn run(
     // the kernel holds a leg's TLS).
     if report.outbound.is_some() {
         report.data_path = Some(DataPath::Userspace);
+    }
+    if session.chunk_bytes_spliced > 0 {
+        report.data_path = Some(DataPath::SpliceEpoll);
+        report.bytes_client_to_upstream = session.chunk_bytes_spliced;
     }
     report.ktls = legs.kernel_tls;
     report.path_reason = legs.userspace_reason;
@@ -206,11 +221,85 @@ impl Session<'_> {
             if let Err(e) = self.flush(&mut leg).await {
                 return failed(e);
             }
+            if server.chunk_on_socket() > 0 && self.forwarder.passes_chunks_through() {
+                match self.splice_chunk(&leg, &mut server).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(outcome) => return outcome,
+                }
+            }
             match self.read_client(&mut leg, &mut buf).await {
                 Ok(n) => server.feed(&buf[..n]),
                 Err(outcome) => return outcome,
             }
         }
+    }
+
+    /// Moves the BDAT chunk under way from the client's socket to the next
+    /// hop's with splice (both plain TCP or kernel TLS): socket -> pipe,
+    /// tee'd into a second pipe whose copy the server scans for bare CR/LF
+    /// before the bytes go on, pipe -> socket. Returns whether any moved;
+    /// `false` leaves the chunk to the ordinary reads (a leg that is not
+    /// spliceable, a kernel TLS control record next, a stall).
+    async fn splice_chunk(&mut self, leg: &Leg, server: &mut Server) -> Result<bool, Outcome> {
+        use tokio::io::Interest;
+        let (Some(src), Some(hop)) = (leg.splice_socket(), self.hop.as_ref()) else {
+            return Ok(false);
+        };
+        let Some(dst) = hop.splice_socket() else {
+            return Ok(false);
+        };
+        let pipes = match self.pipes.take() {
+            Some(pipes) => pipes,
+            None => match (Pipe::new(), Pipe::new()) {
+                (Ok(a), Ok(b)) => (a, b),
+                _ => return Ok(false),
+            },
+        };
+        let (a, b) = (&pipes.0, &pipes.1);
+        let capacity = a.capacity.min(b.capacity);
+        self.scratch.resize(capacity, 0);
+        let mut moved = false;
+        let mut left = server.chunk_on_socket();
+        while left > 0 {
+            let readable = timeout(self.plan.timeouts.command, src.readable()).await;
+            if !matches!(readable, Ok(Ok(()))) {
+                break; // the ordinary read path times out or fails it
+            }
+            let want = (left as usize).min(capacity);
+            let read = src.try_io(Interest::READABLE, || {
+                splice(src.as_raw_fd(), a.write.as_raw_fd(), want)
+            });
+            let n = match read {
+                Ok(0) => break, // the client closed: the ordinary path says so
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                // EINVAL: a kernel TLS control record comes next.
+                Err(_) => break,
+            };
+            let copy = &mut self.scratch[..n];
+            let teed = tee(a.read.as_raw_fd(), b.write.as_raw_fd(), n)
+                .and_then(|_| read_pipe(b.read.as_raw_fd(), copy));
+            if !matches!(teed, Ok(k) if k == n) {
+                self.pipes = None;
+                return Err(failed("splicing a BDAT chunk: tee of the pipe failed"));
+            }
+            moved = true;
+            left -= n as u64;
+            let clean = server.chunk_passed(copy);
+            self.chunk_bytes_spliced += clean as u64;
+            if let Err(e) = splice_out(a, dst, clean).await {
+                self.forwarder.hop_failed(&e.to_string());
+            }
+            if clean < n || !self.forwarder.passes_chunks_through() {
+                // Refused or the next hop failed: what is left in the pipe
+                // goes nowhere.
+                let _ = read_pipe(a.read.as_raw_fd(), &mut self.scratch[..n]);
+                break;
+            }
+        }
+        self.pipes = Some(pipes);
+        Ok(moved)
     }
 
     /// Reads the client's next bytes under the command timeout, or ends
@@ -419,4 +508,21 @@ impl Session<'_> {
         }
         self.plan.routing.admission.certificate_trust(cert)
     }
+}
+
+/// Splices `n` bytes from `pipe` into `dst`, waiting while it is full.
+async fn splice_out(pipe: &Pipe, dst: &TcpStream, mut n: usize) -> std::io::Result<()> {
+    use tokio::io::Interest;
+    while n > 0 {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), n)
+        }) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(k) => n -= k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
