@@ -275,7 +275,7 @@ async fn dane_ta_anchors_the_chain_and_checks_the_mx_name() {
         chain.extend(std::fs::read(&pki.ca_pem).unwrap());
         std::fs::write(&leaf.chain, chain).unwrap();
     }
-    let ca = tlsrelay_tests::dns::hex(
+    let ca = tlsrelay::hex(
         aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &pki.ca_der()).as_ref(),
     );
     let port = free_port();

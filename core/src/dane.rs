@@ -61,10 +61,17 @@ impl fmt::Display for Tlsa {
     }
 }
 
+impl Tlsa {
+    /// The record's presentation form, `3 1 1 <hex>`, as a zone file and
+    /// a TLS report's policy string write it.
+    pub fn presentation(&self) -> String {
+        format!("{self} {}", crate::hex(&self.data))
+    }
+}
+
 impl fmt::Debug for Tlsa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hex: String = self.data.iter().map(|b| format!("{b:02x}")).collect();
-        write!(f, "TLSA {self} {hex}")
+        write!(f, "TLSA {}", self.presentation())
     }
 }
 

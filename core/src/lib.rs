@@ -18,3 +18,8 @@ pub mod proxy;
 pub mod report;
 pub mod smtp;
 pub mod tlsrpt;
+
+/// Bytes as lowercase hex (TLSA data, digests), as DNS records write them.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -135,16 +135,12 @@ pub fn records(facts: &EdgeFacts) -> String {
     out += "\n; DANE (RFC 7672): TLSA 3 1 1 of every key served on port 25\n";
     for host in &facts.mx_hosts {
         for (digest, from) in &facts.tlsa {
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = tlsrelay_core::hex(digest);
             out += &format!("_25._tcp.{host}. IN TLSA 3 1 1 {hex} ; {from}\n");
         }
     }
     let policy = sts_policy(facts);
-    let id: String = sha256(policy.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let id = tlsrelay_core::hex(&sha256(policy.as_bytes())[..8]);
     out += "\n; MTA-STS (RFC 8461): the id changes whenever the policy below does\n";
     for domain in &facts.domains {
         out += &format!("_mta-sts.{domain}. IN TXT \"v=STSv1; id={id}\"\n");

@@ -7,6 +7,7 @@
 //! `smtp::session`, both setting up their legs through `legs` and, for
 //! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
+pub use tlsrelay_core::hex;
 pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report, tlsrpt};
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
@@ -30,3 +31,10 @@ mod state;
 mod sts_policies;
 mod tls;
 mod tls_reports;
+
+/// Seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

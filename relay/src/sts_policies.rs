@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use tokio::time::timeout;
@@ -47,21 +47,15 @@ pub struct StsPolicies {
 #[derive(Clone)]
 struct Cached {
     id: String,
-    fetched: u64,
+    fetched: i64,
     policy: Policy,
     text: String,
 }
 
 impl Cached {
-    fn fresh(&self, now: u64) -> bool {
-        now < self.fetched.saturating_add(self.policy.max_age)
+    fn fresh(&self, now: i64) -> bool {
+        now < self.fetched.saturating_add(self.policy.max_age as i64)
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl StsPolicies {
@@ -87,7 +81,7 @@ impl StsPolicies {
         if !crate::smtp::address::is_hostname(&domain) {
             return StsLookup::None; // it would name a cache file
         }
-        let cached = self.cached(&domain).filter(|c| c.fresh(now()));
+        let cached = self.cached(&domain).filter(|c| c.fresh(crate::unix_now()));
         let id = match self.resolver.txt(&format!("_mta-sts.{domain}")).await {
             Ok(answer) => txt_policy_id(&answer.records),
             Err(_) => None,
@@ -102,7 +96,7 @@ impl StsPolicies {
                         &domain,
                         Cached {
                             id,
-                            fetched: now(),
+                            fetched: crate::unix_now(),
                             policy: policy.clone(),
                             text,
                         },

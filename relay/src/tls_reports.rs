@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::RootCertStore;
 
@@ -22,17 +21,12 @@ use crate::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
 use crate::tlsrpt::{
     report_mail, rua, utc_day, DayResults, Envelope, PolicyDescriptor, Report, SessionResult,
 };
+use crate::unix_now;
 
 /// The day's results, as sessions add to them.
 pub struct TlsReports {
     dir: Option<PathBuf>,
     days: Mutex<HashMap<(String, String), DayResults>>,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl TlsReports {

@@ -131,10 +131,5 @@ pub fn tlsa_data(leaf: &crate::Leaf, selector: u8, matching: u8) -> String {
             .as_ref()
             .to_vec(),
     };
-    hex(&data)
-}
-
-/// Bytes as lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    tlsrelay::hex(&data)
 }

@@ -113,6 +113,15 @@ pub struct Leaf {
 }
 
 impl Leaf {
+    /// The name its files were written under.
+    pub fn stem(&self) -> String {
+        self.chain
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string()
+    }
+
     pub fn certs(&self) -> Vec<CertificateDer<'static>> {
         CertificateDer::pem_file_iter(&self.chain)
             .unwrap()
@@ -160,12 +169,7 @@ impl Pki {
     /// An `openssl ca`-style index listing `leaf`'s certificate as `good`
     /// (valid) or `revoked`, for `openssl ocsp` to answer from.
     pub fn ocsp_index(&self, leaf: &Leaf, status: &str) -> PathBuf {
-        let stem = leaf
-            .chain
-            .file_stem()
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
+        let stem = leaf.stem();
         let serial = openssl(&[
             "x509".as_ref(),
             "-serial".as_ref(),
@@ -187,12 +191,7 @@ impl Pki {
     /// with `openssl ocsp`: `good`, or `revoked`.
     pub fn ocsp_response(&self, leaf: &Leaf, status: &str) -> PathBuf {
         let dir = self.dir.path();
-        let stem = leaf
-            .chain
-            .file_stem()
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
+        let stem = leaf.stem();
         let os = |s: &str| std::ffi::OsString::from(s);
         let index = self.ocsp_index(leaf, status);
         let request = dir.join(format!("{stem}.ocsp-req"));

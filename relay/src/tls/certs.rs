@@ -44,10 +44,8 @@ pub fn load_ocsp_staple(path: &Path, chain: &[CertificateDer<'_>]) -> Result<Vec
         .first()
         .ok_or_else(|| TlsError::file(path, "no certificate to staple it to"))?;
     let serial = certificate_serial(end_entity).map_err(|e| TlsError::file(path, e))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    tlsrelay_core::ocsp::check(&der, &serial, now).map_err(|e| TlsError::file(path, e))?;
+    tlsrelay_core::ocsp::check(&der, &serial, crate::unix_now())
+        .map_err(|e| TlsError::file(path, e))?;
     Ok(der)
 }
 
