@@ -447,10 +447,12 @@ impl OutboundConnector {
         }
     }
 
-    /// DANE in force: `on` for MX delivery unless set, never otherwise.
+    /// DANE in force: `on` for MX delivery unless set; never without MX
+    /// delivery or without TLS (policy plain).
     pub fn dane_mode(&self) -> DaneMode {
         match (&self.dane, self.mx_port()) {
             (_, None) => DaneMode::Off,
+            _ if self.tls.policy == OutboundPolicy::Plain => DaneMode::Off,
             (Some(mode), _) => *mode.get_ref(),
             (None, _) => DaneMode::On,
         }

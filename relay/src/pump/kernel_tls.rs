@@ -23,7 +23,7 @@ const MAX_PLAINTEXT: usize = 16 * 1024;
 pub struct KernelTls {
     tcp: TcpStream,
     /// Plaintext rustls had decrypted before the handoff, read first; also
-    /// what a record read into the scratch buffer left over.
+    /// a record read for a buffer too small to take it whole.
     pending: Vec<u8>,
     pending_at: usize,
     /// The peer's close_notify (or FIN) has been read.
@@ -89,55 +89,44 @@ impl AsyncRead for KernelTls {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pending_at < this.pending.len() {
-            let n = buf.remaining().min(this.pending.len() - this.pending_at);
-            buf.put_slice(&this.pending[this.pending_at..this.pending_at + n]);
-            this.pending_at += n;
-            if this.pending_at == this.pending.len() {
-                this.pending.clear();
-                this.pending_at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if this.read_done || buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
         loop {
+            if this.pending_at < this.pending.len() {
+                let n = buf.remaining().min(this.pending.len() - this.pending_at);
+                buf.put_slice(&this.pending[this.pending_at..this.pending_at + n]);
+                this.pending_at += n;
+                if this.pending_at == this.pending.len() {
+                    this.pending.clear();
+                    this.pending_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_done || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
             ready!(this.tcp.poll_read_ready(cx))?;
-            // A small buffer could cut a control record: records go into a
-            // scratch buffer then, and what does not fit waits in `pending`.
-            let direct = buf.remaining() >= MAX_PLAINTEXT;
-            let result = if direct {
-                let into = buf.initialize_unfilled();
-                this.read_record(into)
+            // A small buffer could cut a control record: records go into
+            // `pending` then, and are handed out from there.
+            let read = if buf.remaining() >= MAX_PLAINTEXT {
+                match this.read_record(buf.initialize_unfilled()) {
+                    Ok(Some(n)) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    other => other,
+                }
             } else {
                 let mut scratch = std::mem::take(&mut this.pending);
                 scratch.resize(MAX_PLAINTEXT, 0);
                 let read = this.read_record(&mut scratch);
-                if let Ok(Some(n)) = read {
-                    scratch.truncate(n);
-                } else {
-                    scratch.clear();
-                }
+                scratch.truncate(match read {
+                    Ok(Some(n)) => n,
+                    _ => 0,
+                });
                 this.pending = scratch;
                 read
             };
-            match result {
-                Ok(Some(n)) if direct => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Some(_)) => {
-                    let n = buf.remaining().min(this.pending.len());
-                    buf.put_slice(&this.pending[..n]);
-                    this.pending_at = n;
-                    if n == this.pending.len() {
-                        this.pending.clear();
-                        this.pending_at = 0;
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(None) => continue,
+            match read {
+                Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }

@@ -13,7 +13,7 @@ use super::codec::Reply;
 use super::forward::tls_required;
 use super::mx::{mx_hosts, MxHosts};
 use crate::config::{DaneMode, HostPort};
-use crate::dane::{host_tls, wants_tlsa, DnsFailure, HostTls};
+use crate::dane::{host_tls, wants_tlsa, DnsFailure, HostTls, Tlsa};
 use crate::dns::DnsResolver;
 use crate::legs::{OutboundFailure, Target};
 use crate::mta_sts::Mode;
@@ -32,6 +32,7 @@ const MAX_HOSTS: usize = 10;
 /// A connector that delivers to each recipient domain's MX hosts.
 pub struct MxRoute {
     pub port: u16,
+    /// DANE in force (off for a plain connector).
     pub dane: DaneMode,
     /// The connector's TLS for any MX host (`None`: policy plain); each
     /// host's name is filled in per connection.
@@ -50,7 +51,7 @@ struct MxHost {
     tls: HostTls,
 }
 
-/// What stopped delivery to the hosts tried, worst last.
+/// What stopped delivery to the hosts tried.
 #[derive(Default)]
 struct Problems {
     dns: Vec<String>,
@@ -61,22 +62,14 @@ struct Problems {
 }
 
 impl MxRoute {
-    /// DANE in force: none without TLS.
-    fn dane_mode(&self) -> DaneMode {
-        match self.tls {
-            Some(_) => self.dane,
-            None => DaneMode::Off,
-        }
-    }
-
     /// What `check` and the banner print after the route.
     pub fn describe(&self, policy: OutboundPolicy) -> String {
-        let dane = match self.dane_mode() {
+        let dane = match self.dane {
             DaneMode::Off => "DANE off".to_string(),
             DaneMode::On => "DANE where TLSA records are DNSSEC-proven, else".into(),
             DaneMode::Only => "DANE only (451 4.7.5 without DNSSEC-proven TLSA records)".into(),
         };
-        let tls = match (&self.tls, self.dane_mode()) {
+        let tls = match (&self.tls, self.dane) {
             (_, DaneMode::Only) => String::new(),
             (Some(settings), _) => format!(
                 " TLS {policy}, verify {} [the MX host name]",
@@ -287,7 +280,7 @@ impl MxRoute {
             }
             MxHosts::Hosts(names) => names,
         };
-        let mode = self.dane_mode();
+        let mode = self.dane;
         let mut hosts = Vec::new();
         for name in names.into_iter().take(MAX_HOSTS) {
             let (addresses, tls) = match self.resolver.addresses(&name).await {
@@ -341,10 +334,9 @@ impl Reporter<'_> {
             mx_host: Vec::new(),
         };
         match tls {
-            HostTls::Dane(records) => tlsa(records.iter().map(tlsa_presentation).collect()),
-            HostTls::EncryptOnly => tlsa(Vec::new()),
-            HostTls::Skip { result, .. } if *result != "validation-failure" => tlsa(Vec::new()),
-            _ => self.sts_or_none(),
+            HostTls::Dane(records) => tlsa(records.iter().map(Tlsa::presentation).collect()),
+            HostTls::EncryptOnly | HostTls::Skip { .. } => tlsa(Vec::new()),
+            HostTls::Policy => self.sts_or_none(),
         }
     }
 
@@ -435,12 +427,6 @@ fn sts_descriptor(domain: &str, sts: &StsLookup) -> Option<PolicyDescriptor> {
         policy_domain: domain.into(),
         mx_host: mx,
     })
-}
-
-/// `3 1 1 <hex>`, as a TLSA record's presentation form.
-fn tlsa_presentation(tlsa: &crate::dane::Tlsa) -> String {
-    let hex: String = tlsa.data.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{tlsa} {hex}")
 }
 
 impl Problems {
