@@ -109,6 +109,7 @@ fn assert_path_with(report: &SessionReport, ktls_legs: &[Side], splice: DataPath
 fn probe_reports_what_the_kernel_can_do() {
     let support = ktls::probe();
     println!("{}", support.summary());
+    rekey_here();
     if ktls_here() {
         for version in [ktls::KtlsVersion::Tls12, ktls::KtlsVersion::Tls13] {
             for cipher in ktls::KtlsCipher::ALL {
@@ -152,22 +153,33 @@ async fn bulk_echo<S>(stream: S, data: &[u8])
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
+    let back = try_bulk_echo(stream, data)
+        .await
+        .expect("clean end of stream (close_notify) from the relay");
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "relayed bytes differ");
+}
+
+/// What came back for `data` sent (then close_notify and FIN), read until
+/// the relay's clean end; the read's error otherwise.
+async fn try_bulk_echo<S>(stream: S, data: &[u8]) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let (mut reader, mut writer) = tokio::io::split(stream);
     let to_send = data.to_vec();
     let sender = tokio::spawn(async move {
         for chunk in to_send.chunks(256 * 1024) {
-            writer.write_all(chunk).await.unwrap();
+            writer.write_all(chunk).await?;
         }
-        writer.shutdown().await.unwrap(); // close_notify + FIN
+        writer.shutdown().await // close_notify + FIN
     });
     let mut back = Vec::with_capacity(data.len());
     tokio::time::timeout(Duration::from_secs(600), reader.read_to_end(&mut back))
         .await
-        .expect("bulk echo finished in time")
-        .expect("clean end of stream (close_notify) from the relay");
-    sender.await.unwrap();
-    assert_eq!(back.len(), data.len());
-    assert!(back == data, "relayed bytes differ");
+        .expect("bulk echo finished in time")?;
+    sender.await.unwrap()?;
+    Ok(back)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,11 +343,133 @@ async fn slow_reader_behind_ktls_gets_exact_bytes() {
     );
 }
 
-/// A TLS 1.3 peer that updates its keys mid-stream. Userspace rustls follows
-/// the update; kernel TLS without rekey support must end the session
-/// cleanly (never pass on garbage), with everything before it intact.
+/// Whether this kernel can rekey kTLS (Linux 6.14+); vmtest says which
+/// kernel it booted (TLSRELAY_EXPECT_REKEY), so a wrong probe fails.
+fn rekey_here() -> bool {
+    let support = ktls::probe();
+    if let Ok(expected) = std::env::var("TLSRELAY_EXPECT_REKEY") {
+        assert_eq!(support.rekey, expected == "1", "{}", support.summary());
+    }
+    support.rekey
+}
+
+/// Peers that send a TLS 1.3 KeyUpdate (asking for one back) before every
+/// 64 KiB they write, over the bulk size each way: the client, and in the
+/// bridge the upstream too. Userspace rustls follows them; kernel TLS that
+/// can rekey follows them too, byte-exact, with the kernel's rekey
+/// counters rising by every update each way; kernel TLS that cannot ends
+/// the session at the first one with a fatal alert to each TLS peer, so
+/// neither takes the cut for a clean end.
+async fn key_update_storm(bridge: bool) {
+    const EVERY: usize = 64 * 1024;
+    let pki = Pki::new();
+    let (upstream, route, upstream_sessions) = if bridge {
+        let (addr, sessions) = key_updating_tls_echo(&pki, EVERY).await;
+        (addr, required_route(&pki), Some(sessions))
+    } else {
+        (
+            plain_echo().await,
+            "tls.policy = \"plain\"".to_string(),
+            None,
+        )
+    };
+    let mut relay = TestRelay::start(&relay_toml("implicit", upstream, &route), pki.dir()).await;
+    let before = tls_stat();
+    let opts = ClientOptions {
+        versions: Versions::Tls13Only,
+        ..Default::default()
+    };
+    let tls = tls_connect(relay.addr("in"), "relay.test", &opts)
+        .await
+        .unwrap();
+    let data = random_bytes(bulk_bytes(), 5);
+    let updates_each_way = (data.len() / EVERY - 1) as u64;
+    let result = try_bulk_echo(KeyUpdating::new(tls, EVERY), &data).await;
+    let report = relay.next_report().await;
+    let legs: &[Side] = if bridge {
+        &[Side::Client, Side::Upstream]
+    } else {
+        &[Side::Client]
+    };
+    if ktls_here() && !rekey_here() {
+        let err = result.expect_err("a session cut at a KeyUpdate");
+        assert!(err.to_string().contains("InternalError"), "{err}: {report}");
+        match &report.outcome {
+            Outcome::Relayed {
+                end: PumpEnd::Reset { detail, .. },
+            } => assert!(detail.contains("KeyUpdate"), "{report}"),
+            other => panic!("expected the end at a KeyUpdate, got {other:?}"),
+        }
+        if let Some(mut sessions) = upstream_sessions {
+            let upstream = sessions.recv().await.unwrap();
+            let err = upstream.expect_err("upstream session cut");
+            assert!(err.to_string().contains("InternalError"), "{err}");
+        }
+        return;
+    }
+    let back = result.expect("relayed through every KeyUpdate");
+    assert!(back == data, "relayed bytes differ ({report})");
+    assert_eq!(
+        report.outcome,
+        Outcome::Relayed {
+            end: PumpEnd::Closed
+        },
+        "{report}"
+    );
+    if let Some(mut sessions) = upstream_sessions {
+        let updates = sessions.recv().await.unwrap().unwrap() as u64;
+        assert!(updates >= updates_each_way, "upstream sent {updates}");
+    }
+    assert_path(&report, legs);
+    if ktls_here() {
+        let after = tls_stat();
+        let rose = |c: &str| after[c] - before.get(c).copied().unwrap_or(0);
+        // Every peer update followed. Requests are answered with one update
+        // before the relay's next data, however many came meanwhile (RFC
+        // 8446 4.6.3; rustls gives up after 32 updates without data
+        // between), so the relay sends fewer, but some on every leg.
+        let expected = updates_each_way * legs.len() as u64;
+        assert!(
+            rose("TlsRxRekeyOk") >= expected,
+            "TlsRxRekeyOk rose by {}, expected {expected}: {report}",
+            rose("TlsRxRekeyOk")
+        );
+        assert!(
+            rose("TlsTxRekeyOk") >= legs.len() as u64,
+            "TlsTxRekeyOk rose by {}: {report}",
+            rose("TlsTxRekeyOk")
+        );
+        for counter in ["TlsRxRekeyError", "TlsTxRekeyError", "TlsDecryptError"] {
+            assert_eq!(rose(counter), 0, "{counter}: {report}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_update_from_the_client() {
+async fn key_update_storm_on_tls_termination() {
+    key_update_storm(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_update_storm_on_a_tls_bridge() {
+    key_update_storm(true).await;
+}
+
+/// OpenSSL's s_client as the TLS client (as the peers: OpenSSL
+/// 3.0), sending lines through the relay to a plain echo with a KeyUpdate
+/// after each, alternately `k` (update_not_requested) and `K` (requested):
+/// every line comes back, and on a kernel that rekeys the kernel's
+/// counters show each update followed and each request answered. Where the
+/// kernel cannot rekey, the first update ends the session and s_client
+/// reports the relay's alert instead of a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_key_updates_of_both_kinds() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    if !have_program("openssl", "version", "openssl") {
+        assert!(!ktls_expected(), "openssl missing in the kTLS VM");
+        return;
+    }
+    const LINES: usize = 40;
     let pki = Pki::new();
     let upstream = plain_echo().await;
     let mut relay = TestRelay::start(
@@ -343,37 +477,87 @@ async fn key_update_from_the_client() {
         pki.dir(),
     )
     .await;
-    let opts = ClientOptions {
-        versions: Versions::Tls13Only,
-        ..Default::default()
-    };
-    let mut tls = tls_connect(relay.addr("in"), "relay.test", &opts)
-        .await
+    let before = tls_stat();
+    let mut s_client = tokio::process::Command::new("openssl")
+        .args(["s_client", "-brief", "-tls1_3", "-connect"])
+        .arg(relay.addr("in").to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .unwrap();
-    tls.write_all(b"before the update").await.unwrap();
-    let mut buf = [0u8; 17];
-    tls.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"before the update");
-    tls.get_mut().1.refresh_traffic_keys().unwrap();
-    let after = exchange(&mut tls, b"after").await;
-    let report = relay.next_report().await;
-    if ktls_here() {
-        assert!(after.map_or(true, |b| b.is_empty()), "{report}");
-        match &report.outcome {
-            Outcome::Relayed {
-                end:
-                    PumpEnd::Reset {
-                        side: Side::Client,
-                        detail,
-                    },
-            } => {
-                assert!(detail.contains("KeyUpdate"), "{report}")
-            }
-            other => panic!("expected a clean end on KeyUpdate, got {other:?}"),
+    let mut stdin = s_client.stdin.take().unwrap();
+    let mut stdout = BufReader::new(s_client.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(s_client.stderr.take().unwrap()).lines();
+    let follows = !ktls_here() || rekey_here();
+    let mut echoed = 0;
+    for i in 0..LINES {
+        // s_client takes a command from a read that starts with its letter:
+        // a line at a time, each waited for.
+        let line = format!("line {i} through the relay");
+        if stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break; // s_client has exited
         }
-        assert_eq!(report.bytes_client_to_upstream, 17, "{report}");
-    } else {
-        assert_eq!(after.unwrap(), b"after");
+        let back = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(l) = stdout.next_line().await.unwrap() {
+                if l == line {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !back {
+            break;
+        }
+        echoed += 1;
+        let command = if i % 2 == 0 { "k\n" } else { "K\n" };
+        if stdin.write_all(command.as_bytes()).await.is_err() {
+            break;
+        }
+        // s_client says KEYUPDATE on stderr once it has sent it.
+        while let Some(l) = stderr.next_line().await.unwrap() {
+            if l.contains("KEYUPDATE") {
+                break;
+            }
+        }
+    }
+    let _ = stdin.write_all(b"Q\n").await;
+    let mut errors = String::new();
+    while let Ok(Ok(Some(l))) =
+        tokio::time::timeout(Duration::from_secs(10), stderr.next_line()).await
+    {
+        errors += &l;
+        errors.push('\n');
+    }
+    let _ = s_client.wait().await;
+    let report = relay.next_report().await;
+    if !follows {
+        assert_eq!(echoed, 1, "only the line before the first update: {report}");
+        assert!(errors.contains("internal error"), "{errors}\n{report}");
+        return;
+    }
+    assert_eq!(echoed, LINES, "{errors}\n{report}");
+    assert_eq!(
+        report.outcome,
+        Outcome::Relayed {
+            end: PumpEnd::Closed
+        },
+        "{report}"
+    );
+    assert_path(&report, &[Side::Client]);
+    if ktls_here() {
+        let after = tls_stat();
+        let rose = |c: &str| after[c] - before.get(c).copied().unwrap_or(0);
+        assert!(rose("TlsRxRekeyOk") >= LINES as u64, "{after:?}");
+        assert!(rose("TlsTxRekeyOk") >= LINES as u64 / 2, "{after:?}");
+        assert_eq!(rose("TlsRxRekeyError"), 0);
     }
 }
 

@@ -103,7 +103,7 @@ pub async fn accept_tls(
     tcp: TcpStream,
     limit: Duration,
 ) -> Result<ServerStream, TlsFailure> {
-    match timeout(limit, tls.acceptor().accept(RecordIo::new(tcp))).await {
+    match timeout(limit, tls.accept(tcp)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(classify_failure(&e)),
         Err(_) => Err(TlsFailure::HandshakeFailed("timed out".into())),
@@ -308,9 +308,7 @@ async fn handshake<G: Greeter>(
     limit: Duration,
     greeter: &mut G,
 ) -> Result<OutboundLeg, TlsFailure> {
-    let connecting = tls
-        .connector()
-        .connect(tls.server_name(), RecordIo::new(tcp));
+    let connecting = tls.connect(tcp);
     let stream = match timeout(limit, connecting).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(classify_failure(&e)),

@@ -15,6 +15,9 @@ use std::sync::OnceLock;
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
 use serde::Serialize;
 
+mod rekey;
+pub use rekey::{post_handshake, PostHandshake, Rekey, Role, SecretCapture};
+
 const SOL_TCP: libc::c_int = 6;
 const TCP_ULP: libc::c_int = 31;
 const SOL_TLS: libc::c_int = 282;
@@ -47,6 +50,13 @@ impl KtlsCipher {
         KtlsCipher::Aes256Gcm,
         KtlsCipher::Chacha20Poly1305,
     ];
+
+    fn key_len(self) -> usize {
+        match self {
+            KtlsCipher::Aes128Gcm => 16,
+            KtlsCipher::Aes256Gcm | KtlsCipher::Chacha20Poly1305 => 32,
+        }
+    }
 
     /// The kTLS equivalent of a rustls suite, if there is one.
     pub fn of(suite: rustls::CipherSuite) -> Option<KtlsCipher> {
@@ -118,6 +128,9 @@ pub struct KtlsSupport {
     pub unavailable: Option<String>,
     /// (version, cipher, TX and RX both accepted).
     pub combinations: Vec<(KtlsVersion, KtlsCipher, bool)>,
+    /// TLS 1.3 keys can be replaced on a live socket (Linux 6.14+), so a
+    /// peer's KeyUpdate is followed instead of ending the session.
+    pub rekey: bool,
 }
 
 impl KtlsSupport {
@@ -150,6 +163,11 @@ impl KtlsSupport {
                 if !missing.is_empty() {
                     s += &format!("; not for {} (userspace rustls there)", missing.join(", "));
                 }
+                s += if self.rekey {
+                    "; follows TLS 1.3 KeyUpdates"
+                } else {
+                    "; cannot rekey: a TLS 1.3 KeyUpdate ends the session"
+                };
                 s
             }
         }
@@ -165,6 +183,7 @@ pub fn probe() -> &'static KtlsSupport {
         Err(e) => KtlsSupport {
             unavailable: Some(e.to_string()),
             combinations: Vec::new(),
+            rekey: false,
         },
     })
 }
@@ -191,9 +210,17 @@ fn probe_now() -> Result<KtlsSupport, KtlsError> {
             combinations.push((version, cipher, ok));
         }
     }
+    // A second TLS_TX on a TLS 1.3 socket: a rekey (EBUSY before 6.14).
+    let rekey = loopback_pair().is_ok_and(|(c, _s)| {
+        let info = CryptoInfo::zeroed(KtlsVersion::Tls13, KtlsCipher::Aes128Gcm);
+        set_ulp(c.as_raw_fd()).is_ok()
+            && set_crypto(c.as_raw_fd(), TLS_TX, &info).is_ok()
+            && set_crypto(c.as_raw_fd(), TLS_TX, &info).is_ok()
+    });
     Ok(KtlsSupport {
         unavailable: None,
         combinations,
+        rekey,
     })
 }
 
@@ -257,11 +284,7 @@ impl CryptoInfo {
     }
 
     fn zeroed(version: KtlsVersion, cipher: KtlsCipher) -> CryptoInfo {
-        let key_len = match cipher {
-            KtlsCipher::Aes128Gcm => 16,
-            _ => 32,
-        };
-        CryptoInfo::build(version, cipher, &[0; 32][..key_len], &[0; 12], 0)
+        CryptoInfo::build(version, cipher, &[0; 32][..cipher.key_len()], &[0; 12], 0)
     }
 
     fn from_secrets(
@@ -395,6 +418,13 @@ pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<(u8, usize)> {
 /// Sends a close_notify alert on a kTLS TX socket.
 pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
     send_record(fd, RECORD_ALERT, &[1, 0]) // warning(1), close_notify(0)
+}
+
+/// Sends a fatal internal_error alert on a kTLS TX socket: the session
+/// ended for a reason on the relay's side or the other leg's, and the peer
+/// must not take what it got for the whole stream.
+pub fn send_fatal_alert(fd: RawFd) -> io::Result<()> {
+    send_record(fd, RECORD_ALERT, &[2, 80]) // fatal(2), internal_error(80)
 }
 
 fn send_record(fd: RawFd, record_type: u8, payload: &[u8]) -> io::Result<()> {

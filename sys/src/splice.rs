@@ -16,6 +16,8 @@ pub struct SpliceLeg {
     pub leftover: Vec<u8>,
     /// The peer had already sent close_notify.
     pub peer_closed: bool,
+    /// TLS 1.3 secrets for KeyUpdates, when the kernel can rekey.
+    pub rekey: Option<ktls::Rekey>,
 }
 
 /// What a direction's pipe asks for: a quarter of the splices of the
@@ -167,28 +169,68 @@ pub fn copy_some(
 pub enum Control {
     /// close_notify: the peer is done sending.
     Closed,
-    /// A record to skip (a TLS 1.3 NewSessionTicket).
+    /// Dealt with (a session ticket skipped, a KeyUpdate followed): read on.
     Skip,
 }
 
-/// Decides on a control record read from a kTLS RX socket.
-pub fn control(kind: u8, body: &[u8]) -> io::Result<Control> {
+/// Decides on a control record read from the kTLS RX socket `fd`, and
+/// follows a TLS 1.3 KeyUpdate when the kernel can rekey and the leg kept
+/// its secrets (`rekey`); without them a KeyUpdate ends the session, since
+/// the records after it cannot be decrypted.
+pub fn control(
+    kind: u8,
+    body: &[u8],
+    fd: RawFd,
+    rekey: Option<&ktls::Rekey>,
+) -> io::Result<Control> {
     match (kind, body) {
         (ktls::RECORD_ALERT, [_, 0]) => Ok(Control::Closed),
         (ktls::RECORD_ALERT, [level, desc]) => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             format!("peer sent TLS alert {desc} (level {level})"),
         )),
-        // NewSessionTicket: only useful for resuming as a client later.
-        (ktls::RECORD_HANDSHAKE, [4, ..]) => Ok(Control::Skip),
-        (ktls::RECORD_HANDSHAKE, [24, ..]) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "peer sent a TLS 1.3 KeyUpdate; this kernel TLS cannot rekey, closing rather than corrupting data",
-        )),
+        (ktls::RECORD_HANDSHAKE, body) => match (ktls::post_handshake(body)?, rekey) {
+            (ktls::PostHandshake::Tickets, _) => Ok(Control::Skip),
+            (ktls::PostHandshake::KeyUpdate { update_requested }, Some(rekey)) => {
+                rekey.follow_peer(fd, update_requested)?;
+                Ok(Control::Skip)
+            }
+            (ktls::PostHandshake::KeyUpdate { .. }, None) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "peer sent a TLS 1.3 KeyUpdate; this kernel TLS cannot rekey, closing rather than corrupting data",
+            )),
+        },
         (kind, body) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unexpected TLS record type {kind} ({} bytes) after the handshake", body.len()),
         )),
+    }
+}
+
+/// Ends a leg of a failed session so its peer can tell: a kTLS leg gets a
+/// fatal alert (then FIN), waiting a moment for room behind the bytes
+/// already queued; a leg that got none is reset when `reset` (the side
+/// that did not fail).
+pub async fn abort(tcp: &tokio::net::TcpStream, ktls: bool, reset: bool) {
+    const ALERT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+    if ktls {
+        let alert = async {
+            loop {
+                tcp.writable().await?;
+                match tcp.try_io(tokio::io::Interest::WRITABLE, || {
+                    ktls::send_fatal_alert(tcp.as_raw_fd())
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            }
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(ALERT_WAIT, alert).await {
+            return;
+        }
+    }
+    if reset {
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 

@@ -65,10 +65,14 @@ fn decode(ud: u64) -> (usize, u16, usize, u8) {
 struct Job {
     socks: [TcpStream; 2],
     ktls: [bool; 2],
+    rekey: [Option<ktls::Rekey>; 2],
     peer_closed: [bool; 2],
     idle: Duration,
-    done: oneshot::Sender<([u64; 2], PumpEnd)>,
+    done: oneshot::Sender<Finished>,
 }
+
+/// A session's byte counts and end, with its sockets handed back.
+type Finished = ([u64; 2], PumpEnd, [TcpStream; 2]);
 
 /// A ring for the calling thread alone. Completions' task work runs when
 /// the worker asks for events (DEFER_TASKRUN), not by interrupting it at
@@ -259,6 +263,8 @@ pub async fn run(client: SpliceLeg, upstream: SpliceLeg, idle: Duration) -> ([u6
         [client.ktls, upstream.ktls],
         [client.peer_closed, upstream.peer_closed],
     );
+    let (mut client, mut upstream) = (client, upstream);
+    let rekey = [client.rekey.take(), upstream.rekey.take()];
     let socks = match (to_std(client), to_std(upstream)) {
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => {
@@ -274,6 +280,7 @@ pub async fn run(client: SpliceLeg, upstream: SpliceLeg, idle: Duration) -> ([u6
     let job = Job {
         socks,
         ktls,
+        rekey,
         peer_closed,
         idle,
         done,
@@ -282,7 +289,16 @@ pub async fn run(client: SpliceLeg, upstream: SpliceLeg, idle: Duration) -> ([u6
         return (sent, PumpEnd::SetupFailed { detail });
     }
     match result.await {
-        Ok((counts, end)) => ([counts[0] + sent[0], counts[1] + sent[1]], end),
+        Ok((counts, end, socks)) => {
+            if let PumpEnd::Reset { side, .. } = &end {
+                for ((sock, ktls), leg) in socks.into_iter().zip(ktls).zip(SIDES) {
+                    if let Ok(sock) = tokio::net::TcpStream::from_std(sock) {
+                        crate::splice::abort(&sock, ktls, *side != leg).await;
+                    }
+                }
+            }
+            ([counts[0] + sent[0], counts[1] + sent[1]], end)
+        }
         Err(_) => (
             sent,
             PumpEnd::SetupFailed {
@@ -326,13 +342,14 @@ struct Session {
     generation: u16,
     socks: [TcpStream; 2],
     ktls: [bool; 2],
+    rekey: [Option<ktls::Rekey>; 2],
     dirs: [Direction; 2],
     counts: [u64; 2],
     idle: Duration,
     last_activity: Instant,
     /// Set once the session is ending; freed when nothing is in flight.
     end: Option<PumpEnd>,
-    done: Option<oneshot::Sender<([u64; 2], PumpEnd)>>,
+    done: Option<oneshot::Sender<Finished>>,
 }
 
 const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
@@ -485,7 +502,7 @@ impl WorkerLoop {
                 let end = PumpEnd::SetupFailed {
                     detail: format!("pipe: {e}"),
                 };
-                let _ = job.done.send(([0, 0], end));
+                let _ = job.done.send(([0, 0], end, job.socks));
                 return;
             }
         };
@@ -508,6 +525,7 @@ impl WorkerLoop {
             generation: self.generation,
             socks: job.socks,
             ktls: job.ktls,
+            rekey: job.rekey,
             dirs: [dir(0, 1, p0), dir(1, 0, p1)],
             counts: [0, 0],
             idle: job.idle,
@@ -576,7 +594,18 @@ impl WorkerLoop {
         let dst_fd = s.socks[s.dirs[d].dst].as_raw_fd();
         let (src_side, dst_side) = (SIDES[s.dirs[d].src], SIDES[s.dirs[d].dst]);
         let src_ktls = s.ktls[s.dirs[d].src];
+        // Bytes written to a kTLS destination count towards its key's limit;
+        // a KeyUpdate its peer asked for goes out before them.
+        let rekey = |s: &Session, n: usize| match &s.rekey[s.dirs[d].dst] {
+            Some(r) => r.wrote(dst_fd, n),
+            None => Ok(()),
+        };
         for _ in 0..BUDGET {
+            if let Some(r) = &s.rekey[s.dirs[d].dst] {
+                if let Err(e) = r.before_write(dst_fd) {
+                    return Step::Failed(dst_side, e);
+                }
+            }
             let dir = &mut s.dirs[d];
             if dir.in_pipe == 0 && dir.small && !src_ktls {
                 match copy_some(src_fd, dst_fd, dir.pipe_w.as_raw_fd(), buf) {
@@ -587,6 +616,10 @@ impl WorkerLoop {
                         drained,
                     }) => {
                         s.counts[d] += sent as u64;
+                        if let Err(e) = rekey(s, sent) {
+                            return Step::Failed(dst_side, e);
+                        }
+                        let dir = &mut s.dirs[d];
                         s.last_activity = Instant::now();
                         dir.in_pipe = read - sent;
                         dir.small = drained;
@@ -608,6 +641,9 @@ impl WorkerLoop {
                     Ok(n) => {
                         dir.in_pipe -= n;
                         s.counts[d] += n as u64;
+                        if let Err(e) = rekey(s, n) {
+                            return Step::Failed(dst_side, e);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         return Step::Wait(dst_fd, libc::POLLOUT as u32, Op::PollOut)
@@ -675,12 +711,13 @@ impl WorkerLoop {
     /// Splice refused a non-data record on a kTLS source: read it and act.
     fn control_record(&mut self, slot: usize, d: usize) {
         let Some(s) = self.session(slot) else { return };
-        let src = s.socks[s.dirs[d].src].as_raw_fd();
-        let side = SIDES[s.dirs[d].src];
+        let src_idx = s.dirs[d].src;
+        let src = s.socks[src_idx].as_raw_fd();
+        let side = SIDES[src_idx];
         let mut record = vec![0u8; 16 * 1024 + 256];
-        match ktls::recv_record(src, &mut record)
-            .and_then(|(kind, n)| crate::splice::control(kind, &record[..n]))
-        {
+        match ktls::recv_record(src, &mut record).and_then(|(kind, n)| {
+            crate::splice::control(kind, &record[..n], src, s.rekey[src_idx].as_ref())
+        }) {
             Ok(crate::splice::Control::Closed) => self.finish_direction(slot, d),
             Ok(crate::splice::Control::Skip) => self.run_direction(slot, d),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.run_direction(slot, d),
@@ -727,13 +764,7 @@ impl WorkerLoop {
     }
 
     fn fail(&mut self, slot: usize, side: Side, err: io::Error) {
-        let Some(s) = self.session(slot) else { return };
-        // Propagate a reset to the side that did not fail.
-        let other = &s.socks[match side {
-            Side::Client => 1,
-            Side::Upstream => 0,
-        }];
-        let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
+        // The legs are ended (alerts, resets) by `run` once they are back.
         self.end(
             slot,
             PumpEnd::Reset {
@@ -776,9 +807,10 @@ impl WorkerLoop {
         };
         self.free.push(slot);
         if let (Some(done), Some(end)) = (s.done.take(), s.end.take()) {
-            let _ = done.send((s.counts, end));
+            let _ = done.send((s.counts, end, s.socks));
         }
-        // Sockets and pipes close here, after their last operation.
+        // Pipes close here, after their last operation; the sockets went
+        // back to `run` (or close here if it is gone).
     }
 
     fn check_idle(&mut self) {
@@ -818,6 +850,7 @@ mod tests {
             ktls: false,
             leftover: Vec::new(),
             peer_closed: false,
+            rekey: None,
         }
     }
 

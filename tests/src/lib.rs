@@ -845,3 +845,125 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A rustls stream that sends a TLS 1.3 KeyUpdate (asking the peer for
+/// one back) before every `every` bytes it writes: a peer that rekeys as
+/// hard as Java clients can.
+pub struct KeyUpdating<S> {
+    inner: S,
+    every: usize,
+    written: usize,
+    /// KeyUpdates sent.
+    pub updates: usize,
+}
+
+/// The rustls streams [`KeyUpdating`] wraps.
+pub trait RefreshKeys {
+    fn refresh_keys(&mut self);
+}
+
+impl<IO> RefreshKeys for tokio_rustls::client::TlsStream<IO> {
+    fn refresh_keys(&mut self) {
+        self.get_mut().1.refresh_traffic_keys().unwrap();
+    }
+}
+
+impl<IO> RefreshKeys for tokio_rustls::server::TlsStream<IO> {
+    fn refresh_keys(&mut self) {
+        self.get_mut().1.refresh_traffic_keys().unwrap();
+    }
+}
+
+impl<S> KeyUpdating<S> {
+    pub fn new(inner: S, every: usize) -> Self {
+        KeyUpdating {
+            inner,
+            every,
+            written: 0,
+            updates: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for KeyUpdating<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + RefreshKeys + Unpin> AsyncWrite for KeyUpdating<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.written >= this.every {
+            this.inner.refresh_keys();
+            this.written = 0;
+            this.updates += 1;
+        }
+        let n = std::task::ready!(std::pin::Pin::new(&mut this.inner)
+            .poll_write(cx, &buf[..buf.len().min(this.every - this.written)]))?;
+        this.written += n;
+        std::task::Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A TLS 1.3 echo server for upstream.test that sends a KeyUpdate before
+/// every `every` bytes it echoes. Its sessions' results (KeyUpdates sent,
+/// or the error that ended them) arrive on the returned channel.
+pub async fn key_updating_tls_echo(
+    pki: &Pki,
+    every: usize,
+) -> (SocketAddr, mpsc::UnboundedReceiver<std::io::Result<usize>>) {
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Tls13Only,
+        client_ca: None,
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let result = match acceptor.accept(stream).await {
+                    Ok(tls) => {
+                        let (mut r, mut w) = tokio::io::split(KeyUpdating::new(tls, every));
+                        match tokio::io::copy(&mut r, &mut w).await {
+                            Ok(_) => w.shutdown().await.map(|()| {
+                                let stream = r.unsplit(w);
+                                stream.updates
+                            }),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(result);
+            });
+        }
+    });
+    (addr, rx)
+}

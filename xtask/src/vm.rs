@@ -3,8 +3,13 @@
 //! `cargo xtask bench --vm`: the relay's kTLS and userspace paths side by
 //! side on that kernel.
 //!
-//! The kernel is Debian's 6.12 cloud image (CONFIG_TLS=m), fetched with apt
-//! into `target/vm/cache`. The initramfs holds busybox, the TLS and crypto
+//! The kernels are Debian's cloud images (CONFIG_TLS=m), fetched with apt
+//! into `target/vm/cache`: 6.12 (LTS, the machine's own suite; kTLS cannot
+//! rekey) and 6.18 (LTS, from trixie-backports through a private apt state
+//! under `target/vm/apt`, leaving the machine's sources alone; rekeys TLS
+//! 1.3 since 6.14). trixie-backports' 6.19 and 7.x images split their
+//! modules into packages the archive does not carry for 6.19, so 6.18 is
+//! the newest 6.x that boots with its crypto modules. The initramfs holds busybox, the TLS and crypto
 //! modules, the test binaries with their shared libraries, and an init that
 //! mounts the usual filesystems, loads the modules, runs the tests and
 //! powers off. qemu runs it under TCG (this machine's nested KVM fails on
@@ -21,9 +26,39 @@ use anyhow::{bail, Context};
 
 use crate::{cargo, root, run};
 
-/// The kernel package family: Debian's cloud kernel has CONFIG_TLS=m.
-const KERNEL_PREFIX: &str = "linux-image-6.12.";
-const KERNEL_SUFFIX: &str = "-cloud-amd64-unsigned";
+/// A kernel the kTLS suite runs on: the newest cloud image of a series.
+pub struct KernelSeries {
+    /// Package name prefix and suffix (Debian's cloud kernel has
+    /// CONFIG_TLS=m).
+    prefix: &'static str,
+    suffix: &'static str,
+    /// An extra apt source, read through a private apt state.
+    source: Option<&'static str>,
+    /// Whether its kTLS can rekey (TLS 1.3 KeyUpdate, Linux 6.14+).
+    rekey: bool,
+}
+
+pub const LTS_6_12: KernelSeries = KernelSeries {
+    prefix: "linux-image-6.12.",
+    suffix: "-cloud-amd64-unsigned",
+    source: None,
+    rekey: false,
+};
+
+pub const LTS_6_18: KernelSeries = KernelSeries {
+    prefix: "linux-image-6.18.",
+    suffix: "-cloud-amd64",
+    source: Some("http://deb.debian.org/debian trixie-backports main"),
+    rekey: true,
+};
+
+impl KernelSeries {
+    fn name(&self) -> &'static str {
+        self.prefix
+            .trim_start_matches("linux-image-")
+            .trim_end_matches('.')
+    }
+}
 
 /// Modules kTLS needs for AES-GCM and ChaCha20-Poly1305, in load order
 /// (dependencies found in each module's `depends=` are loaded first).
@@ -37,10 +72,12 @@ const MODULES: &[&str] = &[
     "geniv",
     "seqiv",
     "ghash-generic",
+    "ghash-clmulni-intel",
     "gcm",
     "aesni-intel",
     "libchacha",
     "chacha_generic",
+    "chacha",
     "chacha-x86_64",
     "poly1305-x86_64",
     "chacha20poly1305",
@@ -56,9 +93,8 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 pub fn vmtest() -> anyhow::Result<()> {
     ensure_host_tools()?;
     let vm = root().join("target/vm");
-    let kernel = fetch_kernel(&vm.join("cache"))?;
     let tests = build_tests()?;
-    let payload: Vec<(String, PathBuf)> = tests
+    let mut payload: Vec<(String, PathBuf)> = tests
         .iter()
         .map(|t| {
             let name = t.file_name().unwrap().to_string_lossy();
@@ -66,13 +102,29 @@ pub fn vmtest() -> anyhow::Result<()> {
             (format!("tests/{base}"), t.clone())
         })
         .collect();
-    let initramfs = vm.join("initramfs.cpio");
-    build_initramfs(&kernel, &payload, RUN_TESTS, &initramfs)?;
-    let (status, _) = boot(&kernel.vmlinuz, &initramfs)?;
-    if status != 0 {
-        bail!("tests in the VM failed (status {status})");
+    // OpenSSL's s_client as a KeyUpdate peer (its libraries follow by ldd).
+    payload.push(("bin/openssl".into(), which("openssl")?));
+    let mut failed = Vec::new();
+    for series in [LTS_6_12, LTS_6_18] {
+        let kernel = fetch_kernel(&vm, &series)?;
+        let initramfs = vm.join(format!("initramfs-{}.cpio", series.name()));
+        let run = format!(
+            // The relay's own KeyUpdates every 1,024 records (16 MiB) where
+            // the kernel can rekey: the bulk tests cross several.
+            "export TLSRELAY_EXPECT_REKEY={} TLSRELAY_REKEY_AFTER_RECORDS=1024\n{RUN_TESTS}",
+            u8::from(series.rekey)
+        );
+        build_initramfs(&kernel, &payload, &run, &initramfs)?;
+        let (status, _) = boot(&kernel.vmlinuz, &initramfs)?;
+        if status == 0 {
+            println!("vmtest: all tests passed on Linux {}", series.name());
+        } else {
+            failed.push(series.name());
+        }
     }
-    println!("vmtest: all tests passed in the kTLS VM");
+    if !failed.is_empty() {
+        bail!("tests in the VM failed on Linux {}", failed.join(", "));
+    }
     Ok(())
 }
 
@@ -82,7 +134,7 @@ pub fn vmtest() -> anyhow::Result<()> {
 pub fn bench(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     ensure_host_tools()?;
     let vm = root().join("target/vm");
-    let kernel = fetch_kernel(&vm.join("cache"))?;
+    let kernel = fetch_kernel(&vm, &LTS_6_12)?;
     let bin = crate::build_bench_binaries(quick)?;
     let payload = vec![
         ("bench/tlsrelay".to_string(), bin.join("tlsrelay")),
@@ -131,12 +183,13 @@ struct Kernel {
     modules: PathBuf,
 }
 
-/// Finds the newest 6.12 cloud kernel package, downloads and extracts it
-/// (both cached).
-fn fetch_kernel(cache: &Path) -> anyhow::Result<Kernel> {
-    std::fs::create_dir_all(cache)?;
+/// Finds the newest kernel package of a series, downloads and extracts it
+/// (both cached under `vm/cache/<series>`).
+fn fetch_kernel(vm: &Path, series: &KernelSeries) -> anyhow::Result<Kernel> {
+    let cache = vm.join("cache").join(series.name());
+    std::fs::create_dir_all(&cache)?;
     let cached_deb = || -> anyhow::Result<Option<PathBuf>> {
-        let mut debs: Vec<PathBuf> = std::fs::read_dir(cache)?
+        let mut debs: Vec<PathBuf> = std::fs::read_dir(&cache)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "deb"))
             .collect();
@@ -146,38 +199,22 @@ fn fetch_kernel(cache: &Path) -> anyhow::Result<Kernel> {
     let deb = match cached_deb()? {
         Some(deb) => deb,
         None => {
-            let out = Command::new("apt-cache")
-                .args(["pkgnames", KERNEL_PREFIX])
-                .output()?;
-            let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|n| n.ends_with(KERNEL_SUFFIX))
-                .map(str::to_string)
-                .collect();
+            let apt = Apt::for_source(vm, series.source)?;
+            let mut names = apt.packages(series)?;
             if names.is_empty() {
-                run(
-                    "apt-get update",
-                    Command::new("apt-get").args(["update", "-qq"]),
-                )?;
-                let out = Command::new("apt-cache")
-                    .args(["pkgnames", KERNEL_PREFIX])
-                    .output()?;
-                names = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter(|n| n.ends_with(KERNEL_SUFFIX))
-                    .map(str::to_string)
-                    .collect();
+                apt.update()?;
+                names = apt.packages(series)?;
             }
             names.sort_by_key(|n| version_key(n));
-            let newest = names
-                .pop()
-                .context("no linux-image-6.12.*-cloud-amd64-unsigned package in apt")?;
+            let newest = names.pop().with_context(|| {
+                format!("no {}*{} package in apt", series.prefix, series.suffix)
+            })?;
             run(
                 &format!("apt-get download {newest}"),
-                Command::new("apt-get")
+                apt.command("apt-get")
                     .arg("download")
                     .arg(&newest)
-                    .current_dir(cache),
+                    .current_dir(&cache),
             )?;
             cached_deb()?.context("apt-get download left no .deb")?
         }
@@ -197,12 +234,90 @@ fn fetch_kernel(cache: &Path) -> anyhow::Result<Kernel> {
                 .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
         })
         .context("no vmlinuz in the kernel package")?;
-    let modules = std::fs::read_dir(extracted.join("lib/modules"))?
+    // Debian 13's packages put modules under /usr/lib.
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(extracted.join(d)).ok())
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .next()
         .context("no lib/modules in the kernel package")?;
     println!("vmtest: kernel {}", vmlinuz.display());
     Ok(Kernel { vmlinuz, modules })
+}
+
+/// apt with the machine's sources, or with one extra source through a
+/// private state (lists, cache, status) so the machine's apt is untouched.
+struct Apt {
+    options: Vec<String>,
+}
+
+impl Apt {
+    fn for_source(vm: &Path, source: Option<&str>) -> anyhow::Result<Apt> {
+        let Some(source) = source else {
+            return Ok(Apt {
+                options: Vec::new(),
+            });
+        };
+        let dir = vm.join("apt");
+        for d in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let list = dir.join("sources.list");
+        std::fs::write(
+            &list,
+            format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {source}\n"),
+        )?;
+        let at = |p: &str| dir.join(p).display().to_string();
+        let options = [
+            format!("Dir::Etc::SourceList={}", list.display()),
+            "Dir::Etc::SourceParts=/dev/null".to_string(),
+            format!("Dir::State::Lists={}", at("lists")),
+            format!("Dir::Cache={}", at("cache")),
+            "Dir::State::status=/dev/null".to_string(),
+            "APT::Sandbox::User=root".to_string(),
+        ];
+        Ok(Apt {
+            options: options
+                .into_iter()
+                .flat_map(|o| ["-o".to_string(), o])
+                .collect(),
+        })
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(tool);
+        cmd.args(&self.options);
+        cmd
+    }
+
+    fn update(&self) -> anyhow::Result<()> {
+        run(
+            "apt-get update",
+            self.command("apt-get").args(["update", "-qq"]),
+        )
+    }
+
+    fn packages(&self, series: &KernelSeries) -> anyhow::Result<Vec<String>> {
+        let out = self
+            .command("apt-cache")
+            .args(["pkgnames", series.prefix])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|n| n.ends_with(series.suffix))
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found on PATH"))
 }
 
 /// Sort key for `linux-image-6.12.N+…`: the numeric parts.

@@ -2,8 +2,9 @@
 //! protocol code (SMTP's dialogue and bodies): the kernel decrypts on read
 //! and encrypts on write, so no userspace crypto. Records other than
 //! application data are read with their type and decided as on the splice
-//! path: close_notify ends the stream, session tickets are skipped, other
-//! alerts and a KeyUpdate this kernel cannot follow are errors.
+//! path: close_notify ends the stream, session tickets are skipped, a
+//! KeyUpdate is followed where the kernel can rekey, other alerts (and a
+//! KeyUpdate it cannot follow) are errors.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -14,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::ktls;
-use tlsrelay_sys::splice::{control, Control};
+use tlsrelay_sys::splice::{control, Control, SpliceLeg};
 
 /// The largest TLS plaintext record: a read buffer at least this large
 /// takes any record whole.
@@ -29,16 +30,18 @@ pub struct KernelTls {
     /// The peer's close_notify (or FIN) has been read.
     read_done: bool,
     close_notify_sent: bool,
+    rekey: Option<ktls::Rekey>,
 }
 
 impl KernelTls {
-    pub fn new(tcp: TcpStream, pending: Vec<u8>, peer_closed: bool) -> KernelTls {
+    pub fn new(leg: SpliceLeg) -> KernelTls {
         KernelTls {
-            tcp,
-            pending,
+            tcp: leg.tcp,
+            pending: leg.leftover,
             pending_at: 0,
-            read_done: peer_closed,
+            read_done: leg.peer_closed,
             close_notify_sent: false,
+            rekey: leg.rekey,
         }
     }
 
@@ -52,11 +55,34 @@ impl KernelTls {
         self.pending_at < self.pending.len()
     }
 
-    /// Plaintext held back (from the handoff), and what is left of the
-    /// stream for a splice pump.
-    pub fn into_parts(mut self) -> (TcpStream, Vec<u8>, bool) {
-        let pending = self.pending.split_off(self.pending_at);
-        (self.tcp, pending, self.read_done)
+    /// What is left of the stream for a splice pump, with the plaintext
+    /// held back (from the handoff).
+    pub fn into_splice_leg(mut self) -> SpliceLeg {
+        let leftover = self.pending.split_off(self.pending_at);
+        SpliceLeg {
+            tcp: self.tcp,
+            ktls: true,
+            leftover,
+            peer_closed: self.read_done,
+            rekey: self.rekey,
+        }
+    }
+
+    /// A KeyUpdate the peer asked for, before our next data.
+    fn before_write(&self) -> io::Result<()> {
+        match &self.rekey {
+            Some(rekey) => rekey.before_write(self.tcp.as_raw_fd()),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts written bytes towards the TX key's limit (a KeyUpdate when
+    /// reached).
+    fn wrote(&self, n: usize) -> Poll<io::Result<usize>> {
+        if let Some(rekey) = &self.rekey {
+            rekey.wrote(self.tcp.as_raw_fd(), n)?;
+        }
+        Poll::Ready(Ok(n))
     }
 
     /// One record from the socket into `into`: its plaintext length, or
@@ -72,7 +98,7 @@ impl KernelTls {
             }
             return Ok(Some(n));
         }
-        match control(kind, &into[..n])? {
+        match control(kind, &into[..n], fd, self.rekey.as_ref())? {
             Control::Closed => {
                 self.read_done = true;
                 Ok(Some(0))
@@ -140,7 +166,10 @@ impl AsyncWrite for KernelTls {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.before_write()?;
+        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        this.wrote(n)
     }
 
     fn poll_write_vectored(
@@ -148,7 +177,10 @@ impl AsyncWrite for KernelTls {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.before_write()?;
+        let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+        this.wrote(n)
     }
 
     fn is_write_vectored(&self) -> bool {

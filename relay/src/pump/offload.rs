@@ -93,16 +93,7 @@ pub async fn leg_to_kernel(leg: Leg, ktls_enabled: bool) -> Handoff {
         return Handoff::Userspace(leg, why);
     }
     match to_splice_leg(leg).await {
-        Ok(SpliceLeg {
-            tcp,
-            leftover,
-            peer_closed,
-            ..
-        }) => Handoff::Kernel(Leg::Kernel(super::KernelTls::new(
-            tcp,
-            leftover,
-            peer_closed,
-        ))),
+        Ok(leg) => Handoff::Kernel(Leg::Kernel(super::KernelTls::new(leg))),
         Err(detail) => Handoff::Lost(detail),
     }
 }
@@ -141,6 +132,7 @@ async fn to_splice_leg(leg: Leg) -> Result<SpliceLeg, String> {
             ktls: false,
             leftover: Vec::new(),
             peer_closed: false,
+            rekey: None,
         }),
         Leg::TlsServer(s) => {
             let (io, conn) = s.into_inner();
@@ -150,15 +142,7 @@ async fn to_splice_leg(leg: Leg) -> Result<SpliceLeg, String> {
             let (io, conn) = s.into_inner();
             hand_to_kernel(io, conn.into()).await
         }
-        Leg::Kernel(k) => {
-            let (tcp, leftover, peer_closed) = k.into_parts();
-            Ok(SpliceLeg {
-                tcp,
-                ktls: true,
-                leftover,
-                peer_closed,
-            })
-        }
+        Leg::Kernel(k) => Ok(k.into_splice_leg()),
     }
 }
 
@@ -167,6 +151,7 @@ async fn to_splice_leg(leg: Leg) -> Result<SpliceLeg, String> {
 async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<SpliceLeg, String> {
     let fail =
         |what: &str, e: &dyn std::fmt::Display| format!("handing TLS to the kernel: {what}: {e}");
+    let capture = io.secret_capture();
     let (mut tcp, partial) = io.into_parts().await.map_err(|e| fail("reading", &e))?;
     if let Some(rest) = partial {
         let mut rest = &rest[..];
@@ -209,6 +194,13 @@ async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<Sp
         .protocol_version()
         .and_then(KtlsVersion::of)
         .ok_or_else(|| fail("version", &"not TLS 1.2 or 1.3"))?;
+    let role = match &conn {
+        rustls::Connection::Client(_) => ktls::Role::Client,
+        rustls::Connection::Server(_) => ktls::Role::Server,
+    };
+    let rekey = capture
+        .zip(conn.negotiated_cipher_suite())
+        .and_then(|(capture, suite)| capture.take(suite, role));
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(|e| fail("extracting keys", &e))?;
@@ -218,5 +210,6 @@ async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<Sp
         ktls: true,
         leftover,
         peer_closed,
+        rekey,
     })
 }

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 
-use super::{drive, load, reset_on_close, Activity, Counts, PumpEnd, Side};
+use super::{drive, load, Activity, Counts, PumpEnd, Side};
 use crate::ktls;
 
 pub(super) async fn run(
@@ -37,23 +36,22 @@ pub(super) async fn run(
     );
     let end = drive(up, down, &activity, idle).await;
     if let PumpEnd::Reset { side, .. } = &end {
-        match side {
-            Side::Client => reset_on_close(&upstream.tcp),
-            Side::Upstream => reset_on_close(&client.tcp),
-        }
+        abort(&client.tcp, client.ktls, *side != Side::Client).await;
+        abort(&upstream.tcp, upstream.ktls, *side != Side::Upstream).await;
     }
     (load(&counts), end)
 }
 
-use tlsrelay_sys::splice::{control, splice, write_all, Control, Pipe, SpliceLeg};
+use tlsrelay_sys::splice::{abort, control, splice, write_all, Control, Pipe, SpliceLeg};
 
-/// Reads the control record splice refused (EINVAL) and decides.
-fn read_control(src: &TcpStream) -> io::Result<Control> {
+/// Reads the control record splice refused (EINVAL) and acts on it.
+fn read_control(src: &SpliceLeg) -> io::Result<Control> {
     let mut record = vec![0u8; 16 * 1024 + 256];
-    let (kind, n) = src.try_io(Interest::READABLE, || {
-        ktls::recv_record(src.as_raw_fd(), &mut record)
-    })?;
-    control(kind, &record[..n])
+    let fd = src.tcp.as_raw_fd();
+    let (kind, n) = src
+        .tcp
+        .try_io(Interest::READABLE, || ktls::recv_record(fd, &mut record))?;
+    control(kind, &record[..n], fd, src.rekey.as_ref())
 }
 
 /// One direction: splice src -> pipe -> dst until src ends, then half-close
@@ -84,7 +82,7 @@ async fn splice_half(
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if src.ktls && e.raw_os_error() == Some(libc::EINVAL) => {
-                    match read_control(&src.tcp) {
+                    match read_control(src) {
                         Ok(Control::Closed) => break,
                         Ok(Control::Skip) => continue,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -94,13 +92,21 @@ async fn splice_half(
                 Err(e) => return Err((src_side, e)),
             };
             activity.touch();
+            if let Some(rekey) = &dst.rekey {
+                rekey.before_write(dst_fd).map_err(|e| (dst_side, e))?;
+            }
             let mut left = n;
             while left > 0 {
                 dst.tcp.writable().await.map_err(|e| (dst_side, e))?;
                 match dst.tcp.try_io(Interest::WRITABLE, || {
                     splice(pipe.read.as_raw_fd(), dst_fd, left)
                 }) {
-                    Ok(m) => left -= m,
+                    Ok(m) => {
+                        left -= m;
+                        if let Some(rekey) = &dst.rekey {
+                            rekey.wrote(dst_fd, m).map_err(|e| (dst_side, e))?;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err((dst_side, e)),
                 }

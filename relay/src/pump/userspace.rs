@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::{drive, load, reset_on_close, Activity, Counts, Leg, PumpEnd, Side};
+use super::{drive, load, Activity, Counts, Leg, PumpEnd, Side};
 
 /// Per-direction buffer while bytes flow: four TLS records' worth of
 /// plaintext, reused for every chunk.
@@ -50,9 +50,9 @@ pub(super) async fn run(client: Leg, upstream: Leg, idle: Duration) -> ([u64; 2]
     // Propagate a reset: the side that did not fail is aborted too, so its
     // peer learns the stream is incomplete instead of seeing a clean end.
     if let PumpEnd::Reset { side, .. } = &end {
-        match side {
-            Side::Client => reset_on_close(upstream.tcp()),
-            Side::Upstream => reset_on_close(client.tcp()),
+        for (leg, leg_side) in [(&client, Side::Client), (&upstream, Side::Upstream)] {
+            let ktls = matches!(leg, Leg::Kernel(_));
+            tlsrelay_sys::splice::abort(leg.tcp(), ktls, *side != leg_side).await;
         }
     }
     (load(&counts), end)

@@ -10,7 +10,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use super::RecordIo;
+use crate::ktls::SecretCapture;
 
 use super::dane::{mismatch_error, DaneCheck};
 use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
@@ -126,8 +130,17 @@ impl UpstreamTls {
         &self.description
     }
 
-    pub fn connector(&self) -> TlsConnector {
-        TlsConnector::from(self.config.clone())
+    /// Starts the client side of a handshake on `tcp`; secrets kept for
+    /// kernel TLS KeyUpdates as in [`super::ListenerTls::accept`].
+    pub fn connect(&self, tcp: TcpStream) -> tokio_rustls::Connect<RecordIo> {
+        let name = self.server_name.clone();
+        if !crate::ktls::probe().rekey {
+            return TlsConnector::from(self.config.clone()).connect(name, RecordIo::new(tcp));
+        }
+        let capture = Arc::new(SecretCapture::default());
+        let mut config = (*self.config).clone();
+        config.key_log = capture.clone();
+        TlsConnector::from(Arc::new(config)).connect(name, RecordIo::capturing(tcp, capture))
     }
 
     pub fn server_name(&self) -> ServerName<'static> {

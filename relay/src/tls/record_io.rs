@@ -11,10 +11,13 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::ktls::SecretCapture;
 
 const HEADER: usize = 5;
 /// Largest record a conforming peer sends: 2^14 plaintext plus expansion.
@@ -35,6 +38,9 @@ pub struct RecordIo {
     /// syscalls per record). Unallocated while the socket has nothing.
     ahead: Vec<u8>,
     ahead_pos: usize,
+    /// This connection's TLS 1.3 traffic secrets, logged by rustls during
+    /// the handshake, for kernel TLS to follow KeyUpdates.
+    secrets: Option<Arc<SecretCapture>>,
 }
 
 /// How much one pass-through read takes from the socket.
@@ -55,7 +61,20 @@ impl RecordIo {
             delivered: 0,
             ahead: Vec::new(),
             ahead_pos: 0,
+            secrets: None,
         }
+    }
+
+    /// A connection whose handshake logs its secrets into `capture`.
+    pub fn capturing(tcp: TcpStream, capture: Arc<SecretCapture>) -> RecordIo {
+        RecordIo {
+            secrets: Some(capture),
+            ..RecordIo::new(tcp)
+        }
+    }
+
+    pub fn secret_capture(&self) -> Option<Arc<SecretCapture>> {
+        self.secrets.clone()
     }
 
     pub fn tcp(&self) -> &TcpStream {

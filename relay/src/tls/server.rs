@@ -11,7 +11,11 @@ use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+
+use super::RecordIo;
+use crate::ktls::SecretCapture;
 
 use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
 use crate::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust};
@@ -101,8 +105,18 @@ impl ListenerTls {
         })
     }
 
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.clone())
+    /// Starts the server side of a handshake on `tcp`. Where the kernel
+    /// can rekey TLS, the connection gets its own copy of the configuration
+    /// whose key log keeps its traffic secrets, for KeyUpdates after the
+    /// keys went to the kernel.
+    pub fn accept(&self, tcp: TcpStream) -> tokio_rustls::Accept<RecordIo> {
+        if !crate::ktls::probe().rekey {
+            return TlsAcceptor::from(self.config.clone()).accept(RecordIo::new(tcp));
+        }
+        let capture = Arc::new(SecretCapture::default());
+        let mut config = (*self.config).clone();
+        config.key_log = capture.clone();
+        TlsAcceptor::from(Arc::new(config)).accept(RecordIo::capturing(tcp, capture))
     }
 
     /// Whether client certificates are judged after the handshake
