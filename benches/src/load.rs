@@ -38,14 +38,24 @@ pub fn certs(out: &Path) -> anyhow::Result<()> {
 /// The generators' TLS client: TLS 1.3 and 1.2, any certificate (the bench
 /// measures relays, not identities).
 pub(crate) fn connector() -> tokio_rustls::TlsConnector {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("default versions")
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(crate::danger::AnyCertificate))
-    .with_no_client_auth();
+    connector_offering(None)
+}
+
+/// The generators' TLS client offering only `suite` (its IANA name, e.g.
+/// TLS13_CHACHA20_POLY1305_SHA256) when given.
+fn connector_offering(suite: Option<&str>) -> tokio_rustls::TlsConnector {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(name) = suite {
+        provider
+            .cipher_suites
+            .retain(|s| s.suite().as_str() == Some(name));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .expect("default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::danger::AnyCertificate))
+        .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
@@ -183,10 +193,18 @@ async fn push<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> std::i
 pub async fn blast(
     to: SocketAddr,
     tls: bool,
+    suite: Option<&str>,
     connections: usize,
     bytes: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let connector = tls.then(connector);
+    if suite.is_some_and(|name| {
+        !rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+            .iter()
+            .any(|s| s.suite().as_str() == Some(name))
+    }) {
+        anyhow::bail!("unknown cipher suite {suite:?}");
+    }
+    let connector = tls.then(|| connector_offering(suite));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {

@@ -117,6 +117,9 @@ enum Command {
         to: SocketAddr,
         #[arg(long)]
         tls: bool,
+        /// Offer only this cipher suite (e.g. TLS13_AES_128_GCM_SHA256).
+        #[arg(long)]
+        suite: Option<String>,
         #[arg(long, default_value_t = 16)]
         connections: usize,
         /// Bytes per connection.
@@ -217,10 +220,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Blast {
             to,
             tls,
+            suite,
             connections,
             bytes,
         } => {
-            println!("{}", load::blast(to, tls, connections, bytes).await?);
+            let suite = suite.as_deref();
+            println!("{}", load::blast(to, tls, suite, connections, bytes).await?);
             Ok(())
         }
         Command::Certs { out } => load::certs(&out),
