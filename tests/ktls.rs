@@ -62,6 +62,13 @@ address = "{upstream}"
     )
 }
 
+/// A relay terminating TLS (implicit) in front of a plaintext echo.
+async fn terminating_relay(pki: &Pki) -> TestRelay {
+    let upstream = plain_echo().await;
+    let toml = relay_toml("implicit", upstream, "tls.policy = \"plain\"");
+    TestRelay::start(&toml, pki.dir()).await
+}
+
 fn required_route(pki: &Pki) -> String {
     format!(
         "tls.policy = \"required\"\ntls.server_name = \"upstream.test\"\ntls.trust_anchors = {}",
@@ -262,12 +269,7 @@ async fn every_version_and_cipher(pump: &str, splice: DataPath, bytes: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_puts_one_leg_in_the_kernel() {
     let pki = Pki::new();
-    let upstream = plain_echo().await;
-    let mut relay = TestRelay::start(
-        &relay_toml("implicit", upstream, "tls.policy = \"plain\""),
-        pki.dir(),
-    )
-    .await;
+    let mut relay = terminating_relay(&pki).await;
     let stream = tls_connect(relay.addr("in"), "relay.test", &ClientOptions::default())
         .await
         .unwrap();
@@ -471,12 +473,7 @@ async fn openssl_key_updates_of_both_kinds() {
     }
     const LINES: usize = 40;
     let pki = Pki::new();
-    let upstream = plain_echo().await;
-    let mut relay = TestRelay::start(
-        &relay_toml("implicit", upstream, "tls.policy = \"plain\""),
-        pki.dir(),
-    )
-    .await;
+    let mut relay = terminating_relay(&pki).await;
     let before = tls_stat();
     let mut s_client = tokio::process::Command::new("openssl")
         .args(["s_client", "-brief", "-tls1_3", "-connect"])

@@ -600,6 +600,16 @@ pub async fn tls_echo(opts: ServerOptions<'_>) -> SocketAddr {
     tls_echo_with_suite(opts, None).await
 }
 
+/// A TLS acceptor for upstream.test with this PKI's leaf.
+fn upstream_acceptor(pki: &Pki, versions: Versions) -> tokio_rustls::TlsAcceptor {
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
+        leaf: &leaf,
+        versions,
+        client_ca: None,
+    }))
+}
+
 /// A TLS server for upstream.test (this PKI's leaf, TLS 1.2 and 1.3) that
 /// takes one connection and hands the stream to `serve`: its address, and
 /// the task (await it to see `serve`'s assertions).
@@ -611,12 +621,7 @@ where
     F: FnOnce(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Both,
-        client_ca: None,
-    }));
+    let acceptor = upstream_acceptor(pki, Versions::Both);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -935,12 +940,7 @@ pub async fn key_updating_tls_echo(
     pki: &Pki,
     every: usize,
 ) -> (SocketAddr, mpsc::UnboundedReceiver<std::io::Result<usize>>) {
-    let leaf = pki.leaf("up", &["upstream.test"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&ServerOptions {
-        leaf: &leaf,
-        versions: Versions::Tls13Only,
-        client_ca: None,
-    }));
+    let acceptor = upstream_acceptor(pki, Versions::Tls13Only);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
