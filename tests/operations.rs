@@ -380,3 +380,61 @@ fn piped_logs_are_plain_and_json_reports_go_to_their_file() {
     assert_eq!(report["listener"], "plain");
     assert_eq!(report["bytes_client_to_upstream"], 4);
 }
+
+/// A listener out of descriptors (EMFILE) backs off instead of spinning on
+/// accept: the relay, run with 64 open files, is sent more connections to
+/// its metrics listener than it can take and held there; while accept keeps
+/// failing it says so in the log and uses next to no CPU.
+#[test]
+fn accept_failures_back_off_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("tlsrelay-64-files");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nulimit -n 64\nexec {} \"$@\"\n", relay_binary()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.enabled = false\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:9\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let mut relay = RelayProcess::start(wrapper.to_str().unwrap(), &config, &state, &[], &[]);
+    // Each accepted scrape holds a descriptor for up to 5 s awaiting its
+    // request: 100 of them run the relay out.
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(metrics).ok())
+        .collect();
+    relay.wait_for_log("accept failed");
+    let cpu = |pid: u32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        // utime and stime, fields 14 and 15 of stat(5), in clock ticks.
+        (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let pid = relay.child.id();
+    let before = cpu(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu(pid) - before;
+    drop(held);
+    let _ = relay.child.kill();
+    assert!(
+        used < 0.5,
+        "the relay used {used:.2} s of CPU in 2 s while accept failed"
+    );
+}

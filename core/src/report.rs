@@ -85,7 +85,25 @@ pub struct SocketRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Downgrade {
     pub leg: Direction,
+    /// What happened, with the detail (a peer's reply, a library's error).
     pub reason: String,
+    /// One of a fixed few names for `reason` ([`Downgrade::CLASSES`]): the
+    /// metric label, so peer text cannot grow the number of series.
+    pub class: &'static str,
+}
+
+impl Downgrade {
+    /// Every `class` a downgrade can have.
+    pub const CLASSES: [&'static str; 8] = [
+        "no tls",
+        "no starttls",
+        "not offered",
+        "handshake failed",
+        "certificate untrusted",
+        "name mismatch",
+        "version too low",
+        "tls 1.2",
+    ];
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -410,6 +428,20 @@ pub fn outbound_tls_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tls_failure_kind_is_a_downgrade_class() {
+        use crate::policy::TlsFailure::*;
+        for failure in [
+            NotOffered(String::new()),
+            HandshakeFailed(String::new()),
+            Untrusted(String::new()),
+            NameMismatch(String::new()),
+            VersionTooLow(String::new()),
+        ] {
+            assert!(Downgrade::CLASSES.contains(&failure.kind()), "{failure:?}");
+        }
+    }
 
     #[test]
     fn an_ipv6_upstream_prints_as_postfix_does() {

@@ -294,6 +294,7 @@ pub async fn open_outbound<G: Greeter>(
     let downgrade = Downgrade {
         leg: Direction::Outbound,
         reason: failure.to_string(),
+        class: failure.kind(),
     };
     Ok(plaintext(tcp, address, Some(downgrade)))
 }
@@ -322,6 +323,7 @@ async fn handshake<G: Greeter>(
         (conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2)).then(|| Downgrade {
             leg: Direction::Outbound,
             reason: "version: upstream negotiated TLSv1.2, TLSv1.3 was offered".into(),
+            class: "tls 1.2",
         });
     let line = outbound_tls_line(target.name, address, &negotiated, trust);
     match tls.dane_matched(conn.peer_certificates()) {

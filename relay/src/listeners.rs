@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::bpf::WireCounters;
@@ -221,6 +221,21 @@ impl PlanSwitch {
     }
 }
 
+/// The next connection on `socket`. A failed accept (EMFILE and friends:
+/// the condition persists until a descriptor is freed) is logged and
+/// retried after a pause instead of in a spinning loop.
+pub async fn accept_backing_off(socket: &TcpListener, listener: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match socket.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(listener, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     socket: TcpListener,
     plan: Arc<watch::Sender<Listening>>,
@@ -229,15 +244,8 @@ async fn accept_loop(
     sinks: Sinks,
 ) {
     loop {
-        let (client, peer) = match socket.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %plan.borrow().name(), "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let name = plan.borrow().name().to_string();
+        let (client, peer) = accept_backing_off(&socket, &name).await;
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(listener = %plan.borrow().name(), client = %peer, "connection limit reached; closing");

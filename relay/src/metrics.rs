@@ -131,7 +131,7 @@ impl Metrics {
                 .entry(vec![
                     ("listener", r.listener.clone()),
                     ("leg", d.leg.to_string()),
-                    ("reason", d.reason.clone()),
+                    ("reason", d.class.to_string()),
                 ])
                 .or_default() += 1;
         }
@@ -314,9 +314,7 @@ fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
 /// Serves `GET /metrics` on `address` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (mut stream, _) = crate::listeners::accept_backing_off(&listener, "metrics").await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut request = Vec::new();
@@ -353,4 +351,35 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 /// Binds the metrics address (a clear error at startup, not later).
 pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Direction, Downgrade};
+
+    /// A next hop's STARTTLS reply is its own text: it reaches the report,
+    /// never a label.
+    #[test]
+    fn downgrade_labels_are_classes_not_peer_text() {
+        let metrics = Metrics::new(None);
+        for (n, class) in Downgrade::CLASSES.iter().enumerate() {
+            let mut report =
+                SessionReport::new(n as u64, "in", "127.0.0.1:1".parse().unwrap(), "up");
+            report.downgrades.push(Downgrade {
+                leg: Direction::Outbound,
+                reason: format!("not offered: 502 peer text {n} \"quoted\""),
+                class,
+            });
+            metrics.record(&report);
+        }
+        let text = metrics.render();
+        assert!(!text.contains("peer text"), "{text}");
+        for class in Downgrade::CLASSES {
+            assert!(
+                text.contains(&format!("leg=\"outbound\",reason=\"{class}\"}} 1")),
+                "{class}: {text}"
+            );
+        }
+    }
 }

@@ -197,6 +197,7 @@ async fn accept_inbound(
             let downgrade = downgrade.then(|| Downgrade {
                 leg: Direction::Inbound,
                 reason: "client did not start TLS".into(),
+                class: "no tls",
             });
             let security = LegSecurity::Plaintext;
             Ok((

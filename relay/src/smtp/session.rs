@@ -289,7 +289,9 @@ impl Session<'_> {
             let clean = server.chunk_passed(copy);
             self.chunk_bytes_spliced += clean as u64;
             if let Err(e) = splice_out(a, dst, clean).await {
-                self.forwarder.hop_failed(&e.to_string());
+                // Fields apart: `dst` borrows the hop.
+                tracing::info!(session = self.id, "next hop failed: {e}");
+                self.forwarder.hop_failed(hop_failure(&e));
             }
             if clean < n || !self.forwarder.passes_chunks_through() {
                 // Refused or the next hop failed: what is left in the pipe
@@ -345,7 +347,7 @@ impl Session<'_> {
                         None => Err(std::io::ErrorKind::NotConnected.into()),
                     };
                     if let Err(e) = sent {
-                        self.forwarder.hop_failed(&e.to_string());
+                        self.hop_failed(&e);
                     }
                     if let Some(server) = server.as_deref_mut() {
                         server.recycle(bytes);
@@ -358,7 +360,7 @@ impl Session<'_> {
                     };
                     match reply {
                         Ok(reply) => self.forwarder.hop_reply(reply),
-                        Err(e) => self.forwarder.hop_failed(&e.to_string()),
+                        Err(e) => self.hop_failed(&e),
                     }
                 }
                 Action::Close { polite } => {
@@ -370,6 +372,14 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// The next hop failed: the sender hears a short class of what
+    /// happened (never a library's text, which can carry URLs and peer
+    /// data); the log has the whole error.
+    fn hop_failed(&mut self, e: &std::io::Error) {
+        tracing::info!(session = self.id, "next hop failed: {e}");
+        self.forwarder.hop_failed(hop_failure(e));
     }
 
     async fn open_hop(&mut self, destination: Destination) {
@@ -463,6 +473,7 @@ impl Session<'_> {
         self.legs.downgrades.push(Downgrade {
             leg: Direction::Inbound,
             reason: "client did not use STARTTLS".into(),
+            class: "no starttls",
         });
     }
 
@@ -525,4 +536,46 @@ async fn splice_out(pipe: &Pipe, dst: &TcpStream, mut n: usize) -> std::io::Resu
         }
     }
     Ok(())
+}
+
+/// What a sender is told of a next hop's I/O error.
+fn hop_failure(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        TimedOut => "next hop timed out",
+        UnexpectedEof | BrokenPipe | ConnectionAborted => "next hop closed the connection",
+        ConnectionReset => "next hop reset the connection",
+        NotConnected => "no connection to the next hop",
+        InvalidData => "next hop sent what the relay could not read",
+        _ => "next hop connection failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hop_failure;
+    use std::io::{Error, ErrorKind};
+
+    /// rustls's error for a peer that closed without close_notify carries
+    /// a docs.rs URL; the sender gets the class only.
+    #[test]
+    fn senders_hear_a_class_not_a_library_error() {
+        let rustls = Error::new(
+            ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        );
+        assert_eq!(hop_failure(&rustls), "next hop closed the connection");
+        let garbage = Error::new(
+            ErrorKind::InvalidData,
+            "received corrupt message of type InvalidContentType",
+        );
+        assert_eq!(
+            hop_failure(&garbage),
+            "next hop sent what the relay could not read"
+        );
+        assert_eq!(
+            hop_failure(&Error::new(ErrorKind::TimedOut, "next hop timed out")),
+            "next hop timed out"
+        );
+    }
 }
