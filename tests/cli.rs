@@ -485,3 +485,21 @@ tls.trust_anchors = {anchors}
         "{stdout}"
     );
 }
+
+/// An SMTP listener's limits are printed by `check`, so an operator knows
+/// what a stranger can make it hold (the embedded default's mx listener).
+#[test]
+fn check_prints_an_smtp_listeners_limits() {
+    let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../core/src/default.toml");
+    let out = tlsrelay(&["check", default]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mx = stdout
+        .lines()
+        .find(|l| l.contains("listener mx on"))
+        .unwrap_or_else(|| panic!("no mx listener in:\n{stdout}"));
+    assert!(
+        mx.ends_with("limits: messages of 52428800 bytes, 1000 recipients per transaction, lines of 1000 octets"),
+        "{mx}"
+    );
+}

@@ -664,7 +664,12 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
             }
             s
         }
-        None => s + " -> outbound connectors by recipient domain",
+        None => format!(
+            "{s} -> outbound connectors by recipient domain; limits: messages of {} bytes, {} recipients per transaction, lines of {} octets",
+            l.max_message_size,
+            tlsrelay_core::smtp::forward::MAX_RECIPIENTS,
+            tlsrelay_core::smtp::codec::MAX_TEXT_LINE
+        ),
     }
 }
 

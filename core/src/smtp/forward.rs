@@ -147,6 +147,8 @@ pub struct Forwarder {
     routing: Arc<Routing>,
     client: Client,
     mail: Option<(String, String)>,
+    /// RCPT commands in this transaction, accepted or not.
+    rcpts: usize,
     transaction: Option<Transaction>,
     hop: Option<Hop>,
     /// An RCPT waiting for a next hop to open.
@@ -157,6 +159,13 @@ pub struct Forwarder {
     actions: VecDeque<Action>,
     finished: Vec<Transaction>,
 }
+
+/// RCPT commands one transaction may carry, accepted or refused (Postfix's
+/// smtpd_recipient_limit; RFC 5321 4.5.3.1.8 asks for at least 100). Past
+/// it each RCPT gets 452 4.5.3 and the client sends the rest in another
+/// transaction (4.5.3.1.10), so a stranger cannot grow a session's state
+/// with recipients.
+pub const MAX_RECIPIENTS: usize = 1000;
 
 /// The sender's reply when the next hop fails mid-dialogue: 4xx, so the
 /// sender keeps the message and retries.
@@ -195,6 +204,7 @@ impl Forwarder {
             hop: None,
             opening: None,
             routed: None,
+            rcpts: 0,
             awaiting: None,
             actions: VecDeque::new(),
             finished: Vec::new(),
@@ -432,11 +442,16 @@ impl Forwarder {
         // and its reply reaches the sender as that RCPT's.
         self.transaction = Some(transaction);
         self.routed = None;
+        self.rcpts = 0;
         self.mail = Some((from, params));
         self.respond(Reply::new(250, "2.1.0 Sender ok"));
     }
 
     fn rcpt(&mut self, to: String, params: String) {
+        self.rcpts += 1;
+        if self.rcpts > MAX_RECIPIENTS {
+            return self.respond(Reply::new(452, "4.5.3 Too many recipients"));
+        }
         let domain = match self.routing.admission.check_recipient(&self.client, &to) {
             Ok(domain) => domain,
             Err(refusal) => {

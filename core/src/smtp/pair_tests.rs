@@ -833,3 +833,25 @@ fn requiretls_needs_tls_from_the_client_and_a_verified_next_hop_offering_it() {
         );
     }
 }
+
+#[test]
+fn past_a_thousand_recipients_each_rcpt_is_452_and_the_next_transaction_takes_more() {
+    use super::forward::MAX_RECIPIENTS;
+    let mut p = Pair::new("192.0.2.10", [GOOD_HOP, GOOD_HOP]);
+    p.client(MAIL);
+    for i in 0..MAX_RECIPIENTS {
+        let reply = p.client(&format!("RCPT TO:<u{i}@example.org>\r\n"));
+        assert!(reply.starts_with("250"), "{i}: {reply}");
+    }
+    for i in 0..3 {
+        assert_eq!(
+            p.client(&format!("RCPT TO:<more{i}@example.org>\r\n")),
+            "452 4.5.3 Too many recipients\r\n"
+        );
+    }
+    p.client("DATA\r\nbody\r\n.\r\n");
+    p.client(MAIL);
+    assert!(p
+        .client("RCPT TO:<more0@example.org>\r\n")
+        .starts_with("250"));
+}
