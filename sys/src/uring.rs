@@ -236,7 +236,11 @@ pub fn available() -> Result<(), String> {
 }
 
 /// Relays until both directions end, on an io_uring worker.
-pub async fn run(client: SpliceLeg, upstream: SpliceLeg, idle: Duration) -> ([u64; 2], PumpEnd) {
+pub async fn run(
+    mut client: SpliceLeg,
+    mut upstream: SpliceLeg,
+    idle: Duration,
+) -> ([u64; 2], PumpEnd) {
     let pool = pool().expect("checked by the caller with available()");
     let mut sent = [0u64; 2];
     // Plaintext rustls decrypted before the handover goes first.
@@ -263,7 +267,6 @@ pub async fn run(client: SpliceLeg, upstream: SpliceLeg, idle: Duration) -> ([u6
         [client.ktls, upstream.ktls],
         [client.peer_closed, upstream.peer_closed],
     );
-    let (mut client, mut upstream) = (client, upstream);
     let rekey = [client.rekey.take(), upstream.rekey.take()];
     let socks = match (to_std(client), to_std(upstream)) {
         (Ok(c), Ok(u)) => [c, u],

@@ -289,9 +289,7 @@ impl Session<'_> {
             let clean = server.chunk_passed(copy);
             self.chunk_bytes_spliced += clean as u64;
             if let Err(e) = splice_out(a, dst, clean).await {
-                // Fields apart: `dst` borrows the hop.
-                tracing::info!(session = self.id, "next hop failed: {e}");
-                self.forwarder.hop_failed(hop_failure(&e));
+                hop_failed(self.id, &mut self.forwarder, &e);
             }
             if clean < n || !self.forwarder.passes_chunks_through() {
                 // Refused or the next hop failed: what is left in the pipe
@@ -347,7 +345,7 @@ impl Session<'_> {
                         None => Err(std::io::ErrorKind::NotConnected.into()),
                     };
                     if let Err(e) = sent {
-                        self.hop_failed(&e);
+                        hop_failed(self.id, &mut self.forwarder, &e);
                     }
                     if let Some(server) = server.as_deref_mut() {
                         server.recycle(bytes);
@@ -360,7 +358,7 @@ impl Session<'_> {
                     };
                     match reply {
                         Ok(reply) => self.forwarder.hop_reply(reply),
-                        Err(e) => self.hop_failed(&e),
+                        Err(e) => hop_failed(self.id, &mut self.forwarder, &e),
                     }
                 }
                 Action::Close { polite } => {
@@ -372,14 +370,6 @@ impl Session<'_> {
                 }
             }
         }
-    }
-
-    /// The next hop failed: the sender hears a short class of what
-    /// happened (never a library's text, which can carry URLs and peer
-    /// data); the log has the whole error.
-    fn hop_failed(&mut self, e: &std::io::Error) {
-        tracing::info!(session = self.id, "next hop failed: {e}");
-        self.forwarder.hop_failed(hop_failure(e));
     }
 
     async fn open_hop(&mut self, destination: Destination) {
@@ -536,6 +526,14 @@ async fn splice_out(pipe: &Pipe, dst: &TcpStream, mut n: usize) -> std::io::Resu
         }
     }
     Ok(())
+}
+
+/// The next hop failed: the sender hears a short class of what happened
+/// (never a library's text, which can carry URLs and peer data); the log
+/// has the whole error. Fields, not the session: a splice borrows its hop.
+fn hop_failed(session: u64, forwarder: &mut Forwarder, e: &std::io::Error) {
+    tracing::info!(session, "next hop failed: {e}");
+    forwarder.hop_failed(hop_failure(e));
 }
 
 /// What a sender is told of a next hop's I/O error.
