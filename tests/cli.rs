@@ -391,7 +391,7 @@ fn idle_tls_sessions_hold_little_memory() {
         dir.path(),
         "relay.toml",
         &format!(
-            "ebpf.enabled = false\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"implicit\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n",
+            "ebpf.enabled = false\n[limits]\nmax_connections_per_client = 1000\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"implicit\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n",
             leaf.chain.display().to_string(),
             leaf.key.display().to_string(),
         ),
@@ -502,4 +502,19 @@ fn check_prints_an_smtp_listeners_limits() {
         mx.ends_with("limits: messages of 52428800 bytes, 1000 recipients per transaction, lines of 1000 octets"),
         "{mx}"
     );
+    // What bounds a slow or hostile client (tests/hostile_clients.rs).
+    let limits = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("limits:"))
+        .unwrap_or_else(|| panic!("no limits line in:\n{stdout}"));
+    for bound in [
+        "1000 connections in all, 100 per client address",
+        "TLS handshake (and a TCP client's first byte) within 10s",
+        "SMTP clients: 300s of waiting per command (in all, not per read)",
+        "message data at 500 bytes/s or faster",
+        "421 after 20 errors",
+        "past 100 commands that move no mail",
+    ] {
+        assert!(limits.contains(bound), "{bound:?} not in {limits}");
+    }
 }

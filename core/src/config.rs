@@ -131,6 +131,11 @@ pub struct Config {
 pub struct Limits {
     /// Concurrent client connections across all listeners; more are closed.
     pub max_connections: Spanned<usize>,
+    /// Concurrent connections from one client address (IPv6: one /64), so
+    /// that one stranger cannot take every slot; more are closed (SMTP
+    /// listeners answer 421 first). Not applied behind a PROXY protocol
+    /// balancer, whose own address every connection has.
+    pub max_connections_per_client: Spanned<usize>,
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     #[serde(with = "duration")]
@@ -151,6 +156,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: Spanned::new(0..0, 10_000),
+            max_connections_per_client: Spanned::new(0..0, 100),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -831,12 +837,16 @@ impl Config {
                 return Err(src.error(w.span(), "dataplane.workers", "must be between 1 and 1024"));
             }
         }
-        if *self.limits.max_connections.get_ref() == 0 {
-            return Err(src.error(
-                self.limits.max_connections.span(),
-                "limits.max_connections",
-                "must be at least 1",
-            ));
+        for (limit, field) in [
+            (&self.limits.max_connections, "limits.max_connections"),
+            (
+                &self.limits.max_connections_per_client,
+                "limits.max_connections_per_client",
+            ),
+        ] {
+            if *limit.get_ref() == 0 {
+                return Err(src.error(limit.span(), field, "must be at least 1"));
+            }
         }
         self.validate_routes()?;
         self.validate_listeners()?;

@@ -1,16 +1,17 @@
-//! The listeners: bind a [`Plan`]'s addresses, run the accept loops with a
-//! connection limit (one task per session), switch plans on reload, and
-//! drain on shutdown.
+//! The listeners: bind a [`Plan`]'s addresses, run the accept loops with
+//! connection limits (in all and per client address; one task per
+//! session), switch plans on reload, and drain on shutdown.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::bpf::WireCounters;
-use crate::plan::{Listening, Plan};
+use crate::plan::{ConnectionLimits, Listening, Plan};
 use crate::report::SessionReport;
 use crate::session;
 
@@ -29,7 +30,7 @@ pub enum ListenError {
 pub struct Listeners {
     listeners: Vec<(TcpListener, Arc<watch::Sender<Listening>>)>,
     limit: Arc<Semaphore>,
-    max_connections: usize,
+    limits: ConnectionLimits,
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
     wire: Option<Arc<WireCounters>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -55,7 +56,7 @@ fn bind_listener(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListen
 impl Listeners {
     pub async fn bind(plan: Plan) -> Result<Listeners, ListenError> {
         let mut listeners = Vec::new();
-        let backlog = plan.max_connections.clamp(128, 65535) as u32;
+        let backlog = plan.limits.total.clamp(128, 65535) as u32;
         for (address, lp) in plan.listeners {
             let socket = bind_listener(address, backlog).map_err(|source| ListenError::Bind {
                 listener: lp.name().to_string(),
@@ -66,8 +67,8 @@ impl Listeners {
         }
         Ok(Listeners {
             listeners,
-            limit: Arc::new(Semaphore::new(plan.max_connections)),
-            max_connections: plan.max_connections,
+            limit: Arc::new(Semaphore::new(plan.limits.total)),
+            limits: plan.limits,
             reports: None,
             wire: None,
             metrics: None,
@@ -120,11 +121,15 @@ impl Listeners {
         let ids = Arc::new(AtomicU64::new(1));
         let (closing_tx, closing) = watch::channel(false);
         let mut accept_loops = tokio::task::JoinSet::new();
+        let per_client = Arc::new(PerClient::new(self.limits.per_client));
         for (socket, plan) in self.listeners {
             accept_loops.spawn(accept_loop(
                 socket,
                 plan,
-                self.limit.clone(),
+                Admission {
+                    total: self.limit.clone(),
+                    per_client: per_client.clone(),
+                },
                 ids.clone(),
                 Sinks {
                     reports: self.reports.clone(),
@@ -136,7 +141,7 @@ impl Listeners {
         }
         shutdown.await;
         accept_loops.shutdown().await;
-        let (limit, max) = (self.limit, self.max_connections);
+        let (limit, max) = (self.limit, self.limits.total);
         let active = || max - limit.available_permits();
         let settle = |until: tokio::time::Instant| async move {
             while active() > 0 && tokio::time::Instant::now() < until {
@@ -183,7 +188,7 @@ impl PlanSwitch {
     /// Swaps in every listener of `plan` that exists by name; returns what
     /// could not be applied without a restart (new, moved or removed
     /// listeners, a changed connection limit).
-    pub fn apply(&self, plan: Plan, max_connections: usize) -> Vec<String> {
+    pub fn apply(&self, plan: Plan, limits: ConnectionLimits) -> Vec<String> {
         let mut left = Vec::new();
         // Names the new plan still has, switched in or not.
         let mut kept = Vec::new();
@@ -214,8 +219,11 @@ impl PlanSwitch {
                 ));
             }
         }
-        if plan.max_connections != max_connections {
+        if plan.limits.total != limits.total {
             left.push("limits.max_connections changes on restart".to_string());
+        }
+        if plan.limits.per_client != limits.per_client {
+            left.push("limits.max_connections_per_client changes on restart".to_string());
         }
         left
     }
@@ -236,10 +244,126 @@ pub async fn accept_backing_off(socket: &TcpListener, listener: &str) -> (TcpStr
     }
 }
 
+/// The connection limits every accept loop shares.
+struct Admission {
+    total: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+}
+
+/// Why a connection was closed at accept.
+#[derive(Clone, Copy, Debug)]
+enum OverLimit {
+    Total,
+    PerClient,
+}
+
+impl OverLimit {
+    /// The metric label.
+    fn class(self) -> &'static str {
+        match self {
+            OverLimit::Total => "total",
+            OverLimit::PerClient => "per-client",
+        }
+    }
+}
+
+/// What a session holds while it runs: a slot in the total and one of
+/// its client's (none behind a PROXY protocol balancer).
+struct Slots {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    _client: Option<ClientSlot>,
+}
+
+impl Admission {
+    fn admit(&self, plan: &Listening, peer: IpAddr) -> Result<Slots, OverLimit> {
+        let client = match plan.proxy_protocol() {
+            true => None,
+            false => Some(self.per_client.claim(peer).ok_or(OverLimit::PerClient)?),
+        };
+        let total = self.total.clone().try_acquire_owned();
+        Ok(Slots {
+            _total: total.map_err(|_| OverLimit::Total)?,
+            _client: client,
+        })
+    }
+}
+
+/// Connections per client address. IPv6 clients count by /64: one site
+/// has a whole /64 to pick addresses from.
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in [`PerClient`], given back when dropped.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl PerClient {
+    fn new(max: usize) -> PerClient {
+        PerClient {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+            v4 => v4,
+        }
+    }
+
+    fn claim(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = PerClient::key(ip);
+        let mut open = self.open.lock().expect("not poisoned");
+        let n = open.entry(key).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().expect("not poisoned");
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Closes a connection over a limit; an SMTP client is told 421 first
+/// (as Postfix does), so its queue retries later instead of guessing.
+fn refuse(plan: &Listening, client: TcpStream, peer: SocketAddr, over: OverLimit) {
+    tracing::warn!(listener = %plan.name(), client = %peer, limit = over.class(), "connection limit reached; closing");
+    if let Listening::Smtp(smtp) = plan {
+        let why = match over {
+            OverLimit::Total => "Too many connections, try again later",
+            OverLimit::PerClient => "Too many connections from your address",
+        };
+        // Best effort: a fresh socket's send buffer is empty.
+        let _ = client.try_write(format!("421 4.7.0 {} {why}\r\n", smtp.hostname).as_bytes());
+    }
+}
+
 async fn accept_loop(
     socket: TcpListener,
     plan: Arc<watch::Sender<Listening>>,
-    limit: Arc<Semaphore>,
+    admission: Admission,
     ids: Arc<AtomicU64>,
     sinks: Sinks,
 ) {
@@ -247,12 +371,17 @@ async fn accept_loop(
         let name = plan.borrow().name().to_string();
         let (client, peer) = accept_backing_off(&socket, &name).await;
         let id = ids.fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(listener = %plan.borrow().name(), client = %peer, "connection limit reached; closing");
-            drop(client);
-            continue;
-        };
         let plan = plan.borrow().clone();
+        let slots = match admission.admit(&plan, peer.ip()) {
+            Ok(slots) => slots,
+            Err(over) => {
+                if let Some(m) = &sinks.metrics {
+                    m.refused(plan.name(), over.class());
+                }
+                refuse(&plan, client, peer, over);
+                continue;
+            }
+        };
         let sinks = sinks.clone();
         if let Some(m) = &sinks.metrics {
             m.accepted(plan.name());
@@ -268,7 +397,7 @@ async fn accept_loop(
                     Box::pin(crate::smtp::session::run(id, p, client, peer, closing)).await
                 }
             };
-            drop(permit);
+            drop(slots);
             tracing::info!("{report}");
             if let Some(m) = &sinks.metrics {
                 m.record(&report);
@@ -280,5 +409,50 @@ async fn accept_loop(
                 let _ = tx.send(report);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_count_by_address_and_ipv6_by_slash_64() {
+        let table = Arc::new(PerClient::new(2));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = table.claim(ip("192.0.2.1")).unwrap();
+        let _b = table.claim(ip("::ffff:192.0.2.1")).unwrap();
+        assert!(
+            table.claim(ip("192.0.2.1")).is_none(),
+            "a third from one address"
+        );
+        assert!(
+            table.claim(ip("192.0.2.2")).is_some(),
+            "another address has its own"
+        );
+        drop(a);
+        assert!(
+            table.claim(ip("192.0.2.1")).is_some(),
+            "a closed slot is free again"
+        );
+
+        let _c = table.claim(ip("2001:db8:1:2::1")).unwrap();
+        let _d = table.claim(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(
+            table.claim(ip("2001:db8:1:2::77")).is_none(),
+            "one /64 is one client"
+        );
+        assert!(table.claim(ip("2001:db8:1:3::1")).is_some());
+    }
+
+    #[test]
+    fn the_table_forgets_clients_without_connections() {
+        let table = Arc::new(PerClient::new(5));
+        let slots: Vec<_> = (0..100u8)
+            .filter_map(|i| table.claim(IpAddr::from([10, 0, 0, i])))
+            .collect();
+        assert_eq!(table.open.lock().unwrap().len(), 100);
+        drop(slots);
+        assert!(table.open.lock().unwrap().is_empty());
     }
 }

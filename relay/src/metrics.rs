@@ -30,6 +30,7 @@ pub struct Metrics {
 
 struct Inner {
     accepted: BTreeMap<String, u64>,
+    refused: BTreeMap<Labels, u64>,
     sessions: BTreeMap<Labels, u64>,
     downgrades: BTreeMap<Labels, u64>,
     key_exchange: BTreeMap<Labels, u64>,
@@ -89,6 +90,7 @@ impl Metrics {
         Metrics {
             inner: Mutex::new(Inner {
                 accepted: BTreeMap::new(),
+                refused: BTreeMap::new(),
                 sessions: BTreeMap::new(),
                 downgrades: BTreeMap::new(),
                 key_exchange: BTreeMap::new(),
@@ -102,6 +104,14 @@ impl Metrics {
             }),
             wire_pins,
         }
+    }
+
+    /// A connection closed at accept because it was over `limit`.
+    pub fn refused(&self, listener: &str, limit: &'static str) {
+        let mut m = self.inner.lock().expect("not poisoned");
+        *m.refused
+            .entry(vec![("listener", listener.into()), ("limit", limit.into())])
+            .or_default() += 1;
     }
 
     pub fn accepted(&self, listener: &str) {
@@ -198,8 +208,9 @@ impl Metrics {
                 .iter()
                 .map(|(l, v)| (vec![("listener", l.clone())], *v))
                 .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 9] = [
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 10] = [
                 ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
+                ("tlsrelay_connections_refused_total", "Connections closed at accept, by listener and the limit they were over (total, per-client).", &m.refused),
                 ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
                 ("tlsrelay_downgrades_total", "Sessions that went on with less security than they could have had, by leg and reason.", &m.downgrades),
                 ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),

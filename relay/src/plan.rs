@@ -54,6 +54,14 @@ impl Listening {
             Listening::Smtp(p) => &p.name,
         }
     }
+
+    /// Connections come from a PROXY protocol balancer.
+    pub(crate) fn proxy_protocol(&self) -> bool {
+        match self {
+            Listening::Tcp(p) => p.proxy_protocol,
+            Listening::Smtp(p) => p.proxy_protocol,
+        }
+    }
 }
 
 /// The SMTP connectors, built once and shared by the SMTP listeners.
@@ -263,9 +271,26 @@ impl SmtpShared {
     }
 }
 
+/// How many client connections the listeners take: in all, and from one
+/// client address. Changed by a restart, not a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub total: usize,
+    pub per_client: usize,
+}
+
+impl ConnectionLimits {
+    pub fn of(config: &Config) -> ConnectionLimits {
+        ConnectionLimits {
+            total: *config.limits.max_connections.get_ref(),
+            per_client: *config.limits.max_connections_per_client.get_ref(),
+        }
+    }
+}
+
 pub struct Plan {
     pub listeners: Vec<(SocketAddr, Listening)>,
-    pub max_connections: usize,
+    pub limits: ConnectionLimits,
     /// Human-readable effective policy, one entry per listener and route.
     pub description: Vec<String>,
     /// Sends TLS reports (RFC 8460) for MX delivery, when there is any.
@@ -339,7 +364,7 @@ impl Plan {
         description.extend(describe_connectors_and_routes(config, &smtp, &routes));
         Ok(Plan {
             listeners,
-            max_connections: *config.limits.max_connections.get_ref(),
+            limits: ConnectionLimits::of(config),
             description,
             report_sender: smtp.report_sender,
         })
@@ -374,6 +399,7 @@ fn describe_connectors_and_routes(
             .map(|(domains, i)| describe_outbound_connector(&smtp.connectors[*i], domains)),
     );
     out.extend(routes.iter().map(|r| describe_route(r)));
+    out.push(describe_limits(config));
     out.push(describe_dataplane(config));
     out
 }
@@ -729,6 +755,33 @@ fn describe_outbound_connector(c: &MailConnector, domains: &[DomainPattern]) -> 
     }
     if c.policy == OutboundPolicy::Required {
         s += ", 451 4.7.5 when TLS cannot be had";
+    }
+    s
+}
+
+/// What bounds a client: what a stranger can hold and for how long.
+fn describe_limits(config: &Config) -> String {
+    let l = &config.limits;
+    let mut s = format!(
+        "limits: {} connections in all, {} per client address (IPv6: per /64), 421 past either on SMTP listeners; TLS handshake (and a TCP client's first byte) within {:?}; upstreams connected within {:?}; TCP sessions idle for {:?} closed",
+        l.max_connections.get_ref(),
+        l.max_connections_per_client.get_ref(),
+        l.handshake_timeout,
+        l.connect_timeout,
+        l.idle_timeout,
+    );
+    if config
+        .listeners
+        .iter()
+        .any(|l| l.protocol == Protocol::Smtp)
+    {
+        let command = std::time::Duration::from_secs_f64(300.0 * l.smtp_timeout_scale);
+        s += &format!(
+            "; SMTP clients: {command:?} of waiting per command (in all, not per read), message data at {} bytes/s or faster past that, replies read within {command:?}, 421 after {} errors, and past {} commands that move no mail (NOOP, RSET, VRFY, HELP, EHLO) since the last message each counts as an error",
+            crate::smtp::session::MIN_DATA_RATE,
+            tlsrelay_core::smtp::server::MAX_ERRORS,
+            tlsrelay_core::smtp::server::MAX_JUNK_COMMANDS,
+        );
     }
     s
 }

@@ -13,7 +13,7 @@ use rustls::pki_types::UnixTime;
 use crate::config::{Config, ConfigError};
 use crate::inspect::CertificateInfo;
 use crate::listeners::PlanSwitch;
-use crate::plan::{Plan, SelfSignedSource};
+use crate::plan::{ConnectionLimits, Plan, SelfSignedSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -30,7 +30,7 @@ pub struct Reloader {
     config: Option<PathBuf>,
     state_dir: PathBuf,
     switch: PlanSwitch,
-    max_connections: usize,
+    limits: ConnectionLimits,
     watched: Mutex<Vec<(PathBuf, Stamp)>>,
 }
 
@@ -48,7 +48,7 @@ impl Reloader {
             config,
             state_dir,
             switch,
-            max_connections: *current.limits.max_connections.get_ref(),
+            limits: ConnectionLimits::of(current),
             watched: Mutex::new(watched),
         }
     }
@@ -68,7 +68,7 @@ impl Reloader {
         let config = config?;
         let plan = Plan::build(&config, SelfSignedSource::StateDir(self.state_dir.clone()))?;
         check_not_expired(&config)?;
-        Ok(self.switch.apply(plan, self.max_connections))
+        Ok(self.switch.apply(plan, self.limits))
     }
 
     /// Whether a watched file changed since it was last looked at.

@@ -133,9 +133,17 @@ pub struct Server {
     /// Discarding the rest of an overlong command line.
     skipping_line: bool,
     errors: u32,
+    /// Commands that move no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO)
+    /// since the last message accepted.
+    junk: u32,
 }
 
-const MAX_ERRORS: u32 = 20;
+/// Errors (refused commands) before the session is closed with 421.
+pub const MAX_ERRORS: u32 = 20;
+/// Commands that move no mail since the last message, after which each
+/// one also counts as an error (Postfix's `smtpd_junk_command_limit`):
+/// a client looping NOOP or RSET is closed after 120 of them.
+pub const MAX_JUNK_COMMANDS: u32 = 100;
 
 impl Server {
     pub fn new(settings: ServerSettings) -> Server {
@@ -157,6 +165,7 @@ impl Server {
             chunk_refusal: None,
             skipping_line: false,
             errors: 0,
+            junk: 0,
         }
     }
 
@@ -234,7 +243,12 @@ impl Server {
                 self.line_len = 0;
                 self.body_error = None;
             }
-            Pending::EndOfData | Pending::Chunk { last: true } => self.end_transaction(),
+            Pending::EndOfData | Pending::Chunk { last: true } => {
+                if ok {
+                    self.junk = 0;
+                }
+                self.end_transaction()
+            }
             Pending::Chunk { last: false } if !ok => self.end_transaction(),
             _ => {}
         }
@@ -262,10 +276,23 @@ impl Server {
 
     fn error(&mut self, code: u16, text: &str) {
         self.reply(code, text);
+        self.count_error();
+    }
+
+    fn count_error(&mut self) {
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
             self.reply(421, "4.7.0 Too many errors, closing");
             self.close();
+        }
+    }
+
+    /// Past [`MAX_JUNK_COMMANDS`], a command that moves no mail is an
+    /// error too (after its own reply).
+    fn junk(&mut self) {
+        self.junk += 1;
+        if self.junk > MAX_JUNK_COMMANDS {
+            self.count_error();
         }
     }
 
@@ -319,6 +346,22 @@ impl Server {
 
     fn handle(&mut self, cmd: Command) {
         let needs_tls = self.settings.starttls == StartTls::Required && !self.tls;
+        let junk = matches!(
+            cmd,
+            Command::Ehlo(_)
+                | Command::Helo(_)
+                | Command::Noop
+                | Command::Vrfy
+                | Command::Help
+                | Command::Rset
+        );
+        self.handle_command(cmd, needs_tls);
+        if junk && self.phase != Phase::Closed {
+            self.junk();
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command, needs_tls: bool) {
         match cmd {
             Command::Ehlo(_) => {
                 self.esmtp = true;
@@ -906,6 +949,48 @@ mod tests {
             matches!(ev.last(), Some(Event::AbortData(r)) if r.code == 500),
             "{ev:?}"
         );
+    }
+
+    #[test]
+    fn a_loop_of_commands_that_move_no_mail_is_closed() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\n");
+        let mut flood = Vec::new();
+        for _ in 0..200 {
+            flood.extend_from_slice(b"NOOP\r\n");
+        }
+        s.feed(&flood);
+        let ev = drain(&mut s);
+        let c = codes(&ev);
+        // EHLO and 119 NOOPs answered, then 421 and the close: 120 junk
+        // commands, the last 20 of them errors.
+        let limit = (MAX_JUNK_COMMANDS + MAX_ERRORS) as usize;
+        assert_eq!(c.len(), limit + 1, "{c:?}");
+        assert!(c[..limit].iter().all(|&c| c == 250));
+        assert_eq!(c[limit], 421);
+        assert!(matches!(ev.last(), Some(Event::Close)));
+    }
+
+    #[test]
+    fn a_delivered_message_resets_the_junk_count() {
+        let mut s = in_transaction();
+        let mut noops = Vec::new();
+        for _ in 0..MAX_JUNK_COMMANDS - 2 {
+            noops.extend_from_slice(b"NOOP\r\n");
+        }
+        s.feed(&noops);
+        s.feed(b"DATA\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(354, "go"));
+        s.feed(b"x\r\n.\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "queued"));
+        drain(&mut s);
+        // 98 more: past the limit had the count gone on.
+        s.feed(&noops);
+        let c = codes(&drain(&mut s));
+        assert_eq!(c.len(), MAX_JUNK_COMMANDS as usize - 2);
+        assert!(c.iter().all(|&c| c == 250), "{c:?}");
     }
 
     #[test]

@@ -86,6 +86,43 @@ struct Session<'a> {
     scratch: Vec<u8>,
     /// Chunk bytes that went to the next hop by splice.
     chunk_bytes_spliced: u64,
+    /// How long the client has kept the relay waiting for its request.
+    clock: RequestClock,
+}
+
+/// Postfix's `smtpd_min_data_rate`: message data slower than this, after
+/// the command timeout's allowance, is cut.
+pub const MIN_DATA_RATE: u64 = 500;
+
+/// The client's time for one request (a command line, or a message's
+/// data): the command timeout of waiting in all, plus a second per
+/// [`MIN_DATA_RATE`] bytes received - not per read, so a client sending
+/// a byte a second cannot hold a session for ever. Only time spent
+/// waiting for the client counts (a slow next hop is not its fault).
+/// Starts again at each reply the relay sends.
+struct RequestClock {
+    waited: std::time::Duration,
+    bytes: u64,
+}
+
+impl RequestClock {
+    fn new() -> RequestClock {
+        RequestClock {
+            waited: std::time::Duration::ZERO,
+            bytes: 0,
+        }
+    }
+
+    /// How long the next wait for the client may last.
+    fn allowance(&self, command: std::time::Duration) -> std::time::Duration {
+        let earned =
+            command + std::time::Duration::from_secs_f64(self.bytes as f64 / MIN_DATA_RATE as f64);
+        earned.saturating_sub(self.waited).min(command)
+    }
+
+    fn waited(&mut self, since: Instant) {
+        self.waited += since.elapsed();
+    }
 }
 
 /// Runs one SMTP session to its end.
@@ -117,6 +154,7 @@ pub async fn run(
         pipes: None,
         scratch: Vec::new(),
         chunk_bytes_spliced: 0,
+        clock: RequestClock::new(),
     };
     let outcome = match address {
         Ok(_) => session.run(client).await,
@@ -262,7 +300,10 @@ impl Session<'_> {
         let mut moved = false;
         let mut left = server.chunk_on_socket();
         while left > 0 {
-            let readable = timeout(self.plan.timeouts.command, src.readable()).await;
+            let waiting = Instant::now();
+            let allowance = self.clock.allowance(self.plan.timeouts.command);
+            let readable = timeout(allowance, src.readable()).await;
+            self.clock.waited(waiting);
             if !matches!(readable, Ok(Ok(()))) {
                 break; // the ordinary read path times out or fails it
             }
@@ -285,6 +326,7 @@ impl Session<'_> {
                 return Err(failed("splicing a BDAT chunk: tee of the pipe failed"));
             }
             moved = true;
+            self.clock.bytes += n as u64;
             left -= n as u64;
             let clean = server.chunk_passed(copy);
             self.chunk_bytes_spliced += clean as u64;
@@ -302,16 +344,23 @@ impl Session<'_> {
         Ok(moved)
     }
 
-    /// Reads the client's next bytes under the command timeout, or ends
-    /// the session: closed, failed, timed out (421), or drained (421).
+    /// Reads the client's next bytes within its request's allowance
+    /// ([`RequestClock`]), or ends the session: closed, failed, timed out
+    /// (421), or drained (421).
     async fn read_client(&mut self, leg: &mut Leg, buf: &mut [u8]) -> Result<usize, Outcome> {
+        let waiting = Instant::now();
+        let allowance = self.clock.allowance(self.plan.timeouts.command);
         let read = tokio::select! {
-            r = timeout(self.plan.timeouts.command, leg.read(buf)) => Some(r),
+            r = timeout(allowance, leg.read(buf)) => Some(r),
             _ = self.closing.wait_for(|closing| *closing) => None,
         };
+        self.clock.waited(waiting);
         let goodbye = match read {
             Some(Ok(Ok(0))) => return Err(failed("client closed without QUIT")),
-            Some(Ok(Ok(n))) => return Ok(n),
+            Some(Ok(Ok(n))) => {
+                self.clock.bytes += n as u64;
+                return Ok(n);
+            }
             Some(Ok(Err(e))) => return Err(failed(e)),
             Some(Err(_)) => (
                 Reply::new(421, "4.4.2 Timeout, closing"),
@@ -403,11 +452,25 @@ impl Session<'_> {
         }
     }
 
+    /// Sends the replies written so far. A client that does not read them
+    /// (a pipelining flood) has the command timeout to make room, and its
+    /// next request's clock starts.
     async fn flush(&mut self, leg: &mut Leg) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            leg.write_all(&self.out).await?;
-            leg.flush().await?;
+            let write = async {
+                leg.write_all(&self.out).await?;
+                leg.flush().await
+            };
+            timeout(self.plan.timeouts.command, write)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client did not read its replies",
+                    )
+                })??;
             self.out.clear();
+            self.clock = RequestClock::new();
         }
         Ok(())
     }

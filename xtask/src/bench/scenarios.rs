@@ -209,7 +209,7 @@ impl Bench {
                 std::fs::write(
                     &config,
                     format!(
-                        "ebpf.enabled = false\naccepted_domains = [\"bench.test\"]\n[limits]\nmax_connections = 20000\n\n[[listeners]]\nname = \"mx\"\naddress = \"{listen}\"\nprotocol = \"smtp\"\nhostname = \"relay.bench.test\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"bench.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+                        "ebpf.enabled = false\naccepted_domains = [\"bench.test\"]\n[limits]\nmax_connections = 20000\nmax_connections_per_client = 20000\n\n[[listeners]]\nname = \"mx\"\naddress = \"{listen}\"\nprotocol = \"smtp\"\nhostname = \"relay.bench.test\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"bench.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
                         64 << 20,
                         self.ecdsa.cert.display().to_string(),
                         self.ecdsa.key.display().to_string(),
