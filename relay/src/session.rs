@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -83,6 +82,8 @@ pub async fn run(
     let route = &plan.route;
     let mut report = SessionReport::new(id, &plan.name, peer, &route.name);
     let _ = client.set_nodelay(true);
+    // Until the session ends cleanly, closing (or dying) resets the client.
+    pump::reset_on_close(&client);
     report.client_cookie = crate::bpf::socket_cookie(&client);
     let limit = plan.timeouts.handshake;
     let address = match client_address(&mut client, peer, plan.proxy_protocol, limit).await {
@@ -132,11 +133,13 @@ pub async fn run(
     let upstream = match opened {
         Ok(upstream) => upstream,
         Err(failure) => {
+            // The client's leg is dropped: a RST, so that no client takes
+            // the service's absence for an empty answer.
             report.outcome = outbound_failed(id, failure, &mut report);
-            close_quietly(client_leg).await;
             return finish(report, started);
         }
     };
+    pump::reset_on_close(upstream.leg.tcp());
     report.upstream_addr = Some(upstream.address);
     report.outbound = Some(upstream.security);
     report.downgrades.extend(upstream.downgrade);
@@ -255,9 +258,4 @@ fn outbound_failed(id: u64, failure: OutboundFailure, report: &mut SessionReport
             }
         }
     }
-}
-
-/// Ends a leg that never got to relay: close_notify for TLS, then FIN.
-async fn close_quietly(mut leg: Leg) {
-    let _ = timeout(Duration::from_secs(1), leg.shutdown()).await;
 }

@@ -230,8 +230,23 @@ pub async fn abort(tcp: &tokio::net::TcpStream, ktls: bool, reset: bool) {
         }
     }
     if reset {
-        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+        reset_on_close(tcp);
     }
+}
+
+/// Makes closing the socket send a RST, not a FIN. Sessions' sockets are
+/// set so from the start: a relay that dies mid-session (or a session that
+/// fails) must not end its peers' streams with what they would take for
+/// their end - a TCP client would see a truncated stream as complete.
+pub fn reset_on_close(tcp: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Undoes [`reset_on_close`] once a session ended cleanly (both ways
+/// closed, every byte handed to the kernel): the close then sends what is
+/// still queued, and a FIN.
+pub fn close_gracefully(tcp: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(tcp).set_linger(None);
 }
 
 /// Writes all of `data` to a non-blocking socket (kTLS encrypts it).

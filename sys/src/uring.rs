@@ -293,12 +293,16 @@ pub async fn run(
     }
     match result.await {
         Ok((counts, end, socks)) => {
-            if let PumpEnd::Reset { side, .. } = &end {
-                for ((sock, ktls), leg) in socks.into_iter().zip(ktls).zip(SIDES) {
-                    if let Ok(sock) = tokio::net::TcpStream::from_std(sock) {
-                        crate::splice::abort(&sock, ktls, *side != leg).await;
+            match &end {
+                PumpEnd::Reset { side, .. } => {
+                    for ((sock, ktls), leg) in socks.into_iter().zip(ktls).zip(SIDES) {
+                        if let Ok(sock) = tokio::net::TcpStream::from_std(sock) {
+                            crate::splice::abort(&sock, ktls, *side != leg).await;
+                        }
                     }
                 }
+                PumpEnd::Closed => socks.iter().for_each(crate::splice::close_gracefully),
+                _ => {}
             }
             ([counts[0] + sent[0], counts[1] + sent[1]], end)
         }

@@ -80,10 +80,7 @@ impl Leg {
     }
 }
 
-/// Aborts a TCP connection with a RST instead of a FIN when it is closed.
-fn reset_on_close(tcp: &TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-}
+pub use tlsrelay_sys::splice::{close_gracefully, reset_on_close};
 
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {

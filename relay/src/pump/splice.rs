@@ -35,14 +35,23 @@ pub(super) async fn run(
         &activity,
     );
     let end = drive(up, down, &activity, idle).await;
-    if let PumpEnd::Reset { side, .. } = &end {
-        abort(&client.tcp, client.ktls, *side != Side::Client).await;
-        abort(&upstream.tcp, upstream.ktls, *side != Side::Upstream).await;
+    match &end {
+        PumpEnd::Reset { side, .. } => {
+            abort(&client.tcp, client.ktls, *side != Side::Client).await;
+            abort(&upstream.tcp, upstream.ktls, *side != Side::Upstream).await;
+        }
+        PumpEnd::Closed => {
+            close_gracefully(&client.tcp);
+            close_gracefully(&upstream.tcp);
+        }
+        _ => {}
     }
     (load(&counts), end)
 }
 
-use tlsrelay_sys::splice::{abort, control, splice, write_all, Control, Pipe, SpliceLeg};
+use tlsrelay_sys::splice::{
+    abort, close_gracefully, control, splice, write_all, Control, Pipe, SpliceLeg,
+};
 
 /// Reads the control record splice refused (EINVAL) and acts on it.
 fn read_control(src: &SpliceLeg) -> io::Result<Control> {

@@ -49,10 +49,14 @@ pub(super) async fn run(client: Leg, upstream: Leg, idle: Duration) -> ([u64; 2]
     let upstream = upstream_read.unsplit(upstream_write);
     // Propagate a reset: the side that did not fail is aborted too, so its
     // peer learns the stream is incomplete instead of seeing a clean end.
-    if let PumpEnd::Reset { side, .. } = &end {
-        for (leg, leg_side) in [(&client, Side::Client), (&upstream, Side::Upstream)] {
-            let ktls = matches!(leg, Leg::Kernel(_));
-            tlsrelay_sys::splice::abort(leg.tcp(), ktls, *side != leg_side).await;
+    for (leg, leg_side) in [(&client, Side::Client), (&upstream, Side::Upstream)] {
+        match &end {
+            PumpEnd::Reset { side, .. } => {
+                let ktls = matches!(leg, Leg::Kernel(_));
+                tlsrelay_sys::splice::abort(leg.tcp(), ktls, *side != leg_side).await;
+            }
+            PumpEnd::Closed => super::close_gracefully(leg.tcp()),
+            _ => {}
         }
     }
     (load(&counts), end)
