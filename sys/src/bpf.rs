@@ -747,6 +747,22 @@ impl Detached {
             .collect()
     }
 
+    /// The per-connection records, removed from the map: a run of
+    /// generated packets looks at each packet's record alone.
+    pub fn take_connections(&mut self) -> Result<Vec<(u64, wire::Connection)>, BpfError> {
+        let mut map: HashMap<&mut MapData, u64, wire::Connection> =
+            HashMap::try_from(self.ebpf.map_mut(wire::MAP_CONNECTIONS).unwrap())
+                .map_err(aya_err("connections"))?;
+        let all = map
+            .iter()
+            .map(|e| e.map_err(aya_err("connections")))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (cookie, _) in &all {
+            map.remove(cookie).map_err(aya_err("connections"))?;
+        }
+        Ok(all)
+    }
+
     /// One of the counter records, summed over CPUs.
     pub fn counters<T: aya::Pod + Default + wire::Accumulate>(
         &self,

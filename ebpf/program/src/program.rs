@@ -553,11 +553,14 @@ fn upper(b: u8) -> u8 {
     }
 }
 
+/// Whether the `n` bytes in the window hold `word` at `at` (ASCII case
+/// ignored). Bytes past `n` are another packet's: a segment "MAIL FR" is
+/// not a MAIL FROM because the last one left "OM" behind.
 #[inline(always)]
-fn starts_with_ci(buf: &[u8; WINDOW], at: usize, word: &[u8]) -> bool {
+fn starts_with_ci(buf: &[u8; WINDOW], n: usize, at: usize, word: &[u8]) -> bool {
     let mut i = 0;
     while i < word.len() {
-        if at + i >= WINDOW || upper(buf[at + i]) != word[i] {
+        if at + i >= n || at + i >= WINDOW || upper(buf[at + i]) != word[i] {
             return false;
         }
         i += 1;
@@ -616,11 +619,11 @@ fn plaintext(
     if n == 0 {
         return Ok(());
     }
-    if starts_with_ci(buf, 0, b"STARTTLS") {
+    if starts_with_ci(buf, n, 0, b"STARTTLS") {
         conn.starttls_issued = 1;
-    } else if starts_with_ci(buf, 0, b"220") && conn.starttls_issued != 0 {
+    } else if starts_with_ci(buf, n, 0, b"220") && conn.starttls_issued != 0 {
         conn.starttls_accepted = 1;
-    } else if starts_with_ci(buf, 0, b"MAIL FROM") {
+    } else if starts_with_ci(buf, n, 0, b"MAIL FROM") {
         conn.plaintext_mail = 1;
         conn.plaintext = 1;
         once(conn, COUNTED_PLAINTEXT_MAIL, &downgrades, |d| {
@@ -630,7 +633,7 @@ fn plaintext(
         if conn.starttls_offered != 0 {
             once(conn, COUNTED_STRIPPED, &downgrades, |d| d.stripped += 1);
         }
-    } else if starts_with_ci(buf, 0, b"250") {
+    } else if starts_with_ci(buf, n, 0, b"250") {
         // EHLO reply: look for the STARTTLS capability on any line, with
         // one or two branches per position so the verifier's jump history
         // stays short (letters compare case-insensitively under & 0xDF).
