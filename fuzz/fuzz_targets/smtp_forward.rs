@@ -11,12 +11,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use tlsrelay_core::report::LegSecurity;
 use tlsrelay_core::smtp::admission::{Admission, Client};
 use tlsrelay_core::smtp::codec::{Reply, ReplyParser};
 use tlsrelay_core::smtp::forward::{Action, ConnectorRoute, Forwarder, OpenedHop, Routing};
 use tlsrelay_core::smtp::next_hop::Wait;
 use tlsrelay_core::smtp::server::{Event, Server, ServerSettings, StartTls};
-use tlsrelay_core::report::LegSecurity;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else {
@@ -51,7 +51,10 @@ fuzz_target!(|data: &[u8]| {
         while let Some(event) = server.poll() {
             let end_of_message = matches!(event, Event::EndOfData | Event::ChunkEnd { last: true });
             match event {
-                Event::Reply(r) => assert!((200..600).contains(&r.code)),
+                Event::Reply(r) => {
+                    assert!((200..600).contains(&r.code));
+                    one_line_per_line(&r);
+                }
                 Event::StartTls => server.tls_established(),
                 Event::Quit | Event::Close => forwarder.end(),
                 event => forwarder.client_event(event),
@@ -63,13 +66,14 @@ fuzz_target!(|data: &[u8]| {
                         responses += 1;
                         if end_of_message && reply.is_positive() {
                             assert!(
-                                hop_accepted && matches!(last_wait, Some(Wait::DataEnd | Wait::DataBlock)),
+                                hop_accepted
+                                    && matches!(last_wait, Some(Wait::DataEnd | Wait::DataBlock)),
                                 "2xx at end of data the next hop did not give: {reply}"
                             );
                         }
                         server.respond(reply);
                     }
-                    Action::Write(_) => {}
+                    Action::Write(r) => one_line_per_line(&r),
                     Action::Open { .. } => {
                         let (byte, tail) = hop.split_first().unwrap_or((&0, &[]));
                         hop = tail;
@@ -111,7 +115,11 @@ fuzz_target!(|data: &[u8]| {
 fn next_reply(hop: &mut &[u8]) -> Option<Reply> {
     let (&code, tail) = hop.split_first()?;
     let end = tail.iter().position(|&b| b == b'\n').unwrap_or(tail.len());
-    let text = format!("{} {}\r\n", [250, 251, 354, 421, 451, 452, 550, 554][code as usize % 8], String::from_utf8_lossy(&tail[..end]).replace('\r', ""));
+    let text = format!(
+        "{} {}\r\n",
+        [250, 251, 354, 421, 451, 452, 550, 554][code as usize % 8],
+        String::from_utf8_lossy(&tail[..end]).replace('\r', "")
+    );
     *hop = tail.get(end + 1..).unwrap_or(&[]);
     if code >= 0xf0 {
         return None;
@@ -119,4 +127,16 @@ fn next_reply(hop: &mut &[u8]) -> Option<Reply> {
     let mut parser = ReplyParser::default();
     parser.feed(text.as_bytes());
     parser.next_reply().ok().flatten()
+}
+
+/// What the client is sent: CR and LF only as line ends, however the next
+/// hop's replies looked.
+fn one_line_per_line(reply: &Reply) {
+    let bytes = reply.to_bytes();
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        assert!(line.ends_with(b"\r\n"), "{line:?}");
+        assert!(!line[..line.len() - 2]
+            .iter()
+            .any(|&b| b == b'\r' || b == b'\n'));
+    }
 }

@@ -13,7 +13,14 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(reply)) = parser.next_reply() {
         let mut again = ReplyParser::default();
         again.feed(&reply.to_bytes());
-        if reply.lines.iter().all(|l| !l.contains('\r') && !l.contains('\n')) {
+        // Control characters go out as spaces (a relayed reply must not
+        // carry a bare CR or LF to the sender); other text round-trips.
+        let bytes = reply.to_bytes();
+        let lines = bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        assert!(lines.clone().all(|l| l.ends_with(b"\r")));
+        assert!(lines.clone().all(|l| !l[..l.len() - 1].contains(&b'\r')));
+        assert_eq!(lines.count(), reply.lines.len().max(1));
+        if reply.lines.iter().all(|l| !l.chars().any(char::is_control)) {
             assert_eq!(again.next_reply().ok().flatten(), Some(reply));
         }
     }

@@ -386,12 +386,33 @@ async fn connect(
                 Err(e) => e.to_string(),
             }
         }
-        Ok(Err(e)) => e.to_string(),
+        Ok(Err(e)) => {
+            tracing::debug!(session = target.session, "connecting {address}: {e}");
+            io_class(&e).to_string()
+        }
         Err(_) => "timed out".to_string(),
     };
     Err(OutboundFailure::Unreachable(format!(
         "{address} unreachable: {error}"
     )))
+}
+
+/// An I/O error as a class: what an SMTP sender is told and a report
+/// says, instead of the OS's or a library's text (which can carry
+/// addresses, paths and URLs).
+pub fn io_class(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        TimedOut => "timed out",
+        UnexpectedEof | BrokenPipe | ConnectionAborted => "closed the connection",
+        ConnectionReset => "reset the connection",
+        ConnectionRefused => "refused the connection",
+        HostUnreachable | NetworkUnreachable => "no route",
+        NotConnected => "not connected",
+        InvalidData => "sent what the relay could not read",
+        _ if e.to_string().contains("lookup") => "name not resolved",
+        _ => "connection failed",
+    }
 }
 
 fn plaintext(tcp: TcpStream, address: SocketAddr, downgrade: Option<Downgrade>) -> OutboundLeg {

@@ -189,14 +189,22 @@ impl Reply {
         (400..500).contains(&self.code)
     }
 
-    /// The reply on the wire, CRLF-terminated lines.
+    /// The reply on the wire, CRLF-terminated lines. Control characters
+    /// in the text go out as spaces: a next hop's reply is relayed to the
+    /// sender, and a bare LF in it (the parser ends lines at CRLF only)
+    /// would start a reply line of the next hop's choosing there.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let n = self.lines.len().max(1);
         for i in 0..n {
             let sep = if i + 1 == n { ' ' } else { '-' };
             let text = self.lines.get(i).map_or("", String::as_str);
-            out.extend_from_slice(format!("{:03}{sep}{text}\r\n", self.code).as_bytes());
+            out.extend_from_slice(format!("{:03}{sep}", self.code).as_bytes());
+            for c in text.chars() {
+                let c = if c.is_control() { ' ' } else { c };
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
         }
         out
     }
@@ -314,6 +322,22 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A next hop's reply with a bare LF inside a line: relayed, it must
+    /// stay one reply line, not become two for the sender.
+    #[test]
+    fn a_relayed_reply_cannot_smuggle_a_line() {
+        let mut parser = ReplyParser::default();
+        parser.feed(b"550 5.1.1 no such user\n250 2.1.5 Ok\r\n");
+        let reply = parser.next_reply().unwrap().unwrap();
+        assert_eq!(reply.code, 550);
+        assert_eq!(
+            reply.to_bytes(),
+            b"550 5.1.1 no such user 250 2.1.5 Ok\r\n".to_vec()
+        );
+        let multi = Reply::multi(250, vec!["a\rb".into(), "c\u{7f}d\te".into()]);
+        assert_eq!(multi.to_bytes(), b"250-a b\r\n250 c d e\r\n".to_vec());
+    }
 
     #[test]
     fn commands_parse_case_insensitively_with_paths_and_params() {

@@ -174,7 +174,9 @@ pub fn next_hop_failed(when: &str, why: &str) -> Reply {
 }
 
 /// The sender's reply when forced TLS could not be had on the connector's
-/// next hop (4xx: it keeps the message).
+/// next hop (4xx: it keeps the message). The failure's kind and detail:
+/// mostly the relay's own verification words (which name, which TLSA
+/// record), what a partner needs to mend its side.
 pub fn tls_required(connector: &str, failure: &TlsFailure) -> Reply {
     Reply::new(
         451,

@@ -141,14 +141,14 @@ impl SmtpGreeter<'_> {
                         stream.flush().await
                     };
                     if let Err(e) = written.await {
-                        break opening.io_failed(&e.to_string());
+                        break opening.io_failed(crate::legs::io_class(&e));
                     }
                 }
                 Opening::Read(wait) => {
                     match timeout(self.timeouts.of(wait), stream.read(&mut buf)).await {
                         Ok(Ok(0)) => break opening.io_failed("connection closed"),
                         Ok(Ok(n)) => opening.feed(&buf[..n]),
-                        Ok(Err(e)) => break opening.io_failed(&e.to_string()),
+                        Ok(Err(e)) => break opening.io_failed(crate::legs::io_class(&e)),
                         Err(_) => break opening.io_failed("timed out"),
                     }
                 }
@@ -232,6 +232,7 @@ pub async fn establish(
         match hop.open(&target).await {
             Ok(established) => return Ok(established),
             Err(OutboundFailure::Refused { failure, .. }) => {
+                tracing::info!(session, connector = %connector.name, "next hop {}: {failure}", plan.address);
                 return Err(tls_required(&connector.name, &failure));
             }
             Err(OutboundFailure::Unreachable(why)) => {

@@ -596,20 +596,12 @@ async fn splice_out(pipe: &Pipe, dst: &TcpStream, mut n: usize) -> std::io::Resu
 /// has the whole error. Fields, not the session: a splice borrows its hop.
 fn hop_failed(session: u64, forwarder: &mut Forwarder, e: &std::io::Error) {
     tracing::info!(session, "next hop failed: {e}");
-    forwarder.hop_failed(hop_failure(e));
+    forwarder.hop_failed(&hop_failure(e));
 }
 
 /// What a sender is told of a next hop's I/O error.
-fn hop_failure(e: &std::io::Error) -> &'static str {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        TimedOut => "next hop timed out",
-        UnexpectedEof | BrokenPipe | ConnectionAborted => "next hop closed the connection",
-        ConnectionReset => "next hop reset the connection",
-        NotConnected => "no connection to the next hop",
-        InvalidData => "next hop sent what the relay could not read",
-        _ => "next hop connection failed",
-    }
+fn hop_failure(e: &std::io::Error) -> String {
+    format!("next hop {}", crate::legs::io_class(e))
 }
 
 #[cfg(test)]
@@ -634,6 +626,8 @@ mod tests {
             hop_failure(&garbage),
             "next hop sent what the relay could not read"
         );
+        let refused = Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(hop_failure(&refused), "next hop refused the connection");
         assert_eq!(
             hop_failure(&Error::new(ErrorKind::TimedOut, "next hop timed out")),
             "next hop timed out"
