@@ -362,6 +362,32 @@ mod tests {
         );
     }
 
+    /// The sniffing is one byte: every value (and none) in every mode. TLS
+    /// is started only by a handshake record's type byte (or implicitly);
+    /// nothing else is ever taken for TLS, nor 0x16 for plaintext.
+    #[test]
+    fn every_first_byte_in_every_mode() {
+        use InboundMode::*;
+        let firsts = (0..=255u8).map(Some).chain([None]);
+        for first in firsts {
+            for mode in [Off, Opportunistic, Required, Implicit] {
+                let tls = first == Some(0x16);
+                let start = inbound_start(mode, first);
+                let expected = match mode {
+                    Off => InboundStart::Plaintext { downgrade: false },
+                    Implicit => InboundStart::Tls,
+                    _ if tls => InboundStart::Tls,
+                    Opportunistic => InboundStart::Plaintext { downgrade: true },
+                    Required => {
+                        assert!(matches!(start, InboundStart::Refuse(_)), "{first:?}");
+                        continue;
+                    }
+                };
+                assert_eq!(start, expected, "{mode:?} {first:?}");
+            }
+        }
+    }
+
     #[test]
     fn only_opportunistic_routes_fall_back() {
         assert_eq!(

@@ -39,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
             }
             match event {
                 Event::Reply(r) => assert!((200..600).contains(&r.code)),
-                Event::Mail { .. } | Event::Rcpt { .. } | Event::ChunkEnd { .. } | Event::EndOfData => {
+                Event::Mail { .. }
+                | Event::Rcpt { .. }
+                | Event::ChunkEnd { .. }
+                | Event::EndOfData => {
                     let code = [250, 451, 550][i % 3];
                     server.respond(Reply::new(code, "x"));
                 }

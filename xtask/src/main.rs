@@ -189,6 +189,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "smtp_server",
     "smtp_replies",
     "smtp_forward",
+    "smtp_next_hop",
     "proxy_header",
     "config",
 ];
