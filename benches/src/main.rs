@@ -6,8 +6,10 @@
 //! - `sink`, `blast`, `rr`, `handshakes`, `hold`, `smtp-sink`, `smtp`,
 //!   `certs`: the load `cargo xtask bench` runs.
 
+mod chaos;
 mod load;
 mod smtp;
+mod soak;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,6 +128,58 @@ enum Command {
         #[arg(long, default_value_t = 64 << 20)]
         bytes: u64,
     },
+    /// Hold `connections` sessions through the relay (half TLS to an echo
+    /// behind --tcp, half SMTP over STARTTLS to --smtp), each with traffic
+    /// every --interval seconds, for --seconds; time fresh handshakes
+    /// meanwhile. JSON lines: {"ready": …} when all are up, then totals.
+    Soak {
+        #[arg(long)]
+        tcp: SocketAddr,
+        #[arg(long)]
+        smtp: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 30.0)]
+        interval: f64,
+    },
+    /// An SMTP next hop that appends "<message-id> <attempt>" to --journal
+    /// for each message it accepts, before its 250 (`cargo xtask chaos`).
+    SmtpStore {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        journal: std::path::PathBuf,
+    },
+    /// A TCP upstream for `cargo xtask chaos`: serves downloads and takes
+    /// uploads of a requested length, journalling uploads that ended
+    /// cleanly short.
+    TcpPeer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        journal: std::path::PathBuf,
+    },
+    /// Senders with a retry queue (4xx and no reply: retried) delivering
+    /// new messages through --smtp until standard input closes, then the
+    /// rest of their queue (for --drain seconds at most); one JSON line per
+    /// attempt in --journal; TCP transfers through each --tcp meanwhile;
+    /// totals at the end.
+    ChaosSend {
+        #[arg(long)]
+        smtp: SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long)]
+        journal: std::path::PathBuf,
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1 << 20)]
+        tcp_bytes: usize,
+        #[arg(long, default_value_t = 120.0)]
+        drain: f64,
+    },
     /// Write the benchmark certificate (bench.crt, bench.key, bench.pem).
     Certs {
         #[arg(long)]
@@ -229,6 +283,42 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Certs { out } => load::certs(&out),
+        Command::SmtpStore { listen, journal } => chaos::store(listen, &journal).await,
+        Command::TcpPeer { listen, journal } => chaos::tcp_peer(listen, &journal).await,
+        Command::ChaosSend {
+            smtp,
+            concurrency,
+            journal,
+            tcp,
+            tcp_bytes,
+            drain,
+        } => {
+            chaos::senders(chaos::Senders {
+                smtp,
+                concurrency,
+                journal,
+                tcp,
+                tcp_bytes,
+                drain,
+            })
+            .await
+        }
+        Command::Soak {
+            tcp,
+            smtp,
+            connections,
+            seconds,
+            interval,
+        } => {
+            soak::soak(soak::Soak {
+                tcp,
+                smtp,
+                connections,
+                seconds,
+                interval,
+            })
+            .await
+        }
         Command::Send {
             to,
             tls,

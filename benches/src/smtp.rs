@@ -106,7 +106,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// A message of about `size` bytes: headers, then 78-byte lines that never
 /// start with a dot.
-fn message(size: usize) -> Vec<u8> {
+pub(crate) fn message(size: usize) -> Vec<u8> {
     let mut m = b"From: load@sender.test\r\nTo: sink@bench.test\r\nSubject: bench\r\n\r\n".to_vec();
     let line = [b"x".repeat(76), b"\r\n".to_vec()].concat();
     while m.len() < size {
@@ -117,7 +117,10 @@ fn message(size: usize) -> Vec<u8> {
 
 /// Reads one (possibly multi-line) reply; fails unless its code starts
 /// with `class`.
-async fn expect<S: AsyncRead + Unpin>(s: &mut BufReader<S>, class: u8) -> anyhow::Result<()> {
+pub(crate) async fn expect<S: AsyncRead + Unpin>(
+    s: &mut BufReader<S>,
+    class: u8,
+) -> anyhow::Result<()> {
     let mut line = String::new();
     loop {
         line.clear();
@@ -137,7 +140,7 @@ async fn expect<S: AsyncRead + Unpin>(s: &mut BufReader<S>, class: u8) -> anyhow
     Ok(())
 }
 
-async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut BufReader<S>,
     command: &[u8],
     class: u8,

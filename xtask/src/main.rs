@@ -6,13 +6,18 @@
 //!   side (throughput, latency, handshakes, SMTP, memory per connection);
 //! - `build-ebpf`: install the eBPF toolchain if missing, build the program;
 //! - `vmtest`: the kernel-TLS tests inside a VM with a kTLS kernel;
+//! - `soak`: thousands of sessions held for minutes, RSS watched;
+//! - `chaos`: next hops and the relay killed under mail and TCP load, then
+//!   every message reconciled;
 //! - `ci`: everything CI runs, in CI's order.
 
 mod bench;
+mod chaos;
 mod chart;
 mod deb;
 mod ebpf;
 mod prereqs;
+mod soak;
 mod vm;
 
 use std::net::{SocketAddr, TcpStream};
@@ -73,12 +78,41 @@ enum Task {
         #[arg(long, default_value_t = 1.0)]
         minutes: f64,
     },
+    /// Hold many sessions through one relay (half TLS to an echo, half
+    /// SMTP over STARTTLS) with traffic on each every 30 s, sampling the
+    /// relay's RSS each second: RSS per session and its drift, errors,
+    /// handshake times under the load. Fails on an error or a 5 % drift.
+    Soak {
+        /// The short run CI makes: debug build, 2,000 sessions, 60 s.
+        #[arg(long)]
+        quick: bool,
+        /// Sessions held (default 10,000; 2,000 with --quick).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// How long they are held (default 600; 60 with --quick).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
+    /// SMTP senders with retry queues and TCP echo clients through the
+    /// relay while the next hop is killed, stalled and down and the relay
+    /// is SIGKILLed, 100 times each; then every message reconciled (none
+    /// lost, none stored that was refused, duplicates explained) and every
+    /// TCP stream intact or ended in an error.
+    Chaos {
+        /// The short run CI makes: debug build, 5 of each fault.
+        #[arg(long)]
+        quick: bool,
+        /// Faults of each kind (default 100; 5 with --quick).
+        #[arg(long)]
+        faults: Option<usize>,
+    },
     /// Build the Debian package (target/deb/tlsrelay_<version>_amd64.deb)
     /// and check it: unpacked into a scratch root, its binary checks its
     /// configuration.
     Deb,
     /// Everything CI runs: formatting, lints, the whole test suite, the
-    /// kTLS VM tests, fuzzing, the bench's smoke runs, the demo.
+    /// kTLS VM tests, fuzzing, short soak and chaos runs, the bench's
+    /// smoke runs, the demo.
     Ci,
 }
 
@@ -97,6 +131,16 @@ fn main() -> anyhow::Result<()> {
         } => bench::bench_vm(quick),
         Task::Vmtest => vm::vmtest(),
         Task::Fuzz { minutes } => fuzz(FUZZ_TARGETS, minutes * 60.0),
+        Task::Soak {
+            quick,
+            connections,
+            seconds,
+        } => soak::soak(soak::SoakOptions {
+            quick,
+            connections,
+            seconds,
+        }),
+        Task::Chaos { quick, faults } => chaos::chaos(chaos::ChaosOptions { quick, faults }),
         Task::Deb => deb::build().and_then(|deb| deb::check(&deb)),
         Task::Ci => ci(),
     }
@@ -166,6 +210,15 @@ fn ci() -> anyhow::Result<()> {
     println!("\n=== the Debian package");
     deb::check(&deb::build()?)?;
     fuzz(FUZZ_TARGETS, 10.0)?;
+    // Short runs: the harnesses and their verdicts, at a smaller scale.
+    run(
+        "soak, short (2,000 sessions for 60 s)",
+        cargo().args(["xtask", "soak", "--quick"]),
+    )?;
+    run(
+        "chaos, short (5 of each fault)",
+        cargo().args(["xtask", "chaos", "--quick"]),
+    )?;
     // The harness, not the numbers: every scenario runs once, small.
     run(
         "bench smoke run",

@@ -5,7 +5,7 @@ use super::*;
 
 /// Raises the open-file limit as far as allowed (10 000 idle connections
 /// take 20 000 descriptors in a relay) and returns the soft limit.
-pub(super) fn raise_open_files() -> u64 {
+pub(crate) fn raise_open_files() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -275,7 +275,7 @@ pub(super) fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// Resident bytes of a process tree.
-pub(super) fn tree_rss_bytes(pid: u32) -> f64 {
+pub(crate) fn tree_rss_bytes(pid: u32) -> f64 {
     tree(pid)
         .into_iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
@@ -287,7 +287,7 @@ pub(super) fn tree_rss_bytes(pid: u32) -> f64 {
         * 1024.0
 }
 
-pub(super) fn free_addr() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 

@@ -28,6 +28,7 @@ mod report;
 mod scenarios;
 
 use measure::*;
+pub(crate) use measure::{free_addr, raise_open_files, tree_rss_bytes};
 use peers::*;
 use report::*;
 use scenarios::*;
