@@ -109,7 +109,7 @@ pub fn chaos(opts: ChaosOptions) -> anyhow::Result<()> {
     let dir = root().join("target/chaos");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let (store_addr, peer, dead) = (free_addr()?, free_addr()?, free_addr()?);
+    let (store_addr, peer, dead) = (free_addr()?, free_addr()?, dead_addr()?);
     let (mx, tcp, tcp_dead) = (free_addr()?, free_addr()?, free_addr()?);
     let stored = dir.join("stored.txt");
     let sent = dir.join("sent.jsonl");
@@ -322,6 +322,18 @@ tls.policy = "plain"
     }
     println!("chaos: passed");
     Ok(())
+}
+
+/// An address where nothing listens, outside the ephemeral port range
+/// where it can be had (as root): a connect to a free ephemeral port on
+/// loopback now and then picks that very port as its source and connects
+/// to itself, which would look like an upstream answering.
+fn dead_addr() -> anyhow::Result<SocketAddr> {
+    let privileged = (900..1024).rev().find_map(|port| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        std::net::TcpListener::bind(addr).ok().map(|_| addr)
+    });
+    privileged.map_or_else(free_addr, Ok)
 }
 
 /// One message's history from both journals.
