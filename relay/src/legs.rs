@@ -367,34 +367,39 @@ async fn connect(
     target: &Target<'_>,
     limit: Duration,
 ) -> Result<(TcpStream, SocketAddr), OutboundFailure> {
-    use tokio::io::AsyncWriteExt;
     let address = target.address;
-    let error = match timeout(
-        limit,
-        TcpStream::connect((address.host.as_str(), address.port)),
-    )
-    .await
-    {
-        Ok(Ok(mut tcp)) => {
-            let _ = tcp.set_nodelay(true);
-            let header = match &target.proxy_header {
-                Some(header) => tcp.write_all(header).await,
-                None => Ok(()),
-            };
-            match header.and_then(|()| tcp.peer_addr()) {
-                Ok(peer) => return Ok((tcp, peer)),
-                Err(e) => e.to_string(),
-            }
-        }
-        Ok(Err(e)) => {
+    let error = match timeout(limit, open(address, target.proxy_header.as_deref())).await {
+        Ok(Ok(opened)) => return Ok(opened),
+        Ok(Err((class, e))) => {
             tracing::debug!(session = target.session, "connecting {address}: {e}");
-            io_class(&e).to_string()
+            class
         }
-        Err(_) => "timed out".to_string(),
+        Err(_) => "timed out",
     };
     Err(OutboundFailure::Unreachable(format!(
         "{address} unreachable: {error}"
     )))
+}
+
+/// Resolves and connects `address` and sends the PROXY protocol header:
+/// the stream and its peer, or a class of what failed with the error.
+async fn open(
+    address: &HostPort,
+    header: Option<&[u8]>,
+) -> Result<(TcpStream, SocketAddr), (&'static str, std::io::Error)> {
+    use tokio::io::AsyncWriteExt;
+    let class = |e: std::io::Error| (io_class(&e), e);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((address.host.as_str(), address.port))
+        .await
+        .map_err(|e| ("name not resolved", e))?
+        .collect();
+    let mut tcp = TcpStream::connect(&addrs[..]).await.map_err(class)?;
+    let _ = tcp.set_nodelay(true);
+    if let Some(header) = header {
+        tcp.write_all(header).await.map_err(class)?;
+    }
+    let peer = tcp.peer_addr().map_err(class)?;
+    Ok((tcp, peer))
 }
 
 /// An I/O error as a class: what an SMTP sender is told and a report
@@ -410,7 +415,6 @@ pub fn io_class(e: &std::io::Error) -> &'static str {
         HostUnreachable | NetworkUnreachable => "no route",
         NotConnected => "not connected",
         InvalidData => "sent what the relay could not read",
-        _ if e.to_string().contains("lookup") => "name not resolved",
         _ => "connection failed",
     }
 }

@@ -232,7 +232,6 @@ pub async fn establish(
         match hop.open(&target).await {
             Ok(established) => return Ok(established),
             Err(OutboundFailure::Refused { failure, .. }) => {
-                tracing::info!(session, connector = %connector.name, "next hop {}: {failure}", plan.address);
                 return Err(tls_required(&connector.name, &failure));
             }
             Err(OutboundFailure::Unreachable(why)) => {

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -101,27 +101,31 @@ pub const MIN_DATA_RATE: u64 = 500;
 /// waiting for the client counts (a slow next hop is not its fault).
 /// Starts again at each reply the relay sends.
 struct RequestClock {
-    waited: std::time::Duration,
+    waited: Duration,
     bytes: u64,
 }
 
 impl RequestClock {
     fn new() -> RequestClock {
         RequestClock {
-            waited: std::time::Duration::ZERO,
+            waited: Duration::ZERO,
             bytes: 0,
         }
     }
 
-    /// How long the next wait for the client may last.
-    fn allowance(&self, command: std::time::Duration) -> std::time::Duration {
-        let earned =
-            command + std::time::Duration::from_secs_f64(self.bytes as f64 / MIN_DATA_RATE as f64);
-        earned.saturating_sub(self.waited).min(command)
-    }
-
-    fn waited(&mut self, since: Instant) {
-        self.waited += since.elapsed();
+    /// Waits for `client` (something the client must do) within what is
+    /// left of the request's allowance, counting the time waited.
+    async fn wait<T>(
+        &mut self,
+        command: Duration,
+        client: impl std::future::Future<Output = T>,
+    ) -> Result<T, tokio::time::error::Elapsed> {
+        let earned = command + Duration::from_secs_f64(self.bytes as f64 / MIN_DATA_RATE as f64);
+        let allowance = earned.saturating_sub(self.waited).min(command);
+        let started = Instant::now();
+        let result = timeout(allowance, client).await;
+        self.waited += started.elapsed();
+        result
     }
 }
 
@@ -300,10 +304,10 @@ impl Session<'_> {
         let mut moved = false;
         let mut left = server.chunk_on_socket();
         while left > 0 {
-            let waiting = Instant::now();
-            let allowance = self.clock.allowance(self.plan.timeouts.command);
-            let readable = timeout(allowance, src.readable()).await;
-            self.clock.waited(waiting);
+            let readable = self
+                .clock
+                .wait(self.plan.timeouts.command, src.readable())
+                .await;
             if !matches!(readable, Ok(Ok(()))) {
                 break; // the ordinary read path times out or fails it
             }
@@ -348,13 +352,10 @@ impl Session<'_> {
     /// ([`RequestClock`]), or ends the session: closed, failed, timed out
     /// (421), or drained (421).
     async fn read_client(&mut self, leg: &mut Leg, buf: &mut [u8]) -> Result<usize, Outcome> {
-        let waiting = Instant::now();
-        let allowance = self.clock.allowance(self.plan.timeouts.command);
         let read = tokio::select! {
-            r = timeout(allowance, leg.read(buf)) => Some(r),
+            r = self.clock.wait(self.plan.timeouts.command, leg.read(buf)) => Some(r),
             _ = self.closing.wait_for(|closing| *closing) => None,
         };
-        self.clock.waited(waiting);
         let goodbye = match read {
             Some(Ok(Ok(0))) => return Err(failed("client closed without QUIT")),
             Some(Ok(Ok(n))) => {
