@@ -134,6 +134,15 @@ fn run_one(prog: &mut Detached, egress: bool, packet: &[u8]) -> Option<wire::Con
         .map(|(_, conn)| conn)
 }
 
+/// The three counter records, summed over CPUs.
+fn counters(p: &Detached) -> (wire::Negotiated, wire::Downgrades, wire::Parser) {
+    (
+        p.counters(wire::MAP_NEGOTIATED).unwrap(),
+        p.counters(wire::MAP_DOWNGRADES).unwrap(),
+        p.counters(wire::MAP_PARSER).unwrap(),
+    )
+}
+
 #[test]
 fn parser_cases_with_prog_test_run() {
     if !ebpf_here() {
@@ -141,15 +150,6 @@ fn parser_cases_with_prog_test_run() {
     }
     let pki = Pki::new();
     let mut prog = Detached::load().unwrap();
-    let counters = |p: &Detached| {
-        (
-            p.counters::<wire::Negotiated>(wire::MAP_NEGOTIATED)
-                .unwrap(),
-            p.counters::<wire::Downgrades>(wire::MAP_DOWNGRADES)
-                .unwrap(),
-            p.counters::<wire::Parser>(wire::MAP_PARSER).unwrap(),
-        )
-    };
 
     // ClientHello with supported_versions (1.3 and 1.2): the highest counts.
     let ch13 = client_hello(Versions::Both);
@@ -374,15 +374,6 @@ fn generated_packets_pass_and_move_only_what_they_say() {
         b"MAIL FROM:<a@partner.example>\r\n".to_vec(),
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
     ];
-    let counters = |p: &Detached| {
-        (
-            p.counters::<wire::Negotiated>(wire::MAP_NEGOTIATED)
-                .unwrap(),
-            p.counters::<wire::Downgrades>(wire::MAP_DOWNGRADES)
-                .unwrap(),
-            p.counters::<wire::Parser>(wire::MAP_PARSER).unwrap(),
-        )
-    };
     let mut rng = XorShift(0x7e57_5eed_0bad_f00d);
     let (mut recorded, mut hellos) = (0, 0);
     for i in 0..PACKETS {

@@ -120,17 +120,27 @@ async fn store_session(tcp: TcpStream, journal: &Mutex<std::fs::File>) -> std::i
     }
 }
 
+#[derive(clap::Args)]
 pub struct Senders {
+    /// The relay's SMTP listener.
+    #[arg(long)]
     pub smtp: SocketAddr,
+    /// Messages under way at once.
+    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// One JSON line per delivery attempt.
+    #[arg(long)]
     pub journal: PathBuf,
-    /// TCP listeners in front of the [`tcp_peer`] to check transfers
+    /// TCP listeners in front of the `tcp-peer` to check transfers
     /// through (downloads and uploads, plaintext and TLS, on each).
+    #[arg(long)]
     pub tcp: Vec<SocketAddr>,
+    /// Bytes per transfer.
+    #[arg(long, default_value_t = 1 << 20)]
     pub tcp_bytes: usize,
-    /// After standard input closes (no new messages from then on), give
-    /// up on what is still queued after this long.
+    /// Seconds to go on with what is still queued after standard input
+    /// closes (no new messages from then on).
+    #[arg(long, default_value_t = 120.0)]
     pub drain: f64,
 }
 

@@ -132,18 +132,7 @@ enum Command {
     /// behind --tcp, half SMTP over STARTTLS to --smtp), each with traffic
     /// every --interval seconds, for --seconds; time fresh handshakes
     /// meanwhile. JSON lines: {"ready": …} when all are up, then totals.
-    Soak {
-        #[arg(long)]
-        tcp: SocketAddr,
-        #[arg(long)]
-        smtp: SocketAddr,
-        #[arg(long, default_value_t = 10_000)]
-        connections: usize,
-        #[arg(long, default_value_t = 600.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 30.0)]
-        interval: f64,
-    },
+    Soak(soak::Soak),
     /// An SMTP next hop that appends "<message-id> <attempt>" to --journal
     /// for each message it accepts, before its 250 (`cargo xtask chaos`).
     SmtpStore {
@@ -166,20 +155,7 @@ enum Command {
     /// rest of their queue (for --drain seconds at most); one JSON line per
     /// attempt in --journal; TCP transfers through each --tcp meanwhile;
     /// totals at the end.
-    ChaosSend {
-        #[arg(long)]
-        smtp: SocketAddr,
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-        #[arg(long)]
-        journal: std::path::PathBuf,
-        #[arg(long)]
-        tcp: Vec<SocketAddr>,
-        #[arg(long, default_value_t = 1 << 20)]
-        tcp_bytes: usize,
-        #[arg(long, default_value_t = 120.0)]
-        drain: f64,
-    },
+    ChaosSend(chaos::Senders),
     /// Write the benchmark certificate (bench.crt, bench.key, bench.pem).
     Certs {
         #[arg(long)]
@@ -285,40 +261,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Certs { out } => load::certs(&out),
         Command::SmtpStore { listen, journal } => chaos::store(listen, &journal).await,
         Command::TcpPeer { listen, journal } => chaos::tcp_peer(listen, &journal).await,
-        Command::ChaosSend {
-            smtp,
-            concurrency,
-            journal,
-            tcp,
-            tcp_bytes,
-            drain,
-        } => {
-            chaos::senders(chaos::Senders {
-                smtp,
-                concurrency,
-                journal,
-                tcp,
-                tcp_bytes,
-                drain,
-            })
-            .await
-        }
-        Command::Soak {
-            tcp,
-            smtp,
-            connections,
-            seconds,
-            interval,
-        } => {
-            soak::soak(soak::Soak {
-                tcp,
-                smtp,
-                connections,
-                seconds,
-                interval,
-            })
-            .await
-        }
+        Command::ChaosSend(senders) => chaos::senders(senders).await,
+        Command::Soak(opts) => soak::soak(opts).await,
         Command::Send {
             to,
             tls,

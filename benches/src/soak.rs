@@ -15,17 +15,24 @@ use tokio::net::TcpStream;
 
 use crate::smtp::{expect, send};
 
+#[derive(clap::Args)]
 pub struct Soak {
     /// A TCP listener terminating TLS in front of an echo server.
+    #[arg(long)]
     pub tcp: SocketAddr,
     /// An SMTP listener offering STARTTLS, relaying to a sink.
+    #[arg(long)]
     pub smtp: SocketAddr,
+    #[arg(long, default_value_t = 10_000)]
     pub connections: usize,
+    #[arg(long, default_value_t = 600.0)]
     pub seconds: f64,
+    /// Seconds between one session's turns of traffic.
+    #[arg(long, default_value_t = 30.0)]
     pub interval: f64,
 }
 
-/// Failures by kind, and sessions that ended before the run did.
+/// Failures by kind, and the traffic that went through.
 #[derive(Default)]
 struct Tally {
     errors: BTreeMap<String, u64>,
@@ -58,7 +65,7 @@ async fn tls_to(tcp: TcpStream) -> anyhow::Result<Tls> {
     Ok(crate::load::connector().connect(name, tcp).await?)
 }
 
-/// 1 KiB out, the same back.
+/// `request` out, the same back.
 async fn echo_round(tls: &mut Tls, request: &[u8]) -> anyhow::Result<()> {
     let mut back = vec![0u8; request.len()];
     tls.write_all(request).await?;
@@ -86,8 +93,8 @@ impl Session {
         Ok(Session::Smtp(s))
     }
 
-    /// One turn's traffic: an echo round, or a 2 KiB message delivered.
-    async fn turn(&mut self, request: &[u8], tally: &Shared) -> anyhow::Result<()> {
+    /// One turn's traffic: an echo round, or a message delivered.
+    async fn turn(&mut self, request: &[u8], message: &[u8], tally: &Shared) -> anyhow::Result<()> {
         match self {
             Session::Echo(tls) => {
                 echo_round(tls, request).await?;
@@ -97,7 +104,7 @@ impl Session {
                 send(s, b"MAIL FROM:<soak@client.test>\r\n", b'2').await?;
                 send(s, b"RCPT TO:<sink@soak.test>\r\n", b'2').await?;
                 send(s, b"DATA\r\n", b'3').await?;
-                s.get_mut().write_all(&crate::smtp::message(2048)).await?;
+                s.get_mut().write_all(message).await?;
                 send(s, b".\r\n", b'2').await?;
                 tally.lock().expect("not poisoned").messages += 1;
             }
@@ -117,49 +124,41 @@ impl Session {
 struct Hold {
     sessions: usize,
     up: std::sync::atomic::AtomicUsize,
-    all_up: tokio::sync::Notify,
-    started: Mutex<Option<Instant>>,
+    /// When the last session came up: the hold's start.
+    started: tokio::sync::watch::Sender<Option<Instant>>,
     interval: Duration,
     length: Duration,
 }
 
 impl Hold {
+    /// One more session is up (or failed to open).
     fn ready(&self) {
         let n = self.up.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if n == self.sessions {
-            *self.started.lock().expect("not poisoned") = Some(Instant::now());
-            self.all_up.notify_waiters();
+            self.started.send_replace(Some(Instant::now()));
         }
+    }
+
+    /// When every session was up.
+    async fn started(&self) -> Instant {
+        let mut rx = self.started.subscribe();
+        let started = *rx.wait_for(Option::is_some).await.expect("sender in self");
+        started.expect("waited for")
     }
 
     /// Waits for the session's next turn (turns spread evenly over the
     /// interval); `None` when the run is over.
     async fn next_turn(&self, index: usize) -> Option<()> {
-        let started = loop {
-            let notified = self.all_up.notified();
-            if let Some(t) = *self.started.lock().expect("not poisoned") {
-                break t;
-            }
-            notified.await;
-        };
+        let elapsed = self.started().await.elapsed();
         let offset = self.interval.mul_f64(index as f64 / self.sessions as f64);
-        let elapsed = started.elapsed();
-        if elapsed >= self.length {
-            return None;
-        }
         // The first turn at or after now on this session's phase.
         let turns = elapsed.saturating_sub(offset).as_secs_f64() / self.interval.as_secs_f64();
         let next = offset + self.interval.mul_f64(turns.ceil());
-        let next = if next < elapsed {
-            next + self.interval
-        } else {
-            next
-        };
         if next >= self.length {
-            tokio::time::sleep(self.length - elapsed).await;
+            tokio::time::sleep(self.length.saturating_sub(elapsed)).await;
             return None;
         }
-        tokio::time::sleep(next - elapsed).await;
+        tokio::time::sleep(next.saturating_sub(elapsed)).await;
         Some(())
     }
 }
@@ -173,23 +172,17 @@ async fn probe(to: SocketAddr, until: Instant, tally: Shared) -> Histogram<u64> 
         let one = async {
             let tcp = TcpStream::connect(to).await?;
             tcp.set_nodelay(true)?;
-            let name = rustls::pki_types::ServerName::try_from("soak.test")?;
-            let mut tls = crate::load::connector().connect(name, tcp).await?;
-            tls.write_all(b"p").await?;
-            tls.flush().await?;
-            let mut b = [0u8; 1];
-            tls.read_exact(&mut b).await?;
-            anyhow::Ok(())
+            echo_round(&mut tls_to(tcp).await?, b"p").await
         };
-        match tokio::time::timeout(Duration::from_secs(30), one).await {
-            Ok(Ok(())) => {
+        let result = match tokio::time::timeout(Duration::from_secs(30), one).await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow::anyhow!("no answer within 30 s")),
+        };
+        match result {
+            Ok(()) => {
                 let _ = h.record(t0.elapsed().as_micros() as u64);
             }
-            Ok(Err(e)) => tally.lock().expect("not poisoned").error("probe", &e),
-            Err(_) => {
-                let e = anyhow::anyhow!("no answer within 30 s");
-                tally.lock().expect("not poisoned").error("probe", &e);
-            }
+            Err(e) => tally.lock().expect("not poisoned").error("probe", &e),
         }
         tokio::time::sleep(Duration::from_millis(100).saturating_sub(t0.elapsed())).await;
     }
@@ -201,8 +194,7 @@ pub async fn soak(opts: Soak) -> anyhow::Result<()> {
     let hold = Arc::new(Hold {
         sessions: opts.connections,
         up: Default::default(),
-        all_up: tokio::sync::Notify::new(),
-        started: Mutex::new(None),
+        started: tokio::sync::watch::Sender::new(None),
         interval: Duration::from_secs_f64(opts.interval),
         length: Duration::from_secs_f64(opts.seconds),
     });
@@ -210,9 +202,11 @@ pub async fn soak(opts: Soak) -> anyhow::Result<()> {
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     let setup = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let opening = Instant::now();
+    let message = Arc::new(crate::smtp::message(2048));
     let mut sessions = tokio::task::JoinSet::new();
     for index in 0..opts.connections {
         let (hold, tally, gate, setup) = (hold.clone(), tally.clone(), gate.clone(), setup.clone());
+        let message = message.clone();
         let smtp = index % 2 == 1;
         let to = if smtp { opts.smtp } else { opts.tcp };
         let kind = if smtp { "smtp" } else { "tls" };
@@ -231,7 +225,7 @@ pub async fn soak(opts: Soak) -> anyhow::Result<()> {
             let run = async {
                 let mut session = opened?;
                 while let Some(()) = hold.next_turn(index).await {
-                    session.turn(&request, &tally).await?;
+                    session.turn(&request, &message, &tally).await?;
                 }
                 session.close().await
             };
@@ -241,14 +235,7 @@ pub async fn soak(opts: Soak) -> anyhow::Result<()> {
         });
     }
     // Every session up (or failed): the hold starts.
-    loop {
-        let notified = hold.all_up.notified();
-        if hold.started.lock().expect("not poisoned").is_some() {
-            break;
-        }
-        notified.await;
-    }
-    let started = hold.started.lock().expect("not poisoned").expect("set");
+    let started = hold.started().await;
     {
         let t = tally.lock().expect("not poisoned");
         let setup = setup.lock().expect("not poisoned");

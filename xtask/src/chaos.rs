@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::bench::free_addr;
-use crate::{build_bench_binaries, own_group, root, wait_for_port, Guard};
+use crate::{build_bench_binaries, own_group, root, spawn_load, wait_for_port, Guard};
 
 pub struct ChaosOptions {
     pub quick: bool,
@@ -115,16 +115,16 @@ pub fn chaos(opts: ChaosOptions) -> anyhow::Result<()> {
     let sent = dir.join("sent.jsonl");
     let uploads = dir.join("uploads.txt");
 
-    let mut tcp_peer = Guard(
-        own_group(
-            Command::new(bin.join("tlsrelay-load"))
-                .args(["tcp-peer", "--listen", &peer.to_string()])
-                .arg("--journal")
-                .arg(&uploads)
-                .stdout(Stdio::null()),
-        )
-        .spawn()?,
-    );
+    let mut tcp_peer = spawn_load(
+        &bin,
+        &[
+            "tcp-peer",
+            "--listen",
+            &peer.to_string(),
+            "--journal",
+            &uploads.display().to_string(),
+        ],
+    )?;
     wait_for_port(peer, &mut tcp_peer.0, "TCP peer")?;
     let mut store = Restartable {
         command: {

@@ -316,6 +316,20 @@ impl Drop for Guard {
     }
 }
 
+/// A `tlsrelay-load` helper (a sink, a next hop, a peer) in its own
+/// process group, its output discarded.
+fn spawn_load(bin: &Path, args: &[&str]) -> anyhow::Result<Guard> {
+    Ok(Guard(
+        own_group(
+            Command::new(bin.join("tlsrelay-load"))
+                .args(args)
+                .stdout(Stdio::null()),
+        )
+        .spawn()
+        .with_context(|| format!("starting tlsrelay-load {}", args[0]))?,
+    ))
+}
+
 /// Starts a command as the leader of a new process group.
 fn own_group(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;

@@ -5,7 +5,6 @@
 //! times under the load; fails on any error or a drift past 5 %.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::bench::{free_addr, raise_open_files, tree_rss_bytes};
-use crate::{build_bench_binaries, own_group, root, wait_for_port, Guard};
+use crate::{build_bench_binaries, own_group, root, spawn_load, wait_for_port, Guard};
 
 /// The most RSS may move over the hold, as a fraction.
 const DRIFT_LIMIT: f64 = 0.05;
@@ -56,9 +55,9 @@ pub fn soak(opts: SoakOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
 
     let (echo, sink, tcp, mx) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
-    let mut echo_server = spawn(&bin, &["sink", "--listen", &echo.to_string(), "--echo"])?;
+    let mut echo_server = spawn_load(&bin, &["sink", "--listen", &echo.to_string(), "--echo"])?;
     wait_for_port(echo, &mut echo_server.0, "echo server")?;
-    let mut smtp_sink = spawn(&bin, &["smtp-sink", "--listen", &sink.to_string()])?;
+    let mut smtp_sink = spawn_load(&bin, &["smtp-sink", "--listen", &sink.to_string()])?;
     wait_for_port(sink, &mut smtp_sink.0, "SMTP sink")?;
 
     let config = dir.join("relay.toml");
@@ -271,17 +270,4 @@ tls.policy = "opportunistic"
     }
     println!("soak: passed");
     Ok(())
-}
-
-/// A `tlsrelay-load` helper in its own process group, output discarded.
-fn spawn(bin: &Path, args: &[&str]) -> anyhow::Result<Guard> {
-    Ok(Guard(
-        own_group(
-            Command::new(bin.join("tlsrelay-load"))
-                .args(args)
-                .stdout(Stdio::null()),
-        )
-        .spawn()
-        .with_context(|| format!("starting tlsrelay-load {}", args[0]))?,
-    ))
 }
