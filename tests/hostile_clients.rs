@@ -23,13 +23,7 @@ fn ip(s: &str) -> IpAddr {
 /// An SMTP listener (command timeout 3 s) and a TCP listener with
 /// opportunistic TLS (handshake timeout 2 s) to a plaintext echo.
 async fn relay(pki: &Pki) -> (TestRelay, Sink) {
-    let sink = smtp_sink(SinkOptions {
-        tls: None,
-        chunking: false,
-        refuse_marker: "nobody",
-        requiretls: false,
-    })
-    .await;
+    let sink = smtp_sink(SinkOptions::default()).await;
     let echo = plain_echo().await;
     let conf = format!(
         r#"

@@ -185,13 +185,7 @@ async fn smtp_relay(
     tlsrelay_tests::smtp_sink::Sink,
     tokio::net::TcpStream,
 ) {
-    let sink = smtp_sink(SinkOptions {
-        tls: None,
-        chunking: false,
-        refuse_marker: "nobody",
-        requiretls: false,
-    })
-    .await;
+    let sink = smtp_sink(SinkOptions::default()).await;
     let config = dir.join("smtp.toml");
     std::fs::write(
         &config,

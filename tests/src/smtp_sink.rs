@@ -36,6 +36,19 @@ pub struct SinkOptions {
     pub requiretls: bool,
 }
 
+/// A plaintext next hop without CHUNKING that refuses recipients named
+/// "nobody".
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions {
+            tls: None,
+            chunking: false,
+            refuse_marker: "nobody",
+            requiretls: false,
+        }
+    }
+}
+
 pub struct Sink {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
