@@ -97,6 +97,7 @@ fn example_edge_config_is_valid_and_its_certificates_check() {
     );
 }
 
+#[cfg_attr(missing_systemd_analyze, ignore = "needs systemd-analyze")]
 #[test]
 fn systemd_unit_parses_cleanly() {
     let have = Command::new("systemd-analyze")

@@ -143,6 +143,7 @@ fn counters(p: &Detached) -> (wire::Negotiated, wire::Downgrades, wire::Parser) 
     )
 }
 
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
 #[test]
 fn parser_cases_with_prog_test_run() {
     if !ebpf_here() {
@@ -351,6 +352,7 @@ fn contains_ci(p: &[u8], word: &[u8]) -> bool {
 /// runtime surprise on any input), and every counter and record moves
 /// only as that packet says (each test run is its own socket: a record
 /// starts empty, so no version downgrade can ever count).
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
 #[test]
 fn generated_packets_pass_and_move_only_what_they_say() {
     if !ebpf_here() {
@@ -617,6 +619,7 @@ fn start_relay(config: &Path, state: &Path) -> RelayProcess {
     }
 }
 
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_match_a_scripted_mix_and_the_relay() {
     if !ebpf_here() {
@@ -850,6 +853,24 @@ fn stats(pin_dir: &str) -> (serde_json::Value, Option<i32>) {
     (json, out.status.code())
 }
 
+/// `stats` once the relay's views and the wire's have caught up with the
+/// sessions just ended (a relay records its view as a session ends, the
+/// wire as packets pass): polled until `settled` holds, at most PATIENCE.
+/// The caller's assertions say what is wrong if it never does.
+async fn settled_stats(
+    pin_dir: &str,
+    settled: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Option<i32>) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (stats, code) = stats(pin_dir);
+        if (code == Some(0) && settled(&stats)) || std::time::Instant::now() > deadline {
+            return (stats, code);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn unique_pin_dir(what: &str) -> String {
     format!("/sys/fs/bpf/tlsrelay-test-{what}-{}", std::process::id())
 }
@@ -881,6 +902,7 @@ async fn connect_with_mss(addr: SocketAddr, mss: u32) -> tokio::net::TcpStream {
 /// post-quantum key share (1,216 bytes) and ALPN lists that bring the
 /// hello to about 4 KB: each is gathered and parsed, none is plaintext,
 /// and the wire agrees with the relay on version, suite and group.
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_hellos_are_gathered_at_any_segment_size() {
     if !ebpf_here() {
@@ -968,6 +990,7 @@ async fn split_hellos_are_gathered_at_any_segment_size() {
 /// The relay's own metrics scrapes are no sessions, and two relays on one
 /// host each count only their own: each lives in its own cgroup, which it
 /// removes when it stops.
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_this_relays_sessions_are_counted() {
     if !ebpf_here() {
@@ -1057,11 +1080,14 @@ async fn only_this_relays_sessions_are_counted() {
             .unwrap();
         assert!(String::from_utf8_lossy(&reply).contains("tlsrelay_sessions_total"));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     for (i, (pin_dir, _)) in relays.iter().enumerate() {
-        let (stats, code) = stats(pin_dir);
-        assert_eq!(code, Some(0), "{stats:#}");
         let legs = 2 * (i as u64 + 1); // client and upstream per session
+        let (stats, code) = settled_stats(pin_dir, |s| {
+            s["connections"].as_array().map(Vec::len) == Some(legs as usize)
+                && s["unaccounted"] == 0
+        })
+        .await;
+        assert_eq!(code, Some(0), "{stats:#}");
         assert_eq!(
             stats["negotiated"]["plaintext"], legs,
             "relay {i}: {stats:#}"
@@ -1090,6 +1116,7 @@ async fn only_this_relays_sessions_are_counted() {
 /// SMTP: the client leg of a sender that ignores STARTTLS is a downgrade
 /// on the wire (stripped) and in the relay's view alike; every next-hop
 /// socket has a relay view that agrees with the wire.
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_legs_agree_with_the_wire() {
     use tlsrelay_tests::smtp_client::RawSmtp;
@@ -1138,8 +1165,10 @@ async fn smtp_legs_agree_with_the_wire() {
         "{report}"
     );
     assert_eq!(sink.received.lock().unwrap().len(), 1);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let (stats, code) = stats(&pin_dir);
+    let (stats, code) = settled_stats(&pin_dir, |s| {
+        s["unaccounted"] == 0 && s["downgrades"]["stripped"] == 1
+    })
+    .await;
     assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");
     assert_eq!(stats["downgrades"]["stripped"], 1, "{stats:#}");
     assert_eq!(stats["unaccounted"], 0, "{stats:#}");
@@ -1170,6 +1199,7 @@ async fn smtp_legs_agree_with_the_wire() {
 /// Delivery by MX under DANE: a host whose TLSA record matches and one
 /// whose record matches nothing (the relay refuses it after the
 /// handshake); the wire and the relay agree on every socket.
+#[cfg_attr(any(missing_dns_tools, missing_ebpf), ignore = "needs nsd and ldnsutils and root and the eBPF toolchain")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mx_delivery_under_dane_agrees_with_the_wire() {
     use tlsrelay_tests::dns::{have_dns_tools, tlsa_data, SignedDns, Zones};
@@ -1240,8 +1270,13 @@ async fn mx_delivery_under_dane_agrees_with_the_wire() {
     }
     assert_eq!(sinks[0].received.lock().unwrap().len(), 1);
     assert_eq!(sinks[1].received.lock().unwrap().len(), 0);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let (stats, code) = stats(&pin_dir);
+    let (stats, code) = settled_stats(&pin_dir, |s| {
+        s["unaccounted"] == 0
+            && s["connections"].as_array().is_some_and(|c| {
+                c.iter().filter(|c| c["relay"]["leg"] == "upstream").count() == 2
+            })
+    })
+    .await;
     assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");
     assert_eq!(stats["unaccounted"], 0, "{stats:#}");
     let upstreams: Vec<&serde_json::Value> = stats["connections"]

@@ -464,6 +464,7 @@ async fn key_update_storm_on_a_tls_bridge() {
 /// counters show each update followed and each request answered. Where the
 /// kernel cannot rekey, the first update ends the session and s_client
 /// reports the relay's alert instead of a clean end.
+#[cfg_attr(missing_openssl, ignore = "needs openssl")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_key_updates_of_both_kinds() {
     use tokio::io::{AsyncBufReadExt, BufReader};

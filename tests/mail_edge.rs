@@ -112,6 +112,7 @@ async fn swaks_with_certificate(
     swaks_from(from, relay, &all).await
 }
 
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_may_send_to_accepted_domains_but_not_relay() {
     if !have_swaks() {
@@ -253,6 +254,7 @@ async fn ipv6_clients_are_judged_by_their_address() {
 
 /// A partner that may relay is identified by its certificate alone (no
 /// address): chained to its anchors and named as configured.
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_certificate_may_relay_and_nothing_else_does() {
     if !have_swaks() {
@@ -303,6 +305,7 @@ async fn a_partner_certificate_may_relay_and_nothing_else_does() {
 /// Issue 11's partner table: every condition holds whatever claimed the
 /// session (its address, its certificate, or a sender in its domain), or
 /// MAIL gets 451 4.7.1 naming the unmet one.
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_connector_conditions_hold_whatever_claims_the_session() {
     if !have_swaks() {

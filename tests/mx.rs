@@ -118,6 +118,7 @@ fn trust(security: &Option<LegSecurity>) -> Option<PeerTrust> {
     }
 }
 
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_goes_to_the_mx_hosts_in_preference_order() {
     if !have_dns_tools() {
@@ -195,6 +196,7 @@ fn dane_zone(name: &str, port: u16, tlsa: &str) -> String {
     zone
 }
 
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dane_ee_authenticates_the_mx_host_whatever_its_name_and_issuer() {
     if !have_dns_tools() {
@@ -261,6 +263,7 @@ async fn dane_ee_authenticates_the_mx_host_whatever_its_name_and_issuer() {
     assert_eq!(received(&mx), 2);
 }
 
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dane_ta_anchors_the_chain_and_checks_the_mx_name() {
     if !have_dns_tools() {
@@ -306,6 +309,7 @@ async fn dane_ta_anchors_the_chain_and_checks_the_mx_name() {
     assert_eq!((received(&good), received(&wrong)), (1, 0));
 }
 
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dane_failures_defer_and_insecure_zones_fall_back_to_the_policy() {
     if !have_dns_tools() {
@@ -474,6 +478,7 @@ impl StsWorld {
     }
 }
 
+#[cfg_attr(any(missing_dns_tools, missing_nginx), ignore = "needs nsd and ldnsutils and nginx and root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enforced_mta_sts_policy_keeps_mail_off_unlisted_and_unverified_hosts() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
@@ -508,6 +513,7 @@ async fn an_enforced_mta_sts_policy_keeps_mail_off_unlisted_and_unverified_hosts
     }
 }
 
+#[cfg_attr(any(missing_dns_tools, missing_nginx), ignore = "needs nsd and ldnsutils and nginx and root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mta_sts_policies_are_cached_in_the_state_directory_across_restarts() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
@@ -634,6 +640,7 @@ fn schema() -> jsonschema::Validator {
 }
 
 /// Each RFC 8460 result type, provoked once by a domain built for it.
+#[cfg_attr(any(missing_dns_tools, missing_nginx), ignore = "needs nsd and ldnsutils and nginx and root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {

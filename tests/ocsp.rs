@@ -35,6 +35,7 @@ fn tlsrelay(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
+#[cfg_attr(missing_openssl, ignore = "needs openssl")]
 #[test]
 fn a_good_response_is_stapled_and_shown() {
     if !have_program("openssl", "version", "openssl") {
@@ -78,6 +79,7 @@ fn a_good_response_is_stapled_and_shown() {
     relay.wait_for_log("session ");
 }
 
+#[cfg_attr(missing_openssl, ignore = "needs openssl")]
 #[test]
 fn revoked_or_foreign_responses_are_refused_with_their_field() {
     if !have_program("openssl", "version", "openssl") {
@@ -124,6 +126,7 @@ fn revoked_or_foreign_responses_are_refused_with_their_field() {
 /// responder (real `openssl ocsp`) about the certificate and checks the
 /// answer's signature, fetches the CA-issuer certificate and checks it is
 /// the issuer, and verifies the CRL (which here lists the certificate).
+#[cfg_attr(missing_openssl, ignore = "needs openssl")]
 #[test]
 fn reach_asks_the_responder_checks_the_issuer_and_verifies_the_crl() {
     if !have_program("openssl", "version", "openssl") {

@@ -99,7 +99,7 @@ fn certificate_swap_under_load_drops_nothing() {
 
     // Rotation by file change: the key first, then the certificate, as a
     // careless deploy would (the mismatched moment must not break anything).
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(&first_cert(&v1.chain), "the first certificate under load");
     replace(&v2.key, &key);
     replace(&v2.chain, &crt);
     wait_for(&first_cert(&v2.chain), "the rotated certificate");

@@ -72,6 +72,7 @@ fn crlf(text: &str) -> Vec<u8> {
     text.replace('\n', "\r\n").into_bytes()
 }
 
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_on_both_legs_delivers_the_message_byte_identical() {
     if !have_swaks() {
@@ -136,6 +137,7 @@ async fn starttls_on_both_legs_delivers_the_message_byte_identical() {
     assert_eq!(report.transactions.len(), 1, "{report}");
 }
 
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_tls_failures_reach_the_sender_as_4_7_x() {
     if !have_swaks() {
@@ -213,6 +215,7 @@ async fn forced_tls_failures_reach_the_sender_as_4_7_x() {
     }
 }
 
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opportunistic_connector_falls_back_to_plaintext_and_records_it() {
     if !have_swaks() {
@@ -248,6 +251,7 @@ async fn opportunistic_connector_falls_back_to_plaintext_and_records_it() {
     assert!(d.reason.contains("not offered"), "{report}");
 }
 
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_tls_listener_says_530_before_starttls() {
     if !have_swaks() {
@@ -288,6 +292,7 @@ async fn required_tls_listener_says_530_before_starttls() {
     assert_eq!(next.received.lock().unwrap().len(), 1);
 }
 
+#[cfg_attr(missing_swaks, ignore = "needs swaks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_connector_checks_client_certificates_and_sender_domains() {
     if !have_swaks() {

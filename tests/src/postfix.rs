@@ -189,22 +189,32 @@ impl Postfix {
         }
     }
 
-    /// Messages waiting in the deferred queue (what `mailq` lists).
-    pub fn deferred(&self) -> usize {
-        fn count(p: &Path) -> usize {
-            std::fs::read_dir(p).map_or(0, |d| {
-                d.filter_map(Result::ok)
-                    .map(|e| {
-                        if e.path().is_dir() {
-                            count(&e.path())
-                        } else {
-                            1
-                        }
-                    })
-                    .sum()
-            })
+    /// Waits until the instance's log has a line for which `wanted` holds,
+    /// and returns that line; panics with the log after 30 s.
+    pub fn wait_for_log_line(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| wanted(l)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "{what}: not logged\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        count(&self.dir.path().join("spool/deferred"))
+    }
+
+    /// Waits until `postqueue -p` says the queue is empty (the message
+    /// was delivered and its queue file removed).
+    pub fn wait_queue_empty(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let queue = self.mailq();
+            if queue.contains("Mail queue is empty") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still queued:\n{queue}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `mailq` for this instance.

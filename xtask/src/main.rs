@@ -113,7 +113,13 @@ enum Task {
     /// Everything CI runs: formatting, lints, the whole test suite, the
     /// kTLS VM tests, fuzzing, short soak and chaos runs, the bench's
     /// smoke runs, the demo.
-    Ci,
+    Ci {
+        /// Run the test suite (`cargo test --workspace`) this many times
+        /// in a row, stopping at the first failure: a test that fails one
+        /// run in three shows here before it costs a landing.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        repeat: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -142,7 +148,7 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Chaos { quick, faults } => chaos::chaos(chaos::ChaosOptions { quick, faults }),
         Task::Deb => deb::build().and_then(|deb| deb::check(&deb)),
-        Task::Ci => ci(),
+        Task::Ci { repeat } => ci(repeat),
     }
 }
 
@@ -187,7 +193,7 @@ fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ci() -> anyhow::Result<()> {
+fn ci(repeat: usize) -> anyhow::Result<()> {
     println!("\n=== prerequisites");
     prereqs::ensure_for_ci()?;
     run(
@@ -205,7 +211,13 @@ fn ci() -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
-    run("cargo test", cargo().args(["test", "--workspace"]))?;
+    for round in 1..=repeat.max(1) {
+        let step = match repeat {
+            0 | 1 => "cargo test".to_string(),
+            n => format!("cargo test (run {round} of {n})"),
+        };
+        run(&step, cargo().args(["test", "--workspace"]))?;
+    }
     run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
     println!("\n=== the Debian package");
     deb::check(&deb::build()?)?;
