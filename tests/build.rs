@@ -30,7 +30,10 @@ fn prerequisites() -> Vec<(&'static str, bool)> {
         ),
         ("missing_nginx", root && runs("nginx", "-v")),
         ("missing_ebpf", root && runs("bpf-linker", "--version")),
-        ("missing_systemd_analyze", runs("systemd-analyze", "--version")),
+        (
+            "missing_systemd_analyze",
+            runs("systemd-analyze", "--version"),
+        ),
         ("missing_ss", runs("ss", "-V")),
         ("missing_openssl", runs("openssl", "version")),
         ("missing_haproxy", runs("haproxy", "-v")),

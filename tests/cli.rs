@@ -302,7 +302,10 @@ fn slow_reader_applies_backpressure_not_buffering() {
         if (now == last && now > 0) || writer.is_finished() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the writer never stalled");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never stalled"
+        );
         last = now;
     }
     let stalled = rss_kib(pid);
@@ -465,6 +468,7 @@ accepted_domains = ["example.org"]
 name = "mx"
 address = "127.0.0.1:0"
 protocol = "smtp"
+hostname = "relay.test"
 tls.mode = "off"
 [[listeners]]
 name = "t"

@@ -19,7 +19,7 @@ fn listener(body: &str) -> String {
 /// A mail edge: accepted domains, one smtp listener, one outbound
 /// connector; `top` goes before the tables, `tail` after them.
 fn mail_edge(top: &str, tail: &str) -> String {
-    format!("{top}\naccepted_domains = [\"example.org\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n\n{tail}")
+    format!("{top}\naccepted_domains = [\"example.org\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"127.0.0.1:25\"]\n\n{tail}")
 }
 
 fn error_of(text: &str) -> String {
@@ -164,7 +164,7 @@ fn invalid_configs_name_file_line_and_field() {
                 "next_hops = [\"127.0.0.1:25\"]\n",
                 "next_hops = [\"127.0.0.1:25\"]\ntls.policy = \"plain\"\n\ntls.verify = \"certificate\"\n",
             ),
-            "relay.toml:15: outbound_connectors[0].tls.verify: a verification level needs policy opportunistic or required, not plain",
+            "relay.toml:16: outbound_connectors[0].tls.verify: a verification level needs policy opportunistic or required, not plain",
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:8000\"\nupstream = \"up\"\n\n[[listeners]]\nname = \"b\"\nupstream = \"up\"\naddress = \"127.0.0.1:8000\"\n".to_string() + GOOD_TAIL,
@@ -183,34 +183,34 @@ fn invalid_configs_name_file_line_and_field() {
                 "next_hops = [\"127.0.0.1:25\"]\n",
                 "next_hops = [\"127.0.0.1:25\"]\ndane = \"only\"\n",
             ),
-            "relay.toml:13: outbound_connectors[0].dane: DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
+            "relay.toml:14: outbound_connectors[0].dane: DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
         ),
         (
             mail_edge("", "").replace(
                 "next_hops = [\"127.0.0.1:25\"]\n",
                 "next_hops = [\"127.0.0.1:25\"]\nmta_sts = true\n",
             ),
-            "relay.toml:13: outbound_connectors[0].mta_sts: MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
+            "relay.toml:14: outbound_connectors[0].mta_sts: MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
         ),
         (
             mail_edge("", "").replace("[\"127.0.0.1:25\"]", "[\"mx\", \"127.0.0.1:25\"]"),
-            "relay.toml:12: outbound_connectors[0].next_hops: \"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
+            "relay.toml:13: outbound_connectors[0].next_hops: \"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
         ),
         (
             mail_edge("", "").replace("[\"127.0.0.1:25\"]", "[\"mx:0\"]"),
-            "relay.toml:12: outbound_connectors[0].next_hops[0]: invalid MX port in 'mx:0'",
+            "relay.toml:13: outbound_connectors[0].next_hops[0]: invalid MX port in 'mx:0'",
         ),
         (
             mail_edge("", "").replace(
                 "next_hops = [\"127.0.0.1:25\"]\n",
                 "next_hops = [\"mx\"]\ndane = \"sometimes\"\n",
             ),
-            "relay.toml:13: outbound_connectors[0].dane: unknown DANE mode 'sometimes', expected one of off, on, only",
+            "relay.toml:14: outbound_connectors[0].dane: unknown DANE mode 'sometimes', expected one of off, on, only",
         ),
         (
             mail_edge("", "[dns]\ntrust_anchors = \"/nonexistent/anchors.key\"\n")
                 .replace("[\"127.0.0.1:25\"]", "[\"mx\"]"),
-            "relay.toml:15: dns.trust_anchors: /nonexistent/anchors.key: No such file or directory (os error 2)",
+            "relay.toml:16: dns.trust_anchors: /nonexistent/anchors.key: No such file or directory (os error 2)",
         ),
         (
             listener("tls.mode = 3"),

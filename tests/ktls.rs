@@ -620,7 +620,7 @@ async fn smtp_with_starttls_on_both_legs_runs_on_kernel_tls() {
         })
         .await;
         let toml = format!(
-            "accepted_domains = [\"example.org\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {}, key = {} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"example.org\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+            "accepted_domains = [\"example.org\"]\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {}, key = {} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"example.org\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
             bulk_bytes() * 2,
             toml_path(&relay_leaf.chain),
             toml_path(&relay_leaf.key),

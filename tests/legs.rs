@@ -50,6 +50,7 @@ address = "{upstream}"
 name = "mx"
 address = "127.0.0.1:0"
 protocol = "smtp"
+hostname = "relay.test"
 tls.mode = "{mode}"
 
 [[outbound_connectors]]

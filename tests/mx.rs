@@ -167,8 +167,12 @@ async fn mail_goes_to_the_mx_hosts_in_preference_order() {
 
     // A domain DNS cannot be asked about (it would also name report and
     // policy cache files) is refused at RCPT.
-    let replies = send(&relay, &["d@../../tmp/x"]).await;
-    assert!(replies[0].starts_with("501 5.1.3"), "{replies:?}");
+    let replies = send(&relay, &["d@../../tmp/x", "d@x..y"]).await;
+    assert!(
+        replies[0].starts_with("501 5.5.4"),
+        "not even an address: {replies:?}"
+    );
+    assert!(replies[1].starts_with("501 5.1.3"), "{replies:?}");
     relay.next_report().await;
 
     // Two domains in one transaction: the second is 452, sent next.
@@ -478,7 +482,10 @@ impl StsWorld {
     }
 }
 
-#[cfg_attr(any(missing_dns_tools, missing_nginx), ignore = "needs nsd and ldnsutils and nginx and root")]
+#[cfg_attr(
+    any(missing_dns_tools, missing_nginx),
+    ignore = "needs nsd and ldnsutils and nginx and root"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enforced_mta_sts_policy_keeps_mail_off_unlisted_and_unverified_hosts() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
@@ -513,7 +520,10 @@ async fn an_enforced_mta_sts_policy_keeps_mail_off_unlisted_and_unverified_hosts
     }
 }
 
-#[cfg_attr(any(missing_dns_tools, missing_nginx), ignore = "needs nsd and ldnsutils and nginx and root")]
+#[cfg_attr(
+    any(missing_dns_tools, missing_nginx),
+    ignore = "needs nsd and ldnsutils and nginx and root"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mta_sts_policies_are_cached_in_the_state_directory_across_restarts() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {
@@ -640,7 +650,10 @@ fn schema() -> jsonschema::Validator {
 }
 
 /// Each RFC 8460 result type, provoked once by a domain built for it.
-#[cfg_attr(any(missing_dns_tools, missing_nginx), ignore = "needs nsd and ldnsutils and nginx and root")]
+#[cfg_attr(
+    any(missing_dns_tools, missing_nginx),
+    ignore = "needs nsd and ldnsutils and nginx and root"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
     if !have_dns_tools() || !tlsrelay_tests::https::can_serve_https() {

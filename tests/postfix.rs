@@ -40,7 +40,10 @@ tls.names = ["sink.partner.test"]
     )
 }
 
-#[cfg_attr(any(missing_swaks, missing_postfix), ignore = "needs swaks and postfix and root")]
+#[cfg_attr(
+    any(missing_swaks, missing_postfix),
+    ignore = "needs swaks and postfix and root"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_next_hop_at_each_tls_level() {
     if !have_swaks() || !have_postfix() {
@@ -99,7 +102,18 @@ async fn postfix_next_hop_at_each_tls_level() {
             "{level}: message intact:\n{}",
             got[0]
         );
-        assert_eq!(got[0].contains("with ESMTPS"), tls, "{level}: {}", got[0]);
+        // Postfix's own Received line says how the relay reached it.
+        assert_eq!(
+            got[0].contains("(Postfix) with ESMTPS"),
+            tls,
+            "{level}: {}",
+            got[0]
+        );
+        assert!(
+            got[0].contains("by relay.test (tlsrelay) with ESMTPS"),
+            "the relay's trace line, below Postfix's: {}",
+            got[0]
+        );
         let report = relay.next_report().await;
         assert_eq!(
             matches!(report.outbound, Some(LegSecurity::Tls { .. })),
@@ -109,7 +123,10 @@ async fn postfix_next_hop_at_each_tls_level() {
     }
 }
 
-#[cfg_attr(any(missing_swaks, missing_postfix), ignore = "needs swaks and postfix and root")]
+#[cfg_attr(
+    any(missing_swaks, missing_postfix),
+    ignore = "needs swaks and postfix and root"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_sender_keeps_the_message_queued_until_forced_tls_works() {
     if !have_swaks() || !have_postfix() {
@@ -175,7 +192,10 @@ async fn sender_round(level: &str) {
         deferral.contains("4.7.5"),
         "the sender saw the relay's 4.7.5: {deferral}"
     );
-    assert!(deferral.contains("not offered"), "with the reason: {deferral}");
+    assert!(
+        deferral.contains("not offered"),
+        "with the reason: {deferral}"
+    );
     let queued = sender.mailq();
     assert!(queued.contains("x@partner.test"), "still queued: {queued}");
     assert!(receiver.delivered().is_empty());
@@ -190,19 +210,20 @@ async fn sender_round(level: &str) {
         sender.log(),
         receiver.log()
     );
-    assert!(got[0].contains("with ESMTPS"), "{}", got[0]);
-    // And the sender's leg to the relay was TLS at its level.
-    let log = sender.log();
-    assert!(
-        log.contains("TLS connection established to 127.0.0.1"),
-        "{level}:\n{log}"
-    );
+    assert!(got[0].contains("(Postfix) with ESMTPS"), "{}", got[0]);
+    // And the sender's leg to the relay was TLS at its level (postlogd
+    // writes the log after the fact: waited for, not read once).
+    let established = sender.wait_for_log_line("the sender's TLS line", |line| {
+        line.contains("TLS connection established to 127.0.0.1")
+    });
     if level == "verify" {
-        assert!(log.contains("Verified TLS connection established"), "{log}");
+        assert!(
+            established.contains("Verified TLS connection established"),
+            "{established}"
+        );
     }
     assert!(got[0].ends_with(&format!("{BODY}\n")), "{}", got[0]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(sender.deferred(), 0, "left the queue");
+    sender.wait_queue_empty();
     assert_eq!(receiver.delivered().len(), 1, "delivered once");
 }
 

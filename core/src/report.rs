@@ -140,6 +140,18 @@ pub struct Negotiated {
     pub resumed: bool,
 }
 
+impl Negotiated {
+    /// As a trace header records it, in Postfix's words: `TLSv1.3 with
+    /// cipher TLS13_AES_256_GCM_SHA384 key-exchange X25519MLKEM768`.
+    pub fn trace_words(&self) -> String {
+        let mut words = format!("{} with cipher {}", self.version, self.cipher);
+        if let Some(group) = &self.group {
+            words += &format!(" key-exchange {group}");
+        }
+        words
+    }
+}
+
 /// How the bytes went through the relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

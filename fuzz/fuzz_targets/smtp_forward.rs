@@ -13,8 +13,8 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use tlsrelay_core::report::LegSecurity;
 use tlsrelay_core::smtp::admission::{Admission, Client};
-use tlsrelay_core::smtp::codec::{Reply, ReplyParser};
-use tlsrelay_core::smtp::forward::{Action, ConnectorRoute, Forwarder, OpenedHop, Routing};
+use tlsrelay_core::smtp::codec::{Capabilities, Reply, ReplyParser};
+use tlsrelay_core::smtp::forward::{Action, ConnectorRoute, Forwarder, OpenedHop, Routing, Stamp};
 use tlsrelay_core::smtp::next_hop::Wait;
 use tlsrelay_core::smtp::server::{Event, Server, ServerSettings, StartTls};
 
@@ -40,8 +40,16 @@ fuzz_target!(|data: &[u8]| {
         hostname: "fuzz.test".into(),
         starttls: StartTls::Offered,
         max_message_size: 10_000,
+        max_hops: 5,
     });
-    let mut forwarder = Forwarder::new(routing, Client::new(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    let mut forwarder = Forwarder::new(
+        routing,
+        Client::new(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        Stamp {
+            by: "fuzz.test".into(),
+            session: 1,
+        },
+    );
     let mut open = false;
     // The kind of the last wait and whether the next hop's answer was 2xx.
     let mut last_wait = None;
@@ -55,9 +63,12 @@ fuzz_target!(|data: &[u8]| {
                     assert!((200..600).contains(&r.code));
                     one_line_per_line(&r);
                 }
-                Event::StartTls => server.tls_established(),
+                Event::StartTls => {
+                    server.tls_established();
+                    forwarder.tls_started();
+                }
                 Event::Quit | Event::Close => forwarder.end(),
-                event => forwarder.client_event(event),
+                event => forwarder.client_event(event, 1_796_617_861),
             }
             let mut responses = 0;
             while let Some(action) = forwarder.poll() {
@@ -81,11 +92,18 @@ fuzz_target!(|data: &[u8]| {
                             forwarder.hop_unavailable(Reply::new(451, "4.4.1 down"));
                         } else {
                             open = true;
+                            let offered = ["CHUNKING", "REQUIRETLS", "SMTPUTF8", "SIZE", "8BITMIME"];
                             forwarder.hop_opened(OpenedHop {
                                 name: "mx".into(),
                                 security: LegSecurity::Plaintext,
-                                chunking: byte % 2 == 0,
-                                requiretls: byte % 3 == 0,
+                                offers: Capabilities {
+                                    keywords: offered
+                                        .iter()
+                                        .enumerate()
+                                        .filter(|(i, _)| byte & (2 << i) != 0)
+                                        .map(|(_, k)| (k.to_string(), String::new()))
+                                        .collect(),
+                                },
                             });
                         }
                     }

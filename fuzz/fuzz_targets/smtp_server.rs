@@ -1,7 +1,8 @@
 //! Arbitrary bytes from a client, split arbitrarily, into the server-side
 //! state machine, with next-hop replies chosen by the input too: it must
-//! never panic, never emit a reply that is not three digits, and never pass
-//! on a bare CR or LF in a message body (SMTP smuggling).
+//! never panic, never emit a reply that is not three digits, never pass
+//! on a bare CR or LF in a message body (SMTP smuggling), and never pass on
+//! more of one message than the size limit, whatever SIZE said.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
         hostname: "fuzz.test".into(),
         starttls,
         max_message_size: 10_000,
+        max_hops: 5,
     });
     // The body bytes passed on in the transaction under way.
     let mut body: Vec<u8> = Vec::new();
@@ -31,10 +33,13 @@ fuzz_target!(|data: &[u8]| {
                 Event::Body(b) => {
                     body.extend_from_slice(b);
                     assert!(no_bare_line_end(&body), "{body:?}");
+                    assert!(body.len() <= 10_000, "{} bytes of one message", body.len());
                 }
-                Event::EndOfData | Event::AbortData(_) | Event::Mail { .. } | Event::Rset => {
-                    body.clear()
-                }
+                Event::EndOfData
+                | Event::AbortData(_)
+                | Event::Mail { .. }
+                | Event::Rset
+                | Event::ChunkEnd { last: true } => body.clear(),
                 _ => {}
             }
             match event {

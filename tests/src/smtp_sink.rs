@@ -19,8 +19,12 @@ use tokio::net::TcpListener;
 pub struct Received {
     pub from: String,
     pub recipients: Vec<String>,
-    /// The message as delivered (dot-unstuffed, without the terminator).
+    /// The message as delivered (dot-unstuffed, without the terminator),
+    /// less the relay's Received field at its head.
     pub body: Vec<u8>,
+    /// That Received field (`Received: from … by … (tlsrelay) …`), folded
+    /// lines and all, if the message started with one.
+    pub trace: Option<String>,
     pub over_tls: bool,
     pub via_bdat: bool,
 }
@@ -214,6 +218,7 @@ async fn serve(
                 from: path(&line),
                 recipients: Vec::new(),
                 body: Vec::new(),
+                trace: None,
                 over_tls: tls,
                 via_bdat: false,
             });
@@ -247,6 +252,7 @@ async fn serve(
             match current.take() {
                 Some(mut t) => {
                     t.body = body;
+                    t.take_trace();
                     store.lock().unwrap().push(t);
                     "250 2.0.0 Ok: queued as SINK\r\n".into()
                 }
@@ -263,7 +269,9 @@ async fn serve(
                     t.body.extend_from_slice(&chunk);
                     t.via_bdat = true;
                     if last {
-                        store.lock().unwrap().push(current.take().unwrap());
+                        let mut t = current.take().unwrap();
+                        t.take_trace();
+                        store.lock().unwrap().push(t);
                         "250 2.0.0 Ok: queued as SINK\r\n".into()
                     } else {
                         "250 2.0.0 chunk ok\r\n".into()
@@ -281,6 +289,31 @@ async fn serve(
             "502 5.5.1 not here\r\n".into()
         };
         stream.get_mut().write_all(reply.as_bytes()).await?;
+    }
+}
+
+impl Received {
+    /// Moves the relay's Received field (the first field, with its
+    /// folded lines, naming tlsrelay) from the body to `trace`.
+    fn take_trace(&mut self) {
+        if !self.body.starts_with(b"Received: from ") {
+            return;
+        }
+        let mut end = 0;
+        loop {
+            let Some(eol) = self.body[end..].windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            end += eol + 2;
+            if !matches!(self.body.get(end), Some(b' ' | b'\t')) {
+                break;
+            }
+        }
+        let field = String::from_utf8_lossy(&self.body[..end]).into_owned();
+        if field.contains(" (tlsrelay) with ") {
+            self.trace = Some(field);
+            self.body.drain(..end);
+        }
     }
 }
 

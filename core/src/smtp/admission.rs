@@ -61,6 +61,8 @@ pub struct InboundConnector {
 pub struct Client {
     pub ip: IpAddr,
     pub tls: bool,
+    /// The TLS in use, as trace headers give it (`TLSv1.3 with cipher …`).
+    pub tls_used: Option<String>,
     pub certificate: Option<PresentedCertificate>,
 }
 
@@ -69,6 +71,7 @@ impl Client {
         Client {
             ip,
             tls: false,
+            tls_used: None,
             certificate: None,
         }
     }
@@ -196,6 +199,15 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// The organisation's first own domain named exactly: whose
+    /// postmaster a bare `<postmaster>` reaches.
+    pub fn own_domain(&self) -> Option<&str> {
+        self.accepted_domains.iter().find_map(|d| match d {
+            DomainPattern::Exact(domain) => Some(domain.as_str()),
+            _ => None,
+        })
+    }
+
     /// The connectors that claim the session or this sender, each with
     /// what claimed it.
     fn claims<'a>(
@@ -387,6 +399,7 @@ mod tests {
         Client {
             ip: ip.parse().unwrap(),
             tls,
+            tls_used: None,
             certificate: cert.map(|(name, trusted_by)| PresentedCertificate {
                 names: vec![name.to_string()],
                 trusted_by: trusted_by.to_vec(),

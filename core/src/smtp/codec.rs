@@ -130,7 +130,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command, SyntaxError> {
     }
 }
 
-/// `FROM:<path> params` / `TO:<path> params`.
+/// `FROM:<path> params` / `TO:<path> params`. The path is read by RFC
+/// 5321's grammar (4.1.2), not by searching for separators: an IPv6
+/// address literal's colons and a quoted local part's `:` or `>` stay in
+/// the address, and only a leading source route (`<@a,@b:user@c>`,
+/// accepted and ignored, RFC 5321 C) is taken off.
 fn path_argument(rest: &str, keyword: &str) -> Result<(String, String), SyntaxError> {
     let Some(head) = rest.get(..keyword.len()) else {
         return Err(SyntaxError::Parameters("missing FROM:/TO:"));
@@ -142,16 +146,88 @@ fn path_argument(rest: &str, keyword: &str) -> Result<(String, String), SyntaxEr
     let Some(inner) = arg.strip_prefix('<') else {
         return Err(SyntaxError::Parameters("path must be in angle brackets"));
     };
-    let end = inner
-        .find('>')
-        .ok_or(SyntaxError::Parameters("unterminated path"))?;
-    let path = &inner[..end];
-    if path.contains(char::is_whitespace) {
-        return Err(SyntaxError::Parameters("whitespace in path"));
+    let b = inner.as_bytes();
+    let mut i = 0;
+    if b.first() == Some(&b'@') {
+        loop {
+            if b.get(i) != Some(&b'@') {
+                return Err(SyntaxError::Parameters("bad source route"));
+            }
+            i = skip_domain(b, i + 1).ok_or(SyntaxError::Parameters("bad source route"))?;
+            match b.get(i) {
+                Some(b',') => i += 1,
+                Some(b':') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Err(SyntaxError::Parameters("bad source route")),
+            }
+        }
     }
-    // A source route (<@a,@b:user@c>) is accepted and ignored (RFC 5321 C).
-    let path = path.rsplit_once(':').map_or(path, |(_, p)| p);
-    Ok((path.to_string(), inner[end + 1..].trim().to_string()))
+    let start = i;
+    if b.get(i) == Some(&b'"') {
+        i += 1;
+        loop {
+            match b.get(i) {
+                Some(b'\\') if b.get(i + 1).is_some() => i += 2,
+                Some(b'"') => {
+                    i += 1;
+                    break;
+                }
+                Some(_) => i += 1,
+                None => return Err(SyntaxError::Parameters("unterminated quoted local part")),
+            }
+        }
+    } else {
+        while let Some(&c) = b.get(i) {
+            if c == b'@' || c == b'>' {
+                break;
+            }
+            if c.is_ascii_whitespace() {
+                return Err(SyntaxError::Parameters("whitespace in path"));
+            }
+            if b"()<[]:;\\,\"".contains(&c) {
+                return Err(SyntaxError::Parameters(
+                    "special character in local part (quote it)",
+                ));
+            }
+            i += 1;
+        }
+    }
+    if b.get(i) == Some(&b'@') {
+        i = skip_domain(b, i + 1).ok_or(SyntaxError::Parameters("bad domain"))?;
+    }
+    match b.get(i) {
+        Some(b'>') => Ok((
+            inner[start..i].to_string(),
+            inner[i + 1..].trim().to_string(),
+        )),
+        None => Err(SyntaxError::Parameters("unterminated path")),
+        Some(c) if c.is_ascii_whitespace() => Err(SyntaxError::Parameters("whitespace in path")),
+        Some(_) => Err(SyntaxError::Parameters("bad character in path")),
+    }
+}
+
+/// Past a domain (a name, UTF-8 labels included, or an address literal
+/// `[…]`) starting at `i`: where it ends, or `None` if there is none.
+fn skip_domain(b: &[u8], i: usize) -> Option<usize> {
+    if b.get(i) == Some(&b'[') {
+        let close = b[i..].iter().position(|&c| c == b']')?;
+        let literal = &b[i + 1..i + close];
+        if literal.is_empty()
+            || literal
+                .iter()
+                .any(|c| c.is_ascii_whitespace() || b"[\\".contains(c))
+        {
+            return None;
+        }
+        return Some(i + close + 1);
+    }
+    let end = i + b[i..]
+        .iter()
+        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c >= 0x80))
+        .unwrap_or(b.len() - i);
+    (end > i).then_some(end)
 }
 
 /// The domain of a mailbox (`user@Domain.Example` -> `domain.example`).
@@ -385,6 +461,67 @@ mod tests {
             parse_command(b"AUTH PLAIN x"),
             Ok(Command::Unknown("AUTH".into()))
         );
+    }
+
+    /// Paths are read by the grammar: what a next hop gets is the whole
+    /// address the client gave, never a piece cut at a colon.
+    #[test]
+    fn paths_keep_address_literals_and_quoted_local_parts_whole() {
+        let path = |line: &str| match parse_command(line.as_bytes()) {
+            Ok(Command::Mail { from, params }) => Ok((from, params)),
+            Ok(Command::Rcpt { to, params }) => Ok((to, params)),
+            other => Err(format!("{other:?}")),
+        };
+        for (line, want, params) in [
+            (
+                "MAIL FROM:<alice@[IPv6:2001:db8::1]>",
+                "alice@[IPv6:2001:db8::1]",
+                "",
+            ),
+            (
+                "MAIL FROM:<alice@[192.0.2.1]> SIZE=5",
+                "alice@[192.0.2.1]",
+                "SIZE=5",
+            ),
+            (
+                "RCPT TO:<\"x:victim\"@evil.test>",
+                "\"x:victim\"@evil.test",
+                "",
+            ),
+            ("RCPT TO:<\"a>b\"@evil.test>", "\"a>b\"@evil.test", ""),
+            ("RCPT TO:<\"a\\\"b\"@x.test>", "\"a\\\"b\"@x.test", ""),
+            ("RCPT TO:<@a.test,@[10.0.0.1]:bob@x.test>", "bob@x.test", ""),
+            ("RCPT TO:<postmaster>", "postmaster", ""),
+            (
+                "RCPT TO:<bob@example.org> <victim@evil.test>",
+                "bob@example.org",
+                "<victim@evil.test>",
+            ),
+            (
+                "MAIL FROM:<用户@例子.广告> SMTPUTF8",
+                "用户@例子.广告",
+                "SMTPUTF8",
+            ),
+        ] {
+            assert_eq!(
+                path(line),
+                Ok((want.to_string(), params.to_string())),
+                "{line}"
+            );
+        }
+        for line in [
+            "RCPT TO:<x:victim@evil.test>",
+            "RCPT TO:<@a.test:>",
+            "RCPT TO:<@:bob@x.test>",
+            "RCPT TO:<a b@x.test>",
+            "RCPT TO:<bob@x.test",
+            "RCPT TO:<\"open@x.test>",
+            "RCPT TO:<bob@[]>",
+            "RCPT TO:<bob@x_y.test>",
+            "MAIL FROM:<a@b@c>",
+        ] {
+            assert!(path(line).is_err(), "{line}: {:?}", path(line));
+        }
     }
 
     #[test]

@@ -16,9 +16,11 @@ use std::sync::Arc;
 
 use super::address::{is_hostname, route, DomainPattern};
 use super::admission::{Admission, Client};
-use super::codec::Reply;
+use super::codec::{Capabilities, Reply};
 use super::next_hop::{DotStuffer, Wait};
-use super::server::{requires_tls, Event};
+use super::params::MailParams;
+use super::server::Event;
+use super::trace::Arrival;
 use crate::policy::{PeerTrust, TlsFailure};
 use crate::report::LegSecurity;
 pub use crate::report::Transaction;
@@ -82,9 +84,8 @@ pub struct OpenedHop {
     /// `host[address]:port`, as transactions report it.
     pub name: String,
     pub security: LegSecurity,
-    pub chunking: bool,
-    /// It offered REQUIRETLS (RFC 8689) over TLS.
-    pub requiretls: bool,
+    /// The extensions its last EHLO reply offered.
+    pub offers: Capabilities,
 }
 
 impl OpenedHop {
@@ -95,7 +96,7 @@ impl OpenedHop {
             LegSecurity::Tls {
                 trust: PeerTrust::Verified,
                 ..
-            } if self.requiretls => None,
+            } if self.offers.has("REQUIRETLS") => None,
             LegSecurity::Tls {
                 trust: PeerTrust::Verified,
                 ..
@@ -111,7 +112,10 @@ struct Hop {
     destination: Destination,
     /// Why a REQUIRETLS message may not go there, if it may not.
     refuses_requiretls: Option<&'static str>,
+    offers: Capabilities,
     chunking: bool,
+    /// The message's Received line, until it has gone ahead of the body.
+    trace: Option<Vec<u8>>,
     /// MAIL has been accepted on this connection for the transaction.
     mail_sent: bool,
     /// Converting BDAT to DATA: the dot-stuffer once DATA got its 354.
@@ -128,7 +132,6 @@ struct Hop {
 enum Awaiting {
     Mail {
         to: String,
-        params: String,
     },
     Rcpt {
         to: String,
@@ -143,16 +146,28 @@ enum Awaiting {
     Rset,
 }
 
+/// What the relay says of itself in the trace header it adds.
+#[derive(Clone, Debug)]
+pub struct Stamp {
+    /// Its name (the listener's `hostname`).
+    pub by: String,
+    /// The session's number, as logs and reports give it.
+    pub session: u64,
+}
+
 pub struct Forwarder {
     routing: Arc<Routing>,
     client: Client,
-    mail: Option<(String, String)>,
+    stamp: Stamp,
+    /// The client's HELO/EHLO name, and whether it was EHLO.
+    hello: Option<(String, bool)>,
+    mail: Option<(String, MailParams)>,
     /// RCPT commands in this transaction, accepted or not.
     rcpts: usize,
     transaction: Option<Transaction>,
     hop: Option<Hop>,
     /// An RCPT waiting for a next hop to open.
-    opening: Option<(Destination, String, String)>,
+    opening: Option<(Destination, String)>,
     /// Where the transaction under way goes, once MAIL was accepted there.
     routed: Option<Destination>,
     awaiting: Option<Awaiting>,
@@ -197,10 +212,12 @@ pub fn unreachable(connector: &str, tried: &[String]) -> Reply {
 }
 
 impl Forwarder {
-    pub fn new(routing: Arc<Routing>, client: Client) -> Forwarder {
+    pub fn new(routing: Arc<Routing>, client: Client, stamp: Stamp) -> Forwarder {
         Forwarder {
             routing,
             client,
+            stamp,
+            hello: None,
             mail: None,
             transaction: None,
             hop: None,
@@ -233,12 +250,14 @@ impl Forwarder {
     }
 
     /// A client event from the server machine (not Reply, StartTls, Quit or
-    /// Close: those are the driver's).
-    pub fn client_event(&mut self, event: Event) {
+    /// Close: those are the driver's), at `now` (Unix seconds: the date
+    /// of a message's trace header).
+    pub fn client_event(&mut self, event: Event, now: i64) {
         match event {
+            Event::Hello { name, esmtp } => self.hello = Some((name, esmtp)),
             Event::Mail { from, params } => self.mail_from(from, params),
-            Event::Rcpt { to, params } => self.rcpt(to, params),
-            Event::Data => self.data(),
+            Event::Rcpt { to } => self.rcpt(to),
+            Event::Data => self.data(now),
             Event::Body(bytes) => self.body(bytes),
             Event::EndOfData => self.end_of_data(),
             Event::AbortData(reply) => {
@@ -247,7 +266,7 @@ impl Forwarder {
                 self.finish_transaction(&reply);
                 self.actions.push_back(Action::Write(reply));
             }
-            Event::Bdat { size, last } => self.bdat(size, last),
+            Event::Bdat { size, last } => self.bdat(size, last, now),
             Event::ChunkEnd { last } => self.chunk_end(last),
             Event::Rset => {
                 if self.hop.is_some() {
@@ -262,6 +281,24 @@ impl Forwarder {
             }
             Event::Reply(_) | Event::StartTls | Event::Quit | Event::Close => {}
         }
+    }
+
+    /// TLS is up with the client. RFC 3207 4.2: everything learnt before
+    /// it is forgotten - the HELO name, the envelope, the transaction, and
+    /// any next hop opened for it (closed with QUIT, so nothing given in
+    /// plaintext, perhaps by a man in the middle, travels with what comes
+    /// over TLS). The driver updates [`Forwarder::client_mut`] after.
+    pub fn tls_started(&mut self) {
+        if self.hop.take().is_some() {
+            self.actions.push_back(Action::Close { polite: true });
+        }
+        self.hello = None;
+        self.mail = None;
+        self.transaction = None;
+        self.routed = None;
+        self.opening = None;
+        self.awaiting = None;
+        self.rcpts = 0;
     }
 
     /// The drain time is up: a transaction under way is abandoned (its next
@@ -295,10 +332,11 @@ impl Forwarder {
 
     /// The next hop asked for with [`Action::Open`] is ready.
     pub fn hop_opened(&mut self, opened: OpenedHop) {
-        let Some((destination, to, params)) = self.opening.take() else {
+        let Some((destination, to)) = self.opening.take() else {
             return;
         };
         let refuses_requiretls = opened.refuses_requiretls();
+        let chunking = opened.offers.has("CHUNKING");
         if let Some(t) = self.transaction.as_mut() {
             t.next_hop = Some(opened.name);
             t.outbound = Some(opened.security);
@@ -306,14 +344,16 @@ impl Forwarder {
         self.hop = Some(Hop {
             destination,
             refuses_requiretls,
-            chunking: opened.chunking,
+            offers: opened.offers,
+            chunking,
+            trace: None,
             mail_sent: false,
             stuffer: None,
             refused: None,
             data_started: false,
             broken: false,
         });
-        self.rcpt_on_hop(to, params);
+        self.rcpt_on_hop(to);
     }
 
     /// No next hop could be had: the RCPT gets this (4xx) reply.
@@ -339,7 +379,7 @@ impl Forwarder {
             return self.hop_failed(&format!("unexpected reply {reply}"));
         }
         match awaiting {
-            Awaiting::Mail { to, params } if reply.is_positive() => {
+            Awaiting::Mail { to } if reply.is_positive() => {
                 let destination = self.hop.as_ref().map(|h| h.destination.clone());
                 let name = destination
                     .as_ref()
@@ -351,7 +391,7 @@ impl Forwarder {
                 if let Some(hop) = self.hop.as_mut() {
                     hop.mail_sent = true;
                 }
-                self.send_rcpt(to, params);
+                self.send_rcpt(to);
             }
             // The next hop refused the sender: this RCPT's reply.
             Awaiting::Mail { .. } => self.respond(reply),
@@ -363,11 +403,25 @@ impl Forwarder {
                 }
                 self.respond(reply);
             }
-            Awaiting::Data => self.respond(reply),
+            Awaiting::Data => {
+                // The trace header goes first, ahead of the client's body.
+                if let (354, Some(trace)) =
+                    (reply.code, self.hop.as_mut().and_then(|h| h.trace.take()))
+                {
+                    self.actions.push_back(Action::Send(trace));
+                }
+                self.respond(reply)
+            }
             Awaiting::DataForBdat => {
                 if let Some(hop) = self.hop.as_mut() {
                     if reply.code == 354 {
-                        hop.stuffer = Some(DotStuffer::new());
+                        let mut stuffer = DotStuffer::new();
+                        if let Some(trace) = hop.trace.take() {
+                            let mut stuffed = Vec::with_capacity(trace.len());
+                            stuffer.stuff(&trace, &mut stuffed);
+                            self.actions.push_back(Action::Send(stuffed));
+                        }
+                        hop.stuffer = Some(stuffer);
                     } else {
                         hop.refused = Some(reply);
                     }
@@ -430,7 +484,7 @@ impl Forwarder {
         }
     }
 
-    fn mail_from(&mut self, from: String, params: String) {
+    fn mail_from(&mut self, from: String, params: MailParams) {
         let mut transaction = Transaction {
             from: from.clone(),
             ..Transaction::default()
@@ -449,11 +503,24 @@ impl Forwarder {
         self.respond(Reply::new(250, "2.1.0 Sender ok"));
     }
 
-    fn rcpt(&mut self, to: String, params: String) {
+    fn rcpt(&mut self, to: String) {
         self.rcpts += 1;
         if self.rcpts > MAX_RECIPIENTS {
             return self.respond(Reply::new(452, "4.5.3 Too many recipients"));
         }
+        // RFC 5321 4.5.1: <postmaster> without a domain must be accepted;
+        // it is the postmaster of the organisation's (first) own domain.
+        let to = if to.eq_ignore_ascii_case("postmaster") {
+            match self.routing.admission.own_domain() {
+                Some(domain) => format!("postmaster@{domain}"),
+                None => return self.respond(Reply::new(
+                    550,
+                    "5.1.1 No postmaster here: this relay accepts mail for no domain of its own",
+                )),
+            }
+        } else {
+            to
+        };
         let domain = match self.routing.admission.check_recipient(&self.client, &to) {
             Ok(domain) => domain,
             Err(refusal) => {
@@ -496,48 +563,94 @@ impl Forwarder {
             self.actions.push_back(Action::Close { polite: true });
         }
         if self.hop.is_none() {
-            self.opening = Some((destination.clone(), to, params));
+            self.opening = Some((destination.clone(), to));
             self.actions.push_back(Action::Open(destination));
             return;
         }
-        self.rcpt_on_hop(to, params);
+        self.rcpt_on_hop(to);
     }
 
     /// RCPT on an open next hop, MAIL first if this transaction has not
     /// been opened there.
-    fn rcpt_on_hop(&mut self, to: String, params: String) {
-        if self.hop.as_ref().is_some_and(|h| h.mail_sent) {
-            return self.send_rcpt(to, params);
-        }
-        let (from, mail_params) = self.mail.clone().unwrap_or_default();
-        let refusal = self.hop.as_ref().and_then(|h| h.refuses_requiretls);
-        if let (true, Some(why)) = (requires_tls(&mail_params), refusal) {
-            let reply = Reply::new(
-                550,
-                format!("5.7.30 REQUIRETLS support required: the next hop cannot take this message ({why})"),
-            );
+    fn rcpt_on_hop(&mut self, to: String) {
+        if let Some(reply) = self.cannot_carry(&to) {
             if let Some(t) = self.transaction.as_mut() {
                 t.refused.push(reply.to_string());
             }
             return self.respond(reply);
         }
+        if self.hop.as_ref().is_some_and(|h| h.mail_sent) {
+            return self.send_rcpt(to);
+        }
+        let (from, params) = self.mail.clone().unwrap_or_default();
+        let offers = self
+            .hop
+            .as_ref()
+            .map(|h| h.offers.clone())
+            .unwrap_or_default();
         self.command(
-            &format!("MAIL FROM:<{from}>{}", spaced(&mail_params)),
+            &format!(
+                "MAIL FROM:<{from}>{}",
+                spaced(&params.for_next_hop(&offers))
+            ),
             Wait::Command,
-            Awaiting::Mail { to, params },
+            Awaiting::Mail { to },
         );
     }
 
-    fn send_rcpt(&mut self, to: String, params: String) {
-        let line = format!("RCPT TO:<{to}>{}", spaced(&params));
+    /// Why the open next hop may not take this transaction to `to`: a
+    /// REQUIRETLS message where it cannot honour that (RFC 8689), or an
+    /// address in UTF-8 where it does not offer SMTPUTF8 (RFC 6531 3.4).
+    fn cannot_carry(&self, to: &str) -> Option<Reply> {
+        let hop = self.hop.as_ref()?;
+        let (from, params) = self.mail.as_ref()?;
+        if let (true, Some(why)) = (params.requiretls, hop.refuses_requiretls) {
+            return Some(Reply::new(
+                550,
+                format!("5.7.30 REQUIRETLS support required: the next hop cannot take this message ({why})"),
+            ));
+        }
+        let ascii = from.is_ascii() && to.is_ascii();
+        if !ascii && !hop.offers.has("SMTPUTF8") {
+            return Some(Reply::new(
+                553,
+                "5.6.7 The next hop does not support SMTPUTF8, which this address needs",
+            ));
+        }
+        None
+    }
+
+    fn send_rcpt(&mut self, to: String) {
+        let line = format!("RCPT TO:<{to}>");
         self.command(&line, Wait::Command, Awaiting::Rcpt { to });
     }
 
-    fn data(&mut self) {
+    /// The Received line for the message starting now (RFC 5321 4.4).
+    fn trace(&self, now: i64) -> Vec<u8> {
+        let recipients = self.transaction.as_ref().map(|t| t.recipients.as_slice());
+        Arrival {
+            helo: self.hello.as_ref().map(|(name, _)| name.as_str()),
+            client: self.client.ip,
+            tls: self.client.tls_used.as_deref(),
+            esmtp: self.hello.as_ref().is_some_and(|(_, esmtp)| *esmtp),
+            by: &self.stamp.by,
+            id: self.stamp.session,
+            recipient: match recipients {
+                Some([one]) => Some(one.as_str()),
+                _ => None,
+            },
+            at: now,
+        }
+        .received()
+    }
+
+    fn data(&mut self, now: i64) {
+        let trace = self.trace(now);
         let Some(hop) = self.hop.as_mut() else {
             return self.respond(Reply::new(503, "5.5.1 No valid recipients"));
         };
         hop.data_started = true;
+        hop.trace = Some(trace);
         self.command("DATA", Wait::DataInit, Awaiting::Data);
     }
 
@@ -571,15 +684,24 @@ impl Forwarder {
         }
     }
 
-    fn bdat(&mut self, size: u64, last: bool) {
+    fn bdat(&mut self, size: u64, last: bool, now: i64) {
+        let first = self.hop.as_ref().is_some_and(|h| !h.data_started);
+        let trace = first.then(|| self.trace(now));
         let Some(hop) = self.hop.as_mut() else {
             return;
         };
         if hop.chunking {
-            let line = format!("BDAT {size}{}\r\n", if last { " LAST" } else { "" });
-            self.actions.push_back(Action::Send(line.into_bytes()));
-        } else if !hop.data_started {
+            // The trace header rides at the head of the first chunk, which
+            // grows by its length; the client's bytes follow unchanged.
+            let trace = trace.unwrap_or_default();
             hop.data_started = true;
+            let size = size + trace.len() as u64;
+            let line = format!("BDAT {size}{}\r\n", if last { " LAST" } else { "" });
+            self.actions
+                .push_back(Action::Send([line.into_bytes(), trace].concat()));
+        } else if first {
+            hop.data_started = true;
+            hop.trace = trace;
             self.command("DATA", Wait::DataInit, Awaiting::DataForBdat);
         }
     }
@@ -634,6 +756,7 @@ impl Forwarder {
         }
         if let Some(hop) = self.hop.as_mut() {
             hop.data_started = false;
+            hop.trace = None;
             hop.stuffer = None;
             hop.refused = None;
             hop.mail_sent = false;

@@ -1,7 +1,7 @@
 //! SMTP as state machines: the command/reply codec, the client-facing
 //! dialogue (`server`), the next hop's opening dialogue (`next_hop`), the
-//! relaying between them (`forward`), and who may send what (`admission`,
-//! `address`). The runtime's `smtp` module drives them on sockets.
+//! relaying between them (`forward`), who may send what (`admission`,
+//! `address`), MAIL parameters (`params`) and trace headers (`trace`). The runtime's `smtp` module drives them on sockets.
 
 pub mod address;
 pub mod admission;
@@ -9,7 +9,9 @@ pub mod codec;
 pub mod forward;
 pub mod mx;
 pub mod next_hop;
+pub mod params;
 pub mod server;
+pub mod trace;
 
 #[cfg(test)]
 mod pair_tests;

@@ -13,12 +13,15 @@ use super::address::Cidr;
 use super::admission::{Admission, Client, ClientCertificate, InboundConnector};
 use super::codec::{Reply, ReplyParser};
 use super::forward::{
-    tls_required, unreachable, Action, ConnectorRoute, Forwarder, OpenedHop, Routing,
+    tls_required, unreachable, Action, ConnectorRoute, Forwarder, OpenedHop, Routing, Stamp,
 };
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy};
 use crate::report::LegSecurity;
+
+/// The fake clock's wall time: Mon, 07 Dec 2026 04:31:01 +0000.
+const NOW: i64 = 1_796_617_861;
 
 /// How a connector's next hop behaves.
 #[derive(Clone, Copy)]
@@ -87,6 +90,7 @@ fn settings(starttls: StartTls) -> ServerSettings {
         hostname: "mx.example".into(),
         starttls,
         max_message_size: 1 << 20,
+        max_hops: crate::smtp::trace::DEFAULT_MAX_HOPS,
     }
 }
 
@@ -142,7 +146,14 @@ impl Pair {
     fn routed(client_ip: &str, hops: [HopKind; 2], routing: Arc<Routing>) -> Pair {
         let server = Server::new(settings(StartTls::Offered));
         let mut pair = Pair {
-            forwarder: Forwarder::new(routing, Client::new(client_ip.parse().unwrap())),
+            forwarder: Forwarder::new(
+                routing,
+                Client::new(client_ip.parse().unwrap()),
+                Stamp {
+                    by: "mx.example".into(),
+                    session: 7,
+                },
+            ),
             to_client: server.greeting().to_bytes(),
             server,
             hops: hops.to_vec(),
@@ -178,7 +189,13 @@ impl Pair {
                 Event::StartTls => {
                     self.server = Server::new(settings(StartTls::Offered));
                     self.server.tls_established();
-                    self.forwarder.client_mut().tls = true;
+                    self.forwarder.tls_started();
+                    self.perform();
+                    let client = self.forwarder.client_mut();
+                    client.tls = true;
+                    client.tls_used = Some(
+                        "TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256 key-exchange X25519".into(),
+                    );
                 }
                 Event::Quit | Event::Close => {
                     self.closed = true;
@@ -186,7 +203,7 @@ impl Pair {
                     self.perform();
                 }
                 event => {
-                    self.forwarder.client_event(event);
+                    self.forwarder.client_event(event, NOW);
                     self.perform();
                 }
             }
@@ -308,8 +325,7 @@ impl Pair {
                     return Ok(OpenedHop {
                         name: "mx[192.0.2.25]:25".into(),
                         security: security(tls, kind.verified),
-                        chunking: opening.capabilities().has("CHUNKING"),
-                        requiretls: opening.capabilities().has("REQUIRETLS"),
+                        offers: opening.capabilities().clone(),
                     });
                 }
                 Opening::Failed(failure) => return Err(failure),
@@ -393,12 +409,36 @@ impl HopConn {
         }
     }
 
-    /// A message the next hop has just accepted.
+    /// A message the next hop has just accepted, without the Received
+    /// line the relay put first (checked here: every message has one).
     fn take_delivery(&mut self) -> Option<Vec<u8>> {
         let end = self.body.windows(5).position(|w| w == b"<end>")?;
         let body = self.body[..end].to_vec();
         self.body.drain(..end + 5);
-        Some(body)
+        Some(without_trace(&body).to_vec())
+    }
+}
+
+/// A message without the relay's Received field at its head (a field
+/// with its folded lines); panics if there is none.
+fn without_trace(message: &[u8]) -> &[u8] {
+    assert!(
+        message.starts_with(b"Received: from "),
+        "no trace header first: {:?}",
+        String::from_utf8_lossy(message)
+    );
+    let mut at = 0;
+    loop {
+        let end = at
+            + message[at..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a whole line")
+            + 2;
+        at = end;
+        if !matches!(message.get(at), Some(b' ' | b'\t')) {
+            return &message[at..];
+        }
     }
 }
 
@@ -730,7 +770,8 @@ fn bdat_is_converted_to_dot_stuffed_data_for_a_next_hop_without_chunking() {
         "250 2.0.0 Ok: queued as NEXTHOP1\r\n"
     );
     let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
-    assert!(heard.contains("DATA\r\n..a\r\nbc\r\n.\r\n"), "{heard}");
+    assert!(heard.contains("DATA\r\nReceived: from "), "{heard}");
+    assert!(heard.contains("+0000\r\n..a\r\nbc\r\n.\r\n"), "{heard}");
     assert!(!heard.contains("BDAT"), "{heard}");
 }
 
@@ -854,4 +895,167 @@ fn past_a_thousand_recipients_each_rcpt_is_452_and_the_next_transaction_takes_mo
     assert!(p
         .client("RCPT TO:<more0@example.org>\r\n")
         .starts_with("250"));
+}
+
+/// RFC 3207 4.2 across round trips: a man in the middle injects MAIL and
+/// RCPT in plaintext before the client's STARTTLS (each answered, so the
+/// pipelining check cannot see it); once TLS is up nothing of that
+/// envelope survives: its next hop is closed with QUIT, and the message
+/// given over TLS reaches the next hop with the client's envelope only.
+#[test]
+fn starttls_forgets_the_envelope_and_next_hop_opened_in_plaintext() {
+    let mut p = Pair::from_outside();
+    assert!(p
+        .client("MAIL FROM:<mitm@attacker.test>\r\n")
+        .starts_with("250"));
+    assert!(p
+        .client("RCPT TO:<attacker-mailbox@example.org>\r\n")
+        .starts_with("250"));
+    assert_eq!(p.opened, [0], "the injected RCPT opened a next hop");
+    assert!(p.client("STARTTLS\r\n").starts_with("220"));
+    assert_eq!(p.quits, 1, "that next hop is closed politely at STARTTLS");
+    assert!(p.hop.is_none());
+    p.client("EHLO client.example\r\n");
+    assert!(p
+        .client("MAIL FROM:<alice@good.test>\r\n")
+        .starts_with("250"));
+    assert!(p.client("RCPT TO:<bob@example.org>\r\n").starts_with("250"));
+    assert!(p.client("DATA\r\n").starts_with("354"));
+    assert!(p
+        .client("Subject: secret\r\n\r\nfor bob\r\n.\r\n")
+        .starts_with("250"));
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(
+        heard.contains("MAIL FROM:<alice@good.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+        "{heard}"
+    );
+    assert!(
+        !heard.contains("mitm") && !heard.contains("attacker"),
+        "{heard}"
+    );
+    let finished = p.forwarder.take_finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].from, "alice@good.test");
+    assert_eq!(finished[0].recipients, ["bob@example.org"]);
+    assert!(
+        heard.contains("Received: from client.example ([203.0.113.9])\r\n\t(using TLSv1.3"),
+        "{heard}"
+    );
+}
+
+/// Every message carries the relay's Received line first: DATA, BDAT
+/// relayed as BDAT (the first chunk grows by its length), BDAT turned
+/// into DATA; with the client's HELO name and address, the TLS used, the
+/// protocol, the session and the one recipient.
+#[test]
+fn every_message_gets_a_received_line_first() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("DATA\r\nSubject: a\r\n\r\nbody\r\n.\r\n");
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    let trace = "Received: from client.example ([203.0.113.9])\r\n\tby mx.example (tlsrelay) with ESMTP id 7\r\n\tfor <u@example.org>; Mon, 07 Dec 2026 04:31:01 +0000\r\n";
+    assert!(
+        heard.contains(&format!("DATA\r\n{trace}Subject: a\r\n")),
+        "{heard}"
+    );
+
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("RCPT TO:<v@example.org>\r\n");
+    assert!(p.client("BDAT 4\r\nab\r\n").starts_with("250"));
+    assert!(p.client("BDAT 2 LAST\r\ncd").starts_with("250"));
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    let trace = "Received: from client.example ([203.0.113.9])\r\n\tby mx.example (tlsrelay) with ESMTP id 7; Mon, 07 Dec 2026 04:31:01 +0000\r\n";
+    assert!(
+        heard.contains(&format!(
+            "BDAT {}\r\n{trace}ab\r\nBDAT 2 LAST\r\ncd",
+            trace.len() + 4
+        )),
+        "two recipients: no 'for'; the first chunk grew: {heard}"
+    );
+
+    let old = HopKind {
+        chunking: false,
+        ..GOOD_HOP
+    };
+    let mut p = Pair::new("203.0.113.9", [old, GOOD_HOP]);
+    p.client("EHLO old.example\r\n");
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    assert!(p.client("BDAT 4 LAST\r\n.x\r\n").starts_with("250"));
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(
+        heard.contains("DATA\r\nReceived: from old.example ([203.0.113.9])\r\n\tby mx.example (tlsrelay) with ESMTP id 7\r\n\tfor <u@example.org>; Mon, 07 Dec 2026 04:31:01 +0000\r\n..x\r\n.\r\n"),
+        "{heard}"
+    );
+}
+
+/// A stranger's MAIL parameters never reach the next hop: unadvertised
+/// ones are 555 at the relay, and advertised ones are written anew.
+#[test]
+fn mail_parameters_are_refused_or_written_anew_for_the_next_hop() {
+    let mut p = Pair::from_outside();
+    let reply = p.client("MAIL FROM:<ceo@example.org> AUTH=ceo@example.org\r\n");
+    assert_eq!(reply, "555 5.5.4 Unsupported parameter AUTH\r\n");
+    assert!(p
+        .client("MAIL FROM:<a@sender.example> size=10 body=8bitmime\r\n")
+        .starts_with("250"));
+    let reply =
+        p.client("RCPT TO:<u@example.org> NOTIFY=SUCCESS ORCPT=rfc822;boss@example.org\r\n");
+    assert_eq!(reply, "555 5.5.4 Unsupported parameter NOTIFY\r\n");
+    assert!(p.opened.is_empty(), "no next hop hears of a refused RCPT");
+    assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(
+        heard.contains(
+            "MAIL FROM:<a@sender.example> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<u@example.org>\r\n"
+        ),
+        "{heard}"
+    );
+}
+
+/// An address in UTF-8 goes to a next hop that offers SMTPUTF8, with the
+/// parameter.
+#[test]
+fn utf8_addresses_go_with_smtputf8_where_it_is_offered() {
+    let mut p = Pair::from_outside();
+    p.client("MAIL FROM:<us\u{e9}r@sender.example> SMTPUTF8\r\n");
+    assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(heard.contains("r@sender.example> SMTPUTF8\r\n"), "{heard}");
+}
+
+/// RFC 5321 4.5.1: `<postmaster>` is taken, as the organisation's own
+/// postmaster.
+#[test]
+fn bare_postmaster_reaches_the_own_domains_postmaster() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<Postmaster>\r\n").starts_with("250"));
+    let heard = String::from_utf8_lossy(&p.hop.as_ref().unwrap().heard).into_owned();
+    assert!(
+        heard.contains("RCPT TO:<postmaster@example.org>\r\n"),
+        "{heard}"
+    );
+}
+
+/// Refused recipients are errors: a stranger probing addresses is
+/// closed after the error limit, not served for ever.
+#[test]
+fn refused_recipients_count_as_errors_until_421() {
+    use super::server::MAX_ERRORS;
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    let mut probes = String::new();
+    for i in 0..3000 {
+        probes += &format!("RCPT TO:<v{i}@elsewhere.example>\r\n");
+    }
+    let replies = p.client(&probes);
+    let codes: Vec<&str> = replies.lines().map(|l| &l[..3]).collect();
+    assert_eq!(codes.len(), MAX_ERRORS as usize + 1, "{codes:?}");
+    assert!(codes[..MAX_ERRORS as usize].iter().all(|&c| c == "554"));
+    assert_eq!(codes[MAX_ERRORS as usize], "421");
+    assert!(p.closed);
 }

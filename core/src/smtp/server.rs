@@ -9,6 +9,8 @@
 use std::collections::VecDeque;
 
 use super::codec::{parse_command, Command, Reply, SyntaxError, MAX_COMMAND_LINE, MAX_TEXT_LINE};
+use super::params::{check_rcpt_params, MailParams};
+use super::trace::HopCounter;
 
 /// Whether and how this session may use STARTTLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,8 +28,12 @@ pub struct ServerSettings {
     /// The name in the greeting and the EHLO reply.
     pub hostname: String,
     pub starttls: StartTls,
-    /// Advertised in SIZE and enforced on MAIL's SIZE parameter.
+    /// Advertised in SIZE, enforced on MAIL's SIZE parameter and on the
+    /// bytes of the message itself.
     pub max_message_size: u64,
+    /// `Received:` fields a message may carry before it is refused as a
+    /// mail loop.
+    pub max_hops: u32,
 }
 
 /// What the relay must do next.
@@ -38,15 +44,21 @@ pub enum Event {
     /// The 220 to STARTTLS has been queued before this: write it, then run
     /// the TLS handshake and call [`Server::tls_established`].
     StartTls,
+    /// The client said HELO (`esmtp` false) or EHLO: the name for the
+    /// trace header. Its reply is already queued.
+    Hello {
+        name: String,
+        esmtp: bool,
+    },
     /// Answer with [`Server::respond`].
     Mail {
         from: String,
-        params: String,
+        params: MailParams,
     },
     /// Answer with [`Server::respond`] (the next hop's reply, or a 4xx).
+    /// RCPT takes no parameters: the relay advertises none for it.
     Rcpt {
         to: String,
-        params: String,
     },
     /// Answer with [`Server::respond`]: 354 starts the body.
     Data,
@@ -136,6 +148,11 @@ pub struct Server {
     /// Commands that move no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO)
     /// since the last message accepted.
     junk: u32,
+    /// Bytes of the message under way (DATA as received, BDAT chunks as
+    /// announced), against `max_message_size`.
+    message_bytes: u64,
+    /// `Received:` fields of the message under way.
+    hops: HopCounter,
 }
 
 /// Errors (refused commands) before the session is closed with 421.
@@ -166,6 +183,8 @@ impl Server {
             skipping_line: false,
             errors: 0,
             junk: 0,
+            message_bytes: 0,
+            hops: HopCounter::default(),
         }
     }
 
@@ -235,8 +254,19 @@ impl Server {
         };
         let ok = reply.is_positive();
         match pending {
-            Pending::Mail if ok => self.phase = Phase::Mail,
+            Pending::Mail if ok => {
+                self.phase = Phase::Mail;
+                self.message_bytes = 0;
+                self.hops = HopCounter::default();
+            }
             Pending::Rcpt if ok => self.phase = Phase::Rcpt,
+            // A refused recipient is an error like any refused command
+            // (as Postfix counts it): a stranger trying 3,000 addresses is
+            // closed after 20, not served on.
+            Pending::Rcpt => {
+                self.events.push_back(Event::Reply(reply));
+                return self.count_error();
+            }
             Pending::Data if reply.code == 354 => {
                 self.phase = Phase::Body;
                 self.scan = Scan::LineStart;
@@ -363,7 +393,7 @@ impl Server {
 
     fn handle_command(&mut self, cmd: Command, needs_tls: bool) {
         match cmd {
-            Command::Ehlo(_) => {
+            Command::Ehlo(name) => {
                 self.esmtp = true;
                 self.phase = Phase::Ready;
                 let mut lines = vec![
@@ -384,12 +414,14 @@ impl Server {
                 }
                 self.events
                     .push_back(Event::Reply(Reply::multi(250, lines)));
+                self.events.push_back(Event::Hello { name, esmtp: true });
             }
-            Command::Helo(_) => {
+            Command::Helo(name) => {
                 self.esmtp = false;
                 self.phase = Phase::Ready;
-                let name = self.settings.hostname.clone();
-                self.reply(250, &name);
+                let ours = self.settings.hostname.clone();
+                self.reply(250, &ours);
+                self.events.push_back(Event::Hello { name, esmtp: false });
             }
             Command::StartTls => self.starttls(),
             Command::Noop => self.reply(250, "2.0.0 OK"),
@@ -423,8 +455,13 @@ impl Server {
                 if !matches!(self.phase, Phase::Mail | Phase::Rcpt) {
                     return self.error(503, "5.5.1 Need MAIL before RCPT");
                 }
+                if let Err(e) = check_rcpt_params(&params) {
+                    let reply = e.reply();
+                    self.events.push_back(Event::Reply(reply));
+                    return self.count_error();
+                }
                 self.pending = Some(Pending::Rcpt);
-                self.events.push_back(Event::Rcpt { to, params });
+                self.events.push_back(Event::Rcpt { to });
             }
             Command::Data => {
                 if self.phase != Phase::Rcpt || self.chunking {
@@ -445,12 +482,20 @@ impl Server {
         if self.phase != Phase::Ready {
             return self.error(503, "5.5.1 Nested MAIL command");
         }
-        if let Some(size) = size_param(&params) {
-            if size > self.settings.max_message_size {
-                return self.error(552, "5.3.4 Message size exceeds fixed limit");
+        let params = match MailParams::parse(&params) {
+            Ok(params) => params,
+            Err(e) => {
+                self.events.push_back(Event::Reply(e.reply()));
+                return self.count_error();
             }
+        };
+        if params
+            .size
+            .is_some_and(|size| size > self.settings.max_message_size)
+        {
+            return self.error(552, "5.3.4 Message size exceeds fixed limit");
         }
-        if requires_tls(&params) && !self.tls {
+        if params.requiretls && !self.tls {
             return self.error(
                 530,
                 "5.7.10 REQUIRETLS needs a TLS session (STARTTLS first)",
@@ -476,6 +521,12 @@ impl Server {
         self.chunk_last = last;
         self.body_error = None;
         self.phase = Phase::Chunk;
+        // The chunk says its size first: one past the limit is refused
+        // before a byte of it goes on (and read past, RFC 3030 2).
+        self.message_bytes = self.message_bytes.saturating_add(size);
+        if self.message_bytes > self.settings.max_message_size && self.chunk_refusal.is_none() {
+            self.chunk_refusal = Some(BodyFault::TooBig.reply());
+        }
         self.events.push_back(Event::Bdat { size, last });
     }
 
@@ -578,6 +629,11 @@ impl Server {
         if consumed == 0 {
             return false; // only a CR, waiting for its next byte
         }
+        if let Some(at) = self.message_limits(consumed) {
+            if offence.is_none_or(|(first, _)| at.0 < first) {
+                offence = Some(at);
+            }
+        }
         let mut chunk = self.take_input(consumed);
         if let (Some((at, fault)), false) = (offence, refused_before) {
             chunk.truncate(at);
@@ -604,11 +660,31 @@ impl Server {
         true
     }
 
+    /// Counts the next `n` input bytes (DATA) against the message limits:
+    /// where the first broken one is broken, if any. The size counts the
+    /// bytes received, whatever SIZE declared; the hop count the
+    /// `Received:` fields of the header section.
+    fn message_limits(&mut self, n: usize) -> Option<(usize, BodyFault)> {
+        let before = self.message_bytes;
+        self.message_bytes = before.saturating_add(n as u64);
+        self.hops.feed(&self.input[..n]);
+        if self.hops.received() > self.settings.max_hops {
+            return Some((0, BodyFault::TooManyHops));
+        }
+        let max = self.settings.max_message_size;
+        (self.message_bytes > max).then(|| (max.saturating_sub(before) as usize, BodyFault::TooBig))
+    }
+
     /// Bare CR or LF in a BDAT chunk: the chunk's count still frames it,
     /// but a next hop that turns it into DATA (or this relay, for a next
     /// hop without CHUNKING) would not, so it is refused like DATA's.
     /// Returns how many of `bytes` are clean.
     fn scan_chunk(&mut self, bytes: &[u8]) -> usize {
+        self.hops.feed(bytes);
+        if self.hops.received() > self.settings.max_hops {
+            self.chunk_refusal = Some(BodyFault::TooManyHops.reply());
+            return 0;
+        }
         let mut i = 0;
         while i < bytes.len() {
             let next = memchr::memchr2(b'\r', b'\n', &bytes[i..]).map_or(bytes.len(), |p| i + p);
@@ -674,8 +750,8 @@ impl Server {
                 } else {
                     Phase::Greeted
                 };
-                self.errors += 1;
                 self.events.push_back(Event::Reply(reply));
+                self.count_error();
             }
             None => {
                 self.phase = Phase::Rcpt;
@@ -693,6 +769,10 @@ enum BodyFault {
     LineTooLong,
     BareCr,
     BareLf,
+    /// Past `max_message_size`.
+    TooBig,
+    /// More `Received:` fields than `max_hops`: a mail loop.
+    TooManyHops,
 }
 
 impl BodyFault {
@@ -707,23 +787,10 @@ impl BodyFault {
                 554,
                 "5.6.0 Bare LF in message data refused: lines must end in CRLF",
             ),
+            BodyFault::TooBig => Reply::new(552, "5.3.4 Message size exceeds fixed limit"),
+            BodyFault::TooManyHops => Reply::new(554, "5.4.6 Too many hops"),
         }
     }
-}
-
-/// The `SIZE=` value among MAIL parameters.
-/// The MAIL parameters ask for REQUIRETLS (RFC 8689).
-pub fn requires_tls(params: &str) -> bool {
-    params
-        .split_ascii_whitespace()
-        .any(|p| p.eq_ignore_ascii_case("REQUIRETLS"))
-}
-
-fn size_param(params: &str) -> Option<u64> {
-    params.split_ascii_whitespace().find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.eq_ignore_ascii_case("SIZE").then(|| v.parse().ok())?
-    })
 }
 
 #[cfg(test)]
@@ -734,7 +801,8 @@ mod tests {
         Server::new(ServerSettings {
             hostname: "relay.test".into(),
             starttls,
-            max_message_size: 1000,
+            max_message_size: 1 << 20,
+            max_hops: 3,
         })
     }
 
@@ -760,7 +828,7 @@ mod tests {
         let Event::Reply(r) = &ev[0] else { panic!() };
         for cap in [
             "PIPELINING",
-            "SIZE 1000",
+            "SIZE 1048576",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
@@ -815,7 +883,9 @@ mod tests {
         s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nNOOP\r\n");
         let ev = drain(&mut s);
         assert_eq!(codes(&ev), vec![250, 530, 530, 530, 250]);
-        let Event::Reply(r) = &ev[1] else { panic!() };
+        let Event::Reply(r) = &ev[2] else {
+            panic!("{ev:?}")
+        };
         assert_eq!(r.text(), "5.7.0 Must issue a STARTTLS command first");
     }
 
@@ -997,7 +1067,7 @@ mod tests {
     fn size_and_sequence_errors() {
         let mut s = server(StartTls::Offered);
         s.feed(
-            b"MAIL FROM:<a@b>\r\nEHLO c\r\nMAIL FROM:<a@b> SIZE=5000\r\nRCPT TO:<x@p>\r\nBOGUS\r\n",
+            b"MAIL FROM:<a@b>\r\nEHLO c\r\nMAIL FROM:<a@b> SIZE=5000000\r\nRCPT TO:<x@p>\r\nBOGUS\r\n",
         );
         assert_eq!(codes(&drain(&mut s)), vec![503, 250, 552, 503, 502]);
     }
@@ -1229,6 +1299,114 @@ mod tests {
         drain(&mut s);
         assert_eq!(s.chunk_passed(b"ok\r\n"), 4);
         assert_eq!(drain(&mut s).last(), Some(&Event::ChunkEnd { last: true }));
+    }
+
+    /// The size limit holds on the bytes, whatever SIZE declared: DATA
+    /// past it passes nothing from the byte that crosses it and ends in
+    /// 552; a BDAT chunk that would cross it is read past and refused.
+    #[test]
+    fn message_size_is_enforced_on_the_bytes() {
+        let limit = 1 << 20;
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\nMAIL FROM:<a@b> SIZE=10\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        s.feed(b"RCPT TO:<x@p>\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(250, "ok"));
+        s.feed(b"DATA\r\n");
+        drain(&mut s);
+        s.respond(Reply::new(354, "go"));
+        drain(&mut s);
+        let line = [&[b'x'; 998][..], b"\r\n"].concat();
+        let mut passed = 0;
+        let mut end = None;
+        for _ in 0..2000 {
+            s.feed(&line);
+            for e in drain(&mut s) {
+                match e {
+                    Event::Body(b) => passed += b.len(),
+                    Event::AbortData(r) | Event::Reply(r) => end = Some(r),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(passed, limit, "exactly up to the limit");
+        assert!(end.is_none(), "refused at the end of data, not before");
+        s.feed(b".\r\n");
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.last(), Some(Event::AbortData(r)) if r.code == 552 && r.text().starts_with("5.3.4")),
+            "{ev:?}"
+        );
+
+        // BDAT without SIZE: the chunk that crosses the limit is refused
+        // and nothing of it passes; the ones before it went.
+        let mut s = in_transaction();
+        s.feed(b"BDAT 1000000\r\n");
+        s.feed(&vec![b'x'; 1_000_000]);
+        let ev = drain(&mut s);
+        assert_eq!(body_of(&ev).len(), 1_000_000);
+        s.respond(Reply::new(250, "chunk"));
+        drain(&mut s);
+        s.feed(b"BDAT 100000 LAST\r\n");
+        s.feed(&vec![b'y'; 100_000]);
+        let ev = drain(&mut s);
+        assert!(
+            body_of(&ev).is_empty(),
+            "{} bytes passed",
+            body_of(&ev).len()
+        );
+        assert!(
+            matches!(ev.last(), Some(Event::AbortData(r)) if r.code == 552),
+            "{ev:?}"
+        );
+        assert_eq!(s.chunk_on_socket(), 0);
+    }
+
+    /// More Received fields than `max_hops` (3 here) is a mail loop: 554
+    /// 5.4.6 at the end of data, by DATA and by BDAT.
+    #[test]
+    fn too_many_received_fields_are_a_loop() {
+        let headers =
+            |n: usize| "Received: from x by y; date\r\n".repeat(n) + "Subject: s\r\n\r\nbody\r\n";
+        for (n, refused) in [(3, false), (4, true)] {
+            let mut s = in_body();
+            s.feed(format!("{}.\r\n", headers(n)).as_bytes());
+            let ev = drain(&mut s);
+            match ev.last() {
+                Some(Event::AbortData(r)) => assert!(
+                    refused && r.code == 554 && r.text() == "5.4.6 Too many hops",
+                    "{n}: {r:?}"
+                ),
+                Some(Event::EndOfData) => assert!(!refused, "{n}"),
+                other => panic!("{n}: {other:?}"),
+            }
+            let mut s = in_transaction();
+            let message = headers(n);
+            s.feed(format!("BDAT {} LAST\r\n{message}", message.len()).as_bytes());
+            let ev = drain(&mut s);
+            match ev.last() {
+                Some(Event::AbortData(r)) => assert!(refused && r.code == 554, "{n}: {r:?}"),
+                Some(Event::ChunkEnd { last: true }) => assert!(!refused, "{n}"),
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+    }
+
+    /// An out-of-sequence BDAT is an error like any other: enough of them
+    /// close the session with 421.
+    #[test]
+    fn out_of_sequence_bdat_counts_toward_the_error_limit() {
+        let mut s = server(StartTls::Offered);
+        s.feed(b"EHLO c\r\n");
+        drain(&mut s);
+        s.feed(&b"BDAT 1\r\nx".repeat(MAX_ERRORS as usize + 5));
+        let ev = drain(&mut s);
+        let c = codes(&ev);
+        assert_eq!(c.len(), MAX_ERRORS as usize + 1, "{c:?}");
+        assert_eq!(c.last(), Some(&421));
+        assert!(matches!(ev.last(), Some(Event::Close)));
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct SmtpListenerPlan {
     pub connectors: Vec<Arc<MailConnector>>,
     pub timeouts: SmtpTimeouts,
     pub max_message_size: u64,
+    /// `Received:` fields a message may carry before it is a loop.
+    pub max_hops: u32,
     /// TLS legs go to the kernel after their handshake, where it can
     /// (`dataplane.ktls`).
     pub kernel_tls: bool,
@@ -150,7 +152,14 @@ pub async fn run(
         id,
         plan,
         peer,
-        forwarder: Forwarder::new(plan.routing.clone(), Client::new(peer.ip())),
+        forwarder: Forwarder::new(
+            plan.routing.clone(),
+            Client::new(peer.ip()),
+            Stamp {
+                by: plan.hostname.clone(),
+                session: id,
+            },
+        ),
         hop: None,
         legs: Legs::default(),
         out: Vec::new(),
@@ -212,6 +221,7 @@ impl Session<'_> {
             hostname: self.plan.hostname.clone(),
             starttls: self.plan.starttls,
             max_message_size: self.plan.max_message_size,
+            max_hops: self.plan.max_hops,
         }
     }
 
@@ -237,6 +247,10 @@ impl Session<'_> {
                         if let Err(e) = self.flush(&mut leg).await {
                             return failed(e);
                         }
+                        // RFC 3207 4.2: nothing from before TLS goes on,
+                        // including a next hop opened for it.
+                        self.forwarder.tls_started();
+                        self.perform(None).await;
                         leg = match self.start_tls(leg).await {
                             Ok(leg) => leg,
                             Err(outcome) => return outcome,
@@ -255,7 +269,7 @@ impl Session<'_> {
                         if matches!(event, Event::Mail { .. }) {
                             self.note_cleartext_mail();
                         }
-                        self.forwarder.client_event(event);
+                        self.forwarder.client_event(event, crate::unix_now());
                         self.perform(Some(&mut server)).await;
                     }
                 }
@@ -445,8 +459,7 @@ impl Session<'_> {
                 self.forwarder.hop_opened(OpenedHop {
                     name: format!("{}[{}]", est.host, est.address),
                     security: est.security,
-                    chunking: est.capabilities.has("CHUNKING"),
-                    requiretls: est.capabilities.has("REQUIRETLS"),
+                    offers: est.capabilities,
                 });
             }
             Err(reply) => self.forwarder.hop_unavailable(reply),
@@ -492,10 +505,14 @@ impl Session<'_> {
         let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
         let certificate = self.presented(chain);
         let trust = self.client_trust(tls, chain, certificate.as_ref());
+        let security = inbound_security(self.id, self.peer, &stream, trust);
         let client = self.forwarder.client_mut();
         client.tls = true;
         client.certificate = certificate;
-        self.legs.inbound = Some(inbound_security(self.id, self.peer, &stream, trust));
+        if let LegSecurity::Tls { negotiated, .. } = &security {
+            client.tls_used = Some(negotiated.trace_words());
+        }
+        self.legs.inbound = Some(security);
         let leg = Leg::TlsServer(Box::new(stream));
         Ok(match leg_to_kernel(leg, self.plan.kernel_tls).await {
             Handoff::Kernel(leg) => {
