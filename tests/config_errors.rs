@@ -36,6 +36,29 @@ fn error_of(text: &str) -> String {
 fn invalid_configs_name_file_line_and_field() {
     let cases: Vec<(String, &str)> = vec![
         (
+            mail_edge("", "").replace("hostname = \"relay.test\"\n", ""),
+            "relay.toml:5: listeners[0].hostname: an smtp listener needs a hostname: the name in its greeting, EHLO reply and Received lines (this machine's own name could be an internal one)",
+        ),
+        (
+            listener("proxy_protocol = true"),
+            "relay.toml:5: listeners[0].proxy_protocol_from: proxy_protocol = true needs the balancers' addresses (e.g. [\"10.0.0.0/24\"]): a header from anyone else would let them name any client",
+        ),
+        (
+            listener("proxy_protocol = true\nproxy_protocol_from = [\"0.0.0.0/0\"]"),
+            "relay.toml:5: listeners[0].proxy_protocol_from: every address may not send a PROXY protocol header: name the balancers",
+        ),
+        (
+            listener("proxy_protocol_from = [\"10.0.0.0/24\"]"),
+            "relay.toml:2: listeners[0].proxy_protocol_from: is only meaningful with proxy_protocol = true",
+        ),
+        (
+            mail_edge("", "").replace(
+                "next_hops = [\"127.0.0.1:25\"]\n",
+                "next_hops = [\"127.0.0.1:25\"]\nallow_private_mx = [\"10.0.0.0/8\"]\n",
+            ),
+            "relay.toml:14: outbound_connectors[0].allow_private_mx: only MX delivery (next_hops = [\"mx\"]) is kept from private networks; fixed next hops go where they say",
+        ),
+        (
             listener("tls.mode = \"opportunstic\""),
             "relay.toml:5: listeners[0].tls.mode: unknown mode 'opportunstic', expected one of off, opportunistic, required, implicit",
         ),
@@ -55,16 +78,16 @@ fn invalid_configs_name_file_line_and_field() {
             "relay.toml:4: listeners[0].upstream: smtp listeners route by recipient through outbound_connectors, not an upstream",
         ),
         (
-            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n".to_string(),
+            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\n".to_string(),
             "relay.toml:2: listeners[0]: an smtp listener needs at least one [[outbound_connectors]]",
         ),
         (
-            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"bad domain\"]\nnext_hops = [\"127.0.0.1:25\"]\n".to_string(),
-            "relay.toml:8: outbound_connectors[0].recipient_domains[0]: invalid domain 'bad domain', expected example.org, .example.org (subdomains) or *",
+            "[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\n\n[[outbound_connectors]]\nname = \"out\"\nrecipient_domains = [\"bad domain\"]\nnext_hops = [\"127.0.0.1:25\"]\n".to_string(),
+            "relay.toml:9: outbound_connectors[0].recipient_domains[0]: invalid domain 'bad domain', expected example.org, .example.org (subdomains) or *",
         ),
         (
             mail_edge("", "[[inbound_connectors]]\nname = \"partner\"\nclient_addresses = [\"10.0.0.0/33\"]\n"),
-            "relay.toml:16: inbound_connectors[0].client_addresses[0]: invalid address range '10.0.0.0/33', expected e.g. 192.0.2.0/24",
+            "relay.toml:17: inbound_connectors[0].client_addresses[0]: invalid address range '10.0.0.0/33', expected e.g. 192.0.2.0/24",
         ),
         (
             mail_edge("", "").replace("accepted_domains = [\"example.org\"]", ""),
@@ -76,19 +99,19 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             mail_edge("", "[[inbound_connectors]]\nname = \"lab\"\ntls = \"required\"\nallow_relay = true\n"),
-            "relay.toml:17: inbound_connectors[0].allow_relay: lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names; open_relay = true allows it (for a lab, never on the Internet)",
+            "relay.toml:18: inbound_connectors[0].allow_relay: lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names; open_relay = true allows it (for a lab, never on the Internet)",
         ),
         (
             mail_edge("", "[[inbound_connectors]]\nname = \"lab\"\nclient_addresses = [\"10.0.0.0/8\", \"::/0\"]\nallow_relay = true\n"),
-            "relay.toml:17: inbound_connectors[0].allow_relay: lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names; open_relay = true allows it (for a lab, never on the Internet)",
+            "relay.toml:18: inbound_connectors[0].allow_relay: lets any client relay to any domain (an open relay): limit it with client_addresses, or with client_certificate = \"required\" and certificate_names; open_relay = true allows it (for a lab, never on the Internet)",
         ),
         (
             mail_edge("", "[[inbound_connectors]]\nname = \"partner\"\nclient_addresses = [\"192.0.2.0/24\"]\nsender_domains = [\"partner.example\", \"*\"]\n"),
-            "relay.toml:17: inbound_connectors[0].sender_domains[1]: '*' would claim every sender; name the partner's domains",
+            "relay.toml:18: inbound_connectors[0].sender_domains[1]: '*' would claim every sender; name the partner's domains",
         ),
         (
             mail_edge("", "[[inbound_connectors]]\nname = \"partner\"\ncertificate_names = [\"mail.partner.example\"]\n"),
-            "relay.toml:15: inbound_connectors[0].trust_anchors: client certificates need trust_anchors",
+            "relay.toml:16: inbound_connectors[0].trust_anchors: client certificates need trust_anchors",
         ),
         (
             listener("tls.min_version = \"1.1\""),
@@ -96,7 +119,7 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             listener("colour = \"blue\""),
-            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`, `proxy_protocol`",
+            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`, `max_hops`, `proxy_protocol`, `proxy_protocol_from`",
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:99999\"\nupstream = \"up\"\n".to_string() + GOOD_TAIL,

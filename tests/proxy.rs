@@ -113,6 +113,7 @@ address = "127.0.0.1:0"
 upstream = "echo"
 tls.mode = "off"
 proxy_protocol = true
+proxy_protocol_from = ["127.0.0.1/32", "::1/128"]
 
 [[upstreams]]
 name = "echo"
@@ -124,8 +125,10 @@ send_proxy_protocol = "v1"
 name = "mx"
 address = "127.0.0.1:0"
 protocol = "smtp"
+hostname = "relay.test"
 tls.mode = "off"
 proxy_protocol = true
+proxy_protocol_from = ["127.0.0.1/32"]
 
 [[inbound_connectors]]
 name = "on-premises"
@@ -219,4 +222,153 @@ tls.policy = "plain"
             other => panic!("{listener}: {other:?}"),
         }
     }
+}
+
+/// An SMTP listener behind balancers at 127.0.0.1 only, with an
+/// on-premises connector for 10.0.0.0/24 that may relay, and a sink.
+async fn mx_behind_balancer(pki: &Pki, per_client: usize) -> (TestRelay, smtp_sink_mod::Sink) {
+    let sink = smtp_sink(SinkOptions::default()).await;
+    let toml = format!(
+        r#"
+ebpf.enabled = false
+accepted_domains = ["example.org"]
+[limits]
+max_connections_per_client = {per_client}
+
+[[listeners]]
+name = "mx"
+address = "127.0.0.1:0"
+protocol = "smtp"
+hostname = "relay.test"
+tls.mode = "off"
+proxy_protocol = true
+proxy_protocol_from = ["127.0.0.1/32"]
+
+[[inbound_connectors]]
+name = "on-premises"
+client_addresses = ["10.0.0.0/24"]
+allow_relay = true
+
+[[outbound_connectors]]
+name = "out"
+recipient_domains = ["*"]
+next_hops = ["{sink}"]
+tls.policy = "plain"
+"#,
+        sink = sink.addr,
+    );
+    (TestRelay::start(&toml, pki.dir()).await, sink)
+}
+
+use tlsrelay_tests::smtp_sink as smtp_sink_mod;
+
+/// Everything the relay sends until it closes (or PATIENCE passes).
+async fn all_until_closed(s: &mut TcpStream) -> Result<Vec<u8>, std::io::ErrorKind> {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) => Ok(buf),
+        Ok(Err(e)) => Err(e.kind()),
+        Err(_) => panic!("still open: {}", String::from_utf8_lossy(&buf)),
+    }
+}
+
+/// A stranger connecting straight to the listener sends a header naming an
+/// on-premises address (v1 and v2, IPv4 and IPv4-mapped IPv6), then a
+/// whole relay attempt: the connection is closed before a byte is read,
+/// nothing is relayed, and no session exists for it. The same header from
+/// the balancer's address is believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_from_anyone_but_the_balancers_is_never_read() {
+    use tlsrelay::proxy::{encode, ProxyVersion};
+    let pki = Pki::new();
+    let (mut relay, sink) = mx_behind_balancer(&pki, 100).await;
+    let mx = relay.addr("mx");
+    let forged_source: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+    let attempt = b"EHLO evil.test\r\nMAIL FROM:<ceo@example.org>\r\nRCPT TO:<victim@evil.test>\r\nDATA\r\nSubject: spam\r\n\r\nspam\r\n.\r\nQUIT\r\n";
+    let headers = [
+        b"PROXY TCP4 10.0.0.5 127.0.0.61 40000 2611\r\n".to_vec(),
+        encode(ProxyVersion::V2, forged_source, mx),
+        encode(
+            ProxyVersion::V2,
+            "[::ffff:10.0.0.5]:40000".parse().unwrap(),
+            "[::1]:25".parse().unwrap(),
+        ),
+    ];
+    for header in &headers {
+        let mut s = tcp_from("127.0.0.63".parse().unwrap(), mx).await;
+        // The header and the attempt may meet a closed socket already.
+        let _ = s.write_all(&[header.as_slice(), attempt].concat()).await;
+        match all_until_closed(&mut s).await {
+            Ok(said) => assert!(said.is_empty(), "{}", String::from_utf8_lossy(&said)),
+            Err(kind) => assert_eq!(kind, std::io::ErrorKind::ConnectionReset),
+        }
+    }
+    assert!(sink.received.lock().unwrap().is_empty(), "nothing relayed");
+    // From the balancer, the header names the client that may relay.
+    let mut s = TcpStream::connect(mx).await.unwrap();
+    s.write_all(&encode(ProxyVersion::V2, forged_source, mx))
+        .await
+        .unwrap();
+    let mut c = RawSmtp::from_stream(s).await;
+    c.cmd("EHLO onprem.test").await;
+    assert!(c
+        .cmd("MAIL FROM:<ceo@example.org>")
+        .await
+        .starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<x@elsewhere.example>")
+        .await
+        .starts_with("250"));
+    c.cmd("QUIT").await;
+    // The strangers' connections made no session: the first report is
+    // the balancer's.
+    let report = relay.next_report().await;
+    assert_eq!(report.client, forged_source, "{report}");
+    assert_eq!(
+        report.proxied_by.map(|b| b.ip()),
+        Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    );
+}
+
+/// Behind the balancer, the per-client limit counts the address each
+/// header names: one address cannot take every slot, and another is still
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_client_limit_holds_for_the_address_a_header_names() {
+    use tlsrelay::proxy::{encode, ProxyVersion};
+    let pki = Pki::new();
+    let (relay, _sink) = mx_behind_balancer(&pki, 3).await;
+    let mx = relay.addr("mx");
+    let greeting = |client: &'static str| async move {
+        let mut s = TcpStream::connect(mx).await.unwrap();
+        let source: SocketAddr = client.parse().unwrap();
+        s.write_all(&encode(ProxyVersion::V1, source, mx))
+            .await
+            .unwrap();
+        let mut line = String::new();
+        let mut r = BufReader::new(s);
+        tokio::time::timeout(PATIENCE, r.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        (line, r)
+    };
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..6 {
+        let (line, conn) = greeting("192.0.2.9:1000").await;
+        if line.starts_with("220") {
+            held.push(conn);
+        } else {
+            assert!(
+                line.starts_with("421 4.7.0") && line.contains("from your address"),
+                "{line}"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!((held.len(), refused), (3, 3));
+    let (line, _other) = greeting("192.0.2.10:1000").await;
+    assert!(line.starts_with("220"), "another client is served: {line}");
+    drop(held);
 }

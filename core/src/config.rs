@@ -133,8 +133,8 @@ pub struct Limits {
     pub max_connections: Spanned<usize>,
     /// Concurrent connections from one client address (IPv6: one /64), so
     /// that one stranger cannot take every slot; more are closed (SMTP
-    /// listeners answer 421 first). Not applied behind a PROXY protocol
-    /// balancer, whose own address every connection has.
+    /// listeners answer 421 first). Behind a PROXY protocol balancer, the
+    /// address its header names.
     pub max_connections_per_client: Spanned<usize>,
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
@@ -271,20 +271,40 @@ pub struct Listener {
     pub upstream: Option<Spanned<String>>,
     #[serde(default)]
     pub tls: InboundTls,
-    /// smtp: the name in the greeting and EHLO (default: the host name).
+    /// smtp (required): the name in the greeting, EHLO and the Received
+    /// line the relay adds. Required so that an internal host name never
+    /// reaches the Internet by default.
     pub hostname: Option<String>,
-    /// smtp: the SIZE limit advertised and enforced.
+    /// smtp: the SIZE limit advertised and enforced, on MAIL's SIZE and
+    /// on the bytes of the message.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: u64,
+    /// smtp: a message carrying more `Received:` fields than this is a
+    /// mail loop, refused with 554 5.4.6 (Postfix's `hopcount_limit`).
+    #[serde(default = "default_max_hops")]
+    pub max_hops: u32,
     /// Behind an L4 balancer: every connection starts with a PROXY
     /// protocol header (v1 or v2) naming the real client, and one without
-    /// is refused.
+    /// is refused. Needs `proxy_protocol_from`.
+    #[serde(default = "spanned_false")]
+    pub proxy_protocol: Spanned<bool>,
+    /// The balancers' addresses: only connections from these may send a
+    /// PROXY protocol header; any other is closed before a byte of it is
+    /// read (nginx's `set_real_ip_from`).
     #[serde(default)]
-    pub proxy_protocol: bool,
+    pub proxy_protocol_from: Vec<crate::smtp::address::Cidr>,
 }
 
 fn default_max_message_size() -> u64 {
     50 * 1024 * 1024
+}
+
+fn spanned_false() -> Spanned<bool> {
+    Spanned::new(0..0, false)
+}
+
+fn default_max_hops() -> u32 {
+    crate::smtp::trace::DEFAULT_MAX_HOPS
 }
 
 fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -974,8 +994,42 @@ impl Config {
                     "client certificates need TLS, but tls.mode is off",
                 ));
             }
+            self.check_proxy_sources(i, l)?;
+            if l.protocol == Protocol::Smtp && l.hostname.as_deref().is_none_or(str::is_empty) {
+                return Err(src.error(
+                    l.name.span(),
+                    format!("listeners[{i}].hostname"),
+                    "an smtp listener needs a hostname: the name in its greeting, EHLO reply and Received lines (this machine's own name could be an internal one)",
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// A PROXY protocol header is believed from the listed balancers
+    /// only: without the list, anyone could name any client address (and
+    /// take an inbound connector's right to relay).
+    fn check_proxy_sources(&self, i: usize, l: &Listener) -> Result<(), ConfigError> {
+        let src = &self.source;
+        let field = format!("listeners[{i}].proxy_protocol_from");
+        match (*l.proxy_protocol.get_ref(), l.proxy_protocol_from.is_empty()) {
+            (true, true) => Err(src.error(
+                l.proxy_protocol.span(),
+                field,
+                "proxy_protocol = true needs the balancers' addresses (e.g. [\"10.0.0.0/24\"]): a header from anyone else would let them name any client",
+            )),
+            (false, false) => Err(src.error(
+                l.name.span(),
+                field,
+                "is only meaningful with proxy_protocol = true",
+            )),
+            _ if l.proxy_protocol_from.iter().any(|c| c.is_everything()) => Err(src.error(
+                l.proxy_protocol.span(),
+                field,
+                "every address may not send a PROXY protocol header: name the balancers",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// A TCP listener's upstream exists; an SMTP listener has connectors

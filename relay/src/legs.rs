@@ -20,6 +20,18 @@ use crate::report::{
     SocketRecord,
 };
 use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
+use tlsrelay_core::smtp::address::Cidr;
+
+/// The balancers a listener takes PROXY protocol headers from.
+#[derive(Clone, Debug)]
+pub struct ProxySources(pub Vec<Cidr>);
+
+impl ProxySources {
+    /// Whether a connection from `ip` may send a header.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+}
 
 /// Who the client is: the socket's peer, or behind an L4 balancer the
 /// address its PROXY protocol header names.
@@ -39,17 +51,9 @@ pub struct ClientAddress {
 pub async fn client_address(
     tcp: &mut TcpStream,
     peer: SocketAddr,
-    expect_header: bool,
     limit: Duration,
 ) -> Result<ClientAddress, Outcome> {
-    let socket = ClientAddress {
-        peer,
-        proxied_by: None,
-        destination: None,
-    };
-    if !expect_header {
-        return Ok(socket);
-    }
+    let socket = ClientAddress::direct(peer);
     let refused = |reason: String| Outcome::Refused {
         leg: Direction::Inbound,
         reason: format!("PROXY protocol: {reason}"),
@@ -71,6 +75,17 @@ pub async fn client_address(
             destination: Some(destination),
         },
     })
+}
+
+impl ClientAddress {
+    /// A client connected directly: the socket's peer.
+    pub fn direct(peer: SocketAddr) -> ClientAddress {
+        ClientAddress {
+            peer,
+            proxied_by: None,
+            destination: None,
+        }
+    }
 }
 
 async fn read_proxy_header(tcp: &mut TcpStream) -> Result<ProxyHeader, String> {

@@ -11,7 +11,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::bpf::WireCounters;
+use crate::legs::{client_address, ClientAddress};
 use crate::plan::{ConnectionLimits, Listening, Plan};
+use crate::report::Outcome;
 use crate::report::SessionReport;
 use crate::session;
 
@@ -255,6 +257,9 @@ struct Admission {
 enum OverLimit {
     Total,
     PerClient,
+    /// A PROXY protocol listener's connection from an address not among
+    /// its balancers.
+    ProxySource,
 }
 
 impl OverLimit {
@@ -263,27 +268,32 @@ impl OverLimit {
         match self {
             OverLimit::Total => "total",
             OverLimit::PerClient => "per-client",
+            OverLimit::ProxySource => "proxy-source",
         }
     }
 }
 
 /// What a session holds while it runs: a slot in the total and one of
-/// its client's (none behind a PROXY protocol balancer).
+/// its client's (behind a PROXY protocol balancer, taken once the header
+/// has named the client).
 struct Slots {
     _total: tokio::sync::OwnedSemaphorePermit,
-    _client: Option<ClientSlot>,
+    client: Option<ClientSlot>,
 }
 
 impl Admission {
+    /// The slots a new connection from `peer` takes, before a byte of it
+    /// is read.
     fn admit(&self, plan: &Listening, peer: IpAddr) -> Result<Slots, OverLimit> {
-        let client = match plan.proxy_protocol() {
-            true => None,
-            false => Some(self.per_client.claim(peer).ok_or(OverLimit::PerClient)?),
+        let client = match plan.proxy_sources() {
+            Some(sources) if !sources.trusts(peer) => return Err(OverLimit::ProxySource),
+            Some(_) => None,
+            None => Some(self.per_client.claim(peer).ok_or(OverLimit::PerClient)?),
         };
         let total = self.total.clone().try_acquire_owned();
         Ok(Slots {
             _total: total.map_err(|_| OverLimit::Total)?,
-            _client: client,
+            client,
         })
     }
 }
@@ -347,17 +357,55 @@ impl Drop for ClientSlot {
 }
 
 /// Closes a connection over a limit; an SMTP client is told 421 first
-/// (as Postfix does), so its queue retries later instead of guessing.
-fn refuse(plan: &Listening, client: TcpStream, peer: SocketAddr, over: OverLimit) {
+/// (as Postfix does), so its queue retries later instead of guessing. A
+/// stranger on a PROXY protocol listener is told nothing.
+fn refuse(
+    plan: &Listening,
+    client: TcpStream,
+    peer: SocketAddr,
+    over: OverLimit,
+    metrics: Option<&crate::metrics::Metrics>,
+) {
+    if let Some(m) = metrics {
+        m.refused(plan.name(), over.class());
+    }
+    let why = match over {
+        OverLimit::Total => "Too many connections, try again later",
+        OverLimit::PerClient => "Too many connections from your address",
+        OverLimit::ProxySource => {
+            tracing::warn!(listener = %plan.name(), client = %peer, "not a PROXY protocol balancer of this listener (proxy_protocol_from); closing before reading");
+            return;
+        }
+    };
     tracing::warn!(listener = %plan.name(), client = %peer, limit = over.class(), "connection limit reached; closing");
     if let Listening::Smtp(smtp) = plan {
-        let why = match over {
-            OverLimit::Total => "Too many connections, try again later",
-            OverLimit::PerClient => "Too many connections from your address",
-        };
         // Best effort: a fresh socket's send buffer is empty.
         let _ = client.try_write(format!("421 4.7.0 {} {why}\r\n", smtp.hostname).as_bytes());
     }
+}
+
+/// Who a connection's client is: the socket's peer, or on a PROXY
+/// protocol listener the address the header names, whose per-client
+/// slot is taken then. `None`: that client is at its limit (the
+/// connection was refused).
+async fn client_of(
+    plan: &Listening,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    slots: &mut Slots,
+    per_client: &Arc<PerClient>,
+) -> Option<Result<ClientAddress, Outcome>> {
+    if plan.proxy_sources().is_none() {
+        return Some(Ok(ClientAddress::direct(peer)));
+    }
+    let address = client_address(client, peer, plan.handshake_timeout()).await;
+    if let Ok(named) = &address {
+        match per_client.claim(named.peer.ip()) {
+            Some(slot) => slots.client = Some(slot),
+            None => return None,
+        }
+    }
+    Some(address)
 }
 
 async fn accept_loop(
@@ -372,13 +420,10 @@ async fn accept_loop(
         let (client, peer) = accept_backing_off(&socket, &name).await;
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let plan = plan.borrow().clone();
-        let slots = match admission.admit(&plan, peer.ip()) {
+        let mut slots = match admission.admit(&plan, peer.ip()) {
             Ok(slots) => slots,
             Err(over) => {
-                if let Some(m) = &sinks.metrics {
-                    m.refused(plan.name(), over.class());
-                }
-                refuse(&plan, client, peer, over);
+                refuse(&plan, client, peer, over, sinks.metrics.as_deref());
                 continue;
             }
         };
@@ -386,15 +431,26 @@ async fn accept_loop(
         if let Some(m) = &sinks.metrics {
             m.accepted(plan.name());
         }
+        let per_client = admission.per_client.clone();
         tokio::spawn(async move {
+            let mut client = client;
+            let metrics = sinks.metrics.as_deref();
+            let Some(address) = client_of(&plan, &mut client, peer, &mut slots, &per_client).await
+            else {
+                refuse(&plan, client, peer, OverLimit::PerClient, metrics);
+                return;
+            };
             // Boxed apart: a task is as large as its largest state, and an
             // SMTP session's (12 KiB) would otherwise be every TCP
             // session's too (4 KiB), idle or not.
             let report = match &plan {
-                Listening::Tcp(p) => Box::pin(session::run(id, p, client, peer)).await,
+                Listening::Tcp(p) => Box::pin(session::run(id, p, client, peer, address)).await,
                 Listening::Smtp(p) => {
                     let closing = sinks.closing.clone();
-                    Box::pin(crate::smtp::session::run(id, p, client, peer, closing)).await
+                    Box::pin(crate::smtp::session::run(
+                        id, p, client, peer, address, closing,
+                    ))
+                    .await
                 }
             };
             drop(slots);

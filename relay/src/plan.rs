@@ -14,6 +14,7 @@ use crate::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
 };
 use crate::dns::DnsResolver;
+use crate::legs::ProxySources;
 use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
 use crate::session::{ListenerPlan, RoutePlan, Timeouts};
@@ -55,11 +56,19 @@ impl Listening {
         }
     }
 
-    /// Connections come from a PROXY protocol balancer.
-    pub(crate) fn proxy_protocol(&self) -> bool {
+    /// Connections come from these PROXY protocol balancers.
+    pub(crate) fn proxy_sources(&self) -> Option<&ProxySources> {
         match self {
-            Listening::Tcp(p) => p.proxy_protocol,
-            Listening::Smtp(p) => p.proxy_protocol,
+            Listening::Tcp(p) => p.proxy_protocol.as_ref(),
+            Listening::Smtp(p) => p.proxy_protocol.as_ref(),
+        }
+    }
+
+    /// How long a client has for its first bytes (a PROXY header too).
+    pub(crate) fn handshake_timeout(&self) -> std::time::Duration {
+        match self {
+            Listening::Tcp(p) => p.timeouts.handshake,
+            Listening::Smtp(p) => p.timeouts.handshake,
         }
     }
 }
@@ -248,14 +257,17 @@ impl SmtpShared {
         let limits = &config.limits;
         SmtpListenerPlan {
             name: l.name.get_ref().clone(),
-            hostname: l.hostname.clone().unwrap_or_else(crate::tls::hostname),
+            hostname: l
+                .hostname
+                .clone()
+                .expect("validated: smtp listeners have a hostname"),
             starttls: match l.tls.mode {
                 InboundMode::Off | InboundMode::Implicit => StartTls::Unavailable,
                 InboundMode::Opportunistic => StartTls::Offered,
                 InboundMode::Required => StartTls::Required,
             },
             implicit_tls: l.tls.mode == InboundMode::Implicit,
-            proxy_protocol: l.proxy_protocol,
+            proxy_protocol: proxy_sources(l),
             kernel_tls: config.dataplane.ktls,
             tls,
             routing: self.routing.clone(),
@@ -267,8 +279,16 @@ impl SmtpShared {
                 limits.handshake_timeout,
             ),
             max_message_size: l.max_message_size,
+            max_hops: l.max_hops,
         }
     }
+}
+
+/// The balancers a listener believes PROXY protocol headers from.
+fn proxy_sources(l: &Listener) -> Option<ProxySources> {
+    l.proxy_protocol
+        .get_ref()
+        .then(|| ProxySources(l.proxy_protocol_from.clone()))
 }
 
 /// How many client connections the listeners take: in all, and from one
@@ -354,7 +374,7 @@ impl Plan {
                         timeouts,
                         ktls: config.dataplane.ktls,
                         engine: config.dataplane.pump,
-                        proxy_protocol: l.proxy_protocol,
+                        proxy_protocol: proxy_sources(l),
                     }))
                 }
                 Protocol::Smtp => Listening::Smtp(Arc::new(smtp.listener(config, l, tls))),
@@ -675,8 +695,16 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
             );
         }
     }
-    if l.proxy_protocol {
-        s += ", behind a PROXY protocol balancer (clients are who its header names)";
+    if *l.proxy_protocol.get_ref() {
+        let from: Vec<String> = l
+            .proxy_protocol_from
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        s += &format!(
+            ", behind a PROXY protocol balancer at {} (clients are who its header names; connections from elsewhere are closed)",
+            from.join(", ")
+        );
     }
     match up {
         Some(up) => {

@@ -11,8 +11,8 @@ use tokio::time::timeout;
 
 use crate::config::HostPort;
 use crate::legs::{
-    accept_tls, client_address, inbound_refused, inbound_security, open_outbound, LegTimeouts,
-    OutboundFailure, Silent, Target,
+    accept_tls, inbound_refused, inbound_security, open_outbound, ClientAddress, LegTimeouts,
+    OutboundFailure, ProxySources, Silent, Target,
 };
 use crate::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
 use crate::proxy::ProxyVersion;
@@ -38,8 +38,9 @@ pub struct ListenerPlan {
     /// Offer TLS legs to kernel TLS when the kernel supports them.
     pub ktls: bool,
     pub engine: SpliceEngine,
-    /// Connections start with a PROXY protocol header naming the client.
-    pub proxy_protocol: bool,
+    /// Connections start with a PROXY protocol header naming the client,
+    /// from these balancers only.
+    pub proxy_protocol: Option<ProxySources>,
 }
 
 /// An upstream route: where to connect and how to secure it.
@@ -71,12 +72,15 @@ async fn peek_first_byte(client: &TcpStream, limit: Duration) -> FirstByte {
     }
 }
 
-/// Runs one session to its end and returns its report.
+/// Runs one session to its end and returns its report. `address` is
+/// who the client is (read from a PROXY protocol header by the listener),
+/// or why it was refused before anything else.
 pub async fn run(
     id: u64,
     plan: &ListenerPlan,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
+    address: Result<ClientAddress, Outcome>,
 ) -> SessionReport {
     let started = Instant::now();
     let route = &plan.route;
@@ -85,8 +89,7 @@ pub async fn run(
     // Until the session ends cleanly, closing (or dying) resets the client.
     pump::reset_on_close(&client);
     report.client_cookie = crate::bpf::socket_cookie(&client);
-    let limit = plan.timeouts.handshake;
-    let address = match client_address(&mut client, peer, plan.proxy_protocol, limit).await {
+    let address = match address {
         Ok(address) => address,
         Err(outcome) => {
             report.outcome = outcome;

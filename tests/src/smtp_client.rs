@@ -40,6 +40,12 @@ impl RawSmtp {
         Self::greeted(tcp_from(local, addr).await).await
     }
 
+    /// Reads the greeting on a connection the caller opened (and perhaps
+    /// sent a PROXY protocol header on).
+    pub async fn from_stream(tcp: TcpStream) -> RawSmtp {
+        Self::greeted(tcp).await
+    }
+
     async fn greeted(tcp: TcpStream) -> RawSmtp {
         // A command line and the chunk after it go out at once, as an MTA's
         // would, not 40 ms apart behind Nagle and a delayed ACK.

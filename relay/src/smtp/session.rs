@@ -15,10 +15,10 @@ use tokio::time::timeout;
 use super::admission::{Client, PresentedCertificate};
 use super::client::{establish, MailConnector, NextHop, OutboundRecord};
 use super::codec::Reply;
-use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing};
+use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing, Stamp};
 use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
-use crate::legs::{accept_tls, client_address, inbound_refused, inbound_security};
+use crate::legs::{accept_tls, inbound_refused, inbound_security, ClientAddress, ProxySources};
 use crate::policy::PeerTrust;
 use crate::pump::{leg_to_kernel, DataPath, Handoff, Leg, PumpEnd, Side};
 use crate::report::{
@@ -35,8 +35,9 @@ pub struct SmtpListenerPlan {
     pub starttls: StartTls,
     /// SMTPS: TLS from the first byte.
     pub implicit_tls: bool,
-    /// Connections start with a PROXY protocol header naming the client.
-    pub proxy_protocol: bool,
+    /// Connections start with a PROXY protocol header naming the client,
+    /// from these balancers only.
+    pub proxy_protocol: Option<ProxySources>,
     pub tls: Option<ListenerTls>,
     /// Accepted domains, inbound connectors, who may relay, and where mail
     /// for each domain goes.
@@ -131,19 +132,20 @@ impl RequestClock {
     }
 }
 
-/// Runs one SMTP session to its end.
+/// Runs one SMTP session to its end. `address` is who the client is
+/// (read from a PROXY protocol header by the listener), or why it was
+/// refused before anything else.
 pub async fn run(
     id: u64,
     plan: &SmtpListenerPlan,
-    mut client: TcpStream,
+    client: TcpStream,
     socket_peer: SocketAddr,
+    address: Result<ClientAddress, Outcome>,
     closing: Closing,
 ) -> SessionReport {
     let started = Instant::now();
     let client_cookie = crate::bpf::socket_cookie(&client);
     let _ = client.set_nodelay(true);
-    let limit = plan.timeouts.handshake;
-    let address = client_address(&mut client, socket_peer, plan.proxy_protocol, limit).await;
     let (peer, proxied_by) = match &address {
         Ok(a) => (a.peer, a.proxied_by),
         Err(_) => (socket_peer, None),
