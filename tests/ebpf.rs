@@ -1240,7 +1240,7 @@ async fn mx_delivery_under_dane_agrees_with_the_wire() {
     std::fs::write(
         &config,
         format!(
-            "ebpf.pin_dir = \"{pin_dir}\"\n[dns]\nnameservers = [\"{}\"]\ntrust_anchors = {:?}\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[inbound_connectors]]\nname = \"apps\"\nclient_addresses = [\"127.0.0.1/32\"]\nallow_relay = true\n\n[[outbound_connectors]]\nname = \"internet\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"mx:{port}\"]\n",
+            "ebpf.pin_dir = \"{pin_dir}\"\n[dns]\nnameservers = [\"{}\"]\ntrust_anchors = {:?}\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[inbound_connectors]]\nname = \"apps\"\nclient_addresses = [\"127.0.0.1/32\"]\nallow_relay = true\n\n[[outbound_connectors]]\nname = \"internet\"\nrecipient_domains = [\"*\"]\nnext_hops = [\"mx:{port}\"]\nallow_private_mx = [\"127.0.0.0/8\"]\n",
             dns.addr,
             dns.anchors.display().to_string()
         ),

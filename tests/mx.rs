@@ -69,6 +69,8 @@ allow_relay = true
 name = "internet"
 recipient_domains = ["*"]
 next_hops = ["mx:{port}"]
+# This loopback Internet's hosts live in 127/8.
+allow_private_mx = ["127.0.0.0/8"]
 {extra}
 "#,
         dns = dns.addr,
@@ -796,7 +798,7 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
 
     let anchors = format!("tls.trust_anchors = {}", toml_path(&pki.ca_pem));
     let strict = format!(
-        "{anchors}\n\n[[outbound_connectors]]\nname = \"strict\"\nrecipient_domains = [\"strict.test\"]\nnext_hops = [\"mx:{port}\"]\ndane = \"only\"\n{anchors}\n"
+        "{anchors}\n\n[[outbound_connectors]]\nname = \"strict\"\nrecipient_domains = [\"strict.test\"]\nnext_hops = [\"mx:{port}\"]\nallow_private_mx = [\"127.0.0.0/8\"]\ndane = \"only\"\n{anchors}\n"
     );
     let metrics = format!("127.0.0.1:{}", free_port());
     let toml = config(&dns, port, &strict).replace(
@@ -951,4 +953,58 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
         .collect();
     assert_eq!(pending, ["collector.test"]);
+}
+
+/// MX delivery never connects to the relay itself (a domain whose MX is
+/// the relay made it relay to itself until the per-client limit), nor to
+/// loopback or private networks a connector does not allow: 451 4.4.6,
+/// Postfix's words, without a connection.
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_delivery_never_loops_back_or_reaches_private_networks() {
+    if !have_dns_tools() {
+        return;
+    }
+    let dns = SignedDns::start(&Zones {
+        signed: "loop IN MX 10 mx.loop.test.\nmx.loop IN A 127.0.0.1\n\
+                 inner IN MX 10 mx.inner.test.\nmx.inner IN A 10.1.2.3\n\
+                 lab IN MX 10 mx.lab.test.\nmx.lab IN A 127.0.0.9\n",
+        unsigned: &[],
+        tamper: &[],
+    });
+    let pki = Pki::new();
+    let port = free_port();
+    let lab = mx_host("127.0.0.9", port, None).await;
+    // The relay's own listener is where loop.test's MX points.
+    let own = config(&dns, port, "").replace(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{port}\""),
+    );
+    let mut relay = TestRelay::start(&own, pki.dir()).await;
+    let replies = send(&relay, &["x@loop.test"]).await;
+    assert_eq!(
+        replies,
+        ["451 4.4.6 mail for loop.test loops back to myself\r\n"]
+    );
+    let report = relay.next_report().await;
+    assert!(report.transactions[0].next_hop.is_none(), "{report}");
+    let replies = send(&relay, &["x@inner.test"]).await;
+    assert_eq!(
+        replies,
+        ["451 4.4.6 mail for inner.test would go to a private network address\r\n"]
+    );
+    relay.next_report().await;
+    let replies = send(&relay, &["x@lab.test"]).await;
+    assert!(replies[1].starts_with("250"), "allowed: {replies:?}");
+    assert_eq!(received(&lab), 1);
+    relay.next_report().await;
+    // Without allow_private_mx, loopback is the relay's own host.
+    let strict = config(&dns, port, "").replace("allow_private_mx = [\"127.0.0.0/8\"]\n", "");
+    let relay = TestRelay::start(&strict, pki.dir()).await;
+    let replies = send(&relay, &["x@lab.test"]).await;
+    assert_eq!(
+        replies,
+        ["451 4.4.6 mail for lab.test loops back to myself\r\n"]
+    );
+    assert_eq!(received(&lab), 1, "nothing more reached it");
 }

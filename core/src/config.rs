@@ -462,6 +462,12 @@ pub struct OutboundConnector {
     /// MTA-STS (RFC 8461) for MX delivery: honour the policies domains
     /// publish (default true).
     pub mta_sts: Option<Spanned<bool>>,
+    /// MX delivery never connects to loopback or to `dns.private_networks`
+    /// (a domain whose MX points inside would reach internal services):
+    /// these networks are allowed all the same (an internal MX, a lab).
+    /// The relay's own listeners stay refused: that is a mail loop.
+    #[serde(default)]
+    pub allow_private_mx: Vec<Spanned<crate::smtp::address::Cidr>>,
 }
 
 impl OutboundConnector {
@@ -555,6 +561,35 @@ pub struct Dns {
     /// DNSSEC trust anchors: a file of DNSKEY records; default the IANA
     /// root keys.
     pub trust_anchors: Option<Spanned<PathBuf>>,
+    /// Networks MX delivery does not connect to unless a connector's
+    /// `allow_private_mx` says so (besides loopback, always refused);
+    /// default: RFC 1918, shared (100.64/10), link-local, this-network
+    /// (0/8), unique-local and link-local IPv6.
+    pub private_networks: Option<Vec<crate::smtp::address::Cidr>>,
+}
+
+/// [`Dns::private_networks`] unless configured.
+pub const DEFAULT_PRIVATE_NETWORKS: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+impl Dns {
+    /// The private networks in force.
+    pub fn private_networks(&self) -> Vec<crate::smtp::address::Cidr> {
+        self.private_networks.clone().unwrap_or_else(|| {
+            DEFAULT_PRIVATE_NETWORKS
+                .iter()
+                .map(|n| n.parse().expect("valid built-in network"))
+                .collect()
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -925,6 +960,13 @@ impl Config {
                     sts.span(),
                     format!("outbound_connectors[{i}].mta_sts"),
                     "MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
+                ));
+            }
+            if let (Some(allowed), None) = (c.allow_private_mx.first(), c.mx_port()) {
+                return Err(src.error(
+                    allowed.span(),
+                    format!("outbound_connectors[{i}].allow_private_mx"),
+                    "only MX delivery (next_hops = [\"mx\"]) is kept from private networks; fixed next hops go where they say",
                 ));
             }
             if let (Some(dane), None) = (&c.dane, c.mx_port()) {

@@ -22,6 +22,7 @@ use crate::smtp::address::DomainPattern;
 use crate::smtp::client::{MailConnector, NextHopPlan, NextHops};
 use crate::smtp::dns_route::MxRoute;
 use crate::smtp::forward::{ConnectorRoute, Routing};
+use crate::smtp::mx::MxGuard;
 use crate::smtp::next_hop::SmtpTimeouts;
 use crate::smtp::server::StartTls;
 use crate::smtp::session::SmtpListenerPlan;
@@ -130,14 +131,23 @@ impl SmtpShared {
                         }
                         _ => None,
                     };
-                    NextHops::Mx(MxRoute {
+                    NextHops::Mx(Box::new(MxRoute {
                         port,
                         dane: c.dane_mode(),
                         tls,
                         resolver,
                         sts,
                         reports: Some(reports.clone()),
-                    })
+                        guard: MxGuard {
+                            own_listeners: config
+                                .listeners
+                                .iter()
+                                .map(|l| *l.address.get_ref())
+                                .collect(),
+                            private: config.dns.private_networks(),
+                            allowed: c.allow_private_mx.iter().map(|a| *a.get_ref()).collect(),
+                        },
+                    }))
                 }
                 None => {
                     let mut next_hops = Vec::new();

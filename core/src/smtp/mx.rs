@@ -46,9 +46,125 @@ pub fn mx_hosts(domain: &str, records: &[Mx], mut pick: impl FnMut(usize) -> usi
     MxHosts::Hosts(hosts)
 }
 
+/// Why MX delivery does not connect to an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfit {
+    /// It is one of the relay's own listeners (or loopback): a mail loop.
+    Myself,
+    /// A private network: a domain's MX pointing inside would reach
+    /// internal services.
+    Private,
+}
+
+/// Where MX delivery may connect: never to the relay itself, and to
+/// loopback or private networks only where a connector allows it.
+#[derive(Clone, Debug, Default)]
+pub struct MxGuard {
+    /// The relay's listener addresses (port 0 ones never match).
+    pub own_listeners: Vec<std::net::SocketAddr>,
+    pub private: Vec<super::address::Cidr>,
+    /// The connector's `allow_private_mx`.
+    pub allowed: Vec<super::address::Cidr>,
+}
+
+impl MxGuard {
+    /// Whether `ip:port` may be delivered to. `is_local` says whether an
+    /// address is this host's own (asked only when a listener listens on
+    /// every address of the host).
+    pub fn check(
+        &self,
+        ip: std::net::IpAddr,
+        port: u16,
+        is_local: impl Fn(std::net::IpAddr) -> bool,
+    ) -> Result<(), Unfit> {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let mine = self.own_listeners.iter().any(|l| {
+            l.port() == port
+                && port != 0
+                && (l.ip() == ip || (l.ip().is_unspecified() && (ip.is_loopback() || is_local(ip))))
+        });
+        if mine || ip.is_unspecified() {
+            return Err(Unfit::Myself);
+        }
+        if self.allowed.iter().any(|c| c.contains(ip)) {
+            return Ok(());
+        }
+        if ip.is_loopback() {
+            return Err(Unfit::Myself);
+        }
+        if self.private.iter().any(|c| c.contains(ip)) {
+            return Err(Unfit::Private);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mx_delivery_keeps_out_of_the_relay_itself_and_private_networks() {
+        let cidr = |s: &str| s.parse::<super::super::address::Cidr>().unwrap();
+        let guard = MxGuard {
+            own_listeners: vec![
+                "192.0.2.1:25".parse().unwrap(),
+                "0.0.0.0:2525".parse().unwrap(),
+            ],
+            private: vec![cidr("10.0.0.0/8"), cidr("fc00::/7")],
+            allowed: vec![],
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let nowhere = |_| false;
+        assert_eq!(
+            guard.check(ip("192.0.2.1"), 25, nowhere),
+            Err(Unfit::Myself)
+        );
+        assert_eq!(
+            guard.check(ip("::ffff:192.0.2.1"), 25, nowhere),
+            Err(Unfit::Myself)
+        );
+        assert_eq!(
+            guard.check(ip("192.0.2.1"), 26, nowhere),
+            Ok(()),
+            "another port"
+        );
+        assert_eq!(
+            guard.check(ip("127.0.0.1"), 25, nowhere),
+            Err(Unfit::Myself)
+        );
+        assert_eq!(guard.check(ip("::1"), 25, nowhere), Err(Unfit::Myself));
+        assert_eq!(guard.check(ip("0.0.0.0"), 25, nowhere), Err(Unfit::Myself));
+        assert_eq!(
+            guard.check(ip("10.1.2.3"), 25, nowhere),
+            Err(Unfit::Private)
+        );
+        assert_eq!(guard.check(ip("fd00::5"), 25, nowhere), Err(Unfit::Private));
+        assert_eq!(guard.check(ip("198.51.100.7"), 25, nowhere), Ok(()));
+        // Listening on every address: any of the host's own is the relay.
+        let local = |a: std::net::IpAddr| a == ip("198.51.100.7");
+        assert_eq!(
+            guard.check(ip("198.51.100.7"), 2525, local),
+            Err(Unfit::Myself)
+        );
+        assert_eq!(guard.check(ip("198.51.100.8"), 2525, local), Ok(()));
+        // A connector may allow loopback and private networks, never itself.
+        let lab = MxGuard {
+            allowed: vec![cidr("127.0.0.0/8"), cidr("10.0.0.0/8")],
+            ..guard
+        };
+        assert_eq!(lab.check(ip("127.0.0.7"), 25, nowhere), Ok(()));
+        assert_eq!(lab.check(ip("10.1.2.3"), 25, nowhere), Ok(()));
+        assert_eq!(
+            lab.check(ip("127.0.0.1"), 2525, nowhere),
+            Err(Unfit::Myself)
+        );
+    }
 
     fn mx(preference: u16, exchange: &str) -> Mx {
         Mx {

@@ -35,7 +35,7 @@ pub enum NextHops {
     /// These, in order.
     Fixed(Vec<NextHopPlan>),
     /// Each recipient domain's MX hosts.
-    Mx(MxRoute),
+    Mx(Box<MxRoute>),
 }
 
 pub struct NextHopPlan {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::client::{Established, HopSetup, MailConnector};
 use super::codec::Reply;
 use super::forward::tls_required;
-use super::mx::{mx_hosts, MxHosts};
+use super::mx::{mx_hosts, MxGuard, MxHosts, Unfit};
 use crate::config::{DaneMode, HostPort};
 use crate::dane::{host_tls, wants_tlsa, DnsFailure, HostTls, Tlsa};
 use crate::dns::DnsResolver;
@@ -42,6 +42,15 @@ pub struct MxRoute {
     pub sts: Option<Arc<StsPolicies>>,
     /// Where each delivery's TLS results go (RFC 8460), when kept.
     pub reports: Option<Arc<TlsReports>>,
+    /// Addresses delivery keeps out of: the relay itself, loopback and
+    /// private networks.
+    pub guard: MxGuard,
+}
+
+/// Whether `ip` is one of this host's addresses: binding to it works only
+/// then.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::TcpListener::bind((ip, 0)).is_ok()
 }
 
 /// One MX host and what its lookups decided.
@@ -59,6 +68,8 @@ struct Problems {
     tls: Option<TlsFailure>,
     /// Why DANE or MTA-STS ruled a host out.
     secure: Option<String>,
+    /// An address that is the relay itself, or in a private network.
+    unfit: Option<Unfit>,
 }
 
 impl MxRoute {
@@ -181,6 +192,11 @@ impl MxRoute {
             for ip in addresses {
                 if tried == MAX_HOSTS {
                     break;
+                }
+                if let Err(unfit) = self.guard.check(ip, self.port, is_local) {
+                    tracing::info!(session = hop.session, mx = %host.name, %ip, "not delivering to {ip}: {unfit:?}");
+                    problems.unfit.get_or_insert(unfit);
+                    continue;
                 }
                 tried += 1;
                 let address = HostPort {
@@ -441,6 +457,18 @@ impl Problems {
                 451,
                 format!("4.7.5 No MX host of {domain} can be reached securely: {reason}"),
             );
+        }
+        match (self.unfit, self.unreachable.is_empty()) {
+            (Some(Unfit::Myself), true) => {
+                return Reply::new(451, format!("4.4.6 mail for {domain} loops back to myself"))
+            }
+            (Some(Unfit::Private), true) => {
+                return Reply::new(
+                    451,
+                    format!("4.4.6 mail for {domain} would go to a private network address"),
+                )
+            }
+            _ => {}
         }
         if !self.unreachable.is_empty() || self.dns.is_empty() {
             return super::forward::unreachable(connector, &self.unreachable);
