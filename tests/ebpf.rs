@@ -1199,7 +1199,10 @@ async fn smtp_legs_agree_with_the_wire() {
 /// Delivery by MX under DANE: a host whose TLSA record matches and one
 /// whose record matches nothing (the relay refuses it after the
 /// handshake); the wire and the relay agree on every socket.
-#[cfg_attr(any(missing_dns_tools, missing_ebpf), ignore = "needs nsd and ldnsutils and root and the eBPF toolchain")]
+#[cfg_attr(
+    any(missing_dns_tools, missing_ebpf),
+    ignore = "needs nsd and ldnsutils and root and the eBPF toolchain"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mx_delivery_under_dane_agrees_with_the_wire() {
     use tlsrelay_tests::dns::{have_dns_tools, tlsa_data, SignedDns, Zones};
@@ -1272,9 +1275,9 @@ async fn mx_delivery_under_dane_agrees_with_the_wire() {
     assert_eq!(sinks[1].received.lock().unwrap().len(), 0);
     let (stats, code) = settled_stats(&pin_dir, |s| {
         s["unaccounted"] == 0
-            && s["connections"].as_array().is_some_and(|c| {
-                c.iter().filter(|c| c["relay"]["leg"] == "upstream").count() == 2
-            })
+            && s["connections"]
+                .as_array()
+                .is_some_and(|c| c.iter().filter(|c| c["relay"]["leg"] == "upstream").count() == 2)
     })
     .await;
     assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");

@@ -376,9 +376,10 @@ fn piped_logs_are_plain_and_json_reports_go_to_their_file() {
 }
 
 /// A listener out of descriptors (EMFILE) backs off instead of spinning on
-/// accept: the relay, run with 64 open files, is sent more connections to
-/// its metrics listener than it can take and held there; while accept keeps
-/// failing it says so in the log and uses next to no CPU.
+/// accept: the relay, run with 64 open files, is sent more connections
+/// than it can take (each session holds its client's and its upstream's
+/// sockets, the upstream holding them open); while accept keeps failing it
+/// says so in the log and uses next to no CPU.
 #[test]
 fn accept_failures_back_off_instead_of_spinning() {
     let dir = tempfile::tempdir().unwrap();
@@ -393,21 +394,34 @@ fn accept_failures_back_off_instead_of_spinning() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // An upstream that takes every connection and holds it.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in upstream.incoming().flatten() {
+            held.push(conn);
+        }
+    });
     let config = dir.path().join("relay.toml");
     std::fs::write(
         &config,
         format!(
-            "ebpf.enabled = false\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:9\"\ntls.policy = \"plain\"\n"
+            "ebpf.enabled = false\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"{upstream_addr}\"\ntls.policy = \"plain\"\n"
         ),
     )
     .unwrap();
     let state = dir.path().join("state");
     let mut relay = RelayProcess::start(wrapper.to_str().unwrap(), &config, &state, &[], &[]);
-    // Each accepted scrape holds a descriptor for up to 5 s awaiting its
-    // request: 100 of them run the relay out.
+    let listener = relay.addr("in");
+    // Each client sends a byte, so its session is under way and holds
+    // descriptors: 100 of them run the relay out.
     let held: Vec<TcpStream> = (0..100)
-        .filter_map(|_| TcpStream::connect(metrics).ok())
+        .filter_map(|_| {
+            let mut c = TcpStream::connect(listener).ok()?;
+            c.write_all(b"x").ok()?;
+            Some(c)
+        })
         .collect();
     relay.wait_for_log("accept failed");
     let cpu = |pid: u32| -> f64 {
@@ -431,4 +445,104 @@ fn accept_failures_back_off_instead_of_spinning() {
         used < 0.5,
         "the relay used {used:.2} s of CPU in 2 s while accept failed"
     );
+}
+
+/// The metrics listener is no way in for a stranger who reaches it: a
+/// request head trickled a byte at a time is cut at its deadline (not
+/// each read's), connections past a few are closed unread, scrapers from
+/// outside `allow_from` are not served, and meanwhile the relay's own
+/// listener relays.
+#[test]
+fn the_metrics_listener_bounds_what_a_stranger_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = echo_server();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.enabled = false\n[metrics]\naddress = \"{metrics}\"\nallow_from = [\"127.0.0.1/32\"]\n\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"up\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let relay = RelayProcess::start(relay_binary(), &config, &dir.path().join("state"), &[], &[]);
+    // Whether the relay has closed `t` (EOF or reset), without waiting.
+    let closed = |t: &TcpStream| {
+        t.set_nonblocking(true).unwrap();
+        let seen = t.peek(&mut [0u8; 1]);
+        t.set_nonblocking(false).unwrap();
+        !matches!(seen, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    // Held open, sending nothing: eight are kept, the rest closed unread.
+    let held: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    let deadline = Instant::now() + tlsrelay_tests::PATIENCE;
+    loop {
+        let n = held.iter().filter(|t| closed(t)).count();
+        if n == 40 - 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} of 40 closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The relay's own listener is untouched.
+    let mut c = TcpStream::connect(relay.addr("in")).unwrap();
+    c.write_all(b"still relayed").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"still relayed");
+    drop(held);
+
+    // A request head trickled at 2.5 bytes/s (18 s for all of it) is cut
+    // at the 5 s deadline for the whole head.
+    let head = b"GET /metrics HTTP/1.1\r\nHost: a.relay.test\r\n\r\n";
+    let mut t = loop {
+        // Once the dropped ones are gone, a new connection is kept.
+        let t = TcpStream::connect(metrics).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        if !closed(&t) {
+            break t;
+        }
+    };
+    let started = Instant::now();
+    let mut sent = 0;
+    for b in head {
+        if closed(&t) || t.write_all(&[*b]).is_err() {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let cut = started.elapsed();
+    assert!(
+        sent < head.len() && cut < Duration::from_secs(12),
+        "{sent} of {} bytes sent over {cut:?}",
+        head.len()
+    );
+
+    // Another address of this host is not among allow_from.
+    let stranger =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stranger
+        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    stranger.connect(&metrics.into()).unwrap();
+    let mut stranger: TcpStream = stranger.into();
+    let _ = stranger.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stranger.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // A scrape from an allowed address is served and counts the refusals.
+    let s = scrape(metrics);
+    let refused = |limit| {
+        total(
+            &s,
+            "tlsrelay_connections_refused_total",
+            &[("listener", "metrics"), ("limit", limit)],
+        )
+    };
+    assert!(refused("total") >= 32.0, "{:?}", s.samples);
+    assert_eq!(refused("allow-from"), 1.0, "{:?}", s.samples);
 }

@@ -204,8 +204,13 @@ impl Dataplane {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
+    /// Bind it to loopback or a management address, not where strangers
+    /// reach it.
     #[serde(deserialize_with = "optional_socket_addr")]
     pub address: Option<SocketAddr>,
+    /// Only scrapers from these networks are served (default: anyone who
+    /// reaches the address); others are closed before a byte is read.
+    pub allow_from: Vec<crate::smtp::address::Cidr>,
 }
 
 fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(

@@ -299,7 +299,8 @@ fn run(
         }
         banner.say(format_args!("  {wire_line}"));
         if let Some(address) = config.metrics.address {
-            let bound = serve_metrics(&mut relay, address, &wire).await?;
+            let allow = config.metrics.allow_from.clone();
+            let bound = serve_metrics(&mut relay, address, allow, &wire).await?;
             banner.say(format_args!("  metrics on http://{bound}/metrics"));
         }
         banner.say(format_args!("  state directory {}", state_dir.display()));
@@ -409,6 +410,7 @@ fn attach_wire_counters(relay: &mut Listeners, wire: &Wire, config: &Config) -> 
 async fn serve_metrics(
     relay: &mut Listeners,
     address: std::net::SocketAddr,
+    allow_from: Vec<tlsrelay_core::smtp::address::Cidr>,
     wire: &Wire,
 ) -> anyhow::Result<std::net::SocketAddr> {
     let listener = crate::metrics::bind(address)
@@ -425,7 +427,7 @@ async fn serve_metrics(
             tracing::warn!("eBPF: metrics scrapes will be counted: {e}");
         }
     }
-    tokio::spawn(crate::metrics::serve(listener, metrics));
+    tokio::spawn(crate::metrics::serve(listener, metrics, allow_from));
     Ok(bound)
 }
 

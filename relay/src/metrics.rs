@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::report::{LegSecurity, Outcome, SessionReport, Side};
+use tlsrelay_core::smtp::address::Cidr;
 
 /// Label names and values of one series.
 type Labels = Vec<(&'static str, String)>;
@@ -322,41 +323,73 @@ fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
     let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", h.len());
 }
 
-/// Serves `GET /metrics` on `address` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Scrapes served at once; a connection past them is closed unread. A
+/// stranger who can reach the metrics address holds at most this many
+/// descriptors, never the mail and relay listeners' share.
+pub const MAX_SCRAPES: usize = 8;
+
+/// The whole request head must arrive within this (not each read): a
+/// head trickled a byte at a time is cut here.
+pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `address` until the task is dropped, to
+/// scrapers from `allow_from` (anyone when empty).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, allow_from: Vec<Cidr>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
-        let (mut stream, _) = crate::listeners::accept_backing_off(&listener, "metrics").await;
+        let (stream, peer) = crate::listeners::accept_backing_off(&listener, "metrics").await;
+        if !allow_from.is_empty() && !allow_from.iter().any(|c| c.contains(peer.ip())) {
+            tracing::debug!(client = %peer, "not among metrics.allow_from; closing");
+            metrics.refused("metrics", "allow-from");
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(client = %peer, "{MAX_SCRAPES} scrapes under way; closing another");
+            metrics.refused("metrics", "total");
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            // The request head only; a scrape has no body.
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) if n > 0 => request.extend_from_slice(&buf[..n]),
-                    _ => return,
-                }
-            }
-            let line = String::from_utf8_lossy(&request);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, body) =
-                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                    ("200 OK", metrics.render())
-                } else {
-                    ("404 Not Found", "see /metrics\n".to_string())
-                };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(REQUEST_DEADLINE * 2, scrape(stream, &metrics)).await;
         });
     }
+}
+
+/// One scrape: the request head within [`REQUEST_DEADLINE`], then the
+/// exposition.
+async fn scrape(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The request head only; a scrape has no body.
+    let head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        true
+    };
+    if !matches!(tokio::time::timeout(REQUEST_DEADLINE, head).await, Ok(true)) {
+        return;
+    }
+    let line = String::from_utf8_lossy(&request);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?"))
+    {
+        ("200 OK", metrics.render())
+    } else {
+        ("404 Not Found", "see /metrics\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Binds the metrics address (a clear error at startup, not later).
