@@ -389,3 +389,83 @@ async fn a_four_megabyte_line_is_refused_once_and_the_session_goes_on() {
     let over = format!("NOOP {}", "n".repeat(512 - 6));
     assert!(smtp.cmd(&over).await.starts_with("500"), "513 octets");
 }
+
+/// The relay's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Strangers that start a big BDAT chunk (spliced to a next hop with
+/// CHUNKING) and stall in the middle of it hold little of the relay's
+/// memory each: the spliced copy is scanned a piece at a time, not a
+/// pipe's worth at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bdat_chunks_hold_little_memory() {
+    const SESSIONS: usize = 150;
+    let sink = smtp_sink(SinkOptions {
+        chunking: true,
+        ..SinkOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.enabled = false\naccepted_domains = [\"partner.test\"]\n[limits]\nmax_connections_per_client = 1000\n\n[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nprotocol = \"smtp\"\nhostname = \"relay.test\"\ntls.mode = \"off\"\n\n[[outbound_connectors]]\nname = \"partner\"\nrecipient_domains = [\"partner.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"plain\"\n",
+            sink.addr
+        ),
+    )
+    .unwrap();
+    let relay =
+        process::RelayProcess::start(relay_binary(), &config, &dir.path().join("state"), &[], &[]);
+    let mx = relay.addr("mx");
+    let piece = b"a line of a big chunk, stalled half way\r\n".repeat(2000);
+    let stall = |n: usize| {
+        let piece = piece.clone();
+        async move {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let mut c = RawSmtp::connect_from(ip("127.0.0.3"), mx).await;
+                assert!(c.cmd("EHLO big.test").await.contains("CHUNKING"));
+                assert!(c.cmd("MAIL FROM:<a@big.test>").await.starts_with("250"));
+                assert!(c.cmd("RCPT TO:<x@partner.test>").await.starts_with("250"));
+                c.send(b"BDAT 10000000 LAST\r\n").await;
+                c.send(&piece).await;
+                held.push(c);
+            }
+            held
+        }
+    };
+    let pid = relay.child.id();
+    let _warm = stall(20).await;
+    // Each stalled chunk's bytes reached the next hop (spliced on).
+    let settled = |want: usize| {
+        let wire = sink.wire.clone();
+        async move {
+            let deadline = Instant::now() + PATIENCE;
+            while wire.lock().unwrap().len() < want * piece_len() {
+                assert!(Instant::now() < deadline, "chunks not spliced on");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    fn piece_len() -> usize {
+        "a line of a big chunk, stalled half way\r\n".len() * 2000
+    }
+    settled(20).await;
+    let before = rss_kib(pid);
+    let _stalled = stall(SESSIONS).await;
+    settled(20 + SESSIONS).await;
+    let per_session = (rss_kib(pid).saturating_sub(before)) as f64 / SESSIONS as f64;
+    eprintln!("{per_session:.1} KiB per session stalled in a spliced BDAT chunk");
+    assert!(
+        per_session < 96.0,
+        "{per_session:.1} KiB per session stalled in a BDAT chunk"
+    );
+}

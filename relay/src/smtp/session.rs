@@ -316,7 +316,9 @@ impl Session<'_> {
         };
         let (a, b) = (&pipes.0, &pipes.1);
         let capacity = a.capacity.min(b.capacity);
-        self.scratch.resize(capacity, 0);
+        // The tee'd copy is scanned a piece at a time: a stalled session
+        // holds this much of userspace, not a pipe's worth.
+        self.scratch.resize(SCAN_PIECE, 0);
         let mut moved = false;
         let mut left = server.chunk_on_socket();
         while left > 0 {
@@ -338,30 +340,43 @@ impl Session<'_> {
                 // EINVAL: a kernel TLS control record comes next.
                 Err(_) => break,
             };
-            let copy = &mut self.scratch[..n];
-            let teed = tee(a.read.as_raw_fd(), b.write.as_raw_fd(), n)
-                .and_then(|_| read_pipe(b.read.as_raw_fd(), copy));
-            if !matches!(teed, Ok(k) if k == n) {
-                self.pipes = None;
+            if !matches!(tee(a.read.as_raw_fd(), b.write.as_raw_fd(), n), Ok(k) if k == n) {
+                self.release_chunk_buffers();
                 return Err(failed("splicing a BDAT chunk: tee of the pipe failed"));
             }
             moved = true;
             self.clock.bytes += n as u64;
             left -= n as u64;
-            let clean = server.chunk_passed(copy);
+            let clean = match scan_copy(b, n, &mut self.scratch, server) {
+                Ok(clean) => clean,
+                Err(e) => {
+                    self.release_chunk_buffers();
+                    return Err(failed(format!("splicing a BDAT chunk: {e}")));
+                }
+            };
             self.chunk_bytes_spliced += clean as u64;
             if let Err(e) = splice_out(a, dst, clean).await {
                 hop_failed(self.id, &mut self.forwarder, &e);
             }
             if clean < n || !self.forwarder.passes_chunks_through() {
-                // Refused or the next hop failed: what is left in the pipe
+                // Refused or the next hop failed: what is left in the pipes
                 // goes nowhere.
-                let _ = read_pipe(a.read.as_raw_fd(), &mut self.scratch[..n]);
-                break;
+                self.release_chunk_buffers();
+                return Ok(moved);
             }
         }
         self.pipes = Some(pipes);
+        if server.chunk_on_socket() == 0 {
+            self.release_chunk_buffers();
+        }
         Ok(moved)
+    }
+
+    /// The chunk is over (or abandoned): its pipes and scan buffer go, so
+    /// a session between chunks or messages holds neither.
+    fn release_chunk_buffers(&mut self) {
+        self.pipes = None;
+        self.scratch = Vec::new();
     }
 
     /// Reads the client's next bytes within its request's allowance
@@ -592,6 +607,46 @@ impl Session<'_> {
         }
         self.plan.routing.admission.certificate_trust(cert)
     }
+}
+
+/// How much of a spliced chunk's copy is read and scanned at a time.
+const SCAN_PIECE: usize = 16 * 1024;
+
+/// Reads the `n` tee'd bytes from `copy` a piece at a time and shows
+/// them to the server; returns how many are clean (fewer than `n`: the
+/// message is refused from there, and the rest of `copy` is emptied).
+fn scan_copy(
+    copy: &Pipe,
+    n: usize,
+    scratch: &mut [u8],
+    server: &mut Server,
+) -> std::io::Result<usize> {
+    let mut clean = 0;
+    let mut read = 0;
+    while read < n {
+        let want = (n - read).min(scratch.len());
+        let k = read_pipe(copy.read.as_raw_fd(), &mut scratch[..want])?;
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        read += k;
+        let passed = server.chunk_passed(&scratch[..k]);
+        clean += passed;
+        if passed < k {
+            // The rest still counts off the chunk, unscanned and unsent.
+            while read < n {
+                let want = (n - read).min(scratch.len());
+                let k = read_pipe(copy.read.as_raw_fd(), &mut scratch[..want])?;
+                if k == 0 {
+                    break;
+                }
+                server.chunk_passed(&scratch[..k]);
+                read += k;
+            }
+            return Ok(clean);
+        }
+    }
+    Ok(clean)
 }
 
 /// Splices `n` bytes from `pipe` into `dst`, waiting while it is full.
