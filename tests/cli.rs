@@ -546,3 +546,191 @@ fn check_prints_an_smtp_listeners_limits() {
         assert!(limits.contains(bound), "{bound:?} not in {limits}");
     }
 }
+
+/// The fields of a /proc status file line, e.g. "Uid:" -> its values.
+fn status_field(status: &str, field: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Started as root with `user = "nobody"`, the relay binds, attaches its
+/// eBPF program and generates its certificate as root, then every thread
+/// runs as nobody with CAP_SYS_RESOURCE alone (no_new_privs set); it
+/// still relays, its metrics still read the wire counters, its state
+/// directory is nobody's and a reload reads it as nobody.
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
+#[test]
+fn started_as_root_it_serves_as_its_user_with_one_capability() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    let upstream = tlsrelay_tests::blocking::echo_server();
+    let metrics = format!("127.0.0.1:{}", tlsrelay_tests::free_port());
+    let pin_dir = format!("/sys/fs/bpf/tlsrelay-test-user-{}", std::process::id());
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "user = \"nobody\"\nebpf.pin_dir = \"{pin_dir}\"\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"opportunistic\"\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut relay = tlsrelay_tests::process::RelayProcess::start(
+        relay_binary(),
+        Path::new(&config),
+        &state,
+        &[],
+        &[],
+    );
+    let banner = relay.log().join("\n");
+    // CAP_SYS_RESOURCE (bit 24) is kept where the relay had it: some
+    // containers' root lacks it.
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let had = u64::from_str_radix(&status_field(&own, "CapPrm:"), 16).unwrap() & (1 << 24);
+    let (kept, mask) = match had {
+        0 => ("none", "0000000000000000"),
+        _ => (
+            "CAP_SYS_RESOURCE (splice pipes past fs.pipe-user-pages-soft)",
+            "0000000001000000",
+        ),
+    };
+    assert!(
+        banner.contains(&format!(
+            "privileges: running as user nobody (uid 65534, gid 65534); capabilities kept: {kept}"
+        )),
+        "{banner}"
+    );
+    assert!(banner.contains("eBPF wire counters on"), "{banner}");
+    let pid = relay.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid:"), "65534 65534 65534 65534");
+    assert_eq!(status_field(&status, "Gid:"), "65534 65534 65534 65534");
+    assert_eq!(status_field(&status, "Groups:"), "65534");
+    assert_eq!(status_field(&status, "CapEff:"), mask);
+    assert_eq!(status_field(&status, "CapPrm:"), mask);
+    assert_eq!(status_field(&status, "CapInh:"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapAmb:"), "0000000000000000");
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
+    // Relay a session first, so the runtime's threads all exist.
+    let mut c = TcpStream::connect(relay.addr("in")).unwrap();
+    c.write_all(b"as nobody").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"as nobody");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let name = status_field(&status, "Name:");
+        assert_eq!(
+            status_field(&status, "Uid:"),
+            "65534 65534 65534 65534",
+            "{name}"
+        );
+        let eff = u64::from_str_radix(&status_field(&status, "CapEff:"), 16).unwrap();
+        assert_eq!(eff & !(1 << 24), 0, "thread {name} has {eff:x}");
+    }
+    // The wire counters, read through the maps held since start.
+    let scrape = {
+        let mut s = TcpStream::connect(&metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(
+        scrape.contains("tlsrelay_wire_negotiated_total{version=\"plaintext\"}"),
+        "{scrape}"
+    );
+    let meta = std::fs::metadata(&state).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o700));
+    let key = std::fs::metadata(state.join("self-signed.key")).unwrap();
+    assert_eq!((key.uid(), key.mode() & 0o777), (65534, 0o600));
+    // A reload reads the configuration and the state directory as nobody.
+    relay.signal(libc::SIGHUP);
+    relay.wait_for_log("configuration reloaded");
+    let _ = relay.child.kill();
+    let _ = relay.child.wait();
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}
+
+/// A state file replaced by a symlink to someone else's file is replaced,
+/// not written through: the generated private key never lands in the
+/// file the link points at.
+#[test]
+fn generated_state_files_replace_symlinks_instead_of_following_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let bait = dir.path().join("attackers-file");
+    std::fs::write(&bait, b"").unwrap();
+    std::fs::set_permissions(&bait, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::os::unix::fs::symlink(&bait, state.join("self-signed.key")).unwrap();
+    let upstream = tlsrelay_tests::blocking::echo_server();
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "ebpf.enabled = false\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"implicit\"\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    );
+    let _relay = run_relay(&config, &state);
+    assert_eq!(
+        std::fs::read(&bait).unwrap(),
+        b"",
+        "nothing written through the link"
+    );
+    let key = std::fs::symlink_metadata(state.join("self-signed.key")).unwrap();
+    assert!(
+        key.file_type().is_file(),
+        "the link was replaced by the key"
+    );
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+}
+
+/// `check` warns about private keys others can read and a state directory
+/// others can write.
+#[test]
+fn check_warns_about_readable_keys_and_a_writable_state_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tlsrelay_tests::Pki::new();
+    let leaf = pki.leaf("relay", &["relay.test"]);
+    std::fs::set_permissions(&leaf.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "state_dir = {:?}\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"up\"\ntls.mode = \"implicit\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:9\"\ntls.policy = \"plain\"\n",
+            state.display().to_string(),
+            leaf.chain.display().to_string(),
+            leaf.key.display().to_string(),
+        ),
+    );
+    let out = tlsrelay(&["check", &file]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "warning: private key {} is readable by anyone (mode 0644)",
+            leaf.key.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "warning: state directory {} can be written by others (mode 0777)",
+            state.display()
+        )),
+        "{stdout}"
+    );
+}

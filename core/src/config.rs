@@ -88,8 +88,14 @@ impl Source {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where generated material (the self-signed certificate) is kept.
+    /// Where generated material is kept: the self-signed certificate,
+    /// TLS report results, cached MTA-STS policies.
     pub state_dir: Option<PathBuf>,
+    /// Run as this user (and its group) once the listeners are bound and
+    /// the eBPF program attached; the relay must be started as root. The
+    /// state directory is handed to it; the configuration and keys must
+    /// be readable by it for reloads.
+    pub user: Option<Spanned<String>>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]

@@ -177,10 +177,13 @@ fn check(file: &std::path::Path) -> ExitCode {
         Plan::build(&config, SelfSignedSource::Ephemeral).map(|plan| (config, plan))
     });
     match result {
-        Ok((_, plan)) => {
+        Ok((config, plan)) => {
             println!("{}: valid", file.display());
             for line in &plan.description {
                 println!("  {line}");
+            }
+            for warning in crate::privileges::warnings(&config) {
+                println!("  warning: {warning}");
             }
             ExitCode::SUCCESS
         }
@@ -278,11 +281,23 @@ fn run(
     let report_sender = plan.report_sender.take();
     // Before any socket exists: sockets belong to their creator's cgroup.
     let wire = start_wire_counters(&config);
+    // Everything that needs privileges happens before the runtime's
+    // threads exist: binding (port 25), attaching, opening files. Then the
+    // relay gives them up, and every thread it starts inherits that.
+    let description = plan.description.clone();
+    let mut relay = Listeners::bind(plan)?;
+    let wire_line = attach_wire_counters(&mut relay, &wire, &config);
+    let metrics = match config.metrics.address {
+        Some(address) => Some(bind_metrics(&mut relay, address, &wire)?),
+        None => None,
+    };
+    if let Some(dest) = &json_reports {
+        write_json_reports(&mut relay, dest)?;
+    }
+    let user = config.user.as_ref().map(|u| u.get_ref().as_str());
+    let privileges = crate::privileges::give_up(user, &state_dir)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let description = plan.description.clone();
-        let mut relay = Listeners::bind(plan).await?;
-        let wire_line = attach_wire_counters(&mut relay, &wire, &config);
         let banner = Banner {
             to_stderr: json_reports.as_deref() == Some(std::path::Path::new("-")),
         };
@@ -298,15 +313,15 @@ fn run(
             banner.say(format_args!("  {line}"));
         }
         banner.say(format_args!("  {wire_line}"));
-        if let Some(address) = config.metrics.address {
+        if let Some((listener, metrics)) = metrics {
+            let bound = listener.local_addr()?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
             let allow = config.metrics.allow_from.clone();
-            let bound = serve_metrics(&mut relay, address, allow, &wire).await?;
+            tokio::spawn(crate::metrics::serve(listener, metrics, allow));
             banner.say(format_args!("  metrics on http://{bound}/metrics"));
         }
+        banner.say(format_args!("  {privileges}"));
         banner.say(format_args!("  state directory {}", state_dir.display()));
-        if let Some(dest) = &json_reports {
-            write_json_reports(&mut relay, dest)?;
-        }
         if let Some(sender) = report_sender {
             tokio::spawn(send_tls_reports(sender));
         }
@@ -406,19 +421,20 @@ fn attach_wire_counters(relay: &mut Listeners, wire: &Wire, config: &Config) -> 
     )
 }
 
-/// Binds the metrics listener and serves /metrics from it.
-async fn serve_metrics(
+/// Binds the metrics listener (served once the runtime runs) and counts
+/// every session into its metrics.
+fn bind_metrics(
     relay: &mut Listeners,
     address: std::net::SocketAddr,
-    allow_from: Vec<tlsrelay_core::smtp::address::Cidr>,
     wire: &Wire,
-) -> anyhow::Result<std::net::SocketAddr> {
-    let listener = crate::metrics::bind(address)
-        .await
+) -> anyhow::Result<(
+    std::net::TcpListener,
+    std::sync::Arc<crate::metrics::Metrics>,
+)> {
+    let listener = std::net::TcpListener::bind(address)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("metrics: cannot listen on {address}"))?;
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(
-        wire.as_ref().ok().map(|w| w.pin_dir.clone()),
-    ));
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(wire.as_ref().ok().cloned()));
     relay.count_into(metrics.clone());
     let bound = listener.local_addr().unwrap_or(address);
     // Scrapes are no relay sessions: the wire program skips them.
@@ -427,8 +443,7 @@ async fn serve_metrics(
             tracing::warn!("eBPF: metrics scrapes will be counted: {e}");
         }
     }
-    tokio::spawn(crate::metrics::serve(listener, metrics, allow_from));
-    Ok(bound)
+    Ok((listener, metrics))
 }
 
 /// Each session report as a JSON line, on stdout (`-`) or appended to a

@@ -9,6 +9,7 @@
 
 pub use tlsrelay_core::hex;
 pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report, tlsrpt};
+use tlsrelay_sys::privileges as sys_privileges;
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
 pub mod cli;
@@ -22,6 +23,7 @@ mod legs;
 pub mod listeners;
 mod metrics;
 pub mod plan;
+mod privileges;
 pub mod pump;
 mod reload;
 mod revocation;

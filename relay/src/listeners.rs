@@ -28,9 +28,11 @@ pub enum ListenError {
     },
 }
 
-/// Bound listeners, ready to serve.
+/// Bound listeners, ready to serve. They are bound before the runtime
+/// starts (and before the relay gives up root), and handed to the
+/// runtime when served.
 pub struct Listeners {
-    listeners: Vec<(TcpListener, Arc<watch::Sender<Listening>>)>,
+    listeners: Vec<(std::net::TcpListener, Arc<watch::Sender<Listening>>)>,
     limit: Arc<Semaphore>,
     limits: ConnectionLimits,
     reports: Option<mpsc::UnboundedSender<SessionReport>>,
@@ -44,19 +46,18 @@ pub struct Listeners {
 /// once while the pump kept both cores busy, and every SYN dropped cost
 /// its client a one-second retransmission (the bench's 256-connection
 /// cells ran at a third of their speed, p99 1.1 s).
-fn bind_listener(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = if address.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(address)?;
-    socket.listen(backlog)
+fn bind_listener(address: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(backlog as i32)?;
+    Ok(socket.into())
 }
 
 impl Listeners {
-    pub async fn bind(plan: Plan) -> Result<Listeners, ListenError> {
+    pub fn bind(plan: Plan) -> Result<Listeners, ListenError> {
         let mut listeners = Vec::new();
         let backlog = plan.limits.total.clamp(128, 65535) as u32;
         for (address, lp) in plan.listeners {
@@ -125,6 +126,13 @@ impl Listeners {
         let mut accept_loops = tokio::task::JoinSet::new();
         let per_client = Arc::new(PerClient::new(self.limits.per_client));
         for (socket, plan) in self.listeners {
+            let socket = match TcpListener::from_std(socket) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    tracing::error!(listener = %plan.borrow().name(), "cannot serve: {e}");
+                    continue;
+                }
+            };
             accept_loops.spawn(accept_loop(
                 socket,
                 plan,

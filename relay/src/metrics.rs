@@ -8,8 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
@@ -25,8 +23,10 @@ type Labels = Vec<(&'static str, String)>;
 /// Everything counted so far.
 pub struct Metrics {
     inner: Mutex<Inner>,
-    /// The eBPF maps to mirror, when the wire counters are on.
-    wire_pins: Option<PathBuf>,
+    /// The eBPF maps to mirror, when the wire counters are on (read
+    /// through the maps held since start, not their pinned paths, which
+    /// the relay may no longer open once it gave up root).
+    wire: Option<Arc<crate::bpf::WireCounters>>,
 }
 
 struct Inner {
@@ -86,7 +86,7 @@ impl Inner {
 }
 
 impl Metrics {
-    pub fn new(wire_pins: Option<PathBuf>) -> Metrics {
+    pub fn new(wire: Option<Arc<crate::bpf::WireCounters>>) -> Metrics {
         let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         Metrics {
             inner: Mutex::new(Inner {
@@ -103,7 +103,7 @@ impl Metrics {
                 handshake: histogram(),
                 duration: histogram(),
             }),
-            wire_pins,
+            wire,
         }
     }
 
@@ -244,8 +244,8 @@ impl Metrics {
                 &m.duration,
             );
         }
-        if let Some(pins) = &self.wire_pins {
-            match crate::bpf::snapshot(pins) {
+        if let Some(wire) = &self.wire {
+            match wire.snapshot() {
                 Ok(s) => {
                     let mirror = |counts: &BTreeMap<&'static str, u64>, key: &'static str| {
                         counts
@@ -390,11 +390,6 @@ async fn scrape(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
-}
-
-/// Binds the metrics address (a clear error at startup, not later).
-pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(address).await
 }
 
 #[cfg(test)]

@@ -116,7 +116,8 @@ impl StsPolicies {
         if let Some(c) = self.memory.lock().unwrap().get(domain) {
             return Some(c.clone());
         }
-        let text = std::fs::read_to_string(self.cache_dir.as_ref()?.join(domain)).ok()?;
+        let bytes = crate::state::read_file(&self.cache_dir.as_ref()?.join(domain)).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
         let mut lines = text.splitn(3, '\n');
         let id = lines.next()?.strip_prefix("id ")?.to_string();
         let fetched = lines.next()?.strip_prefix("fetched ")?.parse().ok()?;
@@ -140,11 +141,8 @@ impl StsPolicies {
                 "id {}\nfetched {}\n{}",
                 cached.id, cached.fetched, cached.text
             );
-            let written = std::fs::create_dir_all(dir).and_then(|()| {
-                let tmp = dir.join(format!(".{domain}.tmp"));
-                std::fs::write(&tmp, file)?;
-                std::fs::rename(tmp, dir.join(domain))
-            });
+            let written = crate::state::create_dir(dir)
+                .and_then(|()| crate::state::replace_file(&dir.join(domain), file.as_bytes()));
             if let Err(e) = written {
                 tracing::warn!(
                     "MTA-STS policy of {domain} not cached in {}: {e}",

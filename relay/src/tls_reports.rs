@@ -63,14 +63,13 @@ impl TlsReports {
 }
 
 fn load(path: &Path) -> Option<DayResults> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    serde_json::from_slice(&crate::state::read_file(path).ok()?).ok()
 }
 
 fn store(dir: &Path, domain: &str, results: &DayResults) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{domain}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(results)?)?;
-    std::fs::rename(tmp, dir.join(format!("{domain}.json")))
+    crate::state::create_dir(dir)?;
+    let json = serde_json::to_vec_pretty(results)?;
+    crate::state::replace_file(&dir.join(format!("{domain}.json")), &json)
 }
 
 /// One day's results for one domain, waiting to be sent.

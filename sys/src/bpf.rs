@@ -237,6 +237,24 @@ impl WireCounters {
         self.smtp_ports.add(port)
     }
 
+    /// The counters and records, read through the maps this process
+    /// holds (no path lookup: it works after the relay gave up root).
+    pub fn snapshot(&self) -> Result<Snapshot, BpfError> {
+        let map = |name: &str| self._ebpf.map(name).ok_or_else(|| missing(name));
+        let negotiated =
+            PerCpuArray::try_from(map(wire::MAP_NEGOTIATED)?).map_err(aya_err("negotiated"))?;
+        let downgrades =
+            PerCpuArray::try_from(map(wire::MAP_DOWNGRADES)?).map_err(aya_err("downgrades"))?;
+        let parser = PerCpuArray::try_from(map(wire::MAP_PARSER)?).map_err(aya_err("parser"))?;
+        let conns =
+            HashMap::try_from(map(wire::MAP_CONNECTIONS)?).map_err(aya_err("connections"))?;
+        let views = self
+            .relay_view
+            .lock()
+            .map_err(|_| missing(wire::MAP_RELAY_VIEW))?;
+        join(&negotiated, &downgrades, &parser, &conns, &views)
+    }
+
     /// Records the relay's view of a finished session's sockets, for
     /// `tlsrelay stats` to set beside the wire's.
     pub fn record_session(&self, report: &SessionReport) {
@@ -572,12 +590,11 @@ fn sum<T: aya::Pod + Default + wire::Accumulate>(values: &aya::maps::PerCpuValue
     total
 }
 
-fn pinned_counters<T: aya::Pod + Default + wire::Accumulate>(
-    dir: &Path,
+/// A counter record, summed over its per-CPU copies.
+fn counters<T: aya::Pod + Default + wire::Accumulate, M: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<M, T>,
     name: &str,
 ) -> Result<T, BpfError> {
-    let array: PerCpuArray<MapData, T> =
-        PerCpuArray::try_from(open_pinned(dir, name)?).map_err(aya_err(name.to_string()))?;
     Ok(sum(&array.get(&0, 0).map_err(aya_err(name.to_string()))?))
 }
 
@@ -629,15 +646,30 @@ fn connection_view(
 /// Reads the pinned maps (no running relay needed) and joins the wire's
 /// records with the relay's, flagging each disagreement.
 pub fn snapshot(dir: &Path) -> Result<Snapshot, BpfError> {
-    let n: wire::Negotiated = pinned_counters(dir, wire::MAP_NEGOTIATED)?;
-    let d: wire::Downgrades = pinned_counters(dir, wire::MAP_DOWNGRADES)?;
-    let p: wire::Parser = pinned_counters(dir, wire::MAP_PARSER)?;
+    let typed = |name: &str| open_pinned(dir, name);
+    let negotiated =
+        PerCpuArray::try_from(typed(wire::MAP_NEGOTIATED)?).map_err(aya_err("negotiated"))?;
+    let downgrades =
+        PerCpuArray::try_from(typed(wire::MAP_DOWNGRADES)?).map_err(aya_err("downgrades"))?;
+    let parser = PerCpuArray::try_from(typed(wire::MAP_PARSER)?).map_err(aya_err("parser"))?;
     let conns: HashMap<MapData, u64, wire::Connection> =
-        HashMap::try_from(open_pinned(dir, wire::MAP_CONNECTIONS)?)
-            .map_err(aya_err("connections"))?;
+        HashMap::try_from(typed(wire::MAP_CONNECTIONS)?).map_err(aya_err("connections"))?;
     let views: HashMap<MapData, u64, wire::RelayView> =
-        HashMap::try_from(open_pinned(dir, wire::MAP_RELAY_VIEW)?)
-            .map_err(aya_err("relay_view"))?;
+        HashMap::try_from(typed(wire::MAP_RELAY_VIEW)?).map_err(aya_err("relay_view"))?;
+    join(&negotiated, &downgrades, &parser, &conns, &views)
+}
+
+/// The snapshot from the maps themselves, however they were opened.
+fn join<M: std::borrow::Borrow<MapData>, V: std::borrow::Borrow<MapData>>(
+    negotiated: &PerCpuArray<M, wire::Negotiated>,
+    downgrades: &PerCpuArray<M, wire::Downgrades>,
+    parser: &PerCpuArray<M, wire::Parser>,
+    conns: &HashMap<M, u64, wire::Connection>,
+    views: &HashMap<V, u64, wire::RelayView>,
+) -> Result<Snapshot, BpfError> {
+    let n: wire::Negotiated = counters(negotiated, wire::MAP_NEGOTIATED)?;
+    let d: wire::Downgrades = counters(downgrades, wire::MAP_DOWNGRADES)?;
+    let p: wire::Parser = counters(parser, wire::MAP_PARSER)?;
     let mut connections = Vec::new();
     for entry in conns.iter() {
         let (cookie, c) = entry.map_err(aya_err("connections"))?;

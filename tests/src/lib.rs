@@ -670,7 +670,7 @@ impl TestRelay {
             SelfSignedSource::StateDir(state.path().to_path_buf()),
         )
         .unwrap_or_else(|e| panic!("test config unusable: {e}\n{toml}"));
-        let mut relay = Listeners::bind(plan).await.unwrap();
+        let mut relay = Listeners::bind(plan).unwrap();
         let (tx, reports) = mpsc::unbounded_channel();
         relay.send_reports_to(tx);
         let addrs = relay.local_addrs().into_iter().collect();

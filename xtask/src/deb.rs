@@ -56,8 +56,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
         unit.as_bytes(),
         0o644,
     )?;
-    let config = std::fs::read(root().join("core/src/default.toml"))?;
-    file(CONFIG, &config, 0o644)?;
+    // The embedded default, run as the package's own user once bound.
+    let config = format!(
+        "# Runs as this user once its listeners are bound (the package made it).\nuser = \"tlsrelay\"\n\n{}",
+        std::fs::read_to_string(root().join("core/src/default.toml"))?
+    );
+    file(CONFIG, config.as_bytes(), 0o640)?;
     let edge = std::fs::read(root().join("deploy/edge.toml"))?;
     file("/usr/share/doc/tlsrelay/examples/edge.toml", &edge, 0o644)?;
     let readme = std::fs::read(root().join("README.md"))?;
@@ -69,7 +73,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
          Architecture: amd64\n\
          Maintainer: tlsrelay developers <tlsrelay@example.org>\n\
          Installed-Size: {size_kib}\n\
-         Depends: libc6 (>= 2.34)\n\
+         Depends: libc6 (>= 2.34), adduser\n\
          Section: net\n\
          Priority: optional\n\
          Description: kernel-accelerated TLS relay for mail edges and bulk TCP\n \
@@ -79,6 +83,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
     );
     file("/DEBIAN/control", control.as_bytes(), 0o644)?;
     file("/DEBIAN/conffiles", format!("{CONFIG}\n").as_bytes(), 0o644)?;
+    // The user the relay gives up root for; it reads the configuration
+    // (group tlsrelay) on reloads.
+    let postinst = format!(
+        "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n  if ! getent passwd tlsrelay >/dev/null; then\n    adduser --system --group --no-create-home --home /var/lib/tlsrelay --quiet tlsrelay\n  fi\n  chgrp tlsrelay {CONFIG}\nfi\n"
+    );
+    file("/DEBIAN/postinst", postinst.as_bytes(), 0o755)?;
     let deb = out.join(format!("tlsrelay_{version}_amd64.deb"));
     run(
         "dpkg-deb --build",

@@ -164,11 +164,26 @@ impl SelfSigned {
     }
 
     /// Loads the certificate, generating it first if it does not exist.
+    /// Its files are read without following symlinks.
     pub fn load_or_generate(&self) -> Result<Arc<CertifiedKey>, TlsError> {
         if !self.chain.exists() || !self.key.exists() {
             self.generate()?;
         }
-        load_certified_key(&self.chain, &self.key)
+        let read = |path: &Path| crate::state::read_file(path).map_err(|e| TlsError::file(path, e));
+        let (chain, key) = (read(&self.chain)?, read(&self.key)?);
+        let certs = CertificateDer::pem_slice_iter(&chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::file(&self.chain, e))?;
+        let key_der =
+            PrivateKeyDer::from_pem_slice(&key).map_err(|e| TlsError::file(&self.key, e))?;
+        CertifiedKey::from_der(certs, key_der, &super::provider())
+            .map(Arc::new)
+            .map_err(|e| {
+                TlsError::file(
+                    &self.key,
+                    format!("does not match {}: {e}", self.chain.display()),
+                )
+            })
     }
 
     /// A fresh self-signed certificate kept in memory only.
@@ -188,28 +203,20 @@ impl SelfSigned {
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))
     }
 
+    /// Writes a new key and certificate: each a new 0600 file renamed
+    /// into place (a symlink planted there is replaced, not written
+    /// through).
     fn generate(&self) -> Result<(), TlsError> {
         let generated = Self::new_certificate()?;
         if let Some(dir) = self.key.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| TlsError::file(dir, e))?;
+            crate::state::create_dir(dir).map_err(|e| TlsError::file(dir, e))?;
         }
-        write_private(&self.key, generated.signing_key.serialize_pem().as_bytes())?;
-        std::fs::write(&self.chain, generated.cert.pem())
+        let key = generated.signing_key.serialize_pem();
+        crate::state::replace_file(&self.key, key.as_bytes())
+            .map_err(|e| TlsError::file(&self.key, e))?;
+        crate::state::replace_file(&self.chain, generated.cert.pem().as_bytes())
             .map_err(|e| TlsError::file(&self.chain, e))
     }
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(contents))
-        .map_err(|e| TlsError::file(path, e))
 }
 
 /// This machine's host name (for greetings and the generated certificate).
