@@ -36,6 +36,62 @@ fn error_of(text: &str) -> String {
 fn invalid_configs_name_file_line_and_field() {
     let cases: Vec<(String, &str)> = vec![
         (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\nservers = [\"127.0.0.1:10\"]"),
+            "relay.toml:9: upstreams[0].address: give address (one server) or servers (a pool), not both",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "balance = \"first\""),
+            "relay.toml:8: upstreams[0]: needs address = \"host:port\" or servers = [...]",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "servers = [{ address = \"127.0.0.1:9\", weight = 0 }]"),
+            "relay.toml:9: upstreams[0].servers[0].weight: must be between 1 and 256",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "servers = [\"127.0.0.1:9\", \"127.0.0.1:9\"]"),
+            "relay.toml:9: upstreams[0].servers[1]: 127.0.0.1:9 is listed twice",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "servers = [{ address = \"127.0.0.1:9\", backup = true }]"),
+            "relay.toml:9: upstreams[0].servers: every server is a backup: a backup serves only while the others are down",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "servers = [\"127.0.0.1:9\"]\nbalance = \"random\""),
+            "relay.toml:10: upstreams[0].balance: unknown balance 'random', expected one of round-robin, least-connections, first, hash-client, hash-sni",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ntls.policy = \"plain\"\ncheck = { tls = true }"),
+            "relay.toml:8: upstreams[0].check.tls: a TLS check needs tls.policy opportunistic or required, not plain",
+        ),
+        (
+            listener("").replace("address = \"127.0.0.1:9\"", "address = \"127.0.0.1:9\"\ncheck = { rise = 0 }"),
+            "relay.toml:8: upstreams[0].check.rise: must be at least 1",
+        ),
+        (
+            listener("tls.mode = \"off\"\n[[listeners.routes]]\nsni = [\"a.example\"]\nupstream = \"up\""),
+            "relay.toml:8: listeners[0].routes[0]: routes read the client's TLS hello: tls.mode off sees none",
+        ),
+        (
+            listener("[[listeners.routes]]\nsni = [\"a.example\"]\nupstream = \"nowhere\""),
+            "relay.toml:7: listeners[0].routes[0].upstream: no upstream named 'nowhere'",
+        ),
+        (
+            listener("[[listeners.routes]]\nsni = [\"a.*.example\"]\nupstream = \"up\""),
+            "relay.toml:7: listeners[0].routes[0].sni: 'a.*.example' is not a server name or *.suffix",
+        ),
+        (
+            listener("access.rate = 0"),
+            "relay.toml:2: listeners[0].access.rate: must be more than 0 per second",
+        ),
+        (
+            listener("access.rate = 5.0\naccess.burst = 0"),
+            "relay.toml:2: listeners[0].access.burst: must be at least 1",
+        ),
+        (
+            listener("tls.ticket_keys = \"/nonexistent/tickets.keys\""),
+            "relay.toml:5: listeners[0].tls.ticket_keys: /nonexistent/tickets.keys: No such file or directory (os error 2)",
+        ),
+        (
             mail_edge("", "").replace("hostname = \"relay.test\"\n", ""),
             "relay.toml:5: listeners[0].hostname: an smtp listener needs a hostname: the name in its greeting, EHLO reply and Received lines (this machine's own name could be an internal one)",
         ),
@@ -119,7 +175,7 @@ fn invalid_configs_name_file_line_and_field() {
         ),
         (
             listener("colour = \"blue\""),
-            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`, `max_hops`, `proxy_protocol`, `proxy_protocol_from`",
+            "relay.toml:5: listeners[0].colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `upstream`, `tls`, `hostname`, `max_message_size`, `max_hops`, `proxy_protocol`, `proxy_protocol_from`, `routes`, `access`",
         ),
         (
             "[[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:99999\"\nupstream = \"up\"\n".to_string() + GOOD_TAIL,

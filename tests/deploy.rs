@@ -156,3 +156,53 @@ fn kubernetes_configmap_config_is_valid() {
     let text = check(&config);
     assert!(text.contains("behind a PROXY protocol balancer"), "{text}");
 }
+
+/// The edge relay example (pools, health checks, SNI routes, passthrough,
+/// fleet ticket keys, access rules) passes `check` beside the files it
+/// names, and the plan says what an operator migrating from HAProxy looks
+/// for.
+#[test]
+fn example_edge_relay_config_is_valid() {
+    let pki = Pki::new();
+    let dir = pki.dir().join("edge-relay");
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    for name in ["www.example.org", "api.example.org"] {
+        let leaf = pki.issue(
+            name,
+            &LeafSpec {
+                names: vec![if name.starts_with("www") {
+                    "www.example.org"
+                } else {
+                    "api.example.org"
+                }],
+                ..LeafSpec::default()
+            },
+        );
+        std::fs::copy(&leaf.chain, certs.join(format!("{name}.pem"))).unwrap();
+        std::fs::copy(&leaf.key, certs.join(format!("{name}.key"))).unwrap();
+    }
+    std::fs::copy(&pki.ca_pem, certs.join("internal-ca.pem")).unwrap();
+    let keys = dir.join("tickets.keys");
+    let made = Command::new(relay_binary())
+        .args(["tickets", "new"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let config = dir.join("edge-relay.toml");
+    std::fs::copy(deploy("edge-relay.toml"), &config).unwrap();
+    let text = check(&config);
+    for expected in [
+        "SNI api.example.org -> upstream api (TLS terminated here)",
+        "SNI *.apps.example.org -> upstream apps (TLS passed through untouched)",
+        "upstream web otherwise",
+        "session tickets from the fleet's keys in tickets.keys",
+        "clients, never from 192.0.2.0/24, at most 50 new connections per second per address (bursts of 100)",
+        "upstream web: servers 10.0.1.10:8080, 10.0.1.11:8080, 10.0.1.12:8080 (backup), balance least-connections",
+        "upstream api: servers 10.0.2.10:8443 weight 3, 10.0.2.11:8443, balance round-robin; checked every 2s with a TLS handshake",
+        "balance hash-sni",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in\n{text}");
+    }
+}

@@ -1295,3 +1295,59 @@ async fn mx_delivery_under_dane_agrees_with_the_wire() {
     drop(relay);
     let _ = std::fs::remove_dir_all(&pin_dir);
 }
+
+/// TLS passed through untouched: the relay read the hellos and nothing
+/// more, and its view of both sockets (the ServerHello's version, cipher
+/// and key exchange) agrees with what the program saw on the wire.
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_sessions_agree_with_the_wire() {
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let backend = pki.leaf("backend", &["pass.example.test"]);
+    let server = tls_echo(ServerOptions {
+        leaf: &backend,
+        versions: Versions::Both,
+        client_ca: None,
+    })
+    .await;
+    let pin_dir = unique_pin_dir("passthrough");
+    let config = pki.dir().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.pin_dir = \"{pin_dir}\"\n\n[[listeners]]\nname = \"edge\"\naddress = \"127.0.0.1:0\"\ntls.mode = \"implicit\"\n\n[[listeners.routes]]\nsni = [\"pass.example.test\"]\nupstream = \"backend\"\npassthrough = true\n\n[[upstreams]]\nname = \"backend\"\naddress = \"{server}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config, &pki.dir().join("state"));
+    let opts = ClientOptions {
+        trust: Some(&pki),
+        ..ClientOptions::default()
+    };
+    let mut tls = tls_connect(relay.listeners["edge"], "pass.example.test", &opts)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut tls, b"through").await.unwrap(), b"through");
+    let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["passthrough"]["version"], "TLSv1.3", "{report}");
+    let (stats, code) = settled_stats(&pin_dir, |s| {
+        s["unaccounted"] == 0 && s["connections"].as_array().is_some_and(|c| c.len() == 2)
+    })
+    .await;
+    assert_eq!(code, Some(0), "no disagreement:\n{stats:#}");
+    for conn in stats["connections"].as_array().unwrap() {
+        assert_eq!(conn["relay"]["passthrough"], true, "{conn:#}");
+        assert_eq!(conn["relay"]["negotiated_version"], "TLSv1.3", "{conn:#}");
+        assert_eq!(conn["wire"]["negotiated_version"], "TLSv1.3", "{conn:#}");
+        assert_eq!(
+            conn["relay"]["key_exchange"], conn["wire"]["key_exchange"],
+            "{conn:#}"
+        );
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}

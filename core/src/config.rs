@@ -304,6 +304,50 @@ pub struct Listener {
     /// read (nginx's `set_real_ip_from`).
     #[serde(default)]
     pub proxy_protocol_from: Vec<crate::smtp::address::Cidr>,
+    /// tcp: routes by the name (SNI) and protocols (ALPN) a TLS client
+    /// asks for, first match wins; `upstream` takes the rest.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Who may connect, and how fast, decided before a byte is read.
+    #[serde(default)]
+    pub access: Access,
+}
+
+/// Where a listener sends sessions whose ClientHello matches.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Server names (`api.example.com`, `*.example.com`: one label or
+    /// more below it); empty: any name, or none.
+    #[serde(default)]
+    pub sni: Vec<String>,
+    /// ALPN protocols (`h2`, `http/1.1`): the client must offer one;
+    /// empty: any.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    pub upstream: Spanned<String>,
+    /// Pass TLS through untouched: the ClientHello is read (never past
+    /// it), replayed to the chosen server, and the session is spliced as
+    /// opaque bytes; the server terminates TLS. Otherwise the relay
+    /// terminates TLS with its certificates, as without routes.
+    #[serde(default)]
+    pub passthrough: bool,
+}
+
+/// A listener's client access list and new-connection rate.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Only these networks may connect (empty: any).
+    #[serde(default)]
+    pub allow: Vec<crate::smtp::address::Cidr>,
+    /// These may not, whatever `allow` says.
+    #[serde(default)]
+    pub deny: Vec<crate::smtp::address::Cidr>,
+    /// New connections per second from one client address (IPv6: one
+    /// /64), with bursts of `burst`; more are closed at accept.
+    pub rate: Option<f64>,
+    pub burst: Option<u32>,
 }
 
 fn default_max_message_size() -> u64 {
@@ -359,6 +403,18 @@ pub struct InboundTls {
     #[serde(default)]
     pub certificates: Vec<CertificateFiles>,
     pub client_auth: Option<ClientAuth>,
+    /// Session-ticket keys shared by a fleet (`tlsrelay tickets new`
+    /// makes and rotates the file; a change is picked up without a
+    /// restart); default: the process's own random keys.
+    pub ticket_keys: Option<Spanned<PathBuf>>,
+    /// How long a key of `ticket_keys` seals and opens tickets after it
+    /// was made (rotate more often than this).
+    #[serde(default = "default_ticket_key_lifetime", with = "duration")]
+    pub ticket_key_lifetime: Duration,
+}
+
+fn default_ticket_key_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_inbound_mode() -> InboundMode {
@@ -373,6 +429,8 @@ impl Default for InboundTls {
             groups: None,
             certificates: Vec::new(),
             client_auth: None,
+            ticket_keys: None,
+            ticket_key_lifetime: default_ticket_key_lifetime(),
         }
     }
 }
@@ -628,13 +686,146 @@ pub struct ClientAuth {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub name: Spanned<String>,
-    /// `host:port`; the host may be a name or an IP address (`[v6]:port`).
-    pub address: Spanned<HostPort>,
+    /// One server: `host:port`; the host may be a name or an IP address
+    /// (`[v6]:port`). Or `servers` for a pool.
+    pub address: Option<Spanned<HostPort>>,
+    /// A pool: `"host:port"` or `{ address = "host:port", weight = 3,
+    /// backup = true }` each, tried in the order `balance` says; a
+    /// session whose connect is refused, reset or times out moves to the
+    /// next before a byte reached its client.
+    #[serde(default)]
+    pub servers: Vec<Spanned<ServerEntry>>,
+    /// `round-robin` (weighted, the default), `least-connections`,
+    /// `first`, `hash-client` or `hash-sni` (sticky, consistent).
+    #[serde(default = "default_balance")]
+    pub balance: crate::upstream::Balance,
+    /// Active health checks; without them a server ejected after
+    /// `eject_after` failed connects is tried again after `eject_time`.
+    pub check: Option<HealthCheck>,
+    /// Consecutive failed connects of real sessions that eject a server
+    /// (0: never).
+    #[serde(default = "default_eject_after")]
+    pub eject_after: u32,
+    #[serde(default = "default_eject_time", with = "duration")]
+    pub eject_time: Duration,
     #[serde(default)]
     pub tls: OutboundTls,
     /// Start each upstream connection with a PROXY protocol header (`v1`
     /// or `v2`) naming the client and the address it reached.
     pub send_proxy_protocol: Option<crate::proxy::ProxyVersion>,
+}
+
+/// A pool's server: its address, or the address with a weight and a
+/// backup flag.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Address(HostPort),
+    Detailed {
+        address: HostPort,
+        #[serde(default = "default_weight")]
+        weight: u32,
+        #[serde(default)]
+        backup: bool,
+    },
+}
+
+impl ServerEntry {
+    pub fn spec(&self) -> crate::upstream::ServerSpec {
+        match self {
+            ServerEntry::Address(address) => crate::upstream::ServerSpec {
+                address: address.clone(),
+                weight: 1,
+                backup: false,
+            },
+            ServerEntry::Detailed {
+                address,
+                weight,
+                backup,
+            } => crate::upstream::ServerSpec {
+                address: address.clone(),
+                weight: *weight,
+                backup: *backup,
+            },
+        }
+    }
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_balance() -> crate::upstream::Balance {
+    crate::upstream::Balance::RoundRobin
+}
+
+fn default_eject_after() -> u32 {
+    3
+}
+
+fn default_eject_time() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// An active health check of each server of a pool.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Between checks of one server (each jittered by up to a tenth).
+    #[serde(default = "default_check_interval", with = "duration")]
+    pub interval: Duration,
+    /// For one check (connect, handshake, send, expect); default the
+    /// connect timeout.
+    #[serde(default, with = "optional_duration")]
+    pub timeout: Option<Duration>,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Also run the TLS handshake the upstream's `tls` section sets up,
+    /// with its verification (policy opportunistic or required).
+    #[serde(default)]
+    pub tls: bool,
+    /// Sent after connecting (and the handshake); `\r\n` as written.
+    pub send: Option<String>,
+    /// What the server's first bytes must start with (e.g. `220` for an
+    /// SMTP banner).
+    pub expect: Option<String>,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_rise() -> u32 {
+    2
+}
+
+fn default_fall() -> u32 {
+    3
+}
+
+impl Upstream {
+    /// Its servers, whether given as `address` or `servers`.
+    pub fn server_specs(&self) -> Vec<crate::upstream::ServerSpec> {
+        match &self.address {
+            Some(address) => vec![crate::upstream::ServerSpec {
+                address: address.get_ref().clone(),
+                weight: 1,
+                backup: false,
+            }],
+            None => self.servers.iter().map(|s| s.get_ref().spec()).collect(),
+        }
+    }
+
+    /// Where errors about its servers point.
+    pub fn servers_span(&self) -> Range<usize> {
+        match (&self.address, self.servers.first()) {
+            (Some(a), _) => a.span(),
+            (None, Some(s)) => s.span(),
+            (None, None) => self.name.span(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -802,6 +993,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
+/// An optional duration, written as [`duration`]'s.
+mod optional_duration {
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
 /// Durations as `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
 mod duration {
     use std::time::Duration;
@@ -935,6 +1137,7 @@ impl Config {
             up.tls
                 .check_verify(src, &format!("upstreams[{i}].tls.verify"))?;
             no_empty_groups(src, &up.tls.groups, &format!("upstreams[{i}].tls.groups"))?;
+            self.check_servers(i, up)?;
         }
         let mut connector_names = HashSet::new();
         for (i, c) in self.outbound_connectors.iter().enumerate() {
@@ -997,6 +1200,85 @@ impl Config {
                     c.name.span(),
                     format!("inbound_connectors[{i}].trust_anchors"),
                     "client certificates need trust_anchors",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An upstream has servers (`address` or `servers`, not both), with
+    /// usable weights, and health checks that can run.
+    fn check_servers(&self, i: usize, up: &Upstream) -> Result<(), ConfigError> {
+        let src = &self.source;
+        let field = |f: &str| format!("upstreams[{i}].{f}");
+        match (&up.address, up.servers.is_empty()) {
+            (Some(a), false) => {
+                return Err(src.error(
+                    a.span(),
+                    field("address"),
+                    "give address (one server) or servers (a pool), not both",
+                ))
+            }
+            (None, true) => {
+                return Err(src.error(
+                    up.name.span(),
+                    format!("upstreams[{i}]"),
+                    "needs address = \"host:port\" or servers = [...]",
+                ))
+            }
+            _ => {}
+        }
+        let mut seen = HashSet::new();
+        for (j, server) in up.servers.iter().enumerate() {
+            let spec = server.get_ref().spec();
+            if !(1..=256).contains(&spec.weight) {
+                return Err(src.error(
+                    server.span(),
+                    field(&format!("servers[{j}].weight")),
+                    "must be between 1 and 256",
+                ));
+            }
+            if !seen.insert(spec.address.to_string()) {
+                return Err(src.error(
+                    server.span(),
+                    field(&format!("servers[{j}]")),
+                    format!("{} is listed twice", spec.address),
+                ));
+            }
+        }
+        if up.server_specs().iter().all(|s| s.backup) {
+            return Err(src.error(
+                up.servers_span(),
+                field("servers"),
+                "every server is a backup: a backup serves only while the others are down",
+            ));
+        }
+        if let Some(check) = &up.check {
+            let bad = |what: &str| {
+                Err(src.error(
+                    up.name.span(),
+                    field(&format!("check.{what}")),
+                    "must be at least 1",
+                ))
+            };
+            if check.rise == 0 {
+                return bad("rise");
+            }
+            if check.fall == 0 {
+                return bad("fall");
+            }
+            if check.interval.is_zero() {
+                return Err(src.error(
+                    up.name.span(),
+                    field("check.interval"),
+                    "must be more than 0",
+                ));
+            }
+            if check.tls && up.tls.policy == OutboundPolicy::Plain {
+                return Err(src.error(
+                    up.name.span(),
+                    field("check.tls"),
+                    "a TLS check needs tls.policy opportunistic or required, not plain",
                 ));
             }
         }
@@ -1094,7 +1376,9 @@ impl Config {
         upstream_names: &HashSet<&str>,
     ) -> Result<(), ConfigError> {
         let src = &self.source;
+        self.check_routes(i, l, upstream_names)?;
         match (l.protocol, &l.upstream) {
+            (Protocol::Tcp, None) if !l.routes.is_empty() => Ok(()),
             (Protocol::Tcp, None) => Err(src.error(
                 l.name.span(),
                 format!("listeners[{i}]"),
@@ -1127,6 +1411,70 @@ impl Config {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// A listener's routes name upstreams that exist, on a TCP listener
+    /// that reads TLS; its access rates are usable.
+    fn check_routes(
+        &self,
+        i: usize,
+        l: &Listener,
+        upstream_names: &HashSet<&str>,
+    ) -> Result<(), ConfigError> {
+        let src = &self.source;
+        for (j, route) in l.routes.iter().enumerate() {
+            let field = format!("listeners[{i}].routes[{j}]");
+            if l.protocol == Protocol::Smtp {
+                return Err(src.error(
+                    route.upstream.span(),
+                    field,
+                    "smtp listeners route by recipient through outbound_connectors",
+                ));
+            }
+            if l.tls.mode == InboundMode::Off {
+                return Err(src.error(
+                    route.upstream.span(),
+                    field,
+                    "routes read the client's TLS hello: tls.mode off sees none",
+                ));
+            }
+            if !upstream_names.contains(route.upstream.get_ref().as_str()) {
+                return Err(src.error(
+                    route.upstream.span(),
+                    format!("{field}.upstream"),
+                    format!("no upstream named '{}'", route.upstream.get_ref()),
+                ));
+            }
+            for name in &route.sni {
+                let bare = name.strip_prefix("*.").unwrap_or(name);
+                if bare.is_empty()
+                    || bare.contains('*')
+                    || !bare.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(src.error(
+                        route.upstream.span(),
+                        format!("{field}.sni"),
+                        format!("'{name}' is not a server name or *.suffix"),
+                    ));
+                }
+            }
+        }
+        let access = &l.access;
+        if access.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            return Err(src.error(
+                l.name.span(),
+                format!("listeners[{i}].access.rate"),
+                "must be more than 0 per second",
+            ));
+        }
+        if access.burst == Some(0) {
+            return Err(src.error(
+                l.name.span(),
+                format!("listeners[{i}].access.burst"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
     }
 
     /// The accepted domains and inbound connectors as rules.

@@ -9,6 +9,7 @@
 #[macro_use]
 mod keywords;
 
+pub mod access;
 pub mod config;
 pub mod dane;
 pub mod mta_sts;
@@ -17,7 +18,9 @@ pub mod policy;
 pub mod proxy;
 pub mod report;
 pub mod smtp;
+pub mod tls_hello;
 pub mod tlsrpt;
+pub mod upstream;
 
 /// Bytes as lowercase hex (TLSA data, digests), as DNS records write them.
 pub fn hex(bytes: &[u8]) -> String {

@@ -271,9 +271,49 @@ pub struct SessionReport {
     /// SMTP: each mail transaction, where it went and how it ended.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub transactions: Vec<Transaction>,
+    /// What the client's TLS hello asked for, when a listener with routes
+    /// read it before choosing one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello: Option<HelloSeen>,
+    /// TLS passed through untouched: the relay terminated nothing, and
+    /// read what the server's hello chose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<Passthrough>,
     /// From accept until both legs were ready to relay.
     pub setup_ms: f64,
     pub duration_ms: f64,
+}
+
+/// A ClientHello as a router read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HelloSeen {
+    pub server_name: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// Versions offered (`TLSv1.3`, `TLSv1.2`, …), GREASE left out.
+    pub offered: Vec<String>,
+}
+
+/// A passed-through session's TLS as its ServerHello said (the relay
+/// verified nothing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Passthrough {
+    /// `TLSv1.3`, …; `None` when no ServerHello was seen.
+    pub version: Option<String>,
+    pub version_code: u16,
+    pub cipher_code: u16,
+    pub group_code: u16,
+}
+
+/// A TLS version's name, as reports give it.
+pub fn version_name(code: u16) -> Option<&'static str> {
+    match code {
+        0x0301 => Some("TLSv1.0"),
+        0x0302 => Some("TLSv1.1"),
+        0x0303 => Some("TLSv1.2"),
+        0x0304 => Some("TLSv1.3"),
+        _ => None,
+    }
 }
 
 impl SessionReport {
@@ -291,6 +331,8 @@ impl SessionReport {
             tls_off: Vec::new(),
             inbound: None,
             outbound: None,
+            hello: None,
+            passthrough: None,
             downgrades: Vec::new(),
             outcome: Outcome::Failed {
                 reason: "session did not finish".into(),
@@ -345,6 +387,16 @@ impl fmt::Display for SessionReport {
             write!(f, "[{}]:{}", addr.ip(), addr.port())?;
         }
         write!(f, " outbound={}", leg(&self.outbound))?;
+        if let Some(name) = self.hello.as_ref().and_then(|h| h.server_name.as_ref()) {
+            write!(f, " sni={name}")?;
+        }
+        if let Some(p) = &self.passthrough {
+            write!(
+                f,
+                " passthrough={}",
+                p.version.as_deref().unwrap_or("no-serverhello")
+            )?;
+        }
         for d in &self.downgrades {
             write!(f, " downgrade({})=\"{}\"", d.leg, d.reason)?;
         }

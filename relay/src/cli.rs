@@ -72,6 +72,33 @@ pub enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// The running relay's listeners and upstream servers (health,
+    /// weight, sessions), read from its status socket; drain or enable a
+    /// server.
+    Status {
+        /// The running relay's state directory (its socket is
+        /// status.sock there).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<StatusAction>,
+    },
+    /// Session-ticket keys shared by a fleet of relays.
+    Tickets {
+        #[command(subcommand)]
+        command: crate::tickets::TicketsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StatusAction {
+    /// No new sessions for this server; those under way go on.
+    Drain { upstream: String, server: String },
+    /// Sessions for this server again.
+    Enable { upstream: String, server: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -91,6 +118,12 @@ pub fn main() -> ExitCode {
         Command::Dns { command } => crate::cli_dns::run(command),
         Command::Tlsrpt { command } => crate::cli_tlsrpt::run(command),
         Command::Stats { pin_dir, json } => stats(&pin_dir, json),
+        Command::Status {
+            state_dir,
+            json,
+            action,
+        } => status(state_dir, json, action),
+        Command::Tickets { command } => crate::tickets::run(command),
         Command::Run {
             config,
             state_dir,
@@ -194,6 +227,35 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
+fn status(state_dir: Option<PathBuf>, json: bool, action: Option<StatusAction>) -> ExitCode {
+    let socket = crate::status::socket_path(&crate::state::state_dir(state_dir));
+    let request = match (&action, json) {
+        (Some(StatusAction::Drain { upstream, server }), _) => format!("drain {upstream} {server}"),
+        (Some(StatusAction::Enable { upstream, server }), _) => {
+            format!("enable {upstream} {server}")
+        }
+        (None, true) => "show json".into(),
+        (None, false) => "show".into(),
+    };
+    match crate::status::ask(&socket, &request) {
+        Ok(answer) => {
+            print!("{answer}");
+            if answer.starts_with("error:") {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "tlsrelay: {}: {e} (is the relay running with this state directory?)",
+                socket.display()
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
     let snapshot = match crate::bpf::snapshot(pin_dir) {
         Ok(s) => s,
@@ -232,13 +294,14 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
             };
             let relay = match &c.relay {
                 Some(r) => format!(
-                    "{} {}{}{}{}{}",
+                    "{} {}{}{}{}{}{}",
                     r.leg,
                     r.negotiated_version.unwrap_or("plaintext"),
                     r.key_exchange.map_or(String::new(), |g| format!(" {g}")),
                     if r.downgraded { " (downgraded)" } else { "" },
                     if r.tls_off { " (TLS off)" } else { "" },
-                    if r.refused { " (refused)" } else { "" }
+                    if r.refused { " (refused)" } else { "" },
+                    if r.passthrough { " (passthrough)" } else { "" }
                 ),
                 None => "-".to_string(),
             };
@@ -277,7 +340,12 @@ fn run(
     };
     let state_dir = crate::state::state_dir(state_dir.or_else(|| config.state_dir.clone()));
     crate::pump::set_uring_workers(config.dataplane.workers());
-    let mut plan = Plan::build(&config, SelfSignedSource::StateDir(state_dir.clone()))?;
+    let pools = crate::upstreams::Pools::default();
+    let mut plan = Plan::build_with(
+        &config,
+        SelfSignedSource::StateDir(state_dir.clone()),
+        &pools,
+    )?;
     let report_sender = plan.report_sender.take();
     // Before any socket exists: sockets belong to their creator's cgroup.
     let wire = start_wire_counters(&config);
@@ -288,12 +356,22 @@ fn run(
     let mut relay = Listeners::bind(plan)?;
     let wire_line = attach_wire_counters(&mut relay, &wire, &config);
     let metrics = match config.metrics.address {
-        Some(address) => Some(bind_metrics(&mut relay, address, &wire)?),
+        Some(address) => {
+            let (listener, metrics) = bind_metrics(&mut relay, address, &wire)?;
+            metrics.watch_pools(pools.clone());
+            Some((listener, metrics))
+        }
         None => None,
     };
     if let Some(dest) = &json_reports {
         write_json_reports(&mut relay, dest)?;
     }
+    let status_socket = crate::status::bind(&state_dir).with_context(|| {
+        format!(
+            "status: cannot listen on {}",
+            crate::status::socket_path(&state_dir).display()
+        )
+    })?;
     let user = config.user.as_ref().map(|u| u.get_ref().as_str());
     let privileges = crate::privileges::give_up(user, &state_dir)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -321,6 +399,22 @@ fn run(
             banner.say(format_args!("  metrics on http://{bound}/metrics"));
         }
         banner.say(format_args!("  {privileges}"));
+        banner.say(format_args!(
+            "  status on {} (tlsrelay status)",
+            crate::status::socket_path(&state_dir).display()
+        ));
+        tokio::spawn(crate::status::serve(
+            status_socket,
+            crate::status::Source {
+                pools: pools.clone(),
+                listeners: relay
+                    .local_addrs()
+                    .into_iter()
+                    .map(|(name, address)| crate::status::ListenerView { name, address })
+                    .collect(),
+                started: std::time::Instant::now(),
+            },
+        ));
         banner.say(format_args!("  state directory {}", state_dir.display()));
         if let Some(sender) = report_sender {
             tokio::spawn(send_tls_reports(sender));
@@ -330,6 +424,7 @@ fn run(
             &config,
             state_dir,
             relay.plan_switch(),
+            pools,
         ));
         // Both handlers exist before READY=1: a reload or stop systemd sends
         // right after it must not meet the default action (exit).

@@ -109,16 +109,18 @@ async fn read_proxy_header(tcp: &mut TcpStream) -> Result<ProxyHeader, String> {
 /// A completed inbound TLS handshake.
 pub type ServerStream = tokio_rustls::server::TlsStream<RecordIo>;
 
-/// Runs the server side of a TLS handshake within `limit`. The stream
+/// Runs the server side of a TLS handshake within `limit` (`hello`: the
+/// records a router already read off the socket, or none). The stream
 /// returned still reads whole records only, so nothing meant for kTLS has
 /// been consumed: the caller hands it to the kernel, or lets it read
 /// ahead ([`Leg::stay_in_userspace`]).
 pub async fn accept_tls(
     tls: &ListenerTls,
     tcp: TcpStream,
+    hello: Vec<u8>,
     limit: Duration,
 ) -> Result<ServerStream, TlsFailure> {
-    match timeout(limit, tls.accept(tcp)).await {
+    match timeout(limit, tls.accept_after(tcp, hello)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(classify_failure(&e)),
         Err(_) => Err(TlsFailure::HandshakeFailed("timed out".into())),

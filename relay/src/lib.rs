@@ -12,6 +12,7 @@ pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report, tlsrpt};
 use tlsrelay_sys::privileges as sys_privileges;
 pub use tlsrelay_sys::{bpf, ktls, notify};
 
+mod access;
 pub mod cli;
 mod cli_cert;
 mod cli_dns;
@@ -30,9 +31,12 @@ mod revocation;
 mod session;
 mod smtp;
 mod state;
+mod status;
 mod sts_policies;
+mod tickets;
 mod tls;
 mod tls_reports;
+pub mod upstreams;
 
 /// Seconds since the Unix epoch (0 before it).
 pub(crate) fn unix_now() -> i64 {

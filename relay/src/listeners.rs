@@ -16,6 +16,7 @@ use crate::plan::{ConnectionLimits, Listening, Plan};
 use crate::report::Outcome;
 use crate::report::SessionReport;
 use crate::session;
+use tlsrelay_core::access::Denied;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -126,6 +127,7 @@ impl Listeners {
         let mut accept_loops = tokio::task::JoinSet::new();
         let per_client = Arc::new(PerClient::new(self.limits.per_client));
         for (socket, plan) in self.listeners {
+            plan.borrow().start_checks();
             let socket = match TcpListener::from_std(socket) {
                 Ok(socket) => socket,
                 Err(e) => {
@@ -210,6 +212,7 @@ impl PlanSwitch {
                 .find(|(_, tx)| tx.borrow().name() == name);
             match current {
                 Some((bound, tx)) if address.port() == 0 || *bound == address => {
+                    listening.start_checks();
                     tx.send_replace(listening);
                 }
                 Some((bound, _)) => left.push(format!(
@@ -268,6 +271,8 @@ enum OverLimit {
     /// A PROXY protocol listener's connection from an address not among
     /// its balancers.
     ProxySource,
+    /// The listener's access list or new-connection rate.
+    Access(Denied),
 }
 
 impl OverLimit {
@@ -277,6 +282,7 @@ impl OverLimit {
             OverLimit::Total => "total",
             OverLimit::PerClient => "per-client",
             OverLimit::ProxySource => "proxy-source",
+            OverLimit::Access(denied) => denied.class(),
         }
     }
 }
@@ -293,6 +299,11 @@ impl Admission {
     /// The slots a new connection from `peer` takes, before a byte of it
     /// is read.
     fn admit(&self, plan: &Listening, peer: IpAddr) -> Result<Slots, OverLimit> {
+        // Behind a balancer the access rules judge the client its header
+        // names, once read (see client_of).
+        if plan.proxy_sources().is_none() {
+            plan.access().admit(peer).map_err(OverLimit::Access)?;
+        }
         let client = match plan.proxy_sources() {
             Some(sources) if !sources.trusts(peer) => return Err(OverLimit::ProxySource),
             Some(_) => None,
@@ -327,18 +338,8 @@ impl PerClient {
         }
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-            },
-            v4 => v4,
-        }
-    }
-
     fn claim(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let key = PerClient::key(ip);
+        let key = tlsrelay_core::access::client_key(ip);
         let mut open = self.open.lock().expect("not poisoned");
         let n = open.entry(key).or_default();
         if *n >= self.max {
@@ -384,6 +385,14 @@ fn refuse(
             tracing::warn!(listener = %plan.name(), client = %peer, "not a PROXY protocol balancer of this listener (proxy_protocol_from); closing before reading");
             return;
         }
+        OverLimit::Access(Denied::Listed) => {
+            tracing::info!(listener = %plan.name(), client = %peer, "not allowed by the listener's access list; closing before reading");
+            return;
+        }
+        OverLimit::Access(Denied::Rate) => {
+            tracing::info!(listener = %plan.name(), client = %peer, "past its new-connection rate; closing before reading");
+            return;
+        }
     };
     tracing::warn!(listener = %plan.name(), client = %peer, limit = over.class(), "connection limit reached; closing");
     if let Listening::Smtp(smtp) = plan {
@@ -408,6 +417,20 @@ async fn client_of(
     }
     let address = client_address(client, peer, plan.handshake_timeout()).await;
     if let Ok(named) = &address {
+        if let Err(denied) = plan.access().admit(named.peer.ip()) {
+            return Some(Err(Outcome::Refused {
+                leg: crate::report::Direction::Inbound,
+                reason: format!(
+                    "client {} {}",
+                    named.peer.ip(),
+                    match denied {
+                        Denied::Listed => "not allowed by the listener's access list",
+                        Denied::Rate => "past its new-connection rate",
+                    }
+                ),
+                failure: None,
+            }));
+        }
         match per_client.claim(named.peer.ip()) {
             Some(slot) => slots.client = Some(slot),
             None => return None,

@@ -27,6 +27,8 @@ pub struct Metrics {
     /// through the maps held since start, not their pinned paths, which
     /// the relay may no longer open once it gave up root).
     wire: Option<Arc<crate::bpf::WireCounters>>,
+    /// The upstream pools, when the relay serves any.
+    pools: std::sync::OnceLock<crate::upstreams::Pools>,
 }
 
 struct Inner {
@@ -104,7 +106,13 @@ impl Metrics {
                 duration: histogram(),
             }),
             wire,
+            pools: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exposes the pools' servers and checks too.
+    pub fn watch_pools(&self, pools: crate::upstreams::Pools) {
+        let _ = self.pools.set(pools);
     }
 
     /// A connection closed at accept because it was over `limit`.
@@ -128,12 +136,16 @@ impl Metrics {
             Outcome::Refused { .. } => "refused",
             Outcome::Failed { .. } => "failed",
         };
+        let (inbound, outbound) = match &r.passthrough {
+            Some(_) => ("passthrough".to_string(), "passthrough".to_string()),
+            None => (version(&r.inbound), version(&r.outbound)),
+        };
         *m.sessions
             .entry(vec![
                 ("listener", r.listener.clone()),
                 ("upstream", r.upstream.clone()),
-                ("inbound", version(&r.inbound)),
-                ("outbound", version(&r.outbound)),
+                ("inbound", inbound),
+                ("outbound", outbound),
                 ("outcome", outcome.into()),
             ])
             .or_default() += 1;
@@ -244,6 +256,9 @@ impl Metrics {
                 &m.duration,
             );
         }
+        if let Some(pools) = self.pools.get() {
+            render_pools(&mut out, pools);
+        }
         if let Some(wire) = &self.wire {
             match wire.snapshot() {
                 Ok(s) => {
@@ -278,6 +293,62 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Each upstream server's state and checks.
+fn render_pools(out: &mut String, pools: &crate::upstreams::Pools) {
+    let mut up = BTreeMap::new();
+    let mut sessions = BTreeMap::new();
+    let mut checks = BTreeMap::new();
+    let mut ejections = BTreeMap::new();
+    for pool in pools.live() {
+        for server in pool.view().servers {
+            let labels = vec![
+                ("upstream", pool.name.clone()),
+                ("server", server.address.clone()),
+            ];
+            up.insert(labels.clone(), u64::from(server.up));
+            sessions.insert(labels.clone(), server.sessions);
+            ejections.insert(labels.clone(), server.ejections);
+            for (result, n) in [
+                ("passed", server.checks_passed),
+                ("failed", server.checks_failed),
+            ] {
+                let mut l = labels.clone();
+                l.push(("result", result.into()));
+                checks.insert(l, n);
+            }
+        }
+    }
+    for (name, help, series) in [
+        (
+            "tlsrelay_upstream_server_up",
+            "1 while an upstream server takes sessions by its health (an operator's drain aside).",
+            &up,
+        ),
+        (
+            "tlsrelay_upstream_server_sessions",
+            "Sessions each upstream server holds now.",
+            &sessions,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (l, v) in series {
+            let _ = writeln!(out, "{name}{} {v}", labels(l));
+        }
+    }
+    counter(
+        out,
+        "tlsrelay_upstream_checks_total",
+        "Active health checks of each upstream server, passed or failed.",
+        &checks,
+    );
+    counter(
+        out,
+        "tlsrelay_upstream_ejections_total",
+        "Upstream servers ejected after consecutive failed connects of real sessions.",
+        &ejections,
+    );
 }
 
 fn escape(value: &str) -> String {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 
+use crate::access::ClientAccess;
 use crate::config::NextHop;
 use crate::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
@@ -17,7 +18,7 @@ use crate::dns::DnsResolver;
 use crate::legs::ProxySources;
 use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
-use crate::session::{ListenerPlan, RoutePlan, Timeouts};
+use crate::session::{ListenerPlan, RoutePlan, RouteRule, Timeouts};
 use crate::smtp::address::DomainPattern;
 use crate::smtp::client::{MailConnector, NextHopPlan, NextHops};
 use crate::smtp::dns_route::MxRoute;
@@ -32,6 +33,8 @@ use crate::tls::{
     UpstreamTls, UpstreamTlsSettings,
 };
 use crate::tls_reports::{MailOut, ReportSender, TlsReports};
+use crate::upstreams::{PoolSettings, Pools};
+use tlsrelay_core::upstream::{HealthRules, Pool};
 
 /// Where listeners without configured certificates get theirs.
 pub enum SelfSignedSource {
@@ -62,6 +65,27 @@ impl Listening {
         match self {
             Listening::Tcp(p) => p.proxy_protocol.as_ref(),
             Listening::Smtp(p) => p.proxy_protocol.as_ref(),
+        }
+    }
+
+    /// Who may connect, and how fast.
+    pub(crate) fn access(&self) -> &ClientAccess {
+        match self {
+            Listening::Tcp(p) => &p.access,
+            Listening::Smtp(p) => &p.access,
+        }
+    }
+
+    /// Starts the health checks of the pools this listener's sessions use.
+    pub(crate) fn start_checks(&self) {
+        if let Listening::Tcp(p) = self {
+            for route in p
+                .default_route
+                .iter()
+                .chain(p.routes.iter().map(|r| &r.route))
+            {
+                route.pool.ensure_checking();
+            }
         }
     }
 
@@ -290,6 +314,7 @@ impl SmtpShared {
             ),
             max_message_size: l.max_message_size,
             max_hops: l.max_hops,
+            access: ClientAccess::new(&l.access),
         }
     }
 }
@@ -325,10 +350,24 @@ pub struct Plan {
     pub description: Vec<String>,
     /// Sends TLS reports (RFC 8460) for MX delivery, when there is any.
     pub report_sender: Option<ReportSender>,
+    /// The upstream pools (shared with the plans built before and after
+    /// this one from the same registry).
+    pub pools: Pools,
 }
 
 impl Plan {
+    /// A plan with pools of its own.
     pub fn build(config: &Config, self_signed: SelfSignedSource) -> Result<Plan, ConfigError> {
+        Self::build_with(config, self_signed, &Pools::default())
+    }
+
+    /// A plan whose upstreams take their pools from `pools`: a reload
+    /// keeps each unchanged pool's health and sessions.
+    pub fn build_with(
+        config: &Config,
+        self_signed: SelfSignedSource,
+        pools: &Pools,
+    ) -> Result<Plan, ConfigError> {
         let src = &config.source;
         let timeouts = Timeouts {
             handshake: config.limits.handshake_timeout,
@@ -338,7 +377,14 @@ impl Plan {
         let mut system_roots = None;
         let mut routes = Vec::new();
         for (i, up) in config.upstreams.iter().enumerate() {
-            routes.push(Arc::new(route_plan(src, i, up, &mut system_roots)?));
+            routes.push(Arc::new(route_plan(
+                src,
+                i,
+                up,
+                &mut system_roots,
+                pools,
+                config.limits.connect_timeout,
+            )?));
         }
         let mut description = Vec::new();
         let mut generated = None;
@@ -367,20 +413,29 @@ impl Plan {
             description.push(describe_listener(l, config.upstream_of(l)));
             let listening = match l.protocol {
                 Protocol::Tcp => {
-                    let upstream = l
-                        .upstream
-                        .as_ref()
-                        .expect("validated: tcp listeners have an upstream");
-                    let route = routes
-                        .iter()
-                        .find(|r| r.name == *upstream.get_ref())
-                        .expect("validated: every listener's upstream exists")
-                        .clone();
+                    let route_named = |name: &str| {
+                        routes
+                            .iter()
+                            .find(|r| r.name == name)
+                            .expect("validated: every route's upstream exists")
+                            .clone()
+                    };
                     Listening::Tcp(Arc::new(ListenerPlan {
                         name: l.name.get_ref().clone(),
                         mode: l.tls.mode,
                         tls,
-                        route,
+                        default_route: l.upstream.as_ref().map(|u| route_named(u.get_ref())),
+                        routes: l
+                            .routes
+                            .iter()
+                            .map(|r| RouteRule {
+                                sni: r.sni.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                                alpn: r.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+                                route: route_named(r.upstream.get_ref()),
+                                passthrough: r.passthrough,
+                            })
+                            .collect(),
+                        access: ClientAccess::new(&l.access),
                         timeouts,
                         ktls: config.dataplane.ktls,
                         engine: config.dataplane.pump,
@@ -397,6 +452,7 @@ impl Plan {
             limits: ConnectionLimits::of(config),
             description,
             report_sender: smtp.report_sender,
+            pools: pools.clone(),
         })
     }
 }
@@ -428,7 +484,15 @@ fn describe_connectors_and_routes(
             .iter()
             .map(|(domains, i)| describe_outbound_connector(&smtp.connectors[*i], domains)),
     );
-    out.extend(routes.iter().map(|r| describe_route(r)));
+    out.extend(routes.iter().map(|r| {
+        describe_route(
+            r,
+            config
+                .upstreams
+                .iter()
+                .find(|u| *u.name.get_ref() == r.name),
+        )
+    }));
     out.push(describe_limits(config));
     out.push(describe_dataplane(config));
     out
@@ -514,6 +578,18 @@ fn listener_tls(
             .unwrap_or(0),
         certificates,
         client_auth,
+        tickets: match &l.tls.ticket_keys {
+            None => None,
+            Some(path) => Some(
+                crate::tickets::fleet_ticketer(
+                    &src.resolve(path.get_ref()),
+                    l.tls.ticket_key_lifetime,
+                )
+                .map_err(|e| {
+                    src.error(path.span(), format!("listeners[{i}].tls.ticket_keys"), e)
+                })?,
+            ),
+        },
     };
     ListenerTls::new(settings)
         .map_err(|e| src.error(l.name.span(), format!("listeners[{i}].tls"), e))
@@ -524,21 +600,47 @@ fn route_plan(
     i: usize,
     up: &Upstream,
     system_roots: &mut SystemRoots,
+    pools: &Pools,
+    connect_timeout: std::time::Duration,
 ) -> Result<RoutePlan, ConfigError> {
-    let address = up.address.get_ref().clone();
-    let tls = outbound_tls(
-        src,
-        &format!("upstreams[{i}].tls"),
-        &up.tls,
-        &address.host,
-        up.address.span(),
-        system_roots,
-    )?;
+    let specs = up.server_specs();
+    let mut servers = Vec::new();
+    for spec in &specs {
+        let tls = outbound_tls(
+            src,
+            &format!("upstreams[{i}].tls"),
+            &up.tls,
+            &spec.address.host,
+            up.servers_span(),
+            system_roots,
+        )?;
+        servers.push(tls.map(Arc::new));
+    }
+    let rules = HealthRules {
+        rise: up.check.as_ref().map_or(2, |c| c.rise),
+        fall: up.check.as_ref().map_or(3, |c| c.fall),
+        // A lone server without checks has nowhere else to send its
+        // sessions: ejecting it would only refuse them.
+        eject_after: match (specs.len(), &up.check) {
+            (1, None) => 0,
+            _ => up.eject_after,
+        },
+    };
+    let pool = pools.get_or_create(
+        up.name.get_ref(),
+        Pool::new(specs, up.balance, rules),
+        PoolSettings {
+            check: up.check.clone(),
+            eject_time: up.eject_time,
+            connect_timeout,
+        },
+    );
+    pool.use_tls(servers.clone());
     Ok(RoutePlan {
         name: up.name.get_ref().clone(),
-        address,
+        pool,
+        servers,
         policy: up.tls.policy,
-        tls,
         send_proxy: up.send_proxy_protocol,
     })
 }
@@ -691,6 +793,13 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
                 .collect();
             s += &format!(", certificates {} (by SNI)", chains.join(", "));
         }
+        if let Some(keys) = &l.tls.ticket_keys {
+            s += &format!(
+                ", session tickets from the fleet's keys in {} (each valid {:?})",
+                keys.get_ref().display(),
+                l.tls.ticket_key_lifetime
+            );
+        }
         if let Some(auth) = &l.tls.client_auth {
             let names: Vec<String> = auth.names.iter().map(ToString::to_string).collect();
             s += &format!(
@@ -716,19 +825,61 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
             from.join(", ")
         );
     }
-    match up {
-        Some(up) => {
+    for route in &l.routes {
+        let names = if route.sni.is_empty() {
+            "any name".to_string()
+        } else {
+            route.sni.join(" | ")
+        };
+        let alpn = if route.alpn.is_empty() {
+            String::new()
+        } else {
+            format!(" offering ALPN {}", route.alpn.join(" | "))
+        };
+        s += &format!(
+            "; SNI {names}{alpn} -> upstream {} ({})",
+            route.upstream.get_ref(),
+            if route.passthrough {
+                "TLS passed through untouched"
+            } else {
+                "TLS terminated here"
+            }
+        );
+    }
+    if !l.access.allow.is_empty() || !l.access.deny.is_empty() || l.access.rate.is_some() {
+        let list = |v: &[crate::smtp::address::Cidr]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        s += "; clients";
+        if !l.access.allow.is_empty() {
+            s += &format!(" from {} only", list(&l.access.allow));
+        }
+        if !l.access.deny.is_empty() {
+            s += &format!(", never from {}", list(&l.access.deny));
+        }
+        if let Some(rate) = l.access.rate {
             s += &format!(
-                " -> upstream {} ({})",
-                up.name.get_ref(),
-                up.address.get_ref()
+                ", at most {rate} new connections per second per address (bursts of {})",
+                ClientAccess::burst_of(&l.access)
             );
+        }
+    }
+    match (up, l.protocol) {
+        (Some(up), _) => {
+            s += &format!(" -> upstream {}", up.name.get_ref());
+            if !l.routes.is_empty() {
+                s += " otherwise";
+            }
             if let Some(version) = up.send_proxy_protocol {
                 s += &format!(", PROXY protocol {version} header sent");
             }
             s
         }
-        None => format!(
+        (None, Protocol::Tcp) => format!("{s}; no route for other names: refused"),
+        (None, Protocol::Smtp) => format!(
             "{s} -> outbound connectors by recipient domain; limits: messages of {} bytes, {} recipients per transaction, lines of {} octets",
             l.max_message_size,
             tlsrelay_core::smtp::forward::MAX_RECIPIENTS,
@@ -842,12 +993,70 @@ fn describe_dataplane(config: &Config) -> String {
     format!("data plane: {ktls}; {engine}")
 }
 
-fn describe_route(route: &RoutePlan) -> String {
-    let mut s = format!(
-        "upstream {} at {}: outbound TLS {}",
-        route.name, route.address, route.policy
-    );
-    if let Some(tls) = &route.tls {
+fn describe_route(route: &RoutePlan, up: Option<&Upstream>) -> String {
+    let pool = &route.pool;
+    let servers: Vec<String> = pool
+        .view()
+        .servers
+        .iter()
+        .map(|s| {
+            let mut text = s.address.clone();
+            if s.weight != 1 {
+                text += &format!(" weight {}", s.weight);
+            }
+            if s.backup {
+                text += " (backup)";
+            }
+            text
+        })
+        .collect();
+    let mut s = match servers.len() {
+        1 => format!("upstream {} at {}", route.name, servers[0]),
+        _ => format!(
+            "upstream {}: servers {}, balance {}",
+            route.name,
+            servers.join(", "),
+            pool.balance()
+        ),
+    };
+    let pooled = servers.len() > 1 || up.is_some_and(|u| u.check.is_some());
+    if let Some(up) = up.filter(|_| pooled) {
+        match &up.check {
+            Some(c) => {
+                s += &format!(
+                    "; checked every {:?}{}{} (up after {} good, down after {} failed)",
+                    c.interval,
+                    if c.tls {
+                        " with a TLS handshake"
+                    } else {
+                        " by connecting"
+                    },
+                    c.expect
+                        .as_ref()
+                        .map_or(String::new(), |e| format!(", expecting {e:?}")),
+                    c.rise,
+                    c.fall
+                )
+            }
+            None => s += "; no active checks",
+        }
+        if up.eject_after > 0 {
+            s += &format!(
+                "; a server is ejected after {} failed connects{}",
+                up.eject_after,
+                if up.check.is_none() {
+                    format!(" for {:?}", up.eject_time)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if servers.len() > 1 {
+            s += "; a session whose connect fails moves to the next server";
+        }
+    }
+    s += &format!(": outbound TLS {}", route.policy);
+    if let Some(tls) = route.servers.iter().flatten().next() {
         s += tls.description();
         if route.policy == OutboundPolicy::Opportunistic {
             s += ", falls back to plaintext when TLS fails";

@@ -29,6 +29,8 @@ type Stamp = Option<(SystemTime, u64)>;
 pub struct Reloader {
     config: Option<PathBuf>,
     state_dir: PathBuf,
+    /// The upstream pools: an unchanged one keeps its health and sessions.
+    pools: crate::upstreams::Pools,
     switch: PlanSwitch,
     limits: ConnectionLimits,
     watched: Mutex<Vec<(PathBuf, Stamp)>>,
@@ -42,11 +44,13 @@ impl Reloader {
         current: &Config,
         state_dir: PathBuf,
         switch: PlanSwitch,
+        pools: crate::upstreams::Pools,
     ) -> Reloader {
         let watched = stamps(watched_files(current, config.as_deref()));
         Reloader {
             config,
             state_dir,
+            pools,
             switch,
             limits: ConnectionLimits::of(current),
             watched: Mutex::new(watched),
@@ -66,7 +70,8 @@ impl Reloader {
                 stamps(watched_files(c, self.config.as_deref()));
         }
         let config = config?;
-        let plan = Plan::build(&config, SelfSignedSource::StateDir(self.state_dir.clone()))?;
+        let self_signed = SelfSignedSource::StateDir(self.state_dir.clone());
+        let plan = Plan::build_with(&config, self_signed, &self.pools)?;
         check_not_expired(&config)?;
         Ok(self.switch.apply(plan, self.limits))
     }
@@ -127,6 +132,14 @@ impl Reloader {
 pub fn watched_files(config: &Config, path: Option<&Path>) -> Vec<PathBuf> {
     let src = &config.source;
     let mut files: Vec<PathBuf> = path.map(Path::to_path_buf).into_iter().collect();
+    // A rotated ticket key file takes effect without a restart.
+    files.extend(
+        config
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.ticket_keys.as_ref())
+            .map(|k| src.resolve(k.get_ref())),
+    );
     let mut pair = |f: &crate::config::CertificateFiles| {
         files.push(src.resolve(f.chain.get_ref()));
         files.push(src.resolve(f.key.get_ref()));

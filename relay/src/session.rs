@@ -1,6 +1,8 @@
-//! One client connection end to end: decide and perform the inbound TLS,
-//! connect the upstream under its policy (falling back or refusing), hand
-//! both legs to the data pump, and report what happened.
+//! One client connection end to end: read its TLS hello where the
+//! listener routes by name, decide and perform the inbound TLS (or pass it
+//! through), connect one of the route's servers under its policy (falling
+//! back, refusing, or moving to the next server), hand both legs to the
+//! data pump, and report what happened.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,16 +11,24 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::HostPort;
+use crate::access::ClientAccess;
 use crate::legs::{
     accept_tls, inbound_refused, inbound_security, open_outbound, ClientAddress, LegTimeouts,
-    OutboundFailure, ProxySources, Silent, Target,
+    OutboundFailure, OutboundLeg, ProxySources, Silent, Target,
 };
 use crate::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
 use crate::proxy::ProxyVersion;
 use crate::pump::{self, Leg, PumpOptions, SpliceEngine};
-use crate::report::{Direction, Downgrade, LegSecurity, Outcome, SessionReport};
+use crate::report::{
+    Direction, Downgrade, HelloSeen, LegSecurity, Outcome, Passthrough, SessionReport,
+};
 use crate::tls::{ListenerTls, UpstreamTls};
+use crate::upstreams::{Lease, PoolState};
+use tlsrelay_core::tls_hello::{
+    parse_server_hello, sni_matches, ClientHelloInfo, HelloReader, Progress as HelloProgress,
+    ServerHelloInfo,
+};
+use tlsrelay_core::upstream::Balance;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -33,7 +43,12 @@ pub struct ListenerPlan {
     pub mode: InboundMode,
     /// Present unless the mode is `off`.
     pub tls: Option<ListenerTls>,
-    pub route: Arc<RoutePlan>,
+    /// Where sessions go that no route takes (none: they are refused).
+    pub default_route: Option<Arc<RoutePlan>>,
+    /// By the ClientHello's SNI and ALPN, first match first.
+    pub routes: Vec<RouteRule>,
+    /// Who may connect and how fast.
+    pub access: ClientAccess,
     pub timeouts: Timeouts,
     /// Offer TLS legs to kernel TLS when the kernel supports them.
     pub ktls: bool,
@@ -43,13 +58,33 @@ pub struct ListenerPlan {
     pub proxy_protocol: Option<ProxySources>,
 }
 
-/// An upstream route: where to connect and how to secure it.
+/// A listener's route: the names and protocols it takes, where to, and
+/// whether TLS ends here or passes through.
+pub struct RouteRule {
+    /// Lowercased server names and `*.suffix` patterns; empty: any.
+    pub sni: Vec<String>,
+    /// ALPN protocols, one of which the client must offer; empty: any.
+    pub alpn: Vec<Vec<u8>>,
+    pub route: Arc<RoutePlan>,
+    pub passthrough: bool,
+}
+
+impl RouteRule {
+    fn matches(&self, hello: &ClientHelloInfo) -> bool {
+        let name = hello.server_name.as_deref().unwrap_or("");
+        let sni = self.sni.is_empty() || self.sni.iter().any(|p| sni_matches(p, name));
+        let alpn = self.alpn.is_empty() || hello.alpn.iter().any(|p| self.alpn.contains(p));
+        sni && alpn
+    }
+}
+
+/// An upstream route: its pool of servers and how to secure each leg.
 pub struct RoutePlan {
     pub name: String,
-    pub address: HostPort,
+    pub pool: Arc<PoolState>,
+    /// Each server's TLS (`None` under policy plain), by pool index.
+    pub servers: Vec<Option<Arc<UpstreamTls>>>,
     pub policy: OutboundPolicy,
-    /// Present unless the policy is `plain`.
-    pub tls: Option<UpstreamTls>,
     /// Send the upstream a PROXY protocol header naming the client.
     pub send_proxy: Option<ProxyVersion>,
 }
@@ -83,8 +118,8 @@ pub async fn run(
     address: Result<ClientAddress, Outcome>,
 ) -> SessionReport {
     let started = Instant::now();
-    let route = &plan.route;
-    let mut report = SessionReport::new(id, &plan.name, peer, &route.name);
+    let default = plan.default_route.as_ref().map_or("-", |r| r.name.as_str());
+    let mut report = SessionReport::new(id, &plan.name, peer, default);
     let _ = client.set_nodelay(true);
     // Until the session ends cleanly, closing (or dying) resets the client.
     pump::reset_on_close(&client);
@@ -98,43 +133,69 @@ pub async fn run(
     };
     report.client = address.peer;
     report.proxied_by = address.proxied_by;
-    // The header naming the client, for an upstream that wants one.
-    let proxy_header = route.send_proxy.and_then(|version| {
-        let destination = address.destination.or_else(|| client.local_addr().ok())?;
-        Some(crate::proxy::encode(version, address.peer, destination))
-    });
+    let destination = address.destination.or_else(|| client.local_addr().ok());
     let peer = address.peer;
     if plan.mode == InboundMode::Off {
         report.tls_off.push(Direction::Inbound);
     }
-    if route.policy == OutboundPolicy::Plain {
-        report.tls_off.push(Direction::Outbound);
-    }
-    let (client_leg, inbound) = match accept_inbound(id, plan, client, peer).await {
+    let mut accepted = match accept_inbound(id, plan, client, peer, &mut report).await {
         Ok(accepted) => accepted,
         Err(outcome) => {
             report.outcome = outcome;
             return finish(report, started);
         }
     };
-    report.inbound = Some(inbound.security);
-    report.downgrades.extend(inbound.downgrade);
-    let target = Target {
-        session: id,
-        name: &route.address.host,
-        address: &route.address,
-        policy: route.policy,
-        tls: route.tls.as_ref(),
-        proxy_header,
-        kernel_tls: false,
+    if let Accepted::Terminated {
+        security,
+        downgrade,
+        ..
+    } = &mut accepted
+    {
+        report.inbound = Some(security.clone());
+        report.downgrades.extend(downgrade.take());
+    }
+    let route = match accepted.route() {
+        Some(route) => route.clone(),
+        None => {
+            let name = report.hello.as_ref().and_then(|h| h.server_name.clone());
+            report.outcome = Outcome::Refused {
+                leg: Direction::Inbound,
+                reason: format!(
+                    "no route for server name {}",
+                    name.as_deref().unwrap_or("(none)")
+                ),
+                failure: None,
+            };
+            return finish(report, started);
+        }
     };
+    report.upstream = route.name.clone();
+    let passthrough = matches!(accepted, Accepted::Passthrough { .. });
+    if route.policy == OutboundPolicy::Plain && !passthrough {
+        report.tls_off.push(Direction::Outbound);
+    }
+    // The header naming the client, for an upstream that wants one.
+    let proxy_header = route
+        .send_proxy
+        .and_then(|version| Some(crate::proxy::encode(version, address.peer, destination?)));
+    let key = hash_key(&route, peer, report.hello.as_ref());
     let timeouts = LegTimeouts {
         connect: plan.timeouts.connect,
         handshake: plan.timeouts.handshake,
     };
-    let opened = open_outbound(&target, &mut Silent, timeouts, &mut report.sockets).await;
-    let upstream = match opened {
-        Ok(upstream) => upstream,
+    let connect = Connect {
+        session: id,
+        route: &route,
+        key: key.as_deref(),
+        proxy_header,
+        // A passthrough session's TLS is the server's: the relay connects
+        // in plain TCP and replays the client's hello.
+        plain: passthrough,
+        timeouts,
+    };
+    let opened = connect_upstream(&connect, &mut report.sockets).await;
+    let (upstream, _lease) = match opened {
+        Ok(opened) => opened,
         Err(failure) => {
             // The client's leg is dropped: a RST, so that no client takes
             // the service's absence for an empty answer.
@@ -144,15 +205,47 @@ pub async fn run(
     };
     pump::reset_on_close(upstream.leg.tcp());
     report.upstream_addr = Some(upstream.address);
-    report.outbound = Some(upstream.security);
-    report.downgrades.extend(upstream.downgrade);
+    let client_leg = match accepted {
+        Accepted::Terminated { leg, .. } => {
+            report.outbound = Some(upstream.security);
+            report.downgrades.extend(upstream.downgrade);
+            *leg
+        }
+        Accepted::Passthrough { mut tcp, hello, .. } => {
+            let Leg::Plain(mut server) = upstream.leg else {
+                unreachable!("passthrough connects in plain TCP")
+            };
+            match pass_hellos(&mut tcp, &mut server, &hello, plan.timeouts.handshake).await {
+                Ok(seen) => record_passthrough(&mut report, seen),
+                Err(e) => {
+                    report.outcome = Outcome::Failed {
+                        reason: format!("passthrough: server {}", crate::legs::io_class(&e)),
+                    };
+                    return finish(report, started);
+                }
+            }
+            report.setup_ms = ms(started.elapsed());
+            return pump_to_end(report, Leg::Plain(tcp), Leg::Plain(server), plan, started).await;
+        }
+    };
     report.setup_ms = ms(started.elapsed());
+    pump_to_end(report, client_leg, upstream.leg, plan, started).await
+}
+
+/// Moves the bytes until both sides are done, and reports how.
+async fn pump_to_end(
+    mut report: SessionReport,
+    client: Leg,
+    upstream: Leg,
+    plan: &ListenerPlan,
+    started: Instant,
+) -> SessionReport {
     let options = PumpOptions {
         idle_timeout: plan.timeouts.idle,
         ktls: plan.ktls,
         engine: plan.engine,
     };
-    let pumped = pump::run(client_leg, upstream.leg, options).await;
+    let pumped = pump::run(client, upstream, options).await;
     report.data_path = Some(pumped.path);
     report.ktls = pumped.ktls;
     report.path_reason = pumped.path_reason;
@@ -171,19 +264,60 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// How the inbound leg was secured.
-struct Inbound {
-    security: LegSecurity,
-    downgrade: Option<Downgrade>,
+/// What the hash balances hash: the client's address, or the name it asked
+/// for (its address when it named none).
+fn hash_key(route: &RoutePlan, peer: SocketAddr, hello: Option<&HelloSeen>) -> Option<Vec<u8>> {
+    let address = || match tlsrelay_core::access::client_key(peer.ip()) {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    match route.pool.balance() {
+        Balance::HashClient => Some(address()),
+        Balance::HashSni => Some(
+            hello
+                .and_then(|h| h.server_name.as_ref())
+                .map_or_else(address, |n| n.as_bytes().to_vec()),
+        ),
+        _ => None,
+    }
 }
 
-/// The client-facing leg, or the outcome that ends the session.
+/// How the client's side of a session came out.
+enum Accepted {
+    /// The relay holds the client's leg (TLS terminated here, or
+    /// plaintext).
+    Terminated {
+        leg: Box<Leg>,
+        security: LegSecurity,
+        downgrade: Option<Downgrade>,
+        route: Option<Arc<RoutePlan>>,
+    },
+    /// TLS passes through: the client's hello, read and to be replayed.
+    Passthrough {
+        tcp: TcpStream,
+        hello: Vec<u8>,
+        route: Arc<RoutePlan>,
+    },
+}
+
+impl Accepted {
+    fn route(&self) -> Option<&Arc<RoutePlan>> {
+        match self {
+            Accepted::Terminated { route, .. } => route.as_ref(),
+            Accepted::Passthrough { route, .. } => Some(route),
+        }
+    }
+}
+
+/// The client-facing leg (and with routes, where it goes), or the
+/// outcome that ends the session.
 async fn accept_inbound(
     id: u64,
     plan: &ListenerPlan,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
-) -> Result<(Leg, Inbound), Outcome> {
+    report: &mut SessionReport,
+) -> Result<Accepted, Outcome> {
     let first = match plan.mode {
         InboundMode::Off | InboundMode::Implicit => None,
         InboundMode::Opportunistic | InboundMode::Required => {
@@ -205,14 +339,12 @@ async fn accept_inbound(
                 reason: "client did not start TLS".into(),
                 class: "no tls",
             });
-            let security = LegSecurity::Plaintext;
-            Ok((
-                Leg::Plain(client),
-                Inbound {
-                    security,
-                    downgrade,
-                },
-            ))
+            Ok(Accepted::Terminated {
+                leg: Box::new(Leg::Plain(client)),
+                security: LegSecurity::Plaintext,
+                downgrade,
+                route: plan.default_route.clone(),
+            })
         }
         InboundStart::Refuse(reason) => {
             tracing::info!(session = id, client = %peer, "refused: {reason}");
@@ -224,21 +356,182 @@ async fn accept_inbound(
         }
         InboundStart::Tls => {
             let tls = plan.tls.as_ref().expect("TLS modes have a server config");
-            let stream = accept_tls(tls, client, plan.timeouts.handshake)
+            let (hello, route) = if plan.routes.is_empty() {
+                (Vec::new(), plan.default_route.clone())
+            } else {
+                let (info, raw) = read_hello(&mut client, plan.timeouts.handshake)
+                    .await
+                    .map_err(|reason| {
+                        tracing::info!(session = id, client = %peer, "refused: TLS hello: {reason}");
+                        Outcome::Refused {
+                            leg: Direction::Inbound,
+                            reason: format!("TLS hello: {reason}"),
+                            failure: None,
+                        }
+                    })?;
+                report.hello = Some(seen(&info));
+                let rule = plan.routes.iter().find(|r| r.matches(&info));
+                if let Some(rule) = rule.filter(|r| r.passthrough) {
+                    return Ok(Accepted::Passthrough {
+                        tcp: client,
+                        hello: raw,
+                        route: rule.route.clone(),
+                    });
+                }
+                (
+                    raw,
+                    rule.map(|r| r.route.clone()).or(plan.default_route.clone()),
+                )
+            };
+            let stream = accept_tls(tls, client, hello, plan.timeouts.handshake)
                 .await
                 .map_err(|failure| inbound_refused(id, peer, failure))?;
             let trust = tls.client_trust(stream.get_ref().1.peer_certificates());
             let security = inbound_security(id, peer, &stream, trust);
-            let leg = Leg::TlsServer(Box::new(stream));
-            Ok((
-                leg,
-                Inbound {
-                    security,
-                    downgrade: None,
-                },
-            ))
+            Ok(Accepted::Terminated {
+                leg: Box::new(Leg::TlsServer(Box::new(stream))),
+                security,
+                downgrade: None,
+                route,
+            })
         }
     }
+}
+
+/// The client's ClientHello, read record by record and no further within
+/// `limit`: what it asks for, and its bytes to hand on.
+async fn read_hello(
+    client: &mut TcpStream,
+    limit: Duration,
+) -> Result<(ClientHelloInfo, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut reader = HelloReader::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match reader.progress().map_err(|e| e.to_string())? {
+                HelloProgress::Done(info) => return Ok((info, reader.into_raw())),
+                HelloProgress::Need(n) => {
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
+                    client
+                        .read_exact(&mut buf[..n])
+                        .await
+                        .map_err(|e| crate::legs::io_class(&e).to_string())?;
+                    reader.feed(&buf[..n]);
+                }
+            }
+        }
+    };
+    timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+fn seen(info: &ClientHelloInfo) -> HelloSeen {
+    HelloSeen {
+        server_name: info.server_name.clone(),
+        alpn: info
+            .alpn
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+        offered: info
+            .versions
+            .iter()
+            .filter_map(|&v| crate::report::version_name(v).map(str::to_string))
+            .collect(),
+    }
+}
+
+/// Replays the client's hello to the server and forwards the server's
+/// first record (its ServerHello, or an alert) whole: what it chose.
+async fn pass_hellos(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    hello: &[u8],
+    limit: Duration,
+) -> std::io::Result<Option<ServerHelloInfo>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        server.write_all(hello).await?;
+        let mut record = vec![0u8; 5];
+        server.read_exact(&mut record).await?;
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        record.resize(5 + len.min(16384 + 2048), 0);
+        server.read_exact(&mut record[5..]).await?;
+        client.write_all(&record).await?;
+        Ok(parse_server_hello(&record))
+    };
+    timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// A passed-through session's TLS in the report and the socket records:
+/// what the server's hello chose, on both legs (as the wire shows it).
+fn record_passthrough(report: &mut SessionReport, seen: Option<ServerHelloInfo>) {
+    let passthrough = Passthrough {
+        version: seen.and_then(|s| crate::report::version_name(s.version).map(str::to_string)),
+        version_code: seen.map_or(0, |s| s.version),
+        cipher_code: seen.map_or(0, |s| s.cipher),
+        group_code: seen.map_or(0, |s| s.group),
+    };
+    report.passthrough = Some(passthrough);
+}
+
+/// Where and how to open an upstream leg for a session.
+struct Connect<'a> {
+    session: u64,
+    route: &'a RoutePlan,
+    key: Option<&'a [u8]>,
+    proxy_header: Option<Vec<u8>>,
+    /// Plain TCP whatever the route's TLS (passthrough).
+    plain: bool,
+    timeouts: LegTimeouts,
+}
+
+/// A leg to one of the route's servers: the pool picks one; a connect
+/// that is refused, reset or times out marks it and moves to the next,
+/// so a dead server costs the client nothing but the time to learn it.
+async fn connect_upstream(
+    c: &Connect<'_>,
+    sockets: &mut Vec<crate::report::SocketRecord>,
+) -> Result<(OutboundLeg, Lease), OutboundFailure> {
+    let pool = &c.route.pool;
+    let mut tried = Vec::new();
+    let mut last = None;
+    while let Some(server) = pool.pick(c.key, &tried) {
+        let address = pool.address(server);
+        let (policy, tls) = match c.plain {
+            true => (OutboundPolicy::Plain, None),
+            false => (
+                c.route.policy,
+                c.route.servers.get(server).cloned().flatten(),
+            ),
+        };
+        let target = Target {
+            session: c.session,
+            name: &address.host,
+            address: &address,
+            policy,
+            tls: tls.as_deref(),
+            proxy_header: c.proxy_header.clone(),
+            kernel_tls: false,
+        };
+        match open_outbound(&target, &mut Silent, c.timeouts, sockets).await {
+            Ok(leg) => return Ok((leg, pool.connected(server))),
+            Err(OutboundFailure::Unreachable(why)) => {
+                pool.connect_failed(server);
+                tried.push(server);
+                last = Some(OutboundFailure::Unreachable(why));
+            }
+            Err(refused) => return Err(refused),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| OutboundFailure::Unreachable(format!("{}: no server up", c.route.name))))
 }
 
 /// The outcome when no upstream leg could be had.

@@ -296,7 +296,7 @@ fn view(
         tls_off: tls_off as u8,
         key_share_group: group,
         refused: 0,
-        _reserved: 0,
+        passthrough: 0,
     }
 }
 
@@ -316,6 +316,24 @@ pub fn views_of(report: &SessionReport) -> Vec<(u64, wire::RelayView)> {
         )
     };
     let mut views = Vec::new();
+    if let Some(p) = &report.passthrough {
+        // Both legs carry the client's and the server's own TLS.
+        let pass = |leg: Direction| {
+            let mut v = view(leg, None, false, false, false);
+            v.negotiated_version = p.version_code;
+            v.cipher_suite = p.cipher_code;
+            v.key_share_group = if p.version_code == wire::TLS1_3 {
+                p.group_code
+            } else {
+                0
+            };
+            v.passthrough = 1;
+            v
+        };
+        views.extend(report.client_cookie.map(|c| (c, pass(Direction::Inbound))));
+        views.extend(report.sockets.iter().map(|s| (s.cookie, pass(s.leg))));
+        return views;
+    }
     if let Some(c) = report.client_cookie {
         let mut client = leg_view(&report.inbound, Direction::Inbound);
         client.refused = matches!(
@@ -487,6 +505,8 @@ pub struct RelaySide {
     pub handshake_failed: bool,
     pub tls_off: bool,
     pub refused: bool,
+    /// TLS passed through: the relay read the hellos, terminated nothing.
+    pub passthrough: bool,
     pub key_exchange: Option<&'static str>,
 }
 
@@ -637,6 +657,7 @@ fn connection_view(
             handshake_failed: r.handshake_failed != 0,
             tls_off: r.tls_off != 0,
             refused: r.refused != 0,
+            passthrough: r.passthrough != 0,
             key_exchange: group_name(r.key_share_group),
         }),
         disagreements,

@@ -656,6 +656,8 @@ pub async fn tls_echo_with_suite(
 pub struct TestRelay {
     addrs: HashMap<String, SocketAddr>,
     reports: mpsc::UnboundedReceiver<SessionReport>,
+    /// Its upstream pools: each server's health, weight and sessions.
+    pub pools: tlsrelay::upstreams::Pools,
     _state: tempfile::TempDir,
 }
 
@@ -670,6 +672,7 @@ impl TestRelay {
             SelfSignedSource::StateDir(state.path().to_path_buf()),
         )
         .unwrap_or_else(|e| panic!("test config unusable: {e}\n{toml}"));
+        let pools = plan.pools.clone();
         let mut relay = Listeners::bind(plan).unwrap();
         let (tx, reports) = mpsc::unbounded_channel();
         relay.send_reports_to(tx);
@@ -678,6 +681,7 @@ impl TestRelay {
         TestRelay {
             addrs,
             reports,
+            pools,
             _state: state,
         }
     }

@@ -256,6 +256,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "smtp_forward",
     "smtp_next_hop",
     "proxy_header",
+    "tls_hello",
     "config",
 ];
 

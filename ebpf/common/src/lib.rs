@@ -161,7 +161,9 @@ pub struct RelayView {
     /// The relay refused this leg by policy (e.g. plaintext on a listener
     /// that requires TLS): its plaintext is no unrecorded downgrade.
     pub refused: u8,
-    pub _reserved: u8,
+    /// The relay passed this session's TLS through untouched: its version
+    /// and cipher are the ServerHello's, read on the way.
+    pub passthrough: u8,
 }
 
 /// Summing the per-CPU copies of a counter record.

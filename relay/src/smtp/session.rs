@@ -50,6 +50,8 @@ pub struct SmtpListenerPlan {
     pub max_message_size: u64,
     /// `Received:` fields a message may carry before it is a loop.
     pub max_hops: u32,
+    /// Who may connect, and how fast.
+    pub access: crate::access::ClientAccess,
     /// TLS legs go to the kernel after their handshake, where it can
     /// (`dataplane.ktls`).
     pub kernel_tls: bool,
@@ -512,7 +514,7 @@ impl Session<'_> {
         let (Some(tls), Leg::Plain(tcp)) = (&self.plan.tls, leg) else {
             return Err(failed("TLS without a certificate"));
         };
-        let stream = match accept_tls(tls, tcp, self.plan.timeouts.handshake).await {
+        let stream = match accept_tls(tls, tcp, Vec::new(), self.plan.timeouts.handshake).await {
             Ok(stream) => stream,
             Err(failure) => {
                 self.legs.inbound = None;

@@ -41,6 +41,10 @@ pub struct RecordIo {
     /// This connection's TLS 1.3 traffic secrets, logged by rustls during
     /// the handshake, for kernel TLS to follow KeyUpdates.
     secrets: Option<Arc<SecretCapture>>,
+    /// Whole records already read off the socket (a ClientHello read to
+    /// route the connection), handed to rustls before the socket's.
+    prefix: Vec<u8>,
+    prefix_pos: usize,
 }
 
 /// How much one pass-through read takes from the socket.
@@ -62,7 +66,16 @@ impl RecordIo {
             ahead: Vec::new(),
             ahead_pos: 0,
             secrets: None,
+            prefix: Vec::new(),
+            prefix_pos: 0,
         }
+    }
+
+    /// Reads `records` (whole TLS records) before the socket.
+    pub fn after(mut self, records: Vec<u8>) -> RecordIo {
+        self.prefix = records;
+        self.prefix_pos = 0;
+        self
     }
 
     /// A connection whose handshake logs its secrets into `capture`.
@@ -117,6 +130,15 @@ impl RecordIo {
     /// of any record rustls has not yet seen in full, which must be given to
     /// rustls before its secrets are extracted.
     pub async fn into_parts(mut self) -> io::Result<(TcpStream, Option<Vec<u8>>)> {
+        if self.prefix_pos < self.prefix.len() {
+            // Records read before the handshake that rustls has not seen:
+            // they come before anything on the socket.
+            if self.filled != 0 {
+                return Err(io::Error::other("a record read past records held back"));
+            }
+            let rest = self.prefix.split_off(self.prefix_pos);
+            return Ok((self.tcp, Some(rest)));
+        }
         if self.filled == 0 {
             return Ok((self.tcp, None));
         }
@@ -182,6 +204,16 @@ impl AsyncRead for RecordIo {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.prefix_pos < this.prefix.len() {
+            let n = out.remaining().min(this.prefix.len() - this.prefix_pos);
+            out.put_slice(&this.prefix[this.prefix_pos..this.prefix_pos + n]);
+            this.prefix_pos += n;
+            if this.prefix_pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.prefix_pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         if !this.bounded && this.filled == 0 {
             // The record buffer is done with: an idle session keeps none.
             if this.buf.capacity() > 0 {

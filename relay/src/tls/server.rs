@@ -29,6 +29,8 @@ pub struct ListenerTlsSettings {
     pub certificates: Vec<Arc<CertifiedKey>>,
     pub default_certificate: usize,
     pub client_auth: Option<ClientAuth>,
+    /// Ticket keys shared by a fleet; `None`: the process's own.
+    pub tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
 }
 
 /// How a listener treats client certificates.
@@ -94,7 +96,10 @@ impl ListenerTls {
         // resumes without a signature or a certificate, and the relay
         // keeps no per-client state. One key set for the process, so a
         // reload does not turn returning clients into full handshakes.
-        config.ticketer = ticketer()?;
+        config.ticketer = match settings.tickets {
+            Some(fleet) => fleet,
+            None => ticketer()?,
+        };
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         // Lets the data plane hand the session keys to kernel TLS.
         config.enable_secret_extraction = true;
@@ -110,13 +115,19 @@ impl ListenerTls {
     /// whose key log keeps its traffic secrets, for KeyUpdates after the
     /// keys went to the kernel.
     pub fn accept(&self, tcp: TcpStream) -> tokio_rustls::Accept<RecordIo> {
+        self.accept_after(tcp, Vec::new())
+    }
+
+    /// The handshake of a client whose first records (`hello`, read to
+    /// route it) are already off the socket: rustls reads them first.
+    pub fn accept_after(&self, tcp: TcpStream, hello: Vec<u8>) -> tokio_rustls::Accept<RecordIo> {
         if !crate::ktls::probe().rekey {
-            return TlsAcceptor::from(self.config.clone()).accept(RecordIo::new(tcp));
+            return TlsAcceptor::from(self.config.clone()).accept(RecordIo::new(tcp).after(hello));
         }
         let capture = Arc::new(SecretCapture::default());
         let mut config = (*self.config).clone();
         config.key_log = capture.clone();
-        TlsAcceptor::from(Arc::new(config)).accept(RecordIo::capturing(tcp, capture))
+        TlsAcceptor::from(Arc::new(config)).accept(RecordIo::capturing(tcp, capture).after(hello))
     }
 
     /// Whether client certificates are judged after the handshake
