@@ -657,7 +657,7 @@ for scenario in smtp-data smtp-bdat; do
       port=$((port + 1))
       printf '%s\n' 'ebpf.enabled = false' 'accepted_domains = ["bench.test"]' '[dataplane]' "ktls = $ktls" \
         '[[listeners]]' 'name = "mx"' "address = \"127.0.0.1:$port\"" 'protocol = "smtp"' \
-        'tls.mode = "opportunistic"' \
+        'hostname = "relay.bench.test"' 'tls.mode = "opportunistic"' \
         'tls.certificates = [{ chain = "/tmp/c/bench.crt", key = "/tmp/c/bench.key" }]' \
         '[[outbound_connectors]]' 'name = "sink"' 'recipient_domains = ["bench.test"]' \
         'next_hops = ["127.0.0.1:7003"]' 'tls.policy = "required"' 'tls.verify = "encryption-only"' > /tmp/relay.toml
