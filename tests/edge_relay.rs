@@ -557,6 +557,90 @@ tls.policy = "plain"
     let _ = s_server.wait();
 }
 
+/// A passthrough server that takes the connection but drops the
+/// client's hello unanswered is one more to retry past: nothing had
+/// reached the client, so the next server answers and no session fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_moves_past_a_server_that_drops_the_hello() {
+    let relay_pki = Pki::new();
+    let backend_pki = Pki::new();
+    let relay_leaf = relay_pki.leaf("edge", &["edge.example.test"]);
+    let backend_leaf = backend_pki.leaf("backend", &["backend.example.test"]);
+    let good = tls_echo(ServerOptions {
+        leaf: &backend_leaf,
+        versions: Versions::Both,
+        client_ca: None,
+    })
+    .await;
+    // Reads the first bytes of each hello, then closes.
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    let hellos_dropped = Arc::new(AtomicUsize::new(0));
+    let dropped = hellos_dropped.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = mute.accept().await {
+            let mut head = [0u8; 5];
+            if tcp.read_exact(&mut head).await.is_ok() && head[0] == 22 {
+                dropped.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let toml = format!(
+        r#"
+ebpf.enabled = false
+
+[[listeners]]
+name = "edge"
+address = "127.0.0.1:0"
+tls.mode = "implicit"
+tls.certificates = [{{ chain = {chain}, key = {key} }}]
+
+[[listeners.routes]]
+sni = ["backend.example.test"]
+upstream = "backends"
+passthrough = true
+
+[[upstreams]]
+name = "backends"
+servers = ["{mute_addr}", "{good}"]
+balance = "first"
+eject_after = 2
+tls.policy = "plain"
+"#,
+        chain = toml_path(&relay_leaf.chain),
+        key = toml_path(&relay_leaf.key),
+    );
+    let mut relay = TestRelay::start(&toml, relay_pki.dir()).await;
+    let edge = relay.addr("edge");
+    let opts = ClientOptions {
+        trust: Some(&backend_pki),
+        ..ClientOptions::default()
+    };
+    for round in 0..4 {
+        let mut tls = tls_connect(edge, "backend.example.test", &opts)
+            .await
+            .unwrap_or_else(|e| panic!("session {round}: {e}"));
+        tls.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(PATIENCE, tls.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        drop(tls);
+        let report = relay.next_report().await;
+        assert_eq!(report.upstream_addr, Some(good), "{report}");
+        assert!(report.passthrough.is_some(), "{report}");
+    }
+    // The first server got the first two hellos (balance first), then
+    // was ejected after its second failure.
+    assert_eq!(hellos_dropped.load(Ordering::SeqCst), 2);
+    until_pool(&relay, "backends", "the mute server ejected", |view| {
+        !view.servers[0].up
+    })
+    .await;
+}
+
 /// Access lists and rates are decided before a byte is read: 127.0.0.3
 /// is not allowed at all; 127.0.0.2 gets its burst, then is turned away
 /// until its rate allows again.

@@ -190,12 +190,15 @@ pub async fn run(
         proxy_header,
         // A passthrough session's TLS is the server's: the relay connects
         // in plain TCP and replays the client's hello.
-        plain: passthrough,
+        hello: match &accepted {
+            Accepted::Passthrough { hello, .. } => Some(hello),
+            Accepted::Terminated { .. } => None,
+        },
         timeouts,
     };
     let opened = connect_upstream(&connect, &mut report.sockets).await;
-    let (upstream, _lease) = match opened {
-        Ok(opened) => opened,
+    let (upstream, first_record, _lease) = match opened {
+        Ok((opened, lease)) => (opened.leg, opened.first_record, lease),
         Err(failure) => {
             // The client's leg is dropped: a RST, so that no client takes
             // the service's absence for an empty answer.
@@ -211,21 +214,18 @@ pub async fn run(
             report.downgrades.extend(upstream.downgrade);
             *leg
         }
-        Accepted::Passthrough { mut tcp, hello, .. } => {
-            let Leg::Plain(mut server) = upstream.leg else {
-                unreachable!("passthrough connects in plain TCP")
-            };
-            match pass_hellos(&mut tcp, &mut server, &hello, plan.timeouts.handshake).await {
-                Ok(seen) => record_passthrough(&mut report, seen),
-                Err(e) => {
-                    report.outcome = Outcome::Failed {
-                        reason: format!("passthrough: server {}", crate::legs::io_class(&e)),
-                    };
-                    return finish(report, started);
-                }
+        Accepted::Passthrough { mut tcp, .. } => {
+            use tokio::io::AsyncWriteExt;
+            let reply = first_record.as_deref().unwrap_or_default();
+            if let Err(e) = tcp.write_all(reply).await {
+                report.outcome = Outcome::Failed {
+                    reason: format!("passthrough: client {}", crate::legs::io_class(&e)),
+                };
+                return finish(report, started);
             }
+            record_passthrough(&mut report, parse_server_hello(reply));
             report.setup_ms = ms(started.elapsed());
-            return pump_to_end(report, Leg::Plain(tcp), Leg::Plain(server), plan, started).await;
+            return pump_to_end(report, Leg::Plain(tcp), upstream.leg, plan, started).await;
         }
     };
     report.setup_ms = ms(started.elapsed());
@@ -445,15 +445,14 @@ fn seen(info: &ClientHelloInfo) -> HelloSeen {
     }
 }
 
-/// Replays the client's hello to the server and forwards the server's
-/// first record (its ServerHello, or an alert) whole: what it chose.
-async fn pass_hellos(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
-    hello: &[u8],
-    limit: Duration,
-) -> std::io::Result<Option<ServerHelloInfo>> {
+/// Replays the client's hello to the server and reads the server's first
+/// record whole (its ServerHello, or an alert): nothing reaches the client
+/// yet, so a server that fails here is one more to retry past.
+async fn replay_hello(server: &mut Leg, hello: &[u8], limit: Duration) -> std::io::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Leg::Plain(server) = server else {
+        unreachable!("passthrough connects in plain TCP")
+    };
     let exchange = async {
         server.write_all(hello).await?;
         let mut record = vec![0u8; 5];
@@ -461,8 +460,7 @@ async fn pass_hellos(
         let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
         record.resize(5 + len.min(16384 + 2048), 0);
         server.read_exact(&mut record[5..]).await?;
-        client.write_all(&record).await?;
-        Ok(parse_server_hello(&record))
+        Ok(record)
     };
     timeout(limit, exchange)
         .await
@@ -487,24 +485,32 @@ struct Connect<'a> {
     route: &'a RoutePlan,
     key: Option<&'a [u8]>,
     proxy_header: Option<Vec<u8>>,
-    /// Plain TCP whatever the route's TLS (passthrough).
-    plain: bool,
+    /// The client's hello to replay (passthrough): plain TCP whatever the
+    /// route's TLS, and a server counts as reached once it answered it.
+    hello: Option<&'a [u8]>,
     timeouts: LegTimeouts,
 }
 
+/// An upstream leg, and for passthrough the server's answer to the hello.
+struct Opened {
+    leg: OutboundLeg,
+    first_record: Option<Vec<u8>>,
+}
+
 /// A leg to one of the route's servers: the pool picks one; a connect
-/// that is refused, reset or times out marks it and moves to the next,
-/// so a dead server costs the client nothing but the time to learn it.
+/// that is refused, reset or times out (and for passthrough, a hello the
+/// server does not answer) marks it and moves to the next, so a dead
+/// server costs the client nothing but the time to learn it.
 async fn connect_upstream(
     c: &Connect<'_>,
     sockets: &mut Vec<crate::report::SocketRecord>,
-) -> Result<(OutboundLeg, Lease), OutboundFailure> {
+) -> Result<(Opened, Lease), OutboundFailure> {
     let pool = &c.route.pool;
     let mut tried = Vec::new();
     let mut last = None;
     while let Some(server) = pool.pick(c.key, &tried) {
         let address = pool.address(server);
-        let (policy, tls) = match c.plain {
+        let (policy, tls) = match c.hello.is_some() {
             true => (OutboundPolicy::Plain, None),
             false => (
                 c.route.policy,
@@ -520,15 +526,37 @@ async fn connect_upstream(
             proxy_header: c.proxy_header.clone(),
             kernel_tls: false,
         };
-        match open_outbound(&target, &mut Silent, c.timeouts, sockets).await {
-            Ok(leg) => return Ok((leg, pool.connected(server))),
-            Err(OutboundFailure::Unreachable(why)) => {
-                pool.connect_failed(server);
-                tried.push(server);
-                last = Some(OutboundFailure::Unreachable(why));
+        let why = match open_outbound(&target, &mut Silent, c.timeouts, sockets).await {
+            Ok(mut leg) => {
+                let Some(hello) = c.hello else {
+                    let opened = Opened {
+                        leg,
+                        first_record: None,
+                    };
+                    return Ok((opened, pool.connected(server)));
+                };
+                match replay_hello(&mut leg.leg, hello, c.timeouts.handshake).await {
+                    Ok(record) => {
+                        let opened = Opened {
+                            leg,
+                            first_record: Some(record),
+                        };
+                        return Ok((opened, pool.connected(server)));
+                    }
+                    Err(e) => format!(
+                        "{} ({}): no answer to the client's hello: {}",
+                        address.host,
+                        leg.address,
+                        crate::legs::io_class(&e)
+                    ),
+                }
             }
+            Err(OutboundFailure::Unreachable(why)) => why,
             Err(refused) => return Err(refused),
-        }
+        };
+        pool.connect_failed(server);
+        tried.push(server);
+        last = Some(OutboundFailure::Unreachable(why));
     }
     Err(last
         .unwrap_or_else(|| OutboundFailure::Unreachable(format!("{}: no server up", c.route.name))))
