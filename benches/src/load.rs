@@ -293,6 +293,7 @@ pub async fn handshakes(
     connections: usize,
     seconds: f64,
     resume: bool,
+    count_failures: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -305,6 +306,8 @@ pub async fn handshakes(
         config.resumption = rustls::client::Resumption::disabled();
     }
     let resumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // When each failed session started (Unix ms): before or after a fault.
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -316,24 +319,37 @@ pub async fn handshakes(
             config.resumption = rustls::client::Resumption::in_memory_sessions(4);
         }
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let resumed = resumed.clone();
+        let (resumed, failed) = (resumed.clone(), failed.clone());
         tasks.spawn(async move {
             let mut h = Histogram::<u64>::new(3)?;
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                let tcp = TcpStream::connect(to).await?;
-                tcp.set_nodelay(true)?;
-                // Close with RST: the generator's ports must outlast the run.
-                tcp.set_zero_linger()?;
-                let name = rustls::pki_types::ServerName::try_from("bench.test")?;
-                let mut s = connector.connect(name, tcp).await?;
-                let mut one = [7u8];
-                s.write_all(&one).await?;
-                s.flush().await?;
-                s.read_exact(&mut one).await?;
-                h.record(t0.elapsed().as_micros() as u64)?;
-                if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                    resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let began = unix_ms();
+                let session = async {
+                    let tcp = TcpStream::connect(to).await?;
+                    tcp.set_nodelay(true)?;
+                    // Close with RST: the generator's ports must outlast the run.
+                    tcp.set_zero_linger()?;
+                    let name = rustls::pki_types::ServerName::try_from("bench.test")?;
+                    let mut s = connector.connect(name, tcp).await?;
+                    let mut one = [7u8];
+                    s.write_all(&one).await?;
+                    s.flush().await?;
+                    s.read_exact(&mut one).await?;
+                    anyhow::Ok(s.get_ref().1.handshake_kind())
+                };
+                match tokio::time::timeout(Duration::from_secs(10), session).await {
+                    Ok(Ok(kind)) => {
+                        h.record(t0.elapsed().as_micros() as u64)?;
+                        if kind == Some(rustls::HandshakeKind::Resumed) {
+                            resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Err(_)) | Err(_) if count_failures => {
+                        failed.lock().expect("not poisoned").push(began);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => anyhow::bail!("a session took over 10 s"),
                 }
             }
             anyhow::Ok(h)
@@ -345,6 +361,11 @@ pub async fn handshakes(
     out["resumed"] = (resumed.load(std::sync::atomic::Ordering::Relaxed) as f64
         / all.len().max(1) as f64)
         .into();
+    let failed = std::mem::take(&mut *failed.lock().expect("not poisoned"));
+    out["ok_percent"] =
+        (100.0 * all.len() as f64 / (all.len() as f64 + failed.len() as f64).max(1.0)).into();
+    out["failed"] = failed.len().into();
+    out["failed_started_ms"] = failed.into();
     Ok(out)
 }
 
@@ -390,4 +411,11 @@ pub fn listener(listen: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(listen)?;
     socket.listen(4096)
+}
+
+/// Milliseconds since the Unix epoch: comparable with another process's.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -69,6 +69,10 @@ enum Command {
         /// Resume from the previous session's ticket (else full handshakes).
         #[arg(long)]
         resume: bool,
+        /// Count a session that fails and go on (else the first failure
+        /// ends the run): the failover measurement.
+        #[arg(long)]
+        count_failures: bool,
     },
     /// Open idle sessions to an echo sink, print {"ready": n}, hold them
     /// until standard input closes.
@@ -212,10 +216,11 @@ async fn main() -> anyhow::Result<()> {
             connections,
             seconds,
             resume,
+            count_failures,
         } => {
             println!(
                 "{}",
-                load::handshakes(to, connections, seconds, resume).await?
+                load::handshakes(to, connections, seconds, resume, count_failures).await?
             );
             Ok(())
         }

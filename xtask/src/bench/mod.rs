@@ -33,6 +33,13 @@ use peers::*;
 use report::*;
 use scenarios::*;
 
+/// Two TLS sinks of each kind, the pool a routing cell passes to.
+#[derive(Clone, Copy)]
+struct RoutingSinks {
+    discard: [SocketAddr; 2],
+    echo: [SocketAddr; 2],
+}
+
 struct Bench {
     relay_bin: PathBuf,
     load: PathBuf,
@@ -44,6 +51,8 @@ struct Bench {
     discard: SinkPair,
     echo: SinkPair,
     smtp_sink: SocketAddr,
+    /// Pools of two TLS sinks for the routing cells.
+    routing: RoutingSinks,
     ecdsa: Certs,
     rows: Vec<Row>,
     /// Process groups of the peers started in the current cell.
@@ -121,6 +130,10 @@ pub fn bench(quick: bool, select: Select) -> anyhow::Result<()> {
         tls: sink(&["sink", "--echo"], true)?,
     };
     let smtp_sink = sink(&["smtp-sink"], true)?;
+    let routing = RoutingSinks {
+        discard: [discard.tls, sink(&["sink"], true)?],
+        echo: [echo.tls, sink(&["sink", "--echo"], true)?],
+    };
     let mut peers: Vec<Peer> = Peer::RELAYS.into_iter().filter(|p| p.installed()).collect();
     peers.push(Peer::Direct);
     let mut b = Bench {
@@ -134,6 +147,7 @@ pub fn bench(quick: bool, select: Select) -> anyhow::Result<()> {
         discard,
         echo,
         smtp_sink,
+        routing,
         ecdsa,
         rows: Vec::new(),
         groups: Default::default(),
@@ -170,6 +184,42 @@ pub fn bench(quick: bool, select: Select) -> anyhow::Result<()> {
             })?;
         }
     }
+    for &conns in concurrencies {
+        b.cell(
+            &ROUTING_THROUGHPUT,
+            "SNI passthrough",
+            conns.to_string(),
+            |b, peer| {
+                b.routed(
+                    peer,
+                    Routed::Throughput {
+                        bytes: total / conns as u64,
+                    },
+                    conns,
+                )
+            },
+        )?;
+    }
+    for &conns in concurrencies {
+        b.cell(
+            &ROUTING_LATENCY,
+            "SNI passthrough",
+            conns.to_string(),
+            |b, peer| b.routed(peer, Routed::Latency { seconds }, conns),
+        )?;
+    }
+    for &conns in concurrencies {
+        b.cell(
+            &ROUTING_HANDSHAKES,
+            "SNI passthrough",
+            conns.to_string(),
+            |b, peer| b.routed(peer, Routed::Handshakes { seconds }, conns),
+        )?;
+    }
+    let failover_seconds = if quick { 2.0 } else { 4.0 };
+    b.cell(&FAILOVER, "server killed", "8".into(), |b, peer| {
+        b.failover(peer, 8, failover_seconds)
+    })?;
     let sizes: &[(usize, &str)] = if quick {
         &[(1 << 10, "1 KiB"), (100 << 10, "100 KiB")]
     } else {

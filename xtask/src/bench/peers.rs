@@ -124,9 +124,20 @@ impl Bench {
             }));
         }
         let listen = free_addr()?;
-        let Some(mut cmd) = self.command(peer, job, listen, upstream)? else {
+        let Some(cmd) = self.command(peer, job, listen, upstream)? else {
             return Ok(None);
         };
+        self.spawn(peer, cmd, listen).map(Some)
+    }
+
+    /// Starts `cmd` as `peer` in its own process group and waits until it
+    /// listens on `listen`.
+    pub(super) fn spawn(
+        &self,
+        peer: Peer,
+        mut cmd: Command,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Running> {
         let tlsrelay = peer.is_tlsrelay();
         let mut child = Guard(
             own_group(&mut cmd)
@@ -148,12 +159,31 @@ impl Bench {
         } else {
             None
         };
-        Ok(Some(Running {
+        Ok(Running {
             _profile: self.profile(peer, child.0.id())?,
             child: Some(child),
             listen,
             paths,
-        }))
+        })
+    }
+
+    /// HAProxy in the foreground on `config`.
+    pub(super) fn haproxy(&self, config: &Path) -> Command {
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-db").arg("-f").arg(config);
+        cmd
+    }
+
+    /// nginx on `config`, its prefix and error log in the bench directory.
+    pub(super) fn nginx(&self, config: &Path) -> Command {
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c")
+            .arg(config)
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-e")
+            .arg(self.dir.join("nginx.err"));
+        cmd
     }
 
     /// The command that runs `peer` for `job`; `None` when it can't.
@@ -248,9 +278,7 @@ impl Bench {
                     include_str!("peers/haproxy.cfg"),
                     &[("bind_ssl", &bind_ssl), ("server_ssl", server_ssl)],
                 )?;
-                let mut cmd = Command::new("haproxy");
-                cmd.arg("-db").arg("-f").arg(&config);
-                cmd
+                self.haproxy(&config)
             }
             Peer::Nginx => {
                 let dir = self.dir.display().to_string();
@@ -271,14 +299,7 @@ impl Bench {
                         ("proxy_ssl", if tls_out { "proxy_ssl on;" } else { "" }),
                     ],
                 )?;
-                let mut cmd = Command::new("nginx");
-                cmd.arg("-c")
-                    .arg(&config)
-                    .arg("-p")
-                    .arg(&self.dir)
-                    .arg("-e")
-                    .arg(self.dir.join("nginx.err"));
-                cmd
+                self.nginx(&config)
             }
         };
         Ok(Some(cmd))

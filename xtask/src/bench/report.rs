@@ -78,6 +78,63 @@ pub(super) const SMTP: Table = Table {
     note: "STARTTLS both legs; latency = MAIL to the final reply (the next hop's 250)",
 };
 
+pub(super) const ROUTING_THROUGHPUT: Table = Table {
+    name: "routing throughput",
+    splices: false,
+    x: "conns",
+    columns: &[
+        ("gbit_per_s", "Gbit/s"),
+        ("cpu_s_per_gb", "CPU s/GB"),
+        ("machine_cpu_s_per_gb", "all CPU s/GB"),
+        ("p99_ms", "p99 ms"),
+    ],
+    primary: "gbit_per_s",
+    note: "TLS routed by SNI and passed through untouched to a pool of two TLS sinks (tlsrelay routes, HAProxy req.ssl_sni + use_backend + balance roundrobin + check, nginx ssl_preread + map); the relay terminates nothing",
+};
+
+pub(super) const ROUTING_LATENCY: Table = Table {
+    name: "routing latency",
+    splices: false,
+    x: "conns",
+    columns: &[
+        ("requests_per_s", "req/s"),
+        ("p50_us", "p50 µs"),
+        ("p99_us", "p99 µs"),
+        ("p999_us", "p99.9 µs"),
+        ("cpu_us_per_req", "CPU µs/req"),
+    ],
+    primary: "requests_per_s",
+    note: "1 KiB request/response over TLS passed through by SNI to a pool of two TLS echo sinks",
+};
+
+pub(super) const ROUTING_HANDSHAKES: Table = Table {
+    name: "routing handshakes",
+    splices: false,
+    x: "conns",
+    columns: &[
+        ("handshakes_per_s", "hs/s"),
+        ("cpu_ms_per_handshake", "relay CPU ms/hs"),
+        ("p50_us", "p50 µs"),
+        ("p99_us", "p99 µs"),
+    ],
+    primary: "handshakes_per_s",
+    note: "new TLS 1.3 sessions through the router (the servers terminate them): the relay reads each ClientHello, picks a server, splices",
+};
+
+pub(super) const FAILOVER: Table = Table {
+    name: "routing failover",
+    splices: false,
+    x: "conns",
+    columns: &[
+        ("ok_percent", "ok %"),
+        ("failed_new", "failed new"),
+        ("failed_in_flight", "failed in flight"),
+        ("handshakes_per_s", "sessions/s"),
+    ],
+    primary: "ok_percent",
+    note: "new TLS sessions through the router while one of the pool's two servers is killed a second in (checks every 1 s, down after 2): sessions that failed, begun after the kill (new) or before it (in flight: their TLS state died with the server, for any relay)",
+};
+
 pub(super) const IDLE: Table = Table {
     name: "idle",
     splices: false,
@@ -193,10 +250,20 @@ impl Bench {
     pub(super) fn rows_for_charts(&self) -> Vec<crate::chart::Chart> {
         let mut charts: Vec<crate::chart::Chart> = Vec::new();
         for r in &self.rows {
-            let t = [&THROUGHPUT, &LATENCY, &HANDSHAKES, &SMTP, &IDLE]
-                .into_iter()
-                .find(|t| t.name == r.table)
-                .expect("known table");
+            let t = [
+                &THROUGHPUT,
+                &LATENCY,
+                &HANDSHAKES,
+                &ROUTING_THROUGHPUT,
+                &ROUTING_LATENCY,
+                &ROUTING_HANDSHAKES,
+                &FAILOVER,
+                &SMTP,
+                &IDLE,
+            ]
+            .into_iter()
+            .find(|t| t.name == r.table)
+            .expect("known table");
             let title = format!("{}: {}", t.name, r.scenario);
             let i = match charts.iter().position(|c| c.title == title) {
                 Some(i) => i,

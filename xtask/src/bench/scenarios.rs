@@ -339,3 +339,196 @@ impl Bench {
         Ok(Some((sample, relay.path())))
     }
 }
+
+/// What a routing cell measures.
+#[derive(Clone, Copy)]
+pub(super) enum Routed {
+    Throughput { bytes: u64 },
+    Latency { seconds: f64 },
+    Handshakes { seconds: f64 },
+}
+
+impl Bench {
+    /// A router (tlsrelay, HAProxy, nginx) passing TLS for `bench.test`
+    /// through to a pool of `servers`; `None` for peers that cannot route
+    /// by SNI. The generator alone talks to the first server.
+    pub(super) fn start_router(
+        &self,
+        peer: Peer,
+        servers: [SocketAddr; 2],
+    ) -> anyhow::Result<Option<Running>> {
+        if peer == Peer::Direct {
+            return Ok(Some(Running {
+                _profile: None,
+                child: None,
+                listen: servers[0],
+                paths: None,
+            }));
+        }
+        let listen = free_addr()?;
+        let config = self.dir.join(format!("{}-routing.conf", peer.name()));
+        let maxconn = (self.open_files.saturating_sub(200) / 2).min(20000);
+        let values = [
+            ("listen", listen.to_string()),
+            ("server1", servers[0].to_string()),
+            ("server2", servers[1].to_string()),
+            ("maxconn", maxconn.to_string()),
+            ("cert", self.ecdsa.cert.display().to_string()),
+            ("key", self.ecdsa.key.display().to_string()),
+            ("stream_module", NGINX_STREAM.to_string()),
+            ("open_files", self.open_files.to_string()),
+            ("dir", self.dir.display().to_string()),
+            ("worker_connections", (maxconn * 2).to_string()),
+        ];
+        let values: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let cmd = match peer {
+            Peer::Tlsrelay => {
+                std::fs::write(
+                    &config,
+                    render(include_str!("peers/tlsrelay-routing.toml"), &values),
+                )?;
+                self.tlsrelay(&config)
+            }
+            Peer::Haproxy => {
+                std::fs::write(
+                    &config,
+                    render(include_str!("peers/haproxy-routing.cfg"), &values),
+                )?;
+                self.haproxy(&config)
+            }
+            Peer::Nginx => {
+                std::fs::write(
+                    &config,
+                    render(include_str!("peers/nginx-routing.conf"), &values),
+                )?;
+                self.nginx(&config)
+            }
+            _ => return Ok(None),
+        };
+        self.spawn(peer, cmd, listen).map(Some)
+    }
+
+    /// One routing cell: TLS passed through by SNI to a pool of two sinks.
+    pub(super) fn routed(
+        &self,
+        peer: Peer,
+        what: Routed,
+        conns: usize,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        let servers = match what {
+            Routed::Throughput { .. } => self.routing.discard,
+            _ => self.routing.echo,
+        };
+        let Some(relay) = self.start_router(peer, servers)? else {
+            return Ok(None);
+        };
+        let before = relay.cpu_seconds()?;
+        let machine = machine_cpu_seconds();
+        let sample = match what {
+            Routed::Throughput { bytes } => {
+                let bytes = bytes.to_string();
+                let r = self.load("blast", relay.listen, conns, &["--tls", "--bytes", &bytes])?;
+                let gb = r["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+                let cpu = relay.cpu_seconds()? - before;
+                Sample::from([
+                    ("gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
+                    ("cpu_s_per_gb", cpu / gb),
+                    (
+                        "machine_cpu_s_per_gb",
+                        (machine_cpu_seconds() - machine) / gb,
+                    ),
+                    ("p99_ms", r["p99_ms"].as_f64().unwrap_or(0.0)),
+                ])
+            }
+            Routed::Latency { seconds } => {
+                let secs = seconds.to_string();
+                let r = self.load(
+                    "rr",
+                    relay.listen,
+                    conns,
+                    &["--tls", "--size", "1024", "--seconds", &secs],
+                )?;
+                let cpu = relay.cpu_seconds()? - before;
+                let mut sample = pick(&r, &["requests_per_s", "p50_us", "p99_us", "p999_us"]);
+                let requests = sample["requests_per_s"] * seconds;
+                sample.insert("cpu_us_per_req", cpu * 1e6 / requests);
+                sample
+            }
+            Routed::Handshakes { seconds } => {
+                let secs = seconds.to_string();
+                let r = self.load("handshakes", relay.listen, conns, &["--seconds", &secs])?;
+                let cpu = relay.cpu_seconds()? - before;
+                let mut sample = pick(&r, &["handshakes_per_s", "p50_us", "p99_us"]);
+                sample.insert(
+                    "cpu_ms_per_handshake",
+                    cpu * 1000.0 / (sample["handshakes_per_s"] * seconds),
+                );
+                sample
+            }
+        };
+        Ok(Some((sample, relay.path())))
+    }
+
+    /// New sessions through a router while one of its two servers is
+    /// killed a second into the run: how many failed.
+    pub(super) fn failover(
+        &self,
+        peer: Peer,
+        conns: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Option<(Sample, String)>> {
+        if peer == Peer::Direct {
+            return Ok(None);
+        }
+        let mut sinks = Vec::new();
+        for _ in 0..2 {
+            let addr = free_addr()?;
+            let mut cmd = Command::new(&self.load);
+            cmd.args(["sink", "--echo", "--listen", &addr.to_string(), "--cert"])
+                .arg(&self.ecdsa.cert)
+                .arg("--key")
+                .arg(&self.ecdsa.key)
+                .stdout(Stdio::null());
+            let mut child = Guard(own_group(&mut cmd).spawn()?);
+            self.groups.borrow_mut().push(child.0.id());
+            wait_for_port(addr, &mut child.0, "sink")?;
+            sinks.push((addr, child));
+        }
+        let Some(relay) = self.start_router(peer, [sinks[0].0, sinks[1].0])? else {
+            return Ok(None);
+        };
+        let victim = sinks.pop().expect("two sinks").1;
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let at = unix_ms();
+            drop(victim); // SIGKILL to its group
+            at
+        });
+        let secs = seconds.to_string();
+        let r = self.load(
+            "handshakes",
+            relay.listen,
+            conns,
+            &["--seconds", &secs, "--count-failures"],
+        )?;
+        let killed_at = killer.join().expect("the killer thread");
+        // Sessions under way when the server died are lost with it by any
+        // relay (its TLS state died too); a session begun after is new.
+        let started: Vec<u64> = r["failed_started_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        let new = started.iter().filter(|&&t| t >= killed_at).count();
+        let mut sample = pick(&r, &["ok_percent", "handshakes_per_s"]);
+        sample.insert("failed_in_flight", (started.len() - new) as f64);
+        sample.insert("failed_new", new as f64);
+        Ok(Some((sample, relay.path())))
+    }
+}
+
+/// Milliseconds since the Unix epoch, as the load generator stamps them.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
