@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tlsrelay_tests::{relay_binary, PATIENCE};
+use tlsrelay_tests::{patience, relay_binary};
 
 fn tlsrelay(args: &[&str]) -> std::process::Output {
     Command::new(relay_binary()).args(args).output().unwrap()
@@ -295,7 +295,7 @@ fn slow_reader_applies_backpressure_not_buffering() {
     // The writer is stalled once every buffer on the way is full: its
     // count stops moving (or it finished, which the assert below refuses).
     let mut last = usize::MAX;
-    let deadline = std::time::Instant::now() + PATIENCE;
+    let deadline = std::time::Instant::now() + patience();
     loop {
         std::thread::sleep(Duration::from_millis(300));
         let now = written.load(std::sync::atomic::Ordering::Relaxed);
@@ -430,7 +430,7 @@ fn idle_tls_sessions_hold_little_memory() {
     let mut held = open(SESSIONS);
     // Idle sessions give their buffers back after an idle second: the
     // figure falls to its floor, waited for rather than slept past.
-    let deadline = std::time::Instant::now() + PATIENCE;
+    let deadline = std::time::Instant::now() + patience();
     let per_session = loop {
         std::thread::sleep(Duration::from_millis(250));
         let per_session = (rss_kib(relay.child.id()) - before) as f64 / SESSIONS as f64;

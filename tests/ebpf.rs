@@ -743,7 +743,7 @@ tls.trust_anchors = {}
     for _ in 0..sessions {
         let line = relay
             .reports
-            .recv_timeout(PATIENCE)
+            .recv_timeout(patience())
             .expect("a report per session");
         reports.push(line);
     }
@@ -855,13 +855,13 @@ fn stats(pin_dir: &str) -> (serde_json::Value, Option<i32>) {
 
 /// `stats` once the relay's views and the wire's have caught up with the
 /// sessions just ended (a relay records its view as a session ends, the
-/// wire as packets pass): polled until `settled` holds, at most PATIENCE.
+/// wire as packets pass): polled until `settled` holds, at most patience().
 /// The caller's assertions say what is wrong if it never does.
 async fn settled_stats(
     pin_dir: &str,
     settled: impl Fn(&serde_json::Value) -> bool,
 ) -> (serde_json::Value, Option<i32>) {
-    let deadline = std::time::Instant::now() + PATIENCE;
+    let deadline = std::time::Instant::now() + patience();
     loop {
         let (stats, code) = stats(pin_dir);
         if (code == Some(0) && settled(&stats)) || std::time::Instant::now() > deadline {
@@ -932,7 +932,7 @@ async fn split_hellos_are_gathered_at_any_segment_size() {
             let connector =
                 tokio_rustls::TlsConnector::from(post_quantum_client_config(alpn(alpn_bytes)));
             let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
-            let mut tls = tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+            let mut tls = tokio::time::timeout(patience(), connector.connect(name, tcp))
                 .await
                 .unwrap()
                 .unwrap_or_else(|e| panic!("mss {mss}, alpn {alpn_bytes}: {e}"));
@@ -954,7 +954,7 @@ async fn split_hellos_are_gathered_at_any_segment_size() {
     for _ in 0..sessions {
         let report = relay
             .reports
-            .recv_timeout(PATIENCE)
+            .recv_timeout(patience())
             .expect("a report per session");
         assert!(report.contains("\"group\":\"X25519MLKEM768\""), "{report}");
     }
@@ -1158,7 +1158,7 @@ async fn smtp_legs_agree_with_the_wire() {
         .await
         .starts_with("250"));
     assert!(c.cmd("QUIT").await.starts_with("221"));
-    let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
+    let report = relay.reports.recv_timeout(patience()).expect("a report");
     let report: serde_json::Value = serde_json::from_str(&report).expect("stdout is JSON only");
     assert_eq!(
         report["downgrades"][0]["reason"], "client did not use STARTTLS",
@@ -1264,7 +1264,7 @@ async fn mx_delivery_under_dane_agrees_with_the_wire() {
                 .starts_with("250"));
         }
         c.cmd("QUIT").await;
-        let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
+        let report = relay.reports.recv_timeout(patience()).expect("a report");
         let report: serde_json::Value = serde_json::from_str(&report).unwrap();
         assert_eq!(
             report["policy_sessions"][0]["policy_type"], "tlsa",
@@ -1331,7 +1331,7 @@ async fn passthrough_sessions_agree_with_the_wire() {
         .await
         .unwrap();
     assert_eq!(exchange(&mut tls, b"through").await.unwrap(), b"through");
-    let report = relay.reports.recv_timeout(PATIENCE).expect("a report");
+    let report = relay.reports.recv_timeout(patience()).expect("a report");
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["passthrough"]["version"], "TLSv1.3", "{report}");
     let (stats, code) = settled_stats(&pin_dir, |s| {

@@ -109,7 +109,7 @@ async fn who(relay: SocketAddr) -> std::io::Result<String> {
 
 async fn first_line<S: tokio::io::AsyncRead + Unpin>(stream: S) -> std::io::Result<String> {
     let mut line = String::new();
-    tokio::time::timeout(PATIENCE, BufReader::new(stream).read_line(&mut line))
+    tokio::time::timeout(patience(), BufReader::new(stream).read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::other("no greeting"))??;
     Ok(line.trim().to_string())
@@ -122,7 +122,7 @@ async fn until_pool(
     what: &str,
     holds: impl Fn(&tlsrelay::upstreams::UpstreamView) -> bool,
 ) {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         let view = relay.pools.find(upstream).expect("the pool").view();
         if holds(&view) {
@@ -199,7 +199,7 @@ async fn a_server_killed_under_load_costs_no_session_and_comes_back_after_rise()
     let wait_done = |n: usize| {
         let done = done.clone();
         async move {
-            let deadline = Instant::now() + PATIENCE;
+            let deadline = Instant::now() + patience();
             while done.load(Ordering::SeqCst) < n {
                 assert!(Instant::now() < deadline, "the load stalled");
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -445,7 +445,7 @@ async fn passthrough_hands_the_clients_own_tls_to_openssl_and_rustls_servers() {
         .spawn()
         .unwrap();
     let openssl_backend: SocketAddr = format!("127.0.0.1:{openssl_port}").parse().unwrap();
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while std::net::TcpStream::connect(openssl_backend).is_err() {
         assert!(Instant::now() < deadline, "s_server did not start");
         std::thread::sleep(Duration::from_millis(50));
@@ -508,7 +508,7 @@ tls.policy = "plain"
         );
         tls.write_all(b"ping\n").await.unwrap();
         let mut got = vec![0u8; expect.len()];
-        tokio::time::timeout(PATIENCE, tls.read_exact(&mut got))
+        tokio::time::timeout(patience(), tls.read_exact(&mut got))
             .await
             .unwrap()
             .unwrap();
@@ -622,7 +622,7 @@ tls.policy = "plain"
             .unwrap_or_else(|e| panic!("session {round}: {e}"));
         tls.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
-        tokio::time::timeout(PATIENCE, tls.read_exact(&mut got))
+        tokio::time::timeout(patience(), tls.read_exact(&mut got))
             .await
             .unwrap()
             .unwrap();

@@ -68,7 +68,7 @@ async fn first_line(tcp: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        match tokio::time::timeout(PATIENCE, tcp.read(&mut byte)).await {
+        match tokio::time::timeout(patience(), tcp.read(&mut byte)).await {
             Ok(Ok(1)) if byte[0] == b'\n' => break,
             Ok(Ok(1)) => line.push(byte[0]),
             Ok(Ok(_)) => return format!("{}<closed>", String::from_utf8_lossy(&line)),
@@ -85,11 +85,12 @@ async fn until_closed(tcp: &mut TcpStream) -> (String, Duration) {
     let mut all = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match tokio::time::timeout(PATIENCE, tcp.read(&mut buf)).await {
+        match tokio::time::timeout(patience(), tcp.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
             Err(_) => panic!(
-                "still open after {PATIENCE:?}; got {}",
+                "still open after {:?}; got {}",
+                patience(),
                 String::from_utf8_lossy(&all)
             ),
         }
@@ -181,7 +182,7 @@ async fn one_byte_a_second_clients_are_capped_per_address_and_cut_per_command() 
 
     // The strangers are cut when their command's 3 s of waiting are used
     // up: 421, then the close.
-    while let Some(got) = tokio::time::timeout(PATIENCE, trickles.join_next())
+    while let Some(got) = tokio::time::timeout(patience(), trickles.join_next())
         .await
         .expect("every stranger cut within the patience")
     {
@@ -247,7 +248,7 @@ async fn stalled_tls_handshakes_are_capped_per_address_and_cut_at_the_handshake_
     }
     let stalling = Instant::now();
     // The five over the limit are closed at once; the others stay open.
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         let open: Vec<_> = stalled.iter().map(still_open).collect();
         let n = open.iter().filter(|&&o| o).count();
@@ -346,7 +347,7 @@ async fn a_pipelined_flood_of_commands_that_move_no_mail_is_closed() {
         // Read only after the writer is stuck or done: a client that does
         // not read while it writes.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = tokio::time::timeout(PATIENCE, r.read_to_end(&mut replies)).await;
+        let _ = tokio::time::timeout(patience(), r.read_to_end(&mut replies)).await;
     };
     tokio::join!(write, read);
     let text = String::from_utf8_lossy(&replies);
@@ -448,7 +449,7 @@ async fn stalled_bdat_chunks_hold_little_memory() {
     let settled = |want: usize| {
         let wire = sink.wire.clone();
         async move {
-            let deadline = Instant::now() + PATIENCE;
+            let deadline = Instant::now() + patience();
             while wire.lock().unwrap().len() < want * piece_len() {
                 assert!(Instant::now() < deadline, "chunks not spliced on");
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -395,7 +395,7 @@ async fn key_update_storm(bridge: bool) {
     };
     if ktls_here() && !rekey_here() {
         let err = result.expect_err("a session cut at a KeyUpdate");
-        assert!(err.to_string().contains("InternalError"), "{err}: {report}");
+        assert_cut(&err, &report);
         match &report.outcome {
             Outcome::Relayed {
                 end: PumpEnd::Reset { detail, .. },
@@ -405,7 +405,7 @@ async fn key_update_storm(bridge: bool) {
         if let Some(mut sessions) = upstream_sessions {
             let upstream = sessions.recv().await.unwrap();
             let err = upstream.expect_err("upstream session cut");
-            assert!(err.to_string().contains("InternalError"), "{err}");
+            assert_cut(&err, &report);
         }
         return;
     }
@@ -445,6 +445,17 @@ async fn key_update_storm(bridge: bool) {
             assert_eq!(rose(counter), 0, "{counter}: {report}");
         }
     }
+}
+
+/// A TLS peer's view of a session the relay cut: the relay's fatal alert,
+/// or the reset that follows it when the peer, busy writing, had not read
+/// the alert before the reset arrived (a reset discards what the relay
+/// could not yet send). Never a clean end.
+fn assert_cut(err: &std::io::Error, report: &SessionReport) {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+    let alert = err.to_string().contains("InternalError");
+    let reset = matches!(err.kind(), ConnectionReset | BrokenPipe);
+    assert!(alert || reset, "{err}: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -822,7 +822,7 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         tcp.read_to_string(&mut text).unwrap();
         text
     };
-    let deadline = std::time::Instant::now() + PATIENCE;
+    let deadline = std::time::Instant::now() + patience();
     let want =
         "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"sts-webpki-invalid\"} 1";
     while !scrape().contains(want) {

@@ -208,7 +208,7 @@ tls.policy = "plain"
         let mut s = TcpStream::connect(relay.addr(listener)).await.unwrap();
         s.write_all(b"EHLO not-a-balancer\r\n").await.unwrap();
         let mut buf = Vec::new();
-        let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await;
+        let _ = tokio::time::timeout(patience(), s.read_to_end(&mut buf)).await;
         let report = relay.next_report().await;
         match &report.outcome {
             Outcome::Refused {
@@ -262,10 +262,10 @@ tls.policy = "plain"
 
 use tlsrelay_tests::smtp_sink as smtp_sink_mod;
 
-/// Everything the relay sends until it closes (or PATIENCE passes).
+/// Everything the relay sends until it closes (or patience() passes).
 async fn all_until_closed(s: &mut TcpStream) -> Result<Vec<u8>, std::io::ErrorKind> {
     let mut buf = Vec::new();
-    match tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await {
+    match tokio::time::timeout(patience(), s.read_to_end(&mut buf)).await {
         Ok(Ok(_)) => Ok(buf),
         Ok(Err(e)) => Err(e.kind()),
         Err(_) => panic!("still open: {}", String::from_utf8_lossy(&buf)),
@@ -347,7 +347,7 @@ async fn the_per_client_limit_holds_for_the_address_a_header_names() {
             .unwrap();
         let mut line = String::new();
         let mut r = BufReader::new(s);
-        tokio::time::timeout(PATIENCE, r.read_line(&mut line))
+        tokio::time::timeout(patience(), r.read_line(&mut line))
             .await
             .unwrap()
             .unwrap();

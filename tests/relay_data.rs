@@ -169,7 +169,7 @@ async fn upstream_reset_resets_the_client() {
     let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
     client.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(PATIENCE, client.read(&mut buf))
+    let read = tokio::time::timeout(patience(), client.read(&mut buf))
         .await
         .unwrap();
     assert_eq!(
@@ -199,7 +199,7 @@ async fn client_reset_resets_the_upstream() {
     let mut client = TcpStream::connect(relay.addr("in")).await.unwrap();
     client.write_all(b"hello").await.unwrap();
     // Reset only once the bytes before it went through.
-    tokio::time::timeout(PATIENCE, hello_arrived)
+    tokio::time::timeout(patience(), hello_arrived)
         .await
         .unwrap()
         .unwrap();
@@ -207,7 +207,7 @@ async fn client_reset_resets_the_upstream() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(client);
-    let seen = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    let seen = tokio::time::timeout(patience(), rx).await.unwrap().unwrap();
     assert_eq!(seen, Err(std::io::ErrorKind::ConnectionReset));
     let report = relay.next_report().await;
     assert!(
@@ -246,7 +246,7 @@ async fn garbage_on_implicit_listener_is_refused_and_other_sessions_go_on() {
         let _ = bad.write_all(garbage).await;
         let _ = bad.shutdown().await;
         let mut back = Vec::new();
-        let _ = tokio::time::timeout(PATIENCE, bad.read_to_end(&mut back))
+        let _ = tokio::time::timeout(patience(), bad.read_to_end(&mut back))
             .await
             .expect("relay closes a garbage connection");
         assert!(
@@ -323,14 +323,14 @@ async fn connection_limit_closes_extra_clients() {
     }
     let mut extra = TcpStream::connect(relay.addr("in")).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(PATIENCE, extra.read(&mut buf))
+    let n = tokio::time::timeout(patience(), extra.read(&mut buf))
         .await
         .unwrap();
     assert!(matches!(n, Ok(0) | Err(_)), "the third client is closed");
     drop(held);
     // Capacity returns once sessions end: a client is relayed again as
     // soon as the relay has seen them go.
-    let deadline = std::time::Instant::now() + PATIENCE;
+    let deadline = std::time::Instant::now() + patience();
     loop {
         let mut again = TcpStream::connect(relay.addr("in")).await.unwrap();
         match exchange(&mut again, b"room again").await {
@@ -354,7 +354,7 @@ async fn idle_sessions_time_out() {
     let mut buf = [0u8; 4];
     client.read_exact(&mut buf).await.unwrap();
     let mut rest = Vec::new();
-    let closed = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
+    let closed = tokio::time::timeout(patience(), client.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the relay closes an idle session");
     let report = relay.next_report().await;
     assert_eq!(
@@ -596,7 +596,7 @@ async fn data_and_fin_in_one_segment_are_both_relayed() {
         c.write_all(message.as_bytes()).await.unwrap();
         c.shutdown().await.unwrap(); // the FIN goes out with the corked data
         let mut back = Vec::new();
-        tokio::time::timeout(PATIENCE, c.read_to_end(&mut back))
+        tokio::time::timeout(patience(), c.read_to_end(&mut back))
             .await
             .unwrap_or_else(|_| panic!("round {round}: the relay did not pass the end on"))
             .unwrap();
@@ -631,7 +631,7 @@ async fn a_reset_after_a_burst_of_tls_records_reaches_the_client() {
     client.write_all(b"go").await.unwrap();
     client.flush().await.unwrap();
     let mut got = Vec::new();
-    let end = tokio::time::timeout(PATIENCE, client.read_to_end(&mut got))
+    let end = tokio::time::timeout(patience(), client.read_to_end(&mut got))
         .await
         .expect("the client hears the end");
     assert!(

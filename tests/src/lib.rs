@@ -27,8 +27,18 @@ use tlsrelay::listeners::Listeners;
 use tlsrelay::plan::{Plan, SelfSignedSource};
 use tlsrelay::report::SessionReport;
 
-/// How long any single wait in a test may take before it fails.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+/// How long any single wait in a test may take before it fails: 20 s, or
+/// TLSRELAY_PATIENCE_SECS where everything runs slower (vmtest's emulated
+/// CPU). A deadline for an event, never a sleep: passing runs never wait it.
+pub fn patience() -> Duration {
+    static SECS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        std::env::var("TLSRELAY_PATIENCE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20)
+    });
+    Duration::from_secs(*SECS)
+}
 
 /// A certificate authority and the files it issues, in a temporary directory.
 pub struct Pki {
@@ -534,7 +544,7 @@ pub async fn tls_connect(
     let tcp = TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(client_config(opts));
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+    tokio::time::timeout(patience(), connector.connect(name, tcp))
         .await
         .map_err(|_| std::io::Error::other("TLS connect timed out"))?
 }
@@ -552,7 +562,7 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         stream.read_to_end(&mut back).await?;
         Ok(back)
     };
-    tokio::time::timeout(PATIENCE, work)
+    tokio::time::timeout(patience(), work)
         .await
         .map_err(|_| std::io::Error::other("exchange timed out"))?
 }
@@ -692,7 +702,7 @@ impl TestRelay {
 
     /// The next finished session's report.
     pub async fn next_report(&mut self) -> SessionReport {
-        tokio::time::timeout(PATIENCE, self.reports.recv())
+        tokio::time::timeout(patience(), self.reports.recv())
             .await
             .expect("a session report within the patience")
             .expect("relay still running")

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::PATIENCE;
+use crate::patience;
 
 pub struct RelayProcess {
     pub child: Child,
@@ -82,7 +82,7 @@ impl RelayProcess {
     /// Waits until a log line contains `text`; panics with the log if none
     /// does in time (or the relay exits).
     pub fn wait_for_log(&mut self, text: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             if let Some(line) = self.log().into_iter().find(|l| l.contains(text)) {
                 return line;

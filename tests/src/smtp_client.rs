@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::PATIENCE;
+use crate::patience;
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
@@ -63,7 +63,7 @@ impl RawSmtp {
         let mut all = String::new();
         loop {
             let mut line = String::new();
-            let n = tokio::time::timeout(PATIENCE, self.io.read_line(&mut line))
+            let n = tokio::time::timeout(patience(), self.io.read_line(&mut line))
                 .await
                 .expect("a reply within the patience")
                 .unwrap();
