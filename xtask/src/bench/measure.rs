@@ -37,6 +37,11 @@ pub(super) struct Running {
 }
 
 impl Running {
+    /// Counts the relay's system calls until [`Counters::per_mb`].
+    pub(super) fn counters(&self, dir: &Path) -> Option<Counters> {
+        Counters::start(self.child.as_ref()?.0.id(), dir)
+    }
+
     pub(super) fn cpu_seconds(&self) -> anyhow::Result<f64> {
         match &self.child {
             Some(c) => tree_cpu_seconds(c.0.id()),
@@ -62,6 +67,118 @@ impl Running {
             last = p;
         }
         last
+    }
+}
+
+/// The system calls and context switches of a relay's threads while a cell
+/// runs (`perf stat` on tracepoints): what a GB costs besides CPU time.
+pub(super) struct Counters {
+    perf: std::process::Child,
+    out: PathBuf,
+}
+
+/// The system calls counted one by one; the rest only in the total.
+pub(super) const COUNTED_CALLS: &[&str] = &[
+    "recvfrom",
+    "sendto",
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvmsg",
+    "sendmsg",
+    "splice",
+    "epoll_wait",
+    "io_uring_enter",
+    "futex",
+];
+
+impl Counters {
+    /// Starts counting the threads of `pid`'s process tree; `None` without
+    /// perf or its tracepoints (the columns then show "-").
+    pub(super) fn start(pid: u32, dir: &Path) -> Option<Counters> {
+        let tids: Vec<String> = tree(pid)
+            .into_iter()
+            .flat_map(|p| {
+                std::fs::read_dir(format!("/proc/{p}/task"))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.ok()?.file_name().into_string().ok())
+            })
+            .collect();
+        let mut events = vec![
+            "raw_syscalls:sys_enter".to_string(),
+            "context-switches".to_string(),
+        ];
+        events.extend(
+            COUNTED_CALLS
+                .iter()
+                .map(|c| format!("syscalls:sys_enter_{c}")),
+        );
+        let out = dir.join(format!("perf-stat-{pid}.csv"));
+        let perf = Command::new("perf")
+            .args(["stat", "-x", ",", "--no-big-num", "-e", &events.join(",")])
+            .arg("-o")
+            .arg(&out)
+            .args(["-t", &tids.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        // perf opens its counters after it starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(Counters { perf, out })
+    }
+
+    /// Stops counting: per MB moved, every system call, context switches,
+    /// and each of [`COUNTED_CALLS`].
+    pub(super) fn per_mb(mut self, bytes: f64) -> Sample {
+        // SAFETY: signals our own perf child.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        let _ = self.perf.wait();
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let mb = bytes / 1e6;
+        let mut sample = Sample::new();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(',').collect();
+            let (Some(count), Some(event)) = (fields.first(), fields.get(2)) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<f64>() else {
+                continue;
+            };
+            let key = match *event {
+                "raw_syscalls:sys_enter" => "syscalls_per_mb",
+                "context-switches" => "switches_per_mb",
+                other => match other.strip_prefix("syscalls:sys_enter_") {
+                    Some(call) => match COUNTED_CALLS.iter().find(|c| **c == call) {
+                        Some(c) => call_key(c),
+                        None => continue,
+                    },
+                    None => continue,
+                },
+            };
+            sample.insert(key, count / mb);
+        }
+        sample
+    }
+}
+
+/// The sample key of one counted system call, per MB.
+fn call_key(call: &str) -> &'static str {
+    match call {
+        "recvfrom" => "recvfrom_per_mb",
+        "sendto" => "sendto_per_mb",
+        "read" => "read_per_mb",
+        "write" => "write_per_mb",
+        "readv" => "readv_per_mb",
+        "writev" => "writev_per_mb",
+        "recvmsg" => "recvmsg_per_mb",
+        "sendmsg" => "sendmsg_per_mb",
+        "splice" => "splice_per_mb",
+        "epoll_wait" => "epoll_wait_per_mb",
+        "io_uring_enter" => "io_uring_enter_per_mb",
+        _ => "futex_per_mb",
     }
 }
 

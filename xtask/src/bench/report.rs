@@ -26,9 +26,11 @@ pub(super) const THROUGHPUT: Table = Table {
         ("cpu_s_per_gb", "CPU s/GB"),
         ("machine_cpu_s_per_gb", "all CPU s/GB"),
         ("p99_ms", "p99 ms"),
+        ("syscalls_per_mb", "calls/MB"),
+        ("switches_per_mb", "cswch/MB"),
     ],
     primary: "gbit_per_s",
-    note: "Gbit/s pushed through to a discarding sink; CPU s/GB of the relay's process tree, and of the whole machine (generator, relay, sink, kernel); p99 ms = transfer completion time",
+    note: "Gbit/s pushed through to a discarding sink; CPU s/GB of the relay's process tree, and of the whole machine (generator, relay, sink, kernel); p99 ms = transfer completion time; the relay's system calls and context switches per MB (perf stat; each call by name in report.json)",
 };
 
 pub(super) const LATENCY: Table = Table {
@@ -183,7 +185,12 @@ impl Bench {
             return;
         }
         for (key, _) in t.columns {
-            let v = median(row.runs.iter().map(|r| r[key]).collect());
+            let v = median(
+                row.runs
+                    .iter()
+                    .map(|r| r.get(key).copied().unwrap_or(f64::NAN))
+                    .collect(),
+            );
             if v.is_nan() {
                 print!(" {:>10}", "-");
             } else if v >= 100.0 {

@@ -108,6 +108,7 @@ impl Bench {
         let Some(relay) = self.start(peer, &job)? else {
             return Ok(None);
         };
+        let counters = relay.counters(&self.dir);
         let (before, machine) = (relay.cpu_seconds()?, machine_cpu_seconds());
         let bytes = bytes.to_string();
         let mut extra = vec!["--bytes", &bytes];
@@ -118,12 +119,15 @@ impl Bench {
         let cpu = relay.cpu_seconds()? - before;
         let machine = machine_cpu_seconds() - machine;
         let gb = r["bytes"].as_f64().unwrap_or(0.0) / 1e9;
-        let sample = Sample::from([
+        let mut sample = Sample::from([
             ("gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
             ("cpu_s_per_gb", cpu / gb),
             ("machine_cpu_s_per_gb", machine / gb),
             ("p99_ms", r["p99_ms"].as_f64().unwrap_or(0.0)),
         ]);
+        if let Some(counters) = counters {
+            sample.extend(counters.per_mb(gb * 1e9));
+        }
         Ok(Some((sample, relay.path())))
     }
 
