@@ -16,7 +16,10 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
 use serde::Serialize;
 
 mod rekey;
-pub use rekey::{post_handshake, PostHandshake, Rekey, Role, SecretCapture};
+pub use rekey::{
+    post_handshake, PostHandshake, Rekey, Role, SecretCapture, TrafficKeys,
+    KEY_UPDATE_NOT_REQUESTED,
+};
 
 const SOL_TCP: libc::c_int = 6;
 const TCP_ULP: libc::c_int = 31;

@@ -4,11 +4,14 @@
 //! [`run`] is the one entry point sessions use. It hands every TLS leg to
 //! kernel TLS when the kernel supports the negotiated version and cipher,
 //! and then splices socket -> pipe -> socket without the bytes entering
-//! userspace ([`splice`]); otherwise rustls encrypts and decrypts in this
-//! process ([`userspace`]). The choice and its reason go into the report.
+//! userspace ([`splice`]); otherwise the legs' records are protected in this
+//! process ([`soft_tls`], on the keys rustls hands over after the
+//! handshake) and the bytes pumped through it ([`userspace`]). The choice
+//! and its reason go into the report.
 
 mod kernel_tls;
 mod offload;
+mod soft_tls;
 mod splice;
 use tlsrelay_sys::uring;
 mod userspace;
@@ -32,6 +35,7 @@ use tokio::net::TcpStream;
 use crate::tls::RecordIo;
 pub use kernel_tls::KernelTls;
 pub use offload::{leg_to_kernel, Handoff};
+pub use soft_tls::SoftTls;
 
 /// One side of a session after its handshake (if any).
 pub enum Leg {
@@ -42,6 +46,9 @@ pub enum Leg {
     TlsClient(Box<tokio_rustls::client::TlsStream<RecordIo>>),
     /// Either, after its keys went to the kernel: plaintext in and out.
     Kernel(KernelTls),
+    /// Either, its records protected by this process after the handshake
+    /// (a leg the kernel could not take).
+    Soft(Box<SoftTls>),
 }
 
 impl Leg {
@@ -51,6 +58,7 @@ impl Leg {
             Leg::TlsServer(s) => s.get_ref().0.tcp(),
             Leg::TlsClient(s) => s.get_ref().0.tcp(),
             Leg::Kernel(s) => s.tcp(),
+            Leg::Soft(s) => s.tcp(),
         }
     }
 
@@ -75,7 +83,7 @@ impl Leg {
             Leg::Plain(_) => {}
             Leg::TlsServer(s) => s.get_mut().0.pass_through(),
             Leg::TlsClient(s) => s.get_mut().0.pass_through(),
-            Leg::Kernel(_) => {}
+            Leg::Kernel(_) | Leg::Soft(_) => {}
         }
     }
 }
@@ -99,6 +107,10 @@ macro_rules! delegate {
             }
             Leg::Kernel($s) => {
                 let $s = Pin::new($s);
+                $e
+            }
+            Leg::Soft($s) => {
+                let $s = Pin::new($s.as_mut());
                 $e
             }
         }
@@ -146,6 +158,7 @@ impl AsyncWrite for Leg {
             Leg::TlsServer(s) => s.is_write_vectored(),
             Leg::TlsClient(s) => s.is_write_vectored(),
             Leg::Kernel(s) => s.is_write_vectored(),
+            Leg::Soft(_) => false,
         }
     }
 }
@@ -211,12 +224,18 @@ pub async fn run(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport {
             }
         }
         offload::Prepared::Userspace {
-            mut client,
-            mut upstream,
+            client,
+            upstream,
             reason,
         } => {
-            client.stay_in_userspace();
-            upstream.stay_in_userspace();
+            let client = match offload::to_soft(client).await {
+                Ok(leg) => leg,
+                Err(detail) => return setup_failed(detail, upstream.tcp()),
+            };
+            let upstream = match offload::to_soft(upstream).await {
+                Ok(leg) => leg,
+                Err(detail) => return setup_failed(detail, client.tcp()),
+            };
             let (counts, end) = userspace::run(client, upstream, opts.idle_timeout).await;
             PumpReport {
                 path: DataPath::Userspace,
@@ -235,6 +254,20 @@ pub async fn run(client: Leg, upstream: Leg, opts: PumpOptions) -> PumpReport {
             upstream_to_client: 0,
             end: PumpEnd::SetupFailed { detail },
         },
+    }
+}
+
+/// A session lost while its legs were being prepared: the other leg is
+/// reset, so its peer does not take the end for a clean one.
+fn setup_failed(detail: String, other: &TcpStream) -> PumpReport {
+    reset_on_close(other);
+    PumpReport {
+        path: DataPath::Userspace,
+        ktls: Vec::new(),
+        path_reason: None,
+        client_to_upstream: 0,
+        upstream_to_client: 0,
+        end: PumpEnd::SetupFailed { detail },
     }
 }
 

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 
 use tokio::io::AsyncWriteExt;
 
+use super::soft_tls::{Handover, SoftTls};
 use super::Leg;
 use crate::ktls::{self, KtlsCipher, KtlsVersion};
 use crate::tls::RecordIo;
@@ -30,7 +31,7 @@ pub(super) enum Prepared {
 /// The kTLS view of what a TLS leg negotiated.
 fn negotiated(leg: &Leg) -> Option<(Option<KtlsVersion>, Option<KtlsCipher>)> {
     let common: &rustls::CommonState = match leg {
-        Leg::Plain(_) | Leg::Kernel(_) => return None,
+        Leg::Plain(_) | Leg::Kernel(_) | Leg::Soft(_) => return None,
         Leg::TlsServer(s) => s.get_ref().1,
         Leg::TlsClient(s) => s.get_ref().1,
     };
@@ -143,14 +144,16 @@ async fn to_splice_leg(leg: Leg) -> Result<SpliceLeg, String> {
             hand_to_kernel(io, conn.into()).await
         }
         Leg::Kernel(k) => Ok(k.into_splice_leg()),
+        Leg::Soft(_) => Err("a leg whose records this process protects cannot be spliced".into()),
     }
 }
 
 /// Completes whatever rustls has half-seen or still has to send, keeps the
-/// plaintext it already decrypted, then installs its keys in the kernel.
-async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<SpliceLeg, String> {
+/// plaintext it already decrypted, and takes its keys: what the kernel, or
+/// this process's own record layer, continues from.
+async fn hand_over(io: RecordIo, mut conn: rustls::Connection) -> Result<Handover, String> {
     let fail =
-        |what: &str, e: &dyn std::fmt::Display| format!("handing TLS to the kernel: {what}: {e}");
+        |what: &str, e: &dyn std::fmt::Display| format!("taking TLS from rustls: {what}: {e}");
     let capture = io.secret_capture();
     let (mut tcp, partial) = io.into_parts().await.map_err(|e| fail("reading", &e))?;
     if let Some(rest) = partial {
@@ -163,7 +166,7 @@ async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<Sp
         }
     }
     // TLS 1.3 session tickets, or the last handshake flight: out before the
-    // kernel takes over the record sequence.
+    // record sequence leaves rustls.
     let mut pending = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut pending)
@@ -192,8 +195,7 @@ async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<Sp
     }
     let version = conn
         .protocol_version()
-        .and_then(KtlsVersion::of)
-        .ok_or_else(|| fail("version", &"not TLS 1.2 or 1.3"))?;
+        .ok_or_else(|| fail("version", &"none negotiated"))?;
     let role = match &conn {
         rustls::Connection::Client(_) => ktls::Role::Client,
         rustls::Connection::Server(_) => ktls::Role::Server,
@@ -204,12 +206,77 @@ async fn hand_to_kernel(io: RecordIo, mut conn: rustls::Connection) -> Result<Sp
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(|e| fail("extracting keys", &e))?;
-    ktls::install(tcp.as_raw_fd(), version, secrets).map_err(|e| fail("installing", &e))?;
-    Ok(SpliceLeg {
+    Ok(Handover {
         tcp,
-        ktls: true,
+        version,
+        secrets,
         leftover,
         peer_closed,
         rekey,
     })
+}
+
+/// Hands a leg's keys to the kernel: plaintext in and out of the socket.
+async fn hand_to_kernel(io: RecordIo, conn: rustls::Connection) -> Result<SpliceLeg, String> {
+    let h = hand_over(io, conn).await?;
+    let version = KtlsVersion::of(h.version).ok_or_else(|| {
+        format!(
+            "handing TLS to the kernel: {:?} is not TLS 1.2 or 1.3",
+            h.version
+        )
+    })?;
+    ktls::install(h.tcp.as_raw_fd(), version, h.secrets)
+        .map_err(|e| format!("handing TLS to the kernel: installing: {e}"))?;
+    Ok(SpliceLeg {
+        tcp: h.tcp,
+        ktls: true,
+        leftover: h.leftover,
+        peer_closed: h.peer_closed,
+        // A kernel that cannot rekey refuses a second key (EBUSY): there a
+        // KeyUpdate ends the session instead, and the relay sends none.
+        rekey: h.rekey.filter(|_| ktls::probe().rekey),
+    })
+}
+
+/// Whether the record layer can carry `leg`: a suite it has, and for TLS
+/// 1.3 the traffic secrets KeyUpdates derive from.
+fn soft_takes(leg: &Leg) -> bool {
+    let (common, captured): (&rustls::CommonState, bool) = match leg {
+        Leg::TlsServer(s) => (s.get_ref().1, s.get_ref().0.secret_capture().is_some()),
+        Leg::TlsClient(s) => (s.get_ref().1, s.get_ref().0.secret_capture().is_some()),
+        _ => return false,
+    };
+    let suite = common.negotiated_cipher_suite().map(|s| s.suite());
+    let tls13 = common.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    suite.and_then(KtlsCipher::of).is_some() && (captured || !tls13)
+}
+
+/// A TLS leg the kernel did not take, its records protected from here on
+/// by this process's record layer instead of rustls's buffers. A leg
+/// whose suite that layer lacks stays in rustls; a failed handover loses
+/// the leg (its keys may have left rustls).
+pub(super) async fn to_soft(mut leg: Leg) -> Result<Leg, String> {
+    if !soft_takes(&leg) {
+        leg.stay_in_userspace();
+        return Ok(leg);
+    }
+    let (io, conn): (RecordIo, rustls::Connection) = match leg {
+        Leg::TlsServer(s) => {
+            let (io, conn) = s.into_inner();
+            (io, conn.into())
+        }
+        Leg::TlsClient(s) => {
+            let (io, conn) = s.into_inner();
+            (io, conn.into())
+        }
+        other => {
+            leg = other;
+            leg.stay_in_userspace();
+            return Ok(leg);
+        }
+    };
+    let h = hand_over(io, conn).await?;
+    SoftTls::new(h)
+        .map(|soft| Leg::Soft(Box::new(soft)))
+        .map_err(|e| format!("record layer: {e}"))
 }

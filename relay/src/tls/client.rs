@@ -131,12 +131,9 @@ impl UpstreamTls {
     }
 
     /// Starts the client side of a handshake on `tcp`; secrets kept for
-    /// kernel TLS KeyUpdates as in [`super::ListenerTls::accept`].
+    /// KeyUpdates as in [`super::ListenerTls::accept`].
     pub fn connect(&self, tcp: TcpStream) -> tokio_rustls::Connect<RecordIo> {
         let name = self.server_name.clone();
-        if !crate::ktls::probe().rekey {
-            return TlsConnector::from(self.config.clone()).connect(name, RecordIo::new(tcp));
-        }
         let capture = Arc::new(SecretCapture::default());
         let mut config = (*self.config).clone();
         config.key_log = capture.clone();

@@ -6,6 +6,7 @@ mod certs;
 mod client;
 mod dane;
 mod record_io;
+pub mod records;
 mod server;
 
 use std::fmt;

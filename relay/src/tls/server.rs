@@ -110,10 +110,10 @@ impl ListenerTls {
         })
     }
 
-    /// Starts the server side of a handshake on `tcp`. Where the kernel
-    /// can rekey TLS, the connection gets its own copy of the configuration
-    /// whose key log keeps its traffic secrets, for KeyUpdates after the
-    /// keys went to the kernel.
+    /// Starts the server side of a handshake on `tcp`. The connection gets
+    /// its own copy of the configuration whose key log keeps its traffic
+    /// secrets: KeyUpdates after the keys left rustls (for the kernel, or
+    /// the relay's own record layer) derive from them.
     pub fn accept(&self, tcp: TcpStream) -> tokio_rustls::Accept<RecordIo> {
         self.accept_after(tcp, Vec::new())
     }
@@ -121,9 +121,6 @@ impl ListenerTls {
     /// The handshake of a client whose first records (`hello`, read to
     /// route it) are already off the socket: rustls reads them first.
     pub fn accept_after(&self, tcp: TcpStream, hello: Vec<u8>) -> tokio_rustls::Accept<RecordIo> {
-        if !crate::ktls::probe().rekey {
-            return TlsAcceptor::from(self.config.clone()).accept(RecordIo::new(tcp).after(hello));
-        }
         let capture = Arc::new(SecretCapture::default());
         let mut config = (*self.config).clone();
         config.key_log = capture.clone();

@@ -26,7 +26,7 @@ const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
 
 /// The KeyUpdate message: handshake type 24, length 1,
 /// update_not_requested (0).
-const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
+pub const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
 
 /// The largest record's plaintext.
 const MAX_PLAINTEXT: usize = 16 * 1024;
@@ -218,6 +218,75 @@ impl Rekey {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TrafficSecrets> {
         self.secrets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The key and IV of a traffic secret, for a record layer in this process
+/// (a leg the kernel could not take follows KeyUpdates the same way).
+pub struct TrafficKeys {
+    key: [u8; 32],
+    len: usize,
+    pub iv: [u8; 12],
+}
+
+impl TrafficKeys {
+    pub fn key(&self) -> &[u8] {
+        &self.key[..self.len]
+    }
+}
+
+impl Drop for TrafficKeys {
+    fn drop(&mut self) {
+        self.key.fill(0);
+        self.iv.fill(0);
+    }
+}
+
+impl TrafficSecrets {
+    fn keys(&self, secret: &OkmBlock) -> TrafficKeys {
+        let mut keys = TrafficKeys {
+            key: [0; 32],
+            len: self.cipher.key_len(),
+            iv: [0; 12],
+        };
+        let len = keys.len;
+        self.expand_label(secret, b"key", &mut keys.key[..len]);
+        self.expand_label(secret, b"iv", &mut keys.iv);
+        keys
+    }
+}
+
+impl Rekey {
+    /// The peer's KeyUpdate was read by a record layer in this process: the
+    /// keys its next records use. When it asked for ours, ours is owed.
+    pub fn next_rx_keys(&self, update_requested: bool) -> TrafficKeys {
+        let mut s = self.lock();
+        s.rx = s.next(&s.rx);
+        if update_requested {
+            self.update_owed.store(true, Ordering::Release);
+        }
+        s.keys(&s.rx)
+    }
+
+    /// Whether our KeyUpdate is owed before our next data; clears it.
+    pub fn take_owed_update(&self) -> bool {
+        self.update_owed.load(Ordering::Relaxed) && self.update_owed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Counts `records` sealed under our key: whether it has protected its
+    /// share and our KeyUpdate should go out.
+    pub fn sealed(&self, records: u64) -> bool {
+        let mut s = self.lock();
+        s.tx_records += records;
+        s.tx_records >= s.tx_record_limit
+    }
+
+    /// Our next keys, once our KeyUpdate was sealed under the current one.
+    pub fn next_tx_keys(&self) -> TrafficKeys {
+        let mut s = self.lock();
+        s.tx = s.next(&s.tx);
+        s.tx_records = 0;
+        s.keys(&s.tx)
     }
 }
 
