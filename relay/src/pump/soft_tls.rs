@@ -20,6 +20,7 @@ use crate::tls::records::{
     self, Opener, RecordError, Sealer, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
     MAX_PLAINTEXT, MAX_RECORD,
 };
+use crate::tls::Unread;
 
 /// One read from the socket takes up to this much: four full records.
 const READ_SIZE: usize = 2 * MAX_RECORD;
@@ -44,8 +45,7 @@ pub struct SoftTls {
     /// The opened record's plaintext not yet read: a range of `inbuf`.
     plain: Range<usize>,
     /// Plaintext rustls had decrypted before the handover, read first.
-    leftover: Vec<u8>,
-    leftover_at: usize,
+    leftover: Unread,
     /// The peer's close_notify (or FIN) has been read.
     read_done: bool,
     /// Sealed records not yet on the socket: `out[out_at..]`.
@@ -85,8 +85,7 @@ impl SoftTls {
             start: 0,
             last_fill: 0,
             plain: 0..0,
-            leftover: h.leftover,
-            leftover_at: 0,
+            leftover: Unread::new(h.leftover),
             read_done: h.peer_closed,
             out: Vec::new(),
             out_at: 0,
@@ -227,14 +226,7 @@ impl AsyncRead for SoftTls {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.leftover_at < this.leftover.len() {
-            let n = buf.remaining().min(this.leftover.len() - this.leftover_at);
-            buf.put_slice(&this.leftover[this.leftover_at..this.leftover_at + n]);
-            this.leftover_at += n;
-            if this.leftover_at == this.leftover.len() {
-                this.leftover = Vec::new();
-                this.leftover_at = 0;
-            }
+        if this.leftover.read_into(buf) {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

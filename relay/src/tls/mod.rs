@@ -28,6 +28,7 @@ pub use certs::{
 pub use client::{UpstreamTls, UpstreamTlsSettings};
 pub use dane::DaneCheck;
 pub use record_io::RecordIo;
+pub(crate) use record_io::Unread;
 pub use server::{
     client_chain_verifies, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings,
 };

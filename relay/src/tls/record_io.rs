@@ -43,8 +43,44 @@ pub struct RecordIo {
     secrets: Option<Arc<SecretCapture>>,
     /// Whole records already read off the socket (a ClientHello read to
     /// route the connection), handed to rustls before the socket's.
-    prefix: Vec<u8>,
-    prefix_pos: usize,
+    prefix: Unread,
+}
+
+/// Bytes already off the socket, handed to reads before the socket's:
+/// freed once all are out.
+#[derive(Default)]
+pub(crate) struct Unread {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl Unread {
+    pub(crate) fn new(bytes: Vec<u8>) -> Unread {
+        Unread { bytes, at: 0 }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
+    /// Copies what fits into `out`; false if there was nothing.
+    pub(crate) fn read_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let n = out.remaining().min(self.bytes.len() - self.at);
+        out.put_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        if self.is_empty() {
+            *self = Unread::default();
+        }
+        true
+    }
+
+    /// What is not yet read.
+    pub(crate) fn into_rest(mut self) -> Vec<u8> {
+        self.bytes.split_off(self.at)
+    }
 }
 
 /// How much one pass-through read takes from the socket.
@@ -66,15 +102,13 @@ impl RecordIo {
             ahead: Vec::new(),
             ahead_pos: 0,
             secrets: None,
-            prefix: Vec::new(),
-            prefix_pos: 0,
+            prefix: Unread::default(),
         }
     }
 
     /// Reads `records` (whole TLS records) before the socket.
     pub fn after(mut self, records: Vec<u8>) -> RecordIo {
-        self.prefix = records;
-        self.prefix_pos = 0;
+        self.prefix = Unread::new(records);
         self
     }
 
@@ -130,14 +164,13 @@ impl RecordIo {
     /// of any record rustls has not yet seen in full, which must be given to
     /// rustls before its secrets are extracted.
     pub async fn into_parts(mut self) -> io::Result<(TcpStream, Option<Vec<u8>>)> {
-        if self.prefix_pos < self.prefix.len() {
+        if !self.prefix.is_empty() {
             // Records read before the handshake that rustls has not seen:
             // they come before anything on the socket.
             if self.filled != 0 {
                 return Err(io::Error::other("a record read past records held back"));
             }
-            let rest = self.prefix.split_off(self.prefix_pos);
-            return Ok((self.tcp, Some(rest)));
+            return Ok((self.tcp, Some(self.prefix.into_rest())));
         }
         if self.filled == 0 {
             return Ok((self.tcp, None));
@@ -204,14 +237,7 @@ impl AsyncRead for RecordIo {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.prefix_pos < this.prefix.len() {
-            let n = out.remaining().min(this.prefix.len() - this.prefix_pos);
-            out.put_slice(&this.prefix[this.prefix_pos..this.prefix_pos + n]);
-            this.prefix_pos += n;
-            if this.prefix_pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.prefix_pos = 0;
-            }
+        if this.prefix.read_into(out) {
             return Poll::Ready(Ok(()));
         }
         if !this.bounded && this.filled == 0 {
