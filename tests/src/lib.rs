@@ -856,13 +856,24 @@ pub fn wait_for_listener(addr: SocketAddr, what: &str, log: &Path) {
     }
 }
 
-/// A loopback port nothing listens on (at the moment of asking).
+/// A port no address of this host uses at the moment of asking (asked on
+/// the wildcard address), and that no other test of this process was
+/// given: tests bind it on several loopback addresses (127.0.0.x) while
+/// other tests run beside them, and bind(0) may hand out a port again as
+/// soon as its asker let it go (CI once met a sink's port taken so).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A rustls stream that sends a TLS 1.3 KeyUpdate (asking the peer for
