@@ -175,7 +175,7 @@ async fn a_server_killed_under_load_costs_no_session_and_comes_back_after_rise()
     let listener = relay.addr("in");
     // Load: four clients making sessions back to back.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Each failure with when its session started.
+    // Each failure with when its session started and when it failed.
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let done = Arc::new(AtomicUsize::new(0));
     let mut load = Vec::new();
@@ -188,10 +188,11 @@ async fn a_server_killed_under_load_costs_no_session_and_comes_back_after_rise()
                     Ok(name) if ["a", "b", "c"].contains(&name.as_str()) => {
                         done.fetch_add(1, Ordering::SeqCst);
                     }
-                    other => failures
-                        .lock()
-                        .unwrap()
-                        .push((started, format!("{other:?}"))),
+                    other => failures.lock().unwrap().push((
+                        started,
+                        Instant::now(),
+                        format!("{other:?}"),
+                    )),
                 }
             }
         }));
@@ -231,16 +232,17 @@ async fn a_server_killed_under_load_costs_no_session_and_comes_back_after_rise()
         task.await.unwrap();
     }
     // A session under way when b died (connected into its accept queue)
-    // may fail with it; every session begun after, none.
+    // may fail with it; every session begun after, none; and nothing
+    // failed before b was killed.
     let failures = failures.lock().unwrap();
     let after: Vec<&String> = failures
         .iter()
-        .filter(|(started, _)| *started >= killed)
-        .map(|(_, what)| what)
+        .filter(|(started, _, _)| *started >= killed)
+        .map(|(_, _, what)| what)
         .collect();
     assert!(after.is_empty(), "new sessions failed: {after:?}");
     assert!(
-        failures.iter().all(|(started, _)| *started >= killing),
+        failures.iter().all(|(_, failed, _)| *failed >= killing),
         "failures before the kill: {failures:?}"
     );
     assert!(
