@@ -887,20 +887,32 @@ pub struct KeyUpdating<S> {
     pub updates: usize,
 }
 
-/// The rustls streams [`KeyUpdating`] wraps.
+/// The rustls streams [`KeyUpdating`] wraps. A connection that already
+/// received a fatal alert (the relay cut the session) cannot update its
+/// keys: that is the write's error, as tokio-rustls reports it.
 pub trait RefreshKeys {
-    fn refresh_keys(&mut self);
+    fn refresh_keys(&mut self) -> std::io::Result<()>;
+}
+
+fn key_update_error(e: rustls::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
 
 impl<IO> RefreshKeys for tokio_rustls::client::TlsStream<IO> {
-    fn refresh_keys(&mut self) {
-        self.get_mut().1.refresh_traffic_keys().unwrap();
+    fn refresh_keys(&mut self) -> std::io::Result<()> {
+        self.get_mut()
+            .1
+            .refresh_traffic_keys()
+            .map_err(key_update_error)
     }
 }
 
 impl<IO> RefreshKeys for tokio_rustls::server::TlsStream<IO> {
-    fn refresh_keys(&mut self) {
-        self.get_mut().1.refresh_traffic_keys().unwrap();
+    fn refresh_keys(&mut self) -> std::io::Result<()> {
+        self.get_mut()
+            .1
+            .refresh_traffic_keys()
+            .map_err(key_update_error)
     }
 }
 
@@ -933,7 +945,7 @@ impl<S: AsyncWrite + RefreshKeys + Unpin> AsyncWrite for KeyUpdating<S> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         if this.written >= this.every {
-            this.inner.refresh_keys();
+            this.inner.refresh_keys()?;
             this.written = 0;
             this.updates += 1;
         }
