@@ -745,8 +745,31 @@ enum Clock {
 }
 
 /// Boots the kernel under TCG, streams the console, returns the guest's
-/// status and its console lines.
+/// status and its console lines. A kernel that dies before the init script
+/// starts (TCG has oopsed in the kernel's own boot-time code patching, with
+/// no test run) is booted again, at most twice.
 fn boot(vmlinuz: &Path, initramfs: &Path, clock: Clock) -> anyhow::Result<(i32, Vec<String>)> {
+    for _ in 0..2 {
+        let (status, lines) = boot_once(vmlinuz, initramfs, clock)?;
+        if let Some(status) = status {
+            return Ok((status, lines));
+        }
+        if lines.iter().any(|l| l.contains("vmtest: kernel")) {
+            bail!("the guest ended without reporting a test status (see its console above)");
+        }
+        println!("vmtest: the kernel died before the tests started; booting again");
+    }
+    let (status, lines) = boot_once(vmlinuz, initramfs, clock)?;
+    let status = status
+        .context("the guest ended without reporting a test status (see its console above)")?;
+    Ok((status, lines))
+}
+
+fn boot_once(
+    vmlinuz: &Path,
+    initramfs: &Path,
+    clock: Clock,
+) -> anyhow::Result<(Option<i32>, Vec<String>)> {
     println!("\n=== boot the kTLS kernel (qemu, TCG)");
     let mut qemu = Command::new("qemu-system-x86_64");
     match clock {
@@ -806,7 +829,5 @@ fn boot(vmlinuz: &Path, initramfs: &Path, clock: Clock) -> anyhow::Result<(i32, 
     }
     let _ = child.wait();
     println!("vmtest: guest ran {:.0} s", started.elapsed().as_secs_f64());
-    let status = status
-        .context("the guest ended without reporting a test status (see its console above)")?;
     Ok((status, lines))
 }
