@@ -71,7 +71,12 @@ enum Task {
     BuildEbpf,
     /// Run the kernel-TLS tests in VMs booted from Debian's 6.12 and 6.18
     /// cloud kernels (CONFIG_TLS=m); fetches the kernels and qemu with apt.
-    Vmtest,
+    Vmtest {
+        /// Only the tests whose name contains this text (a test binary's
+        /// filter), e.g. "close_notify".
+        #[arg(long, value_name = "TEST")]
+        only: Option<String>,
+    },
     /// Fuzz every target (fuzz/fuzz_targets) for `minutes` each, in turn,
     /// and print each one's executions; a crash stops with its input.
     Fuzz {
@@ -135,7 +140,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             quick, vm: true, ..
         } => bench::bench_vm(quick),
-        Task::Vmtest => vm::vmtest(),
+        Task::Vmtest { only } => vm::vmtest(only.as_deref()),
         Task::Fuzz { minutes } => fuzz(FUZZ_TARGETS, minutes * 60.0),
         Task::Soak {
             quick,

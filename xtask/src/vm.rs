@@ -95,7 +95,7 @@ const VM_TESTS: &[&str] = &["ktls", "relay_data"];
 /// The guest gets this long before it is declared hung.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
-pub fn vmtest() -> anyhow::Result<()> {
+pub fn vmtest(only: Option<&str>) -> anyhow::Result<()> {
     ensure_host_tools()?;
     let vm = root().join("target/vm");
     let tests = build_tests()?;
@@ -116,9 +116,10 @@ pub fn vmtest() -> anyhow::Result<()> {
         let run = format!(
             // The relay's own KeyUpdates every 1,024 records (16 MiB) where
             // the kernel can rekey: the bulk tests cross several.
-            "export TLSRELAY_EXPECT_REKEY={} TLSRELAY_REKEY_AFTER_RECORDS=1024 TLSRELAY_BULK_MIB={}\n{RUN_TESTS}",
+            "export TLSRELAY_EXPECT_REKEY={} TLSRELAY_REKEY_AFTER_RECORDS=1024 TLSRELAY_BULK_MIB={}\n{}",
             u8::from(series.rekey),
-            series.bulk_mib
+            series.bulk_mib,
+            RUN_TESTS.replace("@FILTER@", &shell_quote(only.unwrap_or_default())),
         );
         build_initramfs(&kernel, &payload, &run, &initramfs)?;
         let (status, _) = boot(&kernel.vmlinuz, &initramfs, Clock::Host)?;
@@ -586,10 +587,16 @@ echo "VMTEST-STATUS=$status"
 poweroff -f
 "#;
 
-/// The init's work for `vmtest`: every test binary, one test at a time.
+/// A word for the guest's shell, whatever it holds.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// The init's work for `vmtest`: every test binary, one test at a time
+/// (those matching `@FILTER@`, which is empty for all).
 const RUN_TESTS: &str = r#"for t in /tests/*; do
     echo "vmtest: running $t"
-    $t --test-threads=1 || status=1
+    $t --test-threads=1 @FILTER@ || status=1
 done"#;
 
 /// The init's work for `bench --vm`: a discarding sink (plain and TLS),
