@@ -189,6 +189,53 @@ where
     Ok(back)
 }
 
+/// The relay's close_notify follows the last byte to a slow reader: with
+/// the client's receive window at 8 KiB, each of the relay's TLS sockets is
+/// near full when its source ends, where the kernel can hold a record back
+/// after TCP took part of it, and a FIN sent then overtakes that record.
+/// Several rounds on each pump, each ending in the client's clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_notify_follows_the_last_byte_to_a_slow_reader() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("up", &["upstream.test"]);
+    let upstream = tls_echo_with_suite(
+        ServerOptions {
+            leaf: &leaf,
+            versions: Versions::Both,
+            client_ca: None,
+        },
+        None,
+    )
+    .await;
+    let connector = tokio_rustls::TlsConnector::from(client_config(&ClientOptions::default()));
+    for pump in ["io-uring", "epoll"] {
+        let toml = relay_toml_with("implicit", upstream, &required_route(&pki), pump);
+        let mut relay = TestRelay::start(&toml, pki.dir()).await;
+        for round in 0..8u64 {
+            // More than the relay's send buffer (autotuned to a few MiB on
+            // loopback), so it fills.
+            let data = random_bytes((8 << 20) + round as usize * 7919, round);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(8 * 1024).unwrap();
+            let tcp = socket.connect(relay.addr("in")).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+            let stream = connector.connect(name, tcp).await.unwrap();
+            let back = try_bulk_echo(stream, &data)
+                .await
+                .unwrap_or_else(|e| panic!("{pump} round {round}: no clean end: {e}"));
+            assert!(back == data, "{pump} round {round}: relayed bytes differ");
+            let report = relay.next_report().await;
+            assert_eq!(
+                report.outcome,
+                Outcome::Relayed {
+                    end: PumpEnd::Closed
+                },
+                "{pump} round {round}: {report}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_tls_every_version_and_cipher_byte_exact() {
     every_version_and_cipher("io-uring", splice_path(), bulk_bytes()).await;

@@ -418,8 +418,30 @@ pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<(u8, usize)> {
     Ok((record_type, n as usize))
 }
 
-/// Sends a close_notify alert on a kTLS TX socket.
+/// Sends a close_notify alert on a kTLS TX socket, the last record before
+/// the FIN; `WouldBlock` until the socket polls writable.
+///
+/// The kernel takes a record even when TCP has room for only part of what
+/// it holds: the rest stays in kTLS's own queue, sent when TCP drains, and
+/// `sendmsg` still succeeds. A FIN (shutdown) then goes out ahead of it, and
+/// close frees it: the peer sees a truncation. Writable means a third of the
+/// send buffer is free, room for this record and the one or two kTLS can
+/// still hold (it stops taking data while TCP is full), so all of them
+/// reach TCP before the caller's FIN.
 pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives across the call; a zero timeout.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pfd.revents == 0 {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    // Writable, or failed: the send says which.
     send_record(fd, RECORD_ALERT, &[1, 0]) // warning(1), close_notify(0)
 }
 

@@ -194,9 +194,17 @@ impl AsyncWrite for KernelTls {
     /// close_notify, then FIN: the peer can tell an end from a truncation.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_notify_sent {
-            this.close_notify_sent = true;
-            let _ = ktls::send_close_notify(this.tcp.as_raw_fd());
+        while !this.close_notify_sent {
+            ready!(this.tcp.poll_write_ready(cx))?;
+            let fd = this.tcp.as_raw_fd();
+            match this
+                .tcp
+                .try_io(Interest::WRITABLE, || ktls::send_close_notify(fd))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // A peer gone already: the FIN (or its reset) says the rest.
+                _ => this.close_notify_sent = true,
+            }
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
