@@ -562,7 +562,9 @@ async fn mta_sts_policies_are_cached_in_the_state_directory_across_restarts() {
 }
 
 /// A TLS-RPT collector: HTTPS on `ip`:443, keeping each POST's
-/// Content-Type and body, answering 202.
+/// Content-Type and body, answering 200 with a body and closing without
+/// close_notify, as many servers do (the answer is whole at its
+/// Content-Length).
 async fn report_collector(
     ip: &str,
     leaf: &Leaf,
@@ -611,18 +613,23 @@ async fn report_collector(
             let head = String::from_utf8_lossy(&request[..head_end]).to_string();
             let content_type = head
                 .lines()
-                .find_map(|l| l.strip_prefix("Content-Type: "))
-                .unwrap_or_default()
-                .to_string();
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-type")
+                        .then(|| value.trim().to_string())
+                })
+                .unwrap_or_default();
             kept.lock()
                 .unwrap()
                 .push((content_type, request[head_end..].to_vec()));
-            let _ = tls
-                .write_all(
-                    b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                )
-                .await;
-            let _ = tls.shutdown().await;
+            let body = "{\"stored\": true}";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tls.write_all(answer.as_bytes()).await;
+            let _ = tls.flush().await;
+            drop(tls.into_inner().0); // FIN without close_notify
         }
     });
     posts
@@ -911,7 +918,8 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         "{out}{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    let posts = posts.lock().unwrap().clone();
+    let report_posts = posts;
+    let posts = report_posts.lock().unwrap().clone();
     assert_eq!(posts.len(), domains.len() - 1, "{out}");
     let mail = mailbox.received.lock().unwrap().clone();
     assert_eq!(mail.len(), 1, "{out}");
@@ -953,6 +961,33 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
         .collect();
     assert_eq!(pending, ["collector.test"]);
+    // Exactly once: a second run sends none of those the collector took
+    // (and closed on without close_notify); collector.test publishes no rua.
+    let resent = std::process::Command::new(relay_binary())
+        .args(["tlsrpt", "send", "--include-today", "--config"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&resent.stdout);
+    assert!(resent.status.success(), "{out}");
+    let posts = report_posts.lock().unwrap().clone();
+    let again: Vec<String> = posts[domains.len() - 1..]
+        .iter()
+        .map(|(_, body)| {
+            let mut json = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut json)
+                .unwrap();
+            let report: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            report["policies"][0]["policy"]["policy-domain"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(again, Vec::<String>::new(), "{out}");
+    assert!(out.contains("collector.test: not sent: no rua"), "{out}");
 }
 
 /// MX delivery never connects to the relay itself (a domain whose MX is

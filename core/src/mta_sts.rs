@@ -135,76 +135,6 @@ impl Policy {
     }
 }
 
-/// A complete HTTP/1.1 response (the connection was closed after it).
-#[derive(Debug, PartialEq, Eq)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub body: Vec<u8>,
-}
-
-/// Parses a whole response read to the end of the connection: status
-/// line, headers, and the body by Content-Length, chunked encoding, or
-/// to the end.
-pub fn parse_http_response(bytes: &[u8]) -> Result<HttpResponse, PolicyError> {
-    let bad = |why: &str| PolicyError(format!("malformed HTTP response: {why}"));
-    let end = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = std::str::from_utf8(&bytes[..end]).map_err(|_| bad("headers not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
-        return Err(bad("no status line"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(bad("not HTTP/1.x"));
-    }
-    let status: u16 = code.parse().map_err(|_| bad("status code"))?;
-    let (mut content_type, mut length, mut chunked) = (None, None, false);
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(bad("header line without ':'"));
-        };
-        let value = value.trim();
-        match name.trim().to_ascii_lowercase().as_str() {
-            "content-type" => content_type = Some(value.to_ascii_lowercase()),
-            "content-length" => length = Some(value.parse::<usize>().map_err(|_| bad("length"))?),
-            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-            _ => {}
-        }
-    }
-    let rest = &bytes[end + 4..];
-    let body = match (chunked, length) {
-        (true, _) => dechunk(rest).ok_or_else(|| bad("chunked body"))?,
-        (false, Some(n)) if rest.len() >= n => rest[..n].to_vec(),
-        (false, Some(_)) => return Err(bad("body shorter than Content-Length")),
-        (false, None) => rest.to_vec(),
-    };
-    Ok(HttpResponse {
-        status,
-        content_type,
-        body,
-    })
-}
-
-fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Some(body);
-        }
-        body.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,24 +191,5 @@ mod tests {
                 .mode,
             Mode::None
         );
-    }
-
-    #[test]
-    fn http_bodies_by_length_chunks_or_to_the_end() {
-        let r = parse_http_response(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\n\r\nhello",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
-        assert_eq!(r.content_type.as_deref(), Some("text/plain; charset=utf-8"));
-        let r = parse_http_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(r.body, b"hello");
-        let r = parse_http_response(b"HTTP/1.0 404 Not Found\r\n\r\ngone").unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"gone"[..]));
-        assert!(parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
-        assert!(parse_http_response(b"SSH-2.0-OpenSSH\r\n").is_err());
     }
 }

@@ -18,7 +18,7 @@ mod cli_cert;
 mod cli_dns;
 mod cli_tlsrpt;
 mod dns;
-mod https;
+mod http_client;
 mod inspect;
 mod legs;
 pub mod listeners;

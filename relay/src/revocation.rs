@@ -5,7 +5,6 @@
 //! current answer, and what it says), each CA-issuer URL fetched and
 //! checked to be the issuer.
 
-use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -17,6 +16,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use tlsrelay_core::ocsp;
+
+use crate::http_client;
 
 /// One endpoint, fetched and checked.
 #[derive(Debug, Clone, Serialize)]
@@ -337,47 +338,49 @@ fn connect(url: &str, timeout: Duration) -> Result<(std::net::SocketAddr, TcpStr
     Ok((addr, tcp))
 }
 
-/// GET (or with `post`, POST an OCSP request) over plain HTTP/1.0; the
-/// body of a 200. Other schemes: a TCP connection is all that is tried.
+/// GET (or with `post`, POST an OCSP request) over plain HTTP, within
+/// `timeout`; the body of a 200. Other schemes: a TCP connection is all
+/// that is tried.
 fn http(url: &str, post: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>, String> {
-    let (scheme, host, _, path) =
+    let (scheme, host, port, path) =
         split_url(url).ok_or_else(|| "not an http, https or ldap URL".to_string())?;
-    let (addr, mut tcp) = connect(url, timeout)?;
     if !scheme.eq_ignore_ascii_case("http") {
+        let (addr, _) = connect(url, timeout)?;
         return Err(format!(
             "TCP {addr} connected; only http endpoints are validated"
         ));
     }
-    tcp.set_read_timeout(Some(timeout)).ok();
-    tcp.set_write_timeout(Some(timeout)).ok();
-    let request = match post {
-        None => format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: tlsrelay\r\n\r\n").into_bytes(),
-        Some(body) => [
-            format!(
-                "POST {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: tlsrelay\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .into_bytes(),
-            body.to_vec(),
-        ]
-        .concat(),
+    let authority = match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
     };
-    tcp.write_all(&request)
+    let request = http_client::Request {
+        host: &authority,
+        path,
+        method: if post.is_some() { "POST" } else { "GET" },
+        headers: match post {
+            Some(_) => &[("Content-Type", "application/ocsp-request")],
+            None => &[],
+        },
+        body: post.unwrap_or_default(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let response = runtime
+        .block_on(http_client::request(
+            http_client::Names::System,
+            http_client::Transport::Plain,
+            &request,
+            64 << 20,
+            timeout,
+        ))
         .map_err(|e| format!("UNREACHABLE: HTTP: {e}"))?;
-    let mut response = Vec::new();
-    tcp.take(64 << 20)
-        .read_to_end(&mut response)
-        .map_err(|e| format!("UNREACHABLE: HTTP: {e}"))?;
-    let head_end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("UNREACHABLE: HTTP: no complete response")?;
-    let head = String::from_utf8_lossy(&response[..head_end]);
-    let status = head.lines().next().unwrap_or("").to_string();
-    if status.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("HTTP answered {status}"));
+    if response.status != 200 {
+        return Err(format!("HTTP answered {}", response.status));
     }
-    Ok(response[head_end + 4..].to_vec())
+    Ok(response.body)
 }
 
 #[cfg(test)]

@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::RootCertStore;
-use tokio::time::timeout;
 
 use crate::dns::DnsResolver;
-use crate::https::{self, HttpsError};
+use crate::http_client::{self, HttpError};
 use crate::mta_sts::{parse_policy, txt_policy_id, Policy};
 
 /// A policy file larger than this is refused (RFC 8461 3.3 suggests 64 KiB).
@@ -163,11 +162,10 @@ impl StsPolicies {
             reason: format!("MTA-STS policy of {domain}: {reason}"),
             result,
         };
-        let body = match timeout(self.limit, self.get(&host)).await {
-            Ok(Ok(body)) => body,
-            Ok(Err(HttpsError::Certificate(why))) => return Err(failed("sts-webpki-invalid", why)),
-            Ok(Err(HttpsError::Other(why))) => return Err(failed("sts-policy-fetch-error", why)),
-            Err(_) => return Err(failed("sts-policy-fetch-error", "timed out".into())),
+        let body = match self.get(&host).await {
+            Ok(body) => body,
+            Err(HttpError::Certificate(why)) => return Err(failed("sts-webpki-invalid", why)),
+            Err(HttpError::Other(why)) => return Err(failed("sts-policy-fetch-error", why)),
         };
         let text = String::from_utf8(body)
             .map_err(|_| failed("sts-policy-invalid", "not UTF-8".into()))?;
@@ -176,35 +174,35 @@ impl StsPolicies {
         Ok((text, policy))
     }
 
-    async fn get(&self, host: &str) -> Result<Vec<u8>, HttpsError> {
-        let request = https::Request {
+    async fn get(&self, host: &str) -> Result<Vec<u8>, HttpError> {
+        let request = http_client::Request {
             host,
             path: "/.well-known/mta-sts.txt",
             method: "GET",
             headers: &[],
             body: &[],
         };
-        let response =
-            https::request(&self.resolver, &self.roots, &request, MAX_POLICY_BYTES).await?;
+        let response = http_client::request(
+            http_client::Names::Relay(&self.resolver),
+            http_client::Transport::Tls(&self.roots),
+            &request,
+            MAX_POLICY_BYTES,
+            self.limit,
+        )
+        .await?;
         // RFC 8461 3.3: 200 only (no redirects), text/plain.
         if response.status != 200 {
-            return Err(HttpsError::Other(format!(
-                "HTTP status {}",
-                response.status
-            )));
+            return Err(HttpError::Other(format!("HTTP status {}", response.status)));
         }
         if !response
             .content_type
             .as_deref()
             .is_some_and(|t| t.starts_with("text/plain"))
         {
-            return Err(HttpsError::Other(format!(
+            return Err(HttpError::Other(format!(
                 "Content-Type {:?}, not text/plain",
                 response.content_type.unwrap_or_default()
             )));
-        }
-        if response.body.len() > MAX_POLICY_BYTES {
-            return Err(HttpsError::Other("policy larger than 64 KiB".into()));
         }
         Ok(response.body)
     }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use rustls::RootCertStore;
 
 use crate::dns::DnsResolver;
-use crate::https;
+use crate::http_client;
 use crate::smtp::address::{is_hostname, route};
 use crate::smtp::client::{establish, MailConnector, OutboundRecord};
 use crate::smtp::forward::Routing;
@@ -71,6 +71,10 @@ fn store(dir: &Path, domain: &str, results: &DayResults) -> std::io::Result<()> 
     let json = serde_json::to_vec_pretty(results)?;
     crate::state::replace_file(&dir.join(format!("{domain}.json")), &json)
 }
+
+/// How long one report POST may take, connection to answer: a `rua` that
+/// never answers must not hold up the reports after it.
+const POST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One day's results for one domain, waiting to be sent.
 pub struct Pending {
@@ -287,16 +291,22 @@ impl ReportSender {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let request = https::Request {
+        let request = http_client::Request {
             host,
             path,
             method: "POST",
             headers: &[("Content-Type", "application/tlsrpt+gzip")],
             body: gzipped,
         };
-        let response = https::request(&self.resolver, &self.roots, &request, 64 * 1024)
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = http_client::request(
+            http_client::Names::Relay(&self.resolver),
+            http_client::Transport::Tls(&self.roots),
+            &request,
+            64 * 1024,
+            POST_DEADLINE,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         match response.status {
             200..=299 => Ok(()),
             status => Err(format!("HTTP status {status}")),
