@@ -155,14 +155,20 @@ async fn mail_goes_to_the_mx_hosts_in_preference_order() {
     assert_eq!(received(&implicit), 1);
     relay.next_report().await;
 
-    // A null MX refuses the domain for good; an unanswerable domain
-    // (nsd is not authoritative for it: REFUSED) is deferred.
-    let replies = send(&relay, &["c@nullmx.test", "d@nowhere.example"]).await;
+    // A null MX refuses the domain for good, and so does a domain that
+    // does not exist (NXDOMAIN, as Postfix); an unanswerable domain (nsd is
+    // not authoritative for it: REFUSED) is deferred.
+    let replies = send(
+        &relay,
+        &["c@nullmx.test", "d@nowhere.example", "e@nosuch.test"],
+    )
+    .await;
     assert_eq!(
         replies,
         [
             "556 5.1.10 Recipient domain nullmx.test accepts no mail (null MX)\r\n",
             "451 4.4.3 DNS lookup failed for nowhere.example. MX; try again later\r\n",
+            "550 5.1.2 Recipient domain nosuch.test does not exist (NXDOMAIN)\r\n",
         ]
     );
     relay.next_report().await;

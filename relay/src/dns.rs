@@ -61,15 +61,19 @@ impl DnsResolver {
         })
     }
 
-    pub async fn mx(&self, domain: &str) -> Result<Answer<Mx>, DnsFailure> {
-        self.lookup(domain, RecordType::MX, |data| match data {
-            RData::MX(mx) => Some(Mx {
-                preference: mx.preference,
-                exchange: mx.exchange.to_ascii(),
-            }),
-            _ => None,
-        })
-        .await
+    /// The domain's MX records; `None` when the domain does not exist
+    /// (NXDOMAIN), which mail treats as final, unlike an empty answer.
+    pub async fn mx(&self, domain: &str) -> Result<Option<Answer<Mx>>, DnsFailure> {
+        let (answer, no_such_name) = self
+            .lookup_name(domain, RecordType::MX, |data| match data {
+                RData::MX(mx) => Some(Mx {
+                    preference: mx.preference,
+                    exchange: mx.exchange.to_ascii(),
+                }),
+                _ => None,
+            })
+            .await?;
+        Ok((!no_such_name).then_some(answer))
     }
 
     /// A and AAAA: secure only when both answers are.
@@ -129,6 +133,16 @@ impl DnsResolver {
         kind: RecordType,
         pick: impl Fn(&RData) -> Option<T>,
     ) -> Result<Answer<T>, DnsFailure> {
+        Ok(self.lookup_name(name, kind, pick).await?.0)
+    }
+
+    /// [`Self::lookup`], and whether the name does not exist (NXDOMAIN).
+    async fn lookup_name<T>(
+        &self,
+        name: &str,
+        kind: RecordType,
+        pick: impl Fn(&RData) -> Option<T>,
+    ) -> Result<(Answer<T>, bool), DnsFailure> {
         let absolute = format!("{}.", name.trim_end_matches('.'));
         let what = || format!("{absolute} {kind}");
         match self.inner.lookup(absolute.as_str(), kind).await {
@@ -141,10 +155,13 @@ impl DnsResolver {
                 if answers.iter().any(|r| r.proof == Proof::Bogus) {
                     return Err(DnsFailure::Bogus(what()));
                 }
-                Ok(Answer {
-                    secure: answers.iter().all(|r| r.proof == Proof::Secure),
-                    records: answers.iter().filter_map(|r| pick(&r.data)).collect(),
-                })
+                Ok((
+                    Answer {
+                        secure: answers.iter().all(|r| r.proof == Proof::Secure),
+                        records: answers.iter().filter_map(|r| pick(&r.data)).collect(),
+                    },
+                    false,
+                ))
             }
             // NXDOMAIN or NODATA; any other code (SERVFAIL, REFUSED) is
             // no answer at all.
@@ -154,17 +171,25 @@ impl DnsResolver {
                     ResponseCode::NXDomain | ResponseCode::NoError
                 ) =>
             {
-                Ok(Answer {
-                    records: Vec::new(),
-                    secure: none.soa.is_some_and(|soa| soa.proof == Proof::Secure),
-                })
+                Ok((
+                    Answer {
+                        records: Vec::new(),
+                        secure: none.soa.is_some_and(|soa| soa.proof == Proof::Secure),
+                    },
+                    none.response_code == ResponseCode::NXDomain,
+                ))
             }
-            Err(NetError::Dns(DnsError::Nsec { proof, .. })) => match proof {
+            Err(NetError::Dns(DnsError::Nsec {
+                proof, response, ..
+            })) => match proof {
                 Proof::Bogus | Proof::Indeterminate => Err(DnsFailure::Bogus(what())),
-                proof => Ok(Answer {
-                    records: Vec::new(),
-                    secure: proof == Proof::Secure,
-                }),
+                proof => Ok((
+                    Answer {
+                        records: Vec::new(),
+                        secure: proof == Proof::Secure,
+                    },
+                    response.response_code == ResponseCode::NXDomain,
+                )),
             },
             Err(NetError::Dns(DnsError::DnssecBogus)) => Err(DnsFailure::Bogus(what())),
             Err(e) => {

@@ -914,7 +914,7 @@ fn describe_outbound_connector(c: &MailConnector, domains: &[DomainPattern]) -> 
         NextHops::Fixed(hops) => hops,
         NextHops::Mx(route) => {
             return format!(
-                "outbound connector {}: recipients {} via each domain's MX hosts on port {} (null MX 556 5.1.10, DNS failure 451 4.4.3): {}",
+                "outbound connector {}: recipients {} via each domain's MX hosts on port {} (null MX 556 5.1.10, NXDOMAIN 550 5.1.2, DNS failure 451 4.4.3): {}",
                 c.name,
                 domains.join(", "),
                 route.port,
