@@ -680,6 +680,7 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
     let leaf = pki.leaf("mx", &["mx.example"]);
     let good_tlsa = format!("3 1 1 {}", tlsa_data(&leaf, 1, 1));
     let bogus_tlsa = format!("3 0 1 {}", tlsa_data(&leaf, 0, 1));
+    let unusable_tlsa = format!("1 1 1 {}", tlsa_data(&leaf, 1, 1));
     // Domain, MX address, TLSA, MTA-STS policy host address.
     let domains = [
         ("nostarttls", "127.0.0.7", good_tlsa.as_str(), ""),
@@ -701,6 +702,13 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         // DANE and an enforced policy that does not list the MX: DANE
         // takes precedence (RFC 8461 2), so the mail goes.
         ("both", "127.0.0.15", good_tlsa.as_str(), "127.3.0.28"),
+        // Only a PKIX-EE record, unusable for SMTP: delivered over
+        // unauthenticated TLS (RFC 7672 2.2), reported tlsa-invalid.
+        ("unusable", "127.0.0.16", unusable_tlsa.as_str(), ""),
+        // No policy and no STARTTLS: delivered in cleartext, reported.
+        ("cleartext", "127.0.0.17", "", ""),
+        // The MX answer fails validation: deferred, reported.
+        ("bogusmx", "127.0.0.18", "", ""),
     ];
     let mut zone = "sts IN MX 5 rogue.sts.test.\nrogue.sts IN A 127.0.0.2\n\
                     reports IN A 127.3.0.30\ncollector IN A 127.3.0.31\n"
@@ -722,7 +730,10 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
     let dns = SignedDns::start(&Zones {
         signed: &zone,
         unsigned: &[],
-        tamper: &[(&bogus_tlsa[6..22], "0000000000000000")],
+        tamper: &[
+            (&bogus_tlsa[6..22], "0000000000000000"),
+            ("mx.bogusmx.test.", "mx.bogusmy.test."),
+        ],
     });
     let expired_leaf = pki.issue(
         "mx-expired",
@@ -756,6 +767,9 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         mx_host("127.0.0.13", port, None).await,
         mx_host("127.0.0.14", port, None).await,
         mx_host("127.0.0.15", port, Some(&leaf)).await,
+        mx_host("127.0.0.16", port, Some(&leaf)).await,
+        mx_host("127.0.0.17", port, None).await,
+        mx_host("127.0.0.18", port, None).await,
     ];
     let policy_leaf = |d: &str| pki.leaf(&format!("policy-{d}"), &[&format!("mta-sts.{d}.test")]);
     let sites = [
@@ -823,9 +837,18 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
     std::fs::write(&file, toml).unwrap();
     let state = dir.path().join("state");
     let relay = process::RelayProcess::start(relay_binary(), &file, &state, &[], &[]);
+    let mut replies = std::collections::HashMap::new();
     for (domain, ..) in domains {
-        send_to(relay.addr("edge"), &[&format!("postmaster@{domain}.test")]).await;
+        let reply = send_to(relay.addr("edge"), &[&format!("postmaster@{domain}.test")]).await;
+        replies.insert(domain, reply);
     }
+    for delivered in ["unusable", "cleartext"] {
+        assert!(replies[delivered][0].starts_with("250"), "{replies:?}");
+    }
+    assert!(
+        replies["bogusmx"][0].starts_with("451 4.4.3 DNSSEC validation failed"),
+        "{replies:?}"
+    );
     // Metrics count the same sessions, by policy type and result.
     let scrape = || {
         use std::io::{Read, Write};
@@ -835,25 +858,33 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         tcp.read_to_string(&mut text).unwrap();
         text
     };
-    let deadline = std::time::Instant::now() + patience();
-    let want =
-        "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"sts-webpki-invalid\"} 1";
-    while !scrape().contains(want) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{want} not in:\n{}",
-            scrape()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let text = scrape();
-    for line in [
-        "tlsrelay_mx_policy_sessions_total{policy_type=\"tlsa\",result=\"dnssec-invalid\"} 1",
+    // A session is counted when it ends, after the reply the sender saw:
+    // wait for every count.
+    let want = [
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"sts-webpki-invalid\"} 1",
+        // The bogus TLSA answer and the bogus MX answer.
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"tlsa\",result=\"dnssec-invalid\"} 2",
+        // A DANE-EE record that matches nothing, and a PKIX-EE one alone.
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"tlsa\",result=\"tlsa-invalid\"} 2",
+        // No policy (none published, or its fetch failed) and a cleartext
+        // MX: cleartext, nofetch, invalid, webpki.
+        "tlsrelay_mx_policy_sessions_total{policy_type=\"no-policy-found\",result=\"starttls-not-supported\"} 4",
         "tlsrelay_mx_policy_sessions_total{policy_type=\"tlsa\",result=\"dane-required\"} 1",
         "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"success\"} 1",
         "tlsrelay_mx_policy_sessions_total{policy_type=\"sts\",result=\"validation-failure\"} 1",
-    ] {
-        assert!(text.contains(line), "{line} not in:\n{text}");
+    ];
+    let deadline = std::time::Instant::now() + patience();
+    loop {
+        let text = scrape();
+        let missing: Vec<&str> = want.into_iter().filter(|l| !text.contains(l)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{missing:#?} not in:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     // What is pending, as the domains will get it.
@@ -909,6 +940,37 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         1
     );
     assert_eq!(sts["policies"][0]["policy"]["mx-host"][0], "mx.sts.test");
+    // Each scenario's one policy, and its one session's result.
+    let only = |domain: &str| {
+        let report = reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["policies"][0]["policy"]["policy-domain"] == domain)
+            .unwrap_or_else(|| panic!("no report for {domain}: {reports:#}"));
+        let policies = report["policies"].as_array().unwrap();
+        assert_eq!(policies.len(), 1, "{report:#}");
+        let result = policies[0]["failure-details"][0]["result-type"]
+            .as_str()
+            .unwrap_or("success")
+            .to_string();
+        (policies[0]["policy"].clone(), result)
+    };
+    let (policy, result) = only("unusable.test");
+    assert_eq!(
+        (policy["policy-type"].as_str(), result.as_str()),
+        (Some("tlsa"), "tlsa-invalid")
+    );
+    assert_eq!(policy["mx-host"][0], "mx.unusable.test", "{policy:#}");
+    let (policy, result) = only("cleartext.test");
+    assert_eq!(
+        (policy["policy-type"].as_str(), result.as_str()),
+        (Some("no-policy-found"), "starttls-not-supported")
+    );
+    let (_, result) = only("bogusmx.test");
+    assert_eq!(result, "dnssec-invalid");
+    let (policy, _) = only("nostarttls.test");
+    assert_eq!(policy["mx-host"][0], "mx.nostarttls.test", "{policy:#}");
 
     // Sent now (today included), gzipped, to each domain's rua.
     let sent = std::process::Command::new(relay_binary())

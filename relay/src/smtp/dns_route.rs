@@ -59,6 +59,14 @@ struct MxHost {
     tls: HostTls,
 }
 
+/// Why a domain has no MX host to try.
+enum NoHosts {
+    /// The sender's reply (a null MX, no such domain, a failed lookup).
+    Reply(Reply),
+    /// The MX answer failed DNSSEC validation: deferred, and reported.
+    Bogus(DnsFailure),
+}
+
 /// What stopped delivery to the hosts tried.
 #[derive(Default)]
 struct Problems {
@@ -103,7 +111,28 @@ impl MxRoute {
         connector: &MailConnector,
         domain: &str,
     ) -> Result<Established, Reply> {
-        let hosts = self.hosts(domain).await?;
+        let hosts = match self.hosts(domain).await {
+            Ok(hosts) => hosts,
+            Err(NoHosts::Reply(reply)) => return Err(reply),
+            Err(NoHosts::Bogus(failure)) => {
+                // RFC 8460 4.3.2: a DNSSEC answer that does not validate is
+                // a session failure of the domain's report.
+                let mut sessions = Vec::new();
+                let mut report = Reporter {
+                    reports: self.reports.as_deref(),
+                    domain,
+                    sts: None,
+                    sessions: &mut sessions,
+                };
+                let policy = PolicyDescriptor {
+                    policy_type: "tlsa".into(),
+                    ..PolicyDescriptor::none(domain)
+                };
+                report.failure(&policy, "dnssec-invalid", None, None, failure.to_string());
+                hop.record.policy_sessions.append(&mut sessions);
+                return Err(Reply::new(451, format!("4.4.3 {failure}; try again later")));
+            }
+        };
         let sts = match &self.sts {
             Some(policies) => policies.lookup(domain).await,
             None => StsLookup::None,
@@ -133,7 +162,7 @@ impl MxRoute {
         let mut problems = Problems::default();
         let mut tried = 0;
         for host in hosts {
-            let policy_held = report.policy_of(&host.tls);
+            let policy_held = report.policy_of(&host.tls, &host.name);
             let name = Some(host.name.clone());
             let addresses = match (host.addresses, &host.tls) {
                 (_, HostTls::Skip { reason, result }) => {
@@ -161,6 +190,10 @@ impl MxRoute {
                     continue;
                 }
                 (Err(failure), _) => {
+                    if let DnsFailure::Bogus(_) = failure {
+                        let why = failure.to_string();
+                        report.failure(&policy_held, "dnssec-invalid", name, None, why);
+                    }
                     problems.dns.push(failure.to_string());
                     continue;
                 }
@@ -188,6 +221,7 @@ impl MxRoute {
                 }
             };
             let dane = matches!(host.tls, HostTls::Dane(_));
+            let unusable_tlsa = host.tls == HostTls::EncryptOnly;
             for ip in addresses {
                 if tried == MAX_HOSTS {
                     break;
@@ -213,7 +247,7 @@ impl MxRoute {
                 };
                 match hop.open(&target).await {
                     Ok(established) => {
-                        report.opened(&policy_held, &established, &sts);
+                        report.opened(&policy_held, &established, &sts, unusable_tlsa);
                         hop.record.policy_sessions.append(&mut sessions);
                         return Ok(established);
                     }
@@ -276,27 +310,32 @@ impl MxRoute {
     }
 
     /// The domain's MX hosts in the order to try, each with its addresses
-    /// and TLS; or the sender's reply when there are none to try.
-    async fn hosts(&self, domain: &str) -> Result<Vec<MxHost>, Reply> {
+    /// and TLS; or why there are none to try.
+    async fn hosts(&self, domain: &str) -> Result<Vec<MxHost>, NoHosts> {
         let mx = self
             .resolver
             .mx(domain)
             .await
-            .map_err(|failure| Reply::new(451, format!("4.4.3 {failure}; try again later")))?
+            .map_err(|failure| match failure {
+                DnsFailure::Bogus(_) => NoHosts::Bogus(failure),
+                DnsFailure::Temporary(_) => {
+                    NoHosts::Reply(Reply::new(451, format!("4.4.3 {failure}; try again later")))
+                }
+            })?
             .ok_or_else(|| {
                 // RFC 3463 X.1.2: the destination system does not exist; as
                 // Postfix, a bounce now rather than retries for days.
-                Reply::new(
+                NoHosts::Reply(Reply::new(
                     550,
                     format!("5.1.2 Recipient domain {domain} does not exist (NXDOMAIN)"),
-                )
+                ))
             })?;
         let names = match mx_hosts(domain, &mx.records, random_below) {
             MxHosts::NullMx => {
-                return Err(Reply::new(
+                return Err(NoHosts::Reply(Reply::new(
                     556,
                     format!("5.1.10 Recipient domain {domain} accepts no mail (null MX)"),
-                ))
+                )))
             }
             MxHosts::Hosts(names) => names,
         };
@@ -357,12 +396,13 @@ impl Reporter<'_> {
 
     /// The policy a host was held to: its TLSA records (DANE first), else
     /// the MTA-STS policy, else none.
-    fn policy_of(&self, tls: &HostTls) -> PolicyDescriptor {
+    fn policy_of(&self, tls: &HostTls, host: &str) -> PolicyDescriptor {
+        // A TLSA policy is one MX host's (RFC 8460 4.3.1: mx-host names it).
         let tlsa = |records: Vec<String>| PolicyDescriptor {
             policy_type: "tlsa".into(),
             policy_string: records,
             policy_domain: self.domain.into(),
-            mx_host: Vec::new(),
+            mx_host: vec![host.to_string()],
         };
         match tls {
             HostTls::Dane(records) => tlsa(records.iter().map(Tlsa::presentation).collect()),
@@ -412,8 +452,27 @@ impl Reporter<'_> {
     }
 
     /// A session that opened: a success, unless a testing MTA-STS policy
-    /// would have failed it (RFC 8460 reports what enforce would refuse).
-    fn opened(&mut self, policy: &PolicyDescriptor, established: &Established, sts: &StsLookup) {
+    /// would have failed it (RFC 8460 reports what enforce would refuse),
+    /// the host's TLSA records were all unusable (`tlsa-invalid`, though
+    /// RFC 7672 2.2 delivers over unauthenticated TLS), or TLS failed and
+    /// the mail went in cleartext.
+    fn opened(
+        &mut self,
+        policy: &PolicyDescriptor,
+        established: &Established,
+        sts: &StsLookup,
+        unusable_tlsa: bool,
+    ) {
+        if unusable_tlsa {
+            return self.failure(
+                policy,
+                "tlsa-invalid",
+                Some(established.host.clone()),
+                Some(established.address.ip()),
+                "no usable TLSA record (DANE-TA or DANE-EE); delivered with unauthenticated TLS"
+                    .into(),
+            );
+        }
         let testing = matches!(sts, StsLookup::Policy(p) if p.mode == Mode::Testing)
             && policy.policy_type == "sts";
         let failed = match &established.security {
@@ -424,7 +483,17 @@ impl Reporter<'_> {
             } => Some("certificate-host-mismatch"),
             LegSecurity::Tls { .. } => Some("certificate-not-trusted"),
             LegSecurity::Plaintext if testing => Some("starttls-not-supported"),
-            LegSecurity::Plaintext => None,
+            // Delivered in cleartext after TLS was tried: the failure that
+            // made the relay fall back (RFC 8460 4.3.2).
+            LegSecurity::Plaintext => established
+                .downgrade
+                .as_ref()
+                .map(|d| downgrade_result_type(d.class)),
+        };
+        let reason = match (&established.downgrade, testing) {
+            (_, true) => "MTA-STS testing policy not met".to_string(),
+            (Some(downgrade), false) => downgrade.reason.clone(),
+            (None, false) => String::new(),
         };
         match failed {
             Some(result) => self.failure(
@@ -432,10 +501,21 @@ impl Reporter<'_> {
                 result,
                 Some(established.host.clone()),
                 Some(established.address.ip()),
-                "MTA-STS testing policy not met".into(),
+                reason,
             ),
             None => self.record(policy, SessionResult::Success),
         }
+    }
+}
+
+/// The result type of the failure behind a fall back to cleartext, by its
+/// class ([`crate::report::Downgrade::CLASSES`]).
+fn downgrade_result_type(class: &str) -> &'static str {
+    match class {
+        "certificate untrusted" => "certificate-not-trusted",
+        "name mismatch" => "certificate-host-mismatch",
+        "handshake failed" | "version too low" => "validation-failure",
+        _ => "starttls-not-supported",
     }
 }
 
