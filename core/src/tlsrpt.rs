@@ -117,6 +117,10 @@ pub const RESULT_TYPES: &[&str] = &[
 /// A policy domain's results for one UTC day.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DayResults {
+    /// The policy domain, kept with its results where the file's name
+    /// cannot hold it whole (a name near DNS's 253 octets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     pub policies: Vec<PolicyResults>,
 }
 

@@ -119,7 +119,7 @@ impl SmtpShared {
         let mut routes = Vec::new();
         let mut resolver = None;
         let mut anchors_for_reports = None;
-        let reports = Arc::new(TlsReports::new(state_dir.map(|d| d.join("tlsrpt"))));
+        let reports = TlsReports::shared(state_dir.map(|d| d.join("tlsrpt")));
         for (i, c) in config.outbound_connectors.iter().enumerate() {
             let prefix = format!("outbound_connectors[{i}].tls");
             let hops = match c.mx_port() {

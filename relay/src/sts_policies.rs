@@ -18,6 +18,9 @@ use crate::mta_sts::{parse_policy, txt_policy_id, Policy};
 /// A policy file larger than this is refused (RFC 8461 3.3 suggests 64 KiB).
 const MAX_POLICY_BYTES: usize = 64 * 1024;
 
+/// Policies held in memory at once (one per recipient domain seen).
+const MAX_POLICIES_IN_MEMORY: usize = 10_000;
+
 /// What MTA-STS says about a domain's delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StsLookup {
@@ -127,11 +130,23 @@ impl StsPolicies {
             policy: parse_policy(&text).ok()?,
             text,
         };
-        self.memory
-            .lock()
-            .unwrap()
-            .insert(domain.to_string(), cached.clone());
+        self.remember(domain, cached.clone());
         Some(cached)
+    }
+
+    /// Keeps `cached` in memory, which holds at most
+    /// [`MAX_POLICIES_IN_MEMORY`]: past it, expired policies go, then all
+    /// (the state directory still has them).
+    fn remember(&self, domain: &str, cached: Cached) {
+        let mut memory = self.memory.lock().unwrap();
+        if memory.len() >= MAX_POLICIES_IN_MEMORY {
+            let now = crate::unix_now();
+            memory.retain(|_, c| c.fresh(now));
+            if memory.len() >= MAX_POLICIES_IN_MEMORY {
+                memory.clear();
+            }
+        }
+        memory.insert(domain.to_string(), cached);
     }
 
     fn store(&self, domain: &str, cached: Cached) {
@@ -149,10 +164,7 @@ impl StsPolicies {
                 );
             }
         }
-        self.memory
-            .lock()
-            .unwrap()
-            .insert(domain.to_string(), cached);
+        self.remember(domain, cached);
     }
 
     /// GET https://mta-sts.<domain>/.well-known/mta-sts.txt.
@@ -205,5 +217,42 @@ impl StsPolicies {
             )));
         }
         Ok(response.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mta_sts::Mode;
+
+    #[test]
+    fn memory_holds_a_bounded_number_of_policies_keeping_fresh_ones_first() {
+        let resolver = DnsResolver::new(&["127.0.0.1:9".parse().unwrap()], None).unwrap();
+        let policies = StsPolicies::new(
+            resolver,
+            Arc::new(RootCertStore::empty()),
+            None,
+            Duration::from_secs(1),
+        );
+        let now = crate::unix_now();
+        let cached = |fetched: i64| Cached {
+            id: "1".into(),
+            fetched,
+            policy: Policy {
+                mode: Mode::Enforce,
+                mx: vec!["mx.example".into()],
+                max_age: 86_400,
+            },
+            text: String::new(),
+        };
+        // Half of them expired a day ago.
+        for i in 0..MAX_POLICIES_IN_MEMORY {
+            let fetched = if i % 2 == 0 { now } else { now - 2 * 86_400 };
+            policies.remember(&format!("d{i}.example"), cached(fetched));
+        }
+        policies.remember("new.example", cached(now));
+        let memory = policies.memory.lock().unwrap();
+        assert_eq!(memory.len(), MAX_POLICIES_IN_MEMORY / 2 + 1);
+        assert!(memory.values().all(|c| c.fresh(now)));
     }
 }
