@@ -198,6 +198,59 @@ async fn mail_goes_to_the_mx_hosts_in_preference_order() {
     );
 }
 
+fn resumed(security: &Option<LegSecurity>) -> Option<bool> {
+    match security {
+        Some(LegSecurity::Tls { negotiated, .. }) => Some(negotiated.resumed),
+        _ => None,
+    }
+}
+
+/// A returning delivery to an MX host resumes its TLS session, as Postfix
+/// does with its session cache; a ticket is kept per host and the checks
+/// it passed, so one from a verified-by-name session is not offered to the
+/// same host once DANE holds it, which starts over with a full handshake.
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_deliveries_resume_the_mx_hosts_tls_session() {
+    if !have_dns_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let port = free_port();
+    let leaf = pki.leaf("mx", &["mx.resume.test", "mx.dane.test"]);
+    // One sink, two names: plain TLS for resume.test, DANE for dane.test.
+    let zone = dane_zone("resume", port, "").replace("127.0.0.2", "127.0.0.19")
+        + &dane_zone("dane", port, &format!("3 1 1 {}", tlsa_data(&leaf, 1, 1)))
+            .replace("127.0.0.2", "127.0.0.19");
+    let dns = SignedDns::start(&Zones {
+        signed: &zone,
+        unsigned: &[],
+        tamper: &[],
+    });
+    let sink = mx_host("127.0.0.19", port, Some(&leaf)).await;
+    let anchors = format!("tls.trust_anchors = {}", toml_path(&pki.ca_pem));
+    let mut relay = relay(&dns, port, &anchors, pki.dir()).await;
+    for (to, want) in [
+        ("a@resume.test", false),
+        ("b@resume.test", true),
+        ("c@resume.test", true),
+        ("d@dane.test", false),
+        ("e@dane.test", true),
+    ] {
+        let replies = send(&relay, &[to]).await;
+        assert!(replies[1].starts_with("250"), "{to}: {replies:?}");
+        let report = relay.next_report().await;
+        let (_, security) = outbound(&report);
+        assert_eq!(resumed(&security), Some(want), "{to}: {report}");
+        assert_eq!(
+            trust(&security),
+            Some(PeerTrust::Verified),
+            "{to}: {report}"
+        );
+    }
+    assert_eq!(received(&sink), 5);
+}
+
 /// The zone for the DANE tests: `name` has one MX host on 127.0.0.2 whose
 /// TLSA record is `tlsa` (none when empty).
 fn dane_zone(name: &str, port: u16, tlsa: &str) -> String {

@@ -354,6 +354,15 @@ async fn handshake<G: Greeter>(
         peer_names: peer_names(conn.peer_certificates()),
     };
     let mut leg = Leg::TlsClient(Box::new(stream));
+    // SMTP's EHLO again while rustls still reads the leg: the server's
+    // session tickets come before its reply, and rustls keeps them for the
+    // next connection to this host (after the handoff, the kernel or the
+    // userspace record layer would skip them).
+    match greeter.after_tls(&mut leg).await {
+        Ok(()) => {}
+        Err(GreeterFailure::Tls { failure, .. }) => return Err(failure),
+        Err(GreeterFailure::Unavailable(why)) => return Err(TlsFailure::HandshakeFailed(why)),
+    }
     let mut userspace_reason = None;
     if target.kernel_tls {
         leg = match crate::pump::leg_to_kernel(leg, true).await {
@@ -366,17 +375,13 @@ async fn handshake<G: Greeter>(
         };
     }
     leg.stay_in_userspace();
-    match greeter.after_tls(&mut leg).await {
-        Ok(()) => Ok(OutboundLeg {
-            leg,
-            security,
-            downgrade,
-            address,
-            userspace_reason,
-        }),
-        Err(GreeterFailure::Tls { failure, .. }) => Err(failure),
-        Err(GreeterFailure::Unavailable(why)) => Err(TlsFailure::HandshakeFailed(why)),
-    }
+    Ok(OutboundLeg {
+        leg,
+        security,
+        downgrade,
+        address,
+        userspace_reason,
+    })
 }
 
 /// A connection to the target, its PROXY protocol header sent.

@@ -171,6 +171,7 @@ impl SmtpShared {
                             private: config.dns.private_networks(),
                             allowed: c.allow_private_mx.iter().map(|a| *a.get_ref()).collect(),
                         },
+                        host_tls: Default::default(),
                     }))
                 }
                 None => {

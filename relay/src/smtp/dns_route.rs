@@ -4,6 +4,7 @@
 //! 8461) calls for, then the hosts tried in order through the shared
 //! next-hop setup.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -44,6 +45,41 @@ pub struct MxRoute {
     /// Addresses delivery keeps out of: the relay itself, loopback and
     /// private networks.
     pub guard: MxGuard,
+    /// The TLS of the MX hosts delivered to, with their session tickets.
+    pub host_tls: HostTlsCache,
+}
+
+/// Each MX host's TLS, kept per host and the checks it is held to, with
+/// the session tickets its server gave (as Postfix's
+/// `smtp_tls_session_cache_database`): a returning delivery resumes
+/// instead of a full handshake. rustls resumes only under the verifier a
+/// ticket was won with, so keeping the config per host and checks is what
+/// lets it, and a session never DANE-verified never resumes a DANE one.
+#[derive(Default)]
+pub struct HostTlsCache {
+    configs: std::sync::Mutex<HashMap<String, Arc<UpstreamTls>>>,
+}
+
+/// Hosts (with their checks) kept at once; past it, all are dropped and
+/// the next deliveries start over with full handshakes.
+const MAX_TLS_HOSTS: usize = 10_000;
+
+impl HostTlsCache {
+    fn get_or_build(
+        &self,
+        key: String,
+        build: impl FnOnce() -> Result<UpstreamTls, String>,
+    ) -> Result<Arc<UpstreamTls>, String> {
+        if let Some(tls) = self.configs.lock().unwrap().get(&key) {
+            return Ok(tls.clone());
+        }
+        let tls = Arc::new(build()?);
+        let mut configs = self.configs.lock().unwrap();
+        if configs.len() >= MAX_TLS_HOSTS {
+            configs.clear();
+        }
+        Ok(configs.entry(key).or_insert(tls).clone())
+    }
 }
 
 /// Whether `ip` is one of this host's addresses: binding to it works only
@@ -241,7 +277,7 @@ impl MxRoute {
                     name: &host.name,
                     address: &address,
                     policy,
-                    tls: tls.as_ref(),
+                    tls: tls.as_deref(),
                     proxy_header: None,
                     kernel_tls: connector.kernel_tls,
                 };
@@ -277,7 +313,7 @@ impl MxRoute {
         tls: &HostTls,
         sts_enforced: bool,
         policy: OutboundPolicy,
-    ) -> Result<(OutboundPolicy, Option<UpstreamTls>), String> {
+    ) -> Result<(OutboundPolicy, Option<Arc<UpstreamTls>>), String> {
         let Some(settings) = &self.tls else {
             return Ok((policy, None));
         };
@@ -305,7 +341,20 @@ impl MxRoute {
         } else {
             policy
         };
-        let tls = UpstreamTls::new(settings).map_err(|e| e.to_string())?;
+        // The checks a ticket's session passed: the name, the anchors (the
+        // connector's, fixed per plan), the TLSA records.
+        let names: Vec<String> = settings.names.iter().map(ToString::to_string).collect();
+        let tlsa: Vec<String> = match tls {
+            HostTls::Dane(records) => records.iter().map(Tlsa::presentation).collect(),
+            _ => Vec::new(),
+        };
+        let key = format!(
+            "{host} {} enforce={} names={names:?} tlsa={tlsa:?}",
+            settings.verification, settings.enforce
+        );
+        let tls = self.host_tls.get_or_build(key, || {
+            UpstreamTls::new(settings).map_err(|e| e.to_string())
+        })?;
         Ok((policy, Some(tls)))
     }
 
