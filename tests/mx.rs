@@ -198,6 +198,46 @@ async fn mail_goes_to_the_mx_hosts_in_preference_order() {
     );
 }
 
+/// A wildcard MX in a signed zone (`*.wild.test`) serves every name under
+/// it: one label and two labels below, each DNSSEC-proven (the answer is
+/// synthesized, its proof an NSEC that no closer name exists). Where that
+/// NSEC does not verify (`*.forged.test`, its type list altered after
+/// signing), the expansion is not proven: deferred as bogus.
+#[cfg_attr(missing_dns_tools, ignore = "needs nsd and ldnsutils")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_wildcard_mx_delivers_at_any_depth() {
+    if !have_dns_tools() {
+        return;
+    }
+    let port = free_port();
+    let dns = SignedDns::start(&Zones {
+        signed: "*.wild IN MX 10 mx.wild.test.\nmx.wild IN A 127.0.0.20\n\
+                 *.forged IN MX 10 mx.forged.test.\nmx.forged IN A 127.0.0.20\n",
+        unsigned: &[],
+        tamper: &[(
+            "NSEC\tmx.forged.test. MX RRSIG NSEC",
+            "NSEC\tmx.forged.test. MX TXT RRSIG NSEC",
+        )],
+    });
+    let pki = Pki::new();
+    let sink = mx_host("127.0.0.20", port, None).await;
+    let mut relay = relay(&dns, port, "", pki.dir()).await;
+    for to in ["u@a.wild.test", "v@b.c.wild.test"] {
+        let replies = send(&relay, &[to]).await;
+        assert!(
+            replies.len() == 2 && replies[1].starts_with("250"),
+            "{to}: {replies:?}"
+        );
+        relay.next_report().await;
+    }
+    assert_eq!(received(&sink), 2);
+    let replies = send(&relay, &["w@a.forged.test"]).await;
+    assert_eq!(
+        replies,
+        ["451 4.4.3 DNSSEC validation failed for a.forged.test. MX; try again later\r\n"]
+    );
+}
+
 fn resumed(security: &Option<LegSecurity>) -> Option<bool> {
     match security {
         Some(LegSecurity::Tls { negotiated, .. }) => Some(negotiated.resumed),

@@ -9,11 +9,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::client::Client;
+use hickory_resolver::net::dnssec::DnssecDnsHandle;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::net::udp::UdpClientStream;
+use hickory_resolver::net::xfer::FirstAnswer;
+use hickory_resolver::net::{DnsError, DnsHandle, NetError};
+use hickory_resolver::proto::dnssec::rdata::DNSSECRData;
 use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
-use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::op::{DnsRequestOptions, Message, Query, ResponseCode};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 
 use crate::dane::{Answer, DnsFailure, Tlsa};
@@ -23,6 +28,10 @@ use crate::smtp::mx::Mx;
 #[derive(Clone)]
 pub struct DnsResolver {
     inner: Arc<TokioResolver>,
+    anchors: Arc<TrustAnchors>,
+    /// The name server asked again about a bogus answer that may be a
+    /// wildcard expansion.
+    wildcard_server: Option<SocketAddr>,
 }
 
 impl DnsResolver {
@@ -52,13 +61,69 @@ impl DnsResolver {
                 .collect();
             Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
         };
+        let anchors_again = anchors.clone();
         let inner = builder
             .with_trust_anchor(Arc::new(anchors))
             .build()
             .map_err(|e| e.to_string())?;
+        let wildcard_server = match nameservers.first() {
+            Some(server) => Some(*server),
+            None => hickory_resolver::system_conf::read_system_conf()
+                .ok()
+                .and_then(|(config, _)| {
+                    let server = config.name_servers().first()?;
+                    let port = server.connections.first().map_or(53, |c| c.port);
+                    Some(SocketAddr::new(server.ip, port))
+                }),
+        };
         Ok(DnsResolver {
             inner: Arc::new(inner),
+            anchors: Arc::new(anchors_again),
+            wildcard_server,
         })
+    }
+
+    /// Asks `kind` at `name` again, through a bare validating handle that
+    /// returns the whole validated response the caching resolver drops
+    /// when it is bogus; its answer stands only as a wildcard expansion
+    /// RFC 4035 5.3.4 proves ([`wildcard_expansion_proven`]).
+    async fn proven_wildcard_answer<T>(
+        &self,
+        name: &str,
+        kind: RecordType,
+        pick: &impl Fn(&RData) -> Option<T>,
+    ) -> Option<Answer<T>> {
+        let query_name = Name::from_ascii(name).ok()?;
+        let stream =
+            UdpClientStream::builder(self.wildcard_server?, TokioRuntimeProvider::default())
+                .build();
+        let (client, background) = Client::<TokioRuntimeProvider>::from_sender(stream);
+        let background = tokio::spawn(background);
+        let handle = DnssecDnsHandle::with_trust_anchor(client, self.anchors.clone());
+        let mut options = DnsRequestOptions::default();
+        options.use_edns = true;
+        options.edns_set_dnssec_ok = true;
+        let result = handle
+            .lookup(Query::query(query_name.clone(), kind), options)
+            .first_answer()
+            .await;
+        background.abort();
+        match result {
+            Err(NetError::Dns(DnsError::Nsec {
+                proof: Proof::Bogus,
+                response,
+                ..
+            })) if wildcard_expansion_proven(&query_name, kind, &response) => Some(Answer {
+                records: response
+                    .answers
+                    .iter()
+                    .filter(|r| r.record_type() == kind)
+                    .filter_map(|r| pick(&r.data))
+                    .collect(),
+                secure: true,
+            }),
+            _ => None,
+        }
     }
 
     /// The domain's MX records; `None` when the domain does not exist
@@ -191,11 +256,77 @@ impl DnsResolver {
                     response.response_code == ResponseCode::NXDomain,
                 )),
             },
-            Err(NetError::Dns(DnsError::DnssecBogus)) => Err(DnsFailure::Bogus(what())),
+            // hickory 0.26 finds a wildcard expanded one label below its
+            // owner bogus (it wants an NSEC covering the wildcard, which
+            // one matches: hickory-dns/hickory-dns#3812); its cache keeps
+            // only the verdict, so the response is asked for again.
+            Err(NetError::Dns(DnsError::DnssecBogus)) => {
+                match self.proven_wildcard_answer(&absolute, kind, &pick).await {
+                    Some(answer) => Ok((answer, false)),
+                    None => Err(DnsFailure::Bogus(what())),
+                }
+            }
             Err(e) => {
                 tracing::debug!("{} failed: {e}", what());
                 Err(DnsFailure::Temporary(what()))
             }
         }
     }
+}
+
+/// RFC 4035 5.3.4: `response` answers `query` by expanding a wildcard, and
+/// proves it may. Its `kind` records at the query name and their RRSIG
+/// were verified; the RRSIG's label count, below the query name's, names
+/// the wildcard `*.<closest encloser>`; and a verified NSEC covers the
+/// next closer name (the closest encloser and one more label of the query
+/// name), so neither it nor the query name exists, nor any name between
+/// them and the wildcard.
+fn wildcard_expansion_proven(query: &Name, kind: RecordType, response: &Message) -> bool {
+    let at_query = |r: &&Record| r.name == *query;
+    let rrset: Vec<&Record> = response
+        .answers
+        .iter()
+        .filter(at_query)
+        .filter(|r| r.record_type() == kind)
+        .collect();
+    if rrset.is_empty() || rrset.iter().any(|r| r.proof != Proof::Secure) {
+        return false;
+    }
+    let Some(labels) = response
+        .answers
+        .iter()
+        .filter(at_query)
+        .filter(|r| r.proof == Proof::Secure)
+        .find_map(|r| match &r.data {
+            RData::DNSSEC(DNSSECRData::RRSIG(rrsig)) if rrsig.input().type_covered == kind => {
+                Some(rrsig.input().num_labels)
+            }
+            _ => None,
+        })
+    else {
+        return false;
+    };
+    if labels >= query.num_labels() {
+        return false; // not an expansion
+    }
+    let next_closer = query.trim_to(labels as usize + 1);
+    response
+        .authorities
+        .iter()
+        .filter(|r| r.proof == Proof::Secure)
+        .any(|r| match &r.data {
+            RData::DNSSEC(DNSSECRData::NSEC(nsec)) => {
+                let (owner, next) = (&r.name, nsec.next_domain_name());
+                // A parent-side NSEC at a zone cut denies nothing below it
+                // (RFC 6840 4.1); a next name below the next closer one
+                // makes it an empty non-terminal, which exists.
+                let denies_below = !(nsec.is_ancestor_delegation() && owner.zone_of(&next_closer));
+                let next_closer_is_empty_non_terminal = next_closer.zone_of(next);
+                denies_below
+                    && !next_closer_is_empty_non_terminal
+                    && next_closer > *owner
+                    && (next_closer < *next || (next <= owner && next.zone_of(&next_closer)))
+            }
+            _ => false,
+        })
 }
