@@ -65,6 +65,18 @@ pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
+/// Runs file work that blocks (a write ending in an fsync): on a thread of
+/// a multi-thread runtime, tokio first moves the thread's other tasks
+/// elsewhere, so sessions do not wait behind the disk.
+pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Reads a state file, refusing a symlink where the file should be.
 pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;

@@ -155,8 +155,10 @@ impl StsPolicies {
                 "id {}\nfetched {}\n{}",
                 cached.id, cached.fetched, cached.text
             );
-            let written = crate::state::create_dir(dir)
-                .and_then(|()| crate::state::replace_file(&dir.join(domain), file.as_bytes()));
+            let written = crate::state::blocking(|| {
+                crate::state::create_dir(dir)
+                    .and_then(|()| crate::state::replace_file(&dir.join(domain), file.as_bytes()))
+            });
             if let Err(e) = written {
                 tracing::warn!(
                     "MTA-STS policy of {domain} not cached in {}: {e}",

@@ -90,7 +90,8 @@ impl TlsReports {
         });
         results.record(policy, result);
         if let Some(dir) = &self.dir {
-            if let Err(e) = store(&dir.join(&day), &domain, results) {
+            let written = crate::state::blocking(|| store(&dir.join(&day), &domain, results));
+            if let Err(e) = written {
                 tracing::warn!("TLS report for {domain} not kept in {}: {e}", dir.display());
             }
         }
