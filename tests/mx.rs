@@ -268,7 +268,12 @@ async fn returning_deliveries_resume_the_mx_hosts_tls_session() {
         tamper: &[],
     });
     let sink = mx_host("127.0.0.19", port, Some(&leaf)).await;
-    let anchors = format!("tls.trust_anchors = {}", toml_path(&pki.ca_pem));
+    // Each delivery on a connection of its own (no reuse), so each has a
+    // handshake to resume.
+    let anchors = format!(
+        "tls.trust_anchors = {}\nconnection_cache_time = \"0s\"",
+        toml_path(&pki.ca_pem)
+    );
     let mut relay = relay(&dns, port, &anchors, pki.dir()).await;
     for (to, want) in [
         ("a@resume.test", false),
@@ -289,6 +294,30 @@ async fn returning_deliveries_resume_the_mx_hosts_tls_session() {
         );
     }
     assert_eq!(received(&sink), 5);
+    drop(relay);
+
+    // With reuse, a domain's connection carries that domain's mail only,
+    // though both domains' MX is the same host.
+    let anchors = anchors.replace("\"0s\"", "\"1m\"");
+    let mut relay2 = crate::relay(&dns, port, &anchors, pki.dir()).await;
+    for (to, reused) in [
+        ("a@resume.test", false),
+        ("b@resume.test", true),
+        ("d@dane.test", false),
+        ("e@dane.test", true),
+    ] {
+        let replies = send(&relay2, &[to]).await;
+        assert!(replies[1].starts_with("250"), "{to}: {replies:?}");
+        let report = relay2.next_report().await;
+        assert_eq!(report.transactions[0].reused, reused, "{to}: {report}");
+        let (_, security) = outbound(&report);
+        assert_eq!(
+            trust(&security),
+            Some(PeerTrust::Verified),
+            "{to}: {report}"
+        );
+    }
+    assert_eq!(received(&sink), 9);
 }
 
 /// The zone for the DANE tests: `name` has one MX host on 127.0.0.2 whose

@@ -529,3 +529,170 @@ async fn bdat_chunks_between_plain_legs_are_spliced_and_still_scanned() {
         .windows(10)
         .any(|w| w == &smuggled[150_001..150_011]));
 }
+
+/// One message per session, as a busy sender's MTA sends: the relay's
+/// STARTTLS next hop is connected once and reused (RSET, then the next
+/// transaction) by the sessions that follow within the connector's
+/// `connection_cache_time`, and QUIT once idle past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_reuse_the_idle_next_hop_connection_after_rset() {
+    let pki = Pki::new();
+    let next = sink(
+        Some(sink_tls(&pki, "mx.partner.test", Versions::Both)),
+        true,
+    )
+    .await;
+    let tls = required(
+        &pki,
+        "\"mx.partner.test\"",
+        "connection_cache_time = \"1m\"\n",
+    );
+    let conf = smtp_config(
+        "tls.mode = \"off\"",
+        &outbound("partner", "\"partner.test\"", next.addr, &tls),
+    );
+    let mut relay = TestRelay::start(&conf, pki.dir()).await;
+    for i in 0..3 {
+        let mut c = RawSmtp::connect(relay.addr("mx")).await;
+        c.cmd("EHLO client.test").await;
+        assert!(c.cmd("MAIL FROM:<s@sender.test>").await.starts_with("250"));
+        assert!(c.cmd("RCPT TO:<x@partner.test>").await.starts_with("250"));
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        let reply = c
+            .cmd(&format!("Subject: {i}\r\n\r\nmessage {i}\r\n."))
+            .await;
+        assert!(reply.contains("queued as SINK"), "{reply}");
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+        let report = relay.next_report().await;
+        let t = &report.transactions[0];
+        assert_eq!(t.reused, i > 0, "session {i}: {report}");
+        assert_eq!(report.outbound_reused, i > 0, "{report}");
+        assert!(
+            matches!(report.outbound, Some(LegSecurity::Tls { .. })),
+            "a reused connection reports the TLS it was opened with: {report}"
+        );
+        assert!(t
+            .next_hop
+            .as_deref()
+            .unwrap()
+            .contains(&next.addr.to_string()));
+    }
+    assert_eq!(next.connections(), 1, "one connection for three sessions");
+    let wire = String::from_utf8_lossy(&next.wire()).into_owned();
+    assert_eq!(
+        wire.matches("RSET\r\nMAIL FROM:<s@sender.test>").count(),
+        2,
+        "{wire}"
+    );
+    assert!(!wire.contains("QUIT"), "still idle, not closed: {wire}");
+    let got = next.received.lock().unwrap().clone();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|r| r.over_tls), "{got:?}");
+    drop(relay);
+}
+
+/// A connection idle past `connection_cache_time` is QUIT; one the next
+/// hop dropped while idle (its own timeout's 421) costs the next session
+/// nothing: its RSET fails and a new connection carries the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_next_hop_is_quit_in_time_and_a_dead_one_replaced() {
+    let pki = Pki::new();
+    // A next hop that answers the first connection's RSET with 421 and
+    // hangs up, as a server whose idle timer fired does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hop = listener.local_addr().unwrap();
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = heard.clone();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+                let mut s = BufReader::new(tcp);
+                s.get_mut().write_all(b"220 hop ESMTP\r\n").await.unwrap();
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    log.lock().unwrap().push(format!("{n} {}", line.trim_end()));
+                    let reply: &[u8] = match line.get(..4).unwrap_or("") {
+                        "RSET" if n == 0 => b"421 4.4.2 hop idle timeout\r\n",
+                        "DATA" => b"354 go\r\n",
+                        "QUIT" => b"221 bye\r\n",
+                        _ if line == ".\r\n" => b"250 2.0.0 queued\r\n",
+                        "EHLO" | "MAIL" | "RCPT" | "RSET" => b"250 ok\r\n",
+                        _ => b"",
+                    };
+                    s.get_mut().write_all(reply).await.unwrap();
+                    if reply.starts_with(b"421") || reply.starts_with(b"221") {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    let conf = smtp_config(
+        "tls.mode = \"off\"",
+        &outbound(
+            "partner",
+            "\"partner.test\"",
+            hop,
+            "tls.policy = \"plain\"\nconnection_cache_time = \"1m\"\n",
+        ),
+    );
+    let mut relay = TestRelay::start(&conf, pki.dir()).await;
+    let addr = relay.addr("mx");
+    let send = |i: usize| async move {
+        let mut c = RawSmtp::connect(addr).await;
+        c.cmd("EHLO client.test").await;
+        assert!(c.cmd("MAIL FROM:<s@sender.test>").await.starts_with("250"));
+        assert!(c.cmd("RCPT TO:<x@partner.test>").await.starts_with("250"));
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        let reply = c.cmd(&format!("message {i}\r\n.")).await;
+        assert!(reply.starts_with("250 2.0.0 queued"), "{reply}");
+        c.cmd("QUIT").await;
+    };
+    send(0).await;
+    assert!(!relay.next_report().await.transactions[0].reused);
+    send(1).await;
+    let report = relay.next_report().await;
+    assert!(!report.transactions[0].reused, "a new connection: {report}");
+    let heard = heard.lock().unwrap().clone();
+    assert!(heard.contains(&"0 RSET".to_string()), "{heard:?}");
+    assert!(
+        heard.contains(&"1 MAIL FROM:<s@sender.test>".to_string()),
+        "{heard:?}"
+    );
+    drop(relay);
+
+    // With the default idle time (2 s) the parked connection gets QUIT.
+    let next = sink(None, false).await;
+    let conf = smtp_config(
+        "tls.mode = \"off\"",
+        &outbound(
+            "partner",
+            "\"partner.test\"",
+            next.addr,
+            "tls.policy = \"plain\"",
+        ),
+    );
+    let mut relay = TestRelay::start(&conf, pki.dir()).await;
+    let mut c = RawSmtp::connect(relay.addr("mx")).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<s@sender.test>").await;
+    c.cmd("RCPT TO:<x@partner.test>").await;
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+    relay.next_report().await;
+    let parked = std::time::Instant::now();
+    let deadline = parked + patience();
+    while !String::from_utf8_lossy(&next.wire()).contains("QUIT") {
+        assert!(std::time::Instant::now() < deadline, "never QUIT");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        parked.elapsed() >= std::time::Duration::from_millis(1900),
+        "kept idle for its time first: {:?}",
+        parked.elapsed()
+    );
+    drop(relay);
+}

@@ -537,9 +537,21 @@ pub struct OutboundConnector {
     /// The relay's own listeners stay refused: that is a mail loop.
     #[serde(default)]
     pub allow_private_mx: Vec<Spanned<crate::smtp::address::Cidr>>,
+    /// How long a next-hop connection a session leaves clean waits idle
+    /// for the next session to the same destination (Postfix's
+    /// `smtp_connection_cache_time_limit`, default 2 s); "0s": no reuse.
+    #[serde(
+        with = "duration",
+        default = "OutboundConnector::connection_cache_time"
+    )]
+    pub connection_cache_time: Duration,
 }
 
 impl OutboundConnector {
+    fn connection_cache_time() -> Duration {
+        Duration::from_secs(2)
+    }
+
     /// The MX port when the connector delivers by DNS.
     pub fn mx_port(&self) -> Option<u16> {
         match self.next_hops.first().map(Spanned::get_ref) {

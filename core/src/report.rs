@@ -211,6 +211,10 @@ pub struct Transaction {
     pub connector: Option<String>,
     pub next_hop: Option<String>,
     pub outbound: Option<LegSecurity>,
+    /// It went over an idle connection an earlier session left to the
+    /// next hop (no new connection, no handshake).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
     /// The reply the sender got at the end (the next hop's, or the relay's
     /// own refusal of the sender).
     pub result: Option<String>,
@@ -259,6 +263,10 @@ pub struct SessionReport {
     pub tls_off: Vec<Direction>,
     pub inbound: Option<LegSecurity>,
     pub outbound: Option<LegSecurity>,
+    /// The outbound leg is a connection an earlier session left idle (SMTP
+    /// connection reuse): no new connection or handshake of this session.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub outbound_reused: bool,
     pub downgrades: Vec<Downgrade>,
     pub outcome: Outcome,
     pub data_path: Option<DataPath>,
@@ -331,6 +339,7 @@ impl SessionReport {
             tls_off: Vec::new(),
             inbound: None,
             outbound: None,
+            outbound_reused: false,
             hello: None,
             passthrough: None,
             downgrades: Vec::new(),

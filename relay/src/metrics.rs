@@ -39,6 +39,8 @@ struct Inner {
     key_exchange: BTreeMap<Labels, u64>,
     tls_handshakes: BTreeMap<Labels, u64>,
     transactions: BTreeMap<Labels, u64>,
+    /// Transactions carried over a reused idle next-hop connection.
+    reused: BTreeMap<Labels, u64>,
     path_sessions: BTreeMap<Labels, u64>,
     path_bytes: BTreeMap<Labels, u64>,
     /// MX hosts tried or ruled out, by policy type and TLS-RPT result.
@@ -60,7 +62,13 @@ impl Inner {
     /// Key exchange groups and full or resumed handshakes, per TLS leg.
     fn count_tls_legs(&mut self, r: &SessionReport) {
         let m = self;
-        for (leg, security) in [("inbound", &r.inbound), ("outbound", &r.outbound)] {
+        // A reused outbound connection had its handshake in another session.
+        let outbound = if r.outbound_reused {
+            &None
+        } else {
+            &r.outbound
+        };
+        for (leg, security) in [("inbound", &r.inbound), ("outbound", outbound)] {
             if let Some(LegSecurity::Tls { negotiated, .. }) = security {
                 let group = negotiated.group.clone().unwrap_or_else(|| "unknown".into());
                 *m.key_exchange
@@ -99,6 +107,7 @@ impl Metrics {
                 key_exchange: BTreeMap::new(),
                 tls_handshakes: BTreeMap::new(),
                 transactions: BTreeMap::new(),
+                reused: BTreeMap::new(),
                 path_sessions: BTreeMap::new(),
                 path_bytes: BTreeMap::new(),
                 mx_policy: BTreeMap::new(),
@@ -173,6 +182,14 @@ impl Metrics {
                     ("reply", reply),
                 ])
                 .or_default() += 1;
+            if t.reused {
+                *m.reused
+                    .entry(vec![
+                        ("listener", r.listener.clone()),
+                        ("connector", t.connector.clone().unwrap_or_default()),
+                    ])
+                    .or_default() += 1;
+            }
         }
         for p in &r.policy_sessions {
             *m.mx_policy
@@ -221,7 +238,7 @@ impl Metrics {
                 .iter()
                 .map(|(l, v)| (vec![("listener", l.clone())], *v))
                 .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 10] = [
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 11] = [
                 ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
                 ("tlsrelay_connections_refused_total", "Connections closed at accept, by listener and the limit they were over (total, per-client).", &m.refused),
                 ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
@@ -229,6 +246,7 @@ impl Metrics {
                 ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),
                 ("tlsrelay_tls_handshakes_total", "TLS legs of finished sessions by kind: full handshake, or resumed from a ticket or session.", &m.tls_handshakes),
                 ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
+                ("tlsrelay_smtp_reused_transactions_total", "SMTP mail transactions carried over an idle next-hop connection an earlier session left (connection reuse), by outbound connector.", &m.reused),
                 ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (splice or userspace) and the legs whose TLS the kernel held.", &m.path_sessions),
                 ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),
                 ("tlsrelay_mx_policy_sessions_total", "MX hosts tried or ruled out by delivery policy (tlsa, sts, no-policy-found) and TLS-RPT result (success or an RFC 8460 result type).", &m.mx_policy),
@@ -491,5 +509,49 @@ mod tests {
                 "{class}: {text}"
             );
         }
+    }
+
+    /// A session over a reused next-hop connection made no handshake on
+    /// that leg: counted as a reused transaction, not as a TLS leg.
+    #[test]
+    fn a_reused_outbound_leg_is_no_handshake() {
+        let metrics = Metrics::new(None);
+        for reused in [false, true] {
+            let mut report = SessionReport::new(1, "mx", "127.0.0.1:1".parse().unwrap(), "out");
+            report.outbound = Some(LegSecurity::Tls {
+                negotiated: crate::report::Negotiated {
+                    version: "TLSv1.3".into(),
+                    cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                    version_code: 0x0304,
+                    cipher_code: 0x1301,
+                    group: Some("X25519".into()),
+                    group_code: 0x001d,
+                    resumed: false,
+                },
+                trust: crate::policy::PeerTrust::Verified,
+                server_name: None,
+                peer_names: Vec::new(),
+            });
+            report.outbound_reused = reused;
+            report.transactions.push(crate::report::Transaction {
+                connector: Some("out".into()),
+                reused,
+                ..Default::default()
+            });
+            metrics.record(&report);
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "tlsrelay_tls_handshakes_total{listener=\"mx\",leg=\"outbound\",kind=\"full\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tlsrelay_smtp_reused_transactions_total{listener=\"mx\",connector=\"out\"} 1\n"
+            ),
+            "{text}"
+        );
     }
 }

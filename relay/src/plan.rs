@@ -23,6 +23,7 @@ use crate::smtp::address::DomainPattern;
 use crate::smtp::client::{MailConnector, NextHopPlan, NextHops};
 use crate::smtp::dns_route::MxRoute;
 use crate::smtp::forward::{ConnectorRoute, Routing};
+use crate::smtp::idle_hops::IdleHops;
 use crate::smtp::mx::MxGuard;
 use crate::smtp::next_hop::SmtpTimeouts;
 use crate::smtp::server::StartTls;
@@ -198,6 +199,8 @@ impl SmtpShared {
                 hops,
                 policy: c.tls.policy,
                 kernel_tls: config.dataplane.ktls,
+                idle: (!c.connection_cache_time.is_zero())
+                    .then(|| Arc::new(IdleHops::new(c.connection_cache_time))),
             }));
             routes.push((c.recipient_domains.clone(), i));
         }

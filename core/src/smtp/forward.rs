@@ -76,6 +76,11 @@ pub enum Action {
     /// Drop the next hop: with QUIT (`polite`), or hung up on at once so
     /// nothing half-sent is delivered.
     Close { polite: bool },
+    /// The next hop is done with and clean (no message half-sent, nothing
+    /// failed, not opened for a plaintext envelope the client's STARTTLS
+    /// voided): the driver may keep it idle for another session to the same
+    /// destination (Postfix's connection cache), or QUIT it.
+    Release(Destination),
 }
 
 /// What a next hop offered once open.
@@ -86,6 +91,9 @@ pub struct OpenedHop {
     pub security: LegSecurity,
     /// The extensions its last EHLO reply offered.
     pub offers: Capabilities,
+    /// An idle connection another session released (and RSET proved
+    /// alive), not a new one.
+    pub reused: bool,
 }
 
 impl OpenedHop {
@@ -109,6 +117,10 @@ impl OpenedHop {
 
 /// The next hop of the transaction under way.
 struct Hop {
+    /// As [`OpenedHop`] says, for each transaction's report.
+    name: String,
+    security: LegSecurity,
+    reused: bool,
     destination: Destination,
     /// Why a REQUIRETLS message may not go there, if it may not.
     refuses_requiretls: Option<&'static str>,
@@ -313,10 +325,21 @@ impl Forwarder {
     /// The session is over: QUIT to the next hop, if one is open. A
     /// transaction the client left unfinished is reported without a result.
     pub fn end(&mut self) {
-        if self.hop.take().is_some() {
-            self.actions.push_back(Action::Close { polite: true });
-        }
+        self.release_hop();
         self.finished.extend(self.transaction.take());
+    }
+
+    /// Lets the next hop go: released for reuse when clean, else QUIT.
+    fn release_hop(&mut self) {
+        let Some(hop) = self.hop.take() else {
+            return;
+        };
+        let clean = !hop.broken && !hop.data_started && self.awaiting.is_none();
+        self.actions.push_back(if clean {
+            Action::Release(hop.destination)
+        } else {
+            Action::Close { polite: true }
+        });
     }
 
     /// Whether chunk bytes may go to the next hop as they are (BDAT
@@ -337,11 +360,10 @@ impl Forwarder {
         };
         let refuses_requiretls = opened.refuses_requiretls();
         let chunking = opened.offers.has("CHUNKING");
-        if let Some(t) = self.transaction.as_mut() {
-            t.next_hop = Some(opened.name);
-            t.outbound = Some(opened.security);
-        }
         self.hop = Some(Hop {
+            name: opened.name,
+            security: opened.security,
+            reused: opened.reused,
             destination,
             refuses_requiretls,
             offers: opened.offers,
@@ -559,8 +581,7 @@ impl Forwarder {
             .is_some_and(|h| h.destination != destination)
         {
             // A new transaction to another next hop.
-            self.hop = None;
-            self.actions.push_back(Action::Close { polite: true });
+            self.release_hop();
         }
         if self.hop.is_none() {
             self.opening = Some((destination.clone(), to));
@@ -573,6 +594,11 @@ impl Forwarder {
     /// RCPT on an open next hop, MAIL first if this transaction has not
     /// been opened there.
     fn rcpt_on_hop(&mut self, to: String) {
+        if let (Some(t), Some(hop)) = (self.transaction.as_mut(), self.hop.as_ref()) {
+            t.next_hop = Some(hop.name.clone());
+            t.outbound = Some(hop.security.clone());
+            t.reused = hop.reused;
+        }
         if let Some(reply) = self.cannot_carry(&to) {
             if let Some(t) = self.transaction.as_mut() {
                 t.refused.push(reply.to_string());

@@ -78,6 +78,10 @@ struct Pair {
     opened: Vec<usize>,
     quits: usize,
     hangups: usize,
+    /// Connections released clean for another session, by connector.
+    released: Vec<usize>,
+    /// The next connection opened is an idle one another session released.
+    reuse_next: bool,
     /// Messages next hops accepted (raw DATA or BDAT bytes, by connector).
     delivered: Vec<(usize, Vec<u8>)>,
     /// Everything each closed connection heard.
@@ -163,6 +167,8 @@ impl Pair {
             opened: Vec::new(),
             quits: 0,
             hangups: 0,
+            released: Vec::new(),
+            reuse_next: false,
             delivered: Vec::new(),
             transcripts: Vec::new(),
             closed: false,
@@ -237,6 +243,12 @@ impl Pair {
                     }
                 },
                 Action::Close { polite } => self.close(polite),
+                Action::Release(destination) => {
+                    let hop = self.hop.take().expect("released an open hop");
+                    assert_eq!(hop.connector, destination.connector);
+                    self.released.push(destination.connector);
+                    self.transcripts.push(hop.heard);
+                }
             }
         }
     }
@@ -326,6 +338,7 @@ impl Pair {
                         name: "mx[192.0.2.25]:25".into(),
                         security: security(tls, kind.verified),
                         offers: opening.capabilities().clone(),
+                        reused: std::mem::take(&mut self.reuse_next),
                     });
                 }
                 Opening::Failed(failure) => return Err(failure),
@@ -576,7 +589,12 @@ fn a_recipient_of_another_route_is_452_and_goes_in_the_next_transaction() {
         .starts_with("250"));
     p.client("DATA\r\nbody two\r\n.\r\n");
     assert_eq!(p.opened, [0, 1]);
-    assert_eq!(p.quits, 1, "the first next hop got QUIT");
+    assert_eq!(
+        p.released,
+        [0],
+        "the first next hop is left clean for reuse"
+    );
+    assert_eq!(p.quits, 0);
     let to: Vec<usize> = p.delivered.iter().map(|d| d.0).collect();
     assert_eq!(to, [0, 1]);
 }
@@ -598,7 +616,7 @@ fn by_mx_each_recipient_domain_is_its_own_transaction_and_connection() {
     // A fixed connector keeps its connection across transactions; by MX
     // the second domain is a connection of its own.
     assert_eq!(p.opened, [1, 1]);
-    assert_eq!(p.quits, 1, "the first domain's host got QUIT");
+    assert_eq!(p.released, [1], "the first domain's host is left clean");
     assert_eq!(p.delivered.len(), 2);
 }
 
@@ -713,10 +731,48 @@ fn a_next_hop_that_stalls_at_end_of_data_gets_451_after_the_data_end_timer() {
         "451 4.4.2 Next hop failed at end of data: next hop timed out\r\n"
     );
     assert_eq!(p.clock, Duration::from_secs(600), "RFC 5321's 10 minutes");
-    // That connection is not reused.
+    // That connection is not reused, by this session or another.
     p.client(MAIL);
     p.client("RCPT TO:<u@example.org>\r\n");
     assert_eq!(p.opened, [0, 0]);
+    assert_eq!(p.hangups, 1);
+    assert!(p.released.is_empty());
+}
+
+/// Postfix's connection cache: a session that ends on a clean next hop
+/// leaves it for the next session to the same destination, and every
+/// transaction over such a connection says so.
+#[test]
+fn a_clean_next_hop_is_released_and_a_reused_one_is_reported() {
+    let mut p = Pair::from_outside();
+    p.reuse_next = true;
+    for body in ["DATA\r\none\r\n.\r\n", "DATA\r\ntwo\r\n.\r\n"] {
+        p.client(MAIL);
+        assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+        assert!(p
+            .client(body)
+            .ends_with("250 2.0.0 Ok: queued as NEXTHOP1\r\n"));
+    }
+    p.client("QUIT\r\n");
+    assert_eq!(
+        (p.released.as_slice(), p.quits, p.hangups),
+        (&[0][..], 0, 0)
+    );
+    let finished = p.forwarder.take_finished();
+    assert_eq!(finished.len(), 2);
+    for t in &finished {
+        assert!(t.reused, "{t:?}");
+        assert_eq!(t.next_hop.as_deref(), Some("mx[192.0.2.25]:25"), "{t:?}");
+    }
+    // A session that ends mid-message hangs up instead.
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    p.client("RCPT TO:<u@example.org>\r\n");
+    p.client("DATA\r\nhalf\r\n");
+    p.drain();
+    assert_eq!((p.released.len(), p.hangups), (0, 1));
+    let t = p.forwarder.take_finished();
+    assert!(!t[0].reused, "a new connection: {:?}", t[0]);
 }
 
 #[test]
@@ -785,7 +841,8 @@ fn rset_resets_the_next_hop_and_quit_ends_it_politely() {
     p.client("RCPT TO:<u@example.org>\r\n");
     p.client("QUIT\r\n");
     assert!(p.closed);
-    assert_eq!(p.quits, 1);
+    // The envelope left open there is the driver's RSET's to clear.
+    assert_eq!(p.released, [0], "released, MAIL and RCPT left open on it");
     let heard = String::from_utf8_lossy(&p.transcripts[0]).into_owned();
     assert!(
         heard.contains("RSET\r\nMAIL FROM:<a@sender.example>\r\nRCPT"),

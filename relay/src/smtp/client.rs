@@ -3,7 +3,9 @@
 //! ([`super::next_hop::HopOpening`]) driven on the socket, then bytes
 //! written and replies read for the session's [`super::forward`] machine.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -12,6 +14,7 @@ use tokio::time::timeout;
 use super::codec::{Capabilities, Reply, ReplyParser};
 use super::dns_route::MxRoute;
 use super::forward::{tls_required, unreachable};
+use super::idle_hops::IdleHops;
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use crate::config::HostPort;
 use crate::legs::{open_outbound, Greeter, GreeterFailure, LegTimeouts, OutboundFailure, Target};
@@ -28,6 +31,9 @@ pub struct MailConnector {
     /// Next hops' TLS goes to the kernel after the handshake, where it can
     /// (`dataplane.ktls`).
     pub kernel_tls: bool,
+    /// Connections sessions left clean, for the next session to reuse
+    /// (`connection_reuse`); None when the connector does not reuse.
+    pub idle: Option<Arc<IdleHops>>,
 }
 
 /// Where a connector's mail goes.
@@ -44,23 +50,37 @@ pub struct NextHopPlan {
     pub tls: Option<UpstreamTls>,
 }
 
+/// How long a reused connection has to answer its RSET (Postfix's
+/// `smtp_rset_timeout`): a connection that slow is closed and a new one
+/// opened.
+const RSET_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// An open next-hop session, ready for a transaction.
 pub struct NextHop {
     leg: Leg,
     replies: ReplyParser,
     timeouts: SmtpTimeouts,
+    pub facts: HopFacts,
+}
+
+/// What a next-hop connection was opened as: kept with it, so a session
+/// that reuses it reports the same.
+#[derive(Clone, Debug)]
+pub struct HopFacts {
+    pub host: String,
+    pub address: SocketAddr,
+    pub security: LegSecurity,
+    /// The extensions its EHLO reply (after STARTTLS, if any) offered.
+    pub capabilities: Capabilities,
+    /// The kernel holds the leg's TLS keys.
+    pub kernel_tls: bool,
+    pub opened: Instant,
 }
 
 /// What setting up a next hop gives besides the connection.
 pub struct Established {
     pub hop: NextHop,
-    pub capabilities: Capabilities,
-    pub security: LegSecurity,
     pub downgrade: Option<Downgrade>,
-    pub address: std::net::SocketAddr,
-    pub host: String,
-    /// The kernel holds the leg's TLS keys.
-    pub kernel_tls: bool,
     /// Why a TLS leg stayed in rustls, when it was offered to the kernel.
     pub userspace_reason: Option<String>,
 }
@@ -81,6 +101,17 @@ impl NextHop {
     /// [`Leg::splice_socket`]); what was sent before has left already.
     pub fn splice_socket(&self) -> Option<&TcpStream> {
         self.leg.splice_socket()
+    }
+
+    /// An idle connection made ready for a new transaction: RSET clears
+    /// whatever the last session left open and proves the next hop still
+    /// there (Postfix's `smtp_rset_timeout` probe). False: close it.
+    pub async fn reset(&mut self) -> bool {
+        let probe = async {
+            self.send(b"RSET\r\n").await?;
+            self.reply(Wait::Command).await
+        };
+        matches!(timeout(RSET_TIMEOUT, probe).await, Ok(Ok(reply)) if reply.code == 250)
     }
 
     /// QUIT and close, waiting at most two seconds.
@@ -266,20 +297,23 @@ impl HopSetup<'_> {
         };
         let opened = open_outbound(target, &mut greeter, leg_timeouts, self.record.sockets).await?;
         let opening = greeter.opening.expect("a greeted connection");
-        let capabilities = opening.capabilities().clone();
-        Ok(Established {
+        let facts = HopFacts {
+            host: target.name.to_string(),
+            address: opened.address,
+            security: opened.security,
+            capabilities: opening.capabilities().clone(),
             kernel_tls: matches!(opened.leg, Leg::Kernel(_)),
+            opened: Instant::now(),
+        };
+        Ok(Established {
             userspace_reason: opened.userspace_reason,
             hop: NextHop {
                 leg: opened.leg,
                 replies: opening.into_replies(),
                 timeouts: self.timeouts,
+                facts,
             },
-            capabilities,
-            security: opened.security,
             downgrade: opened.downgrade,
-            address: opened.address,
-            host: target.name.to_string(),
         })
     }
 }

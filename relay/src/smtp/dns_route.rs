@@ -516,15 +516,15 @@ impl Reporter<'_> {
             return self.failure(
                 policy,
                 "tlsa-invalid",
-                Some(established.host.clone()),
-                Some(established.address.ip()),
+                Some(established.hop.facts.host.clone()),
+                Some(established.hop.facts.address.ip()),
                 "no usable TLSA record (DANE-TA or DANE-EE); delivered with unauthenticated TLS"
                     .into(),
             );
         }
         let testing = matches!(sts, StsLookup::Policy(p) if p.mode == Mode::Testing)
             && policy.policy_type == "sts";
-        let failed = match &established.security {
+        let failed = match &established.hop.facts.security {
             LegSecurity::Tls { trust, .. } if !testing || *trust == PeerTrust::Verified => None,
             LegSecurity::Tls {
                 trust: PeerTrust::Trusted,
@@ -548,8 +548,8 @@ impl Reporter<'_> {
             Some(result) => self.failure(
                 policy,
                 result,
-                Some(established.host.clone()),
-                Some(established.address.ip()),
+                Some(established.hop.facts.host.clone()),
+                Some(established.hop.facts.address.ip()),
                 reason,
             ),
             None => self.record(policy, SessionResult::Success),

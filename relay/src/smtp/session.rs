@@ -65,6 +65,8 @@ pub type Closing = tokio::sync::watch::Receiver<bool>;
 struct Legs {
     inbound: Option<LegSecurity>,
     outbound: Option<LegSecurity>,
+    /// The outbound leg is an idle connection an earlier session left.
+    outbound_reused: bool,
     upstream: Option<(String, SocketAddr)>,
     downgrades: Vec<Downgrade>,
     sockets: Vec<SocketRecord>,
@@ -193,6 +195,7 @@ pub async fn run(
     }
     report.inbound = legs.inbound;
     report.outbound = legs.outbound;
+    report.outbound_reused = legs.outbound_reused;
     report.downgrades = legs.downgrades;
     report.sockets = legs.sockets;
     report.policy_sessions = legs.policy_sessions;
@@ -451,12 +454,28 @@ impl Session<'_> {
                         }
                     }
                 }
+                Action::Release(destination) => {
+                    let idle = &self.plan.connectors[destination.connector].idle;
+                    match (self.hop.take(), idle) {
+                        (Some(hop), Some(idle)) => idle.park(destination.domain, hop),
+                        (Some(hop), None) => hop.quit().await,
+                        (None, _) => {}
+                    }
+                }
             }
         }
     }
 
     async fn open_hop(&mut self, destination: Destination) {
         let plan = &self.plan.connectors[destination.connector];
+        while let Some(mut hop) = plan.idle.as_ref().and_then(|i| i.take(&destination.domain)) {
+            if hop.reset().await {
+                tracing::debug!(session = self.id, connector = %plan.name, next_hop = %hop.facts.address, "reusing an idle next-hop connection");
+                return self.adopt(plan.name.clone(), hop, true);
+            }
+            // Gone while idle (a 421 timeout, a reset): a new one.
+            drop(hop);
+        }
         let hostname = &self.plan.hostname;
         let record = OutboundRecord {
             sockets: &mut self.legs.sockets,
@@ -465,24 +484,33 @@ impl Session<'_> {
         let domain = destination.domain.as_deref();
         match establish(self.id, plan, domain, hostname, self.plan.timeouts, record).await {
             Ok(est) => {
-                if est.kernel_tls {
-                    self.legs.kernel_tls.push(Side::Upstream);
-                }
                 if let Some(why) = est.userspace_reason {
                     self.legs.userspace_reason.get_or_insert(why);
                 }
-                self.legs.upstream = Some((plan.name.clone(), est.address));
-                self.legs.outbound = Some(est.security.clone());
                 self.legs.downgrades.extend(est.downgrade);
-                self.hop = Some(est.hop);
-                self.forwarder.hop_opened(OpenedHop {
-                    name: format!("{}[{}]", est.host, est.address),
-                    security: est.security,
-                    offers: est.capabilities,
-                });
+                self.adopt(plan.name.clone(), est.hop, false);
             }
             Err(reply) => self.forwarder.hop_unavailable(reply),
         }
+    }
+
+    /// `hop` carries the transaction under way: new, or `reused` idle.
+    fn adopt(&mut self, connector: String, hop: NextHop, reused: bool) {
+        let facts = &hop.facts;
+        if facts.kernel_tls && !self.legs.kernel_tls.contains(&Side::Upstream) {
+            self.legs.kernel_tls.push(Side::Upstream);
+        }
+        self.legs.upstream = Some((connector, facts.address));
+        self.legs.outbound = Some(facts.security.clone());
+        self.legs.outbound_reused = reused;
+        let opened = OpenedHop {
+            name: format!("{}[{}]", facts.host, facts.address),
+            security: facts.security.clone(),
+            offers: facts.capabilities.clone(),
+            reused,
+        };
+        self.hop = Some(hop);
+        self.forwarder.hop_opened(opened);
     }
 
     /// Sends the replies written so far. A client that does not read them
