@@ -92,20 +92,28 @@ enum Command {
         #[command(flatten)]
         tls: TlsFiles,
     },
-    /// Deliver messages over STARTTLS, DATA or --bdat; one JSON line.
+    /// Deliver messages over STARTTLS (or --plain), DATA or --bdat; one
+    /// JSON line.
     Smtp {
         #[arg(long)]
         to: SocketAddr,
+        /// Senders at once.
         #[arg(long, default_value_t = 1)]
         connections: usize,
-        /// Messages per connection.
+        /// Messages per session.
         #[arg(long, default_value_t = 10)]
         messages: usize,
+        /// Sessions each sender opens, one after the other.
+        #[arg(long, default_value_t = 1)]
+        sessions: usize,
         /// Bytes per message.
         #[arg(long, default_value_t = 1024)]
         size: usize,
         #[arg(long)]
         bdat: bool,
+        /// No STARTTLS.
+        #[arg(long)]
+        plain: bool,
     },
     /// Send one message, printing the dialogue; exit 0 when it was
     /// accepted (2xx), 4 when deferred (4xx), 5 when refused (5xx).
@@ -243,13 +251,20 @@ async fn main() -> anyhow::Result<()> {
             to,
             connections,
             messages,
+            sessions,
             size,
             bdat,
+            plain,
         } => {
-            println!(
-                "{}",
-                smtp::load(to, connections, messages, size, bdat).await?
-            );
+            let shape = smtp::LoadShape {
+                senders: connections,
+                sessions,
+                messages,
+                size,
+                bdat,
+                starttls: !plain,
+            };
+            println!("{}", smtp::load(to, shape).await?);
             Ok(())
         }
         Command::Blast {

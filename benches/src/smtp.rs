@@ -151,51 +151,52 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     expect(s, class).await
 }
 
-/// Delivers `messages` per connection over STARTTLS; message round trips
-/// as latency percentiles, messages/s and Gbit/s of message bytes.
-pub async fn load(
-    to: SocketAddr,
-    connections: usize,
-    messages: usize,
-    size: usize,
-    bdat: bool,
-) -> anyhow::Result<serde_json::Value> {
-    let body = Arc::new(message(size));
+/// What [`load`] sends.
+pub struct LoadShape {
+    /// Senders at once, each a task.
+    pub senders: usize,
+    /// Sessions each sender opens, one after the other.
+    pub sessions: usize,
+    /// Messages per session.
+    pub messages: usize,
+    /// Bytes per message.
+    pub size: usize,
+    pub bdat: bool,
+    pub starttls: bool,
+}
+
+/// Delivers `shape`'s messages; message round trips as latency
+/// percentiles, messages/s and Gbit/s of message bytes.
+pub async fn load(to: SocketAddr, shape: LoadShape) -> anyhow::Result<serde_json::Value> {
+    let body = Arc::new(message(shape.size));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..connections {
+    for _ in 0..shape.senders {
         let body = body.clone();
+        let (sessions, messages, bdat, starttls) =
+            (shape.sessions, shape.messages, shape.bdat, shape.starttls);
         tasks.spawn(async move {
-            let tcp = TcpStream::connect(to).await?;
-            tcp.set_nodelay(true)?;
-            let mut s = BufReader::new(tcp);
-            expect(&mut s, b'2').await?;
-            send(&mut s, b"EHLO load.bench.test\r\n", b'2').await?;
-            send(&mut s, b"STARTTLS\r\n", b'2').await?;
-            let name = rustls::pki_types::ServerName::try_from("bench.test")?;
-            let tls = crate::load::connector()
-                .connect(name, s.into_inner())
-                .await
-                .context("STARTTLS handshake")?;
-            let mut s = BufReader::new(tls);
-            send(&mut s, b"EHLO load.bench.test\r\n", b'2').await?;
             let mut h = Histogram::<u64>::new(3)?;
-            for _ in 0..messages {
-                let t0 = Instant::now();
-                send(&mut s, b"MAIL FROM:<load@sender.test>\r\n", b'2').await?;
-                send(&mut s, b"RCPT TO:<sink@bench.test>\r\n", b'2').await?;
-                if bdat {
-                    let head = format!("BDAT {} LAST\r\n", body.len());
-                    s.get_mut().write_all(head.as_bytes()).await?;
-                    send(&mut s, &body, b'2').await?;
-                } else {
-                    send(&mut s, b"DATA\r\n", b'3').await?;
-                    s.get_mut().write_all(&body).await?;
-                    send(&mut s, b".\r\n", b'2').await?;
+            for _ in 0..sessions {
+                let tcp = TcpStream::connect(to).await?;
+                tcp.set_nodelay(true)?;
+                let mut s = BufReader::new(tcp);
+                expect(&mut s, b'2').await?;
+                send(&mut s, b"EHLO load.bench.test\r\n", b'2').await?;
+                if !starttls {
+                    session(&mut s, &body, messages, bdat, &mut h).await?;
+                    continue;
                 }
-                h.record(t0.elapsed().as_micros() as u64)?;
+                send(&mut s, b"STARTTLS\r\n", b'2').await?;
+                let name = rustls::pki_types::ServerName::try_from("bench.test")?;
+                let tls = crate::load::connector()
+                    .connect(name, s.into_inner())
+                    .await
+                    .context("STARTTLS handshake")?;
+                let mut s = BufReader::new(tls);
+                send(&mut s, b"EHLO load.bench.test\r\n", b'2').await?;
+                session(&mut s, &body, messages, bdat, &mut h).await?;
             }
-            send(&mut s, b"QUIT\r\n", b'2').await?;
             anyhow::Ok(h)
         });
     }
@@ -208,6 +209,33 @@ pub async fn load(
     out["bytes"] = bytes.into();
     out["gbit_per_s"] = (bytes * 8.0 / seconds / 1e9).into();
     Ok(out)
+}
+
+/// `messages` transactions, each timed from MAIL to its final reply, then
+/// QUIT.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    body: &[u8],
+    messages: usize,
+    bdat: bool,
+    h: &mut Histogram<u64>,
+) -> anyhow::Result<()> {
+    for _ in 0..messages {
+        let t0 = Instant::now();
+        send(s, b"MAIL FROM:<load@sender.test>\r\n", b'2').await?;
+        send(s, b"RCPT TO:<sink@bench.test>\r\n", b'2').await?;
+        if bdat {
+            let head = format!("BDAT {} LAST\r\n", body.len());
+            s.get_mut().write_all(head.as_bytes()).await?;
+            send(s, body, b'2').await?;
+        } else {
+            send(s, b"DATA\r\n", b'3').await?;
+            s.get_mut().write_all(body).await?;
+            send(s, b".\r\n", b'2').await?;
+        }
+        h.record(t0.elapsed().as_micros() as u64)?;
+    }
+    send(s, b"QUIT\r\n", b'2').await
 }
 
 /// Sends one command line (or, with `None`, nothing) and reads the reply,

@@ -13,19 +13,22 @@ pub(super) enum Peer {
     Haproxy,
     Nginx,
     Socat,
+    /// Postfix relaying through its queue (SMTP table only).
+    Postfix,
     Direct,
 }
 
 pub(super) const NGINX_STREAM: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 impl Peer {
-    pub(super) const RELAYS: [Peer; 6] = [
+    pub(super) const RELAYS: [Peer; 7] = [
         Peer::Tlsrelay,
         Peer::TlsrelayEpoll,
         Peer::Stunnel,
         Peer::Haproxy,
         Peer::Nginx,
         Peer::Socat,
+        Peer::Postfix,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -36,6 +39,7 @@ impl Peer {
             Peer::Haproxy => "haproxy",
             Peer::Nginx => "nginx",
             Peer::Socat => "socat",
+            Peer::Postfix => "postfix",
             Peer::Direct => "direct",
         }
     }
@@ -47,6 +51,7 @@ impl Peer {
             Peer::Haproxy => &["haproxy"],
             Peer::Nginx => &["nginx", "libnginx-mod-stream"],
             Peer::Socat => &["socat"],
+            Peer::Postfix => &["postfix"],
             Peer::Tlsrelay | Peer::TlsrelayEpoll | Peer::Direct => &[],
         }
     }
@@ -62,6 +67,7 @@ impl Peer {
             Peer::Haproxy => "haproxy",
             Peer::Nginx => "nginx",
             Peer::Socat => "socat",
+            Peer::Postfix => "postfix",
         };
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {bin}")])
@@ -217,6 +223,7 @@ impl Bench {
         };
         let cmd = match peer {
             Peer::Direct => unreachable!("no process"),
+            Peer::Postfix => return Ok(None), // SMTP only: bench::postfix
             Peer::Tlsrelay | Peer::TlsrelayEpoll => {
                 let route = if tls_out {
                     "tls.policy = \"required\"\ntls.verify = \"encryption-only\""

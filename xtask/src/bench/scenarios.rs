@@ -4,6 +4,17 @@
 use super::*;
 
 /// A stream scenario: what the client speaks and what the upstream speaks.
+/// One SMTP cell's load: `senders` at once, each opening `sessions`
+/// sessions one after the other, `messages` of `size` bytes in each.
+pub(super) struct SmtpWork {
+    pub(super) senders: usize,
+    pub(super) sessions: usize,
+    pub(super) messages: usize,
+    pub(super) size: usize,
+    pub(super) bdat: bool,
+    pub(super) starttls: bool,
+}
+
 pub(super) struct Scenario {
     pub(super) name: &'static str,
     pub(super) tls_in: bool,
@@ -195,28 +206,37 @@ impl Bench {
         Ok(Some((sample, relay.path())))
     }
 
-    /// SMTP through tlsrelay (STARTTLS in, STARTTLS to the next hop). The
-    /// stream relays can't speak SMTP; Postfix (store and forward, a
-    /// different job) is checked for interop by the tests, not timed here.
+    /// SMTP through tlsrelay (STARTTLS or plaintext both legs), Postfix
+    /// relaying through its queue (on tmpfs, counted until it is empty
+    /// again), or HAProxy in tcp mode (a blind forward, the floor: the
+    /// client's STARTTLS then reaches the sink itself).
     pub(super) fn smtp(
         &self,
         peer: Peer,
-        conns: usize,
-        messages: usize,
-        size: usize,
-        bdat: bool,
+        w: &SmtpWork,
     ) -> anyhow::Result<Option<(Sample, String)>> {
+        let mut postfix = None;
         let relay = match peer {
             Peer::Tlsrelay => {
                 let listen = free_addr()?;
                 let config = self.dir.join("smtp.toml");
+                let (tls_mode, policy) = if w.starttls {
+                    (
+                        format!(
+                            "opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n",
+                            self.ecdsa.cert.display().to_string(),
+                            self.ecdsa.key.display().to_string(),
+                        ),
+                        "required\"\ntls.verify = \"encryption-only\"\n",
+                    )
+                } else {
+                    ("off\"\n".to_string(), "plain\"\n")
+                };
                 std::fs::write(
                     &config,
                     format!(
-                        "ebpf.enabled = false\naccepted_domains = [\"bench.test\"]\n[limits]\nmax_connections = 20000\nmax_connections_per_client = 20000\n\n[[listeners]]\nname = \"mx\"\naddress = \"{listen}\"\nprotocol = \"smtp\"\nhostname = \"relay.bench.test\"\nmax_message_size = {}\ntls.mode = \"opportunistic\"\ntls.certificates = [{{ chain = {:?}, key = {:?} }}]\n\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"bench.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"required\"\ntls.verify = \"encryption-only\"\n",
+                        "ebpf.enabled = false\naccepted_domains = [\"bench.test\"]\n[limits]\nmax_connections = 20000\nmax_connections_per_client = 20000\n\n[[listeners]]\nname = \"mx\"\naddress = \"{listen}\"\nprotocol = \"smtp\"\nhostname = \"relay.bench.test\"\nmax_message_size = {}\ntls.mode = \"{tls_mode}\n[[outbound_connectors]]\nname = \"sink\"\nrecipient_domains = [\"bench.test\"]\nnext_hops = [\"{}\"]\ntls.policy = \"{policy}",
                         64 << 20,
-                        self.ecdsa.cert.display().to_string(),
-                        self.ecdsa.key.display().to_string(),
                         self.smtp_sink,
                     ),
                 )?;
@@ -235,6 +255,40 @@ impl Bench {
                     paths: None,
                 }
             }
+            Peer::Postfix => {
+                let listen = free_addr()?;
+                postfix = Some(super::postfix::Postfix::start(
+                    listen,
+                    self.smtp_sink,
+                    w.starttls,
+                    &self.ecdsa,
+                )?);
+                Running {
+                    _profile: None,
+                    child: None,
+                    listen,
+                    paths: None,
+                }
+            }
+            Peer::Haproxy => {
+                let blind = Scenario {
+                    name: "smtp",
+                    tls_in: false,
+                    tls_out: false,
+                };
+                let job = Job {
+                    s: &blind,
+                    sinks: SinkPair {
+                        plain: self.smtp_sink,
+                        tls: self.smtp_sink,
+                    },
+                    certs: &self.ecdsa,
+                };
+                let Some(running) = self.start(peer, &job)? else {
+                    return Ok(None);
+                };
+                running
+            }
             Peer::Direct => Running {
                 _profile: None,
                 child: None,
@@ -243,14 +297,35 @@ impl Bench {
             },
             _ => return Ok(None),
         };
-        let before = relay.cpu_seconds()?;
-        let (messages, size) = (messages.to_string(), size.to_string());
-        let mut extra = vec!["--messages", &messages, "--size", &size];
-        if bdat {
+        let cpu = || match &postfix {
+            Some(p) => p.cpu_seconds(),
+            None => relay.cpu_seconds(),
+        };
+        let before = cpu()?;
+        let (messages, sessions, size) = (
+            w.messages.to_string(),
+            w.sessions.to_string(),
+            w.size.to_string(),
+        );
+        let mut extra = vec![
+            "--messages",
+            &messages,
+            "--sessions",
+            &sessions,
+            "--size",
+            &size,
+        ];
+        if w.bdat {
             extra.push("--bdat");
         }
-        let r = self.load("smtp", relay.listen, conns, &extra)?;
-        let cpu = relay.cpu_seconds()? - before;
+        if !w.starttls {
+            extra.push("--plain");
+        }
+        let r = self.load("smtp", relay.listen, w.senders, &extra)?;
+        if let Some(p) = &postfix {
+            p.wait_queue_empty()?;
+        }
+        let cpu = cpu()? - before;
         let mut sample = pick(
             &r,
             &[
@@ -264,6 +339,10 @@ impl Bench {
         sample.insert(
             "cpu_s_per_gb",
             cpu / (r["bytes"].as_f64().unwrap_or(0.0) / 1e9),
+        );
+        sample.insert(
+            "cpu_us_per_msg",
+            cpu * 1e6 / r["messages"].as_f64().unwrap_or(f64::NAN),
         );
         let path = if peer == Peer::Tlsrelay {
             "userspace (SMTP body)"
