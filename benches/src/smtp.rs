@@ -115,6 +115,9 @@ pub(crate) fn message(size: usize) -> Vec<u8> {
     m
 }
 
+/// How long the load waits for any one reply.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Reads one (possibly multi-line) reply; fails unless its code starts
 /// with `class`.
 pub(crate) async fn expect<S: AsyncRead + Unpin>(
@@ -124,7 +127,12 @@ pub(crate) async fn expect<S: AsyncRead + Unpin>(
     let mut line = String::new();
     loop {
         line.clear();
-        if s.read_line(&mut line).await? == 0 {
+        // A server that never answers (a connection its listener's full
+        // backlog dropped after the handshake) fails the run, not hangs it.
+        let read = tokio::time::timeout(REPLY_TIMEOUT, s.read_line(&mut line))
+            .await
+            .with_context(|| format!("no {}xx reply within {REPLY_TIMEOUT:?}", class as char))?;
+        if read? == 0 {
             bail!(
                 "connection closed while waiting for a {}xx reply",
                 class as char

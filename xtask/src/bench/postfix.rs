@@ -75,6 +75,7 @@ impl Postfix {
              smtpd_relay_restrictions = permit_mynetworks, reject\n\
              relayhost = [{host}]:{port}\n\
              message_size_limit = 104857600\n\
+             default_process_limit = 512\n\
              alias_maps =\n\
              alias_database =\n\
              maillog_file = {log}\n\
