@@ -833,7 +833,9 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         ("bogusmx", "127.0.0.18", "", ""),
     ];
     let mut zone = "sts IN MX 5 rogue.sts.test.\nrogue.sts IN A 127.0.0.2\n\
-                    reports IN A 127.3.0.30\ncollector IN A 127.3.0.31\n"
+                    reports IN A 127.3.0.30\ncollector IN A 127.3.0.31\n\
+                    down IN A 127.3.0.32\n\
+                    _smtp._tls.down IN TXT \"v=TLSRPTv1; rua=https://down.test/v1/tlsrpt\"\n"
         .to_string();
     for (domain, ip, tlsa, policy_ip) in domains {
         zone += &dane_zone(domain, port, tlsa).replace("127.0.0.2", ip);
@@ -1094,20 +1096,60 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
     let (policy, _) = only("nostarttls.test");
     assert_eq!(policy["mx-host"][0], "mx.nostarttls.test", "{policy:#}");
 
-    // Sent now (today included), gzipped, to each domain's rua.
-    let sent = std::process::Command::new(relay_binary())
-        .args(["tlsrpt", "send", "--include-today", "--config"])
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    // A report for down.test, whose rua host takes connections and drops
+    // them (a collector that is down).
+    let (down_tries, down_report) = {
+        let listener = tokio::net::TcpListener::bind("127.3.0.32:443")
+            .await
+            .unwrap();
+        let tries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = tries.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(tcp);
+            }
+        });
+        let day = std::fs::read_dir(state.join("tlsrpt"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let down = day.join("down.test.json");
+        std::fs::copy(day.join("cleartext.test.json"), &down).unwrap();
+        (tries, down)
+    };
+    let tlsrpt_send = || {
+        std::process::Command::new(relay_binary())
+            .args(["tlsrpt", "send", "--include-today", "--config"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let tries = || down_tries.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Sent now (today included), gzipped, to each domain's rua; down.test
+    // failed (exit status 1) and waits an hour for its next attempt.
+    let sent = tlsrpt_send();
     let out = String::from_utf8_lossy(&sent.stdout);
-    assert!(
-        sent.status.success(),
+    assert_eq!(
+        sent.status.code(),
+        Some(1),
         "{out}{}",
         String::from_utf8_lossy(&sent.stderr)
     );
+    for line in out.lines() {
+        assert!(
+            line.contains(": sent to ") || line.contains(" down.test: not sent: "),
+            "{out}"
+        );
+    }
+    assert!(out.contains("; tried again after "), "{out}");
+    assert_eq!(tries(), 1, "{out}");
+    assert!(down_report.with_extension("retry").exists());
     let report_posts = posts;
     let posts = report_posts.lock().unwrap().clone();
     assert_eq!(posts.len(), domains.len() - 1, "{out}");
@@ -1150,18 +1192,19 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         .filter(|l| !l.starts_with(' '))
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
         .collect();
-    assert_eq!(pending, ["collector.test"]);
+    // down.test waits for its next attempt.
+    assert_eq!(pending, ["collector.test", "down.test"]);
     // Exactly once: a second run sends none of those the collector took
     // (and closed on without close_notify); collector.test publishes no rua.
-    let resent = std::process::Command::new(relay_binary())
-        .args(["tlsrpt", "send", "--include-today", "--config"])
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    // down.test is not tried again before its backoff has passed.
+    let resent = tlsrpt_send();
     let out = String::from_utf8_lossy(&resent.stdout);
     assert!(resent.status.success(), "{out}");
+    assert!(
+        out.contains("down.test: not sent: 1 attempt(s) failed; next after "),
+        "{out}"
+    );
+    assert_eq!(tries(), 1, "not tried while waiting: {out}");
     let posts = report_posts.lock().unwrap().clone();
     let again: Vec<String> = posts[domains.len() - 1..]
         .iter()
@@ -1178,6 +1221,31 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
         .collect();
     assert_eq!(again, Vec::<String>::new(), "{out}");
     assert!(out.contains("collector.test: not sent: no rua"), "{out}");
+
+    // A day later (the retry record says so: first failure 25 h ago, its
+    // backoff over), the last attempt fails and the report is dropped.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    std::fs::write(
+        down_report.with_extension("retry"),
+        format!(
+            "{{\"first_failure\": {}, \"failures\": 4, \"next_attempt\": {}}}",
+            now - 25 * 3600,
+            now - 1
+        ),
+    )
+    .unwrap();
+    let last = tlsrpt_send();
+    let out = String::from_utf8_lossy(&last.stdout);
+    assert_eq!(last.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("given up 24 h after the first failed attempt"),
+        "{out}"
+    );
+    assert_eq!(tries(), 2, "{out}");
+    assert!(!down_report.exists() && !down_report.with_extension("retry").exists());
 }
 
 /// MX delivery never connects to the relay itself (a domain whose MX is

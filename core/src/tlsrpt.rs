@@ -369,6 +369,49 @@ pub fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// How long a report that no `rua` took is tried again: RFC 8460 5.3,
+/// "a sender SHOULD attempt redelivery for up to 24 hours after the
+/// initial attempt", with exponential backoff.
+pub const RETRY_WINDOW: i64 = 24 * 3600;
+
+/// The wait after the first failed attempt; it doubles with each failure
+/// (1, 2, 4, 8 h: attempts at 0, 1, 3, 7 and 15 h, then the window ends).
+pub const FIRST_RETRY: i64 = 3600;
+
+/// A report's failed delivery attempts so far, and when to try it next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// Unix time of the first attempt that failed.
+    pub first_failure: i64,
+    pub failures: u32,
+    /// Not tried again before this Unix time.
+    pub next_attempt: i64,
+}
+
+impl Retry {
+    /// After an attempt at `now` failed (`before`: the earlier failures,
+    /// if any): the next attempt, or None once the window has passed and
+    /// the report is given up.
+    pub fn after_failure(before: Option<Retry>, now: i64) -> Option<Retry> {
+        let (first_failure, failures) = match before {
+            Some(r) => (r.first_failure, r.failures + 1),
+            None => (now, 1),
+        };
+        let wait = FIRST_RETRY.saturating_mul(1 << (failures - 1).min(20));
+        let next_attempt = now.saturating_add(wait);
+        (next_attempt <= first_failure + RETRY_WINDOW).then_some(Retry {
+            first_failure,
+            failures,
+            next_attempt,
+        })
+    }
+
+    /// Whether the report may be tried at `now`.
+    pub fn due(&self, now: i64) -> bool {
+        now >= self.next_attempt
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,5 +504,29 @@ mod tests {
             "{mail}"
         );
         assert!(mail.contains("\r\n\r\nZ3o=\r\n--"), "{mail}");
+    }
+
+    /// Attempts an hourly sender makes for a report whose collector is
+    /// down: backoff doubling from an hour, nothing past 24 hours.
+    #[test]
+    fn a_failed_report_is_retried_with_backoff_for_a_day() {
+        let start = 1_800_000_000;
+        let mut retry = None;
+        let mut attempts = Vec::new();
+        for hour in 0..48 {
+            let now = start + hour * 3600;
+            if retry.is_some_and(|r: Retry| !r.due(now)) {
+                continue;
+            }
+            attempts.push(hour);
+            match Retry::after_failure(retry, now) {
+                Some(next) => retry = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(attempts, [0, 1, 3, 7, 15]);
+        let last = retry.unwrap();
+        assert_eq!((last.first_failure, last.failures), (start, 4));
+        assert!(Retry::after_failure(retry, start + 15 * 3600).is_none());
     }
 }

@@ -122,7 +122,7 @@ fn send(config: PathBuf, state_dir: Option<PathBuf>, include_today: bool) -> Exi
                 to.join(", ")
             ),
             Err(why) => {
-                failed |= !why.starts_with("no rua");
+                failed |= why.is_failure();
                 println!("{} {}: not sent: {why}", report.day, report.domain);
             }
         }

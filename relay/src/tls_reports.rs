@@ -19,7 +19,7 @@ use crate::smtp::client::{establish, MailConnector, OutboundRecord};
 use crate::smtp::forward::Routing;
 use crate::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
 use crate::tlsrpt::{
-    report_mail, rua, utc_day, DayResults, Envelope, PolicyDescriptor, Report, SessionResult,
+    report_mail, rua, utc_day, DayResults, Envelope, PolicyDescriptor, Report, Retry, SessionResult,
 };
 use crate::unix_now;
 
@@ -171,6 +171,12 @@ pub fn pending(dir: &Path) -> Vec<Pending> {
     all
 }
 
+/// Why one attempt sent nothing.
+enum Unsent {
+    NoRua,
+    Failed(String),
+}
+
 /// Who sends reports, and as whom.
 pub struct ReportSender {
     pub dir: PathBuf,
@@ -199,28 +205,72 @@ pub struct Sent {
     pub day: String,
     pub domain: String,
     /// Where it went, or why it did not.
-    pub outcome: Result<Vec<String>, String>,
+    pub outcome: Result<Vec<String>, NotSent>,
+}
+
+/// Why a pending report was not sent in this run.
+#[derive(Debug, thiserror::Error)]
+pub enum NotSent {
+    /// The domain publishes no `rua`: it gets no report; the results are
+    /// dropped.
+    #[error("no rua published at _smtp._tls.{0}: dropped")]
+    NoRua(String),
+    /// No `rua` took it; kept for the next attempt.
+    #[error("{why}; tried again after {}", tlsrelay_core::ocsp::format_time(*next_attempt))]
+    Failed { why: String, next_attempt: i64 },
+    /// No `rua` took it and its 24 hours of retries are over: dropped.
+    #[error("{why}; given up {} h after the first failed attempt (RFC 8460 5.3)", crate::tlsrpt::RETRY_WINDOW / 3600)]
+    Expired { why: String },
+    /// An earlier attempt failed and its backoff has not passed.
+    #[error("{failures} attempt(s) failed; next after {}", tlsrelay_core::ocsp::format_time(*next_attempt))]
+    Waiting { failures: u32, next_attempt: i64 },
+}
+
+impl NotSent {
+    /// An attempt was made and no `rua` took the report.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, NotSent::Failed { .. } | NotSent::Expired { .. })
+    }
+}
+
+/// The retry record kept beside a report (`<report>.retry`) once an
+/// attempt failed.
+fn retry_path(report: &Path) -> PathBuf {
+    report.with_extension("retry")
+}
+
+fn load_retry(report: &Path) -> Option<Retry> {
+    serde_json::from_slice(&crate::state::read_file(&retry_path(report)).ok()?).ok()
+}
+
+/// Drops a report and its retry record.
+fn remove_report(report: &Path) {
+    let _ = std::fs::remove_file(report);
+    let _ = std::fs::remove_file(retry_path(report));
 }
 
 impl ReportSender {
     /// Sends the reports of finished UTC days (and today's too with
     /// `include_today`), removing each once one `rua` took it. A domain
-    /// that publishes no `rua` gets none, and its results are dropped.
+    /// that publishes no `rua` gets none, and its results are dropped. One
+    /// that no `rua` took is tried again with backoff for 24 hours
+    /// ([`Retry`]), then dropped.
     pub async fn send_due(&self, include_today: bool) -> Vec<Sent> {
-        let today = utc_day(unix_now());
+        let now = unix_now();
+        let today = utc_day(now);
         let mut sent = Vec::new();
         for report in pending(&self.dir) {
             if report.day >= today && !include_today {
                 continue;
             }
-            let outcome = self.send(&report).await;
-            let keep = match &outcome {
-                Ok(_) => false,
-                Err(why) => !why.starts_with("no rua"),
+            let retry = load_retry(&report.path);
+            let outcome = match retry {
+                Some(r) if !r.due(now) => Err(NotSent::Waiting {
+                    failures: r.failures,
+                    next_attempt: r.next_attempt,
+                }),
+                _ => self.attempt(&report, retry, now).await,
             };
-            if !keep {
-                let _ = std::fs::remove_file(&report.path);
-            }
             sent.push(Sent {
                 day: report.day,
                 domain: report.domain,
@@ -230,15 +280,54 @@ impl ReportSender {
         sent
     }
 
-    async fn send(&self, pending: &Pending) -> Result<Vec<String>, String> {
+    /// Tries `report` now; removes it once taken or given up, else
+    /// records when to try again.
+    async fn attempt(
+        &self,
+        report: &Pending,
+        retry: Option<Retry>,
+        now: i64,
+    ) -> Result<Vec<String>, NotSent> {
+        let failed = match self.send(report).await {
+            Ok(to) => {
+                remove_report(&report.path);
+                return Ok(to);
+            }
+            Err(Unsent::NoRua) => {
+                remove_report(&report.path);
+                return Err(NotSent::NoRua(report.domain.clone()));
+            }
+            Err(Unsent::Failed(why)) => why,
+        };
+        match Retry::after_failure(retry, now) {
+            Some(next) => {
+                let kept = serde_json::to_vec(&next)
+                    .map_err(std::io::Error::from)
+                    .and_then(|json| crate::state::replace_file(&retry_path(&report.path), &json));
+                if let Err(e) = kept {
+                    tracing::warn!("TLS report {}: retry time not kept: {e}", report.domain);
+                }
+                Err(NotSent::Failed {
+                    why: failed,
+                    next_attempt: next.next_attempt,
+                })
+            }
+            None => {
+                remove_report(&report.path);
+                Err(NotSent::Expired { why: failed })
+            }
+        }
+    }
+
+    async fn send(&self, pending: &Pending) -> Result<Vec<String>, Unsent> {
         let txt = self
             .resolver
             .txt(&format!("_smtp._tls.{}", pending.domain))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Unsent::Failed(e.to_string()))?;
         let destinations = rua(&txt.records);
         if destinations.is_empty() {
-            return Err(format!("no rua published at _smtp._tls.{}", pending.domain));
+            return Err(Unsent::NoRua);
         }
         let report = Report::new(
             &self.organization,
@@ -247,8 +336,10 @@ impl ReportSender {
             &pending.domain,
             pending.results.clone(),
         );
-        let gzipped = gzip(&serde_json::to_vec(&report).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let gzipped = serde_json::to_vec(&report)
+            .map_err(std::io::Error::from)
+            .and_then(|json| gzip(&json))
+            .map_err(|e| Unsent::Failed(e.to_string()))?;
         let mut delivered = Vec::new();
         let mut problems = Vec::new();
         for uri in destinations {
@@ -270,7 +361,7 @@ impl ReportSender {
             }
         }
         if delivered.is_empty() {
-            Err(problems.join("; "))
+            Err(Unsent::Failed(problems.join("; ")))
         } else {
             Ok(delivered)
         }
