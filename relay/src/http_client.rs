@@ -51,10 +51,11 @@ pub enum Transport<'a> {
     Tls(&'a Arc<RootCertStore>),
 }
 
-/// One request to `host[:port]` (`[v6]:port` for an IPv6 address) and a
-/// path.
+/// One request to `host` (a name, or an address: IPv6 without brackets) on
+/// `port`, and a path.
 pub struct Request<'a> {
     pub host: &'a str,
+    pub port: u16,
     pub path: &'a str,
     pub method: &'a str,
     pub headers: &'a [(&'a str, &'a str)],
@@ -92,22 +93,48 @@ fn other(e: impl std::fmt::Display) -> HttpError {
     HttpError::Other(e.to_string())
 }
 
-/// (host, port) of `host[:port]` or `[v6][:port]`.
-fn split_authority(authority: &str, default_port: u16) -> (&str, u16) {
+/// (scheme, host, port, path) of an http(s) or ldap(s) URL: the host
+/// without an IPv6 address's brackets, the scheme's port if none is given.
+pub fn split_url(url: &str) -> Option<(&str, &str, u16, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "http" => 80,
+        "https" => 443,
+        "ldap" => 389,
+        "ldaps" => 636,
+        _ => return None,
+    };
     let (host, port) = match authority.strip_prefix('[') {
-        Some(rest) => match rest.split_once(']') {
-            Some((v6, tail)) => (v6, tail.strip_prefix(':')),
-            None => (authority, None),
-        },
+        Some(rest) => {
+            let (v6, tail) = rest.split_once(']')?;
+            match tail.strip_prefix(':') {
+                Some(p) => (v6, p.parse().ok()?),
+                None => (v6, default),
+            }
+        }
         None => match authority.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => (h, Some(p)),
-            _ => (authority, None),
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (authority, default),
         },
     };
-    (
-        host,
-        port.and_then(|p| p.parse().ok()).unwrap_or(default_port),
-    )
+    Some((scheme, host, port, path))
+}
+
+/// The Host header for `host` on `port`: `[v6]`, and `:port` unless the
+/// transport's own.
+fn host_header(host: &str, port: u16, default_port: u16) -> String {
+    let host = match host.contains(':') {
+        true => format!("[{host}]"),
+        false => host.to_string(),
+    };
+    match port == default_port {
+        true => host,
+        false => format!("{host}:{port}"),
+    }
 }
 
 async fn send(
@@ -120,7 +147,8 @@ async fn send(
         Transport::Plain => 80,
         Transport::Tls(_) => 443,
     };
-    let (host, port) = split_authority(request.host, default_port);
+    let (host, port) = (request.host, request.port);
+    let host_field = host_header(host, port, default_port);
     let addresses: Vec<IpAddr> = match (host.parse::<IpAddr>(), names) {
         (Ok(ip), _) => vec![ip],
         (Err(_), Names::Relay(resolver)) => resolver.addresses(host).await.map_err(other)?.records,
@@ -144,10 +172,10 @@ async fn send(
         };
         // The first server that takes the connection answers.
         return match transport {
-            Transport::Plain => exchange(tcp, request, max).await,
+            Transport::Plain => exchange(tcp, &host_field, request, max).await,
             Transport::Tls(roots) => {
                 let tls = handshake(tcp, host, roots).await?;
-                exchange(tls, request, max).await
+                exchange(tls, &host_field, request, max).await
             }
         };
     }
@@ -185,7 +213,12 @@ impl Drop for Driver {
     }
 }
 
-async fn exchange<S>(io: S, request: &Request<'_>, max: usize) -> Result<HttpResponse, HttpError>
+async fn exchange<S>(
+    io: S,
+    host_field: &str,
+    request: &Request<'_>,
+    max: usize,
+) -> Result<HttpResponse, HttpError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -198,7 +231,7 @@ where
     let mut builder = hyper::Request::builder()
         .method(request.method)
         .uri(request.path)
-        .header(HOST, request.host)
+        .header(HOST, host_field)
         .header(USER_AGENT, "tlsrelay")
         .header(CONNECTION, "close");
     for (name, value) in request.headers {
@@ -284,9 +317,9 @@ mod tests {
         max: usize,
         deadline: Duration,
     ) -> Result<HttpResponse, HttpError> {
-        let host = format!("127.0.0.1:{port}");
         let req = Request {
-            host: &host,
+            host: "127.0.0.1",
+            port,
             path: "/report",
             method: "POST",
             headers: &[("Content-Type", "application/tlsrpt+gzip")],
@@ -349,11 +382,30 @@ mod tests {
     }
 
     #[test]
-    fn authorities_split_into_host_and_port() {
-        assert_eq!(split_authority("a.test", 443), ("a.test", 443));
-        assert_eq!(split_authority("a.test:8443", 443), ("a.test", 8443));
-        assert_eq!(split_authority("[::1]:8080", 80), ("::1", 8080));
-        assert_eq!(split_authority("[::1]", 80), ("::1", 80));
+    fn urls_split_into_scheme_host_port_path() {
+        for (url, parts) in [
+            (
+                "http://crl.example/ca.crl",
+                Some(("http", "crl.example", 80, "/ca.crl")),
+            ),
+            (
+                "http://127.0.0.1:8080/x",
+                Some(("http", "127.0.0.1", 8080, "/x")),
+            ),
+            ("https://[::1]:8443/r", Some(("https", "::1", 8443, "/r"))),
+            ("https://[::1]", Some(("https", "::1", 443, "/"))),
+            (
+                "ldap://dir.example",
+                Some(("ldap", "dir.example", 389, "/")),
+            ),
+            ("https://a.test:x/", None),
+            ("ftp://x/y", None),
+            ("no scheme", None),
+        ] {
+            assert_eq!(split_url(url), parts, "{url}");
+        }
+        assert_eq!(host_header("a.test", 443, 443), "a.test");
+        assert_eq!(host_header("::1", 8080, 80), "[::1]:8080");
     }
 
     #[tokio::test]

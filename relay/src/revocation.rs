@@ -298,36 +298,10 @@ fn certificate_der(body: &[u8]) -> Result<Vec<u8>, String> {
     Ok(body.to_vec())
 }
 
-/// (scheme, host, port, path) of an http(s)/ldap URL.
-pub fn split_url(url: &str) -> Option<(&str, &str, u16, &str)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let default = match scheme.to_ascii_lowercase().as_str() {
-        "http" => 80,
-        "https" => 443,
-        "ldap" => 389,
-        "ldaps" => 636,
-        _ => return None,
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h, p.parse().ok()?),
-        _ => (authority, default),
-    };
-    Some((
-        scheme,
-        host.trim_start_matches('[').trim_end_matches(']'),
-        port,
-        path,
-    ))
-}
-
 /// A TCP connection to the URL's host and port.
 fn connect(url: &str, timeout: Duration) -> Result<(std::net::SocketAddr, TcpStream), String> {
     let (_, host, port, _) =
-        split_url(url).ok_or_else(|| "not an http, https or ldap URL".to_string())?;
+        http_client::split_url(url).ok_or_else(|| "not an http, https or ldap URL".to_string())?;
     let addr = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("UNREACHABLE: cannot resolve {host}: {e}"))?
@@ -343,19 +317,16 @@ fn connect(url: &str, timeout: Duration) -> Result<(std::net::SocketAddr, TcpStr
 /// that is tried.
 fn http(url: &str, post: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>, String> {
     let (scheme, host, port, path) =
-        split_url(url).ok_or_else(|| "not an http, https or ldap URL".to_string())?;
+        http_client::split_url(url).ok_or_else(|| "not an http, https or ldap URL".to_string())?;
     if !scheme.eq_ignore_ascii_case("http") {
         let (addr, _) = connect(url, timeout)?;
         return Err(format!(
             "TCP {addr} connected; only http endpoints are validated"
         ));
     }
-    let authority = match host.contains(':') {
-        true => format!("[{host}]:{port}"),
-        false => format!("{host}:{port}"),
-    };
     let request = http_client::Request {
-        host: &authority,
+        host,
+        port,
         path,
         method: if post.is_some() { "POST" } else { "GET" },
         headers: match post {
@@ -381,27 +352,4 @@ fn http(url: &str, post: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>, St
         return Err(format!("HTTP answered {}", response.status));
     }
     Ok(response.body)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_split_into_scheme_host_port_path() {
-        assert_eq!(
-            split_url("http://crl.example/ca.crl"),
-            Some(("http", "crl.example", 80, "/ca.crl"))
-        );
-        assert_eq!(
-            split_url("http://127.0.0.1:8080/x"),
-            Some(("http", "127.0.0.1", 8080, "/x"))
-        );
-        assert_eq!(
-            split_url("ldap://dir.example"),
-            Some(("ldap", "dir.example", 389, "/"))
-        );
-        assert_eq!(split_url("ftp://x/y"), None);
-        assert_eq!(split_url("no scheme"), None);
-    }
 }

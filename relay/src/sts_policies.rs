@@ -191,6 +191,7 @@ impl StsPolicies {
     async fn get(&self, host: &str) -> Result<Vec<u8>, HttpError> {
         let request = http_client::Request {
             host,
+            port: 443,
             path: "/.well-known/mta-sts.txt",
             method: "GET",
             headers: &[],

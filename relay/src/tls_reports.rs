@@ -432,15 +432,12 @@ impl ReportSender {
 
     /// RFC 8460 5.4: POST with `application/tlsrpt+gzip`; any 2xx is taken.
     async fn post(&self, uri: &str, gzipped: &[u8]) -> Result<(), String> {
-        let Some(rest) = uri.strip_prefix("https://") else {
+        let Some(("https", host, port, path)) = http_client::split_url(uri) else {
             return Err("not an https: or mailto: address".into());
-        };
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
         };
         let request = http_client::Request {
             host,
+            port,
             path,
             method: "POST",
             headers: &[("Content-Type", "application/tlsrpt+gzip")],
