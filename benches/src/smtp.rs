@@ -12,8 +12,8 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// Accepts every message (STARTTLS with `tls`, CHUNKING, PIPELINING-free
-/// dialogue) and discards it.
+/// Accepts every message (STARTTLS with `tls`, CHUNKING, PIPELINING: each
+/// command line answered in turn) and discards it.
 pub async fn sink(listen: SocketAddr, tls: Option<(&Path, &Path)>) -> anyhow::Result<()> {
     let acceptor = match tls {
         Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(crate::load::server_config(
@@ -59,9 +59,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let upper = String::from_utf8_lossy(&line).to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
             if offer_starttls {
-                b"250-sink.bench.test\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SIZE 104857600\r\n250 STARTTLS\r\n"
+                b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SIZE 104857600\r\n250 STARTTLS\r\n"
             } else {
-                b"250-sink.bench.test\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 SIZE 104857600\r\n"
+                b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 SIZE 104857600\r\n"
             }
         } else if upper.starts_with("STARTTLS") && offer_starttls {
             s.write_all(b"220 2.0.0 go ahead\r\n").await?;

@@ -86,6 +86,8 @@ struct Pair {
     delivered: Vec<(usize, Vec<u8>)>,
     /// Everything each closed connection heard.
     transcripts: Vec<Vec<u8>>,
+    /// Each write to a next hop after its opening, as sent.
+    hop_writes: Vec<String>,
     closed: bool,
 }
 
@@ -171,6 +173,7 @@ impl Pair {
             reuse_next: false,
             delivered: Vec::new(),
             transcripts: Vec::new(),
+            hop_writes: Vec::new(),
             closed: false,
         };
         pair.client("EHLO client.example\r\n");
@@ -231,6 +234,8 @@ impl Pair {
                 Action::Write(reply) => self.to_client.extend(reply.to_bytes()),
                 Action::Open(destination) => self.open(destination.connector),
                 Action::Send(bytes) => {
+                    self.hop_writes
+                        .push(String::from_utf8_lossy(&bytes).into_owned());
                     let hop = self.hop.as_mut().expect("sent to an open hop");
                     hop.heard.extend(&bytes);
                     hop.server.feed(&bytes);
@@ -1115,4 +1120,34 @@ fn refused_recipients_count_as_errors_until_421() {
     assert!(codes[..MAX_ERRORS as usize].iter().all(|&c| c == "554"));
     assert_eq!(codes[MAX_ERRORS as usize], "421");
     assert!(p.closed);
+}
+
+/// RFC 2920 toward a next hop that offers PIPELINING (as Postfix's smtp
+/// client does): MAIL and the first RCPT go in one write; a refused MAIL
+/// still answers the sender's RCPT, and the pipelined RCPT's own reply is
+/// read and dropped, so the dialogue stays in step.
+#[test]
+fn mail_and_rcpt_are_pipelined_to_a_next_hop_that_offers_it() {
+    let mut p = Pair::from_outside();
+    p.client(MAIL);
+    assert!(p.client("RCPT TO:<u@example.org>\r\n").starts_with("250"));
+    assert_eq!(
+        p.hop_writes,
+        ["MAIL FROM:<a@sender.example>\r\nRCPT TO:<u@example.org>\r\n"]
+    );
+    assert!(p.client("RCPT TO:<v@example.org>\r\n").starts_with("250"));
+    assert_eq!(p.hop_writes[1], "RCPT TO:<v@example.org>\r\n");
+    p.client("RSET\r\n");
+    p.client("MAIL FROM:<refused@sender.example>\r\n");
+    let refused = p.client("RCPT TO:<u@example.org>\r\n");
+    assert!(refused.starts_with("553"), "MAIL's refusal: {refused}");
+    // In step: the next transaction's replies are its own.
+    p.client("RSET\r\n");
+    p.client(MAIL);
+    let rcpt = p.client("RCPT TO:<u@example.org>\r\n");
+    assert!(rcpt.starts_with("250"), "{rcpt}");
+    assert!(p
+        .client("DATA\r\nbody\r\n.\r\n")
+        .ends_with("250 2.0.0 Ok: queued as NEXTHOP1\r\n"));
+    assert_eq!(p.delivered.len(), 1);
 }
