@@ -60,8 +60,15 @@ pub struct NextHop {
     leg: Leg,
     replies: ReplyParser,
     timeouts: SmtpTimeouts,
+    /// Bytes sent and not yet written: a command, a trace header and a
+    /// short message leave in one write when the reply is awaited.
+    unwritten: Vec<u8>,
     pub facts: HopFacts,
 }
+
+/// Past this many unwritten bytes, a send writes (a large message is not
+/// held whole).
+const WRITE_AT: usize = 64 << 10;
 
 /// What a next-hop connection was opened as: kept with it, so a session
 /// that reuses it reports the same.
@@ -88,19 +95,40 @@ pub struct Established {
 impl NextHop {
     /// Reads one reply within `wait`'s timeout.
     pub async fn reply(&mut self, wait: Wait) -> std::io::Result<Reply> {
+        self.write_unwritten().await?;
         self.leg.flush().await?;
         let limit = self.timeouts.of(wait);
         read_reply(&mut self.leg, &mut self.replies, limit).await
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.leg.write_all(bytes).await
+        if self.unwritten.is_empty() && bytes.len() >= WRITE_AT {
+            return self.leg.write_all(bytes).await;
+        }
+        self.unwritten.extend_from_slice(bytes);
+        if self.unwritten.len() >= WRITE_AT {
+            self.write_unwritten().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what [`NextHop::send`] holds.
+    pub async fn write_unwritten(&mut self) -> std::io::Result<()> {
+        if !self.unwritten.is_empty() {
+            self.leg.write_all(&self.unwritten).await?;
+            self.unwritten.clear();
+        }
+        Ok(())
     }
 
     /// The socket chunk bytes can be spliced into (see
-    /// [`Leg::splice_socket`]); what was sent before has left already.
+    /// [`Leg::splice_socket`]), once everything sent before has been
+    /// written ([`NextHop::write_unwritten`]).
     pub fn splice_socket(&self) -> Option<&TcpStream> {
-        self.leg.splice_socket()
+        self.unwritten
+            .is_empty()
+            .then(|| self.leg.splice_socket())
+            .flatten()
     }
 
     /// An idle connection made ready for a new transaction: RSET clears
@@ -311,6 +339,7 @@ impl HopSetup<'_> {
                 leg: opened.leg,
                 replies: opening.into_replies(),
                 timeouts: self.timeouts,
+                unwritten: Vec::new(),
                 facts,
             },
             downgrade: opened.downgrade,

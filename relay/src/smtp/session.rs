@@ -306,6 +306,13 @@ impl Session<'_> {
     /// spliceable, a kernel TLS control record next, a stall).
     async fn splice_chunk(&mut self, leg: &Leg, server: &mut Server) -> Result<bool, Outcome> {
         use tokio::io::Interest;
+        // The command before the chunk goes first; a write that fails is
+        // the ordinary path's to report.
+        if let Some(hop) = self.hop.as_mut() {
+            if hop.write_unwritten().await.is_err() {
+                return Ok(false);
+            }
+        }
         let (Some(src), Some(hop)) = (leg.splice_socket(), self.hop.as_ref()) else {
             return Ok(false);
         };
