@@ -92,7 +92,14 @@ fuzz_target!(|data: &[u8]| {
                             forwarder.hop_unavailable(Reply::new(451, "4.4.1 down"));
                         } else {
                             open = true;
-                            let offered = ["CHUNKING", "REQUIRETLS", "SMTPUTF8", "SIZE", "8BITMIME"];
+                            let offered = [
+                                "CHUNKING",
+                                "REQUIRETLS",
+                                "SMTPUTF8",
+                                "SIZE",
+                                "8BITMIME",
+                                "PIPELINING",
+                            ];
                             forwarder.hop_opened(OpenedHop {
                                 name: "mx".into(),
                                 security: LegSecurity::Plaintext,
@@ -104,6 +111,7 @@ fuzz_target!(|data: &[u8]| {
                                         .map(|(_, k)| (k.to_string(), String::new()))
                                         .collect(),
                                 },
+                                reused: byte & 0x80 != 0,
                             });
                         }
                     }
@@ -120,7 +128,7 @@ fuzz_target!(|data: &[u8]| {
                             None => forwarder.hop_failed("lost"),
                         }
                     }
-                    Action::Close { .. } => open = false,
+                    Action::Close { .. } | Action::Release(_) => open = false,
                 }
             }
             assert!(responses <= 1, "{responses} replies to one command");
