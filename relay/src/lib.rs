@@ -7,6 +7,9 @@
 //! `smtp::session`, both setting up their legs through `legs` and, for
 //! TCP, handing them to the data [`pump`]. `cli` is the binary's edge.
 
+// Unsafe code lives in tlsrelay-sys, each block with why it is sound.
+#![deny(unsafe_code)]
+
 pub use tlsrelay_core::hex;
 pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report, tlsrpt};
 use tlsrelay_sys::privileges as sys_privileges;

@@ -8,5 +8,6 @@ pub mod bpf;
 pub mod ktls;
 pub mod notify;
 pub mod privileges;
+pub mod read_buf;
 pub mod splice;
 pub mod uring;

@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use tlsrelay_sys::read_buf::poll_read_append;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -155,13 +156,9 @@ impl SoftTls {
         // request/response exchange is not zeroed each time.
         self.inbuf
             .reserve(READ_SIZE.saturating_sub(self.inbuf.len()));
-        let mut chunk = ReadBuf::uninit(self.inbuf.spare_capacity_mut());
-        match Pin::new(&mut self.tcp).poll_read(cx, &mut chunk) {
-            Poll::Ready(Ok(())) => {
-                let n = chunk.filled().len();
-                // SAFETY: poll_read initialised the first n bytes of the
-                // spare capacity (ReadBuf tracks it).
-                unsafe { self.inbuf.set_len(self.inbuf.len() + n) };
+        let read = poll_read_append(Pin::new(&mut self.tcp), cx, &mut self.inbuf, usize::MAX);
+        match read {
+            Poll::Ready(Ok(n)) => {
                 self.last_fill = n;
                 Poll::Ready(Ok(n))
             }
@@ -174,7 +171,7 @@ impl SoftTls {
                     self.inbuf = Vec::new();
                     self.start = 0;
                 }
-                other.map_ok(|()| 0)
+                other
             }
         }
     }

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use tlsrelay_sys::read_buf::poll_read_append;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -204,9 +205,9 @@ impl RecordIo {
             self.ahead.clear();
             self.ahead_pos = 0;
             self.ahead.reserve_exact(READ_AHEAD);
-            let mut chunk = ReadBuf::uninit(&mut self.ahead.spare_capacity_mut()[..READ_AHEAD]);
-            match Pin::new(&mut self.tcp).poll_read(cx, &mut chunk) {
-                Poll::Ready(Ok(())) => {}
+            let read = poll_read_append(Pin::new(&mut self.tcp), cx, &mut self.ahead, READ_AHEAD);
+            match read {
+                Poll::Ready(Ok(_)) => {}
                 other => {
                     // Waiting with nothing buffered: a stream that last
                     // brought a largest record or more keeps its buffer (no
@@ -215,13 +216,9 @@ impl RecordIo {
                     if last_fill < KEEP_AFTER || !matches!(other, Poll::Pending) {
                         self.ahead = Vec::new();
                     }
-                    return other;
+                    return other.map_ok(|_| ());
                 }
             }
-            let n = chunk.filled().len();
-            // SAFETY: poll_read initialised the first n bytes of the spare
-            // capacity (ReadBuf tracks it).
-            unsafe { self.ahead.set_len(n) };
         }
         let n = out.remaining().min(self.ahead.len() - self.ahead_pos);
         out.put_slice(&self.ahead[self.ahead_pos..self.ahead_pos + n]);
