@@ -273,9 +273,15 @@ async fn every_version_and_cipher(pump: &str, splice: DataPath, bytes: usize) {
         let stream = tls_connect(relay.addr("in"), "relay.test", &opts)
             .await
             .unwrap();
-        bulk_echo(stream, &data).await;
+        // The relay's report says how the session ended when the stream
+        // did not end cleanly.
+        let echoed = try_bulk_echo(stream, &data).await;
         let report = relay.next_report().await;
         let case = format!("{versions:?} {suite:?}: {report}");
+        let back = echoed.unwrap_or_else(|e| {
+            panic!("{case}: no clean end of stream (close_notify) from the relay: {e}")
+        });
+        assert!(back == data, "{case}: relayed bytes differ");
         for leg in [&report.inbound, &report.outbound] {
             match leg {
                 Some(LegSecurity::Tls { negotiated, .. }) => {
