@@ -66,9 +66,10 @@ pub struct NextHop {
     pub facts: HopFacts,
 }
 
-/// Past this many unwritten bytes, a send writes (a large message is not
-/// held whole).
-const WRITE_AT: usize = 64 << 10;
+/// Pieces smaller than this are gathered for one write (commands, the
+/// trace header, a short message); a larger piece is written at once, so
+/// a large message's bytes are not copied once more on their way.
+const GATHER_BELOW: usize = 4 << 10;
 
 /// What a next-hop connection was opened as: kept with it, so a session
 /// that reuses it reports the same.
@@ -102,11 +103,13 @@ impl NextHop {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        if self.unwritten.is_empty() && bytes.len() >= WRITE_AT {
+        // Message data in bulk is written as it comes, not copied first.
+        if bytes.len() >= GATHER_BELOW {
+            self.write_unwritten().await?;
             return self.leg.write_all(bytes).await;
         }
         self.unwritten.extend_from_slice(bytes);
-        if self.unwritten.len() >= WRITE_AT {
+        if self.unwritten.len() >= GATHER_BELOW {
             self.write_unwritten().await?;
         }
         Ok(())
