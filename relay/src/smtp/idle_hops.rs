@@ -60,19 +60,18 @@ impl IdleHops {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let refused = {
             let mut parked = self.parked.lock().expect("not poisoned");
-            let room = parked.len() < DESTINATIONS || parked.contains_key(&domain);
-            let list = parked.entry(domain.clone());
-            match list {
-                _ if hop.facts.opened.elapsed() >= LIFETIME || !room => Some(hop),
-                std::collections::hash_map::Entry::Occupied(e)
-                    if e.get().len() >= PER_DESTINATION =>
-                {
-                    Some(hop)
-                }
-                e => {
-                    e.or_default().push(Parked { id, hop });
-                    None
-                }
+            let full = match parked.get(&domain) {
+                Some(list) => list.len() >= PER_DESTINATION,
+                None => parked.len() >= DESTINATIONS,
+            };
+            if full || hop.facts.opened.elapsed() >= LIFETIME {
+                Some(hop)
+            } else {
+                parked
+                    .entry(domain.clone())
+                    .or_default()
+                    .push(Parked { id, hop });
+                None
             }
         };
         let store = self.clone();
