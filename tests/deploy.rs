@@ -130,7 +130,7 @@ fn systemd_unit_parses_cleanly() {
 }
 
 /// The Kubernetes ConfigMap's configuration validates (with certificates
-/// where its Secret mounts them) and says what the README says: an MX
+/// where its Secret mounts them) and says what the book says: an MX
 /// behind a PROXY protocol balancer.
 #[test]
 fn kubernetes_configmap_config_is_valid() {

@@ -17,8 +17,8 @@
 //! request/response turns move less and still wake at the first.
 //!
 //! Measured against one linked POLL_ADD + SPLICE per 64 KiB chunk (a ring
-//! round trip per chunk and per drain): see the README's performance
-//! section.
+//! round trip per chunk and per drain): see the book's data plane chapter
+//! (docs/src/data-plane.md).
 
 use std::io;
 use std::net::TcpStream;

@@ -4,7 +4,7 @@
 //! TLS, the client certificate and which connectors' anchors it chains to),
 //! so every rule is a table test.
 //!
-//! The rules, as the README states them:
+//! The rules, as the book states them (docs/src/mail-edge.md):
 //! - A connector *claims* a session when the client address is in its
 //!   `client_addresses` or the client certificate chains to its anchors and
 //!   carries one of its `certificate_names`; it claims a transaction whose

@@ -3,8 +3,9 @@
 //! machine ([`Server`]) and relaying machine ([`Forwarder`]); the next hop
 //! is another [`Server`] answering by script, reached through the opening
 //! machine ([`HopOpening`]) and the connector policy; waits for the next
-//! hop run on a fake clock. One test per row of the README's reply table,
-//! and the paths around it (drain, timeouts, BDAT to DATA, routes).
+//! hop run on a fake clock. One test per row of the book's reply table
+//! (docs/src/mail-edge.md), and the paths around it (drain, timeouts,
+//! BDAT to DATA, routes).
 
 use std::sync::Arc;
 use std::time::Duration;
