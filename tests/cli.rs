@@ -118,6 +118,64 @@ fn every_subcommand_has_help() {
     );
 }
 
+/// The subcommands `tlsrelay --help` lists.
+fn subcommands() -> Vec<String> {
+    let help = String::from_utf8(tlsrelay(&["--help"]).stdout).unwrap();
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each subcommand the help lists has its man page, named in tlsrelay(8),
+/// and the shells' completion scripts offer it.
+#[test]
+fn man_pages_and_completions_cover_every_subcommand() {
+    let subs = subcommands();
+    assert!(
+        subs.len() >= 8 && subs.contains(&"run".to_string()),
+        "{subs:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = tlsrelay(&["man", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let main = std::fs::read_to_string(dir.path().join("tlsrelay.8")).unwrap();
+    assert!(main.contains(".TH tlsrelay 8"), "{main}");
+    for sub in &subs {
+        let page = dir.path().join(format!("tlsrelay-{sub}.8"));
+        let text =
+            std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+        assert!(
+            text.contains(&format!("tlsrelay {sub}")),
+            "{}",
+            page.display()
+        );
+        assert!(
+            main.contains(&format!("tlsrelay\\-{sub}(8)")),
+            "tlsrelay.8 lacks {sub}"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = tlsrelay(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        for sub in &subs {
+            assert!(
+                script.contains(sub.as_str()),
+                "{shell} completion lacks {sub}"
+            );
+        }
+    }
+}
+
 /// A running `tlsrelay run` and the addresses it printed.
 struct Running {
     child: Child,

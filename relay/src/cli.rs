@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
@@ -13,7 +13,24 @@ use crate::listeners::Listeners;
 use crate::plan::{Plan, SelfSignedSource};
 
 #[derive(Debug, Parser)]
-#[command(name = "tlsrelay", version, about = "A TLS relay for Linux edge hosts")]
+#[command(
+    name = "tlsrelay",
+    version,
+    propagate_version = true,
+    about = "A TLS relay for Linux edge hosts",
+    long_about = "A TLS relay for Linux edge hosts: TCP and TLS relaying (terminate, \
+originate, bridge, pass through by SNI) to upstream pools, and a mail edge \
+(SMTP with STARTTLS) with forced or opportunistic TLS per connector. After \
+the handshakes the session keys go to kernel TLS and the bytes are spliced.",
+    after_long_help = "Signals: SIGHUP reloads the configuration and certificates \
+(a bad one is refused and the running one kept); SIGTERM drains (listeners \
+close, sessions get limits.drain_timeout, then SMTP clients 421 4.3.2).\n\n\
+The state directory (--state-dir, else state_dir, $STATE_DIRECTORY, \
+$XDG_STATE_HOME/tlsrelay, ~/.local/state/tlsrelay, /var/lib/tlsrelay) holds \
+the generated self-signed certificate, fetched MTA-STS policies, pending \
+TLS-RPT results and status.sock.\n\n\
+The book: docs/ in the source, built by `cargo xtask docs`."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -91,6 +108,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::tickets::TicketsCommand,
     },
+    /// Print a shell's completion script for tlsrelay.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (tlsrelay.8 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +130,24 @@ pub enum StatusAction {
 pub enum LogFormat {
     Human,
     Json,
+}
+
+/// tlsrelay(8), and tlsrelay-SUBCOMMAND(8) for each visible subcommand
+/// (nested ones too), from the same definitions `--help` prints.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    fn write(cmd: &clap::Command, dir: &std::path::Path) -> anyhow::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub, dir)?;
+        }
+        let page = clap_mangen::Man::new(cmd.clone()).section("8");
+        page.generate_to(dir)
+            .with_context(|| format!("writing {}", dir.join(page.get_filename()).display()))?;
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    write(&cli, dir)
 }
 
 /// Exit status for an invalid configuration.
@@ -124,6 +167,22 @@ pub fn main() -> ExitCode {
             action,
         } => status(state_dir, json, action),
         Command::Tickets { command } => crate::tickets::run(command),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tlsrelay",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tlsrelay: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run {
             config,
             state_dir,

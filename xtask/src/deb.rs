@@ -1,7 +1,8 @@
 //! `cargo xtask deb`: a Debian package of the release binary (its debug
 //! information split off beside the package), the systemd unit, a
 //! configuration that runs as installed (the embedded default: loopback,
-//! a self-signed certificate) and the example edge configuration. Built
+//! a self-signed certificate), the example edge configuration, the man
+//! pages and the shell completions. Built
 //! with dpkg-deb from a staged tree, so nothing beyond dpkg is needed.
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,29 @@ pub fn build() -> anyhow::Result<PathBuf> {
     file("/usr/share/doc/tlsrelay/examples/edge.toml", &edge, 0o644)?;
     let readme = std::fs::read(root().join("README.md"))?;
     file("/usr/share/doc/tlsrelay/README.md", &readme, 0o644)?;
+    // Man pages and completions from the packaged binary's own definitions.
+    let generated = out.join("docs");
+    crate::docs::man_and_completions(&binary, &generated)?;
+    for page in crate::docs::man_pages(&generated)? {
+        let name = page
+            .file_name()
+            .expect("a page has a name")
+            .to_string_lossy();
+        let gz = gzip(&std::fs::read(&page)?)?;
+        file(&format!("/usr/share/man/man8/{name}.gz"), &gz, 0o644)?;
+    }
+    let completions = generated.join("completions");
+    for (dir, name) in [
+        ("/usr/share/bash-completion/completions", "tlsrelay"),
+        ("/usr/share/zsh/vendor-completions", "_tlsrelay"),
+        ("/usr/share/fish/vendor_completions.d", "tlsrelay.fish"),
+    ] {
+        file(
+            &format!("{dir}/{name}"),
+            &std::fs::read(completions.join(name))?,
+            0o644,
+        )?;
+    }
     let size_kib = std::fs::metadata(&stripped)?.len() / 1024 + 64;
     let control = format!(
         "Package: tlsrelay\n\
@@ -122,6 +146,9 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
         "lib/systemd/system/tlsrelay.service",
         "etc/tlsrelay/tlsrelay.toml",
         "usr/share/doc/tlsrelay/examples/edge.toml",
+        "usr/share/man/man8/tlsrelay.8.gz",
+        "usr/share/man/man8/tlsrelay-run.8.gz",
+        "usr/share/bash-completion/completions/tlsrelay",
     ] {
         if !scratch.join(path).exists() {
             bail!("the package lacks /{path}");
@@ -133,6 +160,24 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
             .arg("check")
             .arg(scratch.join(CONFIG.trim_start_matches('/'))),
     )
+}
+
+/// gzip -9n: compressed as Debian policy wants man pages, without a
+/// timestamp so the package is reproducible.
+fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut child = Command::new("gzip")
+        .args(["-9", "-n", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start gzip")?;
+    child.stdin.take().expect("piped").write_all(data)?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("gzip failed ({})", output.status);
+    }
+    Ok(output.stdout)
 }
 
 fn objcopy(args: &[&str], from: &Path, to: &Path) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ mod bench;
 mod chaos;
 mod chart;
 mod deb;
+mod docs;
 mod ebpf;
 mod prereqs;
 mod soak;
@@ -115,9 +116,12 @@ enum Task {
     /// and check it: unpacked into a scratch root, its binary checks its
     /// configuration.
     Deb,
+    /// Build the book (mdBook, docs/), the man pages and the shell
+    /// completions into target/docs/; any mdBook warning fails it.
+    Docs,
     /// Everything CI runs: formatting, lints, the whole test suite, the
     /// kTLS VM tests, fuzzing, short soak and chaos runs, the bench's
-    /// smoke runs, the demo.
+    /// smoke runs, the book and man pages, the demo.
     Ci {
         /// Run the test suite (`cargo test --workspace`) this many times
         /// in a row, stopping at the first failure: a test that fails one
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Chaos { quick, faults } => chaos::chaos(chaos::ChaosOptions { quick, faults }),
         Task::Deb => deb::build().and_then(|deb| deb::check(&deb)),
+        Task::Docs => docs::build(),
         Task::Ci { repeat } => ci(repeat),
     }
 }
@@ -224,6 +229,7 @@ fn ci(repeat: usize) -> anyhow::Result<()> {
         run(&step, cargo().args(["test", "--workspace"]))?;
     }
     run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
+    docs::build()?;
     println!("\n=== the Debian package");
     deb::check(&deb::build()?)?;
     fuzz(FUZZ_TARGETS, 10.0)?;
