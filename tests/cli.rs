@@ -132,7 +132,8 @@ fn subcommands() -> Vec<String> {
 }
 
 /// Each subcommand the help lists has its man page, named in tlsrelay(8),
-/// and the shells' completion scripts offer it.
+/// and the shells' completion scripts offer it; tlsrelay.toml(5) has the
+/// configuration's tables.
 #[test]
 fn man_pages_and_completions_cover_every_subcommand() {
     let subs = subcommands();
@@ -162,6 +163,10 @@ fn man_pages_and_completions_cover_every_subcommand() {
             main.contains(&format!("tlsrelay\\-{sub}(8)")),
             "tlsrelay.8 lacks {sub}"
         );
+    }
+    let config = std::fs::read_to_string(dir.path().join("tlsrelay.toml.5")).unwrap();
+    for table in ["[[listeners]]", "[limits]", "[[outbound_connectors]]"] {
+        assert!(config.contains(&format!(".SH {table}")), "tlsrelay.toml.5 lacks {table}");
     }
     for shell in ["bash", "zsh", "fish"] {
         let out = tlsrelay(&["completions", shell]);

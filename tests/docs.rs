@@ -1,6 +1,7 @@
 //! The documentation cannot drift from the code: every TOML example in the
 //! README and the book is a configuration the relay accepts, parsed and
-//! validated by the code `tlsrelay check` runs (keys, types, references).
+//! validated by the code `tlsrelay check` runs (keys, types, references)
+//! and by the JSON Schema editors get.
 //! A block fenced `toml,fragment` holds top-level tables of a larger file
 //! (checked beside a minimal listener); one fenced `toml,listener` holds a
 //! TCP listener's keys (checked inside one).
@@ -72,6 +73,10 @@ fn blocks(text: &str) -> Vec<(usize, String, String)> {
 fn every_toml_example_in_the_docs_is_a_valid_configuration() {
     let mut checked = 0;
     let mut failures = Vec::new();
+    let schema = jsonschema::validator_for(
+        &serde_json::from_str(&tlsrelay::config_reference::schema_json()).unwrap(),
+    )
+    .unwrap();
     for doc in documents() {
         let text = std::fs::read_to_string(&doc).unwrap();
         let name = doc
@@ -91,10 +96,24 @@ fn every_toml_example_in_the_docs_is_a_valid_configuration() {
                 Ok(_) => checked += 1,
                 Err(e) => failures.push(e.to_string()),
             }
+            // What an editor checks against the shipped schema.
+            let value: serde_json::Value = toml::from_str(&text).unwrap();
+            for error in schema.iter_errors(&value) {
+                failures.push(format!(
+                    "{file}: the schema refuses it: {error} at {}",
+                    error.instance_path()
+                ));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(checked >= 10, "only {checked} examples found");
+    // The schema refuses what check refuses: a misspelt value and key.
+    let misspelt: serde_json::Value = toml::from_str(
+        "[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:1\"\ntls.mode = \"opportunstic\"\nupstrem = \"out\"\n",
+    )
+    .unwrap();
+    assert_eq!(schema.iter_errors(&misspelt).count(), 2, "{misspelt}");
 }
 
 /// Every relative link in the README and the book names a file that
@@ -139,5 +158,74 @@ fn every_link_in_the_docs_resolves_and_every_page_is_listed() {
             name == "SUMMARY.md" || listed.contains(&name),
             "{name} is not in docs/src/SUMMARY.md"
         );
+    }
+}
+
+/// Every key of the configuration has a doc comment: the reference and
+/// tlsrelay.toml(5) are made of them.
+#[test]
+fn every_configuration_key_is_documented() {
+    let missing = tlsrelay::config_reference::undocumented();
+    assert!(
+        missing.is_empty(),
+        "configuration keys without a doc comment in core/src/config.rs:\n{}",
+        missing.join("\n")
+    );
+    let keys: usize = tlsrelay::config_reference::tables()
+        .iter()
+        .map(|t| t.keys.len())
+        .sum();
+    assert!(keys >= 100, "only {keys} keys found");
+}
+
+/// The book's reference page and the JSON Schema shipped for editors are
+/// what the configuration's types say now. `TLSRELAY_BLESS=1 cargo test
+/// -p tlsrelay-tests --test docs` rewrites them after a change.
+#[test]
+fn the_reference_and_the_schema_are_generated_from_the_config_types() {
+    let generated = [
+        (
+            root().join("docs/src/reference.md"),
+            tlsrelay::config_reference::markdown(),
+        ),
+        (
+            root().join("docs/tlsrelay.schema.json"),
+            tlsrelay::config_reference::schema_json(),
+        ),
+    ];
+    let bless = std::env::var_os("TLSRELAY_BLESS").is_some();
+    for (path, text) in generated {
+        if bless {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == text,
+            "{} is not what the config types say; run TLSRELAY_BLESS=1 cargo test -p tlsrelay-tests --test docs",
+            path.display()
+        );
+    }
+}
+
+/// The configurations shipped whole (deploy/, the embedded default) are
+/// what the schema describes, so an editor opening one shows no error.
+#[test]
+fn the_shipped_configurations_validate_against_the_schema() {
+    let schema = jsonschema::validator_for(
+        &serde_json::from_str(&tlsrelay::config_reference::schema_json()).unwrap(),
+    )
+    .unwrap();
+    for file in [
+        "deploy/edge.toml",
+        "deploy/edge-relay.toml",
+        "core/src/default.toml",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        let value: serde_json::Value = toml::from_str(&text).unwrap();
+        let errors: Vec<String> = schema
+            .iter_errors(&value)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{file}: {}", errors.join("\n"));
     }
 }

@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -85,16 +86,17 @@ impl Source {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where generated material is kept: the self-signed certificate,
-    /// TLS report results, cached MTA-STS policies.
+    /// TLS report results, cached MTA-STS policies, the status socket.
     pub state_dir: Option<PathBuf>,
     /// Run as this user (and its group) once the listeners are bound and
     /// the eBPF program attached; the relay must be started as root. The
     /// state directory is handed to it; the configuration and keys must
     /// be readable by it for reloads.
+    #[schemars(with = "Option<String>")]
     pub user: Option<Spanned<String>>,
     #[serde(default)]
     pub limits: Limits,
@@ -114,6 +116,7 @@ pub struct Config {
     /// subject to the inbound connectors. Other domains only from clients
     /// an inbound connector with `allow_relay` admits.
     #[serde(default)]
+    #[schemars(with = "Vec<DomainPattern>")]
     pub accepted_domains: Vec<Spanned<DomainPattern>>,
     /// Lets `check` pass a configuration that relays for anyone (a lab).
     #[serde(default)]
@@ -132,22 +135,32 @@ pub struct Config {
     pub source: Source,
 }
 
-#[derive(Debug, Deserialize)]
+/// What one relay, and one client of it, may hold, and for how long.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Concurrent client connections across all listeners; more are closed.
+    #[schemars(with = "usize")]
     pub max_connections: Spanned<usize>,
     /// Concurrent connections from one client address (IPv6: one /64), so
     /// that one stranger cannot take every slot; more are closed (SMTP
     /// listeners answer 421 first). Behind a PROXY protocol balancer, the
     /// address its header names.
+    #[schemars(with = "usize")]
     pub max_connections_per_client: Spanned<usize>,
+    /// A client's first byte, and each TLS handshake (inbound and outbound),
+    /// must come within this.
     #[serde(with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub handshake_timeout: Duration,
+    /// A TCP connect to an upstream server or a next hop must complete within
+    /// this; then the next server or next hop is tried.
     #[serde(with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub connect_timeout: Duration,
     /// A session with no bytes moving either way for this long is closed.
     #[serde(with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub idle_timeout: Duration,
     /// SMTP timeouts are RFC 5321 4.5.3.2's (5 min per command, 10 min for
     /// the end of data, ...) times this.
@@ -155,6 +168,7 @@ pub struct Limits {
     /// On SIGTERM: how long sessions under way may finish before SMTP
     /// clients get 421 4.3.2 and the relay exits.
     #[serde(with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub drain_timeout: Duration,
 }
 
@@ -172,7 +186,8 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// How relayed bytes move: kernel TLS, and the splice pump.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dataplane {
     /// Hand TLS legs to kernel TLS when the kernel supports them (the
@@ -183,6 +198,7 @@ pub struct Dataplane {
     pub pump: SpliceEngine,
     /// io_uring worker threads, one ring each; unset: one per core. Read
     /// at start (a reload does not change it).
+    #[schemars(with = "Option<usize>")]
     pub workers: Option<Spanned<usize>>,
 }
 
@@ -207,12 +223,13 @@ impl Dataplane {
 }
 
 /// Where Prometheus scrapes `/metrics`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Bind it to loopback or a management address, not where strangers
     /// reach it.
     #[serde(deserialize_with = "optional_socket_addr")]
+    #[schemars(with = "Option<crate::schema::SocketAddrText>")]
     pub address: Option<SocketAddr>,
     /// Only scrapers from these networks are served (default: anyone who
     /// reaches the address); others are closed before a byte is read.
@@ -226,7 +243,7 @@ fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(
 }
 
 /// The eBPF wire counters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Ebpf {
     /// Load them when privileges allow (root, or CAP_BPF + CAP_NET_ADMIN).
@@ -269,17 +286,27 @@ pub enum Protocol {
 }
 keywords!(Protocol, "protocol", { Tcp => "tcp", Smtp => "smtp" });
 
-#[derive(Debug, Deserialize)]
+/// An address the relay accepts connections on, and what it does with them.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
+    /// Names the listener in reports, logs and metrics; unique.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
+    /// Where it listens.
     #[serde(deserialize_with = "spanned_socket_addr")]
+    #[schemars(with = "crate::schema::SocketAddrText")]
     pub address: Spanned<SocketAddr>,
+    /// `tcp` relays a byte stream to an upstream; `smtp` is a mail edge
+    /// relaying each transaction through the outbound connectors.
     #[serde(default = "default_protocol")]
+    #[schemars(with = "crate::schema::SocketAddrText")]
     pub protocol: Protocol,
     /// Name of the upstream route sessions are relayed to (tcp; smtp
     /// listeners route by recipient through the outbound connectors).
+    #[schemars(with = "Option<String>")]
     pub upstream: Option<Spanned<String>>,
+    /// TLS toward clients: mode, certificates, client certificates.
     #[serde(default)]
     pub tls: InboundTls,
     /// smtp (required): the name in the greeting, EHLO and the Received
@@ -298,6 +325,7 @@ pub struct Listener {
     /// protocol header (v1 or v2) naming the real client, and one without
     /// is refused. Needs `proxy_protocol_from`.
     #[serde(default = "spanned_false")]
+    #[schemars(with = "bool")]
     pub proxy_protocol: Spanned<bool>,
     /// The balancers' addresses: only connections from these may send a
     /// PROXY protocol header; any other is closed before a byte of it is
@@ -314,7 +342,7 @@ pub struct Listener {
 }
 
 /// Where a listener sends sessions whose ClientHello matches.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Server names (`api.example.com`, `*.example.com`: one label or
@@ -325,6 +353,8 @@ pub struct Route {
     /// empty: any.
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// The upstream pool a matching session goes to.
+    #[schemars(with = "String")]
     pub upstream: Spanned<String>,
     /// Pass TLS through untouched: the ClientHello is read (never past
     /// it), replayed to the chosen server, and the session is spliced as
@@ -335,7 +365,7 @@ pub struct Route {
 }
 
 /// A listener's client access list and new-connection rate.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Access {
     /// Only these networks may connect (empty: any).
@@ -347,6 +377,8 @@ pub struct Access {
     /// New connections per second from one client address (IPv6: one
     /// /64), with bursts of `burst`; more are closed at accept.
     pub rate: Option<f64>,
+    /// New connections one client address may make at once before `rate`
+    /// applies (default: a second's worth of `rate`).
     pub burst: Option<u32>,
 }
 
@@ -389,27 +421,35 @@ fn default_protocol() -> Protocol {
     Protocol::Tcp
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InboundTls {
+    /// `off`, `opportunistic` (TLS when the client starts it; SMTP: STARTTLS
+    /// offered), `required` (plaintext refused), `implicit` (TLS from the
+    /// first byte).
     #[serde(default = "default_inbound_mode")]
     pub mode: InboundMode,
+    /// The lowest TLS version accepted from clients.
     #[serde(default)]
     pub min_version: MinVersion,
     /// Key exchange groups accepted (default: X25519MLKEM768, X25519,
     /// secp256r1, secp384r1).
+    #[schemars(with = "Option<Vec<KeyExchange>>")]
     pub groups: Option<Spanned<Vec<KeyExchange>>>,
     /// Chains offered by SNI; empty means the generated self-signed one.
     #[serde(default)]
     pub certificates: Vec<CertificateFiles>,
+    /// Client certificates: asked for and checked.
     pub client_auth: Option<ClientAuth>,
     /// Session-ticket keys shared by a fleet (`tlsrelay tickets new`
     /// makes and rotates the file; a change is picked up without a
     /// restart); default: the process's own random keys.
+    #[schemars(with = "Option<PathBuf>")]
     pub ticket_keys: Option<Spanned<PathBuf>>,
     /// How long a key of `ticket_keys` seals and opens tickets after it
     /// was made (rotate more often than this).
     #[serde(default = "default_ticket_key_lifetime", with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub ticket_key_lifetime: Duration,
 }
 
@@ -435,43 +475,58 @@ impl Default for InboundTls {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateFiles {
     /// PEM: the end-entity certificate first, then intermediates.
+    #[schemars(with = "PathBuf")]
     pub chain: Spanned<PathBuf>,
     /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    #[schemars(with = "PathBuf")]
     pub key: Spanned<PathBuf>,
     /// Served to clients whose SNI matches no certificate (default: the first).
     #[serde(default)]
     pub default: bool,
     /// DER: an OCSP response for the certificate, stapled to handshakes;
     /// refused unless it is for this certificate, "good" and current.
+    #[schemars(with = "Option<PathBuf>")]
     pub ocsp_response: Option<Spanned<PathBuf>>,
 }
 
 /// An inbound SMTP connector: rules for sessions from a partner or an
 /// on-premises server, matched by client address and/or certificate name.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConnector {
+    /// Names the connector in replies, reports and logs; unique.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
+    /// Sessions from these addresses are this connector's.
     #[serde(default)]
     pub client_addresses: Vec<crate::smtp::address::Cidr>,
+    /// Sessions whose client certificate, chained to `trust_anchors`, has
+    /// one of these names are this connector's.
     #[serde(default)]
     pub certificate_names: Vec<NamePattern>,
     /// Mail claiming these sender domains must come through this connector
     /// (meeting every condition it sets).
     #[serde(default)]
+    #[schemars(with = "Vec<DomainPattern>")]
     pub sender_domains: Vec<Spanned<DomainPattern>>,
+    /// `required`: the connector's sessions must have run STARTTLS before
+    /// MAIL, or `451 4.7.1`; `opportunistic`: either.
     #[serde(default = "default_connector_tls")]
     pub tls: ConnectorTls,
+    /// `none`, `requested` (checked if sent) or `required` (its sessions
+    /// must present one chaining to `trust_anchors`).
     #[serde(default = "default_client_certificate")]
     pub client_certificate: crate::smtp::admission::ClientCertificate,
     /// PEM file of the CAs client certificates must chain to.
+    #[schemars(with = "Option<PathBuf>")]
     pub trust_anchors: Option<Spanned<PathBuf>>,
     /// Sessions this connector claims, meeting every condition, may send
     /// to any domain (on-premises servers, partners that relay through us).
+    #[schemars(with = "Option<bool>")]
     pub allow_relay: Option<Spanned<bool>>,
 }
 
@@ -513,29 +568,36 @@ keywords!(ConnectorTls, "connector TLS", {
 });
 
 /// An outbound SMTP connector: recipient domains, next hops, TLS policy.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConnector {
+    /// Names the connector in replies, reports, logs and metrics; unique.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// `partner.example`, `.partner.example` (subdomains) or `*` (default).
     pub recipient_domains: Vec<DomainPattern>,
     /// Tried in order; or `"mx"` (`"mx:PORT"`) alone: each recipient
     /// domain's MX hosts.
+    #[schemars(with = "Vec<NextHop>")]
     pub next_hops: Vec<Spanned<NextHop>>,
+    /// TLS toward the next hop (STARTTLS): policy, verification, names.
     #[serde(default)]
     pub tls: OutboundTls,
     /// DANE (RFC 7672) for MX delivery: `on` (default: verify by TLSA
     /// where the domain publishes it, else the policy above), `only`
     /// (defer unless DANE TLSA exist) or `off`.
+    #[schemars(with = "Option<DaneMode>")]
     pub dane: Option<Spanned<DaneMode>>,
     /// MTA-STS (RFC 8461) for MX delivery: honour the policies domains
     /// publish (default true).
+    #[schemars(with = "Option<bool>")]
     pub mta_sts: Option<Spanned<bool>>,
     /// MX delivery never connects to loopback or to `dns.private_networks`
     /// (a domain whose MX points inside would reach internal services):
     /// these networks are allowed all the same (an internal MX, a lab).
     /// The relay's own listeners stay refused: that is a mail loop.
     #[serde(default)]
+    #[schemars(with = "Vec<crate::smtp::address::Cidr>")]
     pub allow_private_mx: Vec<Spanned<crate::smtp::address::Cidr>>,
     /// How long a next-hop connection a session leaves clean waits idle
     /// for the next session to the same destination (Postfix's
@@ -544,6 +606,7 @@ pub struct OutboundConnector {
         with = "duration",
         default = "OutboundConnector::connection_cache_time"
     )]
+    #[schemars(with = "crate::schema::DurationText")]
     pub connection_cache_time: Duration,
 }
 
@@ -623,7 +686,7 @@ impl fmt::Display for NextHop {
 }
 
 /// The sender of TLS reports.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsRpt {
     /// `organization-name`; default this machine's host name.
@@ -633,7 +696,7 @@ pub struct TlsRpt {
 }
 
 /// The resolver MX delivery, DANE and MTA-STS use.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Dns {
     /// Name servers (`ip:port`); default those in /etc/resolv.conf.
@@ -641,6 +704,7 @@ pub struct Dns {
     pub nameservers: Vec<SocketAddr>,
     /// DNSSEC trust anchors: a file of DNSKEY records; default the IANA
     /// root keys.
+    #[schemars(with = "Option<PathBuf>")]
     pub trust_anchors: Option<Spanned<PathBuf>>,
     /// Networks MX delivery does not connect to unless a connector's
     /// `allow_private_mx` says so (besides loopback, always refused);
@@ -683,29 +747,37 @@ keywords!(ClientAuthMode, "client certificate mode", {
     Required => "required",
 });
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuth {
+    /// `optional` (checked when sent) or `required` (the handshake fails
+    /// without one).
     pub mode: ClientAuthMode,
     /// PEM file of the CAs client certificates must chain to.
+    #[schemars(with = "PathBuf")]
     pub trust_anchors: Spanned<PathBuf>,
     /// Accepted certificate names; empty accepts any name the CAs vouch for.
     #[serde(default)]
     pub names: Vec<NamePattern>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A pool of servers a TCP listener relays to.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
+    /// Names the upstream; listeners and routes refer to it; unique.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// One server: `host:port`; the host may be a name or an IP address
     /// (`[v6]:port`). Or `servers` for a pool.
+    #[schemars(with = "Option<HostPort>")]
     pub address: Option<Spanned<HostPort>>,
     /// A pool: `"host:port"` or `{ address = "host:port", weight = 3,
     /// backup = true }` each, tried in the order `balance` says; a
     /// session whose connect is refused, reset or times out moves to the
     /// next before a byte reached its client.
     #[serde(default)]
+    #[schemars(with = "Vec<ServerEntry>")]
     pub servers: Vec<Spanned<ServerEntry>>,
     /// `round-robin` (weighted, the default), `least-connections`,
     /// `first`, `hash-client` or `hash-sni` (sticky, consistent).
@@ -718,8 +790,12 @@ pub struct Upstream {
     /// (0: never).
     #[serde(default = "default_eject_after")]
     pub eject_after: u32,
+    /// Without active checks: how long an ejected server is left alone
+    /// before it is tried again.
     #[serde(default = "default_eject_time", with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub eject_time: Duration,
+    /// TLS toward the servers: policy, verification, names.
     #[serde(default)]
     pub tls: OutboundTls,
     /// Start each upstream connection with a PROXY protocol header (`v1`
@@ -729,14 +805,17 @@ pub struct Upstream {
 
 /// A pool's server: its address, or the address with a weight and a
 /// backup flag.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum ServerEntry {
     Address(HostPort),
     Detailed {
+        /// The server's host and port.
         address: HostPort,
+        /// Its share of sessions against the others' weights.
         #[serde(default = "default_weight")]
         weight: u32,
+        /// Used only while no other server is up.
         #[serde(default)]
         backup: bool,
     },
@@ -780,18 +859,22 @@ fn default_eject_time() -> Duration {
 }
 
 /// An active health check of each server of a pool.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// Between checks of one server (each jittered by up to a tenth).
     #[serde(default = "default_check_interval", with = "duration")]
+    #[schemars(with = "crate::schema::DurationText")]
     pub interval: Duration,
     /// For one check (connect, handshake, send, expect); default the
     /// connect timeout.
     #[serde(default, with = "optional_duration")]
+    #[schemars(with = "Option<crate::schema::DurationText>")]
     pub timeout: Option<Duration>,
+    /// Consecutive passed checks that bring a down server back.
     #[serde(default = "default_rise")]
     pub rise: u32,
+    /// Consecutive failed checks that take a server down.
     #[serde(default = "default_fall")]
     pub fall: u32,
     /// Also run the TLS handshake the upstream's `tls` section sets up,
@@ -840,26 +923,34 @@ impl Upstream {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundTls {
+    /// `plain` (never TLS), `opportunistic` (TLS when it works, else
+    /// plaintext recorded as a downgrade), `required` (TLS with the
+    /// verification enforced, or refused).
     #[serde(default = "default_outbound_policy")]
     pub policy: OutboundPolicy,
     /// Default: `encryption-only` when opportunistic, `name` when required.
+    #[schemars(with = "Option<Verification>")]
     pub verify: Option<Spanned<Verification>>,
     /// Names accepted under `verify = "name"`; default the server name.
     #[serde(default)]
     pub names: Vec<NamePattern>,
     /// PEM file of trusted roots; default the system store.
+    #[schemars(with = "Option<PathBuf>")]
     pub trust_anchors: Option<Spanned<PathBuf>>,
     /// Certificate revocation lists (PEM or DER files) the peer's chain is
     /// checked against under `verify = "certificate"` or `"name"`.
     #[serde(default)]
+    #[schemars(with = "Vec<PathBuf>")]
     pub crls: Vec<Spanned<PathBuf>>,
+    /// The lowest TLS version accepted from the peer.
     #[serde(default)]
     pub min_version: MinVersion,
     /// Key exchange groups offered, most preferred first (default:
     /// X25519MLKEM768, X25519, secp256r1, secp384r1).
+    #[schemars(with = "Option<Vec<KeyExchange>>")]
     pub groups: Option<Spanned<Vec<KeyExchange>>>,
     /// SNI to send; default the upstream host when it is a name.
     pub server_name: Option<String>,
@@ -1009,6 +1100,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod optional_duration {
     use std::time::Duration;
 
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
@@ -1036,6 +1134,25 @@ mod duration {
                     "invalid duration '{t}', expected e.g. \"500ms\", \"10s\", \"5m\", \"1h\""
                 ))
             }),
+        }
+    }
+
+    /// Written back the way an operator would write it (`"5m"`, `"500ms"`):
+    /// how defaults appear in the configuration's schema.
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&text(*d))
+    }
+
+    pub fn text(d: Duration) -> String {
+        let (ms, secs) = (d.as_millis(), d.as_secs());
+        if d.subsec_millis() != 0 {
+            format!("{ms}ms")
+        } else if secs != 0 && secs % 3600 == 0 {
+            format!("{}h", secs / 3600)
+        } else if secs != 0 && secs % 60 == 0 {
+            format!("{}m", secs / 60)
+        } else {
+            format!("{secs}s")
         }
     }
 
@@ -1073,6 +1190,12 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         Self::parse(&text, &path.display().to_string(), dir)
+    }
+
+    /// The configuration's JSON Schema, from these types and their doc
+    /// comments: what editors validate against and the reference is made of.
+    pub fn schema() -> schemars::Schema {
+        schemars::schema_for!(Config)
     }
 
     /// The embedded default; paths in it are relative to the working directory.

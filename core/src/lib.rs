@@ -17,6 +17,7 @@ pub mod ocsp;
 pub mod policy;
 pub mod proxy;
 pub mod report;
+mod schema;
 pub mod smtp;
 pub mod tls_hello;
 pub mod tlsrpt;

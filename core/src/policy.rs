@@ -8,8 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// How a listener treats TLS from its clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InboundMode {
     /// Plaintext only; a TLS ClientHello is relayed as opaque bytes.
     Off,
@@ -22,8 +21,7 @@ pub enum InboundMode {
 }
 
 /// How an upstream route secures the outbound leg.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutboundPolicy {
     /// Never try TLS.
     Plain,
@@ -35,8 +33,7 @@ pub enum OutboundPolicy {
 }
 
 /// How much of the peer's certificate must check out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verification {
     /// Any certificate; the handshake's signatures are still checked.
     EncryptionOnly,
@@ -47,7 +44,7 @@ pub enum Verification {
 }
 
 /// A key exchange group a leg offers and accepts, in preference order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyExchange {
     /// Hybrid post-quantum (ML-KEM-768 with X25519): protects recorded
     /// traffic against a future quantum computer.

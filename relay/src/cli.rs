@@ -113,7 +113,8 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Write the man pages (tlsrelay.8 and one per subcommand) into DIR.
+    /// Write the man pages (tlsrelay.8, one per subcommand, and
+    /// tlsrelay.toml.5) into DIR.
     #[command(hide = true)]
     Man { dir: PathBuf },
 }
@@ -133,7 +134,8 @@ pub enum LogFormat {
 }
 
 /// tlsrelay(8), and tlsrelay-SUBCOMMAND(8) for each visible subcommand
-/// (nested ones too), from the same definitions `--help` prints.
+/// (nested ones too), from the same definitions `--help` prints; and
+/// tlsrelay.toml(5) from the configuration's types.
 fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     fn write(cmd: &clap::Command, dir: &std::path::Path) -> anyhow::Result<()> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
@@ -147,7 +149,10 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut cli = Cli::command().disable_help_subcommand(true);
     cli.build();
-    write(&cli, dir)
+    write(&cli, dir)?;
+    let config = dir.join("tlsrelay.toml.5");
+    std::fs::write(&config, crate::config_reference::roff())
+        .with_context(|| format!("writing {}", config.display()))
 }
 
 /// Exit status for an invalid configuration.

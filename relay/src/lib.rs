@@ -20,6 +20,7 @@ pub mod cli;
 mod cli_cert;
 mod cli_dns;
 mod cli_tlsrpt;
+pub mod config_reference;
 mod dns;
 mod http_client;
 mod inspect;

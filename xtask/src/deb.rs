@@ -13,6 +13,9 @@ use anyhow::{bail, Context};
 use crate::{cargo, root, run};
 
 const CONFIG: &str = "/etc/tlsrelay/tlsrelay.toml";
+/// The configuration's JSON Schema, named by the installed configuration's
+/// `#:schema` line so that editors check and complete it.
+const SCHEMA: &str = "/usr/share/tlsrelay/tlsrelay.schema.json";
 
 /// Builds `target/deb/tlsrelay_<version>_amd64.deb`; its path.
 pub fn build() -> anyhow::Result<PathBuf> {
@@ -59,10 +62,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
     )?;
     // The embedded default, run as the package's own user once bound.
     let config = format!(
-        "# Runs as this user once its listeners are bound (the package made it).\nuser = \"tlsrelay\"\n\n{}",
+        "#:schema {SCHEMA}\n# Runs as this user once its listeners are bound (the package made it).\nuser = \"tlsrelay\"\n\n{}",
         std::fs::read_to_string(root().join("core/src/default.toml"))?
     );
     file(CONFIG, config.as_bytes(), 0o640)?;
+    let schema = std::fs::read(root().join("docs/tlsrelay.schema.json"))?;
+    file(SCHEMA, &schema, 0o644)?;
     let edge = std::fs::read(root().join("deploy/edge.toml"))?;
     file("/usr/share/doc/tlsrelay/examples/edge.toml", &edge, 0o644)?;
     let readme = std::fs::read(root().join("README.md"))?;
@@ -76,7 +81,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
             .expect("a page has a name")
             .to_string_lossy();
         let gz = gzip(&std::fs::read(&page)?)?;
-        file(&format!("/usr/share/man/man8/{name}.gz"), &gz, 0o644)?;
+        let section = name.rsplit('.').next().unwrap_or("8");
+        file(
+            &format!("/usr/share/man/man{section}/{name}.gz"),
+            &gz,
+            0o644,
+        )?;
     }
     let completions = generated.join("completions");
     for (dir, name) in [
@@ -147,6 +157,8 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
         "etc/tlsrelay/tlsrelay.toml",
         "usr/share/doc/tlsrelay/examples/edge.toml",
         "usr/share/man/man8/tlsrelay.8.gz",
+        "usr/share/man/man5/tlsrelay.toml.5.gz",
+        "usr/share/tlsrelay/tlsrelay.schema.json",
         "usr/share/man/man8/tlsrelay-run.8.gz",
         "usr/share/bash-completion/completions/tlsrelay",
     ] {
