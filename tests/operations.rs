@@ -161,6 +161,25 @@ fn metrics_count_a_known_mix_of_sessions() {
         5.0 * 4.0,
         "each relayed session moved one 4-byte ping"
     );
+    // The book's metrics table names every family this relay exposes, and
+    // exposes every family it names (the eBPF ones need the program).
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/src/observability.md"),
+    )
+    .unwrap();
+    for family in s.docs.keys() {
+        assert!(
+            page.contains(&format!("`{family}`")),
+            "docs/src/observability.md lacks {family}"
+        );
+    }
+    let named = page
+        .split('`')
+        .filter(|w| w.starts_with("tlsrelay_") && !w.starts_with("tlsrelay_wire_"))
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+    for name in named {
+        assert!(s.docs.contains_key(name), "/metrics lacks {name}, which the book names");
+    }
     let handshakes = s
         .samples
         .iter()
