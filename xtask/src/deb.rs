@@ -54,7 +54,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
     file("/usr/bin/tlsrelay", &std::fs::read(&stripped)?, 0o755)?;
     let unit = std::fs::read_to_string(root().join("deploy/tlsrelay.service"))?
         .replace("/usr/local/bin/tlsrelay", "/usr/bin/tlsrelay")
-        .replace("/etc/tlsrelay/edge.toml", CONFIG);
+        .replace("/etc/tlsrelay/edge.toml", CONFIG)
+        // The package installs the man pages the unit can point to.
+        .replace(
+            "Documentation=",
+            "Documentation=man:tlsrelay(8) man:tlsrelay-run(8) ",
+        );
     file(
         "/lib/systemd/system/tlsrelay.service",
         unit.as_bytes(),
