@@ -166,7 +166,10 @@ fn man_pages_and_completions_cover_every_subcommand() {
     }
     let config = std::fs::read_to_string(dir.path().join("tlsrelay.toml.5")).unwrap();
     for table in ["[[listeners]]", "[limits]", "[[outbound_connectors]]"] {
-        assert!(config.contains(&format!(".SH {table}")), "tlsrelay.toml.5 lacks {table}");
+        assert!(
+            config.contains(&format!(".SH {table}")),
+            "tlsrelay.toml.5 lacks {table}"
+        );
     }
     for shell in ["bash", "zsh", "fish"] {
         let out = tlsrelay(&["completions", shell]);

@@ -50,6 +50,7 @@ fn metrics_count_a_known_mix_of_sessions() {
         "relay",
         &LeafSpec {
             names: vec!["relay.test"],
+            valid_days: 20,
             ..LeafSpec::default()
         },
     );
@@ -161,6 +162,24 @@ fn metrics_count_a_known_mix_of_sessions() {
         5.0 * 4.0,
         "each relayed session moved one 4-byte ping"
     );
+    // Each listener's certificate and when it expires: in 20 days (the
+    // alert rules fire under 21).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for listener in ["opp", "req"] {
+        let expiry = total(
+            &s,
+            "tlsrelay_certificate_expiry_timestamp_seconds",
+            &[("listener", listener), ("certificate", "relay.test")],
+        );
+        let days = (expiry - now) / 86_400.0;
+        assert!(
+            (19.9..20.1).contains(&days),
+            "{listener}: expires in {days} days"
+        );
+    }
     // The book's metrics table names every family this relay exposes, and
     // exposes every family it names (the eBPF ones need the program).
     let page = std::fs::read_to_string(
@@ -178,7 +197,10 @@ fn metrics_count_a_known_mix_of_sessions() {
         .filter(|w| w.starts_with("tlsrelay_") && !w.starts_with("tlsrelay_wire_"))
         .filter(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
     for name in named {
-        assert!(s.docs.contains_key(name), "/metrics lacks {name}, which the book names");
+        assert!(
+            s.docs.contains_key(name),
+            "/metrics lacks {name}, which the book names"
+        );
     }
     let handshakes = s
         .samples

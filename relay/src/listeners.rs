@@ -105,6 +105,12 @@ impl Listeners {
 
     /// Counts every connection and session report into `metrics`.
     pub fn count_into(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        metrics.watch_listeners(
+            self.listeners
+                .iter()
+                .map(|(_, tx)| tx.subscribe())
+                .collect(),
+        );
         self.metrics = Some(metrics);
     }
 

@@ -29,6 +29,9 @@ pub struct Metrics {
     wire: Option<Arc<crate::bpf::WireCounters>>,
     /// The upstream pools, when the relay serves any.
     pools: std::sync::OnceLock<crate::upstreams::Pools>,
+    /// Each listener's plan as it is now (reloads replace it): the
+    /// certificates it serves.
+    listeners: std::sync::OnceLock<Vec<tokio::sync::watch::Receiver<crate::plan::Listening>>>,
 }
 
 struct Inner {
@@ -116,7 +119,16 @@ impl Metrics {
             }),
             wire,
             pools: std::sync::OnceLock::new(),
+            listeners: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exposes the certificates each listener serves now.
+    pub fn watch_listeners(
+        &self,
+        listeners: Vec<tokio::sync::watch::Receiver<crate::plan::Listening>>,
+    ) {
+        let _ = self.listeners.set(listeners);
     }
 
     /// Exposes the pools' servers and checks too.
@@ -276,6 +288,27 @@ impl Metrics {
         }
         if let Some(pools) = self.pools.get() {
             render_pools(&mut out, pools);
+        }
+        if let Some(listeners) = self.listeners.get() {
+            let mut expiries = BTreeMap::new();
+            for listening in listeners {
+                let listening = listening.borrow();
+                for (name, not_after) in listening.certificate_expiries() {
+                    let labels = vec![
+                        ("listener", listening.name().to_string()),
+                        ("certificate", name.clone()),
+                    ];
+                    expiries.insert(labels, *not_after);
+                }
+            }
+            let name = "tlsrelay_certificate_expiry_timestamp_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} When each certificate a listener serves expires (Unix time).\n# TYPE {name} gauge"
+            );
+            for (l, v) in &expiries {
+                let _ = writeln!(out, "{name}{} {v}", labels(l));
+            }
         }
         if let Some(wire) = &self.wire {
             match wire.snapshot() {

@@ -90,6 +90,15 @@ impl Listening {
         }
     }
 
+    /// The certificates it serves: name and expiry (Unix seconds).
+    pub(crate) fn certificate_expiries(&self) -> &[(String, i64)] {
+        let tls = match self {
+            Listening::Tcp(p) => p.tls.as_ref(),
+            Listening::Smtp(p) => p.tls.as_ref(),
+        };
+        tls.map_or(&[], |t| t.expiries())
+    }
+
     /// How long a client has for its first bytes (a PROXY header too).
     pub(crate) fn handshake_timeout(&self) -> std::time::Duration {
         match self {

@@ -56,9 +56,18 @@ pub struct ListenerTls {
     config: Arc<ServerConfig>,
     client_names_checked: bool,
     deferred: bool,
+    /// Each certificate served: its first name and when it expires (Unix
+    /// seconds), for the expiry metric.
+    expiries: Vec<(String, i64)>,
 }
 
 impl ListenerTls {
+    /// Each certificate served: its first name and its expiry (Unix
+    /// seconds).
+    pub fn expiries(&self) -> &[(String, i64)] {
+        &self.expiries
+    }
+
     pub fn new(settings: ListenerTlsSettings) -> Result<ListenerTls, TlsError> {
         let provider = Arc::new(provider_with(&settings.groups));
         let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -89,6 +98,19 @@ impl ListenerTls {
                 }))
             }
         };
+        let expiries = settings
+            .certificates
+            .iter()
+            .filter_map(|key| crate::inspect::CertificateInfo::of_chain(&key.cert).ok())
+            .map(|info| {
+                let san = info.san.first().and_then(|s| s.split_once(':'));
+                let name = san
+                    .map(|(_, name)| name.to_string())
+                    .or(info.subject_cn)
+                    .unwrap_or_default();
+                (name, info.not_after_unix)
+            })
+            .collect();
         let resolver = SniResolver::new(settings.certificates, settings.default_certificate);
         let mut config = builder.with_cert_resolver(Arc::new(resolver));
         config.ignore_client_order = true;
@@ -107,6 +129,7 @@ impl ListenerTls {
             config: Arc::new(config),
             client_names_checked,
             deferred,
+            expiries,
         })
     }
 
