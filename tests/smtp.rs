@@ -208,8 +208,13 @@ async fn forced_tls_failures_reach_the_sender_as_4_7_x() {
             "nothing delivered"
         );
         let report = relay.next_report().await;
+        let t = &report.transactions[0];
+        assert!(t.result.is_none(), "{report}");
+        // The refusal is on record with the connector that could not
+        // deliver (what tlsrelay_smtp_tls_deferrals_total counts).
+        assert_eq!(t.connector.as_deref(), Some("partner"), "{report}");
         assert!(
-            report.transactions.is_empty() || report.transactions[0].result.is_none(),
+            t.refused.len() == 1 && t.refused[0].starts_with("451 4.7.5"),
             "{report}"
         );
     }

@@ -42,6 +42,7 @@ struct Inner {
     key_exchange: BTreeMap<Labels, u64>,
     tls_handshakes: BTreeMap<Labels, u64>,
     transactions: BTreeMap<Labels, u64>,
+    tls_deferrals: BTreeMap<Labels, u64>,
     /// Transactions carried over a reused idle next-hop connection.
     reused: BTreeMap<Labels, u64>,
     path_sessions: BTreeMap<Labels, u64>,
@@ -110,6 +111,7 @@ impl Metrics {
                 key_exchange: BTreeMap::new(),
                 tls_handshakes: BTreeMap::new(),
                 transactions: BTreeMap::new(),
+                tls_deferrals: BTreeMap::new(),
                 reused: BTreeMap::new(),
                 path_sessions: BTreeMap::new(),
                 path_bytes: BTreeMap::new(),
@@ -194,6 +196,17 @@ impl Metrics {
                     ("reply", reply),
                 ])
                 .or_default() += 1;
+            // 451 4.7.5: the TLS a connector (or DANE, or an enforced
+            // MTA-STS policy) requires could not be had; the sender retries.
+            let deferred = t.result.iter().chain(&t.refused);
+            for _ in deferred.filter(|r| r.starts_with("451 4.7.5")) {
+                *m.tls_deferrals
+                    .entry(vec![
+                        ("listener", r.listener.clone()),
+                        ("connector", t.connector.clone().unwrap_or_default()),
+                    ])
+                    .or_default() += 1;
+            }
             if t.reused {
                 *m.reused
                     .entry(vec![
@@ -250,7 +263,7 @@ impl Metrics {
                 .iter()
                 .map(|(l, v)| (vec![("listener", l.clone())], *v))
                 .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 11] = [
+            let families: [(&str, &str, &BTreeMap<Labels, u64>); 12] = [
                 ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
                 ("tlsrelay_connections_refused_total", "Connections closed at accept, by listener and the limit they were over (total, per-client).", &m.refused),
                 ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
@@ -258,6 +271,7 @@ impl Metrics {
                 ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),
                 ("tlsrelay_tls_handshakes_total", "TLS legs of finished sessions by kind: full handshake, or resumed from a ticket or session.", &m.tls_handshakes),
                 ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
+                ("tlsrelay_smtp_tls_deferrals_total", "SMTP mail transactions deferred (451 4.7.5) because the TLS their connector, DANE or MTA-STS requires could not be had, by outbound connector.", &m.tls_deferrals),
                 ("tlsrelay_smtp_reused_transactions_total", "SMTP mail transactions carried over an idle next-hop connection an earlier session left (connection reuse), by outbound connector.", &m.reused),
                 ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (splice or userspace) and the legs whose TLS the kernel held.", &m.path_sessions),
                 ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),
@@ -542,6 +556,34 @@ mod tests {
                 "{class}: {text}"
             );
         }
+    }
+
+    /// Forced TLS that could not be had is counted per connector; other
+    /// deferrals are not.
+    #[test]
+    fn forced_tls_deferrals_are_counted_by_connector() {
+        let metrics = Metrics::new(None);
+        for reply in [
+            "451 4.7.5 TLS required by connector partner but TLS not offered: 502",
+            "451 4.4.1 No next hop of connector partner is reachable",
+            "250 2.0.0 queued",
+        ] {
+            let mut report = SessionReport::new(1, "mx", "127.0.0.1:1".parse().unwrap(), "");
+            // The RCPT that needed the next hop got the reply.
+            report.transactions.push(crate::report::Transaction {
+                connector: Some("partner".into()),
+                refused: vec![reply.into()],
+                ..Default::default()
+            });
+            metrics.record(&report);
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "tlsrelay_smtp_tls_deferrals_total{listener=\"mx\",connector=\"partner\"} 1\n"
+            ),
+            "{text}"
+        );
     }
 
     /// A session over a reused next-hop connection made no handshake on

@@ -387,9 +387,16 @@ impl Forwarder {
         self.rcpt_on_hop(to);
     }
 
-    /// No next hop could be had: the RCPT gets this (4xx) reply.
+    /// No next hop could be had: the RCPT gets this (4xx) reply, and the
+    /// transaction records it with the connector that could not deliver
+    /// (reports and metrics count forced TLS that could not be had).
     pub fn hop_unavailable(&mut self, reply: Reply) {
-        if self.opening.take().is_some() {
+        if let Some((destination, _)) = self.opening.take() {
+            let name = self.connector_name(destination.connector);
+            if let Some(t) = self.transaction.as_mut() {
+                t.connector.get_or_insert(name);
+                t.refused.push(reply.to_string());
+            }
             self.actions.push_back(Action::Respond(reply));
         }
     }
