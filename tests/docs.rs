@@ -229,3 +229,51 @@ fn the_shipped_configurations_validate_against_the_schema() {
         assert!(errors.is_empty(), "{file}: {}", errors.join("\n"));
     }
 }
+
+/// The metric names a text uses (`tlsrelay_…`).
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("tlsrelay_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// The Grafana dashboard and the Prometheus rules query only metrics the
+/// relay exposes (the metrics page lists them, and a test holds the page
+/// to /metrics); the dashboard is JSON Grafana can import.
+#[test]
+fn the_dashboard_and_alerts_use_only_metrics_the_relay_exposes() {
+    let page = std::fs::read_to_string(root().join("docs/src/observability.md")).unwrap();
+    let dashboard = std::fs::read_to_string(root().join("deploy/grafana/tlsrelay.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let panels = json["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    let mut queries = String::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for target in targets {
+            queries += target["expr"].as_str().unwrap();
+            queries.push('\n');
+        }
+    }
+    let rules =
+        std::fs::read_to_string(root().join("deploy/prometheus/tlsrelay-rules.yml")).unwrap();
+    for (what, text) in [("dashboard", &queries), ("alert rules", &rules)] {
+        let names = metric_names(text);
+        assert!(names.len() >= 5, "{what}: {names:?}");
+        for name in names {
+            assert!(
+                page.contains(&format!("`{name}`")),
+                "the {what} query {name}, which docs/src/observability.md does not list"
+            );
+        }
+    }
+}

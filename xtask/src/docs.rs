@@ -100,6 +100,26 @@ fn screenshots(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The shipped Prometheus alerting rules: valid, and their unit tests
+/// (deploy/prometheus/tlsrelay-rules.test.yml) pass.
+pub fn check_alert_rules() -> anyhow::Result<()> {
+    let dir = root().join("deploy/prometheus");
+    run(
+        "promtool check rules",
+        Command::new("promtool")
+            .current_dir(&dir)
+            .args(["check", "rules", "tlsrelay-rules.yml"]),
+    )?;
+    run(
+        "promtool test rules",
+        Command::new("promtool").current_dir(&dir).args([
+            "test",
+            "rules",
+            "tlsrelay-rules.test.yml",
+        ]),
+    )
+}
+
 /// The man pages (section 8) and bash, zsh and fish completions, from the
 /// binary's own command-line definitions, so they cannot drift from it.
 pub fn man_and_completions(tlsrelay: &Path, out: &Path) -> anyhow::Result<()> {

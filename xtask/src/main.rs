@@ -121,7 +121,8 @@ enum Task {
     Docs,
     /// Everything CI runs: formatting, lints, the whole test suite, the
     /// kTLS VM tests, fuzzing, short soak and chaos runs, the bench's
-    /// smoke runs, the book and man pages, the demo.
+    /// smoke runs, the book and man pages, the alerting rules' tests, the
+    /// demo.
     Ci {
         /// Run the test suite (`cargo test --workspace`) this many times
         /// in a row, stopping at the first failure: a test that fails one
@@ -230,6 +231,7 @@ fn ci(repeat: usize) -> anyhow::Result<()> {
     }
     run("kTLS tests in the VM", cargo().args(["xtask", "vmtest"]))?;
     docs::build()?;
+    docs::check_alert_rules()?;
     println!("\n=== the Debian package");
     deb::check(&deb::build()?)?;
     fuzz(FUZZ_TARGETS, 10.0)?;

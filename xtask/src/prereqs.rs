@@ -60,7 +60,7 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 fn missing_packages() -> Vec<&'static str> {
     let busybox_static =
         Path::new("/bin/busybox").exists() && !succeeds(Command::new("ldd").arg("/bin/busybox"));
-    let checks: [(bool, &[&str]); 17] = [
+    let checks: [(bool, &[&str]); 18] = [
         (found("cc"), &["gcc"]),
         // SMTP interop: swaks (with Net::SSLeay for its TLS) and Postfix
         // (the tests run private instances; the system one is not started).
@@ -90,6 +90,8 @@ fn missing_packages() -> Vec<&'static str> {
         // (the tests serve their own DNSSEC-signed zones).
         (found("nsd"), &["nsd"]),
         (found("ldns-signzone"), &["ldnsutils"]),
+        // promtool checks and unit-tests the shipped alerting rules.
+        (found("promtool"), &["prometheus"]),
         // The book's pages rendered as a reader sees them (xtask docs).
         (
             found("chromium-headless-shell"),
