@@ -277,3 +277,119 @@ fn the_dashboard_and_alerts_use_only_metrics_the_relay_exposes() {
         }
     }
 }
+
+/// (basic code if written as a number, enhanced code) of each reply the
+/// relay's source constructs: `Reply::new(451, "4.7.5 …")`, the dialogue's
+/// `self.error(503, "5.5.1 …")`, raw `"421 4.7.0 …"` lines, and
+/// constructors whose basic code is a variable (`None`).
+fn replies_in_the_code() -> Vec<(Option<String>, String)> {
+    let mut found = Vec::new();
+    let mut files = Vec::new();
+    for dir in ["core/src", "relay/src"] {
+        let mut stack = vec![root().join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("pair_tests.rs")
+                {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    let enhanced = |s: &str| -> Option<String> {
+        let code: String = s
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let parts: Vec<&str> = code.split('.').collect();
+        (parts.len() == 3
+            && parts.iter().all(|p| !p.is_empty())
+            && s[code.len()..].starts_with(' '))
+        .then_some(code)
+    };
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        // Tests assert replies; they do not send them.
+        let text = text.split("#[cfg(test)]").next().unwrap();
+        let flat: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        for call in ["Reply::new(", ".error(", ".reply("] {
+            for (at, _) in flat.match_indices(call) {
+                let args = &flat[at + call.len()..];
+                let (code, rest) = args.split_once(',').unwrap_or((args, ""));
+                let rest = rest.trim_start_matches('&').trim_start_matches("format!(");
+                let Some(rest) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                // The flattened text lost the space after the code.
+                let dotted: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                if dotted.split('.').count() != 3 || dotted.ends_with('.') {
+                    continue;
+                }
+                let basic = (code.len() == 3 && code.chars().all(|c| c.is_ascii_digit()))
+                    .then(|| code.to_string());
+                found.push((basic, dotted));
+            }
+        }
+        for (at, _) in text.match_indices('"') {
+            let s = &text[at + 1..];
+            if s.len() > 5 && s[..3].chars().all(|c| c.is_ascii_digit()) && &s[3..4] == " " {
+                if let Some(e) = enhanced(&s[4..]) {
+                    found.push((Some(s[..3].to_string()), e));
+                }
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The reply tables in the book say what the relay answers: every code
+/// they list is one the code sends, and every refusal (4xx, 5xx) the code
+/// sends is listed.
+#[test]
+fn the_reply_tables_match_the_replies_the_code_sends() {
+    let page = std::fs::read_to_string(root().join("docs/src/mail-edge.md")).unwrap();
+    let section = &page[page.find("### Replies").unwrap()..];
+    let section = &section[..section.find("\nMAIL is answered").unwrap()];
+    let mut listed = Vec::new();
+    for span in section.split('`').skip(1).step_by(2) {
+        let mut words = span.split(' ');
+        if let (Some(code), Some(e)) = (words.next(), words.next()) {
+            if code.len() == 3
+                && code.chars().all(|c| c.is_ascii_digit())
+                && e.split('.').count() == 3
+            {
+                listed.push((code.to_string(), e.to_string()));
+            }
+        }
+    }
+    let sent = replies_in_the_code();
+    assert!(sent.len() >= 30, "the scan found only {sent:?}");
+    for (code, e) in &listed {
+        assert!(
+            sent.iter()
+                .any(|(c, s)| s == e && c.as_ref().is_none_or(|c| c == code)),
+            "the book lists `{code} {e}`, which nothing in core/ or relay/ sends"
+        );
+    }
+    for (code, e) in &sent {
+        let refusal = code
+            .as_ref()
+            .is_none_or(|c| c.starts_with('4') || c.starts_with('5'));
+        if refusal {
+            assert!(
+                listed.iter().any(|(c, l)| l == e && code.as_ref().is_none_or(|code| code == c)),
+                "the code sends {} {e}, which the reply tables in docs/src/mail-edge.md do not list",
+                code.as_deref().unwrap_or("???")
+            );
+        }
+    }
+}

@@ -998,7 +998,10 @@ fn describe_dataplane(config: &Config) -> String {
     };
     let engine = match (config.dataplane.pump, crate::pump::io_uring_available()) {
         (SpliceEngine::IoUring, Ok(())) => {
-            format!("splice via io_uring, {} workers (dataplane.pump = \"epoll\" for the other)", config.dataplane.workers())
+            format!(
+                "splice via io_uring, {} workers (dataplane.pump = \"epoll\" for the other)",
+                config.dataplane.workers()
+            )
         }
         (SpliceEngine::IoUring, Err(e)) => format!("splice via epoll (io_uring unavailable: {e})"),
         (SpliceEngine::Epoll, _) => "splice via epoll (dataplane.pump = \"epoll\")".to_string(),
