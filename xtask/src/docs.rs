@@ -33,10 +33,11 @@ pub fn build() -> anyhow::Result<()> {
 
 fn book(out: &Path) -> anyhow::Result<()> {
     ensure_mdbook()?;
+    let stage = stage_with_bench_figures(out)?;
     println!("\n=== mdbook build docs");
     let output = mdbook()
         .arg("build")
-        .arg(root().join("docs"))
+        .arg(&stage)
         .arg("--dest-dir")
         .arg(out.join("book"))
         .output()
@@ -60,7 +61,174 @@ fn book(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The front page and the performance page as a browser renders them
+/// docs/ copied under `out` with one more page: the figures and charts of
+/// the last `cargo xtask bench` on this machine (target/bench), or a
+/// note that there is none. The checked-in pages stay as written.
+fn stage_with_bench_figures(out: &Path) -> anyhow::Result<PathBuf> {
+    let stage = out.join("stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    copy_dir(&root().join("docs"), &stage)?;
+    let bench = root().join("target/bench");
+    let report = std::fs::read_to_string(bench.join("report.json")).ok();
+    let page = match report
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
+        Some(Ok(report)) => {
+            let charts = stage.join("src/bench");
+            std::fs::create_dir_all(&charts)?;
+            bench_page(&report, &bench, &charts)?
+        }
+        _ => "# Latest run on this machine\n\nNo `cargo xtask bench` has run on the machine that \
+              built this book (there is no `target/bench/report.json`).\n"
+            .to_string(),
+    };
+    std::fs::write(stage.join("src/bench-latest.md"), page)?;
+    let summary = stage.join("src/SUMMARY.md");
+    let listed = std::fs::read_to_string(&summary)?.replace(
+        "- [Performance](performance.md)\n",
+        "- [Performance](performance.md)\n  - [Latest run on this machine](bench-latest.md)\n",
+    );
+    std::fs::write(summary, listed)?;
+    Ok(stage)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        let dest = to.join(path.file_name().expect("a directory entry has a name"));
+        if path.is_dir() {
+            copy_dir(&path, &dest)?;
+        } else {
+            std::fs::copy(&path, &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// The headline figure and the relay's CPU of each table, as the bench
+/// prints them.
+const HEADLINES: [(&str, &str); 6] = [
+    ("gbit_per_s", "Gbit/s"),
+    ("requests_per_s", "requests/s"),
+    ("handshakes_per_s", "handshakes/s"),
+    ("messages_per_s", "messages/s"),
+    ("kib_per_connection", "KiB per connection"),
+    ("failed_new", "failed new sessions"),
+];
+const CPU: [(&str, &str); 4] = [
+    ("cpu_s_per_gb", "relay CPU s/GB"),
+    ("cpu_us_per_req", "relay CPU µs/request"),
+    ("cpu_ms_per_handshake", "relay CPU ms/handshake"),
+    ("cpu_us_per_msg", "relay CPU µs/message"),
+];
+
+/// One table per bench table and scenario: medians over the rounds, and
+/// tlsrelay over each peer (min/median/max of the per-round ratio), with
+/// the chart the bench drew for it.
+fn bench_page(report: &serde_json::Value, bench: &Path, charts: &Path) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let median = |mut v: Vec<f64>| -> Option<f64> {
+        v.retain(|x| x.is_finite());
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let mut page = format!(
+        "# Latest run on this machine\n\nThe last `cargo xtask bench` where this book was built: \
+         {} round(s){}, {} CPUs. Medians over the rounds; `tlsrelay/this` is min/median/max \
+         of the per-round ratio. Only the cells that run measured are here.\n",
+        report["rounds"],
+        if report["quick"].as_bool() == Some(true) {
+            " of the debug build (`--quick`: a smoke run, the numbers mean nothing)"
+        } else {
+            ", release build"
+        },
+        report["cpus"]
+    );
+    let rows = report["rows"].as_array().cloned().unwrap_or_default();
+    let mut groups: Vec<(String, String)> = Vec::new();
+    for row in &rows {
+        let key = (
+            row["table"].as_str().unwrap_or_default().to_string(),
+            row["scenario"].as_str().unwrap_or_default().to_string(),
+        );
+        if !groups.contains(&key) {
+            groups.push(key);
+        }
+    }
+    for (table, scenario) in groups {
+        let _ = write!(page, "\n## {table}: {scenario}\n\n");
+        let slug = format!("{table} {scenario}")
+            .to_ascii_lowercase()
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .collect::<Vec<_>>()
+            .join("-");
+        let chart = bench.join(format!("{slug}.svg"));
+        if chart.exists() {
+            std::fs::copy(&chart, charts.join(format!("{slug}.svg")))?;
+            let _ = write!(page, "![{table}: {scenario}](bench/{slug}.svg)\n\n");
+        }
+        let members: Vec<&serde_json::Value> = rows
+            .iter()
+            .filter(|r| r["table"] == table.as_str() && r["scenario"] == scenario.as_str())
+            .collect();
+        let runs = |r: &serde_json::Value| r["runs"].as_array().cloned().unwrap_or_default();
+        let pick = |keys: &[(&'static str, &'static str)]| {
+            keys.iter()
+                .find(|(k, _)| {
+                    members
+                        .iter()
+                        .any(|r| runs(r).iter().any(|x| x.get(*k).is_some()))
+                })
+                .copied()
+        };
+        let (headline, cpu) = (pick(&HEADLINES), pick(&CPU));
+        let mut header = "| x | relay |".to_string();
+        for (_, title) in headline.iter().chain(cpu.iter()) {
+            let _ = write!(header, " {title} |");
+        }
+        header += " tlsrelay/this |\n";
+        page += &header;
+        page += &"|---".repeat(header.matches('|').count() - 1);
+        page += "|\n";
+        for r in members {
+            let _ = write!(
+                page,
+                "| {} | {} |",
+                r["x"].as_str().unwrap_or_default(),
+                r["peer"].as_str().unwrap_or_default()
+            );
+            for (key, _) in headline.iter().chain(cpu.iter()) {
+                let values: Vec<f64> = runs(r).iter().filter_map(|x| x[*key].as_f64()).collect();
+                match median(values) {
+                    Some(v) => {
+                        let _ = write!(page, " {v:.2} |");
+                    }
+                    None => page += " – |",
+                }
+            }
+            let ratios: Vec<f64> = r["tlsrelay_over_peer"]
+                .as_array()
+                .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+                .unwrap_or_default();
+            let ratio = match (
+                ratios.iter().copied().reduce(f64::min),
+                median(ratios.clone()),
+                ratios.iter().copied().reduce(f64::max),
+            ) {
+                (Some(lo), Some(mid), Some(hi)) => format!("{lo:.2}/{mid:.2}/{hi:.2}"),
+                _ => "–".into(),
+            };
+            let _ = writeln!(page, " {ratio} |");
+        }
+    }
+    Ok(page)
+}
+
+/// The front page, the performance page and the latest bench figures as a
+/// browser renders them
 /// (headless Chromium), to look at: tables readable, nothing missing.
 /// Without Chromium this is skipped, except under CI where it fails.
 fn screenshots(out: &Path) -> anyhow::Result<()> {
@@ -74,7 +242,11 @@ fn screenshots(out: &Path) -> anyhow::Result<()> {
     }
     let shots = out.join("screenshots");
     std::fs::create_dir_all(&shots)?;
-    for (page, height) in [("index", 1600), ("performance", 3200)] {
+    for (page, height) in [
+        ("index", 1600),
+        ("performance", 3200),
+        ("bench-latest", 3200),
+    ] {
         let png = shots.join(format!("{page}.png"));
         let _ = std::fs::remove_file(&png);
         let html = out.join("book").join(format!("{page}.html"));
