@@ -43,10 +43,9 @@ pub struct Listeners {
 
 /// Binds a listener whose accept queue takes a burst of clients: up to
 /// `limits.max_connections` (the kernel caps it at net.core.somaxconn).
-/// The runtime's default, 128, overflowed when 256 clients connected at
-/// once while the pump kept both cores busy, and every SYN dropped cost
-/// its client a one-second retransmission (the bench's 256-connection
-/// cells ran at a third of their speed, p99 1.1 s).
+/// The runtime's default, 128, overflows when hundreds of clients connect
+/// at once while the pump keeps the cores busy, and every SYN dropped
+/// costs its client a one-second retransmission.
 fn bind_listener(address: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
