@@ -2,8 +2,8 @@
 //! file, line, field and what is wrong. Also the checks that need files
 //! (certificates, keys, trust anchors).
 
-use tlsrelay::config::Config;
 use tlsrelay::plan::{Plan, SelfSignedSource};
+use tlsrelay_core::config::Config;
 use tlsrelay_tests::{toml_path, Pki};
 
 const GOOD_TAIL: &str = r#"

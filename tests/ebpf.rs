@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use tlsrelay::bpf::Detached;
 use tlsrelay_ebpf_common as wire;
+use tlsrelay_sys::bpf::Detached;
 use tlsrelay_tests::*;
 
 /// Whether eBPF can be tested here; in CI a missing prerequisite fails.

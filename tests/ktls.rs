@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rustls::CipherSuite;
-use tlsrelay::ktls;
 use tlsrelay::pump::{DataPath, PumpEnd, Side};
-use tlsrelay::report::{LegSecurity, Outcome, SessionReport};
+use tlsrelay_core::report::{LegSecurity, Outcome, SessionReport};
+use tlsrelay_sys::ktls;
 use tlsrelay_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

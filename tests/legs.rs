@@ -7,8 +7,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tlsrelay::policy::TlsFailure;
-use tlsrelay::report::{Direction, LegSecurity, Outcome, SessionReport};
+use tlsrelay_core::policy::TlsFailure;
+use tlsrelay_core::report::{Direction, LegSecurity, Outcome, SessionReport};
 use tlsrelay_tests::smtp_client::RawSmtp;
 use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
 use tlsrelay_tests::*;

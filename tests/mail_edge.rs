@@ -286,10 +286,10 @@ async fn a_partner_certificate_may_relay_and_nothing_else_does() {
         }
         let report = relay.next_report().await;
         let trust = match &report.inbound {
-            Some(tlsrelay::report::LegSecurity::Tls { trust, .. }) => *trust,
+            Some(tlsrelay_core::report::LegSecurity::Tls { trust, .. }) => *trust,
             other => panic!("{label}: STARTTLS must succeed whatever the certificate: {other:?}"),
         };
-        use tlsrelay::policy::PeerTrust;
+        use tlsrelay_core::policy::PeerTrust;
         let want = match label {
             "right certificate" => PeerTrust::Verified,
             "no certificate" => PeerTrust::Anonymous,
@@ -538,7 +538,7 @@ async fn bare_line_ends_in_bdat_and_in_commands_are_refused_too() {
 /// are in the transactions; a failed STARTTLS is not "plaintext".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_record_cleartext_mail_refusals_and_failed_starttls() {
-    use tlsrelay::report::{Direction, Outcome};
+    use tlsrelay_core::report::{Direction, Outcome};
     let pki = Pki::new();
     let hops = NextHops::new().await;
     let partner = "[[inbound_connectors]]\nname = \"partner-in\"\nclient_addresses = [\"127.0.0.1/32\"]\ntls = \"required\"\n";

@@ -5,8 +5,8 @@
 
 use std::net::SocketAddr;
 
-use tlsrelay::policy::PeerTrust;
-use tlsrelay::report::{LegSecurity, SessionReport};
+use tlsrelay_core::policy::PeerTrust;
+use tlsrelay_core::report::{LegSecurity, SessionReport};
 use tlsrelay_tests::dns::{have_dns_tools, tlsa_data, SignedDns, Zones};
 use tlsrelay_tests::smtp_client::RawSmtp;
 use tlsrelay_tests::smtp_sink::{smtp_sink_at, Sink, SinkOptions};
@@ -359,7 +359,7 @@ async fn dane_ee_authenticates_the_mx_host_whatever_its_name_and_issuer() {
     assert_eq!(trust(&security), Some(PeerTrust::Verified));
     assert_eq!(
         report.policy_sessions,
-        [tlsrelay::report::PolicySession {
+        [tlsrelay_core::report::PolicySession {
             domain: "dane.test".into(),
             policy_type: "tlsa".into(),
             result: "success".into(),
@@ -412,7 +412,7 @@ async fn dane_ta_anchors_the_chain_and_checks_the_mx_name() {
         chain.extend(std::fs::read(&pki.ca_pem).unwrap());
         std::fs::write(&leaf.chain, chain).unwrap();
     }
-    let ca = tlsrelay::hex(
+    let ca = tlsrelay_core::hex(
         aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &pki.ca_der()).as_ref(),
     );
     let port = free_port();
@@ -1032,7 +1032,7 @@ async fn every_tls_rpt_result_type_is_reported_and_sent_gzipped_to_the_rua() {
             }
         }
     }
-    let all: std::collections::BTreeSet<String> = tlsrelay::tlsrpt::RESULT_TYPES
+    let all: std::collections::BTreeSet<String> = tlsrelay_core::tlsrpt::RESULT_TYPES
         .iter()
         .map(|s| s.to_string())
         .collect();

@@ -6,8 +6,8 @@
 
 use std::net::SocketAddr;
 
-use tlsrelay::policy::PeerTrust;
-use tlsrelay::report::{Direction, LegSecurity, Outcome, SessionReport};
+use tlsrelay_core::policy::PeerTrust;
+use tlsrelay_core::report::{Direction, LegSecurity, Outcome, SessionReport};
 use tlsrelay_tests::*;
 use tokio::net::TcpStream;
 

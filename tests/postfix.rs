@@ -2,7 +2,7 @@
 //! each TLS level, and Postfix as the sending server whose queue must keep
 //! a message the relay refuses with 4.7.x until the next hop is fixed.
 
-use tlsrelay::report::LegSecurity;
+use tlsrelay_core::report::LegSecurity;
 use tlsrelay_tests::postfix::{have_postfix, Postfix, PostfixSetup};
 use tlsrelay_tests::*;
 

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tlsrelay::report::{Direction, Outcome};
+use tlsrelay_core::report::{Direction, Outcome};
 use tlsrelay_tests::smtp_client::{tcp_from, RawSmtp};
 use tlsrelay_tests::smtp_sink::{smtp_sink, SinkOptions};
 use tlsrelay_tests::*;
@@ -279,7 +279,7 @@ async fn all_until_closed(s: &mut TcpStream) -> Result<Vec<u8>, std::io::ErrorKi
 /// the balancer's address is believed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_header_from_anyone_but_the_balancers_is_never_read() {
-    use tlsrelay::proxy::{encode, ProxyVersion};
+    use tlsrelay_core::proxy::{encode, ProxyVersion};
     let pki = Pki::new();
     let (mut relay, sink) = mx_behind_balancer(&pki, 100).await;
     let mx = relay.addr("mx");
@@ -335,7 +335,7 @@ async fn a_proxy_header_from_anyone_but_the_balancers_is_never_read() {
 /// served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_client_limit_holds_for_the_address_a_header_names() {
-    use tlsrelay::proxy::{encode, ProxyVersion};
+    use tlsrelay_core::proxy::{encode, ProxyVersion};
     let pki = Pki::new();
     let (relay, _sink) = mx_behind_balancer(&pki, 3).await;
     let mx = relay.addr("mx");

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tlsrelay::pump::{PumpEnd, Side};
-use tlsrelay::report::{Direction, LegSecurity, Outcome};
+use tlsrelay_core::report::{Direction, LegSecurity, Outcome};
 use tlsrelay_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -644,7 +644,7 @@ async fn a_reset_after_a_burst_of_tls_records_reaches_the_client() {
 }
 
 /// The session ended with a reset from the upstream, passed on as one.
-fn assert_upstream_reset(report: &tlsrelay::report::SessionReport) {
+fn assert_upstream_reset(report: &tlsrelay_core::report::SessionReport) {
     assert!(
         matches!(
             report.outcome,

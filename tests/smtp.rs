@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tlsrelay::report::{Direction, LegSecurity};
+use tlsrelay_core::report::{Direction, LegSecurity};
 use tlsrelay_tests::smtp_client::RawSmtp;
 use tlsrelay_tests::smtp_sink::{smtp_sink, Sink, SinkOptions};
 use tlsrelay_tests::*;
@@ -128,7 +128,7 @@ async fn starttls_on_both_legs_delivers_the_message_byte_identical() {
         matches!(
             report.outbound,
             Some(LegSecurity::Tls {
-                trust: tlsrelay::policy::PeerTrust::Verified,
+                trust: tlsrelay_core::policy::PeerTrust::Verified,
                 ..
             })
         ),

@@ -14,7 +14,7 @@ pub struct ClientAccess {
 }
 
 impl ClientAccess {
-    pub fn new(access: &crate::config::Access) -> ClientAccess {
+    pub fn new(access: &tlsrelay_core::config::Access) -> ClientAccess {
         let rules = AccessRules::new(
             access.allow.clone(),
             access.deny.clone(),
@@ -29,7 +29,7 @@ impl ClientAccess {
     }
 
     /// The burst in force for `access` (for the plan's description).
-    pub fn burst_of(access: &crate::config::Access) -> u32 {
+    pub fn burst_of(access: &tlsrelay_core::config::Access) -> u32 {
         access
             .burst
             .unwrap_or_else(|| access.rate.map_or(1, default_burst))

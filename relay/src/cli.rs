@@ -8,9 +8,9 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ConfigError};
 use crate::listeners::Listeners;
 use crate::plan::{Plan, SelfSignedSource};
+use tlsrelay_core::config::{Config, ConfigError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +60,7 @@ pub enum Command {
     /// disagreement. Exit status 0, or 3 when they disagree.
     Stats {
         /// Where the maps are pinned.
-        #[arg(long, default_value = crate::bpf::DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = tlsrelay_sys::bpf::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -321,7 +321,7 @@ fn status(state_dir: Option<PathBuf>, json: bool, action: Option<StatusAction>) 
 }
 
 fn stats(pin_dir: &std::path::Path, json: bool) -> ExitCode {
-    let snapshot = match crate::bpf::snapshot(pin_dir) {
+    let snapshot = match tlsrelay_sys::bpf::snapshot(pin_dir) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tlsrelay: {e}");
@@ -496,10 +496,10 @@ fn run(
         let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         tokio::spawn(async move { reloader.run(hup, RELOAD_POLL).await });
-        crate::notify::notify("READY=1");
+        tlsrelay_sys::notify::notify("READY=1");
         let drain = config.limits.drain_timeout;
         relay.serve(shutdown_signal(term), drain).await;
-        crate::notify::notify("STOPPING=1");
+        tlsrelay_sys::notify::notify("STOPPING=1");
         tracing::info!("shutting down");
         anyhow::Ok(())
     })
@@ -521,7 +521,7 @@ impl Banner {
     }
 }
 
-type Wire = Result<std::sync::Arc<crate::bpf::WireCounters>, String>;
+type Wire = Result<std::sync::Arc<tlsrelay_sys::bpf::WireCounters>, String>;
 
 /// Loads and attaches the eBPF program, or says why the counters are off.
 fn start_wire_counters(config: &Config) -> Wire {
@@ -534,7 +534,7 @@ fn start_wire_counters(config: &Config) -> Wire {
         config
             .listeners
             .iter()
-            .filter(|l| l.protocol == crate::config::Protocol::Smtp)
+            .filter(|l| l.protocol == tlsrelay_core::config::Protocol::Smtp)
             .map(|l| l.address.get_ref().port()),
     );
     settings.smtp_ports.extend(
@@ -543,11 +543,11 @@ fn start_wire_counters(config: &Config) -> Wire {
             .iter()
             .flat_map(|c| &c.next_hops)
             .map(|h| match h.get_ref() {
-                crate::config::NextHop::Fixed(address) => address.port,
-                crate::config::NextHop::Mx { port } => *port,
+                tlsrelay_core::config::NextHop::Fixed(address) => address.port,
+                tlsrelay_core::config::NextHop::Mx { port } => *port,
             }),
     );
-    match crate::bpf::WireCounters::start(&settings) {
+    match tlsrelay_sys::bpf::WireCounters::start(&settings) {
         Ok(w) => Ok(std::sync::Arc::new(w)),
         Err(e) => Err(format!("eBPF wire counters off: {e}")),
     }
@@ -561,10 +561,9 @@ fn attach_wire_counters(relay: &mut Listeners, wire: &Wire, config: &Config) -> 
     };
     relay.record_wire_views(w.clone());
     let smtp = |name: &str| {
-        config
-            .listeners
-            .iter()
-            .any(|l| l.name.get_ref() == name && l.protocol == crate::config::Protocol::Smtp)
+        config.listeners.iter().any(|l| {
+            l.name.get_ref() == name && l.protocol == tlsrelay_core::config::Protocol::Smtp
+        })
     };
     for (name, addr) in relay.local_addrs() {
         if smtp(&name) {

@@ -9,9 +9,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use rustls::pki_types::UnixTime;
 
-use crate::config::{CertificateFiles, Config, Protocol};
 use crate::inspect::{self, CertificateInfo, CheckInput, Finding, Level};
 use crate::revocation;
+use tlsrelay_core::config::{CertificateFiles, Config, Protocol};
 
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
@@ -46,7 +46,7 @@ pub enum CertCommand {
         #[arg(long)]
         reach: bool,
         /// Per-endpoint timeout for --reach (`3s`, `500ms`, or seconds).
-        #[arg(long, default_value = "3s", value_parser = crate::config::parse_duration)]
+        #[arg(long, default_value = "3s", value_parser = tlsrelay_core::config::parse_duration)]
         timeout: Duration,
         /// Machine-readable output.
         #[arg(long)]

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::{Config, Protocol};
 use crate::inspect::sha256;
+use tlsrelay_core::config::{Config, Protocol};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DnsCommand {

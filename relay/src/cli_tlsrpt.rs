@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::Config;
 use crate::plan::{Plan, SelfSignedSource};
 use crate::tls_reports::pending;
-use crate::tlsrpt::Report;
+use tlsrelay_core::config::Config;
+use tlsrelay_core::tlsrpt::Report;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TlsRptCommand {

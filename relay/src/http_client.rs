@@ -197,8 +197,8 @@ async fn handshake(
         .connect(name, tcp)
         .await
         .map_err(|e| match crate::tls::classify_failure(&e) {
-            crate::policy::TlsFailure::Untrusted(why)
-            | crate::policy::TlsFailure::NameMismatch(why) => HttpError::Certificate(why),
+            tlsrelay_core::policy::TlsFailure::Untrusted(why)
+            | tlsrelay_core::policy::TlsFailure::NameMismatch(why) => HttpError::Certificate(why),
             failure => HttpError::Other(failure.to_string()),
         })
 }

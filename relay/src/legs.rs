@@ -11,15 +11,17 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::HostPort;
-use crate::policy::{on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure};
-use crate::proxy::{HeaderReader, Progress, ProxyHeader};
 use crate::pump::{Handoff, Leg};
-use crate::report::{
+use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
+use tlsrelay_core::config::HostPort;
+use tlsrelay_core::policy::{
+    on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure,
+};
+use tlsrelay_core::proxy::{HeaderReader, Progress, ProxyHeader};
+use tlsrelay_core::report::{
     inbound_tls_line, outbound_tls_line, Direction, Downgrade, LegSecurity, Negotiated, Outcome,
     SocketRecord,
 };
-use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
 use tlsrelay_core::smtp::address::Cidr;
 
 /// The balancers a listener takes PROXY protocol headers from.
@@ -261,7 +263,7 @@ pub async fn open_outbound<G: Greeter>(
     sockets: &mut Vec<SocketRecord>,
 ) -> Result<OutboundLeg, OutboundFailure> {
     let (mut tcp, address) = connect(target, timeouts.connect).await?;
-    let cookie = crate::bpf::socket_cookie(&tcp);
+    let cookie = tlsrelay_sys::bpf::socket_cookie(&tcp);
     let Some(tls) = target.tls else {
         let greeted = greeter.before_tls(&mut tcp, false).await;
         sockets.extend(record(cookie, None, false, false, true));
@@ -301,7 +303,7 @@ pub async fn open_outbound<G: Greeter>(
     let (mut tcp, address) = connect(target, timeouts.connect).await?;
     let greeted = greeter.before_tls(&mut tcp, false).await;
     sockets.extend(record(
-        crate::bpf::socket_cookie(&tcp),
+        tlsrelay_sys::bpf::socket_cookie(&tcp),
         None,
         true,
         false,

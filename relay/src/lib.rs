@@ -10,11 +10,6 @@
 // Unsafe code lives in tlsrelay-sys, each block with why it is sound.
 #![deny(unsafe_code)]
 
-pub use tlsrelay_core::hex;
-pub use tlsrelay_core::{config, dane, mta_sts, policy, proxy, report, tlsrpt};
-use tlsrelay_sys::privileges as sys_privileges;
-pub use tlsrelay_sys::{bpf, ktls, notify};
-
 mod access;
 pub mod cli;
 mod cli_cert;

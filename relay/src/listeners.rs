@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::bpf::WireCounters;
 use crate::legs::{client_address, ClientAddress};
 use crate::plan::{ConnectionLimits, Listening, Plan};
-use crate::report::Outcome;
-use crate::report::SessionReport;
 use crate::session;
 use tlsrelay_core::access::Denied;
+use tlsrelay_core::report::Outcome;
+use tlsrelay_core::report::SessionReport;
+use tlsrelay_sys::bpf::WireCounters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -424,7 +424,7 @@ async fn client_of(
     if let Ok(named) = &address {
         if let Err(denied) = plan.access().admit(named.peer.ip()) {
             return Some(Err(Outcome::Refused {
-                leg: crate::report::Direction::Inbound,
+                leg: tlsrelay_core::report::Direction::Inbound,
                 reason: format!(
                     "client {} {}",
                     named.peer.ip(),

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::report::{LegSecurity, Outcome, SessionReport, Side};
+use tlsrelay_core::report::{LegSecurity, Outcome, SessionReport, Side};
 use tlsrelay_core::smtp::address::Cidr;
 
 /// Label names and values of one series.
@@ -26,7 +26,7 @@ pub struct Metrics {
     /// The eBPF maps to mirror, when the wire counters are on (read
     /// through the maps held since start, not their pinned paths, which
     /// the relay may no longer open once it gave up root).
-    wire: Option<Arc<crate::bpf::WireCounters>>,
+    wire: Option<Arc<tlsrelay_sys::bpf::WireCounters>>,
     /// The upstream pools, when the relay serves any.
     pools: std::sync::OnceLock<crate::upstreams::Pools>,
     /// Each listener's plan as it is now (reloads replace it): the
@@ -100,7 +100,7 @@ impl Inner {
 }
 
 impl Metrics {
-    pub fn new(wire: Option<Arc<crate::bpf::WireCounters>>) -> Metrics {
+    pub fn new(wire: Option<Arc<tlsrelay_sys::bpf::WireCounters>>) -> Metrics {
         let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         Metrics {
             inner: Mutex::new(Inner {
@@ -531,7 +531,7 @@ async fn scrape(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Direction, Downgrade};
+    use tlsrelay_core::report::{Direction, Downgrade};
 
     /// A next hop's STARTTLS reply is its own text: it reaches the report,
     /// never a label.
@@ -570,11 +570,13 @@ mod tests {
         ] {
             let mut report = SessionReport::new(1, "mx", "127.0.0.1:1".parse().unwrap(), "");
             // The RCPT that needed the next hop got the reply.
-            report.transactions.push(crate::report::Transaction {
-                connector: Some("partner".into()),
-                refused: vec![reply.into()],
-                ..Default::default()
-            });
+            report
+                .transactions
+                .push(tlsrelay_core::report::Transaction {
+                    connector: Some("partner".into()),
+                    refused: vec![reply.into()],
+                    ..Default::default()
+                });
             metrics.record(&report);
         }
         let text = metrics.render();
@@ -594,7 +596,7 @@ mod tests {
         for reused in [false, true] {
             let mut report = SessionReport::new(1, "mx", "127.0.0.1:1".parse().unwrap(), "out");
             report.outbound = Some(LegSecurity::Tls {
-                negotiated: crate::report::Negotiated {
+                negotiated: tlsrelay_core::report::Negotiated {
                     version: "TLSv1.3".into(),
                     cipher: "TLS13_AES_128_GCM_SHA256".into(),
                     version_code: 0x0304,
@@ -603,16 +605,18 @@ mod tests {
                     group_code: 0x001d,
                     resumed: false,
                 },
-                trust: crate::policy::PeerTrust::Verified,
+                trust: tlsrelay_core::policy::PeerTrust::Verified,
                 server_name: None,
                 peer_names: Vec::new(),
             });
             report.outbound_reused = reused;
-            report.transactions.push(crate::report::Transaction {
-                connector: Some("out".into()),
-                reused,
-                ..Default::default()
-            });
+            report
+                .transactions
+                .push(tlsrelay_core::report::Transaction {
+                    connector: Some("out".into()),
+                    reused,
+                    ..Default::default()
+                });
             metrics.record(&report);
         }
         let text = metrics.render();

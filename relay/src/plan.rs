@@ -10,13 +10,8 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 
 use crate::access::ClientAccess;
-use crate::config::NextHop;
-use crate::config::{
-    CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
-};
 use crate::dns::DnsResolver;
 use crate::legs::ProxySources;
-use crate::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
 use crate::pump::SpliceEngine;
 use crate::session::{ListenerPlan, RoutePlan, RouteRule, Timeouts};
 use crate::smtp::address::DomainPattern;
@@ -35,6 +30,11 @@ use crate::tls::{
 };
 use crate::tls_reports::{MailOut, ReportSender, TlsReports};
 use crate::upstreams::{PoolSettings, Pools};
+use tlsrelay_core::config::NextHop;
+use tlsrelay_core::config::{
+    CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
+};
+use tlsrelay_core::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
 use tlsrelay_core::upstream::{HealthRules, Pool};
 
 /// Where listeners without configured certificates get theirs.
@@ -678,7 +678,7 @@ fn dns_resolver(config: &Config, mx: std::ops::Range<usize>) -> Result<DnsResolv
 fn outbound_tls(
     src: &Source,
     prefix: &str,
-    t: &crate::config::OutboundTls,
+    t: &tlsrelay_core::config::OutboundTls,
     host: &str,
     span: std::ops::Range<usize>,
     system_roots: &mut SystemRoots,
@@ -699,7 +699,7 @@ fn outbound_tls(
 fn outbound_tls_settings(
     src: &Source,
     prefix: &str,
-    t: &crate::config::OutboundTls,
+    t: &tlsrelay_core::config::OutboundTls,
     host: Option<&str>,
     span: std::ops::Range<usize>,
     system_roots: &mut SystemRoots,
@@ -901,7 +901,7 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
     }
 }
 
-fn describe_inbound_connector(c: &crate::config::InboundConnector) -> String {
+fn describe_inbound_connector(c: &tlsrelay_core::config::InboundConnector) -> String {
     let list = |v: Vec<String>| {
         if v.is_empty() {
             "any".to_string()
@@ -992,7 +992,7 @@ fn describe_limits(config: &Config) -> String {
 /// the splice engine.
 fn describe_dataplane(config: &Config) -> String {
     let ktls = if config.dataplane.ktls {
-        crate::ktls::probe().summary()
+        tlsrelay_sys::ktls::probe().summary()
     } else {
         "kernel TLS disabled (dataplane.ktls = false); TLS legs use userspace rustls".to_string()
     };

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::sys_privileges::{
+use tlsrelay_sys::privileges::{
     drop_privileges, effective_uid, lookup_user, Capability, PrivilegeError,
 };
 
@@ -114,7 +114,7 @@ fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 /// What `check` says about the files the relay trusts: private keys that
 /// others can read, a state directory others can write, a user that does
 /// not exist here.
-pub fn warnings(config: &crate::config::Config) -> Vec<String> {
+pub fn warnings(config: &tlsrelay_core::config::Config) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
     let src = &config.source;
     let mut out = Vec::new();

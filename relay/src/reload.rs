@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::UnixTime;
 
-use crate::config::{Config, ConfigError};
 use crate::inspect::CertificateInfo;
 use crate::listeners::PlanSwitch;
 use crate::plan::{ConnectionLimits, Plan, SelfSignedSource};
+use tlsrelay_core::config::{Config, ConfigError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -120,9 +120,9 @@ impl Reloader {
                     "a watched file changed"
                 }
             };
-            crate::notify::reloading();
+            tlsrelay_sys::notify::reloading();
             self.reload_and_log(why);
-            crate::notify::notify("READY=1");
+            tlsrelay_sys::notify::notify("READY=1");
         }
     }
 }
@@ -140,7 +140,7 @@ pub fn watched_files(config: &Config, path: Option<&Path>) -> Vec<PathBuf> {
             .filter_map(|l| l.tls.ticket_keys.as_ref())
             .map(|k| src.resolve(k.get_ref())),
     );
-    let mut pair = |f: &crate::config::CertificateFiles| {
+    let mut pair = |f: &tlsrelay_core::config::CertificateFiles| {
         files.push(src.resolve(f.chain.get_ref()));
         files.push(src.resolve(f.key.get_ref()));
         files.extend(f.ocsp_response.iter().map(|o| src.resolve(o.get_ref())));

@@ -16,14 +16,14 @@ use crate::legs::{
     accept_tls, inbound_refused, inbound_security, open_outbound, ClientAddress, LegTimeouts,
     OutboundFailure, OutboundLeg, ProxySources, Silent, Target,
 };
-use crate::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
-use crate::proxy::ProxyVersion;
 use crate::pump::{self, Leg, PumpOptions, SpliceEngine};
-use crate::report::{
-    Direction, Downgrade, HelloSeen, LegSecurity, Outcome, Passthrough, SessionReport,
-};
 use crate::tls::{ListenerTls, UpstreamTls};
 use crate::upstreams::{Lease, PoolState};
+use tlsrelay_core::policy::{inbound_start, InboundMode, InboundStart, OutboundPolicy};
+use tlsrelay_core::proxy::ProxyVersion;
+use tlsrelay_core::report::{
+    Direction, Downgrade, HelloSeen, LegSecurity, Outcome, Passthrough, SessionReport,
+};
 use tlsrelay_core::tls_hello::{
     parse_server_hello, sni_matches, ClientHelloInfo, HelloReader, Progress as HelloProgress,
     ServerHelloInfo,
@@ -123,7 +123,7 @@ pub async fn run(
     let _ = client.set_nodelay(true);
     // Until the session ends cleanly, closing (or dying) resets the client.
     pump::reset_on_close(&client);
-    report.client_cookie = crate::bpf::socket_cookie(&client);
+    report.client_cookie = tlsrelay_sys::bpf::socket_cookie(&client);
     let address = match address {
         Ok(address) => address,
         Err(outcome) => {
@@ -175,9 +175,13 @@ pub async fn run(
         report.tls_off.push(Direction::Outbound);
     }
     // The header naming the client, for an upstream that wants one.
-    let proxy_header = route
-        .send_proxy
-        .and_then(|version| Some(crate::proxy::encode(version, address.peer, destination?)));
+    let proxy_header = route.send_proxy.and_then(|version| {
+        Some(tlsrelay_core::proxy::encode(
+            version,
+            address.peer,
+            destination?,
+        ))
+    });
     let key = hash_key(&route, peer, report.hello.as_ref());
     let timeouts = LegTimeouts {
         connect: plan.timeouts.connect,
@@ -440,7 +444,7 @@ fn seen(info: &ClientHelloInfo) -> HelloSeen {
         offered: info
             .versions
             .iter()
-            .filter_map(|&v| crate::report::version_name(v).map(str::to_string))
+            .filter_map(|&v| tlsrelay_core::report::version_name(v).map(str::to_string))
             .collect(),
     }
 }
@@ -471,7 +475,8 @@ async fn replay_hello(server: &mut Leg, hello: &[u8], limit: Duration) -> std::i
 /// what the server's hello chose, on both legs (as the wire shows it).
 fn record_passthrough(report: &mut SessionReport, seen: Option<ServerHelloInfo>) {
     let passthrough = Passthrough {
-        version: seen.and_then(|s| crate::report::version_name(s.version).map(str::to_string)),
+        version: seen
+            .and_then(|s| tlsrelay_core::report::version_name(s.version).map(str::to_string)),
         version_code: seen.map_or(0, |s| s.version),
         cipher_code: seen.map_or(0, |s| s.cipher),
         group_code: seen.map_or(0, |s| s.group),
@@ -503,7 +508,7 @@ struct Opened {
 /// server costs the client nothing but the time to learn it.
 async fn connect_upstream(
     c: &Connect<'_>,
-    sockets: &mut Vec<crate::report::SocketRecord>,
+    sockets: &mut Vec<tlsrelay_core::report::SocketRecord>,
 ) -> Result<(Opened, Lease), OutboundFailure> {
     let pool = &c.route.pool;
     let mut tried = Vec::new();

@@ -13,7 +13,7 @@ use rustls::RootCertStore;
 
 use crate::dns::DnsResolver;
 use crate::http_client::{self, HttpError};
-use crate::mta_sts::{parse_policy, txt_policy_id, Policy};
+use tlsrelay_core::mta_sts::{parse_policy, txt_policy_id, Policy};
 
 /// A policy file larger than this is refused (RFC 8461 3.3 suggests 64 KiB).
 const MAX_POLICY_BYTES: usize = 64 * 1024;
@@ -226,7 +226,7 @@ impl StsPolicies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mta_sts::Mode;
+    use tlsrelay_core::mta_sts::Mode;
 
     #[test]
     fn memory_holds_a_bounded_number_of_policies_keeping_fresh_ones_first() {

@@ -204,7 +204,7 @@ pub enum TicketsCommand {
     New {
         file: PathBuf,
         /// Keys older than this are removed (the relays' ticket_key_lifetime).
-        #[arg(long, default_value = "24h", value_parser = crate::config::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = tlsrelay_core::config::parse_duration)]
         lifetime: Duration,
     },
 }

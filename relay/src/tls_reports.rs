@@ -18,10 +18,10 @@ use crate::smtp::address::{is_hostname, route};
 use crate::smtp::client::{establish, MailConnector, OutboundRecord};
 use crate::smtp::forward::Routing;
 use crate::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
-use crate::tlsrpt::{
+use crate::unix_now;
+use tlsrelay_core::tlsrpt::{
     report_mail, rua, utc_day, DayResults, Envelope, PolicyDescriptor, Report, Retry, SessionResult,
 };
-use crate::unix_now;
 
 /// Today's results, as sessions add to them. One per state directory in
 /// the process: a reload's new plan shares the store its draining sessions
@@ -219,7 +219,7 @@ pub enum NotSent {
     #[error("{why}; tried again after {}", tlsrelay_core::ocsp::format_time(*next_attempt))]
     Failed { why: String, next_attempt: i64 },
     /// No `rua` took it and its 24 hours of retries are over: dropped.
-    #[error("{why}; given up {} h after the first failed attempt (RFC 8460 5.3)", crate::tlsrpt::RETRY_WINDOW / 3600)]
+    #[error("{why}; given up {} h after the first failed attempt (RFC 8460 5.3)", tlsrelay_core::tlsrpt::RETRY_WINDOW / 3600)]
     Expired { why: String },
     /// An earlier attempt failed and its backoff has not passed.
     #[error("{failures} attempt(s) failed; next after {}", tlsrelay_core::ocsp::format_time(*next_attempt))]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{HealthCheck, HostPort};
 use crate::tls::UpstreamTls;
+use tlsrelay_core::config::{HealthCheck, HostPort};
 use tlsrelay_core::upstream::{Admin, Pool, ServerView, Transition};
 
 /// How a pool's health is decided: what `Upstream` configured.

@@ -131,5 +131,5 @@ pub fn tlsa_data(leaf: &crate::Leaf, selector: u8, matching: u8) -> String {
             .as_ref()
             .to_vec(),
     };
-    tlsrelay::hex(&data)
+    tlsrelay_core::hex(&data)
 }

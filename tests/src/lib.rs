@@ -22,10 +22,10 @@ pub mod blocking;
 pub mod dns;
 pub mod https;
 pub mod process;
-use tlsrelay::config::Config;
 use tlsrelay::listeners::Listeners;
 use tlsrelay::plan::{Plan, SelfSignedSource};
-use tlsrelay::report::SessionReport;
+use tlsrelay_core::config::Config;
+use tlsrelay_core::report::SessionReport;
 
 /// How long any single wait in a test may take before it fails: 20 s, or
 /// TLSRELAY_PATIENCE_SECS where everything runs slower (vmtest's emulated

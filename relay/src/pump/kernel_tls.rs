@@ -14,7 +14,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::ktls;
+use tlsrelay_sys::ktls;
 use tlsrelay_sys::splice::{control, Control, SpliceLeg};
 
 /// The largest TLS plaintext record: a read buffer at least this large

@@ -8,8 +8,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::soft_tls::{Handover, SoftTls};
 use super::Leg;
-use crate::ktls::{self, KtlsCipher, KtlsVersion};
 use crate::tls::RecordIo;
+use tlsrelay_sys::ktls::{self, KtlsCipher, KtlsVersion};
 
 pub(super) use tlsrelay_sys::splice::SpliceLeg;
 

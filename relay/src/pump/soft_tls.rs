@@ -16,12 +16,12 @@ use tlsrelay_sys::read_buf::poll_read_append;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::ktls::{self, PostHandshake, Rekey};
 use crate::tls::records::{
     self, Opener, RecordError, Sealer, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE,
     MAX_PLAINTEXT, MAX_RECORD,
 };
 use crate::tls::Unread;
+use tlsrelay_sys::ktls::{self, PostHandshake, Rekey};
 
 /// One read from the socket takes up to this much: four full records.
 const READ_SIZE: usize = 2 * MAX_RECORD;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 
 use super::{drive, load, Activity, Counts, PumpEnd, Side};
-use crate::ktls;
+use tlsrelay_sys::ktls;
 
 pub(super) async fn run(
     client: SpliceLeg,

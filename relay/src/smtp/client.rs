@@ -16,12 +16,12 @@ use super::dns_route::MxRoute;
 use super::forward::{tls_required, unreachable};
 use super::idle_hops::IdleHops;
 use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
-use crate::config::HostPort;
 use crate::legs::{open_outbound, Greeter, GreeterFailure, LegTimeouts, OutboundFailure, Target};
-use crate::policy::OutboundPolicy;
 use crate::pump::Leg;
-use crate::report::{Downgrade, LegSecurity, PolicySession, SocketRecord};
 use crate::tls::UpstreamTls;
+use tlsrelay_core::config::HostPort;
+use tlsrelay_core::policy::OutboundPolicy;
+use tlsrelay_core::report::{Downgrade, LegSecurity, PolicySession, SocketRecord};
 
 /// One way out for mail: a connector's next hops and how to secure them.
 pub struct MailConnector {

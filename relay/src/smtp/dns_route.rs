@@ -12,18 +12,18 @@ use super::client::{Established, HopSetup, MailConnector};
 use super::codec::Reply;
 use super::forward::tls_required;
 use super::mx::{mx_hosts, MxGuard, MxHosts, Unfit};
-use crate::config::{DaneMode, HostPort};
-use crate::dane::{host_tls, wants_tlsa, DnsFailure, HostTls, Tlsa};
 use crate::dns::DnsResolver;
 use crate::legs::{OutboundFailure, Target};
-use crate::mta_sts::Mode;
-use crate::policy::PeerTrust;
-use crate::policy::{NamePattern, OutboundPolicy, TlsFailure, Verification};
-use crate::report::{LegSecurity, PolicySession};
 use crate::sts_policies::{StsLookup, StsPolicies};
 use crate::tls::{DaneCheck, UpstreamTls, UpstreamTlsSettings};
 use crate::tls_reports::TlsReports;
-use crate::tlsrpt::{result_type, PolicyDescriptor, SessionResult};
+use tlsrelay_core::config::{DaneMode, HostPort};
+use tlsrelay_core::dane::{host_tls, wants_tlsa, DnsFailure, HostTls, Tlsa};
+use tlsrelay_core::mta_sts::Mode;
+use tlsrelay_core::policy::PeerTrust;
+use tlsrelay_core::policy::{NamePattern, OutboundPolicy, TlsFailure, Verification};
+use tlsrelay_core::report::{LegSecurity, PolicySession};
+use tlsrelay_core::tlsrpt::{result_type, PolicyDescriptor, SessionResult};
 
 /// At most this many MX hosts are looked up, and this many addresses
 /// tried, per delivery attempt (Postfix: smtp_mx_address_limit = 5).
@@ -558,7 +558,7 @@ impl Reporter<'_> {
 }
 
 /// The result type of the failure behind a fall back to cleartext, by its
-/// class ([`crate::report::Downgrade::CLASSES`]).
+/// class ([`tlsrelay_core::report::Downgrade::CLASSES`]).
 fn downgrade_result_type(class: &str) -> &'static str {
     match class {
         "certificate untrusted" => "certificate-not-trusted",

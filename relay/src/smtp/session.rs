@@ -19,13 +19,13 @@ use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing, Stamp};
 use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, inbound_refused, inbound_security, ClientAddress, ProxySources};
-use crate::policy::PeerTrust;
 use crate::pump::{leg_to_kernel, DataPath, Handoff, Leg, PumpEnd, Side};
-use crate::report::{
-    Direction, Downgrade, LegSecurity, Outcome, PolicySession, SessionReport, SocketRecord,
-};
 use crate::tls::{cert_names, client_chain_verifies, ListenerTls};
 use std::os::fd::AsRawFd;
+use tlsrelay_core::policy::PeerTrust;
+use tlsrelay_core::report::{
+    Direction, Downgrade, LegSecurity, Outcome, PolicySession, SessionReport, SocketRecord,
+};
 use tlsrelay_sys::splice::{read_pipe, splice, tee, Pipe};
 
 /// Everything an SMTP listener's sessions need.
@@ -148,7 +148,7 @@ pub async fn run(
     closing: Closing,
 ) -> SessionReport {
     let started = Instant::now();
-    let client_cookie = crate::bpf::socket_cookie(&client);
+    let client_cookie = tlsrelay_sys::bpf::socket_cookie(&client);
     let _ = client.set_nodelay(true);
     let (peer, proxied_by) = match &address {
         Ok(a) => (a.peer, a.proxied_by),

@@ -14,11 +14,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::RecordIo;
-use crate::ktls::SecretCapture;
+use tlsrelay_sys::ktls::SecretCapture;
 
 use super::dane::{mismatch_error, DaneCheck};
 use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
-use crate::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust, Verification};
+use tlsrelay_core::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust, Verification};
 
 /// What an upstream's TLS is built from (files already loaded).
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use aws_lc_rs::digest;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::signature_algorithms;
-use crate::dane::{Tlsa, DANE_EE, DANE_TA};
+use tlsrelay_core::dane::{Tlsa, DANE_EE, DANE_TA};
 
 /// What an MX host's certificate chain must match.
 #[derive(Clone, Debug)]

@@ -33,8 +33,8 @@ pub use server::{
     client_chain_verifies, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings,
 };
 
-use crate::policy::{KeyExchange, MinVersion, TlsFailure};
-pub use crate::report::Negotiated;
+use tlsrelay_core::policy::{KeyExchange, MinVersion, TlsFailure};
+pub use tlsrelay_core::report::Negotiated;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -18,7 +18,7 @@ use tlsrelay_sys::read_buf::poll_read_append;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::ktls::SecretCapture;
+use tlsrelay_sys::ktls::SecretCapture;
 
 const HEADER: usize = 5;
 /// Largest record a conforming peer sends: 2^14 plaintext plus expansion.

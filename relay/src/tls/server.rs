@@ -15,10 +15,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::RecordIo;
-use crate::ktls::SecretCapture;
+use tlsrelay_sys::ktls::SecretCapture;
 
 use super::{cert_names, provider_with, signature_algorithms, versions, TlsError};
-use crate::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust};
+use tlsrelay_core::policy::{KeyExchange, MinVersion, NamePattern, PeerTrust};
 
 /// What a listener's TLS is built from (files already loaded).
 pub struct ListenerTlsSettings {
