@@ -16,6 +16,7 @@ use crate::policy::{
     InboundMode, KeyExchange, MinVersion, NamePattern, OutboundPolicy, Verification,
 };
 use crate::smtp::address::DomainPattern;
+use crate::upstream::HostPort;
 
 /// The configuration `tlsrelay run` uses when given no file: two loopback
 /// listeners in front of a local upstream, one opportunistic, one required.
@@ -675,6 +676,19 @@ impl std::str::FromStr for NextHop {
     }
 }
 
+impl JsonSchema for NextHop {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NextHop".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A next hop: \"host:port\" (a fixed host), or \"mx\" / \"mx:PORT\" (each recipient domain's MX hosts)."
+        })
+    }
+}
+
 impl fmt::Display for NextHop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -1018,53 +1032,6 @@ impl OutboundTls {
                     Verification::EncryptionOnly
                 }
             })
-    }
-}
-
-/// A `host:port` pair whose host may be a DNS name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::str::FromStr for HostPort {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid address '{s}', expected host:port or [ipv6]:port");
-        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-        let host = match host.strip_prefix('[') {
-            Some(inner) => inner.strip_suffix(']').ok_or_else(bad)?,
-            None if host.contains(':') => return Err(bad()),
-            None => host,
-        };
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        if host.is_empty() || port == 0 {
-            return Err(bad());
-        }
-        Ok(HostPort {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for HostPort {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -45,16 +45,6 @@ string_schema!(
 );
 
 string_schema!(
-    crate::config::HostPort,
-    "HostPort",
-    "A host name or IP address and a port: \"mx.example.org:25\", \"[2001:db8::1]:443\"."
-);
-string_schema!(
-    crate::config::NextHop,
-    "NextHop",
-    "A next hop: \"host:port\" (a fixed host), or \"mx\" / \"mx:PORT\" (each recipient domain's MX hosts)."
-);
-string_schema!(
     crate::smtp::address::Cidr,
     "Cidr",
     "An address or a network: \"192.0.2.1\", \"10.0.0.0/8\", \"2001:db8::/32\"."

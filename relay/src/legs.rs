@@ -13,7 +13,6 @@ use tokio::time::timeout;
 
 use crate::pump::{Handoff, Leg};
 use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
-use tlsrelay_core::config::HostPort;
 use tlsrelay_core::policy::{
     on_outbound_failure, OnTlsFailure, OutboundPolicy, PeerTrust, TlsFailure,
 };
@@ -23,6 +22,7 @@ use tlsrelay_core::report::{
     SocketRecord,
 };
 use tlsrelay_core::smtp::address::Cidr;
+use tlsrelay_core::upstream::HostPort;
 
 /// The balancers a listener takes PROXY protocol headers from.
 #[derive(Clone, Debug)]

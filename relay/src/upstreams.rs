@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::tls::UpstreamTls;
-use tlsrelay_core::config::{HealthCheck, HostPort};
+use tlsrelay_core::config::HealthCheck;
+use tlsrelay_core::upstream::HostPort;
 use tlsrelay_core::upstream::{Admin, Pool, ServerView, Transition};
 
 /// How a pool's health is decided: what `Upstream` configured.

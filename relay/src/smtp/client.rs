@@ -19,9 +19,9 @@ use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use crate::legs::{open_outbound, Greeter, GreeterFailure, LegTimeouts, OutboundFailure, Target};
 use crate::pump::Leg;
 use crate::tls::UpstreamTls;
-use tlsrelay_core::config::HostPort;
 use tlsrelay_core::policy::OutboundPolicy;
 use tlsrelay_core::report::{Downgrade, LegSecurity, PolicySession, SocketRecord};
+use tlsrelay_core::upstream::HostPort;
 
 /// One way out for mail: a connector's next hops and how to secure them.
 pub struct MailConnector {

@@ -17,13 +17,14 @@ use crate::legs::{OutboundFailure, Target};
 use crate::sts_policies::{StsLookup, StsPolicies};
 use crate::tls::{DaneCheck, UpstreamTls, UpstreamTlsSettings};
 use crate::tls_reports::TlsReports;
-use tlsrelay_core::config::{DaneMode, HostPort};
+use tlsrelay_core::config::DaneMode;
 use tlsrelay_core::dane::{host_tls, wants_tlsa, DnsFailure, HostTls, Tlsa};
 use tlsrelay_core::mta_sts::Mode;
 use tlsrelay_core::policy::PeerTrust;
 use tlsrelay_core::policy::{NamePattern, OutboundPolicy, TlsFailure, Verification};
 use tlsrelay_core::report::{LegSecurity, PolicySession};
 use tlsrelay_core::tlsrpt::{result_type, PolicyDescriptor, SessionResult};
+use tlsrelay_core::upstream::HostPort;
 
 /// At most this many MX hosts are looked up, and this many addresses
 /// tried, per delivery attempt (Postfix: smtp_mx_address_limit = 5).
