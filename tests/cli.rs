@@ -55,7 +55,8 @@ tls.names = ["*.partner.example"]
     assert!(stdout.contains("data plane: "), "{stdout}");
     // Which pump runs, and why.
     assert!(
-        stdout.contains("splice via io_uring, 3 workers (the default: ")
+        stdout
+            .contains("splice via io_uring, 3 workers (dataplane.pump = \"epoll\" for the other)")
             || stdout.contains("splice via epoll (io_uring unavailable: "),
         "{stdout}"
     );
