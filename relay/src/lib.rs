@@ -10,11 +10,9 @@
 // Unsafe code lives in tlsrelay-sys, each block with why it is sound.
 #![deny(unsafe_code)]
 
+mod accept;
 mod access;
 pub mod cli;
-mod cli_cert;
-mod cli_dns;
-mod cli_tlsrpt;
 pub mod config_reference;
 mod dns;
 mod http_client;

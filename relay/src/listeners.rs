@@ -247,21 +247,6 @@ impl PlanSwitch {
     }
 }
 
-/// The next connection on `socket`. A failed accept (EMFILE and friends:
-/// the condition persists until a descriptor is freed) is logged and
-/// retried after a pause instead of in a spinning loop.
-pub async fn accept_backing_off(socket: &TcpListener, listener: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match socket.accept().await {
-            Ok(accepted) => return accepted,
-            Err(e) => {
-                tracing::warn!(listener, "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 /// The connection limits every accept loop shares.
 struct Admission {
     total: Arc<Semaphore>,
@@ -453,7 +438,7 @@ async fn accept_loop(
 ) {
     loop {
         let name = plan.borrow().name().to_string();
-        let (client, peer) = accept_backing_off(&socket, &name).await;
+        let (client, peer) = crate::accept::backing_off(&socket, &name).await;
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let plan = plan.borrow().clone();
         let mut slots = match admission.admit(&plan, peer.ip()) {

@@ -473,7 +473,7 @@ pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, allow_from: Vec<Cidr>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
-        let (stream, peer) = crate::listeners::accept_backing_off(&listener, "metrics").await;
+        let (stream, peer) = crate::accept::backing_off(&listener, "metrics").await;
         if !allow_from.is_empty() && !allow_from.iter().any(|c| c.contains(peer.ip())) {
             tracing::debug!(client = %peer, "not among metrics.allow_from; closing");
             metrics.refused("metrics", "allow-from");

@@ -28,7 +28,8 @@ use crate::tls::{
     self, ClientAuth, ClientAuthSettings, ListenerTls, ListenerTlsSettings, SelfSigned,
     UpstreamTls, UpstreamTlsSettings,
 };
-use crate::tls_reports::{MailOut, ReportSender, TlsReports};
+use crate::tls_reports::sender::{MailOut, ReportSender};
+use crate::tls_reports::TlsReports;
 use crate::upstreams::{PoolSettings, Pools};
 use tlsrelay_core::config::NextHop;
 use tlsrelay_core::config::{

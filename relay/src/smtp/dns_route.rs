@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::client::{Established, HopSetup, MailConnector};
 use super::codec::Reply;
 use super::forward::tls_required;
+use super::hop::{Established, HopPolicy, HopSetup};
 use super::mx::{mx_hosts, MxGuard, MxHosts, Unfit};
 use crate::dns::DnsResolver;
 use crate::legs::{OutboundFailure, Target};
@@ -145,7 +145,7 @@ impl MxRoute {
     pub async fn establish(
         &self,
         hop: &mut HopSetup<'_>,
-        connector: &MailConnector,
+        connector: HopPolicy<'_>,
         domain: &str,
     ) -> Result<Established, Reply> {
         let hosts = match self.hosts(domain).await {
@@ -301,7 +301,7 @@ impl MxRoute {
             }
         }
         hop.record.policy_sessions.append(&mut sessions);
-        Err(problems.reply(&connector.name, domain))
+        Err(problems.reply(connector.connector, domain))
     }
 
     /// The policy and TLS for one host: DANE's when it has TLSA records,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::client::NextHop;
+use super::hop::NextHop;
 
 /// A connection is not reused once this old (Postfix: 300 s), so a next
 /// hop's changed certificate or address is seen again soon.

@@ -6,5 +6,6 @@ pub use tlsrelay_core::smtp::{address, admission, codec, forward, mx, next_hop, 
 
 pub mod client;
 pub mod dns_route;
+pub mod hop;
 pub mod idle_hops;
 pub mod session;

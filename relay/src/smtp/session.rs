@@ -13,9 +13,10 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::admission::{Client, PresentedCertificate};
-use super::client::{establish, MailConnector, NextHop, OutboundRecord};
+use super::client::{establish, MailConnector};
 use super::codec::Reply;
 use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing, Stamp};
+use super::hop::{NextHop, OutboundRecord};
 use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, inbound_refused, inbound_security, ClientAddress, ProxySources};

@@ -1,5 +1,10 @@
-//! The command line: `tlsrelay run` and `tlsrelay check`. Errors are
-//! reported here, at the edge, with their context.
+//! The command line: every subcommand, `cert`, `dns` and `tlsrpt` in
+//! modules of their own. Errors are reported here, at the edge, with
+//! their context.
+
+mod cert;
+mod dns;
+mod tlsrpt;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,18 +74,18 @@ pub enum Command {
     /// Describe and check certificates (for partners, before rotations).
     Cert {
         #[command(subcommand)]
-        command: crate::cli_cert::CertCommand,
+        command: cert::CertCommand,
     },
     /// What to publish in DNS for the mail edge (MX, DANE TLSA, MTA-STS,
     /// TLS-RPT).
     Dns {
         #[command(subcommand)]
-        command: crate::cli_dns::DnsCommand,
+        command: dns::DnsCommand,
     },
     /// The TLS reports (RFC 8460) MX delivery gathers: show, send.
     Tlsrpt {
         #[command(subcommand)]
-        command: crate::cli_tlsrpt::TlsRptCommand,
+        command: tlsrpt::TlsRptCommand,
     },
     /// Validate a configuration and print the effective policy.
     ///
@@ -162,9 +167,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file } => check(&file),
-        Command::Cert { command } => crate::cli_cert::run(command),
-        Command::Dns { command } => crate::cli_dns::run(command),
-        Command::Tlsrpt { command } => crate::cli_tlsrpt::run(command),
+        Command::Cert { command } => cert::run(command),
+        Command::Dns { command } => dns::run(command),
+        Command::Tlsrpt { command } => tlsrpt::run(command),
         Command::Stats { pin_dir, json } => stats(&pin_dir, json),
         Command::Status {
             state_dir,
@@ -210,7 +215,7 @@ pub fn main() -> ExitCode {
 
 /// Sends the TLS reports of finished days every hour (the first a minute
 /// after start), logging what became of each.
-async fn send_tls_reports(sender: crate::tls_reports::ReportSender) {
+async fn send_tls_reports(sender: crate::tls_reports::sender::ReportSender) {
     let mut hourly = tokio::time::interval_at(
         tokio::time::Instant::now() + std::time::Duration::from_secs(60),
         std::time::Duration::from_secs(3600),

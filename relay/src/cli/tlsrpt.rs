@@ -97,7 +97,7 @@ fn send(config: PathBuf, state_dir: Option<PathBuf>, include_today: bool) -> Exi
         Ok(plan) => plan.report_sender,
         Err(e) => {
             eprintln!("tlsrelay: {e:#}");
-            return ExitCode::from(crate::cli::EXIT_INVALID_CONFIG);
+            return ExitCode::from(super::EXIT_INVALID_CONFIG);
         }
     };
     let Some(sender) = sender else {
