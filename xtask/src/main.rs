@@ -207,6 +207,7 @@ fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
 fn ci(repeat: usize) -> anyhow::Result<()> {
     println!("\n=== prerequisites");
     prereqs::ensure_for_ci()?;
+    ebpf::ensure_toolchain()?;
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),

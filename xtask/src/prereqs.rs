@@ -105,8 +105,9 @@ fn missing_packages() -> Vec<&'static str> {
         .collect()
 }
 
-/// Everything `cargo xtask ci` needs: rustfmt and clippy, the eBPF
-/// toolchain, the packages above, cargo-fuzz, and bpffs mounted.
+/// What `cargo xtask ci` needs besides the eBPF toolchain (`ebpf`
+/// installs that): rustfmt and clippy, the packages above, cargo-fuzz,
+/// and bpffs mounted.
 pub fn ensure_for_ci() -> anyhow::Result<()> {
     for component in ["rustfmt", "clippy"] {
         let tool = if component == "rustfmt" {
@@ -122,7 +123,6 @@ pub fn ensure_for_ci() -> anyhow::Result<()> {
         }
     }
     apt_install(&missing_packages())?;
-    crate::ebpf::ensure_toolchain()?;
     if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
         run(
             "cargo install cargo-fuzz",
