@@ -33,7 +33,7 @@ pub struct HopPolicy<'a> {
 const RSET_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An open next-hop session, ready for a transaction.
-pub struct NextHop {
+pub struct HopConnection {
     leg: Leg,
     replies: ReplyParser,
     timeouts: SmtpTimeouts,
@@ -64,13 +64,13 @@ pub struct HopFacts {
 
 /// What setting up a next hop gives besides the connection.
 pub struct Established {
-    pub hop: NextHop,
+    pub hop: HopConnection,
     pub downgrade: Option<Downgrade>,
     /// Why a TLS leg stayed in rustls, when it was offered to the kernel.
     pub userspace_reason: Option<String>,
 }
 
-impl NextHop {
+impl HopConnection {
     /// Reads one reply within `wait`'s timeout.
     pub async fn reply(&mut self, wait: Wait) -> std::io::Result<Reply> {
         self.write_unwritten().await?;
@@ -92,7 +92,7 @@ impl NextHop {
         Ok(())
     }
 
-    /// Writes what [`NextHop::send`] holds.
+    /// Writes what [`HopConnection::send`] holds.
     pub async fn write_unwritten(&mut self) -> std::io::Result<()> {
         if !self.unwritten.is_empty() {
             self.leg.write_all(&self.unwritten).await?;
@@ -103,7 +103,7 @@ impl NextHop {
 
     /// The socket chunk bytes can be spliced into (see
     /// [`Leg::splice_socket`]), once everything sent before has been
-    /// written ([`NextHop::write_unwritten`]).
+    /// written ([`HopConnection::write_unwritten`]).
     pub fn splice_socket(&self) -> Option<&TcpStream> {
         self.unwritten
             .is_empty()
@@ -267,7 +267,7 @@ impl HopSetup<'_> {
         };
         Ok(Established {
             userspace_reason: opened.userspace_reason,
-            hop: NextHop {
+            hop: HopConnection {
                 leg: opened.leg,
                 replies: opening.into_replies(),
                 timeouts: self.timeouts,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::hop::NextHop;
+use super::hop::HopConnection;
 
 /// A connection is not reused once this old (Postfix: 300 s), so a next
 /// hop's changed certificate or address is seen again soon.
@@ -42,7 +42,7 @@ pub struct IdleHops {
 
 struct Parked {
     id: u64,
-    hop: NextHop,
+    hop: HopConnection,
 }
 
 impl IdleHops {
@@ -56,7 +56,7 @@ impl IdleHops {
 
     /// Keeps `hop` for the idle time, then QUITs it unless a session took
     /// it. One past its lifetime, or past the caps, is QUIT at once.
-    pub fn park(self: &Arc<Self>, domain: Option<String>, hop: NextHop) {
+    pub fn park(self: &Arc<Self>, domain: Option<String>, hop: HopConnection) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let refused = {
             let mut parked = self.parked.lock().expect("not poisoned");
@@ -88,11 +88,11 @@ impl IdleHops {
 
     /// The most recently parked connection to `domain` still within its
     /// lifetime, if any. The caller proves it alive (RSET) before use.
-    pub fn take(&self, domain: &Option<String>) -> Option<NextHop> {
+    pub fn take(&self, domain: &Option<String>) -> Option<HopConnection> {
         self.remove(domain, |p| p.hop.facts.opened.elapsed() < LIFETIME)
     }
 
-    fn remove(&self, domain: &Option<String>, which: impl Fn(&Parked) -> bool) -> Option<NextHop> {
+    fn remove(&self, domain: &Option<String>, which: impl Fn(&Parked) -> bool) -> Option<HopConnection> {
         let mut parked = self.parked.lock().expect("not poisoned");
         let list = parked.get_mut(domain)?;
         let found = list.iter().rposition(which).map(|i| list.remove(i).hop);

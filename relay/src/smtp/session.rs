@@ -16,7 +16,7 @@ use super::admission::{Client, PresentedCertificate};
 use super::client::{establish, MailConnector};
 use super::codec::Reply;
 use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing, Stamp};
-use super::hop::{NextHop, OutboundRecord};
+use super::hop::{HopConnection, OutboundRecord};
 use super::next_hop::SmtpTimeouts;
 use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, inbound_refused, inbound_security, ClientAddress, ProxySources};
@@ -83,7 +83,7 @@ struct Session<'a> {
     plan: &'a SmtpListenerPlan,
     peer: SocketAddr,
     forwarder: Forwarder,
-    hop: Option<NextHop>,
+    hop: Option<HopConnection>,
     legs: Legs,
     out: Vec<u8>,
     /// Becomes true when the relay's drain time is up.
@@ -503,7 +503,7 @@ impl Session<'_> {
     }
 
     /// `hop` carries the transaction under way: new, or `reused` idle.
-    fn adopt(&mut self, connector: String, hop: NextHop, reused: bool) {
+    fn adopt(&mut self, connector: String, hop: HopConnection, reused: bool) {
         let facts = &hop.facts;
         if facts.kernel_tls && !self.legs.kernel_tls.contains(&Side::Upstream) {
             self.legs.kernel_tls.push(Side::Upstream);
