@@ -107,7 +107,7 @@ pub struct Config {
     pub ebpf: Ebpf,
     /// Prometheus exposition (`/metrics`), off unless an address is given.
     #[serde(default)]
-    pub metrics: Metrics,
+    pub metrics: MetricsEndpoint,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -226,7 +226,7 @@ impl Dataplane {
 /// Where Prometheus scrapes `/metrics`.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct Metrics {
+pub struct MetricsEndpoint {
     /// Bind it to loopback or a management address, not where strangers
     /// reach it.
     #[serde(deserialize_with = "optional_socket_addr")]
