@@ -128,12 +128,6 @@ const CPU: [(&str, &str); 4] = [
 /// tlsrelay over each peer (min/median/max of the per-round ratio), with
 /// the chart the bench drew for it.
 fn bench_page(report: &serde_json::Value, bench: &Path, charts: &Path) -> anyhow::Result<String> {
-    use std::fmt::Write;
-    let median = |mut v: Vec<f64>| -> Option<f64> {
-        v.retain(|x| x.is_finite());
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
-    };
     let mut page = format!(
         "# Latest run on this machine\n\nThe last `cargo xtask bench` where this book was built: \
          {} round(s){}, {} CPUs. Medians over the rounds; `tlsrelay/this` is min/median/max \
@@ -147,18 +141,18 @@ fn bench_page(report: &serde_json::Value, bench: &Path, charts: &Path) -> anyhow
         report["cpus"]
     );
     let rows = report["rows"].as_array().cloned().unwrap_or_default();
-    let mut groups: Vec<(String, String)> = Vec::new();
+    let mut groups: Vec<(&str, &str)> = Vec::new();
     for row in &rows {
         let key = (
-            row["table"].as_str().unwrap_or_default().to_string(),
-            row["scenario"].as_str().unwrap_or_default().to_string(),
+            row["table"].as_str().unwrap_or_default(),
+            row["scenario"].as_str().unwrap_or_default(),
         );
         if !groups.contains(&key) {
             groups.push(key);
         }
     }
     for (table, scenario) in groups {
-        let _ = write!(page, "\n## {table}: {scenario}\n\n");
+        page += &format!("\n## {table}: {scenario}\n\n");
         let slug = format!("{table} {scenario}")
             .to_ascii_lowercase()
             .split(|c: char| !c.is_ascii_alphanumeric())
@@ -168,63 +162,68 @@ fn bench_page(report: &serde_json::Value, bench: &Path, charts: &Path) -> anyhow
         let chart = bench.join(format!("{slug}.svg"));
         if chart.exists() {
             std::fs::copy(&chart, charts.join(format!("{slug}.svg")))?;
-            let _ = write!(page, "![{table}: {scenario}](bench/{slug}.svg)\n\n");
+            page += &format!("![{table}: {scenario}](bench/{slug}.svg)\n\n");
         }
         let members: Vec<&serde_json::Value> = rows
             .iter()
-            .filter(|r| r["table"] == table.as_str() && r["scenario"] == scenario.as_str())
+            .filter(|r| r["table"] == table && r["scenario"] == scenario)
             .collect();
-        let runs = |r: &serde_json::Value| r["runs"].as_array().cloned().unwrap_or_default();
-        let pick = |keys: &[(&'static str, &'static str)]| {
-            keys.iter()
-                .find(|(k, _)| {
-                    members
-                        .iter()
-                        .any(|r| runs(r).iter().any(|x| x.get(*k).is_some()))
-                })
-                .copied()
-        };
-        let (headline, cpu) = (pick(&HEADLINES), pick(&CPU));
-        let mut header = "| x | relay |".to_string();
-        for (_, title) in headline.iter().chain(cpu.iter()) {
-            let _ = write!(header, " {title} |");
-        }
-        header += " tlsrelay/this |\n";
-        page += &header;
-        page += &"|---".repeat(header.matches('|').count() - 1);
-        page += "|\n";
-        for r in members {
-            let _ = write!(
-                page,
-                "| {} | {} |",
-                r["x"].as_str().unwrap_or_default(),
-                r["peer"].as_str().unwrap_or_default()
-            );
-            for (key, _) in headline.iter().chain(cpu.iter()) {
-                let values: Vec<f64> = runs(r).iter().filter_map(|x| x[*key].as_f64()).collect();
-                match median(values) {
-                    Some(v) => {
-                        let _ = write!(page, " {v:.2} |");
-                    }
-                    None => page += " – |",
-                }
-            }
-            let ratios: Vec<f64> = r["tlsrelay_over_peer"]
-                .as_array()
-                .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-                .unwrap_or_default();
-            let ratio = match (
-                ratios.iter().copied().reduce(f64::min),
-                median(ratios.clone()),
-                ratios.iter().copied().reduce(f64::max),
-            ) {
-                (Some(lo), Some(mid), Some(hi)) => format!("{lo:.2}/{mid:.2}/{hi:.2}"),
-                _ => "–".into(),
-            };
-            let _ = writeln!(page, " {ratio} |");
-        }
+        page += &figures_table(&members);
     }
     Ok(page)
+}
+
+/// A scenario's rows: per relay and x, the headline figure and the
+/// relay's CPU (medians over the rounds), and tlsrelay over it.
+fn figures_table(rows: &[&serde_json::Value]) -> String {
+    let runs = |r: &serde_json::Value| r["runs"].as_array().cloned().unwrap_or_default();
+    let pick = |keys: &[(&'static str, &'static str)]| {
+        keys.iter()
+            .find(|(k, _)| {
+                rows.iter()
+                    .any(|r| runs(r).iter().any(|x| x.get(*k).is_some()))
+            })
+            .copied()
+    };
+    let columns: Vec<(&str, &str)> = pick(&HEADLINES).into_iter().chain(pick(&CPU)).collect();
+    let mut table = "| x | relay |".to_string();
+    for (_, title) in &columns {
+        table += &format!(" {title} |");
+    }
+    table += " tlsrelay/this |\n";
+    table += &"|---".repeat(columns.len() + 3);
+    table += "|\n";
+    for r in rows {
+        table += &format!(
+            "| {} | {} |",
+            r["x"].as_str().unwrap_or_default(),
+            r["peer"].as_str().unwrap_or_default()
+        );
+        for (key, _) in &columns {
+            let values: Vec<f64> = runs(r).iter().filter_map(|x| x[*key].as_f64()).collect();
+            table += &median(values).map_or(" – |".into(), |v| format!(" {v:.2} |"));
+        }
+        let ratios: Vec<f64> = r["tlsrelay_over_peer"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        let ratio = match (
+            ratios.iter().copied().reduce(f64::min),
+            median(ratios.clone()),
+            ratios.iter().copied().reduce(f64::max),
+        ) {
+            (Some(lo), Some(mid), Some(hi)) => format!("{lo:.2}/{mid:.2}/{hi:.2}"),
+            _ => "–".into(),
+        };
+        table += &format!(" {ratio} |\n");
+    }
+    table
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|x| x.is_finite());
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// The front page, the performance page and the latest bench figures as a

@@ -92,7 +92,11 @@ impl IdleHops {
         self.remove(domain, |p| p.hop.facts.opened.elapsed() < LIFETIME)
     }
 
-    fn remove(&self, domain: &Option<String>, which: impl Fn(&Parked) -> bool) -> Option<HopConnection> {
+    fn remove(
+        &self,
+        domain: &Option<String>,
+        which: impl Fn(&Parked) -> bool,
+    ) -> Option<HopConnection> {
         let mut parked = self.parked.lock().expect("not poisoned");
         let list = parked.get_mut(domain)?;
         let found = list.iter().rposition(which).map(|i| list.remove(i).hop);
