@@ -212,6 +212,12 @@ fn ci(repeat: usize) -> anyhow::Result<()> {
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    // Offline: the advisory database lives on GitHub, which CI cannot reach.
+    run(
+        "cargo deny check bans licenses sources",
+        cargo().args(["deny", "check", "bans", "licenses", "sources"]),
+    )?;
+    run("cargo machete (unused dependencies)", cargo().arg("machete"))?;
     run(
         "cargo clippy -D warnings",
         cargo().args([

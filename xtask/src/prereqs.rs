@@ -106,8 +106,8 @@ fn missing_packages() -> Vec<&'static str> {
 }
 
 /// What `cargo xtask ci` needs besides the eBPF toolchain (`ebpf`
-/// installs that): rustfmt and clippy, the packages above, cargo-fuzz,
-/// and bpffs mounted.
+/// installs that): rustfmt and clippy, the packages above, cargo-deny,
+/// cargo-machete, cargo-fuzz, and bpffs mounted.
 pub fn ensure_for_ci() -> anyhow::Result<()> {
     for component in ["rustfmt", "clippy"] {
         let tool = if component == "rustfmt" {
@@ -123,6 +123,16 @@ pub fn ensure_for_ci() -> anyhow::Result<()> {
         }
     }
     apt_install(&missing_packages())?;
+    // Dependency policy (licenses, bans, sources; deny.toml) and unused
+    // dependencies.
+    for (tool, krate) in [("deny", "cargo-deny"), ("machete", "cargo-machete")] {
+        if !succeeds(Command::new("cargo").args([tool, "--version"])) {
+            run(
+                &format!("cargo install {krate}"),
+                Command::new("cargo").args(["install", "--locked", krate]),
+            )?;
+        }
+    }
     if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
         run(
             "cargo install cargo-fuzz",
