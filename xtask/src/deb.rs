@@ -77,34 +77,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     file("/usr/share/doc/tlsrelay/examples/edge.toml", &edge, 0o644)?;
     let readme = std::fs::read(root().join("README.md"))?;
     file("/usr/share/doc/tlsrelay/README.md", &readme, 0o644)?;
-    // Man pages and completions from the packaged binary's own definitions.
-    let generated = out.join("docs");
-    crate::docs::man_and_completions(&binary, &generated)?;
-    for page in crate::docs::man_pages(&generated)? {
-        let name = page
-            .file_name()
-            .expect("a page has a name")
-            .to_string_lossy();
-        let gz = gzip(&std::fs::read(&page)?)?;
-        let section = name.rsplit('.').next().unwrap_or("8");
-        file(
-            &format!("/usr/share/man/man{section}/{name}.gz"),
-            &gz,
-            0o644,
-        )?;
-    }
-    let completions = generated.join("completions");
-    for (dir, name) in [
-        ("/usr/share/bash-completion/completions", "tlsrelay"),
-        ("/usr/share/zsh/vendor-completions", "_tlsrelay"),
-        ("/usr/share/fish/vendor_completions.d", "tlsrelay.fish"),
-    ] {
-        file(
-            &format!("{dir}/{name}"),
-            &std::fs::read(completions.join(name))?,
-            0o644,
-        )?;
-    }
+    stage_docs(&binary, &out, &file)?;
     let size_kib = std::fs::metadata(&stripped)?.len() / 1024 + 64;
     let control = format!(
         "Package: tlsrelay\n\
@@ -142,6 +115,42 @@ pub fn build() -> anyhow::Result<PathBuf> {
         debug.display()
     );
     Ok(deb)
+}
+
+/// Puts a file (path in the package, contents, mode) into the staged tree.
+type StageFile<'a> = dyn Fn(&str, &[u8], u32) -> anyhow::Result<()> + 'a;
+
+/// Man pages (gzipped, as Debian wants them) and shell completions, from
+/// the packaged binary's own definitions.
+fn stage_docs(binary: &Path, out: &Path, file: &StageFile) -> anyhow::Result<()> {
+    let generated = out.join("docs");
+    crate::docs::man_and_completions(binary, &generated)?;
+    for page in crate::docs::man_pages(&generated)? {
+        let name = page
+            .file_name()
+            .expect("a page has a name")
+            .to_string_lossy();
+        let gz = gzip(&std::fs::read(&page)?)?;
+        let section = name.rsplit('.').next().unwrap_or("8");
+        file(
+            &format!("/usr/share/man/man{section}/{name}.gz"),
+            &gz,
+            0o644,
+        )?;
+    }
+    let completions = generated.join("completions");
+    for (dir, name) in [
+        ("/usr/share/bash-completion/completions", "tlsrelay"),
+        ("/usr/share/zsh/vendor-completions", "_tlsrelay"),
+        ("/usr/share/fish/vendor_completions.d", "tlsrelay.fish"),
+    ] {
+        file(
+            &format!("{dir}/{name}"),
+            &std::fs::read(completions.join(name))?,
+            0o644,
+        )?;
+    }
+    Ok(())
 }
 
 /// Unpacks the package into a scratch root and runs the binary it installs
