@@ -217,7 +217,10 @@ fn ci(repeat: usize) -> anyhow::Result<()> {
         "cargo deny check bans licenses sources",
         cargo().args(["deny", "check", "bans", "licenses", "sources"]),
     )?;
-    run("cargo machete (unused dependencies)", cargo().arg("machete"))?;
+    run(
+        "cargo machete (unused dependencies)",
+        cargo().arg("machete"),
+    )?;
     run(
         "cargo clippy -D warnings",
         cargo().args([
