@@ -217,9 +217,11 @@ fn ci(repeat: usize) -> anyhow::Result<()> {
         "cargo deny check bans licenses sources",
         cargo().args(["deny", "check", "bans", "licenses", "sources"]),
     )?;
+    // cargo-machete reads a CARGO it finds in its environment (cargo sets
+    // one for xtask) as its own invocation and misparses its arguments.
     run(
         "cargo machete (unused dependencies)",
-        cargo().arg("machete"),
+        cargo().env_remove("CARGO").arg("machete"),
     )?;
     run(
         "cargo clippy -D warnings",

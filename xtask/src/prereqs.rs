@@ -126,7 +126,13 @@ pub fn ensure_for_ci() -> anyhow::Result<()> {
     // Dependency policy (licenses, bans, sources; deny.toml) and unused
     // dependencies.
     for (tool, krate) in [("deny", "cargo-deny"), ("machete", "cargo-machete")] {
-        if !succeeds(Command::new("cargo").args([tool, "--version"])) {
+        // Without the CARGO cargo set for xtask: cargo-machete would take
+        // it for its own invocation and misparse its arguments.
+        if !succeeds(
+            Command::new("cargo")
+                .env_remove("CARGO")
+                .args([tool, "--version"]),
+        ) {
             run(
                 &format!("cargo install {krate}"),
                 Command::new("cargo").args(["install", "--locked", krate]),
