@@ -217,11 +217,11 @@ fn ci(repeat: usize) -> anyhow::Result<()> {
         "cargo deny check bans licenses sources",
         cargo().args(["deny", "check", "bans", "licenses", "sources"]),
     )?;
-    // cargo-machete reads a CARGO it finds in its environment (cargo sets
-    // one for xtask) as its own invocation and misparses its arguments.
+    // cargo-machete takes CARGO_PKG_NAME (cargo sets it for xtask) to mean
+    // it runs under `cargo run`, and then reads `machete` as a path.
     run(
         "cargo machete (unused dependencies)",
-        cargo().env_remove("CARGO").arg("machete"),
+        cargo().env_remove("CARGO_PKG_NAME").arg("machete"),
     )?;
     run(
         "cargo clippy -D warnings",

@@ -126,11 +126,11 @@ pub fn ensure_for_ci() -> anyhow::Result<()> {
     // Dependency policy (licenses, bans, sources; deny.toml) and unused
     // dependencies.
     for (tool, krate) in [("deny", "cargo-deny"), ("machete", "cargo-machete")] {
-        // Without the CARGO cargo set for xtask: cargo-machete would take
-        // it for its own invocation and misparse its arguments.
+        // Without the CARGO_PKG_NAME cargo set for xtask: cargo-machete
+        // would misparse its arguments (see ci()).
         if !succeeds(
             Command::new("cargo")
-                .env_remove("CARGO")
+                .env_remove("CARGO_PKG_NAME")
                 .args([tool, "--version"]),
         ) {
             run(
