@@ -676,18 +676,11 @@ impl std::str::FromStr for NextHop {
     }
 }
 
-impl JsonSchema for NextHop {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "NextHop".into()
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A next hop: \"host:port\" (a fixed host), or \"mx\" / \"mx:PORT\" (each recipient domain's MX hosts)."
-        })
-    }
-}
+string_schema!(
+    NextHop,
+    "NextHop",
+    "A next hop: \"host:port\" (a fixed host), or \"mx\" / \"mx:PORT\" (each recipient domain's MX hosts)."
+);
 
 impl fmt::Display for NextHop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -8,6 +8,8 @@
 
 #[macro_use]
 mod keywords;
+#[macro_use]
+mod schema;
 
 pub mod access;
 pub mod config;
@@ -17,7 +19,6 @@ pub mod ocsp;
 pub mod policy;
 pub mod proxy;
 pub mod report;
-mod schema;
 pub mod smtp;
 pub mod tls_hello;
 pub mod tlsrpt;

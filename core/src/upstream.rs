@@ -436,18 +436,11 @@ impl<'de> serde::Deserialize<'de> for HostPort {
     }
 }
 
-impl schemars::JsonSchema for HostPort {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "HostPort".into()
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A host name or IP address and a port: \"mx.example.org:25\", \"[2001:db8::1]:443\"."
-        })
-    }
-}
+string_schema!(
+    HostPort,
+    "HostPort",
+    "A host name or IP address and a port: \"mx.example.org:25\", \"[2001:db8::1]:443\"."
+);
 
 #[cfg(test)]
 mod tests {
