@@ -54,7 +54,11 @@ impl RelayProcess {
             listeners: Vec::new(),
             log,
         };
-        relay.wait_for_log("state directory");
+        // The banner's last line; "state directory" alone also matches a
+        // listener's description ("certificate from the state directory").
+        relay.wait_for_line("the banner's end", |l| {
+            l.trim_start().starts_with("state directory ")
+        });
         relay.listeners = relay
             .log()
             .iter()
@@ -82,21 +86,26 @@ impl RelayProcess {
     /// Waits until a log line contains `text`; panics with the log if none
     /// does in time (or the relay exits).
     pub fn wait_for_log(&mut self, text: &str) -> String {
+        self.wait_for_line(&format!("a line with {text:?}"), |l| l.contains(text))
+    }
+
+    /// Waits until a log line satisfies `wanted` (described by `what`).
+    pub fn wait_for_line(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + patience();
         loop {
-            if let Some(line) = self.log().into_iter().find(|l| l.contains(text)) {
+            if let Some(line) = self.log().into_iter().find(|l| wanted(l)) {
                 return line;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Let the readers catch the last lines.
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 panic!(
-                    "tlsrelay exited ({status}) before logging {text:?}:\n{}",
+                    "tlsrelay exited ({status}) before logging {what}:\n{}",
                     self.log().join("\n")
                 );
             }
             if Instant::now() > deadline {
-                panic!("no log line with {text:?}:\n{}", self.log().join("\n"));
+                panic!("no log line: {what}:\n{}", self.log().join("\n"));
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
