@@ -230,7 +230,7 @@ fn the_shipped_configurations_validate_against_the_schema() {
     }
 }
 
-/// The metric names a text uses (`tlsrelay_…`).
+/// The metric families a text uses (`tlsrelay_…`).
 fn metric_names(text: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = text;
@@ -240,7 +240,12 @@ fn metric_names(text: &str) -> Vec<String> {
             .take_while(|c| c.is_ascii_lowercase() || *c == '_')
             .collect();
         rest = &rest[at + name.len()..];
-        names.push(name);
+        // A histogram's series are its family's name and a suffix.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .map_or(name.clone(), str::to_string);
+        names.push(family);
     }
     names
 }

@@ -1113,6 +1113,82 @@ async fn only_this_relays_sessions_are_counted() {
     }
 }
 
+/// TLS carried through a listener and an upstream that are both plaintext
+/// by configuration is what the relay cannot see and the wire can: both
+/// sockets disagree, `stats` says so (exit 3), and the metric counts the
+/// same two sockets as the session ends, without a scrape walking the map.
+#[cfg_attr(missing_ebpf, ignore = "needs root and the eBPF toolchain")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_the_relay_cannot_see_is_counted_as_disagreement() {
+    if !ebpf_here() {
+        return;
+    }
+    let pki = Pki::new();
+    let leaf = pki.leaf("hidden", &["hidden.test"]);
+    let hidden = tls_echo(ServerOptions {
+        leaf: &leaf,
+        versions: Versions::Tls13Only,
+        client_ca: None,
+    })
+    .await;
+    let pin_dir = unique_pin_dir("blind");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config = pki.dir().join("blind.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ebpf.pin_dir = \"{pin_dir}\"\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\nname = \"blind\"\naddress = \"127.0.0.1:0\"\nupstream = \"hidden\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"hidden\"\naddress = \"{hidden}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let relay = start_relay(&config, &pki.dir().join("state"));
+    let scrape = || async {
+        let mut s = tokio::net::TcpStream::connect(&metrics).await.unwrap();
+        let reply = exchange(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&reply).to_string()
+    };
+    assert!(
+        scrape()
+            .await
+            .contains("\ntlsrelay_wire_disagreements_total 0\n"),
+        "none before any session"
+    );
+    let msg = b"end to end, past a blind relay";
+    let mut s = tls_connect(relay.listeners["blind"], "hidden.test", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut s, msg).await.unwrap(), msg);
+    // The JSON report is written after the session's views were recorded.
+    let report = relay.reports.recv_timeout(patience()).expect("a report");
+    assert_eq!(extract(&report, "inbound"), "plaintext", "{report}");
+    let text = scrape().await;
+    assert!(
+        text.contains("\ntlsrelay_wire_disagreements_total 2\n"),
+        "{text}"
+    );
+    let (stats, code) = stats(&pin_dir);
+    assert_eq!(code, Some(3), "{stats:#}");
+    let disagreeing: Vec<_> = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["disagreements"].as_array().is_some_and(|d| !d.is_empty()))
+        .collect();
+    assert_eq!(disagreeing.len(), 2, "{stats:#}");
+    for c in disagreeing {
+        assert!(
+            c["disagreements"][0]
+                .as_str()
+                .is_some_and(|d| d.starts_with("version: wire TLSv1.3, relay plaintext")),
+            "{c:#}"
+        );
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}
+
 /// SMTP: the client leg of a sender that ignores STARTTLS is a downgrade
 /// on the wire (stripped) and in the relay's view alike; every next-hop
 /// socket has a relay view that agrees with the wire.

@@ -34,6 +34,7 @@ mod tickets;
 mod tls;
 mod tls_reports;
 pub mod upstreams;
+mod wire_view;
 
 /// Seconds since the Unix epoch (0 before it).
 pub(crate) fn unix_now() -> i64 {

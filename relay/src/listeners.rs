@@ -480,7 +480,7 @@ async fn accept_loop(
                 m.record(&report);
             }
             if let Some(wire) = &sinks.wire {
-                wire.record_session(&report);
+                wire.record_session(&crate::wire_view::views_of(&report));
             }
             if let Some(tx) = sinks.reports {
                 let _ = tx.send(report);

@@ -1,16 +1,25 @@
-//! Prometheus exposition: counters kept from every finished session's
-//! report (by listener, upstream or connector, TLS version each way,
-//! outcome, downgrade reason, data path, MX delivery policy and result),
-//! handshake and session duration
-//! summaries from hdrhistogram, and the eBPF wire counters mirrored from
-//! their pinned maps at scrape time. `/metrics` is served over plain HTTP
-//! on the configured address.
+//! Prometheus exposition through prometheus-client: counters kept from
+//! every finished session's report (by listener, upstream or connector, TLS
+//! version each way, outcome, downgrade reason, data path, MX delivery
+//! policy and result), handshake and session duration histograms by
+//! listener (buckets add up across a fleet), and what is read as it is at
+//! scrape time: the upstream servers' health, the certificates' expiry and
+//! the eBPF wire counters (a few map reads, whatever the connection count).
+//! `/metrics` is served over plain HTTP on the configured address.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
-use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeMetric, MetricEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -19,39 +28,93 @@ use tlsrelay_core::smtp::address::Cidr;
 
 /// Label names and values of one series.
 type Labels = Vec<(&'static str, String)>;
+type Counters = Family<Labels, Counter>;
+type Durations = Family<Labels, Histogram, fn() -> Histogram>;
 
-/// Everything counted so far.
+/// Everything counted so far, and the registry that exposes it.
 pub struct Metrics {
-    inner: Mutex<Inner>,
-    /// The eBPF maps to mirror, when the wire counters are on (read
-    /// through the maps held since start, not their pinned paths, which
-    /// the relay may no longer open once it gave up root).
-    wire: Option<Arc<tlsrelay_sys::bpf::WireCounters>>,
-    /// The upstream pools, when the relay serves any.
-    pools: std::sync::OnceLock<crate::upstreams::Pools>,
-    /// Each listener's plan as it is now (reloads replace it): the
-    /// certificates it serves.
-    listeners: std::sync::OnceLock<Vec<tokio::sync::watch::Receiver<crate::plan::Listening>>>,
+    registry: Registry,
+    accepted: Counters,
+    refused: Counters,
+    sessions: Counters,
+    downgrades: Counters,
+    key_exchange: Counters,
+    tls_handshakes: Counters,
+    transactions: Counters,
+    tls_deferrals: Counters,
+    /// Transactions carried over a reused idle next-hop connection.
+    reused: Counters,
+    path_sessions: Counters,
+    path_bytes: Counters,
+    /// MX hosts tried or ruled out, by policy type and TLS-RPT result.
+    mx_policy: Counters,
+    handshake: Durations,
+    duration: Durations,
+    live: Arc<Live>,
 }
 
-struct Inner {
-    accepted: BTreeMap<String, u64>,
-    refused: BTreeMap<Labels, u64>,
-    sessions: BTreeMap<Labels, u64>,
-    downgrades: BTreeMap<Labels, u64>,
-    key_exchange: BTreeMap<Labels, u64>,
-    tls_handshakes: BTreeMap<Labels, u64>,
-    transactions: BTreeMap<Labels, u64>,
-    tls_deferrals: BTreeMap<Labels, u64>,
-    /// Transactions carried over a reused idle next-hop connection.
-    reused: BTreeMap<Labels, u64>,
-    path_sessions: BTreeMap<Labels, u64>,
-    path_bytes: BTreeMap<Labels, u64>,
-    /// MX hosts tried or ruled out, by policy type and TLS-RPT result.
-    mx_policy: BTreeMap<Labels, u64>,
-    /// Microseconds.
-    handshake: Histogram<u64>,
-    duration: Histogram<u64>,
+/// Handshakes: 0.5 ms to ~16 s, doubling.
+fn handshake_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Sessions: 1 ms to ~70 min, quadrupling.
+fn duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 13))
+}
+
+/// A family exposed (HELP and TYPE) before its first series too, so an
+/// operator finds every metric at /metrics from the start.
+#[derive(Debug)]
+struct Shown<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Shown<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Registers `family` under its exposed name (a counter's with `_total`,
+/// which the encoder adds back) and a help text ending in a period (which
+/// the registry adds back).
+fn register<M: EncodeMetric + Clone + std::fmt::Debug + Send + Sync + 'static>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    family: &M,
+) -> M {
+    let name = name.strip_suffix("_total").unwrap_or(name);
+    let help = help.strip_suffix('.').unwrap_or(help);
+    registry.register(name, help, Shown(family.clone()));
+    family.clone()
+}
+
+/// What a scrape reads as it is now rather than counts as sessions end.
+#[derive(Default)]
+struct Live {
+    /// The eBPF maps, when the wire counters are on (read through the
+    /// maps held since start, not their pinned paths, which the relay may
+    /// no longer open once it gave up root).
+    wire: Option<Arc<tlsrelay_sys::bpf::WireCounters>>,
+    /// The upstream pools, when the relay serves any.
+    pools: OnceLock<crate::upstreams::Pools>,
+    /// Each listener's plan as it is now (reloads replace it): the
+    /// certificates it serves.
+    listeners: OnceLock<Vec<tokio::sync::watch::Receiver<crate::plan::Listening>>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").finish_non_exhaustive()
+    }
 }
 
 fn version(leg: &Option<LegSecurity>) -> String {
@@ -62,66 +125,81 @@ fn version(leg: &Option<LegSecurity>) -> String {
     }
 }
 
-impl Inner {
-    /// Key exchange groups and full or resumed handshakes, per TLS leg.
-    fn count_tls_legs(&mut self, r: &SessionReport) {
-        let m = self;
-        // A reused outbound connection had its handshake in another session.
-        let outbound = if r.outbound_reused {
-            &None
-        } else {
-            &r.outbound
-        };
-        for (leg, security) in [("inbound", &r.inbound), ("outbound", outbound)] {
-            if let Some(LegSecurity::Tls { negotiated, .. }) = security {
-                let group = negotiated.group.clone().unwrap_or_else(|| "unknown".into());
-                *m.key_exchange
-                    .entry(vec![
-                        ("listener", r.listener.clone()),
-                        ("leg", leg.into()),
-                        ("group", group),
-                    ])
-                    .or_default() += 1;
-                let kind = if negotiated.resumed {
-                    "resumed"
-                } else {
-                    "full"
-                };
-                *m.tls_handshakes
-                    .entry(vec![
-                        ("listener", r.listener.clone()),
-                        ("leg", leg.into()),
-                        ("kind", kind.into()),
-                    ])
-                    .or_default() += 1;
-            }
-        }
-    }
+/// Adds one to a series.
+fn inc(family: &Counters, labels: Labels) {
+    family.get_or_create(&labels).inc();
 }
 
 impl Metrics {
     pub fn new(wire: Option<Arc<tlsrelay_sys::bpf::WireCounters>>) -> Metrics {
-        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-        Metrics {
-            inner: Mutex::new(Inner {
-                accepted: BTreeMap::new(),
-                refused: BTreeMap::new(),
-                sessions: BTreeMap::new(),
-                downgrades: BTreeMap::new(),
-                key_exchange: BTreeMap::new(),
-                tls_handshakes: BTreeMap::new(),
-                transactions: BTreeMap::new(),
-                tls_deferrals: BTreeMap::new(),
-                reused: BTreeMap::new(),
-                path_sessions: BTreeMap::new(),
-                path_bytes: BTreeMap::new(),
-                mx_policy: BTreeMap::new(),
-                handshake: histogram(),
-                duration: histogram(),
-            }),
+        let mut r = Registry::default();
+        let c = Counters::default;
+        let accepted = register(
+            &mut r,
+            "tlsrelay_connections_accepted_total",
+            "Connections accepted, by listener.",
+            &c(),
+        );
+        let refused = register(&mut r, "tlsrelay_connections_refused_total", "Connections closed at accept, by listener and the limit they were over (total, per-client).", &c());
+        let sessions = register(&mut r, "tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &c());
+        let downgrades = register(
+            &mut r,
+            "tlsrelay_downgrades_total",
+            "Sessions that went on with less security than they could have had, by leg and reason.",
+            &c(),
+        );
+        let key_exchange = register(
+            &mut r,
+            "tlsrelay_key_exchange_total",
+            "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).",
+            &c(),
+        );
+        let tls_handshakes = register(&mut r, "tlsrelay_tls_handshakes_total", "TLS legs of finished sessions by kind: full handshake, or resumed from a ticket or session.", &c());
+        let transactions = register(&mut r, "tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &c());
+        let tls_deferrals = register(&mut r, "tlsrelay_smtp_tls_deferrals_total", "SMTP mail transactions deferred (451 4.7.5) because the TLS their connector, DANE or MTA-STS requires could not be had, by outbound connector.", &c());
+        let reused = register(&mut r, "tlsrelay_smtp_reused_transactions_total", "SMTP mail transactions carried over an idle next-hop connection an earlier session left (connection reuse), by outbound connector.", &c());
+        let path_sessions = register(&mut r, "tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (splice or userspace) and the legs whose TLS the kernel held.", &c());
+        let path_bytes = register(
+            &mut r,
+            "tlsrelay_data_path_bytes_total",
+            "Bytes relayed by data path and direction.",
+            &c(),
+        );
+        let mx_policy = register(&mut r, "tlsrelay_mx_policy_sessions_total", "MX hosts tried or ruled out by delivery policy (tlsa, sts, no-policy-found) and TLS-RPT result (success or an RFC 8460 result type).", &c());
+        let handshake = register(
+            &mut r,
+            "tlsrelay_handshake_seconds",
+            "From accept until both legs were ready to relay (relayed sessions), by listener.",
+            &Durations::new_with_constructor(handshake_buckets),
+        );
+        let duration = register(
+            &mut r,
+            "tlsrelay_session_duration_seconds",
+            "Whole session durations, by listener.",
+            &Durations::new_with_constructor(duration_buckets),
+        );
+        let live = Arc::new(Live {
             wire,
-            pools: std::sync::OnceLock::new(),
-            listeners: std::sync::OnceLock::new(),
+            ..Live::default()
+        });
+        r.register_collector(Box::new(live.clone()));
+        Metrics {
+            registry: r,
+            accepted,
+            refused,
+            sessions,
+            downgrades,
+            key_exchange,
+            tls_handshakes,
+            transactions,
+            tls_deferrals,
+            reused,
+            path_sessions,
+            path_bytes,
+            mx_policy,
+            handshake,
+            duration,
+            live,
         }
     }
 
@@ -130,30 +208,28 @@ impl Metrics {
         &self,
         listeners: Vec<tokio::sync::watch::Receiver<crate::plan::Listening>>,
     ) {
-        let _ = self.listeners.set(listeners);
+        let _ = self.live.listeners.set(listeners);
     }
 
     /// Exposes the pools' servers and checks too.
     pub fn watch_pools(&self, pools: crate::upstreams::Pools) {
-        let _ = self.pools.set(pools);
+        let _ = self.live.pools.set(pools);
     }
 
     /// A connection closed at accept because it was over `limit`.
     pub fn refused(&self, listener: &str, limit: &'static str) {
-        let mut m = self.inner.lock().expect("not poisoned");
-        *m.refused
-            .entry(vec![("listener", listener.into()), ("limit", limit.into())])
-            .or_default() += 1;
+        inc(
+            &self.refused,
+            vec![("listener", listener.into()), ("limit", limit.into())],
+        );
     }
 
     pub fn accepted(&self, listener: &str) {
-        let mut m = self.inner.lock().expect("not poisoned");
-        *m.accepted.entry(listener.to_string()).or_default() += 1;
+        inc(&self.accepted, vec![("listener", listener.into())]);
     }
 
     /// Counts one finished session.
     pub fn record(&self, r: &SessionReport) {
-        let mut m = self.inner.lock().expect("not poisoned");
         let outcome = match &r.outcome {
             Outcome::Relayed { .. } => "relayed",
             Outcome::Refused { .. } => "refused",
@@ -163,66 +239,36 @@ impl Metrics {
             Some(_) => ("passthrough".to_string(), "passthrough".to_string()),
             None => (version(&r.inbound), version(&r.outbound)),
         };
-        *m.sessions
-            .entry(vec![
+        inc(
+            &self.sessions,
+            vec![
                 ("listener", r.listener.clone()),
                 ("upstream", r.upstream.clone()),
                 ("inbound", inbound),
                 ("outbound", outbound),
                 ("outcome", outcome.into()),
-            ])
-            .or_default() += 1;
+            ],
+        );
         for d in &r.downgrades {
-            *m.downgrades
-                .entry(vec![
+            inc(
+                &self.downgrades,
+                vec![
                     ("listener", r.listener.clone()),
                     ("leg", d.leg.to_string()),
                     ("reason", d.class.to_string()),
-                ])
-                .or_default() += 1;
+                ],
+            );
         }
-        m.count_tls_legs(r);
-        for t in &r.transactions {
-            let reply = t
-                .result
-                .as_deref()
-                .and_then(|s| s.chars().next())
-                .map_or("none".to_string(), |c| format!("{c}xx"));
-            *m.transactions
-                .entry(vec![
-                    ("listener", r.listener.clone()),
-                    ("connector", t.connector.clone().unwrap_or_default()),
-                    ("outbound", version(&t.outbound)),
-                    ("reply", reply),
-                ])
-                .or_default() += 1;
-            // 451 4.7.5: the TLS a connector (or DANE, or an enforced
-            // MTA-STS policy) requires could not be had; the sender retries.
-            let deferred = t.result.iter().chain(&t.refused);
-            for _ in deferred.filter(|r| r.starts_with("451 4.7.5")) {
-                *m.tls_deferrals
-                    .entry(vec![
-                        ("listener", r.listener.clone()),
-                        ("connector", t.connector.clone().unwrap_or_default()),
-                    ])
-                    .or_default() += 1;
-            }
-            if t.reused {
-                *m.reused
-                    .entry(vec![
-                        ("listener", r.listener.clone()),
-                        ("connector", t.connector.clone().unwrap_or_default()),
-                    ])
-                    .or_default() += 1;
-            }
-        }
+        self.count_tls_legs(r);
+        self.count_transactions(r);
         for p in &r.policy_sessions {
-            *m.mx_policy
-                .entry(vec![
+            inc(
+                &self.mx_policy,
+                vec![
                     ("policy_type", p.policy_type.clone()),
                     ("result", p.result.clone()),
-                ])
-                .or_default() += 1;
+                ],
+            );
         }
         if let Some(path) = r.data_path {
             let path = path.to_string();
@@ -232,76 +278,120 @@ impl Metrics {
                 [Side::Upstream] => "upstream",
                 _ => "both",
             };
-            *m.path_sessions
-                .entry(vec![("path", path.clone()), ("ktls", ktls.into())])
-                .or_default() += 1;
+            inc(
+                &self.path_sessions,
+                vec![("path", path.clone()), ("ktls", ktls.into())],
+            );
             for (direction, bytes) in [
                 ("client_to_upstream", r.bytes_client_to_upstream),
                 ("upstream_to_client", r.bytes_upstream_to_client),
             ] {
-                *m.path_bytes
-                    .entry(vec![
-                        ("path", path.clone()),
-                        ("direction", direction.into()),
-                    ])
-                    .or_default() += bytes;
+                let labels = vec![("path", path.clone()), ("direction", direction.into())];
+                self.path_bytes.get_or_create(&labels).inc_by(bytes);
             }
         }
+        let listener = vec![("listener", r.listener.clone())];
         if matches!(r.outcome, Outcome::Relayed { .. }) {
-            let _ = m.handshake.record((r.setup_ms * 1000.0).max(1.0) as u64);
+            self.handshake
+                .get_or_create(&listener)
+                .observe(r.setup_ms / 1000.0);
         }
-        let _ = m.duration.record((r.duration_ms * 1000.0).max(1.0) as u64);
+        self.duration
+            .get_or_create(&listener)
+            .observe(r.duration_ms / 1000.0);
+    }
+
+    /// Key exchange groups and full or resumed handshakes, per TLS leg.
+    fn count_tls_legs(&self, r: &SessionReport) {
+        // A reused outbound connection had its handshake in another session.
+        let outbound = if r.outbound_reused {
+            &None
+        } else {
+            &r.outbound
+        };
+        for (leg, security) in [("inbound", &r.inbound), ("outbound", outbound)] {
+            if let Some(LegSecurity::Tls { negotiated, .. }) = security {
+                let group = negotiated.group.clone().unwrap_or_else(|| "unknown".into());
+                inc(
+                    &self.key_exchange,
+                    vec![
+                        ("listener", r.listener.clone()),
+                        ("leg", leg.into()),
+                        ("group", group),
+                    ],
+                );
+                let kind = if negotiated.resumed {
+                    "resumed"
+                } else {
+                    "full"
+                };
+                inc(
+                    &self.tls_handshakes,
+                    vec![
+                        ("listener", r.listener.clone()),
+                        ("leg", leg.into()),
+                        ("kind", kind.into()),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// SMTP mail transactions by reply class, forced-TLS deferrals and
+    /// reused next-hop connections.
+    fn count_transactions(&self, r: &SessionReport) {
+        for t in &r.transactions {
+            let connector = t.connector.clone().unwrap_or_default();
+            let reply = t
+                .result
+                .as_deref()
+                .and_then(|s| s.chars().next())
+                .map_or("none".to_string(), |c| format!("{c}xx"));
+            inc(
+                &self.transactions,
+                vec![
+                    ("listener", r.listener.clone()),
+                    ("connector", connector.clone()),
+                    ("outbound", version(&t.outbound)),
+                    ("reply", reply),
+                ],
+            );
+            let by_connector = vec![("listener", r.listener.clone()), ("connector", connector)];
+            // 451 4.7.5: the TLS a connector (or DANE, or an enforced
+            // MTA-STS policy) requires could not be had; the sender retries.
+            let deferred = t.result.iter().chain(&t.refused);
+            for _ in deferred.filter(|r| r.starts_with("451 4.7.5")) {
+                inc(&self.tls_deferrals, by_connector.clone());
+            }
+            if t.reused {
+                inc(&self.reused, by_connector.clone());
+            }
+        }
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
         {
-            let m = self.inner.lock().expect("not poisoned");
-            let accepted: BTreeMap<Labels, u64> = m
-                .accepted
-                .iter()
-                .map(|(l, v)| (vec![("listener", l.clone())], *v))
-                .collect();
-            let families: [(&str, &str, &BTreeMap<Labels, u64>); 12] = [
-                ("tlsrelay_connections_accepted_total", "Connections accepted, by listener.", &accepted),
-                ("tlsrelay_connections_refused_total", "Connections closed at accept, by listener and the limit they were over (total, per-client).", &m.refused),
-                ("tlsrelay_sessions_total", "Finished sessions by listener, upstream or connector, TLS version each way and outcome.", &m.sessions),
-                ("tlsrelay_downgrades_total", "Sessions that went on with less security than they could have had, by leg and reason.", &m.downgrades),
-                ("tlsrelay_key_exchange_total", "TLS legs by key exchange group (X25519MLKEM768: post-quantum hybrid).", &m.key_exchange),
-                ("tlsrelay_tls_handshakes_total", "TLS legs of finished sessions by kind: full handshake, or resumed from a ticket or session.", &m.tls_handshakes),
-                ("tlsrelay_smtp_transactions_total", "SMTP mail transactions by outbound connector, outbound TLS version and the reply class the sender got.", &m.transactions),
-                ("tlsrelay_smtp_tls_deferrals_total", "SMTP mail transactions deferred (451 4.7.5) because the TLS their connector, DANE or MTA-STS requires could not be had, by outbound connector.", &m.tls_deferrals),
-                ("tlsrelay_smtp_reused_transactions_total", "SMTP mail transactions carried over an idle next-hop connection an earlier session left (connection reuse), by outbound connector.", &m.reused),
-                ("tlsrelay_data_path_sessions_total", "Sessions by the data path that moved their bytes (splice or userspace) and the legs whose TLS the kernel held.", &m.path_sessions),
-                ("tlsrelay_data_path_bytes_total", "Bytes relayed by data path and direction.", &m.path_bytes),
-                ("tlsrelay_mx_policy_sessions_total", "MX hosts tried or ruled out by delivery policy (tlsa, sts, no-policy-found) and TLS-RPT result (success or an RFC 8460 result type).", &m.mx_policy),
-            ];
-            for (name, help, series) in families {
-                counter(&mut out, name, help, series);
-            }
-            let replaced = BTreeMap::from([(Vec::new(), crate::pump::uring_workers_replaced())]);
-            counter(
-                &mut out,
-                "tlsrelay_uring_workers_replaced_total",
-                "io_uring pump workers that stopped (their sessions reset) and were replaced.",
-                &replaced,
-            );
-            summary(
-                &mut out,
-                "tlsrelay_handshake_seconds",
-                "From accept until both legs were ready to relay (relayed sessions).",
-                &m.handshake,
-            );
-            summary(
-                &mut out,
-                "tlsrelay_session_duration_seconds",
-                "Whole session durations.",
-                &m.duration,
-            );
+            tracing::warn!("metrics not rendered: {e}");
         }
+        out
+    }
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let replaced = BTreeMap::from([(Vec::new(), crate::pump::uring_workers_replaced())]);
+        counters(
+            &mut encoder,
+            "tlsrelay_uring_workers_replaced",
+            "io_uring pump workers that stopped (their sessions reset) and were replaced.",
+            &replaced,
+        )?;
         if let Some(pools) = self.pools.get() {
-            render_pools(&mut out, pools);
+            encode_pools(&mut encoder, pools)?;
         }
         if let Some(listeners) = self.listeners.get() {
             let mut expiries = BTreeMap::new();
@@ -315,53 +405,43 @@ impl Metrics {
                     expiries.insert(labels, *not_after);
                 }
             }
-            let name = "tlsrelay_certificate_expiry_timestamp_seconds";
-            let _ = writeln!(
-                out,
-                "# HELP {name} When each certificate a listener serves expires (Unix time).\n# TYPE {name} gauge"
-            );
-            for (l, v) in &expiries {
-                let _ = writeln!(out, "{name}{} {v}", labels(l));
-            }
+            gauges(
+                &mut encoder,
+                "tlsrelay_certificate_expiry_timestamp_seconds",
+                "When each certificate a listener serves expires (Unix time).",
+                &expiries,
+            )?;
         }
         if let Some(wire) = &self.wire {
-            match wire.snapshot() {
-                Ok(s) => {
+            match wire.totals() {
+                Ok(t) => {
                     let mirror = |counts: &BTreeMap<&'static str, u64>, key: &'static str| {
                         counts
                             .iter()
                             .map(|(k, v)| (vec![(key, k.to_string())], *v))
                             .collect::<BTreeMap<Labels, u64>>()
                     };
-                    counter(
-                        &mut out,
-                        "tlsrelay_wire_negotiated_total",
-                        "eBPF: connections by the TLS version seen negotiated on the wire.",
-                        &mirror(&s.negotiated.0, "version"),
-                    );
-                    counter(
-                        &mut out,
-                        "tlsrelay_wire_downgrades_total",
-                        "eBPF: downgrades seen on the wire.",
-                        &mirror(&s.downgrades.0, "kind"),
-                    );
-                    counter(
-                        &mut out,
-                        "tlsrelay_wire_parser_total",
-                        "eBPF: the wire parser's own counters.",
-                        &mirror(&s.parser.0, "event"),
-                    );
-                    let _ = writeln!(out, "# HELP tlsrelay_wire_disagreements Connections where the wire and the relay disagree.\n# TYPE tlsrelay_wire_disagreements gauge\ntlsrelay_wire_disagreements {}", s.disagreements);
+                    for (name, help, series) in [
+                        ("tlsrelay_wire_negotiated", "eBPF: connections by the TLS version seen negotiated on the wire.", mirror(&t.negotiated.0, "version")),
+                        ("tlsrelay_wire_downgrades", "eBPF: downgrades seen on the wire.", mirror(&t.downgrades.0, "kind")),
+                        ("tlsrelay_wire_parser", "eBPF: the wire parser's own counters.", mirror(&t.parser.0, "event")),
+                        ("tlsrelay_wire_disagreements", "Sockets whose wire record disagreed with the relay's own view, checked as each session ended.", BTreeMap::from([(Vec::new(), t.disagreements)])),
+                    ] {
+                        counters(&mut encoder, name, help, &series)?;
+                    }
                 }
                 Err(e) => tracing::debug!("eBPF counters not mirrored: {e}"),
             }
         }
-        out
+        Ok(())
     }
 }
 
 /// Each upstream server's state and checks.
-fn render_pools(out: &mut String, pools: &crate::upstreams::Pools) {
+fn encode_pools(
+    encoder: &mut DescriptorEncoder,
+    pools: &crate::upstreams::Pools,
+) -> Result<(), std::fmt::Error> {
     let mut up = BTreeMap::new();
     let mut sessions = BTreeMap::new();
     let mut checks = BTreeMap::new();
@@ -385,78 +465,59 @@ fn render_pools(out: &mut String, pools: &crate::upstreams::Pools) {
             }
         }
     }
-    for (name, help, series) in [
-        (
-            "tlsrelay_upstream_server_up",
-            "1 while an upstream server takes sessions by its health (an operator's drain aside).",
-            &up,
-        ),
-        (
-            "tlsrelay_upstream_server_sessions",
-            "Sessions each upstream server holds now.",
-            &sessions,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (l, v) in series {
-            let _ = writeln!(out, "{name}{} {v}", labels(l));
-        }
-    }
-    counter(
-        out,
-        "tlsrelay_upstream_checks_total",
+    gauges(
+        encoder,
+        "tlsrelay_upstream_server_up",
+        "1 while an upstream server takes sessions by its health (an operator's drain aside).",
+        &up,
+    )?;
+    gauges(
+        encoder,
+        "tlsrelay_upstream_server_sessions",
+        "Sessions each upstream server holds now.",
+        &sessions,
+    )?;
+    counters(
+        encoder,
+        "tlsrelay_upstream_checks",
         "Active health checks of each upstream server, passed or failed.",
         &checks,
-    );
-    counter(
-        out,
-        "tlsrelay_upstream_ejections_total",
+    )?;
+    counters(
+        encoder,
+        "tlsrelay_upstream_ejections",
         "Upstream servers ejected after consecutive failed connects of real sessions.",
         &ejections,
-    );
+    )
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn labels(l: &[(&'static str, String)]) -> String {
-    if l.is_empty() {
-        return String::new();
+/// A gauge family read at scrape time.
+fn gauges<N: EncodeGaugeValue + Copy + std::fmt::Debug>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &BTreeMap<Labels, N>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(*v).encode(family.encode_family(labels)?)?;
     }
-    let parts: Vec<String> = l
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    format!("{{{}}}", parts.join(","))
+    Ok(())
 }
 
-fn counter(out: &mut String, name: &str, help: &str, series: &BTreeMap<Labels, u64>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (l, v) in series {
-        let _ = writeln!(out, "{name}{} {v}", labels(l));
+/// A counter family read at scrape time (`name` without `_total`, which
+/// the encoder adds).
+fn counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &BTreeMap<Labels, u64>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
     }
-}
-
-fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-    for q in [0.5, 0.9, 0.99] {
-        let v = if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(q) as f64 / 1e6
-        };
-        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
-    }
-    let sum: f64 = h
-        .iter_recorded()
-        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-        .sum::<f64>()
-        / 1e6;
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", h.len());
+    Ok(())
 }
 
 /// Scrapes served at once; a connection past them is closed unread. A
@@ -520,7 +581,8 @@ async fn scrape(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
         ("404 Not Found", "see /metrics\n".to_string())
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;
@@ -532,6 +594,48 @@ async fn scrape(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
 mod tests {
     use super::*;
     use tlsrelay_core::report::{Direction, Downgrade};
+
+    /// Durations are histograms by listener: cumulative buckets, a sum and
+    /// a count that add up across relays; every family is described before
+    /// its first series.
+    #[test]
+    fn durations_are_histograms_by_listener() {
+        let metrics = Metrics::new(None);
+        let empty = metrics.render();
+        for family in [
+            "tlsrelay_sessions_total",
+            "tlsrelay_handshake_seconds",
+            "tlsrelay_uring_workers_replaced_total",
+        ] {
+            assert!(
+                empty.contains(&format!("# HELP {family} ")),
+                "{family}: {empty}"
+            );
+        }
+        assert!(empty.contains("# TYPE tlsrelay_handshake_seconds histogram\n"));
+        for (setup_ms, duration_ms) in [(3.0, 40.0), (30.0, 9000.0)] {
+            let mut report = SessionReport::new(1, "in", "127.0.0.1:1".parse().unwrap(), "up");
+            report.outcome = Outcome::Relayed {
+                end: tlsrelay_core::report::PumpEnd::Closed,
+            };
+            report.setup_ms = setup_ms;
+            report.duration_ms = duration_ms;
+            metrics.record(&report);
+        }
+        let text = metrics.render();
+        for line in [
+            "tlsrelay_handshake_seconds_bucket{listener=\"in\",le=\"0.002\"} 0\n",
+            "tlsrelay_handshake_seconds_bucket{listener=\"in\",le=\"0.004\"} 1\n",
+            "tlsrelay_handshake_seconds_bucket{listener=\"in\",le=\"0.032\"} 2\n",
+            "tlsrelay_handshake_seconds_bucket{listener=\"in\",le=\"+Inf\"} 2\n",
+            "tlsrelay_handshake_seconds_count{listener=\"in\"} 2\n",
+            "tlsrelay_handshake_seconds_sum{listener=\"in\"} 0.033\n",
+            "tlsrelay_session_duration_seconds_bucket{listener=\"in\",le=\"0.064\"} 1\n",
+            "tlsrelay_session_duration_seconds_bucket{listener=\"in\",le=\"16.384\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+    }
 
     /// A next hop's STARTTLS reply is its own text: it reaches the report,
     /// never a label.

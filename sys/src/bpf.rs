@@ -7,6 +7,7 @@ use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
@@ -14,8 +15,6 @@ use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::Ebpf;
 use serde::Serialize;
 use tlsrelay_ebpf_common as wire;
-
-use tlsrelay_core::report::{Direction, LegSecurity, Outcome, SessionReport};
 
 /// The program, built for bpfel-unknown-none by build.rs (empty when the
 /// eBPF toolchain was missing).
@@ -84,7 +83,10 @@ fn missing(what: &str) -> BpfError {
 
 /// The loaded, attached program; detached when dropped (or at exit).
 pub struct WireCounters {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// Sockets whose wire record disagreed with the relay's view, checked
+    /// as each session ends (a scrape reads this, never walks the maps).
+    disagreements: AtomicU64,
     relay_view: Mutex<HashMap<MapData, u64, wire::RelayView>>,
     /// Ports read as SMTP.
     smtp_ports: PortSet,
@@ -215,7 +217,8 @@ impl WireCounters {
             .ok_or_else(|| missing(wire::MAP_RELAY_VIEW))?;
         let relay_view = HashMap::try_from(view).map_err(aya_err("relay_view"))?;
         Ok(WireCounters {
-            _ebpf: ebpf,
+            ebpf,
+            disagreements: AtomicU64::new(0),
             relay_view: Mutex::new(relay_view),
             smtp_ports,
             ignored_ports,
@@ -237,127 +240,53 @@ impl WireCounters {
         self.smtp_ports.add(port)
     }
 
-    /// The counters and records, read through the maps this process
-    /// holds (no path lookup: it works after the relay gave up root).
-    pub fn snapshot(&self) -> Result<Snapshot, BpfError> {
-        let map = |name: &str| self._ebpf.map(name).ok_or_else(|| missing(name));
+    /// The counters and the disagreements counted so far: a few map
+    /// reads, whatever the number of connections (what a scrape needs).
+    pub fn totals(&self) -> Result<Totals, BpfError> {
+        let map = |name: &str| self.ebpf.map(name).ok_or_else(|| missing(name));
         let negotiated =
             PerCpuArray::try_from(map(wire::MAP_NEGOTIATED)?).map_err(aya_err("negotiated"))?;
         let downgrades =
             PerCpuArray::try_from(map(wire::MAP_DOWNGRADES)?).map_err(aya_err("downgrades"))?;
         let parser = PerCpuArray::try_from(map(wire::MAP_PARSER)?).map_err(aya_err("parser"))?;
-        let conns =
-            HashMap::try_from(map(wire::MAP_CONNECTIONS)?).map_err(aya_err("connections"))?;
-        let views = self
-            .relay_view
-            .lock()
-            .map_err(|_| missing(wire::MAP_RELAY_VIEW))?;
-        join(&negotiated, &downgrades, &parser, &conns, &views)
+        let (negotiated, downgrades, parser) = counts(&negotiated, &downgrades, &parser)?;
+        Ok(Totals {
+            negotiated,
+            downgrades,
+            parser,
+            disagreements: self.disagreements.load(Ordering::Relaxed),
+        })
     }
 
     /// Records the relay's view of a finished session's sockets, for
-    /// `tlsrelay stats` to set beside the wire's.
-    pub fn record_session(&self, report: &SessionReport) {
+    /// `tlsrelay stats` to set beside the wire's, and counts each socket
+    /// whose wire record disagrees with it (one lookup per socket).
+    pub fn record_session(&self, views: &[(u64, wire::RelayView)]) {
+        let connections: Option<HashMap<&MapData, u64, wire::Connection>> = self
+            .ebpf
+            .map(wire::MAP_CONNECTIONS)
+            .and_then(|m| HashMap::try_from(m).ok());
         let Ok(mut map) = self.relay_view.lock() else {
             return;
         };
-        for (cookie, view) in views_of(report) {
+        for (cookie, view) in views {
             let _ = map.insert(cookie, view, 0);
+            let seen = connections.as_ref().and_then(|c| c.get(cookie, 0).ok());
+            if seen.is_some_and(|c| !disagreements(&c, view).is_empty()) {
+                self.disagreements.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
-/// A relay view from what was negotiated (the group only for TLS 1.3: a
-/// TLS 1.2 ServerHello carries none for the wire to compare).
-fn view(
-    leg: Direction,
-    negotiated: Option<&tlsrelay_core::report::Negotiated>,
-    downgraded: bool,
-    handshake_failed: bool,
-    tls_off: bool,
-) -> wire::RelayView {
-    let (version, cipher, group) = negotiated.map_or((0, 0, 0), |n| {
-        let group = if n.version_code == wire::TLS1_3 {
-            n.group_code
-        } else {
-            0
-        };
-        (n.version_code, n.cipher_code, group)
-    });
-    wire::RelayView {
-        negotiated_version: version,
-        cipher_suite: cipher,
-        leg: match leg {
-            Direction::Inbound => wire::LEG_CLIENT,
-            Direction::Outbound => wire::LEG_UPSTREAM,
-        },
-        downgraded: downgraded as u8,
-        handshake_failed: handshake_failed as u8,
-        tls_off: tls_off as u8,
-        key_share_group: group,
-        refused: 0,
-        passthrough: 0,
-    }
-}
-
-/// The relay's view of each socket a session used.
-pub fn views_of(report: &SessionReport) -> Vec<(u64, wire::RelayView)> {
-    let leg_view = |security: &Option<LegSecurity>, direction: Direction| {
-        let negotiated = match security {
-            Some(LegSecurity::Tls { negotiated, .. }) => Some(negotiated),
-            _ => None,
-        };
-        view(
-            direction,
-            negotiated,
-            report.downgraded(direction).is_some(),
-            report.tls_failure(direction).is_some(),
-            report.tls_off.contains(&direction),
-        )
-    };
-    let mut views = Vec::new();
-    if let Some(p) = &report.passthrough {
-        // Both legs carry the client's and the server's own TLS.
-        let pass = |leg: Direction| {
-            let mut v = view(leg, None, false, false, false);
-            v.negotiated_version = p.version_code;
-            v.cipher_suite = p.cipher_code;
-            v.key_share_group = if p.version_code == wire::TLS1_3 {
-                p.group_code
-            } else {
-                0
-            };
-            v.passthrough = 1;
-            v
-        };
-        views.extend(report.client_cookie.map(|c| (c, pass(Direction::Inbound))));
-        views.extend(report.sockets.iter().map(|s| (s.cookie, pass(s.leg))));
-        return views;
-    }
-    if let Some(c) = report.client_cookie {
-        let mut client = leg_view(&report.inbound, Direction::Inbound);
-        client.refused = matches!(
-            report.outcome,
-            Outcome::Refused {
-                leg: Direction::Inbound,
-                ..
-            }
-        ) as u8;
-        views.push((c, client));
-    }
-    views.extend(report.sockets.iter().map(|s| {
-        (
-            s.cookie,
-            view(
-                s.leg,
-                s.negotiated.as_ref(),
-                s.downgraded,
-                s.handshake_failed,
-                s.tls_off,
-            ),
-        )
-    }));
-    views
+/// The wire's counters summed over CPUs, and the sockets found in
+/// disagreement with the relay since start.
+#[derive(Debug)]
+pub struct Totals {
+    pub negotiated: Counts<5>,
+    pub downgrades: Counts<4>,
+    pub parser: Counts<6>,
+    pub disagreements: u64,
 }
 
 fn load() -> Result<Ebpf, BpfError> {
@@ -688,9 +617,7 @@ fn join<M: std::borrow::Borrow<MapData>, V: std::borrow::Borrow<MapData>>(
     conns: &HashMap<M, u64, wire::Connection>,
     views: &HashMap<V, u64, wire::RelayView>,
 ) -> Result<Snapshot, BpfError> {
-    let n: wire::Negotiated = counters(negotiated, wire::MAP_NEGOTIATED)?;
-    let d: wire::Downgrades = counters(downgrades, wire::MAP_DOWNGRADES)?;
-    let p: wire::Parser = counters(parser, wire::MAP_PARSER)?;
+    let (negotiated, downgrades, parser) = counts(negotiated, downgrades, parser)?;
     let mut connections = Vec::new();
     for entry in conns.iter() {
         let (cookie, c) = entry.map_err(aya_err("connections"))?;
@@ -703,22 +630,42 @@ fn join<M: std::borrow::Borrow<MapData>, V: std::borrow::Borrow<MapData>>(
     connections.sort_by_key(|c| c.cookie);
     let disagreements = connections.iter().map(|c| c.disagreements.len()).sum();
     let unaccounted = connections.iter().filter(|c| c.relay.is_none()).count();
-    let counts = |pairs: &[(&'static str, u64)]| pairs.iter().copied().collect();
     Ok(Snapshot {
-        negotiated: Counts(counts(&[
+        negotiated,
+        downgrades,
+        parser,
+        connections,
+        disagreements,
+        unaccounted,
+    })
+}
+
+/// The three counter records, summed over CPUs and named.
+#[allow(clippy::type_complexity)]
+fn counts<M: std::borrow::Borrow<MapData>>(
+    negotiated: &PerCpuArray<M, wire::Negotiated>,
+    downgrades: &PerCpuArray<M, wire::Downgrades>,
+    parser: &PerCpuArray<M, wire::Parser>,
+) -> Result<(Counts<5>, Counts<4>, Counts<6>), BpfError> {
+    let n: wire::Negotiated = counters(negotiated, wire::MAP_NEGOTIATED)?;
+    let d: wire::Downgrades = counters(downgrades, wire::MAP_DOWNGRADES)?;
+    let p: wire::Parser = counters(parser, wire::MAP_PARSER)?;
+    let named = |pairs: &[(&'static str, u64)]| pairs.iter().copied().collect();
+    Ok((
+        Counts(named(&[
             ("plaintext", n.plaintext),
             ("tls1_0", n.tls1_0),
             ("tls1_1", n.tls1_1),
             ("tls1_2", n.tls1_2),
             ("tls1_3", n.tls1_3),
         ])),
-        downgrades: Counts(counts(&[
+        Counts(named(&[
             ("version", d.version),
             ("plaintext", d.plaintext),
             ("stripped", d.stripped),
             ("handshake_failed", d.handshake_failed),
         ])),
-        parser: Counts(counts(&[
+        Counts(named(&[
             ("segments", p.segments),
             ("client_hellos", p.client_hellos),
             ("server_hellos", p.server_hellos),
@@ -726,10 +673,7 @@ fn join<M: std::borrow::Borrow<MapData>, V: std::borrow::Borrow<MapData>>(
             ("unparsed", p.unparsed),
             ("reassembled", p.reassembled),
         ])),
-        connections,
-        disagreements,
-        unaccounted,
-    })
+    ))
 }
 
 /// The program loaded but not attached, for running crafted packets
