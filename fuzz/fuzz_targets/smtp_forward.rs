@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
         starttls: StartTls::Offered,
         max_message_size: 10_000,
         max_hops: 5,
+        command_timeout: std::time::Duration::from_secs(300),
     });
     let mut forwarder = Forwarder::new(
         routing,

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         starttls,
         max_message_size: 10_000,
         max_hops: 5,
+        command_timeout: std::time::Duration::from_secs(300),
     });
     // The body bytes passed on in the transaction under way.
     let mut body: Vec<u8> = Vec::new();

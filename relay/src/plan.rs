@@ -981,7 +981,7 @@ fn describe_limits(config: &Config) -> String {
         let command = std::time::Duration::from_secs_f64(300.0 * l.smtp_timeout_scale);
         s += &format!(
             "; SMTP clients: {command:?} of waiting per command (in all, not per read), message data at {} bytes/s or faster past that, replies read within {command:?}, 421 after {} errors, and past {} commands that move no mail (NOOP, RSET, VRFY, HELP, EHLO) since the last message each counts as an error",
-            crate::smtp::session::MIN_DATA_RATE,
+            tlsrelay_core::smtp::clock::MIN_DATA_RATE,
             tlsrelay_core::smtp::server::MAX_ERRORS,
             tlsrelay_core::smtp::server::MAX_JUNK_COMMANDS,
         );

@@ -98,6 +98,7 @@ fn settings(starttls: StartTls) -> ServerSettings {
         starttls,
         max_message_size: 1 << 20,
         max_hops: crate::smtp::trace::DEFAULT_MAX_HOPS,
+        command_timeout: std::time::Duration::from_secs(300),
     }
 }
 

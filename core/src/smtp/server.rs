@@ -7,7 +7,9 @@
 //! the next hop's.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
+use super::clock::RequestClock;
 use super::codec::{parse_command, Command, Reply, SyntaxError, MAX_COMMAND_LINE, MAX_TEXT_LINE};
 use super::params::{check_rcpt_params, MailParams};
 use super::trace::HopCounter;
@@ -34,6 +36,9 @@ pub struct ServerSettings {
     /// `Received:` fields a message may carry before it is refused as a
     /// mail loop.
     pub max_hops: u32,
+    /// Postfix's `smtpd_timeout`: what one request may keep the relay
+    /// waiting (see [`RequestClock`]).
+    pub command_timeout: Duration,
 }
 
 /// What the relay must do next.
@@ -153,6 +158,8 @@ pub struct Server {
     message_bytes: u64,
     /// `Received:` fields of the message under way.
     hops: HopCounter,
+    /// The client's time for the request under way.
+    clock: RequestClock,
 }
 
 /// Errors (refused commands) before the session is closed with 421.
@@ -165,7 +172,6 @@ pub const MAX_JUNK_COMMANDS: u32 = 100;
 impl Server {
     pub fn new(settings: ServerSettings) -> Server {
         Server {
-            settings,
             phase: Phase::Greeted,
             tls: false,
             esmtp: false,
@@ -185,6 +191,8 @@ impl Server {
             junk: 0,
             message_bytes: 0,
             hops: HopCounter::default(),
+            clock: RequestClock::new(settings.command_timeout),
+            settings,
         }
     }
 
@@ -198,6 +206,7 @@ impl Server {
 
     /// Bytes from the client.
     pub fn feed(&mut self, bytes: &[u8]) {
+        self.clock.received(bytes.len());
         if self.phase != Phase::Closed {
             self.input.extend_from_slice(bytes);
         }
@@ -231,6 +240,7 @@ impl Server {
     /// next hop; fewer than all means the message is refused at the
     /// chunk's end and the rest must not be sent.
     pub fn chunk_passed(&mut self, bytes: &[u8]) -> usize {
+        self.clock.received(bytes.len());
         let n = bytes.len().min(self.chunk_left as usize);
         self.chunk_left -= n as u64;
         if self.chunk_refusal.is_some() {
@@ -244,7 +254,38 @@ impl Server {
         if self.events.is_empty() {
             self.advance();
         }
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if matches!(event, Some(Event::Reply(_) | Event::AbortData(_))) {
+            self.clock.reply_sent();
+        }
+        event
+    }
+
+    /// The driver waits for the client from `now` (a read).
+    pub fn client_wait_from(&mut self, now: Instant) {
+        self.clock.wait_from(now);
+    }
+
+    /// The driver's wait for the client ended at `now`.
+    pub fn client_wait_over(&mut self, now: Instant) {
+        self.clock.wait_over(now);
+    }
+
+    /// When the wait for the client under way runs out.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.clock.poll_timeout()
+    }
+
+    /// At `now`: when the client's time for its request is up, the
+    /// session is over, with this reply (Postfix's 421 4.4.2).
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<Reply> {
+        if !self.clock.handle_timeout(now) {
+            return None;
+        }
+        self.clock.wait_over(now);
+        self.phase = Phase::Closed;
+        self.input.clear();
+        Some(Reply::new(421, "4.4.2 Timeout, closing"))
     }
 
     /// The reply to the event that awaited one.
@@ -803,6 +844,7 @@ mod tests {
             starttls,
             max_message_size: 1 << 20,
             max_hops: 3,
+            command_timeout: Duration::from_secs(300),
         })
     }
 
@@ -1073,6 +1115,45 @@ mod tests {
     }
 
     /// A server with a recipient accepted, ready for DATA or BDAT.
+    /// The request clock is the machine's: a reply restarts it, message
+    /// bytes earn time, and its timeout closes the session with 421 4.4.2
+    /// after which input is ignored.
+    #[test]
+    fn the_request_clock_runs_inside_the_machine() {
+        let secs = Duration::from_secs;
+        let t0 = Instant::now();
+        let mut s = server(StartTls::Offered);
+        s.client_wait_from(t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + secs(300)));
+        let t1 = t0 + secs(299);
+        s.client_wait_over(t1);
+        s.feed(b"EHLO a.test\r\n");
+        assert_eq!(codes(&drain(&mut s)), [250]);
+        s.client_wait_from(t1);
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t1 + secs(300)),
+            "the reply restarted it"
+        );
+        // In a message: 200 s of waiting, then 50,000 bytes (100 s earned).
+        let mut s = in_body();
+        s.client_wait_from(t0);
+        s.client_wait_over(t0 + secs(200));
+        s.feed(&b"x".repeat(998)[..]);
+        s.feed(b"\r\n");
+        for _ in 0..49 {
+            s.feed(&[b"y".repeat(998), b"\r\n".to_vec()].concat());
+        }
+        let t2 = t0 + secs(200);
+        s.client_wait_from(t2);
+        assert_eq!(s.poll_timeout(), Some(t2 + secs(200)));
+        assert_eq!(s.handle_timeout(t2 + secs(199)), None);
+        let goodbye = s.handle_timeout(t2 + secs(200)).expect("timed out");
+        assert_eq!(goodbye.code, 421);
+        s.feed(b".\r\nQUIT\r\n");
+        assert!(drain(&mut s).iter().all(|e| !matches!(e, Event::Reply(_))));
+    }
+
     fn in_transaction() -> Server {
         let mut s = server(StartTls::Offered);
         s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@p>\r\n");

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -94,46 +94,28 @@ struct Session<'a> {
     scratch: Vec<u8>,
     /// Chunk bytes that went to the next hop by splice.
     chunk_bytes_spliced: u64,
-    /// How long the client has kept the relay waiting for its request.
-    clock: RequestClock,
 }
 
-/// Postfix's `smtpd_min_data_rate`: message data slower than this, after
-/// the command timeout's allowance, is cut.
-pub const MIN_DATA_RATE: u64 = 500;
-
-/// The client's time for one request (a command line, or a message's
-/// data): the command timeout of waiting in all, plus a second per
-/// [`MIN_DATA_RATE`] bytes received - not per read, so a client sending
-/// a byte a second cannot hold a session for ever. Only time spent
-/// waiting for the client counts (a slow next hop is not its fault).
-/// Starts again at each reply the relay sends.
-struct RequestClock {
-    waited: Duration,
-    bytes: u64,
-}
-
-impl RequestClock {
-    fn new() -> RequestClock {
-        RequestClock {
-            waited: Duration::ZERO,
-            bytes: 0,
+/// Waits for `client` (something the client must do) within what is
+/// left of its request's time, which the server machine keeps
+/// ([`tlsrelay_core::smtp::clock::RequestClock`]); `None` when that ran
+/// out, with the machine's goodbye.
+async fn client_wait<T>(
+    server: &mut Server,
+    client: impl std::future::Future<Output = T>,
+) -> Result<T, Reply> {
+    server.client_wait_from(Instant::now());
+    let deadline = server.poll_timeout().expect("waiting");
+    let result = tokio::time::timeout_at(deadline.into(), client).await;
+    let now = Instant::now();
+    match result {
+        Ok(value) => {
+            server.client_wait_over(now);
+            Ok(value)
         }
-    }
-
-    /// Waits for `client` (something the client must do) within what is
-    /// left of the request's allowance, counting the time waited.
-    async fn wait<T>(
-        &mut self,
-        command: Duration,
-        client: impl std::future::Future<Output = T>,
-    ) -> Result<T, tokio::time::error::Elapsed> {
-        let earned = command + Duration::from_secs_f64(self.bytes as f64 / MIN_DATA_RATE as f64);
-        let allowance = earned.saturating_sub(self.waited).min(command);
-        let started = Instant::now();
-        let result = timeout(allowance, client).await;
-        self.waited += started.elapsed();
-        result
+        Err(_) => Err(server
+            .handle_timeout(now.max(deadline))
+            .expect("the deadline passed")),
     }
 }
 
@@ -174,7 +156,6 @@ pub async fn run(
         pipes: None,
         scratch: Vec::new(),
         chunk_bytes_spliced: 0,
-        clock: RequestClock::new(),
     };
     let outcome = match address {
         Ok(_) => session.run(client).await,
@@ -230,6 +211,7 @@ impl Session<'_> {
             starttls: self.plan.starttls,
             max_message_size: self.plan.max_message_size,
             max_hops: self.plan.max_hops,
+            command_timeout: self.plan.timeouts.command,
         }
     }
 
@@ -292,7 +274,7 @@ impl Session<'_> {
                     Err(outcome) => return outcome,
                 }
             }
-            match self.read_client(&mut leg, &mut buf).await {
+            match self.read_client(&mut server, &mut leg, &mut buf).await {
                 Ok(n) => server.feed(&buf[..n]),
                 Err(outcome) => return outcome,
             }
@@ -335,10 +317,7 @@ impl Session<'_> {
         let mut moved = false;
         let mut left = server.chunk_on_socket();
         while left > 0 {
-            let readable = self
-                .clock
-                .wait(self.plan.timeouts.command, src.readable())
-                .await;
+            let readable = client_wait(server, src.readable()).await;
             if !matches!(readable, Ok(Ok(()))) {
                 break; // the ordinary read path times out or fails it
             }
@@ -358,7 +337,6 @@ impl Session<'_> {
                 return Err(failed("splicing a BDAT chunk: tee of the pipe failed"));
             }
             moved = true;
-            self.clock.bytes += n as u64;
             left -= n as u64;
             let clean = match scan_copy(b, n, &mut self.scratch, server) {
                 Ok(clean) => clean,
@@ -395,22 +373,21 @@ impl Session<'_> {
     /// Reads the client's next bytes within its request's allowance
     /// ([`RequestClock`]), or ends the session: closed, failed, timed out
     /// (421), or drained (421).
-    async fn read_client(&mut self, leg: &mut Leg, buf: &mut [u8]) -> Result<usize, Outcome> {
+    async fn read_client(
+        &mut self,
+        server: &mut Server,
+        leg: &mut Leg,
+        buf: &mut [u8],
+    ) -> Result<usize, Outcome> {
         let read = tokio::select! {
-            r = self.clock.wait(self.plan.timeouts.command, leg.read(buf)) => Some(r),
+            r = client_wait(server, leg.read(buf)) => Some(r),
             _ = self.closing.wait_for(|closing| *closing) => None,
         };
         let goodbye = match read {
             Some(Ok(Ok(0))) => return Err(failed("client closed without QUIT")),
-            Some(Ok(Ok(n))) => {
-                self.clock.bytes += n as u64;
-                return Ok(n);
-            }
+            Some(Ok(Ok(n))) => return Ok(n),
             Some(Ok(Err(e))) => return Err(failed(e)),
-            Some(Err(_)) => (
-                Reply::new(421, "4.4.2 Timeout, closing"),
-                "client timed out",
-            ),
+            Some(Err(timed_out)) => (timed_out, "client timed out"),
             // A transaction under way is abandoned, so nothing half-received
             // is delivered and the sender keeps the message to retry.
             None => (self.forwarder.shut_down(), "relay shutting down"),
@@ -539,7 +516,6 @@ impl Session<'_> {
                     )
                 })??;
             self.out.clear();
-            self.clock = RequestClock::new();
         }
         Ok(())
     }
