@@ -587,3 +587,88 @@ fn the_metrics_listener_bounds_what_a_stranger_holds() {
     assert!(refused("total") >= 32.0, "{:?}", s.samples);
     assert_eq!(refused("allow-from"), 1.0, "{:?}", s.samples);
 }
+
+/// The relay's splice pipes now, from /metrics: (in use, pooled).
+fn splice_pipes(metrics: SocketAddr) -> (u64, u64) {
+    let mut s = TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let value = |state: &str| {
+        let prefix = format!("tlsrelay_splice_pipes{{state=\"{state}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    (value("in_use"), value("pooled"))
+}
+
+/// Idle sessions hold no splice pipe: 100 sessions each move 256 KiB
+/// both ways (spliced, not copied) and go quiet, staying open; then no
+/// pipe is in use, and the empty ones wait in the pool for the next
+/// sessions, which reuse them and still relay every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_hold_no_pipe() {
+    let upstream = tlsrelay_tests::plain_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "limits.max_connections_per_client = 1000\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\nname = \"in\"\naddress = \"127.0.0.1:0\"\nupstream = \"echo\"\ntls.mode = \"off\"\n\n[[upstreams]]\nname = \"echo\"\naddress = \"{upstream}\"\ntls.policy = \"plain\"\n"
+        ),
+    )
+    .unwrap();
+    let relay = RelayProcess::start(relay_binary(), &config, &dir.path().join("state"), &[], &[]);
+    let addr = relay.addr("in");
+    let round = move |seed: u64| async move {
+        let mut open = Vec::new();
+        for i in 0..100 {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut data = tlsrelay_tests::random_bytes(256 * 1024, seed + i);
+            data[0] = b'x'; // not a TLS handshake byte: the echo refuses TLS
+            let (mut reader, mut writer) = stream.into_split();
+            let sent = data.clone();
+            let sender = tokio::spawn(async move {
+                writer.write_all(&sent).await.unwrap();
+                writer
+            });
+            let mut back = vec![0u8; data.len()];
+            tokio::time::timeout(
+                tlsrelay_tests::patience(),
+                tokio::io::AsyncReadExt::read_exact(&mut reader, &mut back),
+            )
+            .await
+            .expect("the echo within patience")
+            .unwrap();
+            assert!(back == data, "session {i}: bytes differ");
+            open.push(reader.reunite(sender.await.unwrap()).unwrap());
+        }
+        open
+    };
+    // Each direction gives its pipe back once it finds its source empty.
+    let settled = || async {
+        let deadline = std::time::Instant::now() + tlsrelay_tests::patience();
+        loop {
+            let (in_use, pooled) = splice_pipes(metrics);
+            if in_use == 0 || std::time::Instant::now() > deadline {
+                break (in_use, pooled);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let first = round(0).await;
+    let (in_use, pooled) = settled().await;
+    assert_eq!(in_use, 0, "100 idle sessions hold pipes");
+    assert!((1..200).contains(&pooled), "{pooled} pooled");
+    // The next hundred take pooled pipes (no more are made than a
+    // session or two in flight at once need): every byte still right.
+    let second = round(1000).await;
+    let (in_use, pooled_after) = settled().await;
+    assert_eq!(in_use, 0, "200 idle sessions hold pipes");
+    assert!(pooled_after <= pooled + 4, "{pooled} -> {pooled_after}");
+    drop((first, second, relay));
+}

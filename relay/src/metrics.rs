@@ -390,6 +390,20 @@ impl Collector for Live {
             "io_uring pump workers that stopped (their sessions reset) and were replaced.",
             &replaced,
         )?;
+        let pipes = tlsrelay_sys::splice::pipe_counts();
+        let pipes = BTreeMap::from([
+            (
+                vec![("state", "in_use".to_string())],
+                pipes.live - pipes.pooled,
+            ),
+            (vec![("state", "pooled".to_string())], pipes.pooled),
+        ]);
+        gauges(
+            &mut encoder,
+            "tlsrelay_splice_pipes",
+            "Splice pipes: in use by a direction moving bytes, or pooled empty for the next (an idle session holds none).",
+            &pipes,
+        )?;
         if let Some(pools) = self.pools.get() {
             encode_pools(&mut encoder, pools)?;
         }

@@ -1,9 +1,11 @@
-//! The syscalls of the splice data plane: a sized non-blocking pipe,
-//! splice(2), the small-read copy path, and what a control record read
-//! from a kTLS socket means.
+//! The syscalls of the splice data plane: a sized non-blocking pipe and
+//! the pool of empty ones, splice(2), the small-read copy path, and what a
+//! control record read from a kTLS socket means.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use crate::ktls;
 
@@ -27,12 +29,43 @@ pub struct SpliceLeg {
 /// CAP_SYS_RESOURCE): the pipe then keeps its size and splices are that.
 const PIPE_SIZE: i32 = 256 * 1024;
 
-/// A non-blocking pipe: the only buffer a spliced direction has.
+/// A non-blocking pipe: the only buffer a spliced direction has. A
+/// direction takes one ([`Pipe::take`]) when bytes move and gives it back
+/// ([`Pipe::give_back`]) when it waits for its source again, so an idle
+/// session holds no pipe (nor the kernel pages behind one) and a session
+/// mostly pays no pipe2/F_SETPIPE_SZ/close of its own (HAProxy pools its
+/// pipes the same way).
 pub struct Pipe {
     pub read: OwnedFd,
     pub write: OwnedFd,
     /// Bytes it holds at most: the size of one splice.
     pub capacity: usize,
+}
+
+/// Empty pipes waiting for a direction.
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// Pipes that exist, pooled or in use.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Empty pipes the pool keeps at most: half of what
+/// fs.pipe-user-pages-soft lets one user hold at [`PIPE_SIZE`] (the other
+/// half is for pipes in use), 128 where it is unlimited or unreadable.
+fn pool_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        match pages * 4096 / PIPE_SIZE as usize / 2 {
+            0 => 128,
+            n => n,
+        }
+    })
+}
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<Pipe>> {
+    POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Pipe {
@@ -52,11 +85,61 @@ impl Pipe {
                 _ => libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ),
             }
         };
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Ok(Pipe {
             read,
             write,
             capacity: usize::try_from(capacity).unwrap_or(64 * 1024).max(4096),
         })
+    }
+
+    /// An empty pipe from the pool, or a new one.
+    pub fn take() -> io::Result<Pipe> {
+        match pool().pop() {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Returns the pipe for another direction to take. One that still
+    /// holds bytes (a session cut mid-transfer) is closed instead: no byte
+    /// of one session can reach another; so is one past the pool's limit.
+    pub fn give_back(self) {
+        if self.is_empty() {
+            let mut pool = pool();
+            if pool.len() < pool_limit() {
+                pool.push(self);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe we own writes one int.
+        let rc = unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        rc == 0 && queued == 0
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The relay's splice pipes now: how many exist and how many of those wait
+/// empty in the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PipeCounts {
+    pub live: usize,
+    pub pooled: usize,
+}
+
+pub fn pipe_counts() -> PipeCounts {
+    let pooled = pool().len();
+    PipeCounts {
+        live: LIVE.load(Ordering::Relaxed).max(pooled),
+        pooled,
     }
 }
 
@@ -127,12 +210,13 @@ pub enum CopyFault {
 }
 
 /// One non-blocking read into `buf`, sent on at once; what the destination
-/// does not take goes into the (empty) pipe, to be spliced out when it is
-/// writable, so a slow reader still stalls its sender.
+/// does not take goes into the (empty) pipe `park` gives the write end of
+/// (asked for only then), to be spliced out when it is writable, so a slow
+/// reader still stalls its sender.
 pub fn copy_some(
     src: RawFd,
     dst: RawFd,
-    pipe_w: RawFd,
+    park: impl FnOnce() -> io::Result<RawFd>,
     buf: &mut [u8],
 ) -> Result<Copied, (CopyFault, io::Error)> {
     // SAFETY: recv into a live buffer of its length.
@@ -150,13 +234,17 @@ pub fn copy_some(
             e => return Err((CopyFault::Write, e)),
         },
     };
-    let mut parked = sent;
-    while parked < read {
-        // SAFETY: write the unsent bytes into our pipe; it is empty and
-        // larger than `buf`, so this does not block.
-        let n = unsafe { libc::write(pipe_w, buf[parked..].as_ptr().cast(), read - parked) };
-        let n = usize::try_from(n).map_err(|_| (CopyFault::Write, io::Error::last_os_error()))?;
-        parked += n;
+    if sent < read {
+        let pipe_w = park().map_err(|e| (CopyFault::Write, e))?;
+        let mut parked = sent;
+        while parked < read {
+            // SAFETY: write the unsent bytes into our pipe; it is empty and
+            // larger than `buf`, so this does not block.
+            let n = unsafe { libc::write(pipe_w, buf[parked..].as_ptr().cast(), read - parked) };
+            let n =
+                usize::try_from(n).map_err(|_| (CopyFault::Write, io::Error::last_os_error()))?;
+            parked += n;
+        }
     }
     Ok(Copied::Moved {
         read,

@@ -341,9 +341,9 @@ enum DirState {
 struct Direction {
     src: usize,
     dst: usize,
-    pipe_r: OwnedFd,
-    pipe_w: OwnedFd,
-    capacity: usize,
+    /// Taken when bytes move, given back when the direction waits for its
+    /// source with nothing in it ([`Pipe::take`]).
+    pipe: Option<Pipe>,
     in_pipe: usize,
     state: DirState,
     /// A one-shot poll of this direction (POLLOUT on a full destination,
@@ -393,6 +393,23 @@ enum Step {
     /// The kTLS source holds a control record.
     Control,
     Failed(Side, io::Error),
+}
+
+/// The direction's pipe, taken from the pool when it holds none.
+fn held_pipe(slot: &mut Option<Pipe>) -> io::Result<&Pipe> {
+    if slot.is_none() {
+        *slot = Some(Pipe::take()?);
+    }
+    slot.as_ref().ok_or_else(|| io::Error::other("no pipe"))
+}
+
+/// The direction waits for its source with its pipe empty: the pipe goes
+/// back to the pool meanwhile.
+fn await_source(dir: &mut Direction, src_fd: RawFd) -> Step {
+    if let Some(pipe) = dir.pipe.take() {
+        pipe.give_back();
+    }
+    Step::Wait(src_fd, READABLE, Op::PollIn)
 }
 
 struct WorkerLoop {
@@ -544,23 +561,10 @@ impl WorkerLoop {
     }
 
     fn start(&mut self, job: Job) {
-        let pipes = match (Pipe::new(), Pipe::new()) {
-            (Ok(a), Ok(b)) => [a, b],
-            (Err(e), _) | (_, Err(e)) => {
-                let end = PumpEnd::SetupFailed {
-                    detail: format!("pipe: {e}"),
-                };
-                let _ = job.done.send(([0, 0], end, job.socks));
-                return;
-            }
-        };
-        let [p0, p1] = pipes;
-        let dir = |src, dst, pipe: Pipe| Direction {
+        let dir = |src, dst| Direction {
             src,
             dst,
-            pipe_r: pipe.read,
-            pipe_w: pipe.write,
-            capacity: pipe.capacity,
+            pipe: None,
             in_pipe: 0,
             state: DirState::Open,
             pending: false,
@@ -574,7 +578,7 @@ impl WorkerLoop {
             socks: job.socks,
             ktls: job.ktls,
             rekey: job.rekey,
-            dirs: [dir(0, 1, p0), dir(1, 0, p1)],
+            dirs: [dir(0, 1), dir(1, 0)],
             counts: [0, 0],
             idle: job.idle,
             last_activity: Instant::now(),
@@ -658,7 +662,8 @@ impl WorkerLoop {
             }
             let dir = &mut s.dirs[d];
             if dir.in_pipe == 0 && dir.small && !src_ktls {
-                match copy_some(src_fd, dst_fd, dir.pipe_w.as_raw_fd(), buf) {
+                let park = || held_pipe(&mut dir.pipe).map(|p| p.write.as_raw_fd());
+                match copy_some(src_fd, dst_fd, park, buf) {
                     Ok(Copied::Ended) => return Step::Ended,
                     Ok(Copied::Moved {
                         read,
@@ -674,11 +679,11 @@ impl WorkerLoop {
                         dir.in_pipe = read - sent;
                         dir.small = drained;
                         if drained && dir.in_pipe == 0 && !dir.closing {
-                            return Step::Wait(src_fd, READABLE, Op::PollIn);
+                            return await_source(&mut s.dirs[d], src_fd);
                         }
                     }
                     Err((CopyFault::Read, e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Step::Wait(src_fd, READABLE, Op::PollIn)
+                        return await_source(&mut s.dirs[d], src_fd)
                     }
                     Err((CopyFault::Read, e)) => return Step::Failed(src_side, e),
                     Err((CopyFault::Write, e)) => return Step::Failed(dst_side, e),
@@ -686,7 +691,11 @@ impl WorkerLoop {
                 continue;
             }
             if dir.in_pipe > 0 {
-                match splice(dir.pipe_r.as_raw_fd(), dst_fd, dir.in_pipe) {
+                let Some(pipe) = &dir.pipe else {
+                    let lost = io::Error::other("bytes counted in a pipe the direction lacks");
+                    return Step::Failed(dst_side, lost);
+                };
+                match splice(pipe.read.as_raw_fd(), dst_fd, dir.in_pipe) {
                     Ok(0) => return Step::Failed(dst_side, io::ErrorKind::WriteZero.into()),
                     Ok(n) => {
                         dir.in_pipe -= n;
@@ -702,7 +711,11 @@ impl WorkerLoop {
                 }
                 continue;
             }
-            match splice(src_fd, dir.pipe_w.as_raw_fd(), dir.capacity) {
+            let pipe = match held_pipe(&mut dir.pipe) {
+                Ok(pipe) => pipe,
+                Err(e) => return Step::Failed(src_side, e),
+            };
+            match splice(src_fd, pipe.write.as_raw_fd(), pipe.capacity) {
                 Ok(0) => return Step::Ended,
                 Ok(n) => {
                     dir.in_pipe = n;
@@ -710,7 +723,7 @@ impl WorkerLoop {
                     s.last_activity = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Step::Wait(src_fd, READABLE, Op::PollIn)
+                    return await_source(&mut s.dirs[d], src_fd)
                 }
                 Err(e) if src_ktls && e.raw_os_error() == Some(libc::EINVAL) => {
                     return Step::Control
@@ -856,11 +869,17 @@ impl WorkerLoop {
             return;
         };
         self.free.push(slot);
+        // After their last operation: an empty pipe goes back to the pool,
+        // one still holding bytes closes.
+        for dir in &mut s.dirs {
+            if let Some(pipe) = dir.pipe.take() {
+                pipe.give_back();
+            }
+        }
         if let (Some(done), Some(end)) = (s.done.take(), s.end.take()) {
             let _ = done.send((s.counts, end, s.socks));
         }
-        // Pipes close here, after their last operation; the sockets went
-        // back to `run` (or close here if it is gone).
+        // The sockets went back to `run` (or close here if it is gone).
     }
 
     fn check_idle(&mut self) {

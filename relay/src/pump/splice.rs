@@ -80,16 +80,28 @@ async fn splice_half(
         count.fetch_add(src.leftover.len() as u64, Ordering::Relaxed);
     }
     if !src.peer_closed {
-        let pipe = Pipe::new().map_err(|e| (src_side, e))?;
+        // Taken when bytes move, given back (empty) while the source is
+        // awaited: an idle direction holds no pipe.
+        let mut held: Option<Pipe> = None;
         let (src_fd, dst_fd) = (src.tcp.as_raw_fd(), dst.tcp.as_raw_fd());
         loop {
             src.tcp.readable().await.map_err(|e| (src_side, e))?;
+            let pipe = match held.take() {
+                Some(pipe) => pipe,
+                None => Pipe::take().map_err(|e| (src_side, e))?,
+            };
+            let pipe = held.insert(pipe);
             let n = match src.tcp.try_io(Interest::READABLE, || {
                 splice(src_fd, pipe.write.as_raw_fd(), pipe.capacity)
             }) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(pipe) = held.take() {
+                        pipe.give_back();
+                    }
+                    continue;
+                }
                 Err(e) if src.ktls && e.raw_os_error() == Some(libc::EINVAL) => {
                     match read_control(src) {
                         Ok(Control::Closed) => break,
@@ -121,6 +133,9 @@ async fn splice_half(
                 }
             }
             count.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(pipe) = held {
+            pipe.give_back();
         }
     }
     if dst.ktls {

@@ -304,7 +304,7 @@ impl Session<'_> {
         };
         let pipes = match self.pipes.take() {
             Some(pipes) => pipes,
-            None => match (Pipe::new(), Pipe::new()) {
+            None => match (Pipe::take(), Pipe::take()) {
                 (Ok(a), Ok(b)) => (a, b),
                 _ => return Ok(false),
             },
@@ -366,7 +366,10 @@ impl Session<'_> {
     /// The chunk is over (or abandoned): its pipes and scan buffer go, so
     /// a session between chunks or messages holds neither.
     fn release_chunk_buffers(&mut self) {
-        self.pipes = None;
+        if let Some((a, b)) = self.pipes.take() {
+            a.give_back();
+            b.give_back();
+        }
         self.scratch = Vec::new();
     }
 
