@@ -1264,27 +1264,7 @@ impl Config {
                     "\"mx\" routes by DNS and stands alone; put fixed next hops in another connector",
                 ));
             }
-            if let (Some(sts), None) = (&c.mta_sts, c.mx_port()) {
-                return Err(src.error(
-                    sts.span(),
-                    format!("outbound_connectors[{i}].mta_sts"),
-                    "MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
-                ));
-            }
-            if let (Some(allowed), None) = (c.allow_private_mx.first(), c.mx_port()) {
-                return Err(src.error(
-                    allowed.span(),
-                    format!("outbound_connectors[{i}].allow_private_mx"),
-                    "only MX delivery (next_hops = [\"mx\"]) is kept from private networks; fixed next hops go where they say",
-                ));
-            }
-            if let (Some(dane), None) = (&c.dane, c.mx_port()) {
-                return Err(src.error(
-                    dane.span(),
-                    format!("outbound_connectors[{i}].dane"),
-                    "DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
-                ));
-            }
+            self.check_mx_only(i, c)?;
         }
         for (i, c) in self.inbound_connectors.iter().enumerate() {
             let wants_cert = c.client_certificate
@@ -1297,6 +1277,37 @@ impl Config {
                     "client certificates need trust_anchors",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Settings that only MX delivery uses are refused on a connector with
+    /// fixed next hops, where they would silently do nothing.
+    fn check_mx_only(&self, i: usize, c: &OutboundConnector) -> Result<(), ConfigError> {
+        let src = &self.source;
+        if c.mx_port().is_some() {
+            return Ok(());
+        }
+        if let Some(sts) = &c.mta_sts {
+            return Err(src.error(
+                sts.span(),
+                format!("outbound_connectors[{i}].mta_sts"),
+                "MTA-STS needs next_hops = [\"mx\"]: policies list a domain's MX hosts",
+            ));
+        }
+        if let Some(allowed) = c.allow_private_mx.first() {
+            return Err(src.error(
+                allowed.span(),
+                format!("outbound_connectors[{i}].allow_private_mx"),
+                "only MX delivery (next_hops = [\"mx\"]) is kept from private networks; fixed next hops go where they say",
+            ));
+        }
+        if let Some(dane) = &c.dane {
+            return Err(src.error(
+                dane.span(),
+                format!("outbound_connectors[{i}].dane"),
+                "DANE needs next_hops = [\"mx\"]: TLSA records are looked up for MX hosts",
+            ));
         }
         Ok(())
     }

@@ -161,29 +161,13 @@ pub fn check(der: &[u8], serial: &[u8], now: i64) -> Result<OcspStatus, OcspErro
     Ok(status)
 }
 
-/// What `der` says about the certificate with this serial number.
-pub fn status_for(der: &[u8], serial: &[u8]) -> Result<OcspStatus, OcspError> {
-    let mut input = der;
-    let mut response = expect(&mut input, SEQUENCE, "OCSPResponse")?;
-    let code = expect(&mut response, 0x0a, "responseStatus")?;
-    match code {
-        [0] => {}
-        [1] => return Err(OcspError::Unsuccessful("malformedRequest")),
-        [2] => return Err(OcspError::Unsuccessful("internalError")),
-        [3] => return Err(OcspError::Unsuccessful("tryLater")),
-        [5] => return Err(OcspError::Unsuccessful("sigRequired")),
-        [6] => return Err(OcspError::Unsuccessful("unauthorized")),
-        _ => return Err(OcspError::Malformed("responseStatus")),
-    }
-    let mut bytes = expect(&mut response, 0xa0, "responseBytes")?;
-    let mut bytes = expect(&mut bytes, SEQUENCE, "responseBytes")?;
-    if expect(&mut bytes, 0x06, "responseType")? != OCSP_BASIC {
-        return Err(OcspError::Malformed("not a basic OCSP response"));
-    }
-    let mut basic = expect(&mut bytes, 0x04, "response")?;
+/// The BasicOCSPResponse: what was signed, by which algorithm, the
+/// signature and the certificates sent with it; and its ResponseData.
+fn basic_response<'a>(bytes: &mut &'a [u8]) -> Result<(Signed, &'a [u8]), OcspError> {
+    let mut basic = expect(bytes, 0x04, "response")?;
     let mut basic = expect(&mut basic, SEQUENCE, "BasicOCSPResponse")?;
     let before = basic;
-    let mut data = expect(&mut basic, SEQUENCE, "ResponseData")?;
+    let data = expect(&mut basic, SEQUENCE, "ResponseData")?;
     let tbs = before[..before.len() - basic.len()].to_vec();
     let mut algorithm = expect(&mut basic, SEQUENCE, "signatureAlgorithm")?;
     let algorithm = expect(&mut algorithm, 0x06, "signatureAlgorithm")?.to_vec();
@@ -207,6 +191,29 @@ pub fn status_for(der: &[u8], serial: &[u8]) -> Result<OcspStatus, OcspError> {
         signature,
         certs,
     };
+    Ok((signed, data))
+}
+
+/// What `der` says about the certificate with this serial number.
+pub fn status_for(der: &[u8], serial: &[u8]) -> Result<OcspStatus, OcspError> {
+    let mut input = der;
+    let mut response = expect(&mut input, SEQUENCE, "OCSPResponse")?;
+    let code = expect(&mut response, 0x0a, "responseStatus")?;
+    match code {
+        [0] => {}
+        [1] => return Err(OcspError::Unsuccessful("malformedRequest")),
+        [2] => return Err(OcspError::Unsuccessful("internalError")),
+        [3] => return Err(OcspError::Unsuccessful("tryLater")),
+        [5] => return Err(OcspError::Unsuccessful("sigRequired")),
+        [6] => return Err(OcspError::Unsuccessful("unauthorized")),
+        _ => return Err(OcspError::Malformed("responseStatus")),
+    }
+    let mut bytes = expect(&mut response, 0xa0, "responseBytes")?;
+    let mut bytes = expect(&mut bytes, SEQUENCE, "responseBytes")?;
+    if expect(&mut bytes, 0x06, "responseType")? != OCSP_BASIC {
+        return Err(OcspError::Malformed("not a basic OCSP response"));
+    }
+    let (signed, mut data) = basic_response(&mut bytes)?;
     let mut e = element(&mut data)?;
     if e.tag == 0xa0 {
         e = element(&mut data)?; // version

@@ -409,21 +409,7 @@ impl fmt::Display for SessionReport {
         for d in &self.downgrades {
             write!(f, " downgrade({})=\"{}\"", d.leg, d.reason)?;
         }
-        match &self.outcome {
-            Outcome::Relayed { end } => {
-                let end = match end {
-                    PumpEnd::Closed => "closed".to_string(),
-                    PumpEnd::IdleTimeout => "idle timeout".to_string(),
-                    PumpEnd::Reset { side, detail } => format!("reset by {side:?}: {detail}"),
-                    PumpEnd::SetupFailed { detail } => format!("data plane setup failed: {detail}"),
-                };
-                write!(f, " outcome=relayed ({end})")?;
-            }
-            Outcome::Refused { leg, reason, .. } => {
-                write!(f, " outcome=refused ({leg}: {reason})")?
-            }
-            Outcome::Failed { reason } => write!(f, " outcome=failed ({reason})")?,
-        }
+        write_outcome(f, &self.outcome)?;
         if let Some(path) = self.data_path {
             write!(f, " path={path}")?;
             match self.ktls.as_slice() {
@@ -458,6 +444,24 @@ impl fmt::Display for SessionReport {
             self.duration_ms
         )
     }
+}
+
+/// The log line's `outcome=` field.
+fn write_outcome(f: &mut fmt::Formatter<'_>, outcome: &Outcome) -> fmt::Result {
+    match outcome {
+        Outcome::Relayed { end } => {
+            let end = match end {
+                PumpEnd::Closed => "closed".to_string(),
+                PumpEnd::IdleTimeout => "idle timeout".to_string(),
+                PumpEnd::Reset { side, detail } => format!("reset by {side:?}: {detail}"),
+                PumpEnd::SetupFailed { detail } => format!("data plane setup failed: {detail}"),
+            };
+            write!(f, " outcome=relayed ({end})")?;
+        }
+        Outcome::Refused { leg, reason, .. } => write!(f, " outcome=refused ({leg}: {reason})")?,
+        Outcome::Failed { reason } => write!(f, " outcome=failed ({reason})")?,
+    }
+    Ok(())
 }
 
 /// `Trusted TLS connection established from unknown[192.0.2.7]: TLSv1.3 with

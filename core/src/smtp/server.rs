@@ -434,29 +434,7 @@ impl Server {
 
     fn handle_command(&mut self, cmd: Command, needs_tls: bool) {
         match cmd {
-            Command::Ehlo(name) => {
-                self.esmtp = true;
-                self.phase = Phase::Ready;
-                let mut lines = vec![
-                    self.settings.hostname.clone(),
-                    "PIPELINING".into(),
-                    format!("SIZE {}", self.settings.max_message_size),
-                    "8BITMIME".into(),
-                    "ENHANCEDSTATUSCODES".into(),
-                    "SMTPUTF8".into(),
-                    "CHUNKING".into(),
-                ];
-                if !self.tls && self.settings.starttls != StartTls::Unavailable {
-                    lines.push("STARTTLS".into());
-                }
-                // RFC 8689: offered over TLS only.
-                if self.tls {
-                    lines.push("REQUIRETLS".into());
-                }
-                self.events
-                    .push_back(Event::Reply(Reply::multi(250, lines)));
-                self.events.push_back(Event::Hello { name, esmtp: true });
-            }
+            Command::Ehlo(name) => self.ehlo(name),
             Command::Helo(name) => {
                 self.esmtp = false;
                 self.phase = Phase::Ready;
@@ -492,18 +470,7 @@ impl Server {
                 self.error(530, "5.7.0 Must issue a STARTTLS command first")
             }
             Command::Mail { from, params } => self.mail(from, params),
-            Command::Rcpt { to, params } => {
-                if !matches!(self.phase, Phase::Mail | Phase::Rcpt) {
-                    return self.error(503, "5.5.1 Need MAIL before RCPT");
-                }
-                if let Err(e) = check_rcpt_params(&params) {
-                    let reply = e.reply();
-                    self.events.push_back(Event::Reply(reply));
-                    return self.count_error();
-                }
-                self.pending = Some(Pending::Rcpt);
-                self.events.push_back(Event::Rcpt { to });
-            }
+            Command::Rcpt { to, params } => self.rcpt(to, params),
             Command::Data => {
                 if self.phase != Phase::Rcpt || self.chunking {
                     return self.error(503, "5.5.1 Need RCPT before DATA");
@@ -513,6 +480,47 @@ impl Server {
             }
             Command::Bdat { size, last } => self.bdat(size, last),
         }
+    }
+
+    /// EHLO: the capabilities (STARTTLS before TLS only, REQUIRETLS over
+    /// TLS only, RFC 8689).
+    fn ehlo(&mut self, name: String) {
+        self.esmtp = true;
+        self.phase = Phase::Ready;
+        let mut lines = vec![
+            self.settings.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.settings.max_message_size),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "SMTPUTF8".into(),
+            "CHUNKING".into(),
+        ];
+        if !self.tls && self.settings.starttls != StartTls::Unavailable {
+            lines.push("STARTTLS".into());
+        }
+        // RFC 8689: offered over TLS only.
+        if self.tls {
+            lines.push("REQUIRETLS".into());
+        }
+        self.events
+            .push_back(Event::Reply(Reply::multi(250, lines)));
+        self.events.push_back(Event::Hello { name, esmtp: true });
+    }
+
+    /// RCPT: in sequence, with parameters the relay can honour, then the
+    /// relay decides.
+    fn rcpt(&mut self, to: String, params: String) {
+        if !matches!(self.phase, Phase::Mail | Phase::Rcpt) {
+            return self.error(503, "5.5.1 Need MAIL before RCPT");
+        }
+        if let Err(e) = check_rcpt_params(&params) {
+            let reply = e.reply();
+            self.events.push_back(Event::Reply(reply));
+            return self.count_error();
+        }
+        self.pending = Some(Pending::Rcpt);
+        self.events.push_back(Event::Rcpt { to });
     }
 
     /// MAIL: in sequence, within the size limit, then the relay decides.
