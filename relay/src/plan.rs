@@ -119,6 +119,151 @@ struct SmtpShared {
     report_sender: Option<ReportSender>,
 }
 
+/// What the MX connectors of one configuration share: one resolver, the
+/// trust anchors TLS reports are sent with, one report store.
+struct MxShared<'a> {
+    resolver: Option<DnsResolver>,
+    anchors_for_reports: Option<Arc<rustls::RootCertStore>>,
+    reports: Arc<TlsReports>,
+    state_dir: Option<&'a std::path::Path>,
+}
+
+impl MxShared<'_> {
+    /// An MX connector's route: its TLS, DANE and MTA-STS settings on the
+    /// shared resolver and report store.
+    fn route(
+        &mut self,
+        config: &Config,
+        c: &tlsrelay_core::config::OutboundConnector,
+        port: u16,
+        prefix: &str,
+        system_roots: &mut SystemRoots,
+    ) -> Result<NextHops, ConfigError> {
+        let span = c.next_hops[0].span();
+        let tls = outbound_tls_settings(
+            &config.source,
+            prefix,
+            &c.tls,
+            None,
+            span.clone(),
+            system_roots,
+        )?;
+        let resolver = match &self.resolver {
+            Some(r) => Clone::clone(r),
+            None => self
+                .resolver
+                .insert(dns_resolver(config, span.clone())?)
+                .clone(),
+        };
+        if let Some(roots) = tls.as_ref().and_then(|t| t.roots.clone()) {
+            self.anchors_for_reports.get_or_insert(roots);
+        }
+        let sts = match &tls {
+            Some(settings) if c.honours_mta_sts() => {
+                let roots = match &settings.roots {
+                    Some(roots) => roots.clone(),
+                    None => return Err(config.source.error(span, format!("{prefix}.trust_anchors"), "MTA-STS verifies certificates: the system store is unavailable, set trust_anchors (or mta_sts = false)")),
+                };
+                Some(Arc::new(StsPolicies::new(
+                    resolver.clone(),
+                    roots,
+                    self.state_dir.map(|d| d.join("mta-sts")),
+                    config.limits.connect_timeout,
+                )))
+            }
+            _ => None,
+        };
+        Ok(NextHops::Mx(Box::new(MxRoute {
+            port,
+            dane: c.dane_mode(),
+            tls,
+            resolver,
+            sts,
+            reports: Some(self.reports.clone()),
+            guard: MxGuard {
+                own_listeners: config
+                    .listeners
+                    .iter()
+                    .map(|l| *l.address.get_ref())
+                    .collect(),
+                private: config.dns.private_networks(),
+                allowed: c.allow_private_mx.iter().map(|a| *a.get_ref()).collect(),
+            },
+            host_tls: Default::default(),
+        })))
+    }
+}
+
+/// Each inbound connector's trust anchors for client certificates.
+fn connector_anchors(
+    config: &Config,
+) -> Result<Vec<Option<Arc<rustls::RootCertStore>>>, ConfigError> {
+    let src = &config.source;
+    let mut connector_anchors = Vec::new();
+    for (i, c) in config.inbound_connectors.iter().enumerate() {
+        let roots = match &c.trust_anchors {
+            None => None,
+            Some(path) => Some(Arc::new(
+                tls::load_roots(&src.resolve(path.get_ref())).map_err(|e| {
+                    src.error(
+                        path.span(),
+                        format!("inbound_connectors[{i}].trust_anchors"),
+                        e,
+                    )
+                })?,
+            )),
+        };
+        connector_anchors.push(roots);
+    }
+    Ok(connector_anchors)
+}
+
+/// The TLS report sender, when MX delivery has a state directory to keep
+/// results in and trust anchors to post them with.
+fn report_sender(
+    config: &Config,
+    state_dir: Option<&std::path::Path>,
+    mx: MxShared<'_>,
+    mail: MailOut,
+) -> Option<ReportSender> {
+    match (state_dir, mx.resolver, mx.anchors_for_reports) {
+        (Some(dir), Some(resolver), Some(roots)) => Some(ReportSender {
+            mail,
+            dir: dir.join("tlsrpt"),
+            resolver,
+            roots,
+            organization: config
+                .tlsrpt
+                .organization
+                .clone()
+                .unwrap_or_else(tls::hostname),
+            contact: config.tlsrpt.contact.clone().unwrap_or_else(|| {
+                let organization = config.tlsrpt.organization.clone();
+                format!("postmaster@{}", organization.unwrap_or_else(tls::hostname))
+            }),
+        }),
+        _ => None,
+    }
+}
+
+/// A connector's fixed next hops, each with the TLS it is verified with.
+fn fixed_hops(
+    src: &tlsrelay_core::config::Source,
+    c: &tlsrelay_core::config::OutboundConnector,
+    prefix: &str,
+    system_roots: &mut SystemRoots,
+) -> Result<Vec<NextHopPlan>, ConfigError> {
+    let mut next_hops = Vec::new();
+    for hop in &c.next_hops {
+        let NextHop::Fixed(address) = hop.get_ref().clone() else {
+            continue;
+        };
+        let tls = outbound_tls(src, prefix, &c.tls, &address.host, hop.span(), system_roots)?;
+        next_hops.push(NextHopPlan { address, tls });
+    }
+    Ok(next_hops)
+}
+
 impl SmtpShared {
     fn build(
         config: &Config,
@@ -128,81 +273,17 @@ impl SmtpShared {
         let src = &config.source;
         let mut outbound = Vec::new();
         let mut routes = Vec::new();
-        let mut resolver = None;
-        let mut anchors_for_reports = None;
-        let reports = TlsReports::shared(state_dir.map(|d| d.join("tlsrpt")));
+        let mut mx = MxShared {
+            resolver: None,
+            anchors_for_reports: None,
+            reports: TlsReports::shared(state_dir.map(|d| d.join("tlsrpt"))),
+            state_dir,
+        };
         for (i, c) in config.outbound_connectors.iter().enumerate() {
             let prefix = format!("outbound_connectors[{i}].tls");
             let hops = match c.mx_port() {
-                Some(port) => {
-                    let span = c.next_hops[0].span();
-                    let tls = outbound_tls_settings(
-                        src,
-                        &prefix,
-                        &c.tls,
-                        None,
-                        span.clone(),
-                        system_roots,
-                    )?;
-                    let resolver = match &resolver {
-                        Some(r) => Clone::clone(r),
-                        None => resolver.insert(dns_resolver(config, span.clone())?).clone(),
-                    };
-                    if let Some(roots) = tls.as_ref().and_then(|t| t.roots.clone()) {
-                        anchors_for_reports.get_or_insert(roots);
-                    }
-                    let sts = match &tls {
-                        Some(settings) if c.honours_mta_sts() => {
-                            let roots = match &settings.roots {
-                                Some(roots) => roots.clone(),
-                                None => return Err(src.error(span, format!("{prefix}.trust_anchors"), "MTA-STS verifies certificates: the system store is unavailable, set trust_anchors (or mta_sts = false)")),
-                            };
-                            Some(Arc::new(StsPolicies::new(
-                                resolver.clone(),
-                                roots,
-                                state_dir.map(|d| d.join("mta-sts")),
-                                config.limits.connect_timeout,
-                            )))
-                        }
-                        _ => None,
-                    };
-                    NextHops::Mx(Box::new(MxRoute {
-                        port,
-                        dane: c.dane_mode(),
-                        tls,
-                        resolver,
-                        sts,
-                        reports: Some(reports.clone()),
-                        guard: MxGuard {
-                            own_listeners: config
-                                .listeners
-                                .iter()
-                                .map(|l| *l.address.get_ref())
-                                .collect(),
-                            private: config.dns.private_networks(),
-                            allowed: c.allow_private_mx.iter().map(|a| *a.get_ref()).collect(),
-                        },
-                        host_tls: Default::default(),
-                    }))
-                }
-                None => {
-                    let mut next_hops = Vec::new();
-                    for hop in &c.next_hops {
-                        let NextHop::Fixed(address) = hop.get_ref().clone() else {
-                            continue;
-                        };
-                        let tls = outbound_tls(
-                            src,
-                            &prefix,
-                            &c.tls,
-                            &address.host,
-                            hop.span(),
-                            system_roots,
-                        )?;
-                        next_hops.push(NextHopPlan { address, tls });
-                    }
-                    NextHops::Fixed(next_hops)
-                }
+                Some(port) => mx.route(config, c, port, &prefix, system_roots)?,
+                None => NextHops::Fixed(fixed_hops(src, c, &prefix, system_roots)?),
             };
             outbound.push(Arc::new(MailConnector {
                 name: c.name.get_ref().clone(),
@@ -214,22 +295,7 @@ impl SmtpShared {
             }));
             routes.push((c.recipient_domains.clone(), i));
         }
-        let mut connector_anchors = Vec::new();
-        for (i, c) in config.inbound_connectors.iter().enumerate() {
-            let roots = match &c.trust_anchors {
-                None => None,
-                Some(path) => Some(Arc::new(
-                    tls::load_roots(&src.resolve(path.get_ref())).map_err(|e| {
-                        src.error(
-                            path.span(),
-                            format!("inbound_connectors[{i}].trust_anchors"),
-                            e,
-                        )
-                    })?,
-                )),
-            };
-            connector_anchors.push(roots);
-        }
+        let connector_anchors = connector_anchors(config)?;
         let routing = Routing {
             admission: Arc::new(config.admission()),
             routes,
@@ -257,24 +323,7 @@ impl SmtpShared {
                 limits.handshake_timeout,
             ),
         };
-        let report_sender = match (state_dir, resolver, anchors_for_reports) {
-            (Some(dir), Some(resolver), Some(roots)) => Some(ReportSender {
-                mail,
-                dir: dir.join("tlsrpt"),
-                resolver,
-                roots,
-                organization: config
-                    .tlsrpt
-                    .organization
-                    .clone()
-                    .unwrap_or_else(tls::hostname),
-                contact: config.tlsrpt.contact.clone().unwrap_or_else(|| {
-                    let organization = config.tlsrpt.organization.clone();
-                    format!("postmaster@{}", organization.unwrap_or_else(tls::hostname))
-                }),
-            }),
-            _ => None,
-        };
+        let report_sender = report_sender(config, state_dir, mx, mail);
         Ok(SmtpShared {
             connectors: outbound,
             routing,
@@ -427,34 +476,7 @@ impl Plan {
             description.push(describe_listener(l, config.upstream_of(l)));
             let listening = match l.protocol {
                 Protocol::Tcp => {
-                    let route_named = |name: &str| {
-                        routes
-                            .iter()
-                            .find(|r| r.name == name)
-                            .expect("validated: every route's upstream exists")
-                            .clone()
-                    };
-                    Listening::Tcp(Arc::new(ListenerPlan {
-                        name: l.name.get_ref().clone(),
-                        mode: l.tls.mode,
-                        tls,
-                        default_route: l.upstream.as_ref().map(|u| route_named(u.get_ref())),
-                        routes: l
-                            .routes
-                            .iter()
-                            .map(|r| RouteRule {
-                                sni: r.sni.iter().map(|n| n.to_ascii_lowercase()).collect(),
-                                alpn: r.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
-                                route: route_named(r.upstream.get_ref()),
-                                passthrough: r.passthrough,
-                            })
-                            .collect(),
-                        access: ClientAccess::new(&l.access),
-                        timeouts,
-                        ktls: config.dataplane.ktls,
-                        engine: config.dataplane.pump,
-                        proxy_protocol: proxy_sources(l),
-                    }))
+                    Listening::Tcp(Arc::new(tcp_listener(config, l, tls, &routes, timeouts)))
                 }
                 Protocol::Smtp => Listening::Smtp(Arc::new(smtp.listener(config, l, tls))),
             };
@@ -468,6 +490,45 @@ impl Plan {
             report_sender: smtp.report_sender,
             pools: pools.clone(),
         })
+    }
+}
+
+/// A TCP listener's plan: its TLS, its routes to the upstreams' plans,
+/// its access rules and data plane.
+fn tcp_listener(
+    config: &Config,
+    l: &Listener,
+    tls: Option<ListenerTls>,
+    routes: &[Arc<RoutePlan>],
+    timeouts: Timeouts,
+) -> ListenerPlan {
+    let route_named = |name: &str| {
+        routes
+            .iter()
+            .find(|r| r.name == name)
+            .expect("validated: every route's upstream exists")
+            .clone()
+    };
+    ListenerPlan {
+        name: l.name.get_ref().clone(),
+        mode: l.tls.mode,
+        tls,
+        default_route: l.upstream.as_ref().map(|u| route_named(u.get_ref())),
+        routes: l
+            .routes
+            .iter()
+            .map(|r| RouteRule {
+                sni: r.sni.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                alpn: r.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+                route: route_named(r.upstream.get_ref()),
+                passthrough: r.passthrough,
+            })
+            .collect(),
+        access: ClientAccess::new(&l.access),
+        timeouts,
+        ktls: config.dataplane.ktls,
+        engine: config.dataplane.pump,
+        proxy_protocol: proxy_sources(l),
     }
 }
 
@@ -795,38 +856,7 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
         l.tls.mode
     );
     if l.tls.mode != InboundMode::Off {
-        s += &format!(", minimum {}", l.tls.min_version);
-        if l.tls.certificates.is_empty() {
-            s += ", self-signed certificate from the state directory";
-        } else {
-            let chains: Vec<String> = l
-                .tls
-                .certificates
-                .iter()
-                .map(|c| c.chain.get_ref().display().to_string())
-                .collect();
-            s += &format!(", certificates {} (by SNI)", chains.join(", "));
-        }
-        if let Some(keys) = &l.tls.ticket_keys {
-            s += &format!(
-                ", session tickets from the fleet's keys in {} (each valid {:?})",
-                keys.get_ref().display(),
-                l.tls.ticket_key_lifetime
-            );
-        }
-        if let Some(auth) = &l.tls.client_auth {
-            let names: Vec<String> = auth.names.iter().map(ToString::to_string).collect();
-            s += &format!(
-                ", client certificate {} from {} named {}",
-                auth.mode,
-                auth.trust_anchors.get_ref().display(),
-                if names.is_empty() {
-                    "anything".to_string()
-                } else {
-                    names.join(" | ")
-                }
-            );
-        }
+        s += &describe_inbound_tls(&l.tls);
     }
     if *l.proxy_protocol.get_ref() {
         let from: Vec<String> = l
@@ -860,27 +890,7 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
             }
         );
     }
-    if !l.access.allow.is_empty() || !l.access.deny.is_empty() || l.access.rate.is_some() {
-        let list = |v: &[crate::smtp::address::Cidr]| {
-            v.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        s += "; clients";
-        if !l.access.allow.is_empty() {
-            s += &format!(" from {} only", list(&l.access.allow));
-        }
-        if !l.access.deny.is_empty() {
-            s += &format!(", never from {}", list(&l.access.deny));
-        }
-        if let Some(rate) = l.access.rate {
-            s += &format!(
-                ", at most {rate} new connections per second per address (bursts of {})",
-                ClientAccess::burst_of(&l.access)
-            );
-        }
-    }
+    s += &describe_access(&l.access);
     match (up, l.protocol) {
         (Some(up), _) => {
             s += &format!(" -> upstream {}", up.name.get_ref());
@@ -900,6 +910,73 @@ fn describe_listener(l: &Listener, up: Option<&Upstream>) -> String {
             tlsrelay_core::smtp::codec::MAX_TEXT_LINE
         ),
     }
+}
+
+/// A TLS listener's minimum version, certificates, tickets and client
+/// certificates, for [`describe_listener`].
+fn describe_inbound_tls(tls: &tlsrelay_core::config::InboundTls) -> String {
+    let mut s = String::new();
+    s += &format!(", minimum {}", tls.min_version);
+    if tls.certificates.is_empty() {
+        s += ", self-signed certificate from the state directory";
+    } else {
+        let chains: Vec<String> = tls
+            .certificates
+            .iter()
+            .map(|c| c.chain.get_ref().display().to_string())
+            .collect();
+        s += &format!(", certificates {} (by SNI)", chains.join(", "));
+    }
+    if let Some(keys) = &tls.ticket_keys {
+        s += &format!(
+            ", session tickets from the fleet's keys in {} (each valid {:?})",
+            keys.get_ref().display(),
+            tls.ticket_key_lifetime
+        );
+    }
+    if let Some(auth) = &tls.client_auth {
+        let names: Vec<String> = auth.names.iter().map(ToString::to_string).collect();
+        s += &format!(
+            ", client certificate {} from {} named {}",
+            auth.mode,
+            auth.trust_anchors.get_ref().display(),
+            if names.is_empty() {
+                "anything".to_string()
+            } else {
+                names.join(" | ")
+            }
+        );
+    }
+    s
+}
+
+/// A listener's access lists and rate, for [`describe_listener`] (empty
+/// when it has none).
+fn describe_access(access: &tlsrelay_core::config::Access) -> String {
+    let mut s = String::new();
+    if access.allow.is_empty() && access.deny.is_empty() && access.rate.is_none() {
+        return s;
+    }
+    let list = |v: &[crate::smtp::address::Cidr]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    s += "; clients";
+    if !access.allow.is_empty() {
+        s += &format!(" from {} only", list(&access.allow));
+    }
+    if !access.deny.is_empty() {
+        s += &format!(", never from {}", list(&access.deny));
+    }
+    if let Some(rate) = access.rate {
+        s += &format!(
+            ", at most {rate} new connections per second per address (bursts of {})",
+            ClientAccess::burst_of(access)
+        );
+    }
+    s
 }
 
 fn describe_inbound_connector(c: &tlsrelay_core::config::InboundConnector) -> String {

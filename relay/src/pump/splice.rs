@@ -138,6 +138,12 @@ async fn splice_half(
             pipe.give_back();
         }
     }
+    end_half(dst, dst_side).await
+}
+
+/// The source ended: close_notify first when the kernel speaks TLS on
+/// `dst`, then its write half closed.
+async fn end_half(dst: &SpliceLeg, dst_side: Side) -> Result<(), (Side, io::Error)> {
     if dst.ktls {
         loop {
             dst.tcp.writable().await.map_err(|e| (dst_side, e))?;
