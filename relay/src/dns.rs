@@ -21,8 +21,8 @@ use hickory_resolver::proto::op::{DnsRequestOptions, Message, Query, ResponseCod
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 
-use crate::smtp::mx::Mx;
 use tlsrelay_core::dane::{Answer, DnsFailure, Tlsa};
+use tlsrelay_core::smtp::mx::Mx;
 
 /// The relay's resolver (cheap to clone: the cache is shared).
 #[derive(Clone)]

@@ -14,14 +14,9 @@ use crate::dns::DnsResolver;
 use crate::legs::ProxySources;
 use crate::pump::SpliceEngine;
 use crate::session::{ListenerPlan, RoutePlan, RouteRule, Timeouts};
-use crate::smtp::address::DomainPattern;
 use crate::smtp::client::{MailConnector, NextHopPlan, NextHops};
 use crate::smtp::dns_route::MxRoute;
-use crate::smtp::forward::{ConnectorRoute, Routing};
 use crate::smtp::idle_hops::IdleHops;
-use crate::smtp::mx::MxGuard;
-use crate::smtp::next_hop::SmtpTimeouts;
-use crate::smtp::server::StartTls;
 use crate::smtp::session::SmtpListenerPlan;
 use crate::sts_policies::StsPolicies;
 use crate::tls::{
@@ -36,6 +31,11 @@ use tlsrelay_core::config::{
     CertificateFiles, ClientAuthMode, Config, ConfigError, Listener, Protocol, Source, Upstream,
 };
 use tlsrelay_core::policy::{InboundMode, KeyExchange, NamePattern, OutboundPolicy, Verification};
+use tlsrelay_core::smtp::address::DomainPattern;
+use tlsrelay_core::smtp::forward::{ConnectorRoute, Routing};
+use tlsrelay_core::smtp::mx::MxGuard;
+use tlsrelay_core::smtp::next_hop::SmtpTimeouts;
+use tlsrelay_core::smtp::server::StartTls;
 use tlsrelay_core::upstream::{HealthRules, Pool};
 
 /// Where listeners without configured certificates get theirs.
@@ -957,7 +957,7 @@ fn describe_access(access: &tlsrelay_core::config::Access) -> String {
     if access.allow.is_empty() && access.deny.is_empty() && access.rate.is_none() {
         return s;
     }
-    let list = |v: &[crate::smtp::address::Cidr]| {
+    let list = |v: &[tlsrelay_core::smtp::address::Cidr]| {
         v.iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()

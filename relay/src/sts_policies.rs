@@ -80,7 +80,7 @@ impl StsPolicies {
     /// the TXT id is unchanged, unavailable or withdrawn; else fetched.
     pub async fn lookup(&self, domain: &str) -> StsLookup {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        if !crate::smtp::address::is_hostname(&domain) {
+        if !tlsrelay_core::smtp::address::is_hostname(&domain) {
             return StsLookup::None; // it would name a cache file
         }
         let cached = self.cached(&domain).filter(|c| c.fresh(crate::unix_now()));

@@ -4,15 +4,15 @@
 
 use std::sync::Arc;
 
-use super::codec::Reply;
 use super::dns_route::MxRoute;
-use super::forward::{tls_required, unreachable};
 use super::hop::{Established, HopPolicy, HopSetup, OutboundRecord};
 use super::idle_hops::IdleHops;
-use super::next_hop::SmtpTimeouts;
 use crate::legs::{OutboundFailure, Target};
 use crate::tls::UpstreamTls;
 use tlsrelay_core::policy::OutboundPolicy;
+use tlsrelay_core::smtp::codec::Reply;
+use tlsrelay_core::smtp::forward::{tls_required, unreachable};
+use tlsrelay_core::smtp::next_hop::SmtpTimeouts;
 use tlsrelay_core::upstream::HostPort;
 
 /// One way out for mail: a connector's next hops and how to secure them.

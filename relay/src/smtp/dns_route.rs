@@ -8,10 +8,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::codec::Reply;
-use super::forward::tls_required;
 use super::hop::{Established, HopPolicy, HopSetup};
-use super::mx::{mx_hosts, MxGuard, MxHosts, Unfit};
 use crate::dns::DnsResolver;
 use crate::legs::{OutboundFailure, Target};
 use crate::sts_policies::{StsLookup, StsPolicies};
@@ -23,6 +20,9 @@ use tlsrelay_core::mta_sts::Mode;
 use tlsrelay_core::policy::PeerTrust;
 use tlsrelay_core::policy::{NamePattern, OutboundPolicy, TlsFailure, Verification};
 use tlsrelay_core::report::{LegSecurity, PolicySession};
+use tlsrelay_core::smtp::codec::Reply;
+use tlsrelay_core::smtp::forward::tls_required;
+use tlsrelay_core::smtp::mx::{mx_hosts, MxGuard, MxHosts, Unfit};
 use tlsrelay_core::tlsrpt::{result_type, PolicyDescriptor, SessionResult};
 use tlsrelay_core::upstream::HostPort;
 
@@ -616,7 +616,7 @@ impl Problems {
             _ => {}
         }
         if !self.unreachable.is_empty() || self.dns.is_empty() {
-            return super::forward::unreachable(connector, &self.unreachable);
+            return tlsrelay_core::smtp::forward::unreachable(connector, &self.unreachable);
         }
         Reply::new(
             451,
@@ -628,7 +628,7 @@ impl Problems {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::mx::Mx;
+    use tlsrelay_core::smtp::mx::Mx;
 
     #[test]
     fn every_order_of_four_equal_mx_hosts_is_drawn() {

@@ -1,7 +1,7 @@
 //! An open next-hop connection: set up through the shared leg setup
 //! ([`crate::legs`]) with the opening dialogue
-//! ([`super::next_hop::HopOpening`]) driven on the socket, then bytes
-//! written and replies read for the session's [`super::forward`] machine.
+//! ([`tlsrelay_core::smtp::next_hop::HopOpening`]) driven on the socket, then bytes
+//! written and replies read for the session's [`tlsrelay_core::smtp::forward`] machine.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,12 +10,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::codec::{Capabilities, Reply, ReplyParser};
-use super::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 use crate::legs::{open_outbound, Greeter, GreeterFailure, LegTimeouts, OutboundFailure, Target};
 use crate::pump::Leg;
 use tlsrelay_core::policy::OutboundPolicy;
 use tlsrelay_core::report::{Downgrade, LegSecurity, PolicySession, SocketRecord};
+use tlsrelay_core::smtp::codec::{Capabilities, Reply, ReplyParser};
+use tlsrelay_core::smtp::next_hop::{HopOpening, Opening, OpeningFailure, SmtpTimeouts, Wait};
 
 /// What a connector asks of every next hop it opens: its name (for
 /// replies and logs), its TLS policy, and whether the kernel may take

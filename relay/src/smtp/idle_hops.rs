@@ -1,7 +1,7 @@
 //! Next-hop connections kept idle between sessions, as Postfix's
 //! connection cache keeps them (`smtp_connection_cache_time_limit`,
 //! `smtp_connection_reuse_time_limit`): a session that ends on a clean
-//! next hop ([`super::forward::Action::Release`]) parks it here, and the
+//! next hop ([`tlsrelay_core::smtp::forward::Action::Release`]) parks it here, and the
 //! next session to the same connector and recipient domain takes it after
 //! an RSET proves it alive, skipping the connect, the banner, EHLO,
 //! STARTTLS and the handshake.

@@ -1,8 +1,6 @@
-//! SMTP on sockets: the state machines of [`tlsrelay_core::smtp`] (re-exported
-//! here) driven by `client` (next hops: the shared leg setup, the opening
-//! dialogue, replies) and `session` (one SMTP session end to end).
-
-pub use tlsrelay_core::smtp::{address, admission, codec, forward, mx, next_hop, server};
+//! SMTP on sockets: the state machines of [`tlsrelay_core::smtp`] driven by
+//! `client` (next hops: the shared leg setup, the opening dialogue,
+//! replies) and `session` (one SMTP session end to end).
 
 pub mod client;
 pub mod dns_route;

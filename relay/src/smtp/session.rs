@@ -1,6 +1,6 @@
 //! One SMTP session's I/O: the client's bytes into the dialogue machine
-//! ([`super::server`]), its events into the relaying machine
-//! ([`super::forward`]), and that machine's actions carried out on the
+//! ([`tlsrelay_core::smtp::server`]), its events into the relaying machine
+//! ([`tlsrelay_core::smtp::forward`]), and that machine's actions carried out on the
 //! sockets, under RFC 5321's timers and the drain signal. No decision is
 //! taken here.
 
@@ -12,13 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::admission::{Client, PresentedCertificate};
 use super::client::{establish, MailConnector};
-use super::codec::Reply;
-use super::forward::{Action, Destination, Forwarder, OpenedHop, Routing, Stamp};
 use super::hop::{HopConnection, OutboundRecord};
-use super::next_hop::SmtpTimeouts;
-use super::server::{Event, Server, ServerSettings, StartTls};
 use crate::legs::{accept_tls, inbound_refused, inbound_security, ClientAddress, ProxySources};
 use crate::pump::{leg_to_kernel, DataPath, Handoff, Leg, PumpEnd, Side};
 use crate::tls::{cert_names, client_chain_verifies, ListenerTls};
@@ -27,6 +22,11 @@ use tlsrelay_core::policy::PeerTrust;
 use tlsrelay_core::report::{
     Direction, Downgrade, LegSecurity, Outcome, PolicySession, SessionReport, SocketRecord,
 };
+use tlsrelay_core::smtp::admission::{Client, PresentedCertificate};
+use tlsrelay_core::smtp::codec::Reply;
+use tlsrelay_core::smtp::forward::{Action, Destination, Forwarder, OpenedHop, Routing, Stamp};
+use tlsrelay_core::smtp::next_hop::SmtpTimeouts;
+use tlsrelay_core::smtp::server::{Event, Server, ServerSettings, StartTls};
 use tlsrelay_sys::splice::{read_pipe, splice, tee, Pipe};
 
 /// Everything an SMTP listener's sessions need.

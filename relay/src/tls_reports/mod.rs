@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::smtp::address::is_hostname;
 use crate::unix_now;
+use tlsrelay_core::smtp::address::is_hostname;
 use tlsrelay_core::tlsrpt::{utc_day, DayResults, PolicyDescriptor, SessionResult};
 
 /// Today's results, as sessions add to them. One per state directory in

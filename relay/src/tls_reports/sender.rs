@@ -12,12 +12,12 @@ use rustls::RootCertStore;
 use super::{pending, Pending};
 use crate::dns::DnsResolver;
 use crate::http_client;
-use crate::smtp::address::route;
 use crate::smtp::client::{establish, MailConnector};
-use crate::smtp::forward::Routing;
 use crate::smtp::hop::OutboundRecord;
-use crate::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
 use crate::unix_now;
+use tlsrelay_core::smtp::address::route;
+use tlsrelay_core::smtp::forward::Routing;
+use tlsrelay_core::smtp::next_hop::{DotStuffer, SmtpTimeouts, Wait};
 use tlsrelay_core::tlsrpt::{report_mail, rua, utc_day, Envelope, Report, Retry};
 
 /// How long one report POST may take, connection to answer: a `rua` that
