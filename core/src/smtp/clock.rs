@@ -70,7 +70,7 @@ impl RequestClock {
     }
 
     /// Whether the request's time is up at `now`.
-    pub fn handle_timeout(&mut self, now: Instant) -> bool {
+    pub fn handle_timeout(&self, now: Instant) -> bool {
         self.poll_timeout().is_some_and(|deadline| now >= deadline)
     }
 }

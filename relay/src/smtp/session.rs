@@ -98,8 +98,8 @@ struct Session<'a> {
 
 /// Waits for `client` (something the client must do) within what is
 /// left of its request's time, which the server machine keeps
-/// ([`tlsrelay_core::smtp::clock::RequestClock`]); `None` when that ran
-/// out, with the machine's goodbye.
+/// ([`tlsrelay_core::smtp::clock::RequestClock`]); when that runs out,
+/// the machine closes and this gives its goodbye (421 4.4.2).
 async fn client_wait<T>(
     server: &mut Server,
     client: impl std::future::Future<Output = T>,
