@@ -106,6 +106,11 @@ const BATCH: usize = 16;
 /// ...or once this long has passed with at least one.
 const BATCH_WAIT_US: u32 = 50;
 
+/// A session that moved nothing for this long has each waiting direction
+/// tried once more, in case the kernel lost the wakeup it waits for (an
+/// idle session pays two non-blocking syscalls per quiet spell).
+const RETRY_QUIET: Duration = Duration::from_secs(5);
+
 /// What a worker is handed.
 enum Msg {
     Session(Job),
@@ -369,6 +374,8 @@ struct Session {
     counts: [u64; 2],
     idle: Duration,
     last_activity: Instant,
+    /// The quiet spell (by its `last_activity`) whose waits were retried.
+    retried: Option<Instant>,
     /// Set once the session is ending; freed when nothing is in flight.
     end: Option<PumpEnd>,
     done: Option<oneshot::Sender<Finished>>,
@@ -582,6 +589,7 @@ impl WorkerLoop {
             counts: [0, 0],
             idle: job.idle,
             last_activity: Instant::now(),
+            retried: None,
             end: None,
             done: Some(job.done),
         };
@@ -743,6 +751,10 @@ impl WorkerLoop {
         if op == Op::Cancel as u8 {
             return;
         }
+        #[cfg(test)]
+        if op == Op::PollIn as u8 && res > 0 && tests::LOSE_WAKEUPS.load(Ordering::Relaxed) {
+            return; // as if the kernel had not woken us
+        }
         let Some(s) = self.session(slot) else { return };
         if op == Op::PollIn as u8 {
             s.dirs[d].armed_in = more;
@@ -758,7 +770,7 @@ impl WorkerLoop {
         }
         let (src_side, dst_side) = (SIDES[s.dirs[d].src], SIDES[s.dirs[d].dst]);
         match op {
-            _ if res == -libc::ECANCELED => self.run_direction(slot, d),
+            _ if res == -libc::ECANCELED => self.retry_direction(slot, d),
             x if x == Op::PollIn as u8 && res < 0 => {
                 self.fail(slot, src_side, io::Error::from_raw_os_error(-res))
             }
@@ -884,24 +896,108 @@ impl WorkerLoop {
 
     fn check_idle(&mut self) {
         let now = Instant::now();
-        let idle: Vec<usize> = self
-            .sessions
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                let s = s.as_ref()?;
-                (s.end.is_none() && now.duration_since(s.last_activity) >= s.idle).then_some(i)
-            })
-            .collect();
+        let mut idle = Vec::new();
+        let mut quiet = Vec::new();
+        for (slot, s) in self.sessions.iter().enumerate() {
+            let Some(s) = s.as_ref().filter(|s| s.end.is_none()) else {
+                continue;
+            };
+            let still = now.duration_since(s.last_activity);
+            if still >= s.idle {
+                idle.push(slot);
+            } else if still >= RETRY_QUIET && s.retried != Some(s.last_activity) {
+                quiet.push(slot);
+            }
+        }
         for slot in idle {
+            if let Some(s) = self.session(slot) {
+                tracing::info!("io_uring session idle: {}", waits(s));
+            }
             self.end(slot, PumpEnd::IdleTimeout);
         }
+        for slot in quiet {
+            self.retry_waits(slot);
+        }
     }
+
+    /// Tries each waiting direction of a quiet session once more: one
+    /// waiting for its source runs now (its multishot poll stays armed),
+    /// one waiting for its destination has that poll cancelled, and its
+    /// cancellation runs it ([`Self::retry_direction`]).
+    fn retry_waits(&mut self, slot: usize) {
+        let Some(s) = self.session(slot) else { return };
+        s.retried = Some(s.last_activity);
+        let generation = s.generation;
+        let open = s.dirs.each_ref().map(|dir| dir.state == DirState::Open);
+        let pending = s.dirs.each_ref().map(|dir| dir.pending);
+        for d in (0..2).filter(|&d| open[d] && !pending[d]) {
+            self.retry_direction(slot, d);
+        }
+        for d in (0..2).filter(|&d| open[d] && pending[d]) {
+            let cancel = opcode::AsyncCancel::new(user_data(slot, generation, d, Op::PollOut))
+                .build()
+                .user_data(user_data(slot, generation, d, Op::Cancel));
+            self.push(cancel);
+        }
+    }
+
+    /// Runs a direction that no completion woke; says so when it finds
+    /// bytes to move after all, as that means a lost wakeup.
+    fn retry_direction(&mut self, slot: usize, d: usize) {
+        let Some(s) = self.session(slot) else { return };
+        let (before, waits_before) = (s.counts[d], waits(s));
+        self.run_direction(slot, d);
+        if let Some(s) = self.session(slot) {
+            if s.counts[d] > before {
+                tracing::warn!(
+                    "io_uring: a quiet session moved {} bytes when tried again: a wakeup was \
+                     lost ({waits_before})",
+                    s.counts[d] - before
+                );
+            }
+        }
+    }
+}
+
+/// What each direction of a session waits for, and the bytes queued at
+/// its sockets (SIOCINQ at the source, SIOCOUTQ at the destination).
+fn waits(s: &Session) -> String {
+    // SIOCINQ and SIOCOUTQ are FIONREAD's and TIOCOUTQ's numbers.
+    let queued = |fd: RawFd, req: libc::Ioctl| {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD/SIOCOUTQ on a socket this session owns write one int.
+        match unsafe { libc::ioctl(fd, req, &mut n) } {
+            0 => n.to_string(),
+            _ => "?".to_string(),
+        }
+    };
+    let dirs: Vec<String> = s
+        .dirs
+        .iter()
+        .map(|dir| {
+            let wait = match (dir.state, dir.pending, dir.armed_in) {
+                (DirState::Done, ..) => "done",
+                (_, true, _) => "destination",
+                (_, _, true) => "source",
+                _ => "nothing",
+            };
+            format!(
+                "{:?}->{:?} waits for {wait}: {} in pipe, source queue {}, destination queue {}",
+                SIDES[dir.src],
+                SIDES[dir.dst],
+                dir.in_pipe,
+                queued(s.socks[dir.src].as_raw_fd(), libc::FIONREAD),
+                queued(s.socks[dir.dst].as_raw_fd(), libc::TIOCOUTQ),
+            )
+        })
+        .collect();
+    format!("{}; bytes {}/{}", dirs.join("; "), s.counts[0], s.counts[1])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream as TokioStream};
 
@@ -940,6 +1036,55 @@ mod tests {
         pump.await.unwrap()
     }
 
+    /// Workers drop the completions of source polls: wakeups the kernel
+    /// lost.
+    pub(super) static LOSE_WAKEUPS: AtomicBool = AtomicBool::new(false);
+
+    /// Held by a test that changes every worker (kills them, or loses
+    /// their wakeups), so another's sessions do not meet it.
+    static WORKERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// A session whose source's wakeup never comes still moves its bytes
+    /// after a quiet spell ([`RETRY_QUIET`]), not at its idle timeout.
+    #[tokio::test]
+    async fn a_lost_wakeup_costs_a_quiet_spell_not_the_session() {
+        if let Err(why) = available() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "io_uring: {why}"
+            );
+            eprintln!("skipped: io_uring unavailable here: {why}");
+            return;
+        }
+        let _alone = WORKERS.lock().await;
+        let ((mut client, relay_c), (relay_u, mut server)) = (pair().await, pair().await);
+        let pump = tokio::spawn(run(leg(relay_c), leg(relay_u), Duration::from_secs(300)));
+        // One byte with wakeups intact: the session runs and its polls are armed.
+        let mut one = [0u8; 1];
+        client.write_all(b"a").await.unwrap();
+        server.read_exact(&mut one).await.unwrap();
+        LOSE_WAKEUPS.store(true, Ordering::Relaxed);
+        let message = vec![9u8; 100_000];
+        let sent = Instant::now();
+        client.write_all(&message).await.unwrap();
+        let mut got = vec![0; message.len()];
+        let arrived = tokio::time::timeout(Duration::from_secs(60), server.read_exact(&mut got));
+        let arrived = arrived.await;
+        LOSE_WAKEUPS.store(false, Ordering::Relaxed);
+        arrived
+            .expect("bytes moved before the idle timeout")
+            .unwrap();
+        assert_eq!(got, message);
+        // Not woken: they waited for the retry.
+        assert!(sent.elapsed() >= RETRY_QUIET / 2, "{:?}", sent.elapsed());
+        client.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+        let (counts, end) = pump.await.unwrap();
+        assert_eq!(counts, [100_001, 0]);
+        assert!(matches!(end, PumpEnd::Closed), "{end:?}");
+    }
+
     #[tokio::test]
     async fn a_failed_worker_is_replaced_and_counted() {
         if let Err(why) = available() {
@@ -951,6 +1096,7 @@ mod tests {
             eprintln!("skipped: io_uring unavailable here: {why}");
             return;
         }
+        let _alone = WORKERS.lock().await;
         let pool = pool().unwrap();
         let message = vec![7u8; 100_000];
         assert_eq!(one_session(&message).await.0, [100_000, 100_000]);

@@ -674,6 +674,12 @@ pub struct TestRelay {
 impl TestRelay {
     /// Starts a relay from TOML text; relative paths resolve against `dir`.
     pub async fn start(toml: &str, dir: &Path) -> TestRelay {
+        // The io_uring pump's word on a session it re-tried or timed out
+        // goes to the test's output (the rest of the relay's log does not).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("tlsrelay_sys::uring=info")
+            .with_test_writer()
+            .try_init();
         let config = Config::parse(toml, "test.toml", dir.to_path_buf())
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
         let state = tempfile::tempdir().unwrap();
