@@ -6,6 +6,7 @@
 //! lists and rates, session tickets shared by two relay processes, and
 //! `tlsrelay status` with a drain.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,7 +30,11 @@ struct Named {
 
 impl Named {
     async fn start(name: &'static str) -> Named {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Named::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_at(name: &'static str, address: SocketAddr) -> Named {
+        let listener = TcpListener::bind(address).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut named = Named {
             name,
@@ -304,6 +309,164 @@ async fn weights_hold_over_ten_thousand_sessions_and_backups_wait() {
         assert_eq!(who(listener).await.unwrap(), "backup");
     }
     backup.kill().await;
+}
+
+/// A name server on loopback that answers every A question with one
+/// address and TTL (changeable), NODATA to the rest, and counts the
+/// questions per name.
+struct MovingDns {
+    addr: SocketAddr,
+    answers: Arc<std::sync::Mutex<HashMap<String, (std::net::Ipv4Addr, u32)>>>,
+    asked: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    task: JoinHandle<()>,
+}
+
+impl MovingDns {
+    async fn start() -> MovingDns {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let answers: Arc<std::sync::Mutex<HashMap<String, (std::net::Ipv4Addr, u32)>>> =
+            Arc::default();
+        let asked: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
+        let (answers_in, asked_in) = (answers.clone(), asked.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                if let Some(reply) = dns_reply(&buf[..n], &answers_in, &asked_in) {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            }
+        });
+        MovingDns {
+            addr,
+            answers,
+            asked,
+            task,
+        }
+    }
+
+    fn answer(&self, name: &str, ip: &str, ttl: u32) {
+        let mut answers = self.answers.lock().unwrap();
+        answers.insert(name.to_string(), (ip.parse().unwrap(), ttl));
+    }
+
+    fn asked(&self, name: &str) -> usize {
+        self.asked.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for MovingDns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The reply to one DNS query (RFC 1035 4.1): the question echoed, one
+/// A record for a known name asked for A, no answer otherwise.
+fn dns_reply(
+    query: &[u8],
+    answers: &std::sync::Mutex<HashMap<String, (std::net::Ipv4Addr, u32)>>,
+    asked: &std::sync::Mutex<HashMap<String, usize>>,
+) -> Option<Vec<u8>> {
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *query.get(at)? as usize;
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(at..at + len)?).to_lowercase());
+        at += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+    let question = query.get(12..at + 4)?;
+    let name = labels.join(".");
+    *asked.lock().unwrap().entry(name.clone()).or_default() += qtype.eq(&1) as usize;
+    let answer = answers
+        .lock()
+        .unwrap()
+        .get(&name)
+        .copied()
+        .filter(|_| qtype == 1);
+    let mut reply = query[..2].to_vec(); // the query's id
+    reply.extend_from_slice(&[0x85, 0x80, 0, 1, 0, u8::from(answer.is_some()), 0, 0, 0, 0]);
+    reply.extend_from_slice(question);
+    if let Some((ip, ttl)) = answer {
+        reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]); // the name, A, IN
+        reply.extend_from_slice(&ttl.to_be_bytes());
+        reply.extend_from_slice(&[0, 4]);
+        reply.extend_from_slice(&ip.octets());
+    }
+    Some(reply)
+}
+
+/// Servers named by DNS: sessions within a name's TTL ask the name server
+/// once, and when the name moves to another address, sessions follow it
+/// once the old record expires, as nginx's `resolve` and HAProxy's
+/// `resolvers` do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_named_by_dns_follow_their_records_ttl() {
+    let pki = Pki::new();
+    let dns = MovingDns::start().await;
+    let first = Named::start("first").await;
+    let port = first.addr.port();
+    let moved = Named::start_at("moved", SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let steady = Named::start("steady").await;
+    dns.answer("steady.test", "127.0.0.1", 3600);
+    dns.answer("moving.test", "127.0.0.1", 1);
+    let toml = format!(
+        r#"
+ebpf.enabled = false
+dns.nameservers = ["{dns}"]
+
+[[listeners]]
+name = "steady"
+address = "127.0.0.1:0"
+upstream = "steady"
+tls.mode = "off"
+
+[[listeners]]
+name = "moving"
+address = "127.0.0.1:0"
+upstream = "moving"
+tls.mode = "off"
+
+[[upstreams]]
+name = "steady"
+address = "steady.test:{steady_port}"
+tls.policy = "plain"
+
+[[upstreams]]
+name = "moving"
+address = "moving.test:{port}"
+tls.policy = "plain"
+"#,
+        dns = dns.addr,
+        steady_port = steady.addr.port(),
+    );
+    let relay = TestRelay::start(&toml, pki.dir()).await;
+    for _ in 0..20 {
+        assert_eq!(who(relay.addr("steady")).await.unwrap(), "steady");
+    }
+    assert_eq!(dns.asked("steady.test"), 1, "one question for 20 sessions");
+    assert_eq!(who(relay.addr("moving")).await.unwrap(), "first");
+    dns.answer("moving.test", "127.0.0.2", 1);
+    let deadline = Instant::now() + patience();
+    loop {
+        let server = who(relay.addr("moving")).await.unwrap();
+        if server == "moved" {
+            break;
+        }
+        assert_eq!(server, "first");
+        assert!(
+            Instant::now() < deadline,
+            "the relay never followed the name"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dns.asked("moving.test") >= 2, "asked again after the TTL");
+    assert_eq!(moved.sessions(), 1);
 }
 
 /// Routes by SNI (exact, wildcard, the rest) and by ALPN, TLS terminated

@@ -702,7 +702,8 @@ pub struct TlsRpt {
     pub contact: Option<String>,
 }
 
-/// The resolver MX delivery, DANE and MTA-STS use.
+/// The resolver MX delivery, DANE and MTA-STS use (validating), and the
+/// one upstream server names use (cached by TTL, not validating).
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Dns {

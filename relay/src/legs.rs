@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::names::UpstreamNames;
 use crate::pump::{Handoff, Leg};
 use crate::tls::{cert_names, classify_failure, negotiated_of, ListenerTls, RecordIo, UpstreamTls};
 use tlsrelay_core::policy::{
@@ -178,6 +179,8 @@ pub struct Target<'a> {
     pub tls: Option<&'a UpstreamTls>,
     /// A PROXY protocol header to send first on every connection.
     pub proxy_header: Option<Vec<u8>>,
+    /// Resolves a host name by its records' TTL; `None`: getaddrinfo.
+    pub names: Option<&'a UpstreamNames>,
     /// Hand the TLS leg's keys to the kernel right after the handshake
     /// (SMTP next hops: the dialogue then runs on kernel TLS). TCP
     /// sessions leave this to their pump.
@@ -392,7 +395,8 @@ async fn connect(
     limit: Duration,
 ) -> Result<(TcpStream, SocketAddr), OutboundFailure> {
     let address = target.address;
-    let error = match timeout(limit, open(address, target.proxy_header.as_deref())).await {
+    let opening = open(address, target.names, target.proxy_header.as_deref());
+    let error = match timeout(limit, opening).await {
         Ok(Ok(opened)) => return Ok(opened),
         Ok(Err((class, e))) => {
             tracing::debug!(session = target.session, "connecting {address}: {e}");
@@ -409,14 +413,18 @@ async fn connect(
 /// the stream and its peer, or a class of what failed with the error.
 async fn open(
     address: &HostPort,
+    names: Option<&UpstreamNames>,
     header: Option<&[u8]>,
 ) -> Result<(TcpStream, SocketAddr), (&'static str, std::io::Error)> {
     use tokio::io::AsyncWriteExt;
     let class = |e: std::io::Error| (io_class(&e), e);
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((address.host.as_str(), address.port))
-        .await
-        .map_err(|e| ("name not resolved", e))?
-        .collect();
+    let resolved = match names {
+        Some(names) => names.resolve(address).await,
+        None => tokio::net::lookup_host((address.host.as_str(), address.port))
+            .await
+            .map(Iterator::collect),
+    };
+    let addrs: Vec<SocketAddr> = resolved.map_err(|e| ("name not resolved", e))?;
     let mut tcp = TcpStream::connect(&addrs[..]).await.map_err(class)?;
     let _ = tcp.set_nodelay(true);
     if let Some(header) = header {

@@ -20,6 +20,7 @@ mod inspect;
 mod legs;
 pub mod listeners;
 mod metrics;
+mod names;
 pub mod plan;
 mod privileges;
 pub mod pump;

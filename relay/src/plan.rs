@@ -12,6 +12,7 @@ use rustls::pki_types::ServerName;
 use crate::access::ClientAccess;
 use crate::dns::DnsResolver;
 use crate::legs::ProxySources;
+use crate::names::UpstreamNames;
 use crate::pump::SpliceEngine;
 use crate::session::{ListenerPlan, RoutePlan, RouteRule, Timeouts};
 use crate::smtp::client::{MailConnector, NextHopPlan, NextHops};
@@ -439,6 +440,7 @@ impl Plan {
         };
         let mut system_roots = None;
         let mut routes = Vec::new();
+        let names = UpstreamNames::new(&config.dns.nameservers);
         for (i, up) in config.upstreams.iter().enumerate() {
             routes.push(Arc::new(route_plan(
                 src,
@@ -447,6 +449,7 @@ impl Plan {
                 &mut system_roots,
                 pools,
                 config.limits.connect_timeout,
+                &names,
             )?));
         }
         let mut description = Vec::new();
@@ -677,6 +680,7 @@ fn route_plan(
     system_roots: &mut SystemRoots,
     pools: &Pools,
     connect_timeout: std::time::Duration,
+    names: &UpstreamNames,
 ) -> Result<RoutePlan, ConfigError> {
     let specs = up.server_specs();
     let mut servers = Vec::new();
@@ -708,6 +712,7 @@ fn route_plan(
             check: up.check.clone(),
             eject_time: up.eject_time,
             connect_timeout,
+            names: names.clone(),
         },
     );
     pool.use_tls(servers.clone());

@@ -529,6 +529,7 @@ async fn connect_upstream(
             policy,
             tls: tls.as_deref(),
             proxy_header: c.proxy_header.clone(),
+            names: Some(pool.names()),
             kernel_tls: false,
         };
         let why = match open_outbound(&target, &mut Silent, c.timeouts, sockets).await {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::names::UpstreamNames;
 use crate::tls::UpstreamTls;
 use tlsrelay_core::config::HealthCheck;
 use tlsrelay_core::upstream::HostPort;
@@ -25,6 +26,8 @@ pub struct PoolSettings {
     pub check: Option<HealthCheck>,
     pub eject_time: Duration,
     pub connect_timeout: Duration,
+    /// Resolves the servers named by DNS (sessions and checks alike).
+    pub names: UpstreamNames,
 }
 
 /// One upstream's pool, shared by the sessions of every plan that names
@@ -97,6 +100,11 @@ impl PoolState {
     /// `key` is the client address or SNI for the hash balances.
     pub fn pick(&self, key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
         self.lock().pick(key, tried)
+    }
+
+    /// How the pool's server names are resolved.
+    pub fn names(&self) -> &UpstreamNames {
+        &self.settings.names
     }
 
     pub fn address(&self, server: usize) -> HostPort {
@@ -204,12 +212,7 @@ impl PoolState {
             return;
         }
         for server in 0..self.servers() {
-            tokio::spawn(check_loop(
-                Arc::downgrade(self),
-                server,
-                check.clone(),
-                self.settings.connect_timeout,
-            ));
+            tokio::spawn(check_loop(Arc::downgrade(self), server, check.clone()));
         }
     }
 }
@@ -225,7 +228,7 @@ fn jitter() -> f64 {
 /// Checks one server every `interval` (plus up to a tenth of it, so the
 /// servers of a fleet's relays are not all checked at once) until its
 /// pool is gone.
-async fn check_loop(state: Weak<PoolState>, server: usize, check: HealthCheck, connect: Duration) {
+async fn check_loop(state: Weak<PoolState>, server: usize, check: HealthCheck) {
     // The first check comes at a random point of the first interval.
     tokio::time::sleep(check.interval.mul_f64(jitter())).await;
     loop {
@@ -235,13 +238,14 @@ async fn check_loop(state: Weak<PoolState>, server: usize, check: HealthCheck, c
         let address = pool.address(server);
         let tls = pool.tls.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let tls = tls.get(server).cloned().flatten();
+        let names = pool.settings.names.clone();
+        let limit = check.timeout.unwrap_or(pool.settings.connect_timeout);
         drop(pool);
-        let limit = check.timeout.unwrap_or(connect);
-        let result =
-            match tokio::time::timeout(limit, probe(&address, tls.as_deref(), &check)).await {
-                Ok(result) => result,
-                Err(_) => Err("timed out".to_string()),
-            };
+        let probe = probe(&address, &names, tls.as_deref(), &check);
+        let result = match tokio::time::timeout(limit, probe).await {
+            Ok(result) => result,
+            Err(_) => Err("timed out".to_string()),
+        };
         let Some(pool) = state.upgrade() else {
             return;
         };
@@ -264,10 +268,15 @@ async fn check_loop(state: Weak<PoolState>, server: usize, check: HealthCheck, c
 /// verification); send; the reply's start.
 async fn probe(
     address: &HostPort,
+    names: &UpstreamNames,
     tls: Option<&UpstreamTls>,
     check: &HealthCheck,
 ) -> Result<(), String> {
-    let tcp = TcpStream::connect((address.host.as_str(), address.port))
+    let addrs = names
+        .resolve(address)
+        .await
+        .map_err(|_| "name not resolved".to_string())?;
+    let tcp = TcpStream::connect(&addrs[..])
         .await
         .map_err(|e| crate::legs::io_class(&e).to_string())?;
     let _ = tcp.set_nodelay(true);
@@ -366,5 +375,5 @@ impl Pools {
 }
 
 fn settings_key(s: &PoolSettings) -> String {
-    format!("{:?} {:?}", s.check, s.eject_time)
+    format!("{:?} {:?} {:?}", s.check, s.eject_time, s.names)
 }

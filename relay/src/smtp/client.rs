@@ -79,6 +79,7 @@ pub async fn establish(
             policy: connector.policy,
             tls: plan.tls.as_ref(),
             proxy_header: None,
+            names: None,
             kernel_tls: connector.kernel_tls,
         };
         match hop.open(&target).await {

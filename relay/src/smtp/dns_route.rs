@@ -280,6 +280,7 @@ impl MxRoute {
                     policy,
                     tls: tls.as_deref(),
                     proxy_header: None,
+                    names: None,
                     kernel_tls: connector.kernel_tls,
                 };
                 match hop.open(&target).await {
