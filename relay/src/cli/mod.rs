@@ -4,6 +4,7 @@
 
 mod cert;
 mod dns;
+mod log_writer;
 mod tlsrpt;
 
 use std::path::PathBuf;
@@ -241,25 +242,22 @@ async fn send_tls_reports(sender: crate::tls_reports::sender::ReportSender) {
 }
 
 /// Logs go to standard output (standard error when it carries JSON
-/// reports) from a thread of their own: a write(2) per session report on
-/// the I/O threads was 6 % of a handshake's CPU. The queue blocks rather
-/// than drops when full (reports are the audit trail); the guard flushes
-/// it when dropped. Colours only on a terminal: a file or a pipe gets
-/// plain text.
-fn init_logging(format: LogFormat, to_stderr: bool) -> tracing_appender::non_blocking::WorkerGuard {
+/// reports), batched and written by a thread of their own
+/// ([`log_writer`]); the guard writes what is left when dropped. Colours
+/// only on a terminal: a file or a pipe gets plain text.
+fn init_logging(format: LogFormat, to_stderr: bool) -> log_writer::FlushGuard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false);
     let (ansi, (writer, guard)) = if to_stderr {
         (
             std::io::stderr().is_terminal(),
-            builder.finish(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>),
+            log_writer::batched(Box::new(std::io::stderr())),
         )
     } else {
         (
             std::io::stdout().is_terminal(),
-            builder.finish(Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
+            log_writer::batched(Box::new(std::io::stdout())),
         )
     };
     let fmt = tracing_subscriber::fmt()
