@@ -121,6 +121,40 @@ impl Pipe {
     }
 }
 
+/// A direction's pipe while its bytes move: taken from the pool when first
+/// needed, given back when the direction waits for its source again or
+/// ends (one still holding bytes is closed, see [`Pipe::give_back`]).
+#[derive(Default)]
+pub struct HeldPipe(Option<Pipe>);
+
+impl HeldPipe {
+    /// The pipe, taken from the pool when none is held.
+    pub fn get(&mut self) -> io::Result<&Pipe> {
+        match &mut self.0 {
+            Some(pipe) => Ok(pipe),
+            slot => Ok(slot.insert(Pipe::take()?)),
+        }
+    }
+
+    /// The pipe held now, if any.
+    pub fn current(&self) -> Option<&Pipe> {
+        self.0.as_ref()
+    }
+
+    /// Gives the pipe back (the direction waits for its source).
+    pub fn release(&mut self) {
+        if let Some(pipe) = self.0.take() {
+            pipe.give_back();
+        }
+    }
+}
+
+impl Drop for HeldPipe {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl Drop for Pipe {
     fn drop(&mut self) {
         LIVE.fetch_sub(1, Ordering::Relaxed);

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use tlsrelay_core::report::{PumpEnd, Side};
 
 use crate::ktls;
-use crate::splice::{copy_some, splice, Copied, CopyFault, Pipe, SpliceLeg, COPY_BELOW};
+use crate::splice::{copy_some, splice, Copied, CopyFault, HeldPipe, SpliceLeg, COPY_BELOW};
 
 const RING_ENTRIES: u32 = 1024;
 const WAKE: u64 = u64::MAX;
@@ -346,9 +346,9 @@ enum DirState {
 struct Direction {
     src: usize,
     dst: usize,
-    /// Taken when bytes move, given back when the direction waits for its
-    /// source with nothing in it ([`Pipe::take`]).
-    pipe: Option<Pipe>,
+    /// Held while bytes move, given back when the direction waits for its
+    /// source with nothing in it.
+    pipe: HeldPipe,
     in_pipe: usize,
     state: DirState,
     /// A one-shot poll of this direction (POLLOUT on a full destination,
@@ -402,20 +402,10 @@ enum Step {
     Failed(Side, io::Error),
 }
 
-/// The direction's pipe, taken from the pool when it holds none.
-fn held_pipe(slot: &mut Option<Pipe>) -> io::Result<&Pipe> {
-    if slot.is_none() {
-        *slot = Some(Pipe::take()?);
-    }
-    slot.as_ref().ok_or_else(|| io::Error::other("no pipe"))
-}
-
 /// The direction waits for its source with its pipe empty: the pipe goes
 /// back to the pool meanwhile.
 fn await_source(dir: &mut Direction, src_fd: RawFd) -> Step {
-    if let Some(pipe) = dir.pipe.take() {
-        pipe.give_back();
-    }
+    dir.pipe.release();
     Step::Wait(src_fd, READABLE, Op::PollIn)
 }
 
@@ -571,7 +561,7 @@ impl WorkerLoop {
         let dir = |src, dst| Direction {
             src,
             dst,
-            pipe: None,
+            pipe: HeldPipe::default(),
             in_pipe: 0,
             state: DirState::Open,
             pending: false,
@@ -670,7 +660,7 @@ impl WorkerLoop {
             }
             let dir = &mut s.dirs[d];
             if dir.in_pipe == 0 && dir.small && !src_ktls {
-                let park = || held_pipe(&mut dir.pipe).map(|p| p.write.as_raw_fd());
+                let park = || dir.pipe.get().map(|p| p.write.as_raw_fd());
                 match copy_some(src_fd, dst_fd, park, buf) {
                     Ok(Copied::Ended) => return Step::Ended,
                     Ok(Copied::Moved {
@@ -699,7 +689,7 @@ impl WorkerLoop {
                 continue;
             }
             if dir.in_pipe > 0 {
-                let Some(pipe) = &dir.pipe else {
+                let Some(pipe) = dir.pipe.current() else {
                     let lost = io::Error::other("bytes counted in a pipe the direction lacks");
                     return Step::Failed(dst_side, lost);
                 };
@@ -719,7 +709,7 @@ impl WorkerLoop {
                 }
                 continue;
             }
-            let pipe = match held_pipe(&mut dir.pipe) {
+            let pipe = match dir.pipe.get() {
                 Ok(pipe) => pipe,
                 Err(e) => return Step::Failed(src_side, e),
             };
@@ -884,9 +874,7 @@ impl WorkerLoop {
         // After their last operation: an empty pipe goes back to the pool,
         // one still holding bytes closes.
         for dir in &mut s.dirs {
-            if let Some(pipe) = dir.pipe.take() {
-                pipe.give_back();
-            }
+            dir.pipe.release();
         }
         if let (Some(done), Some(end)) = (s.done.take(), s.end.take()) {
             let _ = done.send((s.counts, end, s.socks));

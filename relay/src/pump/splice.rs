@@ -50,7 +50,7 @@ pub(super) async fn run(
 }
 
 use tlsrelay_sys::splice::{
-    abort, close_gracefully, control, splice, write_all, Control, Pipe, SpliceLeg,
+    abort, close_gracefully, control, splice, write_all, Control, HeldPipe, SpliceLeg,
 };
 
 /// Reads the control record splice refused (EINVAL) and acts on it.
@@ -82,24 +82,18 @@ async fn splice_half(
     if !src.peer_closed {
         // Taken when bytes move, given back (empty) while the source is
         // awaited: an idle direction holds no pipe.
-        let mut held: Option<Pipe> = None;
+        let mut held = HeldPipe::default();
         let (src_fd, dst_fd) = (src.tcp.as_raw_fd(), dst.tcp.as_raw_fd());
         loop {
             src.tcp.readable().await.map_err(|e| (src_side, e))?;
-            let pipe = match held.take() {
-                Some(pipe) => pipe,
-                None => Pipe::take().map_err(|e| (src_side, e))?,
-            };
-            let pipe = held.insert(pipe);
+            let pipe = held.get().map_err(|e| (src_side, e))?;
             let n = match src.tcp.try_io(Interest::READABLE, || {
                 splice(src_fd, pipe.write.as_raw_fd(), pipe.capacity)
             }) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Some(pipe) = held.take() {
-                        pipe.give_back();
-                    }
+                    held.release();
                     continue;
                 }
                 Err(e) if src.ktls && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -133,9 +127,6 @@ async fn splice_half(
                 }
             }
             count.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        if let Some(pipe) = held {
-            pipe.give_back();
         }
     }
     end_half(dst, dst_side).await
