@@ -446,72 +446,99 @@ fn run(
         let banner = Banner {
             to_stderr: json_reports.as_deref() == Some(std::path::Path::new("-")),
         };
-        banner.say(format_args!(
-            "tlsrelay {} running ({})",
-            env!("CARGO_PKG_VERSION"),
-            config.source.name
-        ));
-        for (name, addr) in relay.local_addrs() {
-            banner.say(format_args!("  listener {name} listening on {addr}"));
-        }
-        for line in &description {
-            banner.say(format_args!("  {line}"));
-        }
-        banner.say(format_args!("  {wire_line}"));
-        if let Some((listener, metrics)) = metrics {
-            let bound = listener.local_addr()?;
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let allow = config.metrics.allow_from.clone();
-            tokio::spawn(crate::metrics::serve(listener, metrics, allow));
-            banner.say(format_args!("  metrics on http://{bound}/metrics"));
-        }
-        banner.say(format_args!("  {privileges}"));
-        banner.say(format_args!(
-            "  status on {} (tlsrelay status)",
-            crate::status::socket_path(&state_dir).display()
-        ));
+        let metrics_at = match metrics {
+            Some((listener, metrics)) => Some(serve_metrics(listener, metrics, &config)?),
+            None => None,
+        };
         tokio::spawn(crate::status::serve(
             status_socket,
-            crate::status::Source {
-                pools: pools.clone(),
-                listeners: relay
-                    .local_addrs()
-                    .into_iter()
-                    .map(|(name, address)| crate::status::ListenerView { name, address })
-                    .collect(),
-                started: std::time::Instant::now(),
-            },
+            status_source(&pools, &relay),
         ));
-        banner.say(format_args!("  state directory {}", state_dir.display()));
+        banner.announce(&Started {
+            config: &config,
+            relay: &relay,
+            description: &description,
+            wire_line: &wire_line,
+            metrics_at,
+            privileges: &privileges,
+            state_dir: &state_dir,
+        });
         if let Some(sender) = report_sender {
             tokio::spawn(send_tls_reports(sender));
         }
-        let reloader = std::sync::Arc::new(crate::reload::Reloader::new(
+        let reloader = crate::reload::Reloader::new(
             config_path,
             &config,
             state_dir,
             relay.plan_switch(),
             pools,
-        ));
-        // Both handlers exist before READY=1: a reload or stop systemd sends
-        // right after it must not meet the default action (exit).
-        use tokio::signal::unix::{signal, SignalKind};
-        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        tokio::spawn(async move { reloader.run(hup, RELOAD_POLL).await });
-        tlsrelay_sys::notify::notify("READY=1");
-        let drain = config.limits.drain_timeout;
-        relay.serve(shutdown_signal(term), drain).await;
-        tlsrelay_sys::notify::notify("STOPPING=1");
-        tracing::info!("shutting down");
-        anyhow::Ok(())
+        );
+        serve_until_stopped(relay, reloader, config.limits.drain_timeout).await
     })
+}
+
+/// Serves the metrics endpoint; where it listens.
+fn serve_metrics(
+    listener: std::net::TcpListener,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    config: &Config,
+) -> std::io::Result<std::net::SocketAddr> {
+    let bound = listener.local_addr()?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let allow = config.metrics.allow_from.clone();
+    tokio::spawn(crate::metrics::serve(listener, metrics, allow));
+    Ok(bound)
+}
+
+/// What `tlsrelay status` reads: the pools and where each listener is.
+fn status_source(pools: &crate::upstreams::Pools, relay: &Listeners) -> crate::status::Source {
+    crate::status::Source {
+        pools: pools.clone(),
+        listeners: relay
+            .local_addrs()
+            .into_iter()
+            .map(|(name, address)| crate::status::ListenerView { name, address })
+            .collect(),
+        started: std::time::Instant::now(),
+    }
+}
+
+/// Serves until SIGTERM (then drains), reloading at SIGHUP, and tells
+/// systemd when it is ready and when it stops.
+async fn serve_until_stopped(
+    relay: Listeners,
+    reloader: crate::reload::Reloader,
+    drain: std::time::Duration,
+) -> anyhow::Result<()> {
+    // Both handlers exist before READY=1: a reload or stop systemd sends
+    // right after it must not meet the default action (exit).
+    use tokio::signal::unix::{signal, SignalKind};
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let reloader = std::sync::Arc::new(reloader);
+    tokio::spawn(async move { reloader.run(hup, RELOAD_POLL).await });
+    tlsrelay_sys::notify::notify("READY=1");
+    relay.serve(shutdown_signal(term), drain).await;
+    tlsrelay_sys::notify::notify("STOPPING=1");
+    tracing::info!("shutting down");
+    Ok(())
 }
 
 /// Where the startup banner goes: standard output, unless that carries
 /// the JSON reports.
 struct Banner {
     to_stderr: bool,
+}
+
+/// What the banner tells of a relay that has started.
+struct Started<'a> {
+    config: &'a Config,
+    relay: &'a Listeners,
+    description: &'a [String],
+    wire_line: &'a str,
+    metrics_at: Option<std::net::SocketAddr>,
+    privileges: &'a str,
+    state_dir: &'a std::path::Path,
 }
 
 impl Banner {
@@ -521,6 +548,32 @@ impl Banner {
         } else {
             println!("{line}");
         }
+    }
+
+    /// The startup banner; its last line names the state directory (what
+    /// scripts and tests wait for).
+    fn announce(&self, s: &Started<'_>) {
+        self.say(format_args!(
+            "tlsrelay {} running ({})",
+            env!("CARGO_PKG_VERSION"),
+            s.config.source.name
+        ));
+        for (name, addr) in s.relay.local_addrs() {
+            self.say(format_args!("  listener {name} listening on {addr}"));
+        }
+        for line in s.description {
+            self.say(format_args!("  {line}"));
+        }
+        self.say(format_args!("  {}", s.wire_line));
+        if let Some(bound) = s.metrics_at {
+            self.say(format_args!("  metrics on http://{bound}/metrics"));
+        }
+        self.say(format_args!("  {}", s.privileges));
+        self.say(format_args!(
+            "  status on {} (tlsrelay status)",
+            crate::status::socket_path(s.state_dir).display()
+        ));
+        self.say(format_args!("  state directory {}", s.state_dir.display()));
     }
 }
 
