@@ -138,34 +138,10 @@ pub async fn run(
     if plan.mode == InboundMode::Off {
         report.tls_off.push(Direction::Inbound);
     }
-    let mut accepted = match accept_inbound(id, plan, client, peer, &mut report).await {
+    let (accepted, route) = match accept_and_route(id, plan, client, peer, &mut report).await {
         Ok(accepted) => accepted,
         Err(outcome) => {
             report.outcome = outcome;
-            return finish(report, started);
-        }
-    };
-    if let Accepted::Terminated {
-        security,
-        downgrade,
-        ..
-    } = &mut accepted
-    {
-        report.inbound = Some(security.clone());
-        report.downgrades.extend(downgrade.take());
-    }
-    let route = match accepted.route() {
-        Some(route) => route.clone(),
-        None => {
-            let name = report.hello.as_ref().and_then(|h| h.server_name.clone());
-            report.outcome = Outcome::Refused {
-                leg: Direction::Inbound,
-                reason: format!(
-                    "no route for server name {}",
-                    name.as_deref().unwrap_or("(none)")
-                ),
-                failure: None,
-            };
             return finish(report, started);
         }
     };
@@ -174,31 +150,25 @@ pub async fn run(
     if route.policy == OutboundPolicy::Plain && !passthrough {
         report.tls_off.push(Direction::Outbound);
     }
-    // The header naming the client, for an upstream that wants one.
-    let proxy_header = route.send_proxy.and_then(|version| {
-        Some(tlsrelay_core::proxy::encode(
-            version,
-            address.peer,
-            destination?,
-        ))
-    });
     let key = hash_key(&route, peer, report.hello.as_ref());
-    let timeouts = LegTimeouts {
-        connect: plan.timeouts.connect,
-        handshake: plan.timeouts.handshake,
-    };
     let connect = Connect {
         session: id,
         route: &route,
         key: key.as_deref(),
-        proxy_header,
+        // The header naming the client, for an upstream that wants one.
+        proxy_header: route
+            .send_proxy
+            .and_then(|version| Some(tlsrelay_core::proxy::encode(version, peer, destination?))),
         // A passthrough session's TLS is the server's: the relay connects
         // in plain TCP and replays the client's hello.
         hello: match &accepted {
             Accepted::Passthrough { hello, .. } => Some(hello),
             Accepted::Terminated { .. } => None,
         },
-        timeouts,
+        timeouts: LegTimeouts {
+            connect: plan.timeouts.connect,
+            handshake: plan.timeouts.handshake,
+        },
     };
     let opened = connect_upstream(&connect, &mut report.sockets).await;
     let (upstream, first_record, _lease) = match opened {
@@ -218,22 +188,77 @@ pub async fn run(
             report.downgrades.extend(upstream.downgrade);
             *leg
         }
-        Accepted::Passthrough { mut tcp, .. } => {
-            use tokio::io::AsyncWriteExt;
+        Accepted::Passthrough { tcp, .. } => {
             let reply = first_record.as_deref().unwrap_or_default();
-            if let Err(e) = tcp.write_all(reply).await {
-                report.outcome = Outcome::Failed {
-                    reason: format!("passthrough: client {}", crate::legs::io_class(&e)),
-                };
-                return finish(report, started);
+            match answer_hello(tcp, reply, &mut report).await {
+                Ok(leg) => leg,
+                Err(outcome) => {
+                    report.outcome = outcome;
+                    return finish(report, started);
+                }
             }
-            record_passthrough(&mut report, parse_server_hello(reply));
-            report.setup_ms = ms(started.elapsed());
-            return pump_to_end(report, Leg::Plain(tcp), upstream.leg, plan, started).await;
         }
     };
     report.setup_ms = ms(started.elapsed());
     pump_to_end(report, client_leg, upstream.leg, plan, started).await
+}
+
+/// The client's leg accepted (its security and any downgrade recorded)
+/// and the route it takes.
+async fn accept_and_route(
+    id: u64,
+    plan: &ListenerPlan,
+    client: TcpStream,
+    peer: SocketAddr,
+    report: &mut SessionReport,
+) -> Result<(Accepted, Arc<RoutePlan>), Outcome> {
+    let mut accepted = accept_inbound(id, plan, client, peer, report).await?;
+    if let Accepted::Terminated {
+        security,
+        downgrade,
+        ..
+    } = &mut accepted
+    {
+        report.inbound = Some(security.clone());
+        report.downgrades.extend(downgrade.take());
+    }
+    match accepted.route() {
+        Some(route) => {
+            let route = route.clone();
+            Ok((accepted, route))
+        }
+        None => Err(no_route(report)),
+    }
+}
+
+/// The refusal of a session no route takes, naming the server name asked.
+fn no_route(report: &SessionReport) -> Outcome {
+    let name = report.hello.as_ref().and_then(|h| h.server_name.clone());
+    Outcome::Refused {
+        leg: Direction::Inbound,
+        reason: format!(
+            "no route for server name {}",
+            name.as_deref().unwrap_or("(none)")
+        ),
+        failure: None,
+    }
+}
+
+/// Passthrough: the server's answer to the replayed hello goes to the
+/// client, and its ServerHello into the report.
+async fn answer_hello(
+    mut tcp: TcpStream,
+    reply: &[u8],
+    report: &mut SessionReport,
+) -> Result<Leg, Outcome> {
+    use tokio::io::AsyncWriteExt;
+    if let Err(e) = tcp.write_all(reply).await {
+        return Err(Outcome::Failed {
+            reason: format!("passthrough: client {}", crate::legs::io_class(&e)),
+        });
+    }
+    record_passthrough(report, parse_server_hello(reply));
+    Ok(Leg::Plain(tcp))
 }
 
 /// Moves the bytes until both sides are done, and reports how.
