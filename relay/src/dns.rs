@@ -19,7 +19,7 @@ use hickory_resolver::proto::dnssec::rdata::DNSSECRData;
 use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::op::{DnsRequestOptions, Message, Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
-use hickory_resolver::{Resolver, TokioResolver};
+use hickory_resolver::{Resolver, ResolverBuilder, TokioResolver};
 
 use tlsrelay_core::dane::{Answer, DnsFailure, Tlsa};
 use tlsrelay_core::smtp::mx::Mx;
@@ -34,6 +34,31 @@ pub struct DnsResolver {
     wildcard_server: Option<SocketAddr>,
 }
 
+/// A resolver's builder asking `nameservers` (`ip:port`), or those of
+/// /etc/resolv.conf when there are none.
+pub fn resolver_builder(
+    nameservers: &[SocketAddr],
+) -> Result<ResolverBuilder<TokioRuntimeProvider>, NetError> {
+    let provider = TokioRuntimeProvider::default();
+    if nameservers.is_empty() {
+        return Resolver::builder(provider);
+    }
+    let servers = nameservers
+        .iter()
+        .map(|address| {
+            let mut server = NameServerConfig::udp_and_tcp(address.ip());
+            for connection in &mut server.connections {
+                connection.port = address.port();
+            }
+            server
+        })
+        .collect();
+    Ok(Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(servers),
+        provider,
+    ))
+}
+
 impl DnsResolver {
     /// A validating resolver asking `nameservers` (none: the system's)
     /// and trusting the DNSKEYs in `trust_anchors` (none: the root's).
@@ -45,22 +70,8 @@ impl DnsResolver {
                 .map_err(|e| format!("{}: not DNSKEY records: {e}", path.display()))?,
             None => TrustAnchors::default(),
         };
-        let provider = TokioRuntimeProvider::default();
-        let builder = if nameservers.is_empty() {
-            Resolver::builder(provider).map_err(|e| format!("reading /etc/resolv.conf: {e}"))?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|address| {
-                    let mut server = NameServerConfig::udp_and_tcp(address.ip());
-                    for connection in &mut server.connections {
-                        connection.port = address.port();
-                    }
-                    server
-                })
-                .collect();
-            Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
-        };
+        let builder =
+            resolver_builder(nameservers).map_err(|e| format!("reading /etc/resolv.conf: {e}"))?;
         let anchors_again = anchors.clone();
         let inner = builder
             .with_trust_anchor(Arc::new(anchors))

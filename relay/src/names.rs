@@ -8,9 +8,8 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::{Resolver, TokioResolver};
+use hickory_resolver::config::ResolveHosts;
+use hickory_resolver::TokioResolver;
 use tlsrelay_core::upstream::HostPort;
 
 /// The resolver of upstream server names (cheap to clone: one cache),
@@ -68,26 +67,7 @@ impl UpstreamNames {
 }
 
 fn build(nameservers: &[SocketAddr]) -> Option<TokioResolver> {
-    let provider = TokioRuntimeProvider::default();
-    let builder = if nameservers.is_empty() {
-        Resolver::builder(provider)
-    } else {
-        let servers = nameservers
-            .iter()
-            .map(|address| {
-                let mut server = NameServerConfig::udp_and_tcp(address.ip());
-                for connection in &mut server.connections {
-                    connection.port = address.port();
-                }
-                server
-            })
-            .collect();
-        Ok(Resolver::builder_with_config(
-            ResolverConfig::from_name_servers(servers),
-            provider,
-        ))
-    };
-    let resolver = builder.and_then(|mut builder| {
+    let resolver = crate::dns::resolver_builder(nameservers).and_then(|mut builder| {
         builder.options_mut().use_hosts_file = ResolveHosts::Always;
         builder.build()
     });

@@ -989,6 +989,20 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream as TokioStream};
 
+    /// Whether io_uring runs here; says why not (a failure under CI).
+    fn uring_here() -> bool {
+        let Err(why) = available() else {
+            return true;
+        };
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "io_uring: {why}"
+        );
+        eprintln!("skipped: io_uring unavailable here: {why}");
+        false
+    }
+
     /// A connected pair on loopback: (our end, the far end).
     async fn pair() -> (TokioStream, TokioStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1036,13 +1050,7 @@ mod tests {
     /// after a quiet spell ([`RETRY_QUIET`]), not at its idle timeout.
     #[tokio::test]
     async fn a_lost_wakeup_costs_a_quiet_spell_not_the_session() {
-        if let Err(why) = available() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "io_uring: {why}"
-            );
-            eprintln!("skipped: io_uring unavailable here: {why}");
+        if !uring_here() {
             return;
         }
         let _alone = WORKERS.lock().await;
@@ -1075,13 +1083,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_worker_is_replaced_and_counted() {
-        if let Err(why) = available() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "io_uring: {why}"
-            );
-            eprintln!("skipped: io_uring unavailable here: {why}");
+        if !uring_here() {
             return;
         }
         let _alone = WORKERS.lock().await;
