@@ -374,8 +374,9 @@ struct Session {
     counts: [u64; 2],
     idle: Duration,
     last_activity: Instant,
-    /// The quiet spell (by its `last_activity`) whose waits were retried.
-    retried: Option<Instant>,
+    /// The quiet spell (by its `last_activity`) whose waits were retried,
+    /// and what the directions waited for then ([`waits`]).
+    retried: Option<(Instant, String)>,
     /// Set once the session is ending; freed when nothing is in flight.
     end: Option<PumpEnd>,
     done: Option<oneshot::Sender<Finished>>,
@@ -893,7 +894,9 @@ impl WorkerLoop {
             let still = now.duration_since(s.last_activity);
             if still >= s.idle {
                 idle.push(slot);
-            } else if still >= RETRY_QUIET && s.retried != Some(s.last_activity) {
+            } else if still >= RETRY_QUIET
+                && s.retried.as_ref().map(|r| r.0) != Some(s.last_activity)
+            {
                 quiet.push(slot);
             }
         }
@@ -914,7 +917,7 @@ impl WorkerLoop {
     /// cancellation runs it ([`Self::retry_direction`]).
     fn retry_waits(&mut self, slot: usize) {
         let Some(s) = self.session(slot) else { return };
-        s.retried = Some(s.last_activity);
+        s.retried = Some((s.last_activity, waits(s)));
         let generation = s.generation;
         let open = s.dirs.each_ref().map(|dir| dir.state == DirState::Open);
         let pending = s.dirs.each_ref().map(|dir| dir.pending);
@@ -929,20 +932,20 @@ impl WorkerLoop {
         }
     }
 
-    /// Runs a direction that no completion woke; says so when it finds
-    /// bytes to move after all, as that means a lost wakeup.
+    /// Runs a direction that no completion woke (a retry, or a cancelled
+    /// poll); in a quiet session that was retried, bytes found to move
+    /// mean a lost wakeup, and are logged with the waits of that moment.
     fn retry_direction(&mut self, slot: usize, d: usize) {
         let Some(s) = self.session(slot) else { return };
-        let (before, waits_before) = (s.counts[d], waits(s));
+        let before = s.counts[d];
         self.run_direction(slot, d);
-        if let Some(s) = self.session(slot) {
-            if s.counts[d] > before {
-                tracing::warn!(
-                    "io_uring: a quiet session moved {} bytes when tried again: a wakeup was \
-                     lost ({waits_before})",
-                    s.counts[d] - before
-                );
-            }
+        let Some(s) = self.session(slot) else { return };
+        if let (true, Some((_, waits_then))) = (s.counts[d] > before, &s.retried) {
+            tracing::warn!(
+                "io_uring: a quiet session moved {} bytes when tried again: a wakeup was lost \
+                 ({waits_then})",
+                s.counts[d] - before
+            );
         }
     }
 }
