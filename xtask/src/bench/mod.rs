@@ -287,6 +287,11 @@ pub fn bench(quick: bool, select: Select) -> anyhow::Result<()> {
             b.idle(peer, count)
         })?;
     }
+    if let (Some(cells), true) = (&b.select.cells, b.rows.is_empty()) {
+        anyhow::bail!(
+            "no bench cell is named with {cells:?}: a cell is \"table scenario x\", e.g. \"throughput TLS termination 16\" or \"routing handshakes\""
+        );
+    }
     b.finish()
 }
 
