@@ -374,9 +374,8 @@ struct Session {
     counts: [u64; 2],
     idle: Duration,
     last_activity: Instant,
-    /// The quiet spell (by its `last_activity`) whose waits were retried,
-    /// and what the directions waited for then ([`waits`]).
-    retried: Option<(Instant, String)>,
+    /// The quiet spell (by its `last_activity`) whose waits were retried.
+    retried: Option<Instant>,
     /// Set once the session is ending; freed when nothing is in flight.
     end: Option<PumpEnd>,
     done: Option<oneshot::Sender<Finished>>,
@@ -761,7 +760,7 @@ impl WorkerLoop {
         }
         let (src_side, dst_side) = (SIDES[s.dirs[d].src], SIDES[s.dirs[d].dst]);
         match op {
-            _ if res == -libc::ECANCELED => self.retry_direction(slot, d),
+            _ if res == -libc::ECANCELED => self.retry_direction(slot, d, None),
             x if x == Op::PollIn as u8 && res < 0 => {
                 self.fail(slot, src_side, io::Error::from_raw_os_error(-res))
             }
@@ -894,9 +893,7 @@ impl WorkerLoop {
             let still = now.duration_since(s.last_activity);
             if still >= s.idle {
                 idle.push(slot);
-            } else if still >= RETRY_QUIET
-                && s.retried.as_ref().map(|r| r.0) != Some(s.last_activity)
-            {
+            } else if still >= RETRY_QUIET && s.retried != Some(s.last_activity) {
                 quiet.push(slot);
             }
         }
@@ -917,12 +914,13 @@ impl WorkerLoop {
     /// cancellation runs it ([`Self::retry_direction`]).
     fn retry_waits(&mut self, slot: usize) {
         let Some(s) = self.session(slot) else { return };
-        s.retried = Some((s.last_activity, waits(s)));
+        s.retried = Some(s.last_activity);
         let generation = s.generation;
         let open = s.dirs.each_ref().map(|dir| dir.state == DirState::Open);
         let pending = s.dirs.each_ref().map(|dir| dir.pending);
+        let waits_then = waits(s);
         for d in (0..2).filter(|&d| open[d] && !pending[d]) {
-            self.retry_direction(slot, d);
+            self.retry_direction(slot, d, Some(&waits_then));
         }
         for d in (0..2).filter(|&d| open[d] && pending[d]) {
             let cancel = opcode::AsyncCancel::new(user_data(slot, generation, d, Op::PollOut))
@@ -934,16 +932,19 @@ impl WorkerLoop {
 
     /// Runs a direction that no completion woke (a retry, or a cancelled
     /// poll); in a quiet session that was retried, bytes found to move
-    /// mean a lost wakeup, and are logged with the waits of that moment.
-    fn retry_direction(&mut self, slot: usize, d: usize) {
+    /// mean a lost wakeup, logged with the waits before the retry when
+    /// known (`waits_then`), else as they are now. Nothing is kept per
+    /// session for it: an idle session costs what it did.
+    fn retry_direction(&mut self, slot: usize, d: usize, waits_then: Option<&str>) {
         let Some(s) = self.session(slot) else { return };
         let before = s.counts[d];
         self.run_direction(slot, d);
         let Some(s) = self.session(slot) else { return };
-        if let (true, Some((_, waits_then))) = (s.counts[d] > before, &s.retried) {
+        if s.counts[d] > before && s.retried.is_some() {
+            let state = waits_then.map_or_else(|| waits(s), str::to_string);
             tracing::warn!(
                 "io_uring: a quiet session moved {} bytes when tried again: a wakeup was lost \
-                 ({waits_then})",
+                 ({state})",
                 s.counts[d] - before
             );
         }
