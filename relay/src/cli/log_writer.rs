@@ -59,13 +59,15 @@ pub fn batched(out: Box<dyn Write + Send>) -> (BatchedLog, FlushGuard) {
         drained: Condvar::new(),
     });
     let for_writer = shared.clone();
+    // Without it every line would wait for a writer that never comes: a
+    // process that cannot start one thread cannot run anyway.
     let writer = std::thread::Builder::new()
         .name("tlsrelay-log".into())
         .spawn(move || write_out(&for_writer, out))
-        .ok();
+        .expect("starting the log writer thread");
     let guard = FlushGuard {
         shared: shared.clone(),
-        writer,
+        writer: Some(writer),
     };
     (BatchedLog { shared }, guard)
 }
